@@ -1,0 +1,8 @@
+"""speechbrain-omc: Online Model Compression for SpeechBrain.
+
+Parameters live in low-bit formats, are decompressed only while an operation
+needs them, are updated and compressed again in every step, and travel between
+federated server and clients compressed (Yang et al., ICASSP 2023).
+"""
+
+__version__ = "0.1.0"
