@@ -6,3 +6,6 @@ federated server and clients compressed (Yang et al., ICASSP 2023).
 """
 
 __version__ = "0.1.0"
+
+# Compression core: formats, bit packing, per-variable transform, tensors.
+from .formats import FORMAT_PRESETS, FloatFormat, Format, IntFormat, get_format

@@ -1,0 +1,572 @@
+"""Low-bit number formats: quantize float tensors to integer codes and back.
+
+Two families are provided:
+
+* :class:`FloatFormat` ``(exponent_bits, mantissa_bits)``: a sign bit, a biased
+  exponent and a mantissa with subnormals, like IEEE 754 but with **no inf/NaN
+  codes**: every code is a finite number and values beyond ``max_value``
+  saturate. E5M10, E8M7, E4M3 and E5M2 give the same codes as ``float16``,
+  ``bfloat16``, ``float8_e4m3fn`` and ``float8_e5m2`` for every value that the
+  native type represents as a finite number.
+* :class:`IntFormat` ``(bits)``: symmetric signed integers, meant to be used with
+  a per-variable scale (see :mod:`speechbrain_omc.transform`).
+
+Codes are ``torch.int32`` tensors holding non-negative integers below
+``2**bits``; :mod:`speechbrain_omc.packing` turns them into bytes.
+
+All arithmetic is exact and vectorised: rounding works on the bits of the
+float32 input, so there is no double rounding. Inputs of other floating dtypes
+are first cast to float32. Decoding relies on IEEE subnormal arithmetic, which
+is PyTorch's default (``torch.set_flush_denormal(False)``).
+
+Example
+-------
+>>> import torch
+>>> fmt = get_format("e4m3")
+>>> codes = fmt.quantize(torch.tensor([0.3, -1.0, 1000.0]))
+>>> codes
+tensor([ 42, 184, 127], dtype=torch.int32)
+>>> fmt.dequantize(codes).tolist()
+[0.3125, -1.0, 480.0]
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Format",
+    "FloatFormat",
+    "IntFormat",
+    "FORMAT_PRESETS",
+    "get_format",
+]
+
+ROUNDINGS = ("nearest", "stochastic")
+
+_F32_MIN_NORMAL = 2.0**-126
+_F32_MAX = (2.0 - 2.0**-23) * 2.0**127
+_INT32_MIN = -(2**31)
+
+
+def _to_f32(value: float) -> float:
+    """Round a Python float to the nearest float32 (kept as a Python float)."""
+    return struct.unpack("<f", struct.pack("<f", float(value)))[0]
+
+
+def _as_float32(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """Check that ``x`` is a floating tensor; return it as contiguous float32."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; "
+            "integer and boolean tensors cannot be quantized"
+        )
+    return x.to(torch.float32).contiguous()
+
+
+def _finite_minmax(x: torch.Tensor, name: str = "x") -> tuple[float, float]:
+    """Return ``(min, max)`` of a float32 tensor, raising on NaN or inf.
+
+    One ``aminmax`` pass is far cheaper than ``isfinite().all()``; NaN and inf
+    propagate into it, and only then is the slow count/locate path taken.
+    """
+    if x.numel() == 0:
+        return 0.0, 0.0
+    lo, hi = torch.aminmax(x)
+    lo, hi = float(lo), float(hi)
+    if abs(lo) <= _F32_MAX and abs(hi) <= _F32_MAX:
+        return lo, hi
+    bad = ~torch.isfinite(x)
+    count = int(bad.sum())
+    flat = int(bad.reshape(-1).nonzero()[0, 0])
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape))
+    raise ValueError(
+        f"{name} has {count} non-finite value(s) (NaN or inf) out of {x.numel()}; "
+        f"the first is at index {where} (flat index {flat})"
+    )
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def _random_bits(
+    n: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """Return ``n`` int32 values whose 24 low bits are uniformly random.
+
+    One int64 draw (63 random bits) feeds two values, which halves the cost of
+    the generator, the dominant cost of stochastic rounding.
+    """
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device)
+    words.random_(generator=generator)
+    return words.view(torch.int32)[:n]
+
+
+def _affine_(
+    out: torch.Tensor, pow2: float, scale: float | None, shift: float | None
+) -> torch.Tensor:
+    """In place ``out = (out * pow2) * scale + shift`` with float32 rounding.
+
+    ``pow2`` is a power of two and ``out * pow2`` is exact, so folding it into
+    the scale (one multiply instead of two) gives identical bits whenever the
+    folded factor is itself a normal float32.
+    """
+    s = 1.0 if scale is None else _to_f32(scale)
+    c = pow2 * s
+    if c != 1.0:
+        if _F32_MIN_NORMAL <= abs(c) <= _F32_MAX:
+            out.mul_(c)
+        else:
+            if pow2 != 1.0:
+                out.mul_(pow2)
+            if s != 1.0:
+                out.mul_(s)
+    if shift is not None and shift != 0.0:
+        out.add_(_to_f32(shift))
+    return out
+
+
+def _check_codes(codes: torch.Tensor, bits: int) -> None:
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise TypeError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+    if codes.numel():
+        lo, hi = torch.aminmax(codes.reshape(-1))
+        if int(lo) < 0 or int(hi) >= 2**bits:
+            raise ValueError(
+                f"codes must lie in [0, {2**bits}) for a {bits}-bit format, "
+                f"got values in [{int(lo)}, {int(hi)}]"
+            )
+
+
+class Format(ABC):
+    """A low-bit number format (base class of :class:`FloatFormat`, :class:`IntFormat`).
+
+    Every format has ``bits`` (code width), ``name`` (its preset spelling, e.g.
+    ``"e4m3"`` or ``"int8"``) and ``max_value`` (the largest finite value; the
+    per-variable scale maps a variable's range onto it). Subclasses implement
+    the exact per-element rounding (``_quantize``) and the in-place decoding of
+    an int32 code buffer (``_decode_``).
+
+    Example
+    -------
+    >>> fmt = get_format("int4")
+    >>> isinstance(fmt, Format), fmt.bits, fmt.name, fmt.max_value
+    (True, 4, 'int4', 7.0)
+    """
+
+    bits: int
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """Preset name of the format."""
+
+    @property
+    @abstractmethod
+    def max_value(self) -> float:
+        """Largest finite value of the format."""
+
+    @abstractmethod
+    def _quantize(
+        self, x: torch.Tensor, rounding: str, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Codes of a contiguous, finite float32 tensor (no checks)."""
+
+    @abstractmethod
+    def _decode_(
+        self,
+        buf: torch.Tensor,
+        scale: float | None = None,
+        shift: float | None = None,
+    ) -> torch.Tensor:
+        """Decode the int32 codes in ``buf`` in place; return the float32 view.
+
+        Bits of ``buf`` above ``bits`` may hold garbage for float formats (the
+        first shift discards them), which lets callers skip a masking pass.
+        """
+
+    def quantize(
+        self,
+        x: torch.Tensor,
+        rounding: str = "nearest",
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Quantize a float tensor to codes of this format.
+
+        Arguments
+        ---------
+        x : torch.Tensor
+            Floating-point tensor (any shape; cast to float32 first). Values
+            beyond ``max_value`` saturate.
+        rounding : str
+            ``"nearest"`` (ties to even) or ``"stochastic"`` (rounds up with
+            probability equal to the distance from the lower neighbour, in
+            units of the gap; unbiased on average).
+        generator : torch.Generator, optional
+            Source of randomness for stochastic rounding (reproducible when
+            seeded); the global generator is used when omitted.
+
+        Returns
+        -------
+        torch.Tensor
+            ``torch.int32`` codes in ``[0, 2**bits)``, same shape as ``x``.
+
+        Example
+        -------
+        >>> fmt = FloatFormat(8, 7)
+        >>> fmt.quantize(torch.tensor([1.0, -2.0]))
+        tensor([16256, 49152], dtype=torch.int32)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> fmt.quantize(torch.tensor([1.0]), "stochastic", g)
+        tensor([16256], dtype=torch.int32)
+        """
+        _check_rounding(rounding)
+        x32 = _as_float32(x)
+        _finite_minmax(x32)
+        return self._quantize(x32.reshape(-1), rounding, generator).view(x32.shape)
+
+    def dequantize(
+        self,
+        codes: torch.Tensor,
+        scale: float | None = None,
+        shift: float | None = None,
+    ) -> torch.Tensor:
+        """Decode codes to float32, optionally applying ``value * scale + shift``.
+
+        Folding the per-variable transform into decoding saves a pass; the
+        result has the same bits as decoding first and then computing
+        ``y * scale + shift`` in float32 (scale and shift are rounded to
+        float32 first).
+
+        Arguments
+        ---------
+        codes : torch.Tensor
+            Integer tensor with values in ``[0, 2**bits)``.
+        scale : float, optional
+            Multiplier applied to the decoded values.
+        shift : float, optional
+            Offset added after scaling.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 tensor of the same shape as ``codes``.
+
+        Example
+        -------
+        >>> fmt = FloatFormat(5, 10)
+        >>> fmt.dequantize(torch.tensor([15360, 48128]), scale=0.5, shift=1.0)
+        tensor([1.5000, 0.5000])
+        """
+        _check_codes(codes, self.bits)
+        buf = torch.empty(codes.shape, dtype=torch.int32, device=codes.device)
+        buf.copy_(codes)
+        return self._decode_(buf, scale, shift)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class FloatFormat(Format):
+    """Sign/exponent/mantissa float format without inf/NaN codes.
+
+    ``bits = 1 + exponent_bits + mantissa_bits`` must lie in 2..16; the bias
+    is ``2**(exponent_bits - 1) - 1``; exponent field 0 holds zero and the
+    subnormals. Every other exponent field is a finite binade, the top one
+    included, except with 8 exponent bits: there field 255 stays unused (it
+    would overflow float32), so E8 formats saturate at bfloat16's largest
+    finite value scaled to their mantissa. Codes are laid out
+    sign | exponent | mantissa; ``-0.0`` keeps its sign bit as native casts do.
+
+    Arguments
+    ---------
+    exponent_bits : int
+        Exponent width, 1 to 8.
+    mantissa_bits : int
+        Stored mantissa width (without the implicit leading one), >= 0.
+
+    Example
+    -------
+    >>> fmt = FloatFormat(3, 7)
+    >>> fmt.name, fmt.bits, fmt.bias, fmt.max_value
+    ('e3m7', 11, 3, 31.875)
+    >>> fmt.dequantize(fmt.quantize(torch.tensor([0.1, 100.0]))).tolist()
+    [0.099609375, 31.875]
+    """
+
+    exponent_bits: int
+    mantissa_bits: int
+
+    def __post_init__(self) -> None:
+        e, m = self.exponent_bits, self.mantissa_bits
+        for label, v in (("exponent_bits", e), ("mantissa_bits", m)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{label} must be an int, got {v!r}")
+        if not 1 <= e <= 8:
+            raise ValueError(f"exponent_bits must be in 1..8, got {e}")
+        if m < 0:
+            raise ValueError(f"mantissa_bits must be >= 0, got {m}")
+        if not 2 <= 1 + e + m <= 16:
+            raise ValueError(
+                f"total width 1 + {e} + {m} = {1 + e + m} bits is outside 2..16"
+            )
+
+    @property
+    def bits(self) -> int:  # type: ignore[override]
+        """Code width: sign + exponent + mantissa."""
+        return 1 + self.exponent_bits + self.mantissa_bits
+
+    @property
+    def bias(self) -> int:
+        """Exponent bias ``2**(e-1) - 1``."""
+        return 2 ** (self.exponent_bits - 1) - 1
+
+    @property
+    def name(self) -> str:
+        """Preset name ``"e<E>m<M>"``."""
+        return f"e{self.exponent_bits}m{self.mantissa_bits}"
+
+    @property
+    def max_value(self) -> float:
+        """Largest finite value (the top exponent is finite, except for E8)."""
+        e, m = self.exponent_bits, self.mantissa_bits
+        top = 2**e - 1 if e < 8 else 254
+        return 2.0 ** (top - self.bias) * (2.0 - 2.0**-m)
+
+    @property
+    def min_normal(self) -> float:
+        """Smallest positive normal value ``2**(1 - bias)``."""
+        return 2.0 ** (1 - self.bias)
+
+    @property
+    def min_subnormal(self) -> float:
+        """Smallest positive value ``2**(1 - bias - mantissa_bits)``."""
+        return 2.0 ** (1 - self.bias - self.mantissa_bits)
+
+    def _quantize(
+        self, x: torch.Tensor, rounding: str, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        m, bias, bits = self.mantissa_bits, self.bias, self.bits
+        drop = 23 - m  # float32 mantissa bits that are rounded away (>= 8)
+        ax = x.abs()
+        ax.clamp_(max=self.max_value)  # saturate first: rounding stays <= max
+        a = ax.view(torch.int32)
+        stochastic = rounding == "stochastic"
+        if stochastic:
+            rnd = _random_bits(x.numel(), generator, x.device)
+            mag = rnd & ((1 << drop) - 1)
+            mag += a
+        else:
+            # Round half to even on the float32 bits; a carry out of the
+            # mantissa correctly bumps the exponent.
+            mag = a >> drop
+            mag &= 1
+            mag += a
+            mag += (1 << (drop - 1)) - 1
+        mag >>= drop
+        mag -= (127 - bias) << m  # rebias the exponent field
+        small = ax < self.min_normal
+        if bool(small.any()):
+            # Subnormals of the target have a fixed absolute spacing.
+            if stochastic:
+                y = ax.clamp(max=self.min_normal)
+                if bias - 1 + m > 127:  # 2**(bias-1+m) would overflow float32
+                    y.mul_(2.0 ** (bias - 1)).mul_(2.0**m)
+                else:
+                    y.mul_(2.0 ** (bias - 1 + m))
+                low = torch.floor(y)
+                y -= low  # exact fraction
+                u = (rnd & 0xFFFFFF).to(torch.float32).mul_(2.0**-24)
+                low += u < y
+                sub = low.to(torch.int32)
+            else:
+                # Adding d, whose ulp equals the subnormal spacing, makes the
+                # float32 addition itself round half to even at that spacing.
+                d_exp = 24 - bias - m
+                sub = (ax + 2.0**d_exp).view(torch.int32)
+                sub -= (127 + d_exp) << 23
+            mag = torch.where(small, sub, mag)
+        sign = x.view(torch.int32) >> 31
+        sign &= 1 << (bits - 1)
+        mag |= sign
+        return mag
+
+    def _decode_(
+        self,
+        buf: torch.Tensor,
+        scale: float | None = None,
+        shift: float | None = None,
+    ) -> torch.Tensor:
+        # Move sign to bit 31 and exponent|mantissa to float32's positions:
+        # a subnormal code becomes a float32 subnormal, which the power-of-two
+        # rebias multiply turns into the exact value.
+        k = 8 - self.exponent_bits
+        buf <<= 32 - self.bits
+        if k:
+            buf >>= k  # arithmetic: smears the sign over k exponent bits...
+            buf &= _INT32_MIN + ((1 << (31 - k)) - 1)  # ...which this clears
+        out = buf.view(torch.float32)
+        return _affine_(out, 2.0 ** (127 - self.bias), scale, shift)
+
+
+@dataclass(frozen=True)
+class IntFormat(Format):
+    """Symmetric signed integer format, for use with a per-variable scale.
+
+    Values are the integers ``-(2**(bits-1) - 1) .. 2**(bits-1) - 1``;
+    ``max_value = 2**(bits-1) - 1``. Codes are offset binary:
+    ``code = value + 2**(bits-1)``, so code ``0`` is never produced (it would
+    decode to ``-2**(bits-1)``).
+
+    Arguments
+    ---------
+    bits : int
+        Code width, 2 to 16.
+
+    Example
+    -------
+    >>> fmt = IntFormat(8)
+    >>> fmt.max_value
+    127.0
+    >>> codes = fmt.quantize(torch.tensor([-200.0, -1.5, 0.0, 2.5, 3.7]))
+    >>> codes
+    tensor([  1, 126, 128, 130, 132], dtype=torch.int32)
+    >>> fmt.dequantize(codes)
+    tensor([-127.,   -2.,    0.,    2.,    4.])
+    """
+
+    bits: int
+
+    def __post_init__(self) -> None:
+        b = self.bits
+        if not isinstance(b, int) or isinstance(b, bool):
+            raise ValueError(f"bits must be an int, got {b!r}")
+        if not 2 <= b <= 16:
+            raise ValueError(f"integer format width must be in 2..16, got {b}")
+
+    @property
+    def name(self) -> str:
+        """Preset name ``"int<bits>"``."""
+        return f"int{self.bits}"
+
+    @property
+    def max_value(self) -> float:
+        """Largest value ``2**(bits-1) - 1``."""
+        return float(2 ** (self.bits - 1) - 1)
+
+    def _quantize(
+        self, x: torch.Tensor, rounding: str, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        top = self.max_value
+        if rounding == "stochastic":
+            # Round the magnitude: its fraction is exact (Sterbenz), whereas
+            # the fraction of a negative value below one may not be.
+            ay = x.abs()
+            ay.clamp_(max=top)
+            low = torch.floor(ay)
+            ay -= low
+            u = _random_bits(x.numel(), generator, x.device)
+            u &= 0xFFFFFF
+            uf = u.to(torch.float32).mul_(2.0**-24)
+            low += uf < ay
+            y = torch.copysign(low, x)
+        else:
+            y = x.clamp(-top, top)
+            torch.round(y, out=y)  # half to even
+        codes = y.to(torch.int32)
+        codes += 2 ** (self.bits - 1)
+        return codes
+
+    def _decode_(
+        self,
+        buf: torch.Tensor,
+        scale: float | None = None,
+        shift: float | None = None,
+    ) -> torch.Tensor:
+        out = buf.view(torch.float32)
+        out.copy_(buf)  # elementwise int32 -> float32 in the same memory
+        out -= 2 ** (self.bits - 1)
+        return _affine_(out, 1.0, scale, shift)
+
+
+_ALIASES = {
+    "fp16": (5, 10),
+    "float16": (5, 10),
+    "half": (5, 10),
+    "bf16": (8, 7),
+    "bfloat16": (8, 7),
+}
+
+#: Named presets (any ``"e<E>m<M>"`` or ``"int<N>"`` spelling is accepted too).
+FORMAT_PRESETS = {
+    "fp16": FloatFormat(5, 10),
+    "bf16": FloatFormat(8, 7),
+    "e5m10": FloatFormat(5, 10),
+    "e8m7": FloatFormat(8, 7),
+    "e4m7": FloatFormat(4, 7),
+    "e3m7": FloatFormat(3, 7),
+    "e4m3": FloatFormat(4, 3),
+    "e5m2": FloatFormat(5, 2),
+    "e2m5": FloatFormat(2, 5),
+    "int8": IntFormat(8),
+    "int4": IntFormat(4),
+}
+
+_FLOAT_RE = re.compile(r"e(\d+)m(\d+)")
+_INT_RE = re.compile(r"int(\d+)")
+
+
+def get_format(fmt: str | Format) -> Format:
+    """Return the format named by a preset string (a :class:`Format` passes through).
+
+    Accepted names (case-insensitive): ``"fp16"``/``"float16"``/``"half"``
+    (E5M10), ``"bf16"``/``"bfloat16"`` (E8M7), any ``"e<E>m<M>"`` such as
+    ``"e4m3"``, ``"e5m2"``, ``"e3m7"``, ``"e4m7"``, and any ``"int<N>"`` such
+    as ``"int8"``. Only compressed formats exist: ``"fp32"`` is not one.
+
+    Arguments
+    ---------
+    fmt : str or Format
+        Preset name or format object.
+
+    Returns
+    -------
+    Format
+        The format.
+
+    Example
+    -------
+    >>> get_format("bf16")
+    FloatFormat(exponent_bits=8, mantissa_bits=7)
+    >>> get_format("INT4")
+    IntFormat(bits=4)
+    """
+    if isinstance(fmt, Format):
+        return fmt
+    if not isinstance(fmt, str):
+        raise TypeError(f"format must be a str or Format, got {type(fmt).__name__}")
+    key = fmt.strip().lower()
+    if key in _ALIASES:
+        return FloatFormat(*_ALIASES[key])
+    match = _FLOAT_RE.fullmatch(key)
+    if match:
+        return FloatFormat(int(match.group(1)), int(match.group(2)))
+    match = _INT_RE.fullmatch(key)
+    if match:
+        return IntFormat(int(match.group(1)))
+    raise ValueError(
+        f"unknown format {fmt!r}; use 'fp16', 'bf16', 'e<E>m<M>' (e.g. 'e4m3', "
+        "'e3m7') or 'int<N>' (e.g. 'int8'), with 2 to 16 bits in total"
+    )
