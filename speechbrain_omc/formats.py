@@ -86,7 +86,11 @@ def _finite_minmax(x: torch.Tensor, name: str = "x") -> tuple[float, float]:
     bad = ~torch.isfinite(x)
     count = int(bad.sum())
     flat = int(bad.reshape(-1).nonzero()[0, 0])
-    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape))
+    where, rest = [], flat
+    for size in reversed(x.shape):  # unravel the flat index (row-major)
+        rest, i = divmod(rest, size)
+        where.insert(0, i)
+    where = tuple(where)
     raise ValueError(
         f"{name} has {count} non-finite value(s) (NaN or inf) out of {x.numel()}; "
         f"the first is at index {where} (flat index {flat})"

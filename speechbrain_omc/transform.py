@@ -1,0 +1,300 @@
+"""Per-variable transformation (PVT): move a variable into its format's range.
+
+A low-bit format is precise only over a limited range. Each compressed
+variable therefore gets its own affine map, whose few numbers stay float32:
+
+* ``"none"``: values are quantized as they are (0 bytes);
+* ``"scale"``: ``y = x / scale``, with ``scale`` chosen so that the variable's
+  absolute maximum (or an MSE-optimal clip below it) lands on the format's
+  ``max_value`` (4 bytes);
+* ``"affine"``: ``y = (x - shift) / scale``, with ``shift`` the centre of
+  ``[min, max]`` and ``scale`` mapping the half-range (or its MSE-optimal
+  clip) onto ``max_value`` (8 bytes).
+
+Decoding computes ``y * scale + shift`` in float32, in that order.
+
+Example
+-------
+>>> import torch
+>>> from speechbrain_omc.formats import get_format
+>>> x = torch.tensor([-0.5, 0.25, 2.0])
+>>> t = fit_transform(x, get_format("int8"), "scale")
+>>> t.kind, t.nbytes, t.forward(x).max().item()
+('scale', 4, 127.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .formats import (
+    _F32_MAX,
+    _F32_MIN_NORMAL,
+    Format,
+    _as_float32,
+    _finite_minmax,
+    _to_f32,
+    get_format,
+)
+
+__all__ = ["Transform", "fit_transform", "TRANSFORM_KINDS", "CLIP_METHODS"]
+
+TRANSFORM_KINDS = ("none", "scale", "affine")
+CLIP_METHODS = ("absmax", "mse")
+
+# Candidate clips for clip="mse", as fractions of the absolute maximum (or
+# half-range). Coarse on purpose: the search costs one quantization each.
+_MSE_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3)
+# The search measures the error on at most this many evenly strided values.
+_MSE_SAMPLE = 1 << 16
+
+_NBYTES = {"none": 0, "scale": 4, "affine": 8}
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Fitted per-variable transformation; ``scale`` and ``shift`` are float32.
+
+    Arguments
+    ---------
+    kind : str
+        ``"none"``, ``"scale"`` or ``"affine"``.
+    scale : float
+        Positive, finite multiplier applied when decoding (rounded to float32;
+        must be 1 for ``"none"``).
+    shift : float
+        Offset added when decoding (rounded to float32; must be 0 unless
+        ``kind == "affine"``).
+
+    Example
+    -------
+    >>> t = Transform("affine", scale=0.5, shift=1.0)
+    >>> t.nbytes, t.params
+    (8, (0.5, 1.0))
+    >>> y = t.forward(torch.tensor([0.0, 1.0, 3.0]))
+    >>> y, t.inverse(y)
+    (tensor([-2.,  0.,  4.]), tensor([0., 1., 3.]))
+    """
+
+    kind: str = "none"
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRANSFORM_KINDS:
+            raise ValueError(
+                f"transform kind must be one of {TRANSFORM_KINDS}, got {self.kind!r}"
+            )
+        scale, shift = float(self.scale), float(self.shift)
+        if not (math.isfinite(scale) and 0.0 < scale <= _F32_MAX):
+            raise ValueError(f"scale must be positive and finite, got {scale}")
+        if not (math.isfinite(shift) and abs(shift) <= _F32_MAX):
+            raise ValueError(f"shift must be finite, got {shift}")
+        scale, shift = _to_f32(scale), _to_f32(shift)
+        if scale == 0.0:
+            raise ValueError(f"scale {self.scale} underflows float32")
+        if self.kind == "none" and scale != 1.0:
+            raise ValueError("transform 'none' must have scale 1.0")
+        if self.kind != "affine" and shift != 0.0:
+            raise ValueError(f"transform {self.kind!r} cannot have a shift")
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "shift", shift)
+
+    @property
+    def nbytes(self) -> int:
+        """Storage of the parameters: 4 bytes per float32 number."""
+        return _NBYTES[self.kind]
+
+    @property
+    def params(self) -> tuple[float, ...]:
+        """The stored numbers: ``()``, ``(scale,)`` or ``(scale, shift)``."""
+        if self.kind == "none":
+            return ()
+        if self.kind == "scale":
+            return (self.scale,)
+        return (self.scale, self.shift)
+
+    @classmethod
+    def from_params(cls, kind: str, params: tuple[float, ...]) -> Transform:
+        """Rebuild a transform from ``kind`` and :attr:`params`.
+
+        Arguments
+        ---------
+        kind : str
+            Transform kind.
+        params : tuple of float
+            As returned by :attr:`params`.
+
+        Returns
+        -------
+        Transform
+            The transform.
+
+        Example
+        -------
+        >>> Transform.from_params("scale", (0.25,))
+        Transform(kind='scale', scale=0.25, shift=0.0)
+        """
+        expected = _NBYTES.get(kind, -4) // 4
+        if len(params) != expected:
+            raise ValueError(
+                f"transform {kind!r} takes {expected} parameter(s), got {len(params)}"
+            )
+        return cls(kind, *params)
+
+    @property
+    def decode_args(self) -> tuple[float | None, float | None]:
+        """``(scale, shift)`` for :meth:`Format.dequantize` (``None`` = skip)."""
+        return (
+            None if self.kind == "none" else self.scale,
+            self.shift if self.kind == "affine" else None,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map values into the format's domain: ``(x - shift) / scale``.
+
+        Arguments
+        ---------
+        x : torch.Tensor
+            float32 tensor.
+
+        Returns
+        -------
+        torch.Tensor
+            Transformed tensor (``x`` itself for ``"none"``).
+
+        Example
+        -------
+        >>> Transform("scale", 0.5).forward(torch.tensor([1.0]))
+        tensor([2.])
+        """
+        if self.kind == "none":
+            return x
+        if self.kind == "scale":
+            return x / self.scale
+        y = x - self.shift
+        y /= self.scale
+        return y
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """Map format values back: ``y * scale + shift`` in float32.
+
+        Arguments
+        ---------
+        y : torch.Tensor
+            float32 tensor in the format's domain.
+
+        Returns
+        -------
+        torch.Tensor
+            Transformed tensor (``y`` itself for ``"none"``).
+
+        Example
+        -------
+        >>> Transform("scale", 0.5).inverse(torch.tensor([2.0]))
+        tensor([1.])
+        """
+        if self.kind == "none":
+            return y
+        out = y * self.scale
+        if self.kind == "affine":
+            out += self.shift
+        return out
+
+
+def _scale_for(extent: float, fmt: Format) -> float:
+    """float32 scale mapping ``extent`` onto ``fmt.max_value`` (never zero)."""
+    if extent <= 0.0:
+        return 1.0  # all-zero (or constant) variable: nothing to scale
+    return max(_to_f32(extent / fmt.max_value), _F32_MIN_NORMAL)
+
+
+def _mse_extent(
+    x: torch.Tensor, fmt: Format, kind: str, extent: float, shift: float
+) -> float:
+    """Pick the clip (fraction of ``extent``) with the least quantisation MSE."""
+    flat = x.reshape(-1)
+    if flat.numel() > _MSE_SAMPLE:
+        flat = flat[:: -(-flat.numel() // _MSE_SAMPLE)]
+    flat = flat.contiguous()
+    best, best_err = extent, math.inf
+    for frac in _MSE_GRID:
+        cand = extent * frac
+        t = Transform(kind, _scale_for(cand, fmt), shift if kind == "affine" else 0.0)
+        codes = fmt._quantize(t.forward(flat).contiguous(), "nearest", None)
+        scale, off = t.decode_args
+        approx = fmt._decode_(codes, scale, off)
+        err = float(torch.sub(approx, flat).double().square().mean())
+        if err < best_err:  # strict: ties keep the larger clip
+            best, best_err = cand, err
+    return best
+
+
+def fit_transform(
+    x: torch.Tensor,
+    fmt: str | Format,
+    kind: str = "scale",
+    clip: str = "absmax",
+    *,
+    minmax: tuple[float, float] | None = None,
+) -> Transform:
+    """Fit the per-variable transformation of ``x`` for format ``fmt``.
+
+    Arguments
+    ---------
+    x : torch.Tensor
+        Floating-point tensor with finite values.
+    fmt : str or Format
+        Target format (``fmt.max_value`` is the target extent).
+    kind : str
+        ``"none"``, ``"scale"`` or ``"affine"``.
+    clip : str
+        ``"absmax"`` maps the variable's extreme onto ``max_value``;
+        ``"mse"`` tries clips between 30 % and 100 % of it and keeps the one
+        with the smallest mean squared quantisation error (round to nearest,
+        measured on at most 65536 evenly strided values). Ignored for
+        ``"none"``.
+    minmax : tuple of float, optional
+        Precomputed ``(min, max)`` of ``x`` (saves a pass).
+
+    Returns
+    -------
+    Transform
+        The fitted transform. An all-zero (or, for ``"affine"``, constant)
+        variable gets scale 1. The scale never drops below float32's smallest
+        normal number, ``2**-126``: only formats with 8 exponent bits, whose
+        range covers float32's anyway, can ask for less, and there the
+        extreme simply lands below ``max_value``.
+
+    Example
+    -------
+    >>> x = torch.tensor([1.0, 2.0, 3.0])
+    >>> fit_transform(x, "int8", "affine")
+    Transform(kind='affine', scale=0.007874015718698502, shift=2.0)
+    >>> fit_transform(torch.zeros(3), "e4m3", "scale")
+    Transform(kind='scale', scale=1.0, shift=0.0)
+    """
+    if kind not in TRANSFORM_KINDS:
+        raise ValueError(
+            f"transform kind must be one of {TRANSFORM_KINDS}, got {kind!r}"
+        )
+    if clip not in CLIP_METHODS:
+        raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
+    fmt = get_format(fmt)
+    if kind == "none":
+        return Transform()
+    x32 = _as_float32(x)
+    lo, hi = _finite_minmax(x32) if minmax is None else minmax
+    if kind == "scale":
+        shift = 0.0
+        extent = max(abs(lo), abs(hi))
+    else:
+        shift = _to_f32((lo + hi) / 2.0)
+        # Half-range measured from the rounded centre, so both ends fit.
+        extent = max(hi - shift, shift - lo)
+    if clip == "mse" and extent > 0.0:
+        extent = _mse_extent(x32, fmt, kind, extent, shift)
+    return Transform(kind, _scale_for(extent, fmt), shift)
