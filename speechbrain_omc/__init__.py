@@ -5,10 +5,40 @@ needs them, are updated and compressed again in every step, and travel between
 federated server and clients compressed (Yang et al., ICASSP 2023).
 """
 
-__version__ = "0.1.0"
-
-# Compression core: formats, bit packing, per-variable transform, tensors.
+from .accounting import parameter_bytes, peak_rss_bytes
+from .brain import OMCBrain, OMCMixin
 from .compressed import CompressedTensor
+from .config import OMCConfig
+from .engine import OMCHandle, compress_module
 from .formats import FORMAT_PRESETS, FloatFormat, Format, IntFormat, get_format
 from .packing import pack_bits, packed_nbytes, unpack_bits
+from .selection import Plan, PlanEntry, make_plan
 from .transform import Transform, fit_transform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # compression core: formats, bit packing, per-variable transform, tensors
+    "CompressedTensor",
+    "FORMAT_PRESETS",
+    "FloatFormat",
+    "Format",
+    "IntFormat",
+    "Transform",
+    "fit_transform",
+    "get_format",
+    "pack_bits",
+    "packed_nbytes",
+    "unpack_bits",
+    # selection, engine, accounting and SpeechBrain integration
+    "OMCBrain",
+    "OMCConfig",
+    "OMCHandle",
+    "OMCMixin",
+    "Plan",
+    "PlanEntry",
+    "compress_module",
+    "make_plan",
+    "parameter_bytes",
+    "peak_rss_bytes",
+]

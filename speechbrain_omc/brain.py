@@ -1,0 +1,172 @@
+"""SpeechBrain integration: a Brain whose modules train under OMC.
+
+A recipe keeps its model YAML and adds one entry to its hparams::
+
+    omc: !new:speechbrain_omc.OMCConfig
+        format: e3m7
+        fp32_fraction: 0.1
+
+and derives its Brain from :class:`OMCBrain` (or mixes :class:`OMCMixin` into
+an existing ``sb.Brain`` subclass). The mixin overrides hooks only: modules
+are compressed once at fit (or evaluate) start, before SpeechBrain builds the
+optimizer and recovers checkpoints; compressed payloads travel through the
+modules' state dicts, so the ``Checkpointer`` saves and recovers them as is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import speechbrain as sb
+import torch
+from speechbrain.utils.checkpoints import (
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
+
+from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.engine import OMCHandle, compress_module
+from speechbrain_omc.sgd import SGDSettings
+
+logger = logging.getLogger(__name__)
+
+
+@register_checkpoint_hooks
+class OMCUpdateState:
+    """Checkpointer recoverable for fused-mode update state (momentum, steps).
+
+    Arguments
+    ---------
+    handle : OMCHandle
+        The engine whose state is saved.
+    """
+
+    def __init__(self, handle: OMCHandle):
+        self.handle = handle
+
+    @mark_as_saver
+    def _save(self, path):
+        torch.save(self.handle.optimizer_state_dict(), path)
+
+    @mark_as_loader
+    def _recover(self, path, end_of_epoch):
+        del end_of_epoch
+        self.handle.load_optimizer_state_dict(torch.load(path, map_location="cpu"))
+
+
+class OMCMixin:
+    """Puts a Brain's ``modules`` under OMC; mix in before ``sb.Brain``.
+
+    The configuration is ``hparams["omc"]`` (an :class:`OMCConfig`, or a dict
+    of its arguments). In fused mode the Brain's optimizer must be
+    ``torch.optim.SGD``: its learning rate (scheduled or not), momentum and
+    weight decay are applied to the compressed parameters inside backward,
+    and the optimizer itself trains the float32 parameters. In simple mode
+    any optimizer works, and SpeechBrain's gradient clipping covers the
+    compressed parameters too.
+
+    Example
+    -------
+    >>> class Model(OMCBrain):
+    ...     def compute_forward(self, batch, stage):
+    ...         return self.modules.lin(batch[0])
+    ...     def compute_objectives(self, predictions, batch, stage):
+    ...         return torch.nn.functional.mse_loss(predictions, batch[1])
+    >>> brain = Model(
+    ...     modules={"lin": torch.nn.Linear(8, 8)},
+    ...     opt_class=lambda params: torch.optim.SGD(params, lr=0.1),
+    ...     hparams={"omc": OMCConfig(format="bf16")},
+    ... )
+    >>> batches = [(torch.randn(4, 8), torch.zeros(4, 8))] * 3
+    >>> brain.fit(range(1), torch.utils.data.DataLoader(batches, batch_size=None))
+    >>> brain.omc.parameter_bytes()  # 64 bfloat16 weights + scale + 8 biases
+    164
+    """
+
+    omc: OMCHandle | None = None
+
+    @property
+    def omc_config(self) -> OMCConfig:
+        """The configuration from ``hparams["omc"]``."""
+        config = getattr(self.hparams, "omc", None)
+        if config is None:
+            raise ValueError(
+                f"{type(self).__name__} needs an 'omc' entry in its hparams, "
+                "e.g. omc: !new:speechbrain_omc.OMCConfig"
+            )
+        if isinstance(config, dict):
+            config = OMCConfig(**config)
+        if not isinstance(config, OMCConfig):
+            raise TypeError(
+                f"hparams['omc'] must be an OMCConfig or a dict, got {type(config)}"
+            )
+        return config
+
+    def _omc_compress(self) -> None:
+        if self.omc is not None:
+            return
+        config = self.omc_config
+        if config.update_mode == "fused" and self.grad_accumulation_factor > 1:
+            raise ValueError(
+                "fused OMC updates apply each gradient in backward and cannot "
+                "accumulate gradients; set grad_accumulation_factor: 1 or "
+                "update_mode: simple"
+            )
+        self.omc = compress_module(self.modules, config)
+        logger.info("OMC parameter plan:\n%s", self.omc.table())
+
+    def on_fit_start(self):
+        """Compress the modules, then let SpeechBrain build and recover."""
+        self._omc_compress()
+        super().on_fit_start()
+
+    def on_evaluate_start(self, max_key=None, min_key=None):
+        """Compress the modules before the best checkpoint is recovered."""
+        self._omc_compress()
+        super().on_evaluate_start(max_key=max_key, min_key=min_key)
+
+    def init_optimizers(self):
+        """Build the optimizer for the float32 parameters (and shadows)."""
+        trainable = [p for p in self.modules.parameters() if p.requires_grad]
+        if not trainable and self.opt_class is not None:
+            # Everything is compressed: the optimizer still carries the
+            # hyperparameters that fused updates read.
+            self.optimizer = self.opt_class([torch.nn.Parameter(torch.zeros(1))])
+            self.optimizers_dict = {"opt_class": self.optimizer}
+        else:
+            super().init_optimizers()
+        if self.omc.mode == "simple" and self.opt_class is not None:
+            self.optimizer.add_param_group({"params": self.omc.shadow_parameters()})
+        elif self.opt_class is not None:
+            self.omc.sgd = SGDSettings.from_optimizer(self.optimizer)
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("omc_update", OMCUpdateState(self.omc))
+
+    def fit_batch(self, batch):
+        """Hand the optimizer's current SGD settings to fused updates."""
+        if self.omc.mode == "fused" and self.optimizer is not None:
+            self.omc.sgd = SGDSettings.from_optimizer(self.optimizer)
+        return super().fit_batch(batch)
+
+    def optimizers_step(self):
+        """Simple mode: step with decompressed shadows; fused: finish the step."""
+        if self.omc.mode == "simple":
+            with self.omc.decompressed_step() as shadows:
+                # SpeechBrain clips each optimizer's first group only; the
+                # shadows join the same global norm here.
+                if shadows:
+                    params = [
+                        p
+                        for group in self.optimizer.param_groups
+                        for p in group["params"]
+                    ]
+                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                super().optimizers_step()
+        else:
+            super().optimizers_step()
+            self.omc.step()
+
+
+class OMCBrain(OMCMixin, sb.Brain):
+    """``sb.Brain`` with OMC; see :class:`OMCMixin`."""

@@ -1,0 +1,205 @@
+"""OMC configuration: one validated object that a YAML ``omc:`` entry builds.
+
+Example YAML (hyperpyyaml)::
+
+    omc: !new:speechbrain_omc.OMCConfig
+        format: e3m7
+        transform: scale
+        weights_only: True
+        fp32_fraction: 0.1
+        update_mode: fused
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from speechbrain_omc.formats import get_format
+
+ROUNDINGS = ("nearest", "stochastic")
+TRANSFORMS = ("none", "scale", "affine")
+CLIPS = ("absmax", "mse")
+FP32_POLICIES = ("fixed", "largest", "smallest", "random")
+UPDATE_MODES = ("fused", "simple")
+NONFINITE_ACTIONS = ("skip", "raise")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"OMCConfig: {name}={value!r} is not one of {', '.join(choices)}"
+        )
+
+
+def _check_format(name: str, value) -> None:
+    try:
+        get_format(value)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"OMCConfig: {name}={value!r}: {error}") from None
+
+
+def _as_tuple(name: str, value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"OMCConfig: {name} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class OMCConfig:
+    """What is compressed, in which format, and how it is updated.
+
+    Arguments
+    ---------
+    format : str
+        Default number format of compressed parameters, a preset name such as
+        ``"e3m7"`` (11 bits), ``"bf16"``, ``"e4m3"`` or ``"int8"``.
+    rounding : str
+        Rounding of the first compression of a value: ``"nearest"`` or
+        ``"stochastic"``.
+    update_rounding : str
+        Rounding of the re-compression after each update. Stochastic by
+        default: nearest rounding drops SGD updates smaller than half a unit
+        in the last place.
+    transform : str
+        Per-variable transformation: ``"none"``, ``"scale"`` or ``"affine"``.
+    clip : str
+        How the scale is fitted: ``"absmax"`` or ``"mse"``.
+    weights_only : bool
+        Weight-matrices-only quantization: compress only parameters with
+        ``ndim >= 2``; biases and normalisation gains stay float32.
+    include, exclude : list of str
+        fnmatch patterns on parameter names; a parameter is a candidate when
+        it matches some ``include`` and no ``exclude`` pattern.
+    format_overrides : dict
+        ``{pattern: format}``; the first matching pattern picks the format.
+    fp32_fraction : float
+        Partial parameter quantization: fraction of the candidates' values
+        left in float32 (0 keeps none).
+    fp32_policy : str
+        Which candidates stay float32: ``"fixed"`` (``fp32_patterns``),
+        ``"largest"``/``"smallest"`` first, or ``"random"``, re-drawn from
+        ``(seed, round, client)``.
+    fp32_patterns : list of str
+        Patterns of parameters kept float32 (always honoured; the whole
+        selection with ``fp32_policy="fixed"``).
+    seed : int
+        Seed of the random policy and of stochastic rounding.
+    update_mode : str
+        ``"fused"``: the SGD update of a compressed parameter happens in its
+        backward; ``"simple"``: decompress all, run any torch optimizer,
+        compress all.
+    momentum_format : str, optional
+        Format of the fused mode's momentum state; ``None`` keeps float32.
+    nonfinite_grad : str
+        What a non-finite gradient of a compressed parameter does: ``"skip"``
+        the update with a warning, or ``"raise"``.
+
+    Example
+    -------
+    >>> config = OMCConfig(format="e3m7", fp32_fraction=0.1)
+    >>> config.bits_of("encoder.linear.weight")
+    11
+    >>> OMCConfig(update_mode="lazy")
+    Traceback (most recent call last):
+    ...
+    ValueError: OMCConfig: update_mode='lazy' is not one of fused, simple
+    """
+
+    format: str = "e3m7"
+    rounding: str = "nearest"
+    update_rounding: str = "stochastic"
+    transform: str = "scale"
+    clip: str = "absmax"
+    weights_only: bool = True
+    include: Sequence[str] = ("*",)
+    exclude: Sequence[str] = ()
+    format_overrides: Mapping[str, str] = field(default_factory=dict)
+    fp32_fraction: float = 0.0
+    fp32_policy: str = "largest"
+    fp32_patterns: Sequence[str] = ()
+    seed: int = 0
+    update_mode: str = "fused"
+    momentum_format: str | None = None
+    nonfinite_grad: str = "skip"
+
+    def __post_init__(self):
+        _check_format("format", self.format)
+        _check_choice("rounding", self.rounding, ROUNDINGS)
+        _check_choice("update_rounding", self.update_rounding, ROUNDINGS)
+        _check_choice("transform", self.transform, TRANSFORMS)
+        _check_choice("clip", self.clip, CLIPS)
+        _check_choice("fp32_policy", self.fp32_policy, FP32_POLICIES)
+        _check_choice("update_mode", self.update_mode, UPDATE_MODES)
+        _check_choice("nonfinite_grad", self.nonfinite_grad, NONFINITE_ACTIONS)
+        if not 0.0 <= float(self.fp32_fraction) <= 1.0:
+            raise ValueError(
+                f"OMCConfig: fp32_fraction must be in [0, 1], got {self.fp32_fraction}"
+            )
+        object.__setattr__(self, "include", _as_tuple("include", self.include))
+        object.__setattr__(self, "exclude", _as_tuple("exclude", self.exclude))
+        object.__setattr__(
+            self, "fp32_patterns", _as_tuple("fp32_patterns", self.fp32_patterns)
+        )
+        if not isinstance(self.format_overrides, Mapping):
+            raise TypeError("OMCConfig: format_overrides must be a mapping")
+        overrides = dict(self.format_overrides)
+        for pattern, fmt in overrides.items():
+            _check_format(f"format_overrides[{pattern!r}]", fmt)
+        object.__setattr__(self, "format_overrides", overrides)
+        if self.momentum_format is not None:
+            _check_format("momentum_format", self.momentum_format)
+        if self.fp32_policy == "fixed" and not self.fp32_patterns:
+            if self.fp32_fraction > 0:
+                raise ValueError(
+                    "OMCConfig: fp32_policy='fixed' names its float32 parameters "
+                    "in fp32_patterns; none were given"
+                )
+
+    def format_of(self, name: str) -> str:
+        """Name of the format a parameter called ``name`` is compressed in.
+
+        Arguments
+        ---------
+        name : str
+            Qualified parameter name.
+
+        Returns
+        -------
+        str
+            The first matching override's format, else the default.
+
+        Example
+        -------
+        >>> OMCConfig(format_overrides={"*embedding*": "bf16"}).format_of("emb")
+        'e3m7'
+        """
+        from fnmatch import fnmatchcase
+
+        for pattern, fmt in self.format_overrides.items():
+            if fnmatchcase(name, pattern):
+                return fmt
+        return self.format
+
+    def bits_of(self, name: str) -> int:
+        """Width in bits of the format of parameter ``name``.
+
+        Arguments
+        ---------
+        name : str
+            Qualified parameter name.
+
+        Returns
+        -------
+        int
+
+        Example
+        -------
+        >>> OMCConfig(format="bf16").bits_of("w")
+        16
+        """
+        return get_format(self.format_of(name)).bits

@@ -1,0 +1,121 @@
+"""OMCBrain: hooks into SpeechBrain's Brain, checkpoints, clear errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from speechbrain_omc import OMCBrain, OMCConfig
+
+JOB = Path(__file__).parent / "jobs" / "brain_checkpoint.py"
+
+
+class Regressor(OMCBrain):
+    def compute_forward(self, batch, stage):
+        return self.modules.net(batch[0])
+
+    def compute_objectives(self, predictions, batch, stage):
+        return torch.nn.functional.mse_loss(predictions, batch[1])
+
+
+def make_brain(config, opt_class=None, **kwargs):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)
+    )
+    return Regressor(
+        modules={"net": net},
+        opt_class=opt_class or (lambda params: torch.optim.SGD(params, lr=0.1)),
+        hparams={"omc": config},
+        **kwargs,
+    )
+
+
+def data(n=5):
+    """Batches served one by one, as a DataLoader with batch_size=None would."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 16, 8, generator=generator)
+    return torch.utils.data.DataLoader(
+        [(xi, xi[:, :4].sin()) for xi in x], batch_size=None
+    )
+
+
+@pytest.mark.parametrize("mode", ["fused", "simple"])
+def test_fit_trains_and_keeps_parameters_compressed(mode):
+    brain = make_brain(OMCConfig(format="e3m7", update_mode=mode))
+    batches = data()
+    with torch.no_grad():
+        before = sum(
+            brain.compute_objectives(brain.compute_forward(b, None), b, None)
+            for b in batches
+        )
+    brain.fit(range(1, 4), batches)
+    assert set(brain.omc.slots) == {"net.0.weight", "net.2.weight"}
+    assert [n for n, _ in brain.modules.named_parameters()] == [
+        "net.0.bias",
+        "net.2.bias",
+    ]
+    with torch.no_grad():
+        after = sum(
+            brain.compute_objectives(brain.compute_forward(b, None), b, None)
+            for b in batches
+        )
+    assert after < 0.7 * before
+    assert all(slot.steps == 15 for slot in brain.omc.slots.values())
+
+
+def test_fused_and_simple_brains_agree():
+    results = []
+    for mode in ("fused", "simple"):
+        brain = make_brain(
+            OMCConfig(format="e3m7", update_mode=mode), run_opts={"max_grad_norm": 1e9}
+        )
+        brain.fit(range(1, 3), data())
+        results.append({n: s.tensor.to_bytes() for n, s in brain.omc.slots.items()})
+    assert results[0] == results[1]
+
+
+def test_fused_mode_refuses_what_it_cannot_honour():
+    brain = make_brain(OMCConfig(), opt_class=lambda p: torch.optim.Adam(p, lr=1e-3))
+    with pytest.raises(ValueError, match="SGD only"):
+        brain.fit(range(1, 2), data(1))
+    brain = make_brain(OMCConfig(), run_opts={"grad_accumulation_factor": 2})
+    with pytest.raises(ValueError, match="grad_accumulation_factor"):
+        brain.fit(range(1, 2), data(1))
+
+
+def test_simple_mode_runs_any_optimizer_with_clipping():
+    brain = make_brain(
+        OMCConfig(update_mode="simple"),
+        opt_class=lambda p: torch.optim.Adam(p, lr=1e-2),
+    )
+    brain.fit(range(1, 3), data())
+    assert all(slot.steps == 10 for slot in brain.omc.slots.values())
+    assert all(s.numel() == 0 for s in brain.omc.shadow_parameters())
+
+
+def test_missing_omc_entry_is_a_clear_error():
+    brain = Regressor(modules={"net": torch.nn.Linear(2, 2)}, hparams={})
+    with pytest.raises(ValueError, match="'omc' entry"):
+        brain.fit(range(1, 2), [])
+
+
+@pytest.mark.parametrize("mode", ["fused", "simple"])
+def test_checkpoint_recovered_in_a_new_process(tmp_path, mode):
+    outputs = {}
+    for action in ("save", "recover"):
+        out = tmp_path / f"{action}.json"
+        subprocess.run(
+            [sys.executable, str(JOB), action, str(tmp_path / "ckpt"), mode, str(out)],
+            check=True,
+            timeout=300,
+        )
+        outputs[action] = json.loads(out.read_text())
+    saved, recovered = outputs["save"], outputs["recover"]
+    assert recovered["weights"] == saved["weights"]
+    assert recovered["bias"] == saved["bias"]
+    assert recovered["next_loss"] == saved["next_loss"]
+    assert recovered["after"] == saved["after"]

@@ -1,0 +1,351 @@
+"""The engine: storage, on-the-fly decompression, fused and simple updates."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from speechbrain_omc import CompressedTensor, OMCConfig, compress_module
+from speechbrain_omc.selection import round_seed
+
+
+def reference_step(
+    codes: CompressedTensor, grad, lr, name, seed=0, step=0, rounding="stochastic"
+):
+    """Decompress, float32 SGD step, compress: what a fused step must equal."""
+    value = codes.decompress() - lr * grad
+    generator = torch.Generator().manual_seed(round_seed(seed, step, name))
+    expected = copy.deepcopy(codes)
+    expected.assign_(value, rounding=rounding, generator=generator)
+    return expected.decompress()
+
+
+def float_twin(factory, handle):
+    """A plain float32 model holding a compressed model's decompressed values."""
+    twin = factory()
+    twin.load_state_dict(handle.decompressed_state_dict())
+    return twin
+
+
+class TwoLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(16, 32)
+        self.b = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def loss_of(model, x, y):
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def test_selected_parameters_are_gone_and_storage_is_packed():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig(format="e3m7"))
+    assert [n for n, _ in model.named_parameters()] == ["a.bias", "b.bias"]
+    assert set(handle.slots) == {"a.weight", "b.weight"}
+    expected = math.ceil(512 * 11 / 8) + 4 + math.ceil(128 * 11 / 8) + 4 + 4 * (32 + 4)
+    assert handle.parameter_bytes() == expected == handle.plan.nbytes
+    assert model.a.weight.shape == (32, 16)
+    assert model.a.weight.dtype == torch.float32
+
+
+def test_forward_equals_float_model_with_decompressed_weights():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig(format="e4m3"))
+    twin = float_twin(type(model), handle)
+    x = torch.randn(8, 16)
+    assert torch.equal(model(x), twin(x))
+
+
+def test_float_copies_are_not_kept_alive_by_the_graph():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig(format="e3m7"))
+    handle.set_sgd(lr=0.1)
+    out = model(torch.randn(8, 16))
+    # The graph holds handles, not float32 weights.
+    assert handle.live_bytes == 0
+    assert handle.peak_live_bytes == 32 * 16 * 4  # the larger weight, alone
+    handle.reset_peak()
+    out.sum().backward()
+    assert handle.live_bytes == 0
+    # backward: unpacked weight + update value + gradient at most per layer
+    assert 0 < handle.peak_live_bytes <= 2 * 32 * 16 * 4
+
+
+def test_fused_step_equals_decompress_sgd_compress():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig(format="e3m7", seed=5))
+    handle.set_sgd(lr=0.1)
+    twin = float_twin(type(model), handle)
+    before = {n: copy.deepcopy(s.tensor) for n, s in handle.slots.items()}
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    loss_of(twin, x, y).backward()
+    loss_of(model, x, y).backward()
+    for name, slot in handle.slots.items():
+        grad = twin.get_parameter(name).grad
+        expected = reference_step(before[name], grad, 0.1, name, seed=5)
+        assert torch.equal(slot.tensor.decompress(), expected), name
+
+
+@pytest.mark.parametrize(
+    "momentum,weight_decay,nesterov",
+    [(0, 0, False), (0.9, 1e-3, False), (0.9, 0, True)],
+)
+def test_fused_and_simple_modes_agree_bit_for_bit(momentum, weight_decay, nesterov):
+    torch.manual_seed(0)
+    base = TwoLayer()
+    models, handles, opts = [], [], []
+    for mode in ("fused", "simple"):
+        model = copy.deepcopy(base)
+        handle = compress_module(model, OMCConfig(format="e3m7", update_mode=mode))
+        params = list(model.parameters())
+        if mode == "simple":
+            params += handle.shadow_parameters()
+        opt = torch.optim.SGD(
+            params,
+            lr=0.05,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+        )
+        handle.set_sgd(
+            lr=0.05, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+        )
+        models.append(model), handles.append(handle), opts.append(opt)
+    torch.manual_seed(1)
+    batches = [(torch.randn(8, 16), torch.randn(8, 4)) for _ in range(6)]
+    for x, y in batches:
+        losses = []
+        for model, handle, opt in zip(models, handles, opts):
+            loss = loss_of(model, x, y)
+            loss.backward()
+            if handle.mode == "simple":
+                with handle.decompressed_step():
+                    opt.step()
+            else:
+                opt.step()
+                handle.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == losses[1]
+    for name in handles[0].slots:
+        assert (
+            handles[0].slots[name].tensor.to_bytes()
+            == handles[1].slots[name].tensor.to_bytes()
+        )
+    assert torch.equal(models[0].a.bias, models[1].a.bias)
+
+
+class Tied(torch.nn.Module):
+    """A weight read three times: embedding, output projection, a second call."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(12, 8)
+        self.proj = torch.nn.Linear(8, 12, bias=False)
+        self.proj.weight = self.emb.weight
+        self.mid = torch.nn.Linear(8, 8)
+
+    def forward(self, tokens):
+        h = self.mid(self.mid(self.emb(tokens)))  # mid is called twice
+        return self.proj(h)
+
+
+def test_weight_used_several_times_gets_one_correct_update():
+    torch.manual_seed(0)
+    model = Tied()
+    handle = compress_module(model, OMCConfig(format="bf16", seed=2))
+    handle.set_sgd(lr=0.2)
+    assert set(handle.slots) == {"emb.weight", "mid.weight"}
+    twin = float_twin(type(model), handle)
+    assert twin.proj.weight is twin.emb.weight
+    before = {n: copy.deepcopy(s.tensor) for n, s in handle.slots.items()}
+    tokens = torch.randint(0, 12, (4, 5))
+    target = torch.randint(0, 12, (4, 5))
+
+    def loss(m):
+        return torch.nn.functional.cross_entropy(m(tokens).transpose(1, 2), target)
+
+    loss(twin).backward()
+    loss(model).backward()
+    for name, slot in handle.slots.items():
+        expected = reference_step(
+            before[name], twin.get_parameter(name).grad, 0.2, name, seed=2
+        )
+        assert torch.equal(slot.tensor.decompress(), expected), name
+        assert slot.steps == 1 and slot.pending_uses == 0
+
+
+def test_lstm_and_multihead_attention_weights():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {
+            "rnn": torch.nn.LSTM(
+                6, 8, num_layers=2, batch_first=True, bidirectional=True
+            ),
+            "mha": torch.nn.MultiheadAttention(16, 2, batch_first=True),
+        }
+    )
+    fresh = copy.deepcopy(model)
+    handle = compress_module(model, OMCConfig(format="e5m10", seed=1))
+    handle.set_sgd(lr=0.1)
+    assert (
+        "mha.in_proj_weight" in handle.slots and "mha.out_proj.weight" in handle.slots
+    )
+    assert "rnn.weight_hh_l1_reverse" in handle.slots
+    twin = float_twin(lambda: copy.deepcopy(fresh), handle)
+    before = {n: copy.deepcopy(s.tensor) for n, s in handle.slots.items()}
+    x = torch.randn(3, 5, 6)
+
+    def loss(m):
+        h, _ = m["rnn"](x)
+        a, _ = m["mha"](h, h, h)
+        return a.pow(2).mean()
+
+    assert torch.equal(loss(model.eval()), loss(twin.eval()))
+    model.train(), twin.train()
+    loss(twin).backward()
+    loss(model).backward()
+    assert handle.live_bytes == 0
+    for name, slot in handle.slots.items():
+        expected = reference_step(
+            before[name], twin.get_parameter(name).grad, 0.1, name, seed=1
+        )
+        assert torch.equal(slot.tensor.decompress(), expected), name
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_update(use_reentrant):
+    torch.manual_seed(0)
+    base = TwoLayer()
+    results = []
+    for ckpt in (False, True):
+        model = copy.deepcopy(base)
+        handle = compress_module(model, OMCConfig(format="e3m7"))
+        handle.set_sgd(lr=0.1)
+        x = torch.randn(
+            8, 16, generator=torch.Generator().manual_seed(3), requires_grad=True
+        )
+        if ckpt:
+            h = checkpoint(model.a, x, use_reentrant=use_reentrant)
+            out = checkpoint(model.b, torch.tanh(h), use_reentrant=use_reentrant)
+        else:
+            out = model(x)
+        out.pow(2).mean().backward()
+        handle.step()
+        results.append({n: s.tensor.to_bytes() for n, s in handle.slots.items()})
+        assert all(s.steps == 1 for s in handle.slots.values())
+    assert results[0] == results[1]
+
+
+def test_no_grad_evaluation_updates_nothing():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig())
+    before = {n: s.tensor.to_bytes() for n, s in handle.slots.items()}
+    with torch.no_grad():
+        out = model(torch.randn(2, 16))
+    assert not out.requires_grad
+    handle.step()
+    assert before == {n: s.tensor.to_bytes() for n, s in handle.slots.items()}
+
+
+def test_nonfinite_gradient_skips_the_update_with_a_warning():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig())
+    handle.set_sgd(lr=0.1)
+    before = {n: s.tensor.to_bytes() for n, s in handle.slots.items()}
+    x = torch.randn(2, 16)
+    x[0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="a.weight has .* non-finite"):
+        model(x).sum().backward()
+    # a's gradient holds inf * x; b sees tanh-saturated, finite inputs.
+    assert before["a.weight"] == handle.slots["a.weight"].tensor.to_bytes()
+    assert before["b.weight"] != handle.slots["b.weight"].tensor.to_bytes()
+    assert handle.skipped_updates == 1
+
+    strict = TwoLayer()
+    handle = compress_module(strict, OMCConfig(nonfinite_grad="raise"))
+    handle.set_sgd(lr=0.1)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        strict(x).sum().backward()
+
+
+def test_fused_update_without_learning_rate_is_a_clear_error():
+    model = TwoLayer()
+    compress_module(model, OMCConfig())
+    with pytest.raises(RuntimeError, match="learning rate"):
+        model(torch.randn(2, 16)).sum().backward()
+
+
+def test_state_dict_keeps_names_and_round_trips_payloads():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    names = list(model.state_dict())
+    handle = compress_module(model, OMCConfig(format="e3m7"))
+    state = model.state_dict()
+    assert list(state) == names or set(state) == set(names)
+    assert state["a.weight"].dtype == torch.uint8
+
+    other = TwoLayer()
+    other_handle = compress_module(other, OMCConfig(format="e3m7"))
+    other.load_state_dict(state)
+    for name, slot in handle.slots.items():
+        assert other_handle.slots[name].tensor.to_bytes() == slot.tensor.to_bytes()
+    assert torch.equal(other.a.bias, model.a.bias)
+
+    plain = TwoLayer()
+    plain.load_state_dict(handle.decompressed_state_dict())
+    x = torch.randn(3, 16)
+    assert torch.equal(plain(x), model(x))
+
+
+def test_loading_float_weights_and_bad_payloads():
+    torch.manual_seed(0)
+    source = TwoLayer()
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig(format="bf16", transform="none"))
+    model.load_state_dict(source.state_dict())
+    assert torch.equal(model.a.weight, source.a.weight.to(torch.bfloat16).float())
+    bad = source.state_dict()
+    bad["a.weight"] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match="does not match"):
+        model.load_state_dict(bad)
+    truncated = model.state_dict()
+    truncated["b.weight"] = truncated["b.weight"][:-3]
+    with pytest.raises(RuntimeError, match="b.weight"):
+        model.load_state_dict(truncated)
+    del handle
+
+
+def test_restore_brings_back_float_parameters():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig(format="e4m3"))
+    value = model.a.weight.detach().clone()
+    handle.restore()
+    assert isinstance(model.a.weight, torch.nn.Parameter)
+    assert torch.equal(model.a.weight.detach(), value)
+    assert type(model.a) is torch.nn.Linear
+    compress_module(model, OMCConfig())  # can be compressed again
+
+
+def test_assigning_a_compressed_parameter_is_refused():
+    model = TwoLayer()
+    compress_module(model, OMCConfig())
+    with pytest.raises(AttributeError, match="compressed by OMC"):
+        model.a.weight = torch.nn.Parameter(torch.zeros(32, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.a.weight.shape == (32, 16)
