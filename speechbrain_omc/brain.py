@@ -59,7 +59,8 @@ class OMCMixin:
     """Puts a Brain's ``modules`` under OMC; mix in before ``sb.Brain``.
 
     The configuration is ``hparams["omc"]`` (an :class:`OMCConfig`, or a dict
-    of its arguments). In fused mode the Brain's optimizer must be
+    of its arguments); without it the Brain trains in float32 as usual, so one
+    ``train.py`` serves both. In fused mode the Brain's optimizer must be
     ``torch.optim.SGD``: its learning rate (scheduled or not), momentum and
     weight decay are applied to the compressed parameters inside backward,
     and the optimizer itself trains the float32 parameters. In simple mode
@@ -87,26 +88,21 @@ class OMCMixin:
     omc: OMCHandle | None = None
 
     @property
-    def omc_config(self) -> OMCConfig:
-        """The configuration from ``hparams["omc"]``."""
-        config = getattr(self.hparams, "omc", None)
-        if config is None:
-            raise ValueError(
-                f"{type(self).__name__} needs an 'omc' entry in its hparams, "
-                "e.g. omc: !new:speechbrain_omc.OMCConfig"
-            )
+    def omc_config(self) -> OMCConfig | None:
+        """The configuration from ``hparams["omc"]``; ``None`` disables OMC."""
+        config = getattr(self.hparams, "omc", None) if self.hparams else None
+        if config is None or isinstance(config, OMCConfig):
+            return config
         if isinstance(config, dict):
-            config = OMCConfig(**config)
-        if not isinstance(config, OMCConfig):
-            raise TypeError(
-                f"hparams['omc'] must be an OMCConfig or a dict, got {type(config)}"
-            )
-        return config
+            return OMCConfig(**config)
+        raise TypeError(
+            f"hparams['omc'] must be an OMCConfig or a dict, got {type(config)}"
+        )
 
     def _omc_compress(self) -> None:
-        if self.omc is not None:
-            return
         config = self.omc_config
+        if self.omc is not None or config is None:
+            return
         if config.update_mode == "fused" and self.grad_accumulation_factor > 1:
             raise ValueError(
                 "fused OMC updates apply each gradient in backward and cannot "
@@ -115,6 +111,12 @@ class OMCMixin:
             )
         self.omc = compress_module(self.modules, config)
         logger.info("OMC parameter plan:\n%s", self.omc.table())
+        if config.update_mode == "fused":
+            logger.info(
+                "OMC fused mode: gradient clipping (max_grad_norm=%s) covers the "
+                "float32 parameters only; compressed ones are updated in backward",
+                self.max_grad_norm,
+            )
 
     def on_fit_start(self):
         """Compress the modules, then let SpeechBrain build and recover."""
@@ -128,44 +130,42 @@ class OMCMixin:
 
     def init_optimizers(self):
         """Build the optimizer for the float32 parameters (and shadows)."""
-        trainable = [p for p in self.modules.parameters() if p.requires_grad]
-        if not trainable and self.opt_class is not None:
+        if self.omc is None or self.opt_class is None:
+            return super().init_optimizers()
+        if any(p.requires_grad for p in self.modules.parameters()):
+            super().init_optimizers()
+        else:
             # Everything is compressed: the optimizer still carries the
             # hyperparameters that fused updates read.
             self.optimizer = self.opt_class([torch.nn.Parameter(torch.zeros(1))])
             self.optimizers_dict = {"opt_class": self.optimizer}
-        else:
-            super().init_optimizers()
-        if self.omc.mode == "simple" and self.opt_class is not None:
+        if self.omc.mode == "simple":
             self.optimizer.add_param_group({"params": self.omc.shadow_parameters()})
-        elif self.opt_class is not None:
+        else:
             self.omc.sgd = SGDSettings.from_optimizer(self.optimizer)
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("omc_update", OMCUpdateState(self.omc))
 
     def fit_batch(self, batch):
         """Hand the optimizer's current SGD settings to fused updates."""
-        if self.omc.mode == "fused" and self.optimizer is not None:
+        if self.omc is not None and self.omc.mode == "fused" and self.opt_class:
             self.omc.sgd = SGDSettings.from_optimizer(self.optimizer)
         return super().fit_batch(batch)
 
     def optimizers_step(self):
         """Simple mode: step with decompressed shadows; fused: finish the step."""
-        if self.omc.mode == "simple":
-            with self.omc.decompressed_step() as shadows:
-                # SpeechBrain clips each optimizer's first group only; the
-                # shadows join the same global norm here.
-                if shadows:
-                    params = [
-                        p
-                        for group in self.optimizer.param_groups
-                        for p in group["params"]
-                    ]
-                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                super().optimizers_step()
-        else:
+        if self.omc is None:
+            return super().optimizers_step()
+        if self.omc.mode == "fused":
             super().optimizers_step()
-            self.omc.step()
+            return self.omc.step()
+        with self.omc.decompressed_step() as shadows:
+            # SpeechBrain clips each optimizer's first group only; the shadows
+            # join the same global norm here.
+            if shadows:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            super().optimizers_step()
 
 
 class OMCBrain(OMCMixin, sb.Brain):

@@ -97,10 +97,20 @@ def test_simple_mode_runs_any_optimizer_with_clipping():
     assert all(s.numel() == 0 for s in brain.omc.shadow_parameters())
 
 
-def test_missing_omc_entry_is_a_clear_error():
-    brain = Regressor(modules={"net": torch.nn.Linear(2, 2)}, hparams={})
-    with pytest.raises(ValueError, match="'omc' entry"):
-        brain.fit(range(1, 2), [])
+def test_without_omc_entry_the_brain_trains_in_float32():
+    brain = make_brain(None)
+    brain.fit(range(1, 2), data())
+    assert brain.omc is None
+    assert len(list(brain.modules.parameters())) == 4
+
+
+def test_bad_omc_entry_is_a_clear_error():
+    brain = make_brain({"format": "e3m7", "update_mode": "eventually"})
+    with pytest.raises(ValueError, match="update_mode='eventually'"):
+        brain.fit(range(1, 2), data(1))
+    brain = make_brain(["e3m7"])
+    with pytest.raises(TypeError, match="OMCConfig or a dict"):
+        brain.fit(range(1, 2), data(1))
 
 
 @pytest.mark.parametrize("mode", ["fused", "simple"])
