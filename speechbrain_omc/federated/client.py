@@ -1,0 +1,449 @@
+"""Federated OMC client: drives one SpeechBrain Brain, speaks wire messages.
+
+One :class:`OMCClient` owns one Brain (an :class:`~speechbrain_omc.OMCBrain`
+or any ``sb.Brain`` with :class:`~speechbrain_omc.OMCMixin`) for the life of
+its process and reuses it for every round and, in a simulation, for every
+client id. A round is :meth:`OMCClient.train`: bytes in, bytes out.
+
+What the client does with a received global model
+-------------------------------------------------
+* **The message is the plan.** Each entry arrives compressed (in a format
+  such as ``e3m7``) or in float32. The client puts exactly the compressed
+  entries under OMC (:func:`~speechbrain_omc.engine.compress_module` with a
+  plan built from the message), loads the compressed payloads as they are
+  (no decompress-recompress round trip) and copies the float32 ones. When the
+  server's partial-quantization policy is ``random``, the set changes from
+  round to round and client to client; the client then takes its modules out
+  of OMC and puts them back under the new plan (this briefly materialises
+  the parameters in float32 between rounds; with a fixed policy the plan
+  does not change and payloads are loaded in place).
+* **Nothing overwrites the received weights.** The Brain's checkpointer is
+  detached (SpeechBrain's ``on_fit_start`` would otherwise call
+  ``recover_if_possible`` and load a local checkpoint over the global
+  model); the server checkpoints the federation instead.
+* **Every draw is a function of (seed, round, client).** Before training the
+  client seeds Python, NumPy and torch with the seed the server sent, shuffles
+  with a sampler seeded the same way, restarts the OMC update state (step
+  counters, momentum) and seeds stochastic rounding with it. A round
+  therefore depends only on the message, never on earlier rounds served by
+  the same Brain: a run killed and resumed reproduces the uninterrupted one.
+* **Local training** is ``Brain.fit`` over the client's own data for
+  ``local_epochs`` epochs (optionally capped at ``max_steps`` optimizer
+  steps), with the Brain's optimizer, which for fused OMC is SGD.
+* **The reply** carries the trained model in the form it arrived
+  (compressed entries as their payloads), with metadata
+  ``{"type": "update", "round", "client", "num_examples", "metrics"}``.
+  ``num_examples`` (the FedAvg weight) is the size of the client's dataset.
+
+The Brain's metrics: if its ``on_stage_end`` sets ``self.stage_stats`` (a
+dict), :meth:`OMCClient.evaluate` returns it along with the loss.
+
+Example
+-------
+>>> import torch
+>>> from speechbrain_omc import OMCBrain, OMCConfig
+>>> from speechbrain_omc.federated import wire
+>>> from speechbrain_omc.federated.server import FedAvgServer
+>>> class Regressor(OMCBrain):
+...     def compute_forward(self, batch, stage):
+...         return self.modules.lin(batch[0])
+...     def compute_objectives(self, predictions, batch, stage):
+...         return torch.nn.functional.mse_loss(predictions, batch[1])
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> brain = Regressor(
+...     modules={"lin": torch.nn.Linear(8, 8)},
+...     opt_class=lambda params: torch.optim.SGD(params, lr=0.1),
+...     hparams={"omc": OMCConfig(format="e3m7")},
+... )
+>>> data = [(torch.randn(8), torch.zeros(8)) for _ in range(16)]
+>>> client = OMCClient(brain, {"a": data, "b": data},
+...                    train_loader_kwargs={"batch_size": 4})
+>>> server = FedAvgServer(client.get_model(), ["a", "b"], clients_per_round=2,
+...                       omc=OMCConfig(format="e3m7"))
+>>> messages = server.configure_round()
+>>> replies = {c: client.train(m) for c, m in messages.items()}
+>>> wire.decode(replies["a"]).formats()
+{'lin.weight': 'e3m7', 'lin.bias': 'float32'}
+>>> report = server.aggregate(replies)
+>>> report.accepted, report.bytes_up == sum(len(r) for r in replies.values())
+(['a', 'b'], True)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+
+import numpy as np
+import speechbrain as sb
+import torch
+from speechbrain.dataio.sampler import ReproducibleRandomSampler
+
+from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.engine import compress_module
+from speechbrain_omc.federated import wire
+from speechbrain_omc.selection import Plan, PlanEntry
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OMCClient", "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators.
+
+    Arguments
+    ---------
+    seed : int
+        Any non-negative integer (reduced to what each generator takes).
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed % 2**63)
+
+
+def _finite_or_none(value):
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+class OMCClient:
+    """A federated client around one Brain, reused across rounds.
+
+    Arguments
+    ---------
+    brain : sb.Brain
+        A Brain with :class:`~speechbrain_omc.OMCMixin`. Its checkpointer is
+        detached (see the module docstring). Its ``hparams["omc"]`` (if any)
+        gives the update settings (mode, rounding, momentum format); the
+        plan comes from each message.
+    train_data : mapping, callable or dataset
+        The local training data: ``{client_id: dataset}``, a function of the
+        client id, or one dataset for a single-client process.
+    local_epochs : int
+        Epochs per round, unless the server's ``config`` says otherwise.
+    max_steps : int, optional
+        Cap on optimizer steps per round (``config["max_steps"]`` overrides).
+    train_loader_kwargs : mapping, optional
+        Passed to ``Brain.make_dataloader``; ``shuffle: True`` is served by a
+        sampler seeded per round and client.
+    progressbar : bool
+        Show SpeechBrain's progress bars.
+    """
+
+    def __init__(
+        self,
+        brain: sb.Brain,
+        train_data,
+        local_epochs: int = 1,
+        max_steps: int | None = None,
+        train_loader_kwargs: Mapping | None = None,
+        progressbar: bool = False,
+    ) -> None:
+        if not hasattr(brain, "omc_config"):
+            raise TypeError("OMCClient needs a Brain with speechbrain_omc.OMCMixin")
+        if brain.checkpointer is not None:
+            logger.info(
+                "OMCClient: detaching the Brain's checkpointer so that no local "
+                "checkpoint is recovered over the received global model"
+            )
+            brain.checkpointer = None
+        self.brain = brain
+        self.train_data = train_data
+        self.local_epochs = int(local_epochs)
+        self.max_steps = max_steps
+        self.train_loader_kwargs = dict(train_loader_kwargs or {})
+        self.progressbar = progressbar
+        self._names: list[str] | None = None
+
+    # ----------------------------------------------------------- the model
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        state_keys = set(self.brain.modules.state_dict(keep_vars=True))
+        return {
+            name: buf
+            for name, buf in self.brain.modules.named_buffers()
+            if buf.is_floating_point() and name in state_keys
+        }
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return dict(self.brain.modules.named_parameters())
+
+    def _slots(self) -> dict:
+        return self.brain.omc.slots if self.brain.omc is not None else {}
+
+    def entry_names(self) -> list[str]:
+        """Names of the model's entries, in wire order.
+
+        Parameters (compressed or not) and floating-point persistent buffers
+        (running statistics), each once (tied weights under their first name).
+
+        Returns
+        -------
+        list of str
+        """
+        if self._names is None:
+            keys = self.brain.modules.state_dict(keep_vars=True)
+            wanted = set(self._params()) | set(self._slots()) | set(self._buffers())
+            self._names = [k for k in keys if k in wanted]
+        return list(self._names)
+
+    def buffer_names(self) -> list[str]:
+        """The entries that are buffers, not parameters (never compressed).
+
+        Returns
+        -------
+        list of str
+        """
+        buffers = self._buffers()
+        return [n for n in self.entry_names() if n in buffers]
+
+    def get_model(self) -> dict[str, torch.Tensor]:
+        """The current model in float32 (compressed entries decompressed).
+
+        Returns
+        -------
+        dict
+            Name to a new float32 tensor, in :meth:`entry_names` order: the
+            initial global model of a federation.
+        """
+        slots, params, buffers = self._slots(), self._params(), self._buffers()
+        out = {}
+        for name in self.entry_names():
+            if name in slots:
+                out[name] = slots[name].tensor.decompress()
+            else:
+                value = params.get(name, buffers.get(name))
+                out[name] = value.detach().to("cpu", torch.float32).clone()
+        return out
+
+    def entries(self) -> dict[str, wire.Entry]:
+        """The current model as wire entries: compressed payloads stay so.
+
+        Returns
+        -------
+        dict
+        """
+        slots, params, buffers = self._slots(), self._params(), self._buffers()
+        out = {}
+        for name in self.entry_names():
+            if name in slots:
+                out[name] = slots[name].tensor
+            else:
+                out[name] = params.get(name, buffers.get(name)).detach()
+        return out
+
+    def load(self, message: wire.Message, seed: int = 0) -> None:
+        """Put the Brain's modules under the message's plan and load its values.
+
+        Arguments
+        ---------
+        message : wire.Message
+            A decoded global model.
+        seed : int
+            Seed of the OMC update state (stochastic rounding).
+
+        Raises
+        ------
+        ValueError
+            When the message's entries do not match the model.
+        """
+        names = self.entry_names()
+        missing = [n for n in names if n not in message.entries]
+        extra = [n for n in message.entries if n not in names]
+        if missing or extra:
+            raise ValueError(
+                "the message does not match the Brain's model: missing "
+                f"{missing[:5]}, unexpected {extra[:5]}"
+            )
+        buffer_names = set(self.buffer_names())
+        wanted = {
+            name: value.format.name
+            for name, value in message.entries.items()
+            if isinstance(value, CompressedTensor)
+        }
+        bad = sorted(buffer_names & set(wanted))
+        if bad:
+            raise ValueError(f"buffers cannot be compressed: {bad[:5]}")
+        self._apply_plan(message, wanted, seed)
+        slots, params, buffers = self._slots(), self._params(), self._buffers()
+        with torch.no_grad():
+            for name, value in message.entries.items():
+                if name in slots:
+                    self.brain.omc.load_value(name, value.to_bytes())
+                else:
+                    target = params.get(name, buffers.get(name))
+                    if tuple(target.shape) != tuple(value.shape):
+                        raise ValueError(
+                            f"{name}: shape {tuple(value.shape)} does not match "
+                            f"the model's {tuple(target.shape)}"
+                        )
+                    target.copy_(value)
+
+    def _apply_plan(self, message: wire.Message, wanted: dict, seed: int) -> None:
+        brain = self.brain
+        base = brain.omc_config
+        if base is None and wanted:
+            # A float32 Brain receiving compressed entries: default settings.
+            base = OMCConfig()
+        current = {n: s.tensor.format.name for n, s in self._slots().items()}
+        if brain.omc is not None and current == wanted:
+            # Same plan: restart the update state, reseed stochastic rounding.
+            brain.omc.config = replace(brain.omc.config, seed=seed)
+            for slot in brain.omc.slots.values():
+                slot.steps, slot.momentum = 0, None
+                slot.grad, slot.pending_uses = None, 0
+            return
+        if brain.omc is not None:
+            brain.omc.restore()
+            brain.omc = None
+        if base is None:
+            return  # float32 federation, float32 Brain
+        params = self._params()
+        entries = []
+        for name, param in params.items():
+            shape = tuple(param.shape)
+            if name in wanted:
+                nbytes = message.entries[name].nbytes
+                entries.append(PlanEntry(name, shape, wanted[name], nbytes))
+            else:
+                entries.append(PlanEntry(name, shape, None, 4 * param.numel()))
+        # An empty plan still installs a handle, so that the Brain does not
+        # compress under its own plan at fit start.
+        brain.omc = compress_module(
+            brain.modules, replace(base, seed=seed), plan=Plan(tuple(entries))
+        )
+
+    # ------------------------------------------------------------ training
+    def _dataset(self, client: str):
+        data = self.train_data
+        if isinstance(data, Mapping):
+            if client not in data:
+                raise KeyError(f"no training data for client {client!r}")
+            return data[client]
+        if callable(data) and not hasattr(data, "__getitem__"):
+            return data(client)
+        return data
+
+    @contextmanager
+    def _capture_stage_loss(self, store: dict):
+        brain = self.brain
+        own = brain.__dict__.get("on_stage_end")
+        original = brain.on_stage_end
+
+        def on_stage_end(stage, stage_loss, epoch=None):
+            store[stage] = stage_loss
+            return original(stage, stage_loss, epoch)
+
+        brain.on_stage_end = on_stage_end
+        try:
+            yield
+        finally:
+            if own is None:
+                del brain.on_stage_end  # the class method shows through again
+            else:
+                brain.on_stage_end = own
+
+    def train(self, data: bytes) -> bytes:
+        """One round: load the global model, train locally, encode the reply.
+
+        Arguments
+        ---------
+        data : bytes
+            The server's message (``type: "global"``).
+
+        Returns
+        -------
+        bytes
+            The reply (``type: "update"``).
+        """
+        start = time.perf_counter()
+        message = wire.decode(data)
+        meta = message.meta
+        if meta.get("type") != "global":
+            raise ValueError(f"expected a global model, got type {meta.get('type')!r}")
+        client, round_, seed = str(meta["client"]), meta["round"], int(meta["seed"])
+        config = meta.get("config", {})
+        seed_everything(seed)
+        self.load(message, seed=seed)
+        dataset = self._dataset(client)
+        epochs = int(config.get("local_epochs", self.local_epochs))
+        max_steps = config.get("max_steps", self.max_steps)
+        loader_kwargs = dict(self.train_loader_kwargs)
+        brain = self.brain
+        brain.train_sampler = None
+        if loader_kwargs.pop("shuffle", False):
+            sampler = ReproducibleRandomSampler(dataset, seed=seed % 2**31)
+            loader_kwargs["sampler"] = brain.train_sampler = sampler
+        stage_losses: dict = {}
+        limit = brain.optimizer_step_limit
+        brain.optimizer_step = 0
+        brain.optimizer_step_limit = max_steps
+        try:
+            with self._capture_stage_loss(stage_losses):
+                brain.fit(
+                    range(1, epochs + 1),
+                    dataset,
+                    progressbar=self.progressbar,
+                    train_loader_kwargs=loader_kwargs,
+                )
+        finally:
+            brain.optimizer_step_limit = limit
+        steps = brain.optimizer_step
+        metrics = {
+            "train_loss": _finite_or_none(stage_losses.get(sb.Stage.TRAIN)),
+            "steps": int(steps),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        if brain.omc is not None:
+            metrics["skipped_updates"] = int(brain.omc.skipped_updates)
+        reply = {
+            "type": "update",
+            "round": round_,
+            "client": client,
+            "num_examples": len(dataset),
+            "metrics": metrics,
+        }
+        return wire.encode(self.entries(), reply)
+
+    def evaluate(
+        self,
+        data: bytes,
+        dataset,
+        loader_kwargs: Mapping | None = None,
+    ) -> dict:
+        """Load a global model and evaluate it on ``dataset`` (TEST stage).
+
+        Arguments
+        ---------
+        data : bytes
+            A global-model message.
+        dataset : Dataset or DataLoader
+            Evaluation data.
+        loader_kwargs : mapping, optional
+            Passed to ``Brain.make_dataloader``.
+
+        Returns
+        -------
+        dict
+            ``loss`` plus whatever the Brain left in ``stage_stats``.
+        """
+        message = wire.decode(data)
+        self.load(message, seed=int(message.meta.get("seed", 0)))
+        self.brain.stage_stats = {}
+        loss = self.brain.evaluate(
+            dataset,
+            progressbar=self.progressbar,
+            test_loader_kwargs=dict(loader_kwargs or {}),
+        )
+        stats = dict(getattr(self.brain, "stage_stats", None) or {})
+        stats.setdefault("loss", _finite_or_none(loss))
+        return stats

@@ -1,0 +1,520 @@
+"""Wire format of federated OMC: a model (or update) as one byte string.
+
+A message carries named entries, each either a compressed parameter (the
+:meth:`~speechbrain_omc.compressed.CompressedTensor.to_bytes` payload, itself
+versioned and checksummed) or a float32 array, plus a small JSON object of
+metadata (round, client, number of examples, metrics, ...). The entries'
+kinds and formats *are* the parameter plan: a server tells a client which
+variables travel compressed, and in which format, by sending them so.
+
+Layout (all little-endian)::
+
+    magic b"OMCW"                              4 bytes
+    version (uint16, currently 1)              2 bytes
+    total length in bytes (uint64)             8 bytes
+    metadata length (uint32), metadata         UTF-8 JSON object
+    entry count (uint32)
+    per entry:
+        name length (uint16), name             UTF-8, unique, non-empty
+        kind (uint8)                           0 compressed, 1 float32
+        payload length (uint64), payload
+    CRC32 of everything above (uint32)         4 bytes
+
+    float32 payload: ndim (uint8), shape (uint64 each), values (float32 each)
+
+Bytes communicated are ``len()`` of these messages, in both directions;
+:func:`encoded_nbytes` computes the same number without building a message
+and :meth:`Message.float32_nbytes` the size the message would have with every
+entry in float32 (the "float32-equivalent" bytes of a round).
+
+Decoding is strict: a truncated, padded, foreign, corrupted or newer message,
+an entry of unknown kind, a duplicate or malformed name, an inconsistent
+float32 payload, a bad compressed payload or metadata that is not a JSON
+object each raise ``ValueError`` with a message saying which.
+
+Example
+-------
+>>> import torch
+>>> from speechbrain_omc.compressed import CompressedTensor
+>>> entries = {
+...     "lin.weight": CompressedTensor.compress(torch.ones(4, 4), "e3m7"),
+...     "lin.bias": torch.zeros(4),
+... }
+>>> data = encode(entries, {"round": 1})
+>>> len(data) == encoded_nbytes(entries, {"round": 1})
+True
+>>> message = decode(data)
+>>> message.meta, message.formats()
+({'round': 1}, {'lin.weight': 'e3m7', 'lin.bias': 'float32'})
+>>> decode(data[:-1])  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+ValueError: truncated OMC wire message: header announces ... bytes, got ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+import torch
+
+from speechbrain_omc.compressed import CompressedTensor
+
+__all__ = [
+    "COMPRESSED",
+    "FLOAT32",
+    "WIRE_VERSION",
+    "Entry",
+    "Message",
+    "decode",
+    "encode",
+    "encoded_nbytes",
+    "entry_nbytes",
+    "float32_payload",
+    "parse_float32_payload",
+]
+
+MAGIC = b"OMCW"
+#: Version of the message layout written by :func:`encode`.
+WIRE_VERSION = 1
+#: Entry kinds.
+COMPRESSED = 0
+FLOAT32 = 1
+_KIND_NAMES = {COMPRESSED: "compressed", FLOAT32: "float32"}
+
+_PREFIX = struct.Struct("<4sHQ")  # magic, version, total length
+_U32 = struct.Struct("<I")
+_ENTRY_HEAD = struct.Struct("<BQ")  # kind, payload length
+_NAME_LEN = struct.Struct("<H")
+_CRC = struct.Struct("<I")
+_MAX_NAME = 2**16 - 1
+
+#: What a message entry holds: a compressed parameter or float32 values.
+Entry = Union[CompressedTensor, torch.Tensor]
+
+
+def _meta_bytes(meta: Mapping | None) -> bytes:
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"metadata must be a mapping, got {type(meta).__name__}")
+    # sort_keys: the same content always gives the same bytes (byte counts
+    # and checksums are reproducible); allow_nan=False: JSON has no NaN.
+    try:
+        text = json.dumps(
+            dict(meta), sort_keys=True, separators=(",", ":"), allow_nan=False
+        )
+    except ValueError as error:
+        raise ValueError(f"metadata is not JSON-serialisable: {error}") from None
+    return text.encode("utf-8")
+
+
+def _as_float32(value) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"an entry must be a CompressedTensor or a float tensor/array, "
+            f"got {type(value).__name__}"
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"float32 entries must be floating point, got {value.dtype}")
+    return value.detach().to("cpu", torch.float32).contiguous()
+
+
+def float32_payload(value: torch.Tensor | np.ndarray) -> bytes:
+    """The payload of a float32 entry: ndim, shape and little-endian values.
+
+    Arguments
+    ---------
+    value : torch.Tensor or numpy.ndarray
+        Floating-point values (cast to float32).
+
+    Returns
+    -------
+    bytes
+
+    Example
+    -------
+    >>> len(float32_payload(torch.zeros(2, 3)))  # 1 + 2 * 8 + 6 * 4
+    41
+    """
+    tensor = _as_float32(value)
+    if tensor.dim() > 255:
+        raise ValueError("cannot serialise more than 255 dimensions")
+    head = struct.pack(f"<B{tensor.dim()}Q", tensor.dim(), *tensor.shape)
+    return head + tensor.numpy().astype("<f4", copy=False).tobytes()
+
+
+def parse_float32_payload(payload: bytes | memoryview) -> torch.Tensor:
+    """Inverse of :func:`float32_payload`, with strict length checks.
+
+    Arguments
+    ---------
+    payload : bytes-like
+        A float32 entry payload.
+
+    Returns
+    -------
+    torch.Tensor
+        A new float32 tensor.
+
+    Raises
+    ------
+    ValueError
+        When the payload is empty or its length does not match its shape.
+
+    Example
+    -------
+    >>> parse_float32_payload(float32_payload(torch.ones(2))).tolist()
+    [1.0, 1.0]
+    """
+    payload = memoryview(payload)
+    if len(payload) < 1:
+        raise ValueError("empty float32 payload")
+    ndim = payload[0]
+    if len(payload) < 1 + 8 * ndim:
+        raise ValueError(f"float32 payload too short for its {ndim}-D shape")
+    shape = struct.unpack_from(f"<{ndim}Q", payload, 1)
+    numel = math.prod(shape)
+    expected = 1 + 8 * ndim + 4 * numel
+    if len(payload) != expected:
+        raise ValueError(
+            f"float32 payload of shape {tuple(shape)} has {len(payload)} bytes, "
+            f"expected {expected}"
+        )
+    values = np.frombuffer(payload, dtype="<f4", count=numel, offset=1 + 8 * ndim)
+    return torch.from_numpy(values.astype(np.float32)).reshape(shape)
+
+
+def _entry_payload(value: Entry) -> tuple[int, bytes]:
+    if isinstance(value, CompressedTensor):
+        return COMPRESSED, value.to_bytes()
+    return FLOAT32, float32_payload(value)
+
+
+def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
+    """Exact bytes one entry takes in a message.
+
+    Arguments
+    ---------
+    name : str
+        Entry name.
+    value : CompressedTensor, torch.Tensor or tuple of int
+        The entry, or just a shape (then it is sized as float32).
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> entry_nbytes("b", torch.zeros(4))  # name 2+1, head 9, payload 1+8+16
+    37
+    """
+    head = _NAME_LEN.size + len(name.encode("utf-8")) + _ENTRY_HEAD.size
+    if isinstance(value, CompressedTensor):
+        # The payload's own layout belongs to CompressedTensor: ask it.
+        return head + len(value.to_bytes())
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        shape = tuple(value.shape)
+    else:
+        shape = tuple(value)
+    return head + 1 + 8 * len(shape) + 4 * math.prod(shape)
+
+
+def encoded_nbytes(entries: Mapping[str, Entry], meta: Mapping | None = None) -> int:
+    """Length of :func:`encode`'s result, computed without encoding.
+
+    Arguments
+    ---------
+    entries : mapping
+        Name to entry (or to a shape, sized as float32).
+    meta : mapping, optional
+        Metadata.
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> encoded_nbytes({"w": torch.zeros(3)}, {}) == len(encode({"w": torch.zeros(3)}))
+    True
+    """
+    fixed = _PREFIX.size + _U32.size + len(_meta_bytes(meta)) + _U32.size + _CRC.size
+    return fixed + sum(entry_nbytes(name, value) for name, value in entries.items())
+
+
+def _check_name(name) -> bytes:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"entry names must be non-empty strings, got {name!r}")
+    raw = name.encode("utf-8")
+    if len(raw) > _MAX_NAME:
+        raise ValueError(f"entry name of {len(raw)} bytes is too long")
+    return raw
+
+
+def encode(entries: Mapping[str, Entry], meta: Mapping | None = None) -> bytes:
+    """Serialise named entries and metadata into one message.
+
+    Arguments
+    ---------
+    entries : mapping
+        Name to :class:`CompressedTensor` (sent as its payload) or to float
+        values (``torch.Tensor`` or ``numpy.ndarray``, sent as float32), in
+        the order they should travel.
+    meta : mapping, optional
+        JSON-serialisable metadata (no NaN or infinity).
+
+    Returns
+    -------
+    bytes
+        The message.
+
+    Example
+    -------
+    >>> data = encode({"w": torch.ones(2)}, {"client": "a"})
+    >>> data[:4], len(data)
+    (b'OMCW', 69)
+    """
+    parts = [b""]  # placeholder for the prefix
+    meta_raw = _meta_bytes(meta)
+    parts += [_U32.pack(len(meta_raw)), meta_raw, _U32.pack(len(entries))]
+    for name, value in entries.items():
+        raw = _check_name(name)
+        kind, payload = _entry_payload(value)
+        parts += [
+            _NAME_LEN.pack(len(raw)),
+            raw,
+            _ENTRY_HEAD.pack(kind, len(payload)),
+            payload,
+        ]
+    total = _PREFIX.size + sum(len(p) for p in parts) + _CRC.size
+    parts[0] = _PREFIX.pack(MAGIC, WIRE_VERSION, total)
+    body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+@dataclass
+class Message:
+    """A decoded message: entries in wire order and metadata.
+
+    Arguments
+    ---------
+    entries : dict
+        Name to :class:`CompressedTensor` or float32 ``torch.Tensor``.
+    meta : dict
+        The metadata object.
+    nbytes : int
+        Length of the message it was decoded from (0 when built by hand).
+    """
+
+    entries: dict[str, Entry]
+    meta: dict = field(default_factory=dict)
+    nbytes: int = 0
+
+    def formats(self) -> dict[str, str]:
+        """Each entry's format name: ``"float32"`` or the compressed format.
+
+        Returns
+        -------
+        dict
+        """
+        return {
+            name: value.format.name
+            if isinstance(value, CompressedTensor)
+            else "float32"
+            for name, value in self.entries.items()
+        }
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each entry's shape.
+
+        Returns
+        -------
+        dict
+        """
+        return {name: tuple(value.shape) for name, value in self.entries.items()}
+
+    def decompressed(self) -> dict[str, torch.Tensor]:
+        """Every entry as a float32 tensor (compressed ones decompressed).
+
+        Returns
+        -------
+        dict
+        """
+        return {
+            name: value.decompress() if isinstance(value, CompressedTensor) else value
+            for name, value in self.entries.items()
+        }
+
+    def to_bytes(self) -> bytes:
+        """Encode again (see :func:`encode`).
+
+        Returns
+        -------
+        bytes
+        """
+        return encode(self.entries, self.meta)
+
+    def float32_nbytes(self) -> int:
+        """Length of the same message with every entry sent as float32.
+
+        Returns
+        -------
+        int
+        """
+        shapes = {name: tuple(value.shape) for name, value in self.entries.items()}
+        return encoded_nbytes(shapes, self.meta)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"metadata contains {name}, which JSON does not allow")
+
+
+def decode(data: bytes | bytearray | memoryview) -> Message:
+    """Parse and validate a message written by :func:`encode`.
+
+    Arguments
+    ---------
+    data : bytes-like
+        The message.
+
+    Returns
+    -------
+    Message
+
+    Raises
+    ------
+    ValueError
+        Foreign magic, unsupported version, truncated or padded message,
+        checksum mismatch, or any malformed part (named in the message).
+    TypeError
+        When ``data`` is not bytes-like.
+
+    Example
+    -------
+    >>> decode(b"PK\\x03\\x04 a zip file")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: not an OMC wire message: expected magic b'OMCW', got b'PK\\x03\\x04'
+    """
+    if isinstance(data, np.ndarray) or isinstance(data, torch.Tensor):
+        raise TypeError("decode takes bytes; convert uint8 arrays with .tobytes()")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+    view = memoryview(data).cast("B")
+    if bytes(view[:4]) != MAGIC:
+        raise ValueError(
+            "not an OMC wire message: expected magic "
+            f"{MAGIC!r}, got {bytes(view[:4])!r}"
+        )
+    if len(view) < _PREFIX.size:
+        raise ValueError(
+            f"truncated OMC wire message: {len(view)} bytes is shorter than "
+            f"the {_PREFIX.size}-byte header"
+        )
+    _, version, total = _PREFIX.unpack_from(view)
+    if version != WIRE_VERSION:
+        raise ValueError(
+            f"unsupported OMC wire message version {version} "
+            f"(this build reads version {WIRE_VERSION})"
+        )
+    if len(view) < total:
+        raise ValueError(
+            f"truncated OMC wire message: header announces {total} bytes, "
+            f"got {len(view)}"
+        )
+    if len(view) > total:
+        raise ValueError(
+            f"OMC wire message has {len(view) - total} trailing bytes after the "
+            f"announced {total}"
+        )
+    if total < _PREFIX.size + 2 * _U32.size + _CRC.size:
+        raise ValueError(f"malformed OMC wire message: impossible length {total}")
+    end = total - _CRC.size
+    (crc,) = _CRC.unpack_from(view, end)
+    if zlib.crc32(view[:end]) != crc:
+        raise ValueError(
+            "corrupted OMC wire message: CRC32 mismatch (the bytes were altered "
+            "or mis-assembled)"
+        )
+    try:
+        return _parse(view, end)
+    except struct.error as error:
+        raise ValueError(f"malformed OMC wire message: {error}") from None
+
+
+def _take(view: memoryview, pos: int, n: int, end: int, what: str) -> memoryview:
+    if n < 0 or pos + n > end:
+        raise ValueError(f"malformed OMC wire message: {what} runs past the end")
+    return view[pos : pos + n]
+
+
+def _parse(view: memoryview, end: int) -> Message:
+    pos = _PREFIX.size
+    (meta_len,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "metadata length"))
+    pos += _U32.size
+    meta_raw = bytes(_take(view, pos, meta_len, end, "metadata"))
+    pos += meta_len
+    try:
+        meta = json.loads(meta_raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"malformed OMC wire message: bad metadata ({error})"
+        ) from None
+    if not isinstance(meta, dict):
+        raise ValueError("malformed OMC wire message: metadata is not a JSON object")
+    (count,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "entry count"))
+    pos += _U32.size
+    entries: dict[str, Entry] = {}
+    for index in range(count):
+        (name_len,) = _NAME_LEN.unpack_from(
+            _take(view, pos, _NAME_LEN.size, end, f"entry {index}")
+        )
+        pos += _NAME_LEN.size
+        raw = bytes(_take(view, pos, name_len, end, f"name of entry {index}"))
+        pos += name_len
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"malformed OMC wire message: entry {index} name is not UTF-8"
+            ) from None
+        if not name:
+            raise ValueError(
+                f"malformed OMC wire message: entry {index} has an empty name"
+            )
+        if name in entries:
+            raise ValueError(f"malformed OMC wire message: duplicate entry {name!r}")
+        kind, length = _ENTRY_HEAD.unpack_from(
+            _take(view, pos, _ENTRY_HEAD.size, end, f"header of entry {name!r}")
+        )
+        pos += _ENTRY_HEAD.size
+        payload = _take(view, pos, length, end, f"payload of entry {name!r}")
+        pos += length
+        try:
+            if kind == COMPRESSED:
+                entries[name] = CompressedTensor.from_bytes(payload)
+            elif kind == FLOAT32:
+                entries[name] = parse_float32_payload(payload)
+            else:
+                raise ValueError(f"unknown entry kind {kind}")
+        except ValueError as error:
+            raise ValueError(
+                f"malformed OMC wire message: entry {name!r}: {error}"
+            ) from None
+    if pos != end:
+        raise ValueError(
+            f"malformed OMC wire message: {end - pos} unexplained bytes after "
+            f"the {count} entries"
+        )
+    return Message(entries, meta, nbytes=end + _CRC.size)
