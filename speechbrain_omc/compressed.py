@@ -39,6 +39,7 @@ import zlib
 import torch
 
 from .formats import (
+    CHUNK,
     FloatFormat,
     Format,
     IntFormat,
@@ -206,9 +207,26 @@ class CompressedTensor:
         generator: torch.Generator | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        y = transform.forward(x32).reshape(-1)
-        codes = fmt._quantize(y, rounding, generator)
-        return _pack(codes, fmt.bits, out)
+        # Transform, quantize and pack chunk by chunk: temporaries stay in cache
+        # and no full-size float or code copy of the tensor ever exists.
+        flat = x32.reshape(-1)
+        n, bits = flat.numel(), fmt.bits
+        if out is None:
+            out = torch.empty(
+                packed_nbytes(n, bits), dtype=torch.uint8, device=flat.device
+            )
+        native = fmt == _BF16 and rounding == "nearest"
+        for start in range(0, n, CHUNK):  # CHUNK * bits / 8 is word-aligned
+            end = min(n, start + CHUNK)
+            y = transform.forward(flat[start:end])
+            dst = out[start * bits // 8 : (end * bits + 7) // 8]
+            if native:
+                # E8M7 is bfloat16 up to its largest finite value: saturate,
+                # then the native cast rounds half to even into the buffer.
+                dst.view(torch.bfloat16).copy_(y.clamp(-fmt.max_value, fmt.max_value))
+            else:
+                _pack(fmt._quantize(y, rounding, generator), bits, dst)
+        return out
 
     def assign_(
         self,
@@ -282,22 +300,33 @@ class CompressedTensor:
         """
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-        fmt, n = self._format, self.numel()
+        fmt, n, bits = self._format, self.numel(), self._format.bits
         scale, shift = self._transform.decode_args
         out = torch.empty(n, dtype=torch.float32, device=self._packed.device)
-        if fmt == _BF16:
-            # The code space is bfloat16's: one native widening cast.
-            out.copy_(self._packed.view(torch.bfloat16))
-            _affine_(out, 1.0, scale, shift)
-        elif isinstance(fmt, IntFormat) and fmt.bits == 8:
-            out.copy_(self._packed)  # uint8 -> float32 directly
-            out -= 128.0
-            _affine_(out, 1.0, scale, shift)
-        else:
-            buf = out.view(torch.int32)
-            # Float decoding shifts the bits above `bits` out: no mask needed.
-            _unpack(self._packed, fmt.bits, n, buf, mask=isinstance(fmt, IntFormat))
-            fmt._decode_(buf, scale, shift)
+        # Chunks keep the in-place decoding passes in cache.
+        for start in range(0, n, CHUNK):
+            end = min(n, start + CHUNK)
+            seg = out[start:end]
+            src = self._packed[start * bits // 8 : (end * bits + 7) // 8]
+            if fmt == _BF16:
+                # The code space is bfloat16's: one native widening cast.
+                seg.copy_(src.view(torch.bfloat16))
+                _affine_(seg, 1.0, scale, shift)
+            elif isinstance(fmt, IntFormat) and bits == 8:
+                seg.copy_(src)  # uint8 -> float32 directly
+                seg -= 128.0
+                _affine_(seg, 1.0, scale, shift)
+            elif isinstance(fmt, IntFormat):
+                buf = seg.view(torch.int32)
+                _unpack(src, bits, end - start, buf, mask=True)
+                fmt._decode_(buf, scale, shift)
+            else:
+                buf = seg.view(torch.int32)
+                # Float decoding discards the bits around the code: no masks,
+                # and general widths arrive already shifted to the top.
+                aligned = bits not in (8, 16)
+                _unpack(src, bits, end - start, buf, mask=False, high=aligned)
+                fmt._decode_(buf, scale, shift, aligned=aligned)
         out = out.view(self._shape)
         return out if dtype == torch.float32 else out.to(dtype)
 

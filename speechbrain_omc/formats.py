@@ -49,6 +49,10 @@ __all__ = [
 
 ROUNDINGS = ("nearest", "stochastic")
 
+#: Values per chunk of the elementwise pipelines: a chunk's temporaries stay in
+#: cache and reuse heap memory instead of page-faulting fresh buffers.
+CHUNK = 1 << 18
+
 _F32_MIN_NORMAL = 2.0**-126
 _F32_MAX = (2.0 - 2.0**-23) * 2.0**127
 _INT32_MIN = -(2**31)
@@ -193,11 +197,14 @@ class Format(ABC):
         buf: torch.Tensor,
         scale: float | None = None,
         shift: float | None = None,
+        aligned: bool = False,
     ) -> torch.Tensor:
         """Decode the int32 codes in ``buf`` in place; return the float32 view.
 
-        Bits of ``buf`` above ``bits`` may hold garbage for float formats (the
-        first shift discards them), which lets callers skip a masking pass.
+        Float formats accept garbage in the bits of ``buf`` above ``bits``
+        (the first shift discards it), or, with ``aligned=True``, codes that
+        already sit in the top ``bits`` bits with garbage below; both save
+        the unpacker a pass. Integer formats need clean codes.
         """
 
     def quantize(
@@ -238,7 +245,12 @@ class Format(ABC):
         _check_rounding(rounding)
         x32 = _as_float32(x)
         _finite_minmax(x32)
-        return self._quantize(x32.reshape(-1), rounding, generator).view(x32.shape)
+        flat = x32.reshape(-1)
+        codes = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+        for start in range(0, flat.numel(), CHUNK):
+            part = slice(start, start + CHUNK)
+            codes[part] = self._quantize(flat[part], rounding, generator)
+        return codes.view(x32.shape)
 
     def dequantize(
         self,
@@ -362,16 +374,37 @@ class FloatFormat(Format):
     def _quantize(
         self, x: torch.Tensor, rounding: str, generator: torch.Generator | None
     ) -> torch.Tensor:
+        # Two roundings run on every element without masks or selects (bool
+        # tensors are slow): the normal-range rounding of max(|x|, min_normal)
+        # and the subnormal-range rounding of min(|x|, min_normal). Each gives
+        # the code of min_normal, 2**m, outside its own range, so
+        # ``normal + subnormal - 2**m`` is the right code everywhere.
         m, bias, bits = self.mantissa_bits, self.bias, self.bits
         drop = 23 - m  # float32 mantissa bits that are rounded away (>= 8)
+        rebias = (127 - bias) << m
         ax = x.abs()
-        ax.clamp_(max=self.max_value)  # saturate first: rounding stays <= max
+        small = ax.clamp(max=self.min_normal)
+        ax.clamp_(self.min_normal, self.max_value)  # saturate: rounding <= max
         a = ax.view(torch.int32)
-        stochastic = rounding == "stochastic"
-        if stochastic:
+        if rounding == "stochastic":
             rnd = _random_bits(x.numel(), generator, x.device)
+            # Normal range: add uniform random bits below the kept mantissa.
             mag = rnd & ((1 << drop) - 1)
             mag += a
+            mag >>= drop
+            # Subnormal range: fixed point with ``frac`` fraction bits, so the
+            # integer sum cannot overflow int32 (bias below 2**-frac ulp).
+            frac = min(24, 30 - m)
+            if bias - 1 + m + frac > 127:  # keep each factor a finite float32
+                small.mul_(2.0 ** (bias - 1)).mul_(2.0 ** (m + frac))
+            else:
+                small.mul_(2.0 ** (bias - 1 + m + frac))
+            sub = small.to(torch.int32)  # floor: values are non-negative
+            rnd &= (1 << frac) - 1
+            sub += rnd
+            sub >>= frac
+            mag += sub
+            mag -= rebias + (1 << m)
         else:
             # Round half to even on the float32 bits; a carry out of the
             # mantissa correctly bumps the exponent.
@@ -379,29 +412,13 @@ class FloatFormat(Format):
             mag &= 1
             mag += a
             mag += (1 << (drop - 1)) - 1
-        mag >>= drop
-        mag -= (127 - bias) << m  # rebias the exponent field
-        small = ax < self.min_normal
-        if bool(small.any()):
-            # Subnormals of the target have a fixed absolute spacing.
-            if stochastic:
-                y = ax.clamp(max=self.min_normal)
-                if bias - 1 + m > 127:  # 2**(bias-1+m) would overflow float32
-                    y.mul_(2.0 ** (bias - 1)).mul_(2.0**m)
-                else:
-                    y.mul_(2.0 ** (bias - 1 + m))
-                low = torch.floor(y)
-                y -= low  # exact fraction
-                u = (rnd & 0xFFFFFF).to(torch.float32).mul_(2.0**-24)
-                low += u < y
-                sub = low.to(torch.int32)
-            else:
-                # Adding d, whose ulp equals the subnormal spacing, makes the
-                # float32 addition itself round half to even at that spacing.
-                d_exp = 24 - bias - m
-                sub = (ax + 2.0**d_exp).view(torch.int32)
-                sub -= (127 + d_exp) << 23
-            mag = torch.where(small, sub, mag)
+            mag >>= drop
+            # Adding d, whose ulp equals the subnormal spacing, makes the
+            # float32 addition itself round half to even at that spacing.
+            d_exp = 24 - bias - m
+            small += 2.0**d_exp
+            mag += small.view(torch.int32)
+            mag -= rebias + ((127 + d_exp) << 23) + (1 << m)
         sign = x.view(torch.int32) >> 31
         sign &= 1 << (bits - 1)
         mag |= sign
@@ -412,15 +429,22 @@ class FloatFormat(Format):
         buf: torch.Tensor,
         scale: float | None = None,
         shift: float | None = None,
+        aligned: bool = False,
     ) -> torch.Tensor:
         # Move sign to bit 31 and exponent|mantissa to float32's positions:
         # a subnormal code becomes a float32 subnormal, which the power-of-two
-        # rebias multiply turns into the exact value.
+        # rebias multiply turns into the exact value. ``aligned`` codes already
+        # sit in the top bits, with garbage below them.
         k = 8 - self.exponent_bits
-        buf <<= 32 - self.bits
+        keep = (1 << (31 - k)) - 1  # clears the sign smear of ``>>= k``...
+        if aligned:
+            keep &= ~((1 << (23 - self.mantissa_bits)) - 1)  # ...and the garbage
+        else:
+            buf <<= 32 - self.bits
         if k:
-            buf >>= k  # arithmetic: smears the sign over k exponent bits...
-            buf &= _INT32_MIN + ((1 << (31 - k)) - 1)  # ...which this clears
+            buf >>= k  # arithmetic: smears the sign over k exponent bits
+        if k or aligned:
+            buf &= _INT32_MIN + keep
         out = buf.view(torch.float32)
         return _affine_(out, 2.0 ** (127 - self.bias), scale, shift)
 
@@ -475,21 +499,24 @@ class IntFormat(Format):
     ) -> torch.Tensor:
         top = self.max_value
         if rounding == "stochastic":
-            # Round the magnitude: its fraction is exact (Sterbenz), whereas
-            # the fraction of a negative value below one may not be.
+            # Round the magnitude in fixed point with ``frac`` fraction bits
+            # (no int32 overflow; bias below 2**-frac), then restore the sign.
+            frac = 31 - self.bits
             ay = x.abs()
             ay.clamp_(max=top)
-            low = torch.floor(ay)
-            ay -= low
-            u = _random_bits(x.numel(), generator, x.device)
-            u &= 0xFFFFFF
-            uf = u.to(torch.float32).mul_(2.0**-24)
-            low += uf < ay
-            y = torch.copysign(low, x)
+            ay *= 2.0**frac
+            codes = ay.to(torch.int32)  # floor: values are non-negative
+            rnd = _random_bits(x.numel(), generator, x.device)
+            rnd &= (1 << frac) - 1
+            codes += rnd
+            codes >>= frac
+            sign = x.view(torch.int32) >> 31  # 0 or -1
+            codes ^= sign
+            codes -= sign  # two's complement negation where negative
         else:
             y = x.clamp(-top, top)
             torch.round(y, out=y)  # half to even
-        codes = y.to(torch.int32)
+            codes = y.to(torch.int32)
         codes += 2 ** (self.bits - 1)
         return codes
 
@@ -498,7 +525,10 @@ class IntFormat(Format):
         buf: torch.Tensor,
         scale: float | None = None,
         shift: float | None = None,
+        aligned: bool = False,
     ) -> torch.Tensor:
+        if aligned:
+            raise ValueError("integer codes must not be pre-aligned")
         out = buf.view(torch.float32)
         out.copy_(buf)  # elementwise int32 -> float32 in the same memory
         out -= 2 ** (self.bits - 1)

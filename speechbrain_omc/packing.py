@@ -5,13 +5,17 @@ bits ``[i*b, (i+1)*b)``, where stream bit ``k`` is bit ``k % 8`` of byte
 ``k // 8``. ``n`` values take exactly ``ceil(n * b / 8)`` bytes; the unused
 high bits of the last byte are zero.
 
-Everything is vectorised. Widths 8 and 16 are plain casts/views. Other widths
-group ``K = 32 / gcd(b, 32)`` values into ``W = b / gcd(b, 32)`` little-endian
-32-bit words, so every value sits at a fixed bit position inside its group;
-the Python loops run over those (at most 32) positions only, each step being
-one column operation over all groups. Columns are transposed into contiguous
-rows first and the work proceeds in chunks that stay in cache, so every step
-streams through memory instead of striding through it.
+Everything is vectorised, with a fixed number of tensor operations per call
+(no Python loop over values, bytes or bit positions). Widths 8 and 16 are
+plain casts/views. Other widths work on *octets*: 8 consecutive values fill
+exactly ``b`` bytes, so value ``8i + j`` always starts at byte ``i*b + j*b//8``
+and bit ``j*b % 8``, a pattern that broadcasting handles:
+
+* packing shifts each value of an octet to its bit offset in 64-bit words
+  (two words when ``b > 8``) and sums them (the bit ranges are disjoint, so
+  the sum is an OR), then copies the octet's ``b`` bytes out;
+* unpacking builds, for every byte, the little-endian window of the 2 or 3
+  bytes starting there, gathers each value's window and shifts it in place.
 
 Example
 -------
@@ -27,16 +31,15 @@ from __future__ import annotations
 
 import sys
 from functools import cache
-from math import gcd
 
 import torch
 
 __all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]
 
-# Values per chunk of the general path: large enough that per-column Python
-# overhead is negligible, small enough that a chunk's temporaries (4 bytes a
-# value) stay in the last-level cache.
-_CHUNK_VALUES = 1 << 20
+# Work sizes of the general paths, so temporaries stay in cache: octets per
+# packing step (two int64 words each) and values per unpacking step.
+_PACK_ROWS = 1 << 13
+_UNPACK_VALUES = 1 << 18
 
 
 def _check_bits(bits: int) -> None:
@@ -45,7 +48,7 @@ def _check_bits(bits: int) -> None:
 
 
 def _check_byteorder() -> None:
-    # The 16-bit and word views below reinterpret bytes as little-endian ints.
+    # The 16-bit and 64-bit views below reinterpret bytes as little-endian ints.
     if sys.byteorder != "little":  # pragma: no cover - no such host in CI
         raise NotImplementedError("bit packing requires a little-endian host")
 
@@ -77,78 +80,58 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 
 @cache
-def _layout(bits: int) -> tuple[int, int]:
-    """``(K, W)``: values and 32-bit words per group for a general width."""
-    g = gcd(bits, 32)
-    return 32 // g, bits // g
+def _octet_plan(bits: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-position constants of an octet (8 values, ``bits`` bytes)."""
+    starts = [j * bits for j in range(8)]
+
+    def i64(values):
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    def i32(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    # Shifts of 64 give 0 in torch, which drops a value from a word.
+    hi_left = [p - 64 if p >= 64 else 64 for p in starts]
+    hi_right = [64 - p if p < 64 < p + bits else 64 for p in starts]
+    return {
+        "lo": i64([p if p < 64 else 64 for p in starts]),
+        "hi_left": i64(hi_left),
+        "hi_right": i64(hi_right),
+        "byte": i64([p >> 3 for p in starts]),
+        "down": i32([p & 7 for p in starts]),  # window bits below the value
+        "up": i32([32 - bits - (p & 7) for p in starts]),  # to put it at the top
+    }
 
 
-@cache
-def _pack_plan(bits: int) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """For each word of a group, the ``(value, shift)`` pairs that fill it.
-
-    A positive shift moves the value left (it starts inside the word, its
-    overflow is dropped by int32 wrap-around); a negative one moves it right
-    (its low bits went into the previous word).
-    """
-    k, w = _layout(bits)
-    plan = []
-    for u in range(w):
-        lo, hi = 32 * u, 32 * u + 32
-        parts = []
-        for j in range(k):
-            start = j * bits
-            if start < hi and start + bits > lo:
-                parts.append((j, start - lo))
-        plan.append(tuple(parts))
-    return tuple(plan)
+def _pack_octets(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Pack ``(R, 8)`` codes into ``out``, a ``(R, bits)`` uint8 view."""
+    plan = _octet_plan(bits, codes.device)
+    rows = codes.shape[0]
+    c = codes.to(torch.int64)  # one conversion; every shift stays in int64
+    words = torch.empty(
+        (rows, 2 if bits > 8 else 1), dtype=torch.int64, device=c.device
+    )
+    # Bit ranges are disjoint, so the sums are ORs.
+    torch.sum(torch.bitwise_left_shift(c, plan["lo"]), 1, out=words[:, 0])
+    if bits > 8:
+        hi = torch.bitwise_left_shift(c, plan["hi_left"])
+        hi |= torch.bitwise_right_shift(c, plan["hi_right"])
+        torch.sum(hi, 1, out=words[:, 1])
+    out.copy_(words.view(torch.uint8)[:, :bits])
 
 
-def _as_int32_words(buf: torch.Tensor) -> torch.Tensor:
-    """View a contiguous uint8 buffer (length divisible by 4) as int32."""
-    try:
-        return buf.view(torch.int32)
-    except RuntimeError:  # misaligned storage offset: copy once
-        return buf.clone().view(torch.int32)
-
-
-def _pack_rows(codes_rows: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``(R, K)`` int32 codes into ``(W, R)`` int32 words (transposed)."""
-    k, w = _layout(bits)
-    rows = codes_rows.shape[0]
-    ct = codes_rows.t().contiguous()  # column j becomes contiguous row j
-    words = torch.empty((w, rows), dtype=torch.int32, device=ct.device)
-    tmp = torch.empty(rows, dtype=torch.int32, device=ct.device)
-    for u, parts in enumerate(_pack_plan(bits)):
-        for i, (j, shift) in enumerate(parts):
-            dst = words[u] if i == 0 else tmp
-            if shift >= 0:
-                torch.bitwise_left_shift(ct[j], shift, out=dst)
-            else:
-                torch.bitwise_right_shift(ct[j], -shift, out=dst)
-            if i:
-                words[u] |= tmp  # value bit ranges are disjoint: OR == add
-    return words
-
-
-def _unpack_rows(
-    words_t: torch.Tensor, bits: int, out_t: torch.Tensor, mask: bool
-) -> None:
-    """Unpack ``(W, R)`` transposed words into ``(K, R)`` codes ``out_t``."""
-    k, _ = _layout(bits)
-    tmp = None
-    for j in range(k):
-        start = j * bits
-        u, t = start >> 5, start & 31
-        torch.bitwise_right_shift(words_t[u], t, out=out_t[j])
-        if t + bits > 32:  # the value straddles two words
-            if tmp is None:
-                tmp = torch.empty_like(out_t[0])
-            out_t[j] &= (1 << (32 - t)) - 1  # drop the arithmetic shift's sign smear
-            torch.bitwise_left_shift(words_t[u + 1], 32 - t, out=tmp)
-            out_t[j] |= tmp
-    if mask:
-        out_t &= (1 << bits) - 1
+def _windows(src: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 little-endian window of ``width`` bytes starting at every byte."""
+    n = src.numel()
+    win = torch.empty(n, dtype=torch.int32, device=src.device)
+    win.copy_(src)
+    tmp = torch.empty(n, dtype=torch.int32, device=src.device)
+    for k in range(1, width):
+        tmp[n - k :] = 0  # past the end: zeros
+        tmp[: n - k].copy_(src[k:])
+        tmp <<= 8 * k
+        win |= tmp
+    return win
 
 
 def _check_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -231,32 +214,18 @@ def _pack(
         except RuntimeError:  # misaligned out: go through a temporary
             out.copy_(flat.to(torch.int16).view(torch.uint8))
         return out
-    if flat.dtype != torch.int32:
-        flat = flat.to(torch.int32)
-    k, w = _layout(bits)
-    full = n // k
-    if full:
-        words = out[: full * w * 4]
-        try:
-            words_view = words.view(torch.int32).view(full, w)
-        except RuntimeError:
-            words_view = None
-        step = max(1, _CHUNK_VALUES // k)
-        for r0 in range(0, full, step):
-            r1 = min(full, r0 + step)
-            packed_t = _pack_rows(flat[r0 * k : r1 * k].view(r1 - r0, k), bits)
-            if words_view is not None:
-                words_view[r0:r1].copy_(packed_t.t())
-            else:
-                chunk = packed_t.t().contiguous().view(torch.uint8).reshape(-1)
-                words[r0 * w * 4 : r1 * w * 4].copy_(chunk)
-    rem = n - full * k
+    rows, rem = divmod(n, 8)
+    for r0 in range(0, rows, _PACK_ROWS):  # bounded int64 temporaries
+        r1 = min(rows, r0 + _PACK_ROWS)
+        octets = out[r0 * bits : r1 * bits].view(r1 - r0, bits)
+        _pack_octets(flat[r0 * 8 : r1 * 8].view(r1 - r0, 8), bits, octets)
     if rem:
-        # Last, partial group: pad it with zeros, pack it, keep its bytes.
-        tail = torch.zeros((1, k), dtype=torch.int32, device=flat.device)
-        tail[0, :rem] = flat[full * k :]
-        tail_bytes = _pack_rows(tail, bits).t().contiguous().view(torch.uint8)
-        out[full * w * 4 :].copy_(tail_bytes.reshape(-1)[: nbytes - full * w * 4])
+        # Last, partial octet: pad it with zeros, keep the bytes it needs.
+        tail = torch.zeros((1, 8), dtype=flat.dtype, device=flat.device)
+        tail[0, :rem] = flat[rows * 8 :]
+        tail_bytes = torch.empty((1, bits), dtype=torch.uint8, device=flat.device)
+        _pack_octets(tail, bits, tail_bytes)
+        out[rows * bits :] = tail_bytes[0, : nbytes - rows * bits]
     return out
 
 
@@ -316,12 +285,18 @@ def unpack_bits(
 
 
 def _unpack(
-    flat: torch.Tensor, bits: int, numel: int, out: torch.Tensor, mask: bool
+    flat: torch.Tensor,
+    bits: int,
+    numel: int,
+    out: torch.Tensor,
+    mask: bool,
+    high: bool = False,
 ) -> torch.Tensor:
     """:func:`unpack_bits` without checks, writing into int32 ``out``.
 
-    With ``mask=False`` the bits of ``out`` above ``bits`` may hold garbage;
-    decoders that shift those bits out anyway use it to save a pass.
+    ``mask=False`` leaves garbage in the bits above ``bits``. ``high=True``
+    (general widths only) instead leaves each code in the top ``bits`` bits
+    with garbage below: float decoders start from there, saving passes.
     """
     _check_byteorder()
     n = numel
@@ -333,32 +308,38 @@ def _unpack(
     if bits == 16:
         try:
             src = flat.view(torch.int16)
-        except RuntimeError:
+        except RuntimeError:  # misaligned storage offset: copy once
             src = flat.clone().view(torch.int16)
         out.copy_(src)  # sign-extends
         if mask:
             out &= 0xFFFF
         return out
-    k, w = _layout(bits)
-    full = n // k
-    if full:
-        words = _as_int32_words(flat[: full * w * 4]).view(full, w)
-        step = max(1, _CHUNK_VALUES // k)
-        rows0 = min(step, full)
-        work = torch.empty(k * rows0, dtype=torch.int32, device=flat.device)
-        for r0 in range(0, full, step):
-            r1 = min(full, r0 + step)
-            rows = r1 - r0
-            words_t = words[r0:r1].t().contiguous()
-            out_t = work[: k * rows].view(k, rows)
-            _unpack_rows(words_t, bits, out_t, mask)
-            out[r0 * k : r1 * k].view(rows, k).copy_(out_t.t())
-    rem = n - full * k
+    if n > _UNPACK_VALUES:  # bounded temporaries; chunks start on octets
+        for start in range(0, n, _UNPACK_VALUES):
+            end = min(n, start + _UNPACK_VALUES)
+            src = flat[start * bits // 8 : (end * bits + 7) // 8]
+            _unpack(src, bits, end - start, out[start:end], mask, high)
+        return out
+    plan = _octet_plan(bits, flat.device)
+    # A value spans at most 7 + bits bits from its first byte.
+    win = _windows(flat, 2 if bits <= 9 else 3)
+    rows, rem = divmod(n, 8)
+    shift = plan["up"] if high else plan["down"]
+    parts = []
+    if rows:
+        grid = win[: rows * bits].as_strided((rows, bits), (bits, 1))
+        dst = out[: rows * 8].view(rows, 8)
+        torch.gather(grid, 1, plan["byte"].expand(rows, 8), out=dst)
+        parts.append((dst, shift))
     if rem:
-        tail = torch.zeros(w * 4, dtype=torch.uint8, device=flat.device)
-        src = flat[full * w * 4 :]
-        tail[: src.numel()] = src
-        out_t = torch.empty((k, 1), dtype=torch.int32, device=flat.device)
-        _unpack_rows(tail.view(torch.int32).view(w, 1), bits, out_t, mask)
-        out[full * k :].copy_(out_t[:rem, 0])
+        dst = out[rows * 8 :]
+        torch.index_select(win, 0, plan["byte"][:rem] + rows * bits, out=dst)
+        parts.append((dst, shift[:rem]))
+    for dst, amount in parts:
+        if high:
+            dst <<= amount
+        else:
+            dst >>= amount
+            if mask:
+                dst &= (1 << bits) - 1
     return out

@@ -56,9 +56,10 @@ def test_every_width_and_every_short_length(bits):
 
 
 @pytest.mark.parametrize("bits", range(1, 17))
-def test_large_tensors_across_chunks(bits, monkeypatch):
-    # Shrink the chunk so that several chunks and a tail are exercised.
-    monkeypatch.setattr(packing, "_CHUNK_VALUES", 256)
+def test_large_tensors_across_work_chunks(bits, monkeypatch):
+    # Shrink the work sizes so that many steps and a partial tail run.
+    monkeypatch.setattr(packing, "_PACK_ROWS", 7)
+    monkeypatch.setattr(packing, "_UNPACK_VALUES", 96)
     gen = torch.Generator().manual_seed(100 + bits)
     n = 5000 + bits
     codes = torch.randint(0, 2**bits, (n,), generator=gen, dtype=torch.int32)
