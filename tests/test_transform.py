@@ -61,7 +61,8 @@ def test_affine_maps_range_symmetrically(x, name):
         tol = 1e-5 * fmt.max_value
         assert float(y.max()) <= fmt.max_value + tol
         assert float(y.min()) >= -fmt.max_value - tol
-        assert max(float(y.max()), -float(y.min())) >= fmt.max_value - tol
+        if t.scale > 2.0**-126:  # see the scale floor in the test above
+            assert max(float(y.max()), -float(y.min())) >= fmt.max_value - tol
         assert t.shift == pytest.approx((lo + hi) / 2, rel=1e-6, abs=1e-30)
 
 
