@@ -39,13 +39,13 @@ import zlib
 import torch
 
 from .formats import (
-    CHUNK,
     FloatFormat,
     Format,
     IntFormat,
     _affine_,
     _as_float32,
     _check_rounding,
+    _chunk,
     _finite_minmax,
     get_format,
 )
@@ -216,8 +216,9 @@ class CompressedTensor:
                 packed_nbytes(n, bits), dtype=torch.uint8, device=flat.device
             )
         native = fmt == _BF16 and rounding == "nearest"
-        for start in range(0, n, CHUNK):  # CHUNK * bits / 8 is word-aligned
-            end = min(n, start + CHUNK)
+        step = _chunk(flat.device, n)  # a multiple of 32: word-aligned bytes
+        for start in range(0, n, step):
+            end = min(n, start + step)
             y = transform.forward(flat[start:end])
             dst = out[start * bits // 8 : (end * bits + 7) // 8]
             if native:
@@ -304,8 +305,9 @@ class CompressedTensor:
         scale, shift = self._transform.decode_args
         out = torch.empty(n, dtype=torch.float32, device=self._packed.device)
         # Chunks keep the in-place decoding passes in cache.
-        for start in range(0, n, CHUNK):
-            end = min(n, start + CHUNK)
+        step = _chunk(out.device, n)
+        for start in range(0, n, step):
+            end = min(n, start + step)
             seg = out[start:end]
             src = self._packed[start * bits // 8 : (end * bits + 7) // 8]
             if fmt == _BF16:

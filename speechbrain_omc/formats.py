@@ -49,9 +49,15 @@ __all__ = [
 
 ROUNDINGS = ("nearest", "stochastic")
 
-#: Values per chunk of the elementwise pipelines: a chunk's temporaries stay in
-#: cache and reuse heap memory instead of page-faulting fresh buffers.
+#: Values per chunk of the elementwise pipelines on CPU: a chunk's temporaries
+#: stay in cache and reuse heap memory instead of page-faulting fresh buffers.
 CHUNK = 1 << 18
+
+
+def _chunk(device: torch.device, n: int) -> int:
+    """Chunk length for ``n`` values: CPU chunks; accelerators want one launch."""
+    return CHUNK if device.type == "cpu" else max(n, 1)
+
 
 _F32_MIN_NORMAL = 2.0**-126
 _F32_MAX = (2.0 - 2.0**-23) * 2.0**127
@@ -247,8 +253,9 @@ class Format(ABC):
         _finite_minmax(x32)
         flat = x32.reshape(-1)
         codes = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
-        for start in range(0, flat.numel(), CHUNK):
-            part = slice(start, start + CHUNK)
+        step = _chunk(flat.device, flat.numel())
+        for start in range(0, flat.numel(), step):
+            part = slice(start, start + step)
             codes[part] = self._quantize(flat[part], rounding, generator)
         return codes.view(x32.shape)
 

@@ -36,8 +36,9 @@ import torch
 
 __all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]
 
-# Work sizes of the general paths, so temporaries stay in cache: octets per
-# packing step (two int64 words each) and values per unpacking step.
+# Work sizes of the general paths on CPU, so temporaries stay in cache: octets
+# per packing step (two int64 words each) and values per unpacking step.
+# Accelerators take each call in one step.
 _PACK_ROWS = 1 << 13
 _UNPACK_VALUES = 1 << 18
 
@@ -215,8 +216,9 @@ def _pack(
             out.copy_(flat.to(torch.int16).view(torch.uint8))
         return out
     rows, rem = divmod(n, 8)
-    for r0 in range(0, rows, _PACK_ROWS):  # bounded int64 temporaries
-        r1 = min(rows, r0 + _PACK_ROWS)
+    step = _PACK_ROWS if flat.device.type == "cpu" else max(rows, 1)
+    for r0 in range(0, rows, step):  # bounded int64 temporaries on CPU
+        r1 = min(rows, r0 + step)
         octets = out[r0 * bits : r1 * bits].view(r1 - r0, bits)
         _pack_octets(flat[r0 * 8 : r1 * 8].view(r1 - r0, 8), bits, octets)
     if rem:
@@ -314,7 +316,7 @@ def _unpack(
         if mask:
             out &= 0xFFFF
         return out
-    if n > _UNPACK_VALUES:  # bounded temporaries; chunks start on octets
+    if n > _UNPACK_VALUES and flat.device.type == "cpu":  # start on octets
         for start in range(0, n, _UNPACK_VALUES):
             end = min(n, start + _UNPACK_VALUES)
             src = flat[start * bits // 8 : (end * bits + 7) // 8]

@@ -11,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speechbrain_omc import compressed
 from speechbrain_omc import formats as formats_module
 from speechbrain_omc.compressed import SERIAL_VERSION, CompressedTensor
 from speechbrain_omc.formats import FloatFormat, IntFormat, get_format
@@ -100,8 +99,7 @@ def test_roundtrip_error_at_most_half_ulp(x, fmt, kind):
 )
 def test_chunked_pipelines_match_reference(name, monkeypatch):
     # Tiny chunks: every decode path runs over many chunks and a partial one.
-    monkeypatch.setattr(compressed, "CHUNK", 40)
-    monkeypatch.setattr(formats_module, "CHUNK", 24)
+    monkeypatch.setattr(formats_module, "CHUNK", 40)
     x = torch.randn(1003, generator=torch.Generator().manual_seed(2)) * 3
     for kind in KINDS:
         ct = CompressedTensor.compress(x, name, kind)
@@ -350,3 +348,29 @@ def test_constructor_checks():
         CompressedTensor(packed, "e4m3", (3,), "scale")
     ct = CompressedTensor(packed, "e4m3", (3,), Transform())
     assert ct.decompress().tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "name", ["e8m7", "e5m10", "e4m3", "e5m2", "e3m7", "e4m7", "e2m3", "int8", "int5"]
+)
+def test_cuda_matches_cpu_bit_for_bit(name):
+    x = torch.randn(100_003, generator=torch.Generator().manual_seed(6)) * 2
+    x[:5] = torch.tensor([0.0, -0.0, 1e-30, -3e-39, 1e-44])
+    for kind in KINDS:
+        cpu = CompressedTensor.compress(x, name, kind)
+        gpu = CompressedTensor.compress(x.cuda(), name, kind)
+        assert gpu.packed.is_cuda and gpu.transform == cpu.transform
+        assert torch.equal(gpu.packed.cpu(), cpu.packed)
+        assert torch.equal(gpu.decompress().cpu(), cpu.decompress())
+        gpu.assign_(x.cuda() * 0.5)
+        cpu.assign_(x * 0.5)
+        assert torch.equal(gpu.packed.cpu(), cpu.packed)
+    runs = []
+    for _ in range(2):
+        g = torch.Generator(device="cuda").manual_seed(11)
+        ct = CompressedTensor.compress(x.cuda(), name, "scale", "stochastic", g)
+        runs.append(ct.packed.cpu())
+    assert torch.equal(runs[0], runs[1])
+    back = CompressedTensor.from_bytes(ct.to_bytes(), device="cuda")
+    assert torch.equal(back.decompress(), ct.decompress())
