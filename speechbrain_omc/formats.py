@@ -32,6 +32,7 @@ tensor([ 42, 184, 127], dtype=torch.int32)
 
 from __future__ import annotations
 
+import operator
 import re
 import struct
 from abc import ABC, abstractmethod
@@ -78,7 +79,8 @@ def _as_float32(x: torch.Tensor, name: str = "x") -> torch.Tensor:
             f"{name} must be a floating-point tensor, got dtype {x.dtype}; "
             "integer and boolean tensors cannot be quantized"
         )
-    return x.to(torch.float32).contiguous()
+    # Quantization is not differentiable: work on the values alone.
+    return x.detach().to(torch.float32).contiguous()
 
 
 def _finite_minmax(x: torch.Tensor, name: str = "x") -> tuple[float, float]:
@@ -107,6 +109,16 @@ def _finite_minmax(x: torch.Tensor, name: str = "x") -> tuple[float, float]:
     )
 
 
+def _as_width(value: object, label: str) -> int:
+    """A bit width as a plain int (numpy and torch integers accepted)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{label} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{label} must be an int, got {value!r}") from None
+
+
 def _check_rounding(rounding: str) -> None:
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
@@ -115,7 +127,7 @@ def _check_rounding(rounding: str) -> None:
 def _random_bits(
     n: int, generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
-    """Return ``n`` int32 values whose 24 low bits are uniformly random.
+    """Return ``n`` int32 values whose 31 low bits are uniformly random.
 
     One int64 draw (63 random bits) feeds two values, which halves the cost of
     the generator, the dominant cost of stochastic rounding.
@@ -227,12 +239,16 @@ class Format(ABC):
             Floating-point tensor (any shape; cast to float32 first). Values
             beyond ``max_value`` saturate.
         rounding : str
-            ``"nearest"`` (ties to even) or ``"stochastic"`` (rounds up with
-            probability equal to the distance from the lower neighbour, in
-            units of the gap; unbiased on average).
+            ``"nearest"`` (ties to even) or ``"stochastic"`` (rounds the
+            magnitude up with probability equal to its distance from the lower
+            neighbour, in units of the gap; unbiased on average, exactly for
+            float formats' normal range and to within ``2**-15`` of a gap
+            elsewhere, since those fractions are kept in fixed point).
         generator : torch.Generator, optional
             Source of randomness for stochastic rounding (reproducible when
-            seeded); the global generator is used when omitted.
+            seeded; on the tensor's device); the global generator is used when
+            omitted. Large CPU tensors draw it chunk by chunk, so a seed gives
+            the same codes for the same tensor size and device.
 
         Returns
         -------
@@ -310,7 +326,8 @@ class FloatFormat(Format):
     subnormals. Every other exponent field is a finite binade, the top one
     included, except with 8 exponent bits: there field 255 stays unused (it
     would overflow float32), so E8 formats saturate at bfloat16's largest
-    finite value scaled to their mantissa. Codes are laid out
+    finite value scaled to their mantissa (codes with that field are never
+    produced; decoding one gives inf or NaN). Codes are laid out
     sign | exponent | mantissa; ``-0.0`` keeps its sign bit as native casts do.
 
     Arguments
@@ -333,10 +350,10 @@ class FloatFormat(Format):
     mantissa_bits: int
 
     def __post_init__(self) -> None:
-        e, m = self.exponent_bits, self.mantissa_bits
-        for label, v in (("exponent_bits", e), ("mantissa_bits", m)):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ValueError(f"{label} must be an int, got {v!r}")
+        e = _as_width(self.exponent_bits, "exponent_bits")
+        m = _as_width(self.mantissa_bits, "mantissa_bits")
+        object.__setattr__(self, "exponent_bits", e)
+        object.__setattr__(self, "mantissa_bits", m)
         if not 1 <= e <= 8:
             raise ValueError(f"exponent_bits must be in 1..8, got {e}")
         if m < 0:
@@ -485,9 +502,8 @@ class IntFormat(Format):
     bits: int
 
     def __post_init__(self) -> None:
-        b = self.bits
-        if not isinstance(b, int) or isinstance(b, bool):
-            raise ValueError(f"bits must be an int, got {b!r}")
+        b = _as_width(self.bits, "bits")
+        object.__setattr__(self, "bits", b)
         if not 2 <= b <= 16:
             raise ValueError(f"integer format width must be in 2..16, got {b}")
 

@@ -163,6 +163,15 @@ def test_shapes_and_dtypes():
         ct.decompress(torch.int32)
 
 
+def test_tensors_that_require_grad_are_compressed_by_value():
+    w = torch.randn(8, 8, requires_grad=True)
+    for name in ("e4m3", "e3m7", "int8"):
+        for rounding in ("nearest", "stochastic"):
+            ct = CompressedTensor.compress(w, name, "affine", rounding)
+            assert not ct.decompress().requires_grad
+            ct.assign_(w * 2, rounding)
+
+
 def test_holds_only_packed_buffer_transform_and_metadata():
     ct = CompressedTensor.compress(torch.randn(64, 64), "e3m7")
     assert not hasattr(ct, "__dict__")

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -357,6 +358,12 @@ def test_shapes_are_kept():
 def test_bad_widths_and_names(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_integer_like_widths():
+    assert FloatFormat(torch.tensor(4).item(), 3) == FloatFormat(4, 3)
+    assert IntFormat(np.int64(8)) == IntFormat(8)
+    assert type(IntFormat(np.int64(8)).bits) is int
 
 
 def test_get_format_type_error():
