@@ -1,0 +1,384 @@
+"""FedAvg server: sampling, plans, exact bytes, averaging, rejecting bad updates."""
+
+import ast
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.federated import wire
+from speechbrain_omc.federated.server import FedAvgServer, UpdateRejected
+
+CLIENTS = ["c0", "c1", "c2", "c3"]
+OMC = OMCConfig(format="e3m7", fp32_fraction=0.4, fp32_policy="random", seed=3)
+
+
+def _model():
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "layer1.weight": torch.randn(16, 8, generator=gen),
+        "layer1.bias": torch.randn(16, generator=gen),
+        "layer2.weight": torch.randn(16, 16, generator=gen),
+        "layer3.weight": torch.randn(4, 16, generator=gen),
+        "norm.running_mean": torch.zeros(4),
+    }
+
+
+def _server(**kwargs):
+    settings = dict(clients_per_round=3, omc=OMC, seed=7, buffers=["norm.running_mean"])
+    settings.update(kwargs)
+    return FedAvgServer(_model(), CLIENTS, **settings)
+
+
+def honest_reply(data, shift=1.0, num_examples=10, **meta_overrides):
+    """What a well-behaved client sends: every value + shift, in the same form."""
+    received = wire.decode(data)
+    entries = {}
+    for name, value in received.entries.items():
+        if isinstance(value, CompressedTensor):
+            entries[name] = CompressedTensor.compress(
+                value.decompress() + shift, value.format
+            )
+        else:
+            entries[name] = value + shift
+    meta = {
+        "type": "update",
+        "round": received.meta["round"],
+        "client": received.meta["client"],
+        "num_examples": num_examples,
+        "metrics": {"train_loss": 1.0},
+    }
+    meta.update(meta_overrides)
+    return wire.encode(entries, meta)
+
+
+def _average_of(messages, replies):
+    """Expected FedAvg of the given replies (float32, weights = examples)."""
+    decoded = [wire.decode(replies[c]) for c in sorted(replies)]
+    total = sum(m.meta["num_examples"] for m in decoded)
+    out = {}
+    for name in decoded[0].entries:
+        acc = torch.zeros_like(decoded[0].decompressed()[name])
+        for m in decoded:
+            acc.add_(m.decompressed()[name], alpha=m.meta["num_examples"] / total)
+        out[name] = acc
+    return out
+
+
+def test_server_imports_no_speechbrain():
+    # The server and the wire format speak bytes: no SpeechBrain in them.
+    root = Path(__file__).resolve().parents[1] / "speechbrain_omc" / "federated"
+    for name in ("server.py", "wire.py"):
+        tree = ast.parse((root / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not any(m.split(".")[0] == "speechbrain" for m in modules), name
+
+
+def test_sampling_is_seeded_per_round():
+    a, b = _server(), _server()
+    draws = [a.sample_clients(r) for r in range(1, 6)]
+    assert draws == [b.sample_clients(r) for r in range(1, 6)]
+    assert len({tuple(d) for d in draws}) > 1
+    assert all(len(set(d)) == 3 for d in draws)
+    assert (
+        _server(seed=8).sample_clients(1) != draws[0]
+        or _server(seed=8).sample_clients(2) != draws[1]
+    )
+
+
+def test_plans_per_round_and_client():
+    server = _server()
+    plans = {(r, c): server.formats(r, c) for r in (1, 2, 3) for c in CLIENTS}
+    # Biases and buffers never travel compressed (weights-only, buffers).
+    for formats in plans.values():
+        assert formats["layer1.bias"] == formats["norm.running_mean"] == "float32"
+        assert sorted(formats.values()).count("e3m7") >= 1
+    # The random policy gives different clients different float32 variables.
+    assert len({tuple(f.values()) for f in plans.values()}) > 1
+    assert plans == {
+        (r, c): _server().formats(r, c) for r in (1, 2, 3) for c in CLIENTS
+    }
+    assert set(_server(omc=None).formats(1, "c0").values()) == {"float32"}
+
+
+def test_messages_carry_plan_seed_and_config():
+    server = _server(client_config={"local_epochs": 2})
+    messages = server.configure_round()
+    assert list(messages) == server.sample_clients(1)
+    for client, data in messages.items():
+        message = wire.decode(data)
+        assert message.meta["client"] == client and message.meta["round"] == 1
+        assert message.meta["config"] == {"local_epochs": 2}
+        assert message.meta["seed"] == server.client_seed(1, client)
+        assert message.formats() == server.formats(1, client)
+
+
+def test_bytes_are_counted_from_messages():
+    server = _server()
+    messages = server.configure_round()
+    replies = {c: honest_reply(m) for c, m in messages.items()}
+    report = server.aggregate(replies)
+    assert report.bytes_down == sum(len(m) for m in messages.values())
+    assert report.bytes_up == sum(len(r) for r in replies.values())
+
+    def float32_len(data):
+        message = wire.decode(data)
+        return len(wire.encode(message.decompressed(), message.meta))
+
+    assert report.float32_bytes_down == sum(float32_len(m) for m in messages.values())
+    assert report.float32_bytes_up == sum(float32_len(r) for r in replies.values())
+    assert report.bytes_down < report.float32_bytes_down
+
+
+def test_fedavg_weighted_by_examples_in_float32():
+    server = _server(omc=None, clients_per_round=4)
+    messages = server.configure_round()
+    weights = {"c0": 1, "c1": 3, "c2": 6, "c3": 10}
+    replies = {
+        c: honest_reply(m, shift=float(i), num_examples=weights[c])
+        for i, (c, m) in enumerate(sorted(messages.items()))
+    }
+    expected = _average_of(messages, replies)
+    report = server.aggregate(replies)
+    assert report.accepted == sorted(replies) and report.num_examples == 20
+    for name, value in expected.items():
+        assert server.model[name].dtype == torch.float32
+        assert torch.equal(server.model[name], value)
+    # Shift i for client ci: the mean shift is (0*1 + 1*3 + 2*6 + 3*10) / 20.
+    assert torch.allclose(server.model["layer1.bias"], _model()["layer1.bias"] + 2.25)
+
+
+def test_compressed_replies_are_decompressed_and_averaged():
+    server = _server()
+    messages = server.configure_round()
+    replies = {c: honest_reply(m, shift=0.5) for c, m in messages.items()}
+    expected = _average_of(messages, replies)
+    server.aggregate(replies)
+    for name, value in expected.items():
+        assert torch.equal(server.model[name], value)
+    assert (
+        server.model["layer2.weight"] - _model()["layer2.weight"] - 0.5
+    ).abs().max() < 0.05
+
+
+def test_server_learning_rate_and_momentum():
+    server = _server(omc=None, server_lr=0.5, server_momentum=0.9)
+    start = server.model["layer1.weight"].clone()
+    for expected_total in (0.5, 0.5 + 0.5 * 1.9):
+        messages = server.configure_round()
+        server.aggregate({c: honest_reply(m, shift=1.0) for c, m in messages.items()})
+        assert torch.allclose(server.model["layer1.weight"], start + expected_total)
+    # Buffers are averaged, not moved by the server optimizer.
+    assert torch.allclose(server.model["norm.running_mean"], torch.full((4,), 2.0))
+
+
+def _replace_entry(data, name, value):
+    message = wire.decode(data)
+    entries = dict(message.entries)
+    entries[name] = value
+    return wire.encode(entries, message.meta)
+
+
+def _drop_entry(data, name):
+    message = wire.decode(data)
+    return wire.encode(
+        {n: v for n, v in message.entries.items() if n != name}, message.meta
+    )
+
+
+def _compressed_name(server, round, client):
+    return next(n for n, f in server.formats(round, client).items() if f == "e3m7")
+
+
+MALFORMED = {
+    "wrong shape": (
+        lambda s, c, d: _replace_entry(d, "layer1.bias", torch.zeros(15)),
+        "layer1.bias has shape \\(15,\\), expected \\(16,\\)",
+    ),
+    "wrong shape, compressed": (
+        lambda s, c, d: _replace_entry(
+            d,
+            _compressed_name(s, 1, c),
+            CompressedTensor.compress(torch.zeros(2, 2), "e3m7"),
+        ),
+        "has shape \\(2, 2\\)",
+    ),
+    "wrong format: float32 for compressed": (
+        lambda s, c, d: _replace_entry(
+            d,
+            _compressed_name(s, 1, c),
+            wire.decode(d).decompressed()[_compressed_name(s, 1, c)],
+        ),
+        "arrived as float32, expected e3m7",
+    ),
+    "wrong format: another format": (
+        lambda s, c, d: _replace_entry(
+            d,
+            _compressed_name(s, 1, c),
+            CompressedTensor.compress(
+                wire.decode(d).decompressed()[_compressed_name(s, 1, c)], "bf16"
+            ),
+        ),
+        "arrived as e8m7, expected e3m7",
+    ),
+    "wrong format: compressed bias": (
+        lambda s, c, d: _replace_entry(
+            d, "layer1.bias", CompressedTensor.compress(torch.zeros(16), "e3m7")
+        ),
+        "layer1.bias arrived as e3m7, expected float32",
+    ),
+    "NaN values": (
+        lambda s, c, d: _replace_entry(
+            d, "layer1.bias", torch.full((16,), float("nan"))
+        ),
+        "layer1.bias has 16 non-finite values",
+    ),
+    "infinite values": (
+        lambda s, c, d: _replace_entry(
+            d, "norm.running_mean", torch.tensor([0.0, float("inf"), 0.0, 0.0])
+        ),
+        "norm.running_mean has 1 non-finite values",
+    ),
+    "truncated payload": (lambda s, c, d: d[:-10], "malformed message: truncated"),
+    "truncated to the header": (lambda s, c, d: d[:20], "malformed message"),
+    "flipped bit": (
+        lambda s, c, d: d[:100] + bytes([d[100] ^ 1]) + d[101:],
+        "malformed message: corrupted.*CRC32",
+    ),
+    "garbage": (lambda s, c, d: b"\x00" * 64, "malformed message: not an OMC"),
+    "not bytes": (lambda s, c, d: "a string", "not bytes"),
+    "missing entry": (
+        lambda s, c, d: _drop_entry(d, "layer3.weight"),
+        "missing entries: layer3.weight",
+    ),
+    "unexpected entry": (
+        lambda s, c, d: _replace_entry(d, "extra.weight", torch.zeros(2)),
+        "unexpected entries: extra.weight",
+    ),
+    "stale round": (
+        lambda s, c, d: honest_reply(s.message_for(c, 1), round=0),
+        "update for round 0, expected 1",
+    ),
+    "signed by another client": (
+        lambda s, c, d: honest_reply(s.message_for(c, 1), client="intruder"),
+        "signed by client 'intruder'",
+    ),
+    "zero examples": (
+        lambda s, c, d: honest_reply(s.message_for(c, 1), num_examples=0),
+        "num_examples must be a positive int",
+    ),
+    "boolean examples": (
+        lambda s, c, d: honest_reply(s.message_for(c, 1), num_examples=True),
+        "num_examples must be a positive int",
+    ),
+    "a global model sent back": (
+        lambda s, c, d: s.message_for(c, 1),
+        "message type 'global'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_update_is_rejected_and_the_round_goes_on(case, caplog):
+    corrupt, reason = MALFORMED[case]
+    server = _server()
+    messages = server.configure_round()
+    bad_client, *good_clients = list(messages)
+    replies = {c: honest_reply(messages[c], shift=1.0) for c in good_clients}
+    replies[bad_client] = corrupt(
+        server, bad_client, honest_reply(messages[bad_client])
+    )
+    expected = _average_of(messages, {c: replies[c] for c in good_clients})
+
+    with caplog.at_level(logging.WARNING, logger="speechbrain_omc.federated.server"):
+        report = server.aggregate(replies)
+
+    assert report.accepted == sorted(good_clients)
+    assert list(report.rejected) == [bad_client]
+    assert pytest.importorskip("re").search(reason, report.rejected[bad_client])
+    assert any(
+        bad_client in r.message and "rejected" in r.message for r in caplog.records
+    )
+    # The bad update poisoned nothing: the model is the average of the good ones.
+    for name, value in expected.items():
+        assert torch.equal(server.model[name], value)
+        assert bool(torch.isfinite(server.model[name]).all())
+    # And the next round runs as usual.
+    assert server.round == 1
+    messages = server.configure_round()
+    assert server.aggregate({c: honest_reply(m) for c, m in messages.items()}).accepted
+
+
+def test_validate_raises_update_rejected():
+    server = _server()
+    messages = server.configure_round()
+    client = next(iter(messages))
+    with pytest.raises(UpdateRejected, match="truncated"):
+        server.validate(client, honest_reply(messages[client])[:-1])
+    with pytest.raises(UpdateRejected, match="not sampled"):
+        server.validate("nobody", honest_reply(messages[client]))
+
+
+def test_failed_and_silent_clients_are_left_out(caplog):
+    server = _server()
+    messages = server.configure_round()
+    failed, silent, good = list(messages)
+    with caplog.at_level(logging.WARNING, logger="speechbrain_omc.federated.server"):
+        report = server.aggregate(
+            {good: honest_reply(messages[good])},
+            failures={failed: "RuntimeError: boom"},
+        )
+    assert report.accepted == [good]
+    assert report.rejected == {failed: "failed: RuntimeError: boom", silent: "no reply"}
+    assert any("boom" in r.message for r in caplog.records)
+
+
+def test_no_accepted_update_keeps_the_model():
+    server = _server()
+    before = {n: v.clone() for n, v in server.model.items()}
+    messages = server.configure_round()
+    report = server.aggregate({c: b"junk" for c in messages})
+    assert report.accepted == [] and len(report.rejected) == 3
+    assert server.round == 1
+    assert all(torch.equal(before[n], server.model[n]) for n in before)
+
+
+def test_round_protocol_errors():
+    server = _server()
+    with pytest.raises(RuntimeError, match="configure_round first"):
+        server.aggregate({})
+    with pytest.raises(ValueError, match="next round is 1"):
+        server.configure_round(3)
+    with pytest.raises(ValueError, match="clients_per_round"):
+        FedAvgServer(_model(), CLIENTS, clients_per_round=5)
+    with pytest.raises(ValueError, match="unknown buffers"):
+        FedAvgServer(_model(), CLIENTS, 1, buffers=["nope"])
+
+
+def test_state_dict_and_atomic_checkpoint(tmp_path):
+    server = _server(server_momentum=0.5)
+    for _ in range(2):
+        messages = server.configure_round()
+        server.aggregate({c: honest_reply(m) for c, m in messages.items()})
+    path = tmp_path / "server.ckpt"
+    server.save(path, extra={"log": [{"round": 1}, {"round": 2}]})
+    assert [p.name for p in tmp_path.iterdir()] == ["server.ckpt"]  # no leftovers
+
+    other = _server(server_momentum=0.5)
+    assert other.load(path) == {"log": [{"round": 1}, {"round": 2}]}
+    assert other.round == 2
+    assert all(torch.equal(other.model[n], server.model[n]) for n in server.model)
+    # Both continue identically.
+    m1, m2 = server.configure_round(), other.configure_round()
+    assert m1 == m2
+    with pytest.raises(ValueError, match="other settings"):
+        _server(seed=99).load(path)
