@@ -57,6 +57,8 @@ class _Slot:
     )
     shadow: torch.nn.Parameter | None = None
     grad: torch.Tensor | None = None
+    # Fused mode: the value backward last decompressed, reused by the update.
+    unpacked: torch.Tensor | None = None
     momentum: torch.Tensor | CompressedTensor | None = None
     pending_uses: int = 0
     steps: int = 0
@@ -273,6 +275,11 @@ class OMCHandle:
                 "recorded; backward through it again (retain_graph) is not supported"
             )
         value = self._decompress(packed.slot)
+        if self.mode == "fused":
+            # The update of this weight follows its consumer's backward; the
+            # consumer is done with the value by then, so the update may
+            # reuse it in place instead of decompressing a third time.
+            packed.slot.unpacked = value
         return value.as_strided(packed.size, packed.stride, packed.offset)
 
     def _enter(self, module, args) -> None:
@@ -338,9 +345,11 @@ class OMCHandle:
 
     def _fused_update(self, slot: _Slot) -> None:
         grad, slot.grad, slot.pending_uses = slot.grad, None, 0
+        value, slot.unpacked = slot.unpacked, None
         if grad is None or not self._finite_or_skip(slot, grad):
             return
-        value = self._decompress(slot)
+        if value is None:
+            value = self._decompress(slot)
         buffer = slot.momentum
         if isinstance(buffer, CompressedTensor):
             buffer = buffer.decompress()
@@ -367,12 +376,12 @@ class OMCHandle:
         for slot in self.slots.values():
             if self.mode == "fused" and slot.grad is not None:
                 self._fused_update(slot)
-            slot.pending_uses = 0
+            slot.pending_uses, slot.unpacked = 0, None
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients and pending uses."""
         for slot in self.slots.values():
-            slot.grad, slot.pending_uses = None, 0
+            slot.grad, slot.pending_uses, slot.unpacked = None, 0, None
 
     @contextmanager
     def decompressed_step(self) -> Iterator[list[torch.nn.Parameter]]:

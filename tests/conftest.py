@@ -1,6 +1,7 @@
 """Test-session setup shared by every test module."""
 
 import sys
+import warnings
 
 import pytest
 
@@ -15,6 +16,8 @@ def pytest_collection_modifyitems(items):
     """
     for name, module in list(sys.modules.items()):
         try:
-            getattr(module, "__file__", None)
+            with warnings.catch_warnings():  # deprecated redirects warn here
+                warnings.simplefilter("ignore")
+                getattr(module, "__file__", None)
         except ImportError:
             del sys.modules[name]
