@@ -1,0 +1,1 @@
+"""Entry points of the federated OMC Flower app (see ``pyproject.toml``)."""

@@ -1,0 +1,5 @@
+"""The ``ClientApp``: :mod:`speechbrain_omc.federated.flower.client_app`."""
+
+from speechbrain_omc.federated.flower.client_app import app
+
+__all__ = ["app"]

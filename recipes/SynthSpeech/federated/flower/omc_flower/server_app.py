@@ -1,0 +1,5 @@
+"""The ``ServerApp``: :mod:`speechbrain_omc.federated.flower.server_app`."""
+
+from speechbrain_omc.federated.flower.server_app import app
+
+__all__ = ["app"]

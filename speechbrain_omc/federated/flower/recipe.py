@@ -1,0 +1,405 @@
+"""Glue between the Flower apps and the embedded federated recipe.
+
+The Flower ``ServerApp`` and ``ClientApp`` build exactly what
+``recipes/SynthSpeech/federated/train.py`` builds in its one process: the
+same hyperparameters (file plus overrides), the same Brain (``build_brain``),
+the same :class:`~speechbrain_omc.federated.client.OMCClient` on a client's
+manifest and the same :class:`~speechbrain_omc.federated.server.FedAvgServer`
+settings. The recipe module is loaded by path and its functions are called;
+nothing of it is copied here except the arguments it passes to
+``OMCClient`` and ``FedAvgServer`` (``run_federation`` builds them inline).
+
+Paths in the run config (``hparams``, ``recipe``) and in a node config
+(``manifest``...) may be absolute, relative to the working directory of the
+process (the SuperLink's or SuperNode's), or relative to the repository root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_HPARAMS",
+    "DEFAULT_RECIPE",
+    "NodeSetup",
+    "build_node",
+    "build_server",
+    "initial_model",
+    "load_hparams",
+    "load_recipe",
+    "node_client_id",
+    "resolve_path",
+]
+
+#: The repository holding ``recipes/`` (speechbrain_omc is installed editable).
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_RECIPE = "recipes/SynthSpeech/federated/train.py"
+DEFAULT_HPARAMS = "recipes/SynthSpeech/federated/hparams/fed_omc.yaml"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """An absolute path: as given, or under the working directory or the repo.
+
+    Arguments
+    ---------
+    path : str or Path
+        The path from a run or node config.
+
+    Returns
+    -------
+    Path
+        The first existing candidate, else the path under the working
+        directory.
+
+    Example
+    -------
+    >>> resolve_path("recipes/SynthSpeech/federated/train.py").is_file()
+    True
+    """
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / path).exists():
+            return (base / path).resolve()
+    return (Path.cwd() / path).resolve()
+
+
+def load_recipe(path: str | Path = DEFAULT_RECIPE):
+    """The embedded federated recipe as a module (imported once per process).
+
+    Arguments
+    ---------
+    path : str or Path
+        Its ``train.py``; importing it trains nothing.
+
+    Returns
+    -------
+    module
+        With ``prepare_federation``, ``build_brain`` and ``asr_recipe``.
+    """
+    path = resolve_path(path or DEFAULT_RECIPE)
+    name = "omc_federated_recipe_" + str(abs(hash(str(path))))
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load the federated recipe {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def parse_overrides(overrides: str | Mapping | None) -> dict:
+    """Hyperparameter overrides from a run config (a YAML or JSON mapping).
+
+    Arguments
+    ---------
+    overrides : str, Mapping or None
+        E.g. ``"{rounds: 2, num_clients: 2}"``.
+
+    Returns
+    -------
+    dict
+
+    Example
+    -------
+    >>> parse_overrides("{rounds: 2, output_folder: /tmp/x}")
+    {'rounds': 2, 'output_folder': '/tmp/x'}
+    >>> parse_overrides("")
+    {}
+    """
+    if not overrides:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    value = yaml.safe_load(overrides)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"overrides must be a mapping, got {overrides!r}")
+    return value
+
+
+def load_hparams(run_config: Mapping[str, Any]) -> dict:
+    """Load the recipe's hyperparameters named by a run config.
+
+    Arguments
+    ---------
+    run_config : Mapping
+        ``hparams`` (file) and ``overrides`` (YAML mapping string).
+
+    Returns
+    -------
+    dict
+        As ``load_hyperpyyaml`` returns them (modules instantiated, seeded).
+    """
+    from hyperpyyaml import load_hyperpyyaml
+
+    path = resolve_path(run_config.get("hparams") or DEFAULT_HPARAMS)
+    overrides = parse_overrides(run_config.get("overrides"))
+    with open(path, encoding="utf-8") as fin:
+        return load_hyperpyyaml(fin, overrides)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    # SuperNodes on one machine share the recipe's output folder: one at a
+    # time prepares the manifests and reads them.
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".flower-prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def node_client_id(node_config: Mapping[str, Any]) -> str:
+    """The client id a SuperNode serves, from its node config alone.
+
+    ``client-id`` if given, else the stem of ``manifest``, else
+    ``client_<partition-id>`` as the recipe's partition names clients.
+
+    Arguments
+    ---------
+    node_config : Mapping
+        The SuperNode's ``--node-config`` (or the Simulation Engine's).
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> node_client_id({"partition-id": 1, "num-partitions": 2})
+    'client_001'
+    >>> node_client_id({"manifest": "/data/partition/client_007.csv"})
+    'client_007'
+    """
+    if node_config.get("client-id"):
+        return str(node_config["client-id"])
+    if node_config.get("manifest"):
+        return Path(str(node_config["manifest"])).stem
+    if "partition-id" in node_config:
+        return f"client_{int(node_config['partition-id']):03d}"
+    raise ValueError(
+        "the node config names no client: give partition-id, manifest or client-id"
+    )
+
+
+@dataclass
+class NodeSetup:
+    """What one SuperNode holds for the run.
+
+    Arguments
+    ---------
+    client : OMCClient
+        The Brain-driving client (one Brain per process).
+    client_id : str
+        The client (partition) it serves.
+    num_examples : int
+        Its training examples.
+    eval_data : dict
+        Split name (``valid``, ``test``) to dataset, where available.
+    eval_opts : dict
+        Dataloader options of evaluation.
+    """
+
+    client: Any
+    client_id: str
+    num_examples: int
+    eval_data: dict
+    eval_opts: dict
+
+
+def build_node(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> NodeSetup:
+    """Build a SuperNode's client as the embedded recipe builds it.
+
+    Data: with ``manifest`` in the node config, that CSV is the client's
+    training data, ``label-encoder`` (a saved ``label_encoder.txt``) its
+    encoder and ``valid-csv`` / ``test-csv`` its evaluation data. Otherwise
+    the recipe prepares its manifests and partition under its
+    ``output_folder`` (as the embedded run does; locked, so SuperNodes on one
+    machine take turns) and the client is ``client_<partition-id>``.
+
+    Arguments
+    ---------
+    run_config : Mapping
+        ``recipe``, ``hparams``, ``overrides``.
+    node_config : Mapping
+        ``partition-id`` or ``manifest`` (and the keys above).
+
+    Returns
+    -------
+    NodeSetup
+    """
+    from speechbrain_omc.federated.client import OMCClient
+
+    recipe = load_recipe(run_config.get("recipe") or DEFAULT_RECIPE)
+    asr = recipe.asr_recipe
+    hparams = load_hparams(run_config)
+    client_id = node_client_id(node_config)
+    splits = {"valid": hparams["valid_split"], "test": hparams["test_split"]}
+    eval_csvs: dict[str, Path] = {}
+    if node_config.get("manifest"):
+        manifest = resolve_path(str(node_config["manifest"]))
+        encoder_path = node_config.get("label-encoder")
+        if not encoder_path:
+            raise ValueError("a node config with manifest needs label-encoder too")
+        label_encoder = asr.build_label_encoder(
+            manifest, resolve_path(str(encoder_path)), hparams["blank_index"]
+        )
+        for split in splits:
+            if node_config.get(f"{split}-csv"):
+                eval_csvs[split] = resolve_path(str(node_config[f"{split}-csv"]))
+        data = _datasets(asr, hparams, label_encoder, manifest, eval_csvs)
+    else:
+        with _folder_lock(Path(hparams["output_folder"])):
+            Path(hparams["save_folder"]).mkdir(parents=True, exist_ok=True)
+            clients, csvs = recipe.prepare_federation(hparams)
+            if client_id not in clients:
+                raise ValueError(
+                    f"node serves {client_id!r}, but the partition has "
+                    f"{sorted(clients)}"
+                )
+            label_encoder = asr.build_label_encoder(
+                csvs[hparams["train_split"]],
+                Path(hparams["save_folder"]) / "label_encoder.txt",
+                blank_index=hparams["blank_index"],
+            )
+            eval_csvs = {name: csvs[split] for name, split in splits.items()}
+            data = _datasets(asr, hparams, label_encoder, clients[client_id], eval_csvs)
+    train_data, eval_data = data
+    brain = recipe.build_brain(hparams)
+    brain.tokenizer = label_encoder
+    # The same arguments as the embedded recipe's run_federation.
+    client = OMCClient(
+        brain,
+        train_data,
+        local_epochs=hparams["local_epochs"],
+        max_steps=hparams.get("max_local_steps"),
+        train_loader_kwargs=hparams["train_dataloader_opts"],
+        progressbar=False,
+    )
+    return NodeSetup(
+        client,
+        client_id,
+        len(train_data),
+        eval_data,
+        dict(hparams["valid_dataloader_opts"]),
+    )
+
+
+def _datasets(asr, hparams, label_encoder, manifest, eval_csvs):
+    train = asr.dataset_from_csv(manifest, hparams, label_encoder)
+    evals = {
+        name: asr.dataset_from_csv(path, hparams, label_encoder, "ascending")
+        for name, path in eval_csvs.items()
+    }
+    return train, evals
+
+
+def initial_model(run_config: Mapping[str, Any]) -> tuple[dict, list[str], dict]:
+    """The initial global model, as the embedded recipe makes it.
+
+    The recipe's hparams seed torch before the modules are created, so the
+    Brain built here starts from the same weights as the embedded run's.
+
+    Arguments
+    ---------
+    run_config : Mapping
+        ``recipe``, ``hparams``, ``overrides``.
+
+    Returns
+    -------
+    model : dict
+        Name to float32 tensor, in wire order.
+    buffers : list of str
+        Entries that are buffers.
+    hparams : dict
+        The loaded hyperparameters.
+    """
+    from speechbrain_omc.federated.client import OMCClient
+
+    recipe = load_recipe(run_config.get("recipe") or DEFAULT_RECIPE)
+    hparams = load_hparams(run_config)
+    client = OMCClient(recipe.build_brain(hparams), {})
+    return client.get_model(), client.buffer_names(), hparams
+
+
+def build_server(
+    hparams: Mapping[str, Any],
+    model: Mapping[str, Any],
+    clients: list[str],
+    buffers: list[str],
+):
+    """The recipe's ``FedAvgServer`` over the given clients.
+
+    Arguments
+    ---------
+    hparams : Mapping
+        Loaded hyperparameters.
+    model : Mapping
+        Initial global model.
+    clients : list of str
+        Client ids, in the recipe's order (``client_000``...).
+    buffers : list of str
+        Buffer entries.
+
+    Returns
+    -------
+    FedAvgServer
+    """
+    from speechbrain_omc.federated.server import FedAvgServer
+
+    # The same arguments as the embedded recipe's run_federation.
+    return FedAvgServer(
+        model,
+        clients,
+        min(int(hparams["clients_per_round"]), len(clients)),
+        omc=hparams.get("omc"),
+        seed=hparams["seed"],
+        server_lr=hparams.get("server_lr", 1.0),
+        server_momentum=hparams.get("server_momentum", 0.0),
+        buffers=buffers,
+        client_config={"local_epochs": hparams["local_epochs"]},
+    )
+
+
+def to_json(value: Any) -> Any:
+    """Plain-data copy for ``json.dump`` (tensors and paths as text).
+
+    Arguments
+    ---------
+    value : object
+
+    Returns
+    -------
+    object
+
+    Example
+    -------
+    >>> to_json({"a": Path("/x"), "b": [1, 2.5]})
+    {'a': '/x', 'b': [1, 2.5]}
+    """
+    return json.loads(json.dumps(value, default=str))

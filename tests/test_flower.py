@@ -1,0 +1,325 @@
+"""Flower app pieces without a Flower runtime: records, strategy, query handler.
+
+The strategy runs against a fake grid that answers each message in-process,
+so the whole ``Strategy.start`` loop (query, train, aggregate, evaluate) is
+exercised in a second; the real engines are in test_flower_deployment.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.app.message_type import MessageType
+from flwr.supercore.task_identity import TaskIdentity
+
+from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.federated import wire
+from speechbrain_omc.federated.flower import client_app
+from speechbrain_omc.federated.flower.records import (
+    PAYLOAD_KEY,
+    model_to_record,
+    payload_from_record,
+    payload_to_record,
+)
+from speechbrain_omc.federated.flower.strategy import (
+    CLIENT_ID_KEY,
+    QUERY_KEY,
+    OMCFedAvg,
+    discover_clients,
+)
+from speechbrain_omc.federated.server import FedAvgServer
+
+OMC = OMCConfig(format="e3m7", fp32_fraction=0.3, fp32_policy="random", seed=5)
+CLIENTS = ["client_000", "client_001", "client_002"]
+NODES = {"client_000": 101, "client_001": 102, "client_002": 103}
+
+
+def _model():
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "lin1.weight": torch.randn(16, 8, generator=gen),
+        "lin1.bias": torch.randn(16, generator=gen),
+        "lin2.weight": torch.randn(4, 16, generator=gen),
+    }
+
+
+def _server(**kwargs):
+    settings = dict(clients_per_round=2, omc=OMC, seed=11)
+    settings.update(kwargs)
+    return FedAvgServer(_model(), CLIENTS, **settings)
+
+
+def honest_reply(data: bytes, shift: float, num_examples: int) -> bytes:
+    """A client that adds ``shift`` to everything and answers in kind."""
+    received = wire.decode(data)
+    entries = {}
+    for name, value in received.entries.items():
+        if isinstance(value, CompressedTensor):
+            new = value.decompress() + shift
+            entries[name] = CompressedTensor.compress(new, value.format)
+        else:
+            entries[name] = value + shift
+    meta = {
+        "type": "update",
+        "round": received.meta["round"],
+        "client": received.meta["client"],
+        "num_examples": num_examples,
+        "metrics": {"train_loss": 1.0 + shift},
+    }
+    return wire.encode(entries, meta)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps run/task/node ids on messages; a runtime sets them."""
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+class FakeGrid:
+    """Delivers each message to ``handler(node, message) -> content``."""
+
+    def __init__(self, nodes, handler):
+        self.nodes = list(nodes)
+        self.handler = handler
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            content = self.handler(message.metadata.dst_node_id, message)
+            if content is not None:
+                replies.append(Message(content=content, reply_to=message))
+        return replies
+
+
+def _client_of(node):
+    return {n: c for c, n in NODES.items()}[node]
+
+
+def make_handler(bad=None):
+    """Nodes answer queries, train honestly (shift = node index) and evaluate."""
+    bad = bad or {}
+
+    def handler(node, message):
+        client = _client_of(node)
+        kind = message.metadata.message_type
+        if kind == MessageType.QUERY:
+            return RecordDict({QUERY_KEY: ConfigRecord({CLIENT_ID_KEY: client})})
+        data = payload_from_record(message.content["arrays"])
+        if kind == MessageType.EVALUATE:
+            metrics = {"num-examples": 10 * (node - 100), "loss": float(node - 100)}
+            metrics.update({"WER-errors": node - 100, "WER-words": 10})
+            return RecordDict({"metrics": MetricRecord(metrics)})
+        if client in bad:
+            return bad[client](data)
+        reply = honest_reply(data, shift=float(node - 100), num_examples=node - 100)
+        return RecordDict(
+            {
+                "arrays": payload_to_record(reply),
+                "metrics": MetricRecord({"num-examples": node - 100}),
+            }
+        )
+
+    return handler
+
+
+# ------------------------------------------------------------------ records
+def test_payload_round_trip_is_exact_and_uint8():
+    data = bytes(range(256)) * 3
+    record = payload_to_record(data)
+    assert record[PAYLOAD_KEY].dtype == "uint8"
+    assert record[PAYLOAD_KEY].shape == (len(data),)
+    assert payload_from_record(record) == data
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
+        ArrayRecord({PAYLOAD_KEY: Array(np.zeros(3, np.float32))}),
+        ArrayRecord({PAYLOAD_KEY: Array(np.zeros((2, 2), np.uint8))}),
+        ArrayRecord(
+            {
+                PAYLOAD_KEY: Array(np.zeros(2, np.uint8)),
+                "extra": Array(np.zeros(2, np.uint8)),
+            }
+        ),
+    ],
+)
+def test_payload_from_record_rejects_other_records(record):
+    with pytest.raises(ValueError):
+        payload_from_record(record)
+
+
+def test_model_record_is_float32():
+    record = model_to_record({"w": torch.ones(2, 2, dtype=torch.float64)})
+    assert record["w"].dtype == "float32"
+
+
+# ----------------------------------------------------------------- strategy
+def test_discover_clients_maps_nodes(task_identity):
+    grid = FakeGrid(NODES.values(), make_handler())
+    assert discover_clients(grid, min_nodes=3, timeout=5) == NODES
+    assert {m.metadata.message_type for m in grid.sent} == {MessageType.QUERY}
+
+
+def test_discover_clients_times_out_without_nodes(task_identity):
+    grid = FakeGrid([101], make_handler())
+    with pytest.raises(TimeoutError):
+        discover_clients(grid, min_nodes=2, timeout=0.1)
+
+
+def test_strategy_matches_the_embedded_server_exactly(task_identity):
+    """Flower carries the bytes: same sampling, bytes and model as FedAvgServer."""
+    rounds = 3
+    flower_server = _server()
+    grid = FakeGrid(NODES.values(), make_handler())
+    strategy = OMCFedAvg(flower_server, NODES, num_rounds=rounds, evaluate_every=2)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=model_to_record(flower_server.model),
+        num_rounds=rounds,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord({"split": "valid"}),
+    )
+
+    # The embedded loop over the same server code, clients answering alike.
+    embedded = _server()
+    reports = []
+    for _ in range(rounds):
+        messages = embedded.configure_round()
+        replies = {
+            c: honest_reply(m, float(NODES[c] - 100), NODES[c] - 100)
+            for c, m in messages.items()
+        }
+        reports.append(embedded.aggregate(replies))
+
+    for got, want in zip(strategy.reports, reports):
+        assert got.to_dict() == want.to_dict()
+    for name, value in embedded.model.items():
+        assert torch.equal(flower_server.model[name], value)
+        assert np.array_equal(result.arrays[name].numpy(), value.numpy())
+    # Train messages go to the sampled clients' nodes, as uint8 payloads.
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert len(train) == 2 * rounds
+    for message in train:
+        client = message.content["config"]["client-id"]
+        assert message.metadata.dst_node_id == NODES[client]
+        assert message.content["arrays"][PAYLOAD_KEY].dtype == "uint8"
+    # Evaluation after rounds 2 and 3 (the last) only, on one node.
+    assert sorted(strategy.evaluations) == [2, 3]
+    evaluation = strategy.evaluations[3]
+    assert evaluation["num-examples"] == 10 and evaluation["WER"] == 10.0
+    history = strategy.history()
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert all(h["flower_record_bytes_down"] > h["bytes_down"] for h in history)
+
+
+def test_bad_replies_are_left_out_and_the_run_goes_on(task_identity):
+    """An error reply, a non-OMC record and a NaN update: logged, not averaged."""
+
+    def nan_update(data):
+        # Formats kept, NaN in the float32 entries (the biases).
+        received = wire.decode(data)
+        entries = {
+            n: v if isinstance(v, CompressedTensor) else v * float("nan")
+            for n, v in received.entries.items()
+        }
+        meta = {
+            "type": "update",
+            "round": received.meta["round"],
+            "client": received.meta["client"],
+            "num_examples": 3,
+        }
+        return RecordDict(
+            {
+                "arrays": payload_to_record(wire.encode(entries, meta)),
+                "metrics": MetricRecord({"num-examples": 3}),
+            }
+        )
+
+    def float_arrays(data):
+        return RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
+                "metrics": MetricRecord({"num-examples": 3}),
+            }
+        )
+
+    server = _server(clients_per_round=3)
+    before = {n: v.clone() for n, v in server.model.items()}
+    handler = make_handler({"client_000": nan_update, "client_001": float_arrays})
+    grid = FakeGrid(NODES.values(), handler)
+    strategy = OMCFedAvg(server, NODES, num_rounds=1, evaluate_nodes=0)
+    strategy.start(grid, model_to_record(server.model), num_rounds=1)
+    report = strategy.reports[0]
+    assert report.accepted == ["client_002"]
+    assert "non-finite" in report.rejected["client_000"]
+    assert "not an OMC payload" in report.rejected["client_001"]
+    assert not torch.equal(server.model["lin1.bias"], before["lin1.bias"])
+    assert all(torch.isfinite(v).all() for v in server.model.values())
+
+
+def test_error_and_missing_nodes_are_left_out(task_identity):
+    """A node that raises (error reply) and a client without a node."""
+
+    server = _server(clients_per_round=3)
+    nodes = {"client_000": 101, "client_002": 103}  # client_001 has no node
+
+    class ErrorGrid(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for message in messages:
+                if message.metadata.dst_node_id == 101:
+                    replies.append(
+                        Message(Error(code=0, reason="boom"), reply_to=message)
+                    )
+                else:
+                    content = self.handler(message.metadata.dst_node_id, message)
+                    replies.append(Message(content=content, reply_to=message))
+            return replies
+
+    grid = ErrorGrid(nodes.values(), make_handler())
+    strategy = OMCFedAvg(server, nodes, num_rounds=1, evaluate_nodes=0)
+    strategy.start(grid, model_to_record(server.model), num_rounds=1)
+    report = strategy.reports[0]
+    assert report.accepted == ["client_002"]
+    assert "boom" in report.rejected["client_000"]
+    assert "no SuperNode" in report.rejected["client_001"]
+
+
+# ---------------------------------------------------------------- client app
+def test_query_handler_names_the_node_client(task_identity):
+    query = Message(
+        content=RecordDict({QUERY_KEY: ConfigRecord({"want": CLIENT_ID_KEY})}),
+        message_type=MessageType.QUERY,
+        dst_node_id=5,
+    )
+    context = Context(
+        run_id=7,
+        node_id=5,
+        node_config={"partition-id": 3, "num-partitions": 4},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = client_app.query(query, context)
+    assert reply.content[QUERY_KEY][CLIENT_ID_KEY] == "client_003"
