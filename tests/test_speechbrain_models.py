@@ -147,3 +147,20 @@ def test_every_weight_kind_is_compressed():
         ("Linear", "weight"),
     ]:
         assert expected in seen, expected
+
+
+def test_conformer_small_parameter_bytes_drop_by_55_percent():
+    """e3m7, WMOQ, 10 % float32: plan arithmetic equals measured storage."""
+    from speechbrain_omc import parameter_bytes
+    from speechbrain_omc.demo import conformer_small
+
+    model = conformer_small()
+    float32_bytes = parameter_bytes(model)
+    assert 8e6 < float32_bytes / 4 < 12e6  # about 10M parameters
+    handle = compress_module(model, OMCConfig(format="e3m7", fp32_fraction=0.1))
+    measured = parameter_bytes(model)
+    assert measured == handle.plan.nbytes == handle.parameter_bytes()
+    assert measured == sum(
+        len(s.tensor.packed) + s.tensor.transform.nbytes for s in handle.slots.values()
+    ) + sum(p.numel() * 4 for p in model.parameters())
+    assert measured <= 0.45 * float32_bytes
