@@ -48,7 +48,6 @@ class _Slot:
     """One compressed parameter: storage, owners and update state."""
 
     name: str
-    index: int
     tensor: CompressedTensor
     owners: list[tuple[torch.nn.Module, str]]
     aliases: tuple[str, ...] = ()
@@ -560,11 +559,8 @@ class OMCHandle:
             value = torch.nn.Parameter(slot.tensor.decompress())
             for owner, attr in slot.owners:
                 owner.__dict__.pop(attr, None)
-                if isinstance(owner, _WINDOW_TYPES):
-                    pass
-                elif "_omc_original_class" in type(owner).__dict__:
-                    owner.__class__ = type(owner)._omc_original_class
                 owner.__dict__.pop("_omc_slots", None)
+                owner.__class__ = getattr(owner, "_omc_original_class", type(owner))
                 owner.register_parameter(attr, value)
                 if isinstance(owner, _WINDOW_TYPES):
                     owner._init_flat_weights()
@@ -647,7 +643,7 @@ def compress_module(
         raise ValueError(f"the plan names parameters the module lacks: {unknown}")
 
     per_owner: dict[int, tuple[torch.nn.Module, dict[str, tuple]]] = {}
-    for index, entry in enumerate(plan.compressed):
+    for entry in plan.compressed:
         param = params[entry.name]
         if not param.is_floating_point():
             raise TypeError(f"{entry.name} is {param.dtype}; OMC compresses floats")
@@ -661,7 +657,6 @@ def compress_module(
         holders = owners[id(param)]
         slot = _Slot(
             entry.name,
-            index,
             tensor,
             owners=[(m, a) for _, m, a in holders],
             aliases=tuple(q for q, _, _ in holders),
