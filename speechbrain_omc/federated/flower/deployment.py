@@ -443,18 +443,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         Exit status.
     """
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m speechbrain_omc.federated.flower.deployment",
+        description=main.__doc__,
+    )
     parser.add_argument("app_dir", help="Flower app folder (with pyproject.toml)")
     parser.add_argument(
         "--node-config",
         action="append",
-        required=True,
+        default=[],
         help="one per SuperNode, e.g. 'partition-id=0 num-partitions=2'",
     )
-    parser.add_argument("--workdir", default="results/flower_deployment")
-    parser.add_argument("--run-config", action="append", default=[])
+    parser.add_argument(
+        "--simulation",
+        type=int,
+        metavar="N",
+        help="run in the Simulation Engine with N virtual SuperNodes instead",
+    )
+    parser.add_argument(
+        "--workdir",
+        default="results/flower_deployment",
+        help="logs and FLWR_HOME (must not be inside the app folder)",
+    )
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        help="TOML key=value overriding the app's run config (repeatable)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parser.parse_args(argv)
+    if not args.simulation and not args.node_config:
+        parser.error("give --node-config (one per SuperNode) or --simulation N")
     try:
         import tomllib
     except ImportError:  # Python < 3.11; tomli comes with flwr
@@ -463,8 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_config: dict[str, Any] = {}
     for item in args.run_config:
         run_config.update(tomllib.loads(item))
+    nodes = [{}] * args.simulation if args.simulation else args.node_config
     logging.basicConfig(level=logging.INFO)
-    with LocalDeployment(args.workdir, args.node_config) as deployment:
+    deployment = LocalDeployment(args.workdir, nodes, simulation=bool(args.simulation))
+    with deployment:
         try:
             print(deployment.run(args.app_dir, run_config, timeout=args.timeout))
         except Exception:

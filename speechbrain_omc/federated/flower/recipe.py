@@ -263,11 +263,16 @@ def build_node(
     eval_csvs: dict[str, Path] = {}
     if node_config.get("manifest"):
         manifest = resolve_path(str(node_config["manifest"]))
-        encoder_path = node_config.get("label-encoder")
-        if not encoder_path:
-            raise ValueError("a node config with manifest needs label-encoder too")
+        encoder_path = resolve_path(str(node_config.get("label-encoder") or ""))
+        if not node_config.get("label-encoder") or not encoder_path.is_file():
+            # Built from one client's transcripts the labels would differ
+            # between clients: every node must load the federation's encoder.
+            raise FileNotFoundError(
+                "a node config with manifest needs label-encoder: the recipe's "
+                f"saved label_encoder.txt (got {node_config.get('label-encoder')!r})"
+            )
         label_encoder = asr.build_label_encoder(
-            manifest, resolve_path(str(encoder_path)), hparams["blank_index"]
+            manifest, encoder_path, hparams["blank_index"]
         )
         for split in splits:
             if node_config.get(f"{split}-csv"):

@@ -136,7 +136,9 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         else Path(hparams["output_folder"]) / "flower"
     )
     result_dir.mkdir(parents=True, exist_ok=True)
-    node_of = discover_clients(grid, int(run_config.get("min-nodes", 2)), timeout)
+    # One SuperNode per client: wait for the recipe's number unless told.
+    min_nodes = int(run_config.get("min-nodes") or hparams.get("num_clients") or 1)
+    node_of = discover_clients(grid, min_nodes, timeout)
     clients = sorted(node_of, key=_natural)
     if len(clients) < int(hparams.get("num_clients") or 0):
         logger.warning(

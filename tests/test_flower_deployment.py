@@ -1,0 +1,235 @@
+"""Federated OMC over Flower's engines, checked against the embedded simulation.
+
+``test_deployment_engine`` starts a real ``flower-superlink`` and two
+``flower-supernode`` processes on 127.0.0.1 (insecure, free ports), gives
+each SuperNode its client's manifest through ``--node-config``, runs two
+rounds of the Flower app with ``flwr run`` and stops every process it started
+(also on failure). ``test_simulation_engine`` runs the same app in Flower's
+Simulation Engine (a ``--simulation`` SuperLink with Ray). Both compare with
+the embedded simulation (``recipes/SynthSpeech/federated/train.py``'s
+``run_federation``) for the same configuration:
+
+* bytes down and their float32 equivalents: equal, round by round;
+* bytes up: equal once the clients' self-reported metrics are set aside.
+  A reply's metadata carries the client's metrics as JSON, among them the
+  wall-clock ``seconds`` of its round, whose number of digits changes from
+  run to run; everything else (model payloads, framing, other metadata) is
+  counted identically.
+
+Tiny model, two clients, two rounds, two local steps: a few minutes on two
+cores, most of it Flower's process start-ups and 3-second polling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from speechbrain_omc.federated.client import OMCClient
+from speechbrain_omc.federated.flower.deployment import LocalDeployment
+from speechbrain_omc.federated.flower.recipe import (
+    initial_model,
+    load_hparams,
+    load_recipe,
+)
+from speechbrain_omc.federated.server import FedAvgServer
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "recipes" / "SynthSpeech" / "federated" / "flower"
+HPARAMS = REPO / "recipes" / "SynthSpeech" / "federated" / "hparams" / "fed_omc.yaml"
+TINY = {
+    "rounds": 2,
+    "num_clients": 2,
+    "clients_per_round": 2,
+    "max_local_steps": 2,
+    "batch_size": 4,
+    "d_model": 32,
+    "d_ffn": 64,
+    "num_encoder_layers": 1,
+    "cnn_channels": 8,
+    "cnn_out_channels": 8,
+    "eval_every": 2,
+}
+RUN_TIMEOUT = 900  # seconds for one Flower run; typically 1-4 minutes
+
+
+def _run_config(output_folder: Path, result_dir: Path) -> dict:
+    overrides = dict(TINY, output_folder=str(output_folder))
+    return {
+        "hparams": str(HPARAMS),
+        "overrides": yaml.safe_dump(overrides, default_flow_style=True).strip(),
+        "result-dir": str(result_dir),
+    }
+
+
+def _metrics_nbytes(report: dict) -> int:
+    """Bytes of the clients' metrics inside the replies' JSON metadata."""
+    return sum(
+        len(json.dumps(m, sort_keys=True, separators=(",", ":")))
+        for m in report["client_metrics"].values()
+    )
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The embedded simulation of the tiny configuration, with its reports."""
+    out = tmp_path_factory.mktemp("embedded")
+    hparams = load_hparams(_run_config(out, out))
+    hparams["noprogressbar"] = True
+    reports = []
+    original = FedAvgServer.aggregate
+
+    def recording_aggregate(self, replies, failures=None):
+        report = original(self, replies, failures)
+        reports.append(report.to_dict())
+        return report
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FedAvgServer, "aggregate", recording_aggregate)
+        summary = load_recipe().run_federation(hparams)
+    logging.getLogger().handlers.clear()  # run_federation's SpeechBrain logging
+    return {
+        "out": out,
+        "reports": reports,
+        "summary": summary,
+        "model": torch.load(out / "final_model.pt"),
+    }
+
+
+def _check_against_embedded(result_dir: Path, embedded: dict) -> None:
+    history = json.loads((result_dir / "flower_history.json").read_text())
+    summary = json.loads((result_dir / "summary.json").read_text())
+    rows = []
+    assert len(history) == len(embedded["reports"]) == TINY["rounds"]
+    for got, want in zip(history, embedded["reports"]):
+        assert got["round"] == want["round"]
+        assert got["sampled"] == want["sampled"]
+        assert got["accepted"] == want["accepted"] == sorted(want["sampled"])
+        assert got["rejected"] == {}
+        assert got["num_examples"] == want["num_examples"]
+        assert got["bytes_down"] == want["bytes_down"]
+        assert got["float32_bytes_down"] == want["float32_bytes_down"]
+        assert got["bytes_up"] - _metrics_nbytes(got) == want["bytes_up"] - (
+            _metrics_nbytes(want)
+        )
+        assert got["float32_bytes_up"] - _metrics_nbytes(got) == (
+            want["float32_bytes_up"] - _metrics_nbytes(want)
+        )
+        for client, metrics in got["client_metrics"].items():
+            other = want["client_metrics"][client]
+            assert set(metrics) == set(other)
+            assert metrics["steps"] == other["steps"] == TINY["max_local_steps"]
+        rows.append(
+            f"round {got['round']}: down {got['bytes_down']} / {want['bytes_down']}, "
+            f"up {got['bytes_up']} / {want['bytes_up']} (metrics JSON "
+            f"{_metrics_nbytes(got)} / {_metrics_nbytes(want)}), Flower records "
+            f"{got['flower_record_bytes_down']} down, "
+            f"{got['flower_record_bytes_up']} up"
+        )
+    # The last round was evaluated on the validation speakers, and the final
+    # model on the test speakers, by a SuperNode.
+    assert history[-1]["evaluation"]["num-examples"] > 0
+    assert summary["test_loss"] is not None
+    print("\n".join(["Flower / embedded bytes:", *rows]))
+
+    # The global model changed, and it is the embedded run's model up to the
+    # floating-point order of threads (bitwise equal when the thread counts
+    # match, as on one machine with the Deployment Engine).
+    model = torch.load(result_dir / "final_model.pt")
+    start, _, _ = initial_model(_run_config(embedded["out"], embedded["out"]))
+    reference = embedded["model"]
+    assert list(model) == list(reference) == list(start)
+    change = max((reference[n] - start[n]).abs().max().item() for n in start)
+    assert change > 0, "the federation did not move the model"
+    assert any(not torch.equal(model[n], start[n]) for n in start)
+    gap = max((model[n] - reference[n]).abs().max().item() for n in start)
+    bitwise = all(torch.equal(model[n], reference[n]) for n in start)
+    print(
+        f"largest change {change:.4g}, largest gap to embedded {gap:.3g}, "
+        f"bitwise equal: {bitwise}"
+    )
+    assert gap <= 0.05 * change
+
+
+def test_deployment_engine(tmp_path, embedded):
+    """SuperLink + two SuperNodes on loopback; two rounds; bytes as embedded."""
+    prepared = embedded["out"]
+    # Each SuperNode is told its partition: the client's manifest, the
+    # federation's label encoder and the validation/test speakers.
+    node_configs = [
+        {
+            "manifest": str(prepared / "partition" / f"client_{i:03d}.csv"),
+            "label-encoder": str(prepared / "save" / "label_encoder.txt"),
+            "valid-csv": str(prepared / "manifests" / "dev.csv"),
+            "test-csv": str(prepared / "manifests" / "test.csv"),
+        }
+        for i in range(2)
+    ]
+    result_dir = tmp_path / "result"
+    deployment = LocalDeployment(tmp_path / "deployment", node_configs)
+    try:
+        deployment.start()
+        deployment.run(
+            APP_DIR,
+            _run_config(tmp_path / "flower", result_dir),
+            timeout=RUN_TIMEOUT,
+        )
+    except BaseException:
+        print(deployment.logs())
+        raise
+    finally:
+        deployment.stop()
+    assert deployment.leftover_pids() == []
+    _check_against_embedded(result_dir, embedded)
+
+
+def test_simulation_engine(tmp_path, embedded):
+    """The same app in the Simulation Engine (Ray, virtual SuperNodes)."""
+    result_dir = tmp_path / "result"
+    # Virtual SuperNodes get partition-id / num-partitions; the ClientApp
+    # prepares the recipe's partition under the run's output folder.
+    simulation = LocalDeployment(tmp_path / "simulation", [{}, {}], simulation=True)
+    try:
+        simulation.start()
+        simulation.run(
+            APP_DIR,
+            _run_config(tmp_path / "flower", result_dir),
+            timeout=RUN_TIMEOUT,
+        )
+    except BaseException:
+        print(simulation.logs())
+        raise
+    finally:
+        simulation.stop()
+    assert simulation.leftover_pids() == []
+    _check_against_embedded(result_dir, embedded)
+
+
+def test_client_builds_from_a_manifest_node_config(embedded):
+    """The Deployment Engine's node config: manifest plus the shared encoder."""
+    from speechbrain_omc.federated.flower.recipe import build_node
+
+    prepared = embedded["out"]
+    node = build_node(
+        _run_config(prepared, prepared),
+        {
+            "manifest": str(prepared / "partition" / "client_001.csv"),
+            "label-encoder": str(prepared / "save" / "label_encoder.txt"),
+            "valid-csv": str(prepared / "manifests" / "dev.csv"),
+        },
+    )
+    assert node.client_id == "client_001"
+    assert isinstance(node.client, OMCClient)
+    assert node.num_examples > 0 and set(node.eval_data) == {"valid"}
+    with pytest.raises(FileNotFoundError, match="label-encoder"):
+        build_node(
+            _run_config(prepared, prepared),
+            {"manifest": str(prepared / "partition" / "client_001.csv")},
+        )
