@@ -32,7 +32,9 @@ What the client does with a received global model
   steps), with the Brain's optimizer, which for fused OMC is SGD.
 * **The reply** carries the trained model in the form it arrived
   (compressed entries as their payloads), with metadata
-  ``{"type": "update", "round", "client", "num_examples", "metrics"}``.
+  ``{"type": "update", "round", "client", "num_examples", "metrics"}``
+  (metrics: ``train_loss``, ``steps``, ``skipped_updates``; no timings, so
+  that a reply's bytes depend on the round only).
   ``num_examples`` (the FedAvg weight) is the size of the client's dataset.
 
 The Brain's metrics: if its ``on_stage_end`` sets ``self.stage_stats`` (a
@@ -74,7 +76,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -365,7 +366,6 @@ class OMCClient:
         bytes
             The reply (``type: "update"``).
         """
-        start = time.perf_counter()
         message = wire.decode(data)
         meta = message.meta
         if meta.get("type") != "global":
@@ -397,11 +397,11 @@ class OMCClient:
                 )
         finally:
             brain.optimizer_step_limit = limit
-        steps = brain.optimizer_step
+        # No timings in the reply: its bytes must depend on the round only,
+        # so that runs (and their byte counts) are reproducible.
         metrics = {
             "train_loss": _finite_or_none(stage_losses.get(sb.Stage.TRAIN)),
-            "steps": int(steps),
-            "seconds": round(time.perf_counter() - start, 3),
+            "steps": int(brain.optimizer_step),
         }
         if brain.omc is not None:
             metrics["skipped_updates"] = int(brain.omc.skipped_updates)
