@@ -225,6 +225,10 @@ class LocalDeployment:
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {**os.environ, **FLOWER_ENV, **(env or {})}
         self.env.update({TAG_VARIABLE: self.tag, "FLWR_HOME": str(self.flwr_home)})
+        if simulation:
+            # Ray would address its processes by the host's network IP; off
+            # its "cluster" mode it uses the loopback address instead.
+            self.env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         self.procs: list[subprocess.Popen] = []
         self._logs: list[Any] = []
         self.superlink_port: int | None = None

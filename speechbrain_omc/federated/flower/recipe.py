@@ -66,8 +66,10 @@ def resolve_path(path: str | Path) -> Path:
 
     Example
     -------
-    >>> resolve_path("recipes/SynthSpeech/federated/train.py").is_file()
+    >>> resolve_path("speechbrain_omc/federated").is_dir()
     True
+    >>> resolve_path("/data/client_000.csv")
+    PosixPath('/data/client_000.csv')
     """
     path = Path(path).expanduser()
     if path.is_absolute():

@@ -152,8 +152,6 @@ class OMCFedAvg(FedAvg):
     evaluate_client : str
         Client id under whose plan the evaluation model is encoded (all
         evaluating nodes receive the same bytes), as in the embedded recipe.
-    reply_timeout : float, optional
-        Seconds to wait for the replies of a round (``None``: no limit).
     on_round : callable, optional
         Called with each :class:`RoundReport` after aggregation (e.g. to
         checkpoint or log).
