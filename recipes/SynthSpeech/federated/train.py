@@ -1,0 +1,511 @@
+#!/usr/bin/env python3
+"""Federated Conformer-CTC with Online Model Compression, simulated in one process.
+
+The whole federation runs here, on the bundled SynthSpeech corpus by default
+(or LibriSpeech, partitioned by speaker): the training speakers are grouped
+into clients, and every round the server
+(:class:`speechbrain_omc.federated.server.FedAvgServer`) samples clients,
+sends each the compressed global model as bytes, lets one reused
+SpeechBrain Brain (:class:`speechbrain_omc.federated.client.OMCClient`) train
+it on that client's speakers, validates and averages the compressed replies in
+float32, and checkpoints. No server process, no network: the messages are the
+same bytes a deployment would send (the Flower app under
+``speechbrain_omc/federated/flower`` sends them over the network).
+
+To run (from the repository root)::
+
+    python recipes/SynthSpeech/federated/train.py \
+        recipes/SynthSpeech/federated/hparams/fed_omc.yaml
+    python recipes/SynthSpeech/federated/train.py \
+        recipes/SynthSpeech/federated/hparams/fed_fp32.yaml
+    python recipes/SynthSpeech/federated/train.py \
+        recipes/SynthSpeech/federated/hparams/fed_librispeech_omc.yaml \
+        --data_folder /path/to/LibriSpeech
+
+Any hyperparameter can be overridden (``--rounds 4 --clients_per_round 2``).
+
+Outputs in ``<output_folder>``:
+
+* ``rounds.csv``: per round the clients sampled and averaged, bytes down and
+  up (``len()`` of the messages) and their float32 equivalents, the mean
+  client training loss, validation loss/WER/CER, seconds and the 1-minute
+  load average of the machine;
+* ``rounds.png``: validation WER and cumulative bytes against rounds;
+* ``summary.json``: test WER/CER of the final global model on the held-out
+  speakers, total bytes, parameter memory of the client model;
+* ``save/server.ckpt``: the server state after the last completed round,
+  written atomically. Started again after a crash (even SIGKILL), the run
+  resumes from it and ends with the same final model as an uninterrupted run:
+  every random draw is a function of ``(seed, round, client)``;
+* ``final_model.pt``: the final global model (float32 state dict).
+
+A client that raises is logged and left out of its round
+(``fail_clients`` makes chosen clients raise, for testing).
+
+Authors
+-------
+* speechbrain-omc contributors
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from tqdm import tqdm
+
+from speechbrain_omc.accounting import float32_parameter_bytes, parameter_bytes
+from speechbrain_omc.data.librispeech import prepare_librispeech
+from speechbrain_omc.federated.client import OMCClient
+from speechbrain_omc.federated.partition import client_manifests, partition_manifest
+from speechbrain_omc.federated.server import FedAvgServer, atomic_save
+
+logger = logging.getLogger(__name__)
+
+_ASR_RECIPE = Path(__file__).resolve().parents[1] / "ASR" / "train.py"
+
+
+def _load_asr_recipe():
+    """The centralized ASR recipe module (``ASR``, ``dataset_from_csv``...)."""
+    name = "synthspeech_asr_recipe"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _ASR_RECIPE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+asr_recipe = _load_asr_recipe()
+
+
+class FedASR(asr_recipe.ASR):
+    """The centralized recipe's Conformer-CTC Brain, as a federated client.
+
+    Same forward, loss and decoding; the stage end only records statistics
+    in ``stage_stats`` (which :class:`OMCClient` reports): learning-rate
+    annealing and checkpoints belong to the server's rounds, not to a
+    client's local epochs.
+    """
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Record the stage's loss, and WER/CER outside training.
+
+        Arguments
+        ---------
+        stage : sb.Stage
+            The stage that ended.
+        stage_loss : float
+            Average loss over the stage.
+        epoch : int, optional
+            The epoch number.
+        """
+        stats = {"loss": float(stage_loss)}
+        if stage != sb.Stage.TRAIN:
+            stats["WER"] = float(self.wer_metric.summarize("error_rate"))
+            stats["CER"] = float(self.cer_metric.summarize("error_rate"))
+        self.stage_stats = stats
+
+
+CSV_FIELDS = [
+    "round",
+    "sampled",
+    "clients",
+    "rejected",
+    "bytes_down",
+    "bytes_up",
+    "float32_bytes_down",
+    "float32_bytes_up",
+    "train_loss",
+    "valid_loss",
+    "valid_WER",
+    "valid_CER",
+    "seconds",
+    "load1",
+]
+
+
+def prepare_federation(hparams: dict) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Write the manifests and the client partition of the training split.
+
+    Arguments
+    ---------
+    hparams : dict
+        Needs ``data_folder``, ``output_folder``, ``train_split``,
+        ``valid_split``, ``test_split``, ``skip_prep``, ``partition_mode``,
+        ``num_clients`` and ``partition_seed``.
+
+    Returns
+    -------
+    clients : dict
+        Client id (``client_000``...) to its manifest.
+    manifests : dict
+        Split name to its manifest.
+    """
+    out = Path(hparams["output_folder"])
+    splits = [hparams["train_split"], hparams["valid_split"], hparams["test_split"]]
+    csvs = prepare_librispeech(
+        hparams["data_folder"],
+        out / "manifests",
+        splits=splits,
+        skip_prep=hparams.get("skip_prep", False),
+        progress=False,
+    )
+    partition_dir = out / "partition"
+    # Deterministic for its seed: rewriting it on a resumed run changes nothing.
+    partition_manifest(
+        csvs[hparams["train_split"]],
+        partition_dir,
+        mode=hparams["partition_mode"],
+        num_clients=hparams["num_clients"],
+        min_utterances=hparams.get("min_utterances", 1),
+        seed=hparams["partition_seed"],
+    )
+    clients = {path.stem: path for path in client_manifests(partition_dir)}
+    return clients, csvs
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Write the per-round log atomically.
+
+    Arguments
+    ---------
+    rows : list of dict
+        One row per round, keys :data:`CSV_FIELDS`.
+    path : Path
+        Destination.
+    """
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS}
+            )
+    os.replace(tmp, path)
+
+
+def plot_rounds(rows: list[dict], path: Path, title: str = "") -> None:
+    """Validation WER and cumulative bytes against rounds, as a PNG.
+
+    Arguments
+    ---------
+    rows : list of dict
+        The per-round log.
+    path : Path
+        Destination PNG.
+    title : str
+        Figure title.
+    """
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # no font debug lines
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, (ax_wer, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
+    points = [
+        (r["round"], r["valid_WER"]) for r in rows if r.get("valid_WER") is not None
+    ]
+    if points:
+        ax_wer.plot(*zip(*points), marker="o")
+    ax_wer.set_xlabel("round")
+    ax_wer.set_ylabel("validation WER (%)")
+    ax_wer.grid(alpha=0.3)
+    total, total32 = [], []
+    for r in rows:
+        previous = total[-1] if total else 0
+        previous32 = total32[-1] if total32 else 0
+        total.append(previous + (r["bytes_down"] + r["bytes_up"]) / 2**20)
+        total32.append(
+            previous32 + (r["float32_bytes_down"] + r["float32_bytes_up"]) / 2**20
+        )
+    ax_bytes.plot(rounds, total, marker="o", label="sent (measured)")
+    ax_bytes.plot(rounds, total32, linestyle="--", label="float32 equivalent")
+    ax_bytes.set_xlabel("round")
+    ax_bytes.set_ylabel("cumulative MiB communicated")
+    ax_bytes.legend()
+    ax_bytes.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def build_brain(hparams: dict, run_opts: dict | None = None) -> FedASR:
+    """The one Brain of this process, without a checkpointer.
+
+    Arguments
+    ---------
+    hparams : dict
+        Loaded hyperparameters.
+    run_opts : dict, optional
+        SpeechBrain run options (device...).
+
+    Returns
+    -------
+    FedASR
+    """
+    run_opts = dict(run_opts or {})
+    run_opts.setdefault("max_grad_norm", hparams.get("max_grad_norm", 5.0))
+    return FedASR(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=None,
+    )
+
+
+def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
+    """Run (or resume) the federation described by ``hparams``.
+
+    Arguments
+    ---------
+    hparams : dict
+        Loaded hyperparameters (see ``hparams/fed_omc.yaml``).
+    run_opts : dict, optional
+        SpeechBrain run options.
+
+    Returns
+    -------
+    dict
+        The summary also written to ``summary.json``.
+    """
+    start = time.perf_counter()
+    out = Path(hparams["output_folder"])
+    save = Path(hparams["save_folder"])
+    save.mkdir(parents=True, exist_ok=True)
+    client_csvs, csvs = prepare_federation(hparams)
+    valid_csv, test_csv = csvs[hparams["valid_split"]], csvs[hparams["test_split"]]
+    label_encoder = asr_recipe.build_label_encoder(
+        csvs[hparams["train_split"]],
+        save / "label_encoder.txt",
+        blank_index=hparams["blank_index"],
+    )
+    client_data = {
+        cid: asr_recipe.dataset_from_csv(path, hparams, label_encoder)
+        for cid, path in client_csvs.items()
+    }
+    valid_data = asr_recipe.dataset_from_csv(
+        valid_csv, hparams, label_encoder, "ascending"
+    )
+    test_data = asr_recipe.dataset_from_csv(
+        test_csv, hparams, label_encoder, "ascending"
+    )
+
+    brain = build_brain(hparams, run_opts)
+    brain.tokenizer = label_encoder
+    client = OMCClient(
+        brain,
+        client_data,
+        local_epochs=hparams["local_epochs"],
+        max_steps=hparams.get("max_local_steps"),
+        train_loader_kwargs=hparams["train_dataloader_opts"],
+        progressbar=hparams.get("client_progressbar", False),
+    )
+    omc = hparams.get("omc")
+    server = FedAvgServer(
+        client.get_model(),
+        list(client_data),
+        hparams["clients_per_round"],
+        omc=omc,
+        seed=hparams["seed"],
+        server_lr=hparams.get("server_lr", 1.0),
+        server_momentum=hparams.get("server_momentum", 0.0),
+        buffers=client.buffer_names(),
+        client_config={"local_epochs": hparams["local_epochs"]},
+    )
+    ckpt = save / "server.ckpt"
+    rows: list[dict] = []
+    if ckpt.is_file():
+        rows = list(server.load(ckpt).get("log", []))
+        logger.info("resumed from %s after round %d", ckpt, server.round)
+    rounds = int(hparams["rounds"])
+    eval_every = max(1, int(hparams.get("eval_every", 1)))
+    fail = set(hparams.get("fail_clients") or [])
+    valid_opts = hparams["valid_dataloader_opts"]
+    title = (
+        f"{hparams['experiment_name']}: {len(client_data)} clients, "
+        f"{hparams['clients_per_round']} per round"
+    )
+
+    bar = tqdm(
+        total=rounds,
+        initial=server.round,
+        desc="rounds",
+        dynamic_ncols=True,
+        disable=hparams.get("noprogressbar", False),
+    )
+    while server.round < rounds:
+        round_start = time.perf_counter()
+        messages = server.configure_round()
+        replies, failures = {}, {}
+        for cid, message in tqdm(
+            messages.items(),
+            desc=f"round {server.round + 1} clients",
+            leave=False,
+            dynamic_ncols=True,
+            disable=hparams.get("noprogressbar", False),
+        ):
+            try:
+                if cid in fail:
+                    raise RuntimeError(f"injected failure of {cid} (fail_clients)")
+                replies[cid] = client.train(message)
+            except Exception as error:  # a client's failure must not end the run
+                logger.error(
+                    "client %s raised; left out of this round", cid, exc_info=True
+                )
+                failures[cid] = f"{type(error).__name__}: {error}"
+        report = server.aggregate(replies, failures)
+        row = {
+            "round": report.round,
+            "sampled": len(report.sampled),
+            "clients": len(report.accepted),
+            "rejected": "; ".join(f"{c}: {r}" for c, r in report.rejected.items()),
+            "bytes_down": report.bytes_down,
+            "bytes_up": report.bytes_up,
+            "float32_bytes_down": report.float32_bytes_down,
+            "float32_bytes_up": report.float32_bytes_up,
+            "train_loss": _mean(
+                m.get("train_loss") for m in report.client_metrics.values()
+            ),
+        }
+        if report.round % eval_every == 0 or report.round == rounds:
+            stats = client.evaluate(server.message_for("eval"), valid_data, valid_opts)
+            row.update(
+                valid_loss=stats.get("loss"),
+                valid_WER=stats.get("WER"),
+                valid_CER=stats.get("CER"),
+            )
+        row["seconds"] = round(time.perf_counter() - round_start, 2)
+        row["load1"] = round(os.getloadavg()[0], 2)
+        rows.append(row)
+        server.save(ckpt, extra={"log": rows})
+        write_csv(rows, out / "rounds.csv")
+        plot_rounds(rows, out / "rounds.png", title)
+        bar.update(1)
+        bar.set_postfix(
+            WER=row.get("valid_WER"),
+            MiB=round((row["bytes_down"] + row["bytes_up"]) / 2**20, 2),
+        )
+        logger.info(
+            "round %d: %d/%d clients averaged, %d bytes down, %d up (float32: %d, %d), "
+            "valid WER %s, %.1f s",
+            report.round,
+            len(report.accepted),
+            len(report.sampled),
+            report.bytes_down,
+            report.bytes_up,
+            report.float32_bytes_down,
+            report.float32_bytes_up,
+            row.get("valid_WER"),
+            row["seconds"],
+        )
+    bar.close()
+    write_csv(rows, out / "rounds.csv")
+    if rows:
+        plot_rounds(rows, out / "rounds.png", title)
+
+    # The final global model, as clients receive it, on the held-out speakers.
+    test = client.evaluate(server.message_for("eval"), test_data, valid_opts)
+    atomic_save(server.state_dict()["model"], out / "final_model.pt")
+    summary = {
+        "experiment": hparams["experiment_name"],
+        "omc": None
+        if omc is None
+        else {
+            "format": omc.format,
+            "transform": omc.transform,
+            "weights_only": omc.weights_only,
+            "fp32_fraction": omc.fp32_fraction,
+            "fp32_policy": omc.fp32_policy,
+        },
+        "seed": hparams["seed"],
+        "rounds": rounds,
+        "num_clients": len(client_data),
+        "clients_per_round": hparams["clients_per_round"],
+        "local_epochs": hparams["local_epochs"],
+        "test_WER": test.get("WER"),
+        "test_CER": test.get("CER"),
+        "test_loss": test.get("loss"),
+        "valid_WER": next(
+            (r["valid_WER"] for r in reversed(rows) if r.get("valid_WER") is not None),
+            None,
+        ),
+        "bytes_down": sum(r["bytes_down"] for r in rows),
+        "bytes_up": sum(r["bytes_up"] for r in rows),
+        "float32_bytes_down": sum(r["float32_bytes_down"] for r in rows),
+        "float32_bytes_up": sum(r["float32_bytes_up"] for r in rows),
+        "parameter_bytes": parameter_bytes(brain.modules),
+        "float32_parameter_bytes": float32_parameter_bytes(brain.modules),
+        "parameters": sum(
+            v.numel() for n, v in server.model.items() if n not in server.buffers
+        ),
+        "left_out": sum(r["sampled"] - r["clients"] for r in rows),
+        "train_minutes": round(sum(float(r["seconds"]) for r in rows) / 60, 2),
+        "minutes_this_process": round((time.perf_counter() - start) / 60, 2),
+    }
+    summary["bytes_total"] = summary["bytes_down"] + summary["bytes_up"]
+    summary["float32_bytes_total"] = (
+        summary["float32_bytes_down"] + summary["float32_bytes_up"]
+    )
+    (out / "summary.json").write_text(
+        json.dumps(summary, indent=2) + "\n", encoding="utf-8"
+    )
+    logger.info("summary: %s", json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the command line, set up the experiment folder, run.
+
+    Arguments
+    ---------
+    argv : list of str, optional
+        Command line without the program; ``sys.argv[1:]`` by default.
+
+    Returns
+    -------
+    dict
+        The run's summary.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+    hparams["noprogressbar"] = bool(run_opts.get("noprogressbar", False))
+    if hparams.get("num_threads"):
+        # One intra-op thread by default: on a small shared CPU, more threads
+        # than free cores slow every step down several times.
+        torch.set_num_threads(int(hparams["num_threads"]))
+    summary = run_federation(hparams, run_opts)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The embedded federated recipe: hparams, a failing client, logs, kill-and-resume."""
+
+import csv
+import difflib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hyperpyyaml import load_hyperpyyaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "SynthSpeech" / "federated"
+TRAIN = RECIPE / "train.py"
+
+# A tiny model and federation: the recipe's machinery at test speed.
+TINY = {
+    "rounds": 3,
+    "num_clients": 4,
+    "clients_per_round": 2,
+    "max_local_steps": 2,
+    "batch_size": 4,
+    "d_model": 16,
+    "nhead": 2,
+    "num_encoder_layers": 1,
+    "d_ffn": 32,
+    "cnn_channels": 4,
+    "cnn_out_channels": 4,
+    "n_mels": 20,
+    "eval_every": 2,
+}
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("federated_recipe", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cli(overrides: dict) -> list[str]:
+    out = []
+    for key, value in overrides.items():
+        out += [
+            f"--{key}",
+            json.dumps(value) if isinstance(value, list) else str(value),
+        ]
+    return out
+
+
+def test_fp32_twin_differs_only_by_omc():
+    omc = (RECIPE / "hparams" / "fed_omc.yaml").read_text().splitlines()
+    fp32 = (RECIPE / "hparams" / "fed_fp32.yaml").read_text().splitlines()
+
+    def code(lines):
+        return [line for line in lines if line.strip() and not line.startswith("#")]
+
+    changed = [
+        line
+        for line in difflib.unified_diff(code(omc), code(fp32), lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    assert "-experiment_name: fed_omc" in changed
+    assert "+experiment_name: fed_fp32" in changed
+    rest = [line for line in changed if "experiment_name" not in line]
+    assert rest and all(line.startswith("-") for line in rest)
+    assert rest[0] == "-omc: !new:speechbrain_omc.OMCConfig"
+    assert all(line.startswith("-    ") for line in rest[1:])  # the omc block only
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("fed_omc.yaml", {}),
+        ("fed_fp32.yaml", {}),
+        ("fed_librispeech_omc.yaml", {"data_folder": "/data/LibriSpeech"}),
+    ],
+)
+def test_hparams_load(name, overrides, tmp_path):
+    overrides = {"output_folder": str(tmp_path), **overrides}
+    with open(RECIPE / "hparams" / name, encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    assert hparams["clients_per_round"] <= (hparams["num_clients"] or 10**9)
+    omc = hparams.get("omc")
+    if name == "fed_fp32.yaml":
+        assert omc is None
+    else:
+        assert (omc.format, omc.transform, omc.weights_only) == ("e3m7", "scale", True)
+        assert omc.fp32_fraction == 0.1 and omc.fp32_policy == "random"
+    if "librispeech" in name:
+        assert hparams["partition_mode"] == "speaker"
+        assert hparams["train_split"] == "train-clean-100"
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_failing_client_is_left_out_and_the_run_goes_on(tmp_path, caplog):
+    recipe = _recipe()
+    overrides = {**TINY, "output_folder": str(tmp_path), "fail_clients": ["client_001"]}
+    with open(RECIPE / "hparams" / "fed_omc.yaml", encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    hparams["noprogressbar"] = True
+    summary = recipe.run_federation(hparams)
+
+    rows = _rows(tmp_path / "rounds.csv")
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    failed = [r for r in rows if "client_001" in r["rejected"]]
+    assert failed, "client_001 was never sampled; pick another seed"
+    for row in failed:
+        assert "injected failure" in row["rejected"]
+        assert int(row["clients"]) == int(row["sampled"]) - 1
+    assert any("client_001 raised" in r.getMessage() for r in caplog.records)
+    assert summary["left_out"] == len(failed)
+    # Bytes in the log are the messages' lengths; OMC sends less than float32.
+    for row in rows:
+        assert 0 < int(row["bytes_down"]) < int(row["float32_bytes_down"])
+        assert 0 < int(row["bytes_up"]) < int(row["float32_bytes_up"])
+    assert rows[1]["valid_WER"] != "" and rows[0]["valid_WER"] == ""  # eval_every 2
+    assert (tmp_path / "rounds.png").stat().st_size > 1000
+    assert summary["bytes_total"] == sum(
+        int(r["bytes_down"]) + int(r["bytes_up"]) for r in rows
+    )
+    assert summary["parameter_bytes"] < summary["float32_parameter_bytes"]
+    assert 0 <= summary["test_WER"] and summary["test_CER"] is not None
+    final = torch.load(tmp_path / "final_model.pt", weights_only=True)
+    assert all(bool(torch.isfinite(v).all()) for v in final.values())
+
+
+def _start(folder: Path, rounds: int) -> subprocess.Popen:
+    overrides = {**TINY, "rounds": rounds, "output_folder": str(folder)}
+    command = [sys.executable, str(TRAIN), str(RECIPE / "hparams" / "fed_omc.yaml")]
+    return subprocess.Popen(
+        command + _cli(overrides) + ["--noprogressbar"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _finish(process: subprocess.Popen, timeout: float = 300) -> None:
+    _, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err.decode()[-3000:]
+
+
+def _completed_rounds(folder: Path) -> int:
+    path = folder / "save" / "server.ckpt"
+    if not path.is_file():
+        return 0
+    try:
+        return int(torch.load(path, weights_only=True)["server"]["round"])
+    except Exception:  # being replaced right now
+        return 0
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_same_final_model(tmp_path):
+    rounds = 6
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    reference = _start(straight, rounds)  # both run at once: two cores
+    victim = _start(killed, rounds)
+    deadline = time.monotonic() + 240
+    while _completed_rounds(killed) < 2:
+        assert victim.poll() is None, victim.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no round completed in time"
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    done = _completed_rounds(killed)
+    assert victim.returncode == -signal.SIGKILL and 2 <= done < rounds
+    assert not (killed / "final_model.pt").exists()
+
+    resumed = _start(killed, rounds)
+    _finish(resumed)
+    _finish(reference)
+    # The restarted run resumed from the checkpoint, it did not start over.
+    assert f"after round {done}" in (killed / "log.txt").read_text()
+
+    a = torch.load(straight / "final_model.pt", weights_only=True)
+    b = torch.load(killed / "final_model.pt", weights_only=True)
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The logs agree too, timings aside; no round was logged twice.
+    keep = ["round", "clients", "bytes_down", "bytes_up", "valid_WER", "train_loss"]
+    rows_a, rows_b = _rows(straight / "rounds.csv"), _rows(killed / "rounds.csv")
+    assert [int(r["round"]) for r in rows_b] == list(range(1, rounds + 1))
+    assert [{k: r[k] for k in keep} for r in rows_a] == [
+        {k: r[k] for k in keep} for r in rows_b
+    ]
+    summary_a = json.loads((straight / "summary.json").read_text())
+    summary_b = json.loads((killed / "summary.json").read_text())
+    assert summary_a["test_WER"] == summary_b["test_WER"]
+    assert summary_a["bytes_total"] == summary_b["bytes_total"]
