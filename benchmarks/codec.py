@@ -14,13 +14,14 @@ run. Results go to ``benchmarks/results/codec.md``.
 
 Usage::
 
-    python benchmarks/codec.py [--numel 16777216] [--repeats 9] [--threads 2]
+    python benchmarks/codec.py [--numel 16777216] [--repeats 9] [--threads 2 [1]]
                                [--device cpu|cuda] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -67,22 +68,10 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--numel", type=int, default=1 << 24)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "codec.md"
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(args.numel, generator=gen) * 0.05).to(device)  # weight-like
-
+def measure(x, threads, repeats, sync):
+    """Median seconds of every case, cases interleaved within each repeat."""
+    torch.set_num_threads(threads)
+    device = x.device
     cases = {}
     for name, dtype in NATIVE.items():
         low = x.to(dtype)
@@ -102,35 +91,22 @@ def main() -> None:
         cases[("ours", name, "assign_sr")] = lambda c=ct, g=g: c.assign_(
             x, "stochastic", g
         )
-
     times = {key: [] for key in cases}
     for fn in cases.values():  # warm-up
         fn()
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for key, fn in cases.items():
             times[key].append(timed(fn, sync))
-    med = {key: statistics.median(v) for key, v in times.items()}
+    return {key: statistics.median(v) for key, v in times.items()}
 
-    n = args.numel
+
+def report(med, n, threads):
+    """Markdown tables for one thread setting."""
     rate = lambda s: n / s / 1e6  # noqa: E731  (million values per second)
     lines = [
-        "# Codec benchmark",
+        f"## CPU threads: {threads}",
         "",
-        "Command:",
-        "",
-        "```",
-        "python " + " ".join(sys.argv),
-        "```",
-        "",
-        f"- values: {n} float32 (randn * 0.05), transform `scale` (default)",
-        f"- device: {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-        + f", CPU threads: {args.threads}, repeats: {args.repeats} "
-        "(median, cases interleaved)",
-        f"- torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{platform.machine()}, {cpu_name()}",
-        "",
-        "## Native casts (same run)",
+        "Native casts (same run):",
         "",
         "| dtype | f32 -> dtype ms | dtype -> f32 ms | Mvalues/s (up) |",
         "|---|---:|---:|---:|",
@@ -140,10 +116,10 @@ def main() -> None:
         lines.append(f"| {name} | {down * 1e3:.1f} | {up * 1e3:.1f} | {rate(up):.0f} |")
     lines += [
         "",
-        "## Ours",
-        "",
-        "Ratios are our decompression time over the native widening cast "
-        "(`dtype -> float32`) named in the row, and over bfloat16's.",
+        "Ours (transform `scale`; SR = stochastic rounding; `assign_` = in-place "
+        "re-compression, the per-step path). The ratio is our decompression "
+        "time over the native widening cast (`dtype -> float32`) of the row; the "
+        "last column compares with bfloat16's.",
         "",
         "| format | bits | compress ms | compress SR ms | assign_ SR ms | "
         "decompress ms | Mvalues/s | vs native | ratio | target | ratio vs bf16 |",
@@ -163,7 +139,51 @@ def main() -> None:
             f"| {dec * 1e3:.1f} | {rate(dec):.0f} | {ref} | {ratio:.2f} "
             f"| {target:.0f}x {ok} | {dec / bf16_up:.2f} |"
         )
-    text = "\n".join(lines) + "\n"
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--numel", type=int, default=1 << 24)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[2], help="one run per value"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "codec.md"
+    )
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(args.numel, generator=gen) * 0.05).to(device)  # weight-like
+
+    load_before = os.getloadavg()
+    results = [(t, measure(x, t, args.repeats, sync)) for t in args.threads]
+    load_after = os.getloadavg()
+    lines = [
+        "# Codec benchmark",
+        "",
+        "Command:",
+        "",
+        "```",
+        "python " + " ".join(sys.argv),
+        "```",
+        "",
+        f"- values: {args.numel} float32 (randn * 0.05)",
+        f"- device: {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f"; repeats: {args.repeats} (median; cases interleaved in every repeat)",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} logical CPUs",
+        f"- load average (1 min) before / after: {load_before[0]:.1f} / "
+        f"{load_after[0]:.1f}",
+        "",
+    ]
+    for threads, med in results:
+        lines += report(med, args.numel, threads)
+    text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

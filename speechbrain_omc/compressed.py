@@ -304,31 +304,38 @@ class CompressedTensor:
         fmt, n, bits = self._format, self.numel(), self._format.bits
         scale, shift = self._transform.decode_args
         out = torch.empty(n, dtype=torch.float32, device=self._packed.device)
-        # Chunks keep the in-place decoding passes in cache.
-        step = _chunk(out.device, n)
-        for start in range(0, n, step):
-            end = min(n, start + step)
-            seg = out[start:end]
-            src = self._packed[start * bits // 8 : (end * bits + 7) // 8]
-            if fmt == _BF16:
-                # The code space is bfloat16's: one native widening cast.
-                seg.copy_(src.view(torch.bfloat16))
-                _affine_(seg, 1.0, scale, shift)
-            elif isinstance(fmt, IntFormat) and bits == 8:
-                seg.copy_(src)  # uint8 -> float32 directly
-                seg -= 128.0
-                _affine_(seg, 1.0, scale, shift)
-            elif isinstance(fmt, IntFormat):
-                buf = seg.view(torch.int32)
-                _unpack(src, bits, end - start, buf, mask=True)
-                fmt._decode_(buf, scale, shift)
-            else:
-                buf = seg.view(torch.int32)
-                # Float decoding discards the bits around the code: no masks,
-                # and general widths arrive already shifted to the top.
-                aligned = bits not in (8, 16)
-                _unpack(src, bits, end - start, buf, mask=False, high=aligned)
-                fmt._decode_(buf, scale, shift, aligned=aligned)
+        packed = self._packed
+        if fmt == _BF16:
+            # The code space is bfloat16's: one native widening cast.
+            try:
+                native = packed.view(torch.bfloat16)
+            except RuntimeError:  # a buffer at an odd offset: copy it once
+                native = packed.clone().view(torch.bfloat16)
+            out.copy_(native)
+            _affine_(out, 1.0, scale, shift)
+        elif isinstance(fmt, IntFormat) and bits == 8:
+            out.copy_(packed)  # uint8 -> float32 directly
+            out -= 128.0
+            _affine_(out, 1.0, scale, shift)
+        elif isinstance(fmt, IntFormat):
+            buf = out.view(torch.int32)
+            _unpack(packed, bits, n, buf, mask=True)
+            fmt._decode_(buf, scale, shift)
+        elif bits in (8, 16):
+            # A widening copy, then a few in-place passes over the output.
+            buf = out.view(torch.int32)
+            _unpack(packed, bits, n, buf, mask=False)  # decoding drops the rest
+            fmt._decode_(buf, scale, shift)
+        else:
+            # General widths: chunks keep the temporaries in cache; codes come
+            # out of the unpacker already at the top of each word.
+            step = _chunk(out.device, n)
+            for start in range(0, n, step):
+                end = min(n, start + step)
+                buf = out[start:end].view(torch.int32)
+                src = packed[start * bits // 8 : (end * bits + 7) // 8]
+                _unpack(src, bits, end - start, buf, mask=False, high=True)
+                fmt._decode_(buf, scale, shift, aligned=True)
         out = out.view(self._shape)
         return out if dtype == torch.float32 else out.to(dtype)
 

@@ -39,8 +39,8 @@ __all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]
 # Work sizes of the general paths on CPU, so temporaries stay in cache: octets
 # per packing step (two int64 words each) and values per unpacking step.
 # Accelerators take each call in one step.
-_PACK_ROWS = 1 << 13
-_UNPACK_VALUES = 1 << 18
+_PACK_ROWS = 1 << 17
+_UNPACK_VALUES = 1 << 20
 
 
 def _check_bits(bits: int) -> None:
@@ -126,12 +126,10 @@ def _windows(src: torch.Tensor, width: int) -> torch.Tensor:
     n = src.numel()
     win = torch.empty(n, dtype=torch.int32, device=src.device)
     win.copy_(src)
-    tmp = torch.empty(n, dtype=torch.int32, device=src.device)
-    for k in range(1, width):
-        tmp[n - k :] = 0  # past the end: zeros
-        tmp[: n - k].copy_(src[k:])
-        tmp <<= 8 * k
-        win |= tmp
+    for k in range(1, min(width, n)):
+        # Bytes occupy disjoint bits, so a scaled add is a shift-and-OR; past
+        # the end the window holds zeros.
+        win[: n - k].add_(src[k:], alpha=1 << (8 * k))
     return win
 
 
