@@ -329,7 +329,7 @@ class CompressedTensor:
         else:
             # General widths: chunks keep the temporaries in cache; codes come
             # out of the unpacker already at the top of each word.
-            step = _chunk(out.device, n)
+            step = _chunk(out.device, n, decode=True)
             for start in range(0, n, step):
                 end = min(n, start + step)
                 buf = out[start:end].view(torch.int32)

@@ -55,11 +55,17 @@ ROUNDINGS = ("nearest", "stochastic")
 #: fresh buffers, while chunks stay few (every operation is a parallel region,
 #: whose start costs the most on a busy machine).
 CHUNK = 1 << 20
+#: Values per chunk of general-width decoding on CPU, whose only temporary is
+#: a byte-window buffer (about ``bits / 2`` bytes a value): larger chunks, so
+#: fewer parallel regions.
+DECODE_CHUNK = 1 << 22
 
 
-def _chunk(device: torch.device, n: int) -> int:
+def _chunk(device: torch.device, n: int, decode: bool = False) -> int:
     """Chunk length for ``n`` values: CPU chunks; accelerators want one launch."""
-    return CHUNK if device.type == "cpu" else max(n, 1)
+    if device.type != "cpu":
+        return max(n, 1)
+    return DECODE_CHUNK if decode else CHUNK
 
 
 _F32_MIN_NORMAL = 2.0**-126

@@ -40,7 +40,7 @@ __all__ = ["pack_bits", "unpack_bits", "packed_nbytes"]
 # per packing step (two int64 words each) and values per unpacking step.
 # Accelerators take each call in one step.
 _PACK_ROWS = 1 << 17
-_UNPACK_VALUES = 1 << 20
+_UNPACK_VALUES = 1 << 22
 
 
 def _check_bits(bits: int) -> None:

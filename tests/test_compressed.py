@@ -100,6 +100,7 @@ def test_roundtrip_error_at_most_half_ulp(x, fmt, kind):
 def test_chunked_pipelines_match_reference(name, monkeypatch):
     # Tiny chunks: every decode path runs over many chunks and a partial one.
     monkeypatch.setattr(formats_module, "CHUNK", 40)
+    monkeypatch.setattr(formats_module, "DECODE_CHUNK", 56)
     x = torch.randn(1003, generator=torch.Generator().manual_seed(2)) * 3
     for kind in KINDS:
         ct = CompressedTensor.compress(x, name, kind)
