@@ -204,3 +204,13 @@ def test_brain_without_mixin_is_refused():
 
     with pytest.raises(TypeError, match="OMCMixin"):
         OMCClient(Plain(modules={"lin": torch.nn.Linear(2, 2)}), [])
+
+
+def test_constant_buffers_stay_home():
+    brain = make_brain()
+    brain.modules.head.register_buffer("table", torch.arange(4.0))  # a constant
+    assert "head.table" not in make_client(brain).entry_names()
+    assert "head.table" in make_client(brain, buffers="all").buffer_names()
+    assert make_client(brain, buffers="none").buffer_names() == []
+    with pytest.raises(ValueError, match="buffers"):
+        make_client(brain, buffers="some")

@@ -95,6 +95,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["OMCClient", "seed_everything"]
 
+# Modules whose buffers training changes (running mean and variance).
+_RUNNING_STATS = (torch.nn.modules.batchnorm._NormBase,)
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators.
@@ -139,6 +142,12 @@ class OMCClient:
         sampler seeded per round and client.
     progressbar : bool
         Show SpeechBrain's progress bars.
+    buffers : str
+        Which floating-point buffers travel with the parameters:
+        ``"running_stats"`` (default: those of batch/instance normalisation,
+        which training changes), ``"all"``, or ``"none"``. Constant buffers
+        such as positional encodings are the same on every client; sending
+        them would only inflate the messages.
     """
 
     def __init__(
@@ -149,7 +158,10 @@ class OMCClient:
         max_steps: int | None = None,
         train_loader_kwargs: Mapping | None = None,
         progressbar: bool = False,
+        buffers: str = "running_stats",
     ) -> None:
+        if buffers not in ("running_stats", "all", "none"):
+            raise ValueError(f"buffers must be running_stats, all or none: {buffers!r}")
         if not hasattr(brain, "omc_config"):
             raise TypeError("OMCClient needs a Brain with speechbrain_omc.OMCMixin")
         if brain.checkpointer is not None:
@@ -164,16 +176,24 @@ class OMCClient:
         self.max_steps = max_steps
         self.train_loader_kwargs = dict(train_loader_kwargs or {})
         self.progressbar = progressbar
+        self.buffers = buffers
         self._names: list[str] | None = None
 
     # ----------------------------------------------------------- the model
     def _buffers(self) -> dict[str, torch.Tensor]:
-        state_keys = set(self.brain.modules.state_dict(keep_vars=True))
-        return {
-            name: buf
-            for name, buf in self.brain.modules.named_buffers()
-            if buf.is_floating_point() and name in state_keys
-        }
+        if self.buffers == "none":
+            return {}
+        modules = self.brain.modules
+        state_keys = set(modules.state_dict(keep_vars=True))
+        owners = dict(modules.named_modules())
+        out = {}
+        for name, buf in modules.named_buffers():
+            if not buf.is_floating_point() or name not in state_keys:
+                continue
+            owner = owners[name.rpartition(".")[0]]
+            if self.buffers == "all" or isinstance(owner, _RUNNING_STATS):
+                out[name] = buf
+        return out
 
     def _params(self) -> dict[str, torch.Tensor]:
         return dict(self.brain.modules.named_parameters())
@@ -184,8 +204,9 @@ class OMCClient:
     def entry_names(self) -> list[str]:
         """Names of the model's entries, in wire order.
 
-        Parameters (compressed or not) and floating-point persistent buffers
-        (running statistics), each once (tied weights under their first name).
+        Parameters (compressed or not) and the floating-point persistent
+        buffers chosen by ``buffers`` (running statistics by default), each
+        once (tied weights under their first name).
 
         Returns
         -------
@@ -299,6 +320,7 @@ class OMCClient:
         if brain.omc is not None and current == wanted:
             # Same plan: restart the update state, reseed stochastic rounding.
             brain.omc.config = replace(brain.omc.config, seed=seed)
+            brain.omc.skipped_updates = 0
             for slot in brain.omc.slots.values():
                 slot.steps, slot.momentum = 0, None
                 slot.grad, slot.pending_uses = None, 0
