@@ -202,3 +202,31 @@ def test_kill_and_resume_gives_the_same_final_model(tmp_path):
     summary_b = json.loads((killed / "summary.json").read_text())
     assert summary_a["test_WER"] == summary_b["test_WER"]
     assert summary_a["bytes_total"] == summary_b["bytes_total"]
+
+
+@pytest.mark.slow
+def test_main_job_runs_both_federations_and_prints_the_table(tmp_path):
+    overrides = {k: v for k, v in TINY.items() if k != "rounds"}
+    result = subprocess.run(
+        [sys.executable, "-m", "speechbrain_omc.federated.demo"]
+        + ["--output", str(tmp_path), "--rounds", "2"]
+        + _cli(overrides),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for row in (
+        "test WER, held-out speakers",
+        "parameter memory",
+        "bytes communicated",
+    ):
+        assert row in out
+    omc = json.loads((tmp_path / "fed_omc" / "1986" / "summary.json").read_text())
+    f32 = json.loads((tmp_path / "fed_fp32" / "1986" / "summary.json").read_text())
+    assert omc["rounds"] == f32["rounds"] == 2
+    assert omc["num_clients"] == f32["num_clients"] == 4
+    assert omc["bytes_total"] < f32["bytes_total"] == f32["float32_bytes_total"]
+    assert f"{omc['test_WER']:.2f} %" in out and f"{f32['test_WER']:.2f} %" in out
