@@ -178,22 +178,31 @@ class OMCClient:
         self.progressbar = progressbar
         self.buffers = buffers
         self._names: list[str] | None = None
+        self._buffer_names: set[str] | None = None
 
     # ----------------------------------------------------------- the model
     def _buffers(self) -> dict[str, torch.Tensor]:
-        if self.buffers == "none":
-            return {}
         modules = self.brain.modules
-        state_keys = set(modules.state_dict(keep_vars=True))
-        owners = dict(modules.named_modules())
-        out = {}
-        for name, buf in modules.named_buffers():
-            if not buf.is_floating_point() or name not in state_keys:
-                continue
-            owner = owners[name.rpartition(".")[0]]
-            if self.buffers == "all" or isinstance(owner, _RUNNING_STATS):
-                out[name] = buf
-        return out
+        if self._buffer_names is None:
+            # Once: state_dict() serialises every compressed parameter.
+            state_keys = set(modules.state_dict(keep_vars=True))
+            owners = dict(modules.named_modules())
+            self._buffer_names = {
+                name
+                for name, buf in modules.named_buffers()
+                if self.buffers != "none"
+                and buf.is_floating_point()
+                and name in state_keys
+                and (
+                    self.buffers == "all"
+                    or isinstance(owners[name.rpartition(".")[0]], _RUNNING_STATS)
+                )
+            }
+        return {
+            name: buf
+            for name, buf in modules.named_buffers()
+            if name in self._buffer_names
+        }
 
     def _params(self) -> dict[str, torch.Tensor]:
         return dict(self.brain.modules.named_parameters())
