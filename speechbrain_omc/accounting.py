@@ -15,7 +15,10 @@ import torch
 
 
 def compressed_tensors(module: torch.nn.Module) -> dict:
-    """The compressed parameters of a module under OMC, by qualified name.
+    """The compressed parameters held by a module or its children, by name.
+
+    Works on any submodule of a module under OMC, not only on the root the
+    handle was made for.
 
     Arguments
     ---------
@@ -25,22 +28,19 @@ def compressed_tensors(module: torch.nn.Module) -> dict:
     Returns
     -------
     dict
-        ``{name: CompressedTensor}``.
+        ``{qualified name: CompressedTensor}``; a tied weight appears once.
 
     Example
     -------
     >>> compressed_tensors(torch.nn.Linear(2, 2))
     {}
     """
-    handle = getattr(module, "_omc_handle", None)
-    if handle is not None:
-        return {name: slot.tensor for name, slot in handle.slots.items()}
-    found: dict = {}
+    found, seen = {}, set()
     for prefix, sub in module.named_modules():
-        handle = sub.__dict__.get("_omc_handle")
-        if handle is not None and sub is not module:
-            for name, slot in handle.slots.items():
-                found[f"{prefix}.{name}"] = slot.tensor
+        for attr, (slot, _) in sub.__dict__.get("_omc_slots", {}).items():
+            if id(slot) not in seen:
+                seen.add(id(slot))
+                found[f"{prefix}.{attr}" if prefix else attr] = slot.tensor
     return found
 
 

@@ -103,6 +103,12 @@ class OMCMixin:
         config = self.omc_config
         if self.omc is not None or config is None:
             return
+        if self.scaler.is_enabled():
+            raise ValueError(
+                "OMC does not support fp16 gradient scaling: fused updates and "
+                "simple-mode clipping would see scaled gradients; use "
+                "precision fp32 or bf16"
+            )
         if config.update_mode == "fused" and self.grad_accumulation_factor > 1:
             raise ValueError(
                 "fused OMC updates apply each gradient in backward and cannot "

@@ -60,12 +60,20 @@ class _Slot:
     unpacked: torch.Tensor | None = None
     momentum: torch.Tensor | CompressedTensor | None = None
     pending_uses: int = 0
+    # Bumped whenever pending uses are dropped, so that a use from before
+    # (its graph still alive) cannot release a claim twice.
+    generation: int = 0
     steps: int = 0
     version: int = 0
 
     @property
     def shape(self) -> torch.Size:
         return self.tensor.shape
+
+    def reset_uses(self) -> None:
+        self.pending_uses = 0
+        self.generation += 1
+        self.unpacked = None
 
 
 @dataclass(frozen=True)
@@ -86,10 +94,11 @@ class _Use:
     dropped) releases its claim, so the update of the others is not held back.
     """
 
-    __slots__ = ("slot", "counted", "done")
+    __slots__ = ("slot", "counted", "done", "generation")
 
     def __init__(self, slot: _Slot):
         self.slot = slot
+        self.generation = slot.generation
         # A read during backward is a recomputation (activation
         # checkpointing), not a new use.
         self.counted = torch._C._current_graph_task_id() == -1
@@ -98,7 +107,7 @@ class _Use:
             slot.pending_uses += 1
 
     def finish(self) -> None:
-        if self.counted and not self.done:
+        if self.counted and not self.done and self.generation == self.slot.generation:
             self.slot.pending_uses -= 1
         self.done = True
 
@@ -310,9 +319,9 @@ class OMCHandle:
         module._flat_weights = [None] * len(module._flat_weights_names)
 
     # ---------------------------------------------------------------- updates
-    def _generator(self, slot: _Slot) -> torch.Generator:
+    def _generator(self, slot: _Slot, stream: str = "") -> torch.Generator:
         """Rounding randomness of one slot's one step: same in both modes."""
-        seed = round_seed(self.config.seed, slot.steps, slot.name)
+        seed = round_seed(self.config.seed, slot.steps, slot.name + stream)
         return torch.Generator().manual_seed(seed)
 
     def _recompress(self, slot: _Slot, value: torch.Tensor) -> None:
@@ -343,8 +352,8 @@ class OMCHandle:
         return False
 
     def _fused_update(self, slot: _Slot) -> None:
-        grad, slot.grad, slot.pending_uses = slot.grad, None, 0
-        value, slot.unpacked = slot.unpacked, None
+        grad, slot.grad, value = slot.grad, None, slot.unpacked
+        slot.reset_uses()
         if grad is None or not self._finite_or_skip(slot, grad):
             return
         if value is None:
@@ -360,7 +369,7 @@ class OMCHandle:
                 self.config.momentum_format,
                 transform="scale",
                 rounding=self.config.update_rounding,
-                generator=self._generator(slot),
+                generator=self._generator(slot, "/momentum"),
             )
         slot.momentum = buffer
         self._recompress(slot, value)
@@ -375,12 +384,13 @@ class OMCHandle:
         for slot in self.slots.values():
             if self.mode == "fused" and slot.grad is not None:
                 self._fused_update(slot)
-            slot.pending_uses, slot.unpacked = 0, None
+            slot.reset_uses()
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients and pending uses."""
         for slot in self.slots.values():
-            slot.grad, slot.pending_uses, slot.unpacked = None, 0, None
+            slot.grad = None
+            slot.reset_uses()
 
     @contextmanager
     def decompressed_step(self) -> Iterator[list[torch.nn.Parameter]]:
@@ -399,7 +409,8 @@ class OMCHandle:
             raise RuntimeError("decompressed_step is for update_mode='simple'")
         active = []
         for slot in self.slots.values():
-            grad, slot.grad, slot.pending_uses = slot.grad, None, 0
+            grad, slot.grad = slot.grad, None
+            slot.reset_uses()
             if grad is None or not self._finite_or_skip(slot, grad):
                 continue
             slot.shadow.data = self._decompress(slot)
@@ -477,7 +488,8 @@ class OMCHandle:
             )
         slot.tensor = tensor
         slot.version += 1
-        slot.grad, slot.pending_uses = None, 0
+        slot.grad = None
+        slot.reset_uses()
 
     def decompressed_state_dict(self) -> dict[str, torch.Tensor]:
         """The module's state dict with every compressed entry in float32.

@@ -69,6 +69,16 @@ class SGDSettings:
         group = optimizer.param_groups[0]
         if group.get("maximize", False):
             raise ValueError("fused OMC updates do not support SGD(maximize=True)")
+        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+        for other in optimizer.param_groups[1:]:
+            if any(other[k] != group[k] for k in keys):
+                raise ValueError(
+                    "fused OMC updates apply one SGD setting to every compressed "
+                    "parameter, but the optimizer's param groups differ in "
+                    f"{[k for k in keys if other[k] != group[k]]} (SpeechBrain's "
+                    "remove_vector_weight_decay does this); use one group or "
+                    "update_mode='simple'"
+                )
         return cls(
             lr=float(group["lr"]),
             momentum=float(group["momentum"]),

@@ -86,6 +86,15 @@ def test_fused_mode_refuses_what_it_cannot_honour():
     with pytest.raises(ValueError, match="grad_accumulation_factor"):
         brain.fit(range(1, 2), data(1))
 
+    def two_groups(params):
+        first, *rest = list(params)
+        groups = [{"params": [first], "weight_decay": 0.0}, {"params": rest}]
+        return torch.optim.SGD(groups, lr=0.1, weight_decay=1e-4)
+
+    brain = make_brain(OMCConfig(), opt_class=two_groups)
+    with pytest.raises(ValueError, match="param groups differ"):
+        brain.fit(range(1, 2), data(1))
+
 
 def test_simple_mode_runs_any_optimizer_with_clipping():
     brain = make_brain(

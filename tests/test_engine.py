@@ -349,3 +349,33 @@ def test_assigning_a_compressed_parameter_is_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert model.a.weight.shape == (32, 16)
+
+
+def test_a_graph_alive_across_step_cannot_release_its_claim_twice():
+    """Outputs kept past step() (as a Brain keeps its predictions) are harmless."""
+    torch.manual_seed(0)
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig())
+    handle.set_sgd(lr=0.1)
+    kept = model(torch.randn(2, 16))  # a read whose backward never comes
+    model(torch.randn(2, 16)).sum().backward()
+    handle.step()
+    del kept  # its uses die after the reset
+    assert all(slot.pending_uses == 0 for slot in handle.slots.values())
+    x = torch.randn(2, 16)
+    model.b(
+        torch.tanh(model.a(x)) + torch.tanh(model.a(x)) @ torch.eye(32)
+    ).sum().backward()
+    handle.step()
+    assert handle.slots["a.weight"].steps == 2  # one update per step
+
+
+def test_parameter_bytes_of_a_submodule_counts_its_compressed_weights():
+    from speechbrain_omc import parameter_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"net": TwoLayer()})
+    handle = compress_module(model, OMCConfig(format="e3m7"))
+    assert parameter_bytes(model) == handle.parameter_bytes()
+    expected_a = math.ceil(512 * 11 / 8) + 4 + 4 * 32
+    assert parameter_bytes(model["net"].a) == expected_a
