@@ -136,6 +136,9 @@ def render(record: dict, output: Path) -> None:
         for name in ("OMC", "float32")
     }
     output = os.path.relpath(output, REPO)
+    cpu_note = ""
+    if record.get("cpu_minutes_source"):
+        cpu_note = f" CPU minutes: {record['cpu_minutes_source']}."
 
     def log_table(rows: list[dict]) -> str:
         keys = [
@@ -203,7 +206,7 @@ python recipes/SynthSpeech/federated/train.py \\
 - Parameter memory is the client model's parameter storage, counted exactly
   (packed codes + transforms + float32 parameters):
   {record["parameter_memory_reduction"]:.1%} less under OMC.
-- Wall time of the whole job: {record["wall_minutes"]:.1f} minutes.
+- Wall time of the whole job: {record["wall_minutes"]:.1f} minutes.{cpu_note}
 
 Raw numbers: `benchmarks/results/federated_synthspeech.json`.
 
@@ -213,9 +216,11 @@ Raw numbers: `benchmarks/results/federated_synthspeech.json`.
   and the clients' RNG seeds are functions of `(seed, round, client)`, so the two
   runs differ only by compression (and the OMC run's per-client float32 draws).
 - The test set has 48 utterances and 277 words: one word is 0.36 WER points.
-  The runs are deterministic: an earlier run of the same configuration in
-  other folders (under heavier load) gave the same test WERs to the last digit.
-  Validation WER (4 dev speakers, 269 words) is logged every 4 rounds.
+  The runs are deterministic: two earlier runs of the same configuration (one
+  with validation every 4 rounds, which does not touch training) gave the
+  same test WERs and bytes to the last digit; one of them took 14.7 minutes
+  wall at load average 2-7.
+  Validation WER (4 dev speakers, 269 words) is logged every round.
 - Bytes are whole messages: every parameter (compressed payloads with their
   headers, transforms and CRCs, or float32 arrays), names, metadata and
   checksums. Constant buffers (positional encodings) are not sent.

@@ -128,12 +128,21 @@ def format_table(results: dict[str, dict], recorded: bool = False) -> str:
         ("  server -> clients", _mb(f32["bytes_down"]), _mb(omc["bytes_down"]), ""),
         ("  clients -> server", _mb(f32["bytes_up"]), _mb(omc["bytes_up"]), ""),
         (
-            "minutes",
+            "minutes (wall)",
             f"{f32.get('minutes', float('nan')):.1f}",
             f"{omc.get('minutes', float('nan')):.1f}",
             "",
         ),
     ]
+    if "cpu_minutes_this_process" in omc and "cpu_minutes_this_process" in f32:
+        rows.append(
+            (
+                "CPU minutes",
+                f"{f32['cpu_minutes_this_process']:.1f}",
+                f"{omc['cpu_minutes_this_process']:.1f}",
+                "",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for i, row in enumerate(rows):

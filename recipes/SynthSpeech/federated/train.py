@@ -463,6 +463,8 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
         "left_out": sum(r["sampled"] - r["clients"] for r in rows),
         "train_minutes": round(sum(float(r["seconds"]) for r in rows) / 60, 2),
         "minutes_this_process": round((time.perf_counter() - start) / 60, 2),
+        # CPU time does not depend on what else the machine runs.
+        "cpu_minutes_this_process": round(time.process_time() / 60, 2),
     }
     summary["bytes_total"] = summary["bytes_down"] + summary["bytes_up"]
     summary["float32_bytes_total"] = (
