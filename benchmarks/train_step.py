@@ -205,7 +205,11 @@ def table(results: list[dict]) -> str:
             f"| {r['param_bytes'] / b['param_bytes']:.3f} "
             f"| {r['peak_rss'] / 1e6:.0f} | {r['peak_rss'] / b['peak_rss']:.3f} "
             f"| {r['sec_per_step']:.2f} | {r['sec_per_step'] / b['sec_per_step']:.2f} "
-            f"| {r['losses'][0]:.2f} / {r['losses'][-1]:.2f} |"
+            + (
+                f"| {r['losses'][0]:.2f} / {r['losses'][-1]:.2f} |"
+                if r.get("losses")
+                else "| n/a |"
+            )
         )
     return "\n".join(lines)
 
@@ -215,6 +219,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=[*SETTINGS, "all"], default="all")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="MODE:BITS",
+        help="run only these configurations, e.g. fp32:32 fused:11",
+    )
+    parser.add_argument(
+        "--include",
+        type=Path,
+        help="JSON lines of earlier results (this script's output) to table too",
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -224,11 +239,16 @@ def main() -> None:
 
     settings = list(SETTINGS) if args.setting == "all" else [args.setting]
     results = []
+    if args.include:
+        lines = args.include.read_text().splitlines()
+        results = [json.loads(line) for line in lines if line.startswith("{")]
     for setting in settings:
         for spec in configurations(setting):
+            if args.only and f"{spec['mode']}:{spec['bits']}" not in args.only:
+                continue
             result = spawn(spec, args.steps)
             results.append(result)
-            print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
+            print(json.dumps(result), flush=True)
     report = table(results)
     print(report)
     if args.output:
