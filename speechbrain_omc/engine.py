@@ -17,6 +17,12 @@ Updates come in two modes:
 * ``simple``: gradients are accumulated; :meth:`OMCHandle.decompressed_step`
   decompresses everything into shadow parameters for any torch optimizer,
   then compresses the result.
+
+Known limits: compressed storage stays on the CPU; with reentrant activation
+checkpointing (``use_reentrant=True``) a weight shared by several checkpointed
+segments is updated once per segment in fused mode (non-reentrant
+checkpointing, the torch default, is exact); backward through the same graph
+twice (``retain_graph``) after a fused update raises.
 """
 
 from __future__ import annotations
