@@ -402,11 +402,13 @@ def main(argv=None):
         valid_loader_kwargs=hparams["valid_dataloader_opts"],
     )
     if asr_brain.omc is not None:
-        logger.info(
-            "OMC parameter bytes: %d (float32: %d)",
-            asr_brain.omc.parameter_bytes(),
-            asr_brain.omc.plan.float32_nbytes,
+        nbytes = asr_brain.omc.parameter_bytes()
+        float32_bytes = asr_brain.omc.plan.float32_nbytes
+    else:
+        nbytes = float32_bytes = sum(
+            4 * p.numel() for p in asr_brain.modules.parameters()
         )
+    logger.info("Parameter bytes: %d (float32: %d)", nbytes, float32_bytes)
 
     for name, test_data in test_datasets.items():
         asr_brain.hparams.wer_file = str(
