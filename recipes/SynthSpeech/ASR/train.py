@@ -331,7 +331,7 @@ def dataio_prepare(hparams, label_encoder=None):
     return train_data, valid_data, test_datasets, label_encoder
 
 
-def prepare_data(hparams):
+def prepare_data(hparams, progress=True):
     """Write the manifests of ``hparams["splits"]`` (skipped when done).
 
     Arguments
@@ -339,6 +339,8 @@ def prepare_data(hparams):
     hparams : dict
         Needs ``data_folder``, ``output_folder`` (manifests go there),
         ``splits`` and ``skip_prep``.
+    progress : bool
+        Progress bars while scanning the corpus.
     """
     from speechbrain_omc.data.librispeech import prepare_librispeech
 
@@ -347,7 +349,7 @@ def prepare_data(hparams):
         save_folder=hparams["output_folder"],
         splits=hparams["splits"],
         skip_prep=hparams["skip_prep"],
-        progress=not hparams.get("noprogressbar", False),
+        progress=progress,
     )
 
 
@@ -374,7 +376,10 @@ def main(argv=None):
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
-    run_on_main(prepare_data, kwargs={"hparams": hparams})
+    run_on_main(
+        prepare_data,
+        kwargs={"hparams": hparams, "progress": not run_opts.get("noprogressbar")},
+    )
     train_data, valid_data, test_datasets, label_encoder = dataio_prepare(hparams)
 
     asr_brain = ASR(
