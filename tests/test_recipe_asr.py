@@ -44,7 +44,8 @@ def load_recipe_module():
 
 def run_recipe(hparams_file, output, *overrides, timeout=300):
     """Run train.py in a fresh process; fail with its output on error."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    # One thread: on a shared 2-core machine OpenMP threads stall each other.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [
         sys.executable, str(TRAIN), str(hparams_file),
         "--output_folder", str(output), "--debug", "--debug_persistently",
