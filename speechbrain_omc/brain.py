@@ -116,7 +116,6 @@ class OMCMixin:
                 "update_mode: simple"
             )
         self.omc = compress_module(self.modules, config)
-        logger.info("OMC parameter plan:\n%s", self.omc.table())
         if config.update_mode == "fused":
             logger.info(
                 "OMC fused mode: gradient clipping (max_grad_norm=%s) covers the "
