@@ -19,6 +19,9 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["speechbrain_omc", "speechbrain_omc.*"]),
     include_package_data=True,
+    # The codec kernels' source: compiled on first use by the machine's C++
+    # compiler (speechbrain_omc/kernels.py), with the torch code as fallback.
+    package_data={"speechbrain_omc": ["_native/*.cpp"]},
     install_requires=[
         "torch>=2.1,<2.10",
         "torchaudio>=2.1,<2.10",

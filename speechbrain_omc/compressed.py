@@ -38,6 +38,7 @@ import zlib
 
 import torch
 
+from . import kernels
 from .formats import (
     FloatFormat,
     Format,
@@ -47,7 +48,9 @@ from .formats import (
     _check_rounding,
     _chunk,
     _finite_minmax,
+    affine_plan,
     get_format,
+    rounding_key,
 )
 from .packing import _pack, _unpack, packed_nbytes
 from .transform import CLIP_METHODS, TRANSFORM_KINDS, Transform, fit_transform
@@ -148,7 +151,7 @@ class CompressedTensor:
         fmt: str | Format,
         transform: str | Transform = "scale",
         rounding: str = "nearest",
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | int | None = None,
         clip: str = "absmax",
     ) -> CompressedTensor:
         """Compress a float tensor.
@@ -164,8 +167,9 @@ class CompressedTensor:
             fixed :class:`Transform` to use as given.
         rounding : str
             ``"nearest"`` or ``"stochastic"``.
-        generator : torch.Generator, optional
-            Randomness for stochastic rounding.
+        generator : torch.Generator or int, optional
+            Randomness for stochastic rounding (an int is the counter-based
+            generator's key; see :meth:`Format.quantize`).
         clip : str
             ``"absmax"`` or ``"mse"`` (see :func:`fit_transform`).
 
@@ -204,17 +208,21 @@ class CompressedTensor:
         fmt: Format,
         transform: Transform,
         rounding: str,
-        generator: torch.Generator | None,
+        generator: torch.Generator | int | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # Transform, quantize and pack chunk by chunk: temporaries stay in cache
-        # and no full-size float or code copy of the tensor ever exists.
         flat = x32.reshape(-1)
         n, bits = flat.numel(), fmt.bits
         if out is None:
             out = torch.empty(
                 packed_nbytes(n, bits), dtype=torch.uint8, device=flat.device
             )
+        key = rounding_key(generator) if rounding == "stochastic" else None
+        if kernels.native_for(flat, out):  # one pass, straight into the codes
+            scale, shift = transform.decode_args
+            return kernels.encode(flat, out, fmt.spec, scale, shift, key)
+        # Reference: transform, quantize and pack chunk by chunk, so that
+        # temporaries stay in cache and no full-size copy of the tensor exists.
         native = fmt == _BF16 and rounding == "nearest"
         step = _chunk(flat.device, n)  # a multiple of 32: word-aligned bytes
         for start in range(0, n, step):
@@ -226,14 +234,16 @@ class CompressedTensor:
                 # then the native cast rounds half to even into the buffer.
                 dst.view(torch.bfloat16).copy_(y.clamp(-fmt.max_value, fmt.max_value))
             else:
-                _pack(fmt._quantize(y, rounding, generator), bits, dst)
+                _pack(fmt._quantize(y, rounding, key, start), bits, dst)
         return out
 
     def assign_(
         self,
         x: torch.Tensor,
         rounding: str = "nearest",
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | int | None = None,
+        *,
+        minmax: tuple[float, float] | None = None,
     ) -> CompressedTensor:
         """Re-compress a new value into this tensor, in place.
 
@@ -248,8 +258,11 @@ class CompressedTensor:
         rounding : str
             ``"nearest"`` or ``"stochastic"`` (the usual choice after an update:
             small updates survive on average).
-        generator : torch.Generator, optional
-            Randomness for stochastic rounding.
+        generator : torch.Generator or int, optional
+            Randomness for stochastic rounding (an int is the key).
+        minmax : tuple of float, optional
+            ``(min, max)`` of ``x`` when the caller measured them (a fused
+            update does, in its own pass): ``x`` is then trusted to be finite.
 
         Returns
         -------
@@ -270,7 +283,10 @@ class CompressedTensor:
                 f"got {tuple(x32.shape)}"
             )
         x32 = x32.to(self._packed.device)
-        minmax = _finite_minmax(x32)
+        if minmax is None:
+            minmax = _finite_minmax(x32)
+        else:
+            minmax = tuple(v + 0.0 for v in minmax)  # -0.0 as _finite_minmax
         fitted = fit_transform(
             x32, self._format, self._transform.kind, self._clip, minmax=minmax
         )
@@ -279,33 +295,59 @@ class CompressedTensor:
         return self
 
     # ---------------------------------------------------------------- decode
-    def decompress(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Decode to a new tensor of the original shape.
+    def decompress(
+        self, dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decode to a tensor of the original shape.
 
         Arguments
         ---------
         dtype : torch.dtype
             Floating dtype of the result (decoding is exact in float32, then
             cast).
+        out : torch.Tensor, optional
+            Contiguous float32 tensor of ``numel()`` values, on the packed
+            buffer's device, to decode into (a reused workspace); ``dtype``
+            must then be float32.
 
         Returns
         -------
         torch.Tensor
-            The decompressed tensor, on the packed buffer's device.
+            The decompressed tensor (a view of ``out`` when given), on the
+            packed buffer's device.
 
         Example
         -------
         >>> ct = CompressedTensor.compress(torch.tensor([3.0, -1.5]), "e5m2")
         >>> ct.decompress(torch.float64)
         tensor([ 3.0000, -1.5000], dtype=torch.float64)
+        >>> buffer = torch.empty(2)
+        >>> ct.decompress(out=buffer).data_ptr() == buffer.data_ptr()
+        True
         """
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         fmt, n, bits = self._format, self.numel(), self._format.bits
         scale, shift = self._transform.decode_args
-        out = torch.empty(n, dtype=torch.float32, device=self._packed.device)
         packed = self._packed
-        if fmt == _BF16:
+        if out is None:
+            out = torch.empty(n, dtype=torch.float32, device=packed.device)
+        elif (
+            dtype != torch.float32
+            or out.dtype != torch.float32
+            or out.numel() != n
+            or not out.is_contiguous()
+            or out.device != packed.device
+        ):
+            raise ValueError(
+                f"out must be a contiguous float32 tensor of {n} values on "
+                f"{packed.device} (and dtype float32)"
+            )
+        out = out.view(-1)
+        if kernels.native_for(packed, out):  # one pass, straight into out
+            factors, add = affine_plan(1.0, scale, shift)  # exact values
+            kernels.decode(packed, out, fmt.spec, factors, add)
+        elif fmt == _BF16:
             # The code space is bfloat16's: one native widening cast.
             try:
                 native = packed.view(torch.bfloat16)

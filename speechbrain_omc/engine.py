@@ -40,7 +40,7 @@ import torch
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.selection import Plan, make_plan, round_seed
-from speechbrain_omc.sgd import SGDSettings, sgd_update_
+from speechbrain_omc.sgd import SGDSettings, sgd_step_
 
 logger = logging.getLogger(__name__)
 
@@ -330,9 +330,17 @@ class OMCHandle:
         seed = round_seed(self.config.seed, slot.steps, slot.name + stream)
         return torch.Generator().manual_seed(seed)
 
-    def _recompress(self, slot: _Slot, value: torch.Tensor) -> None:
+    def _recompress(
+        self,
+        slot: _Slot,
+        value: torch.Tensor,
+        minmax: tuple[float, float] | None = None,
+    ) -> None:
         slot.tensor.assign_(
-            value, rounding=self.config.update_rounding, generator=self._generator(slot)
+            value,
+            rounding=self.config.update_rounding,
+            generator=self._generator(slot),
+            minmax=minmax,
         )
         slot.steps += 1
         slot.version += 1
@@ -346,29 +354,34 @@ class OMCHandle:
     def _finite_or_skip(self, slot: _Slot, grad: torch.Tensor) -> bool:
         if bool(torch.isfinite(grad).all()):
             return True
-        bad = int((~torch.isfinite(grad)).sum())
+        self._skip(slot, int((~torch.isfinite(grad)).sum()))
+        return False
+
+    def _skip(self, slot: _Slot, bad: int) -> None:
         message = (
             f"OMC: gradient of {slot.name} has {bad} non-finite values; "
             "its update is skipped and its codes are left unchanged"
         )
         if self.config.nonfinite_grad == "raise":
             raise FloatingPointError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
         self.skipped_updates += 1
-        return False
 
     def _fused_update(self, slot: _Slot) -> None:
         grad, slot.grad, value = slot.grad, None, slot.unpacked
         slot.reset_uses()
-        if grad is None or not self._finite_or_skip(slot, grad):
+        if grad is None:
             return
         if value is None:
             value = self._decompress(slot)
         buffer = slot.momentum
         if isinstance(buffer, CompressedTensor):
             buffer = buffer.decompress()
-        buffer = sgd_update_(value, grad, buffer, self.sgd)
+        result = sgd_step_(value, grad, buffer, self.sgd)
         del grad
+        if result.nonfinite_grad:
+            return self._skip(slot, result.nonfinite_grad)
+        buffer = result.momentum_buffer
         if buffer is not None and self.config.momentum_format is not None:
             buffer = CompressedTensor.compress(
                 buffer,
@@ -378,7 +391,7 @@ class OMCHandle:
                 generator=self._generator(slot, "/momentum"),
             )
         slot.momentum = buffer
-        self._recompress(slot, value)
+        self._recompress(slot, value, result.minmax)
 
     def step(self) -> None:
         """Finish a training step.

@@ -19,6 +19,12 @@ float32 input, so there is no double rounding. Inputs of other floating dtypes
 are first cast to float32. Decoding relies on IEEE subnormal arithmetic, which
 is PyTorch's default (``torch.set_flush_denormal(False)``).
 
+Stochastic rounding draws its random bits from a counter-based hash of a
+64-bit key and each value's index (:func:`random_bits`), so a key gives the
+same codes whatever the chunking, thread count or implementation. On CPU
+tensors the native kernels of :mod:`speechbrain_omc.kernels` run; the torch
+code here is their reference and the fallback elsewhere.
+
 Example
 -------
 >>> import torch
@@ -39,6 +45,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+from speechbrain_omc import kernels
 
 __all__ = [
     "Format",
@@ -94,15 +102,20 @@ def _as_float32(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 def _finite_minmax(x: torch.Tensor, name: str = "x") -> tuple[float, float]:
     """Return ``(min, max)`` of a float32 tensor, raising on NaN or inf.
 
-    One ``aminmax`` pass is far cheaper than ``isfinite().all()``; NaN and inf
-    propagate into it, and only then is the slow count/locate path taken.
+    One pass (the kernel's, or ``aminmax``, into which NaN and inf propagate)
+    is far cheaper than ``isfinite().all()``; only a bad tensor takes the slow
+    count/locate path.
     """
     if x.numel() == 0:
         return 0.0, 0.0
-    lo, hi = torch.aminmax(x)
-    lo, hi = float(lo), float(hi)
-    if abs(lo) <= _F32_MAX and abs(hi) <= _F32_MAX:
-        return lo, hi
+    if kernels.native_for(x):
+        lo, hi, bad = kernels.minmax(x)
+        finite = bad == 0
+    else:
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        finite = abs(lo) <= _F32_MAX and abs(hi) <= _F32_MAX
+    if finite:
+        return lo + 0.0, hi + 0.0  # -0.0 becomes 0.0 whichever path found it
     bad = ~torch.isfinite(x)
     count = int(bad.sum())
     flat = int(bad.reshape(-1).nonzero()[0, 0])
@@ -132,40 +145,150 @@ def _check_rounding(rounding: str) -> None:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
-def _random_bits(
-    n: int, generator: torch.Generator | None, device: torch.device
-) -> torch.Tensor:
-    """Return ``n`` int32 values whose 31 low bits are uniformly random.
+_M32 = 0xFFFFFFFF
+# Multipliers of the 32-bit hash below 2**31: products of 32-bit values stay
+# exact in int64, so this reference matches the kernels' uint32 arithmetic.
+_MIX = (0x21F0AAAD, 0x735A2D97)
 
-    One int64 draw (63 random bits) feeds two values, which halves the cost of
-    the generator, the dominant cost of stochastic rounding.
+
+def _mix32_(h: torch.Tensor) -> torch.Tensor:
+    """In place 32-bit xorshift-multiply hash of int64 values below 2**32."""
+    h ^= h >> 16
+    h *= _MIX[0]
+    h &= _M32
+    h ^= h >> 15
+    h *= _MIX[1]
+    h &= _M32
+    h ^= h >> 15
+    return h
+
+
+def random_bits(key: int, offset: int, n: int, device=None) -> torch.Tensor:
+    """31 random bits for each of the values ``offset .. offset + n - 1``.
+
+    The counter-based generator of stochastic rounding: value ``i`` gets
+    ``mix(mix(lo(i) ^ k0) ^ k1 ^ hi(i)) >> 1``, with ``k0, k1`` the 32-bit
+    words of ``key``, ``lo, hi`` those of ``i`` and ``mix`` a 32-bit
+    xorshift-multiply hash. The native kernels compute the same bits.
+
+    Arguments
+    ---------
+    key : int
+        64-bit key (seed, stream and step of one update hashed together).
+    offset : int
+        Index of the first value.
+    n : int
+        Number of values.
+    device : torch.device, optional
+        Where to make the result.
+
+    Returns
+    -------
+    torch.Tensor
+        ``int32`` values in ``[0, 2**31)``.
+
+    Example
+    -------
+    >>> a = random_bits(7, 0, 6)
+    >>> bool((a == torch.cat([random_bits(7, 0, 2), random_bits(7, 2, 4)])).all())
+    True
+    >>> bool((a != random_bits(8, 0, 6)).any())
+    True
     """
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device)
-    words.random_(generator=generator)
-    return words.view(torch.int32)[:n]
+    index = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    h = index & _M32
+    h ^= key & _M32
+    _mix32_(h)
+    h ^= (key >> 32) & _M32
+    h ^= index >> 32
+    _mix32_(h)
+    h >>= 1
+    return h.to(torch.int32)
+
+
+def rounding_key(generator: torch.Generator | int | None = None) -> int:
+    """The 64-bit key of one stochastic rounding.
+
+    Arguments
+    ---------
+    generator : torch.Generator or int, optional
+        An int is the key itself; a generator gives one draw; ``None`` draws
+        from torch's global generator.
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> rounding_key(5)
+    5
+    >>> g = torch.Generator().manual_seed(0)
+    >>> rounding_key(g) == rounding_key(torch.Generator().manual_seed(0))
+    True
+    """
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return generator & (2**64 - 1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or an int key, got "
+            f"{type(generator).__name__}"
+        )
+    device = generator.device if generator is not None else "cpu"
+    draw = torch.randint(2**62, (1,), generator=generator, device=device)
+    return int(draw)
+
+
+def affine_plan(
+    pow2: float, scale: float | None, shift: float | None
+) -> tuple[tuple[float, ...], float | None]:
+    """Multipliers and shift that compute ``(v * pow2) * scale + shift``.
+
+    ``pow2`` is a power of two and ``v * pow2`` is exact, so folding it into
+    the scale (one multiply instead of two) gives identical bits whenever the
+    folded factor is itself a normal float32.
+
+    Arguments
+    ---------
+    pow2 : float
+        Power of two (the format's rebias).
+    scale, shift : float, optional
+        The transform (``None``: absent).
+
+    Returns
+    -------
+    tuple
+        ``(multipliers, shift)``: float32 factors applied in order, then the
+        float32 shift or ``None``.
+
+    Example
+    -------
+    >>> affine_plan(2.0**4, 0.5, None)
+    ((8.0,), None)
+    >>> affine_plan(1.0, None, 0.0)
+    ((), None)
+    """
+    s = 1.0 if scale is None else _to_f32(scale)
+    c = pow2 * s
+    factors: tuple[float, ...] = ()
+    if c != 1.0:
+        if _F32_MIN_NORMAL <= abs(c) <= _F32_MAX:
+            factors = (c,)
+        else:
+            factors = tuple(f for f in (pow2, s) if f != 1.0)
+    add = _to_f32(shift) if shift is not None and shift != 0.0 else None
+    return factors, add
 
 
 def _affine_(
     out: torch.Tensor, pow2: float, scale: float | None, shift: float | None
 ) -> torch.Tensor:
-    """In place ``out = (out * pow2) * scale + shift`` with float32 rounding.
-
-    ``pow2`` is a power of two and ``out * pow2`` is exact, so folding it into
-    the scale (one multiply instead of two) gives identical bits whenever the
-    folded factor is itself a normal float32.
-    """
-    s = 1.0 if scale is None else _to_f32(scale)
-    c = pow2 * s
-    if c != 1.0:
-        if _F32_MIN_NORMAL <= abs(c) <= _F32_MAX:
-            out.mul_(c)
-        else:
-            if pow2 != 1.0:
-                out.mul_(pow2)
-            if s != 1.0:
-                out.mul_(s)
-    if shift is not None and shift != 0.0:
-        out.add_(_to_f32(shift))
+    """In place ``out = (out * pow2) * scale + shift`` with float32 rounding."""
+    factors, add = affine_plan(pow2, scale, shift)
+    for factor in factors:
+        out.mul_(factor)
+    if add is not None:
+        out.add_(add)
     return out
 
 
@@ -189,8 +312,9 @@ class Format(ABC):
     Every format has ``bits`` (code width), ``name`` (its preset spelling, e.g.
     ``"e4m3"`` or ``"int8"``) and ``max_value`` (the largest finite value; the
     per-variable scale maps a variable's range onto it). Subclasses implement
-    the exact per-element rounding (``_quantize``) and the in-place decoding of
-    an int32 code buffer (``_decode_``).
+    the torch reference of the exact per-element rounding (``_quantize``) and
+    of the in-place decoding of an int32 code buffer (``_decode_``), and
+    describe themselves to the native kernels (``spec``, ``pow2``).
 
     Example
     -------
@@ -211,11 +335,25 @@ class Format(ABC):
     def max_value(self) -> float:
         """Largest finite value of the format."""
 
+    @property
+    @abstractmethod
+    def spec(self) -> kernels.FormatSpec:
+        """``(kind, bits, exponent_bits, mantissa_bits)`` for the kernels."""
+
+    @property
+    @abstractmethod
+    def pow2(self) -> float:
+        """Power of two that decoding multiplies raw values by."""
+
     @abstractmethod
     def _quantize(
-        self, x: torch.Tensor, rounding: str, generator: torch.Generator | None
+        self, x: torch.Tensor, rounding: str, key: int | None, offset: int = 0
     ) -> torch.Tensor:
-        """Codes of a contiguous, finite float32 tensor (no checks)."""
+        """Reference codes of a contiguous, finite float32 tensor (no checks).
+
+        ``key`` is the stochastic rounding key and ``offset`` the index of
+        ``x[0]`` in its random stream.
+        """
 
     @abstractmethod
     def _decode_(
@@ -252,11 +390,11 @@ class Format(ABC):
             neighbour, in units of the gap; unbiased on average, exactly for
             float formats' normal range and to within ``2**-15`` of a gap
             elsewhere, since those fractions are kept in fixed point).
-        generator : torch.Generator, optional
-            Source of randomness for stochastic rounding (reproducible when
-            seeded; on the tensor's device); the global generator is used when
-            omitted. Large CPU tensors draw it chunk by chunk, so a seed gives
-            the same codes for the same tensor size and device.
+        generator : torch.Generator or int, optional
+            Randomness of stochastic rounding: an int is the counter-based
+            generator's key itself, a generator gives one draw of it (on its
+            device), ``None`` one draw from torch's global generator. A key
+            gives the same codes on any device and thread count.
 
         Returns
         -------
@@ -275,12 +413,24 @@ class Format(ABC):
         _check_rounding(rounding)
         x32 = _as_float32(x)
         _finite_minmax(x32)
+        key = rounding_key(generator) if rounding == "stochastic" else None
+        return self._codes(x32, key)
+
+    def _codes(self, x32: torch.Tensor, key: int | None = None) -> torch.Tensor:
+        """Codes of contiguous float32 values; ``key`` rounds stochastically.
+
+        No checks: infinities saturate like any value beyond ``max_value``.
+        """
         flat = x32.reshape(-1)
         codes = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+        if kernels.native_for(flat):
+            kernels.encode(flat, codes, self.spec, stochastic_key=key, packed=False)
+            return codes.view(x32.shape)
+        rounding = "nearest" if key is None else "stochastic"
         step = _chunk(flat.device, flat.numel())
         for start in range(0, flat.numel(), step):
             part = slice(start, start + step)
-            codes[part] = self._quantize(flat[part], rounding, generator)
+            codes[part] = self._quantize(flat[part], rounding, key, start)
         return codes.view(x32.shape)
 
     def dequantize(
@@ -319,6 +469,10 @@ class Format(ABC):
         _check_codes(codes, self.bits)
         buf = torch.empty(codes.shape, dtype=torch.int32, device=codes.device)
         buf.copy_(codes)
+        if kernels.native_for(buf):
+            out = torch.empty(codes.shape, dtype=torch.float32)
+            factors, add = affine_plan(1.0, scale, shift)  # exact values
+            return kernels.decode(buf, out, self.spec, factors, add, packed=False)
         return self._decode_(buf, scale, shift)
 
     def __str__(self) -> str:
@@ -403,8 +557,18 @@ class FloatFormat(Format):
         """Smallest positive value ``2**(1 - bias - mantissa_bits)``."""
         return 2.0 ** (1 - self.bias - self.mantissa_bits)
 
+    @property
+    def spec(self) -> kernels.FormatSpec:
+        """``(0, bits, exponent_bits, mantissa_bits)``."""
+        return 0, self.bits, self.exponent_bits, self.mantissa_bits
+
+    @property
+    def pow2(self) -> float:
+        """``2**(127 - bias)``: float32 exponent field to this format's."""
+        return 2.0 ** (127 - self.bias)
+
     def _quantize(
-        self, x: torch.Tensor, rounding: str, generator: torch.Generator | None
+        self, x: torch.Tensor, rounding: str, key: int | None, offset: int = 0
     ) -> torch.Tensor:
         # Two roundings run on every element without masks or selects (bool
         # tensors are slow): the normal-range rounding of max(|x|, min_normal)
@@ -419,7 +583,7 @@ class FloatFormat(Format):
         ax.clamp_(self.min_normal, self.max_value)  # saturate: rounding <= max
         a = ax.view(torch.int32)
         if rounding == "stochastic":
-            rnd = _random_bits(x.numel(), generator, x.device)
+            rnd = random_bits(key, offset, x.numel(), x.device)
             # Normal range: add uniform random bits below the kept mantissa.
             mag = rnd & ((1 << drop) - 1)
             mag += a
@@ -478,7 +642,7 @@ class FloatFormat(Format):
         if k or aligned:
             buf &= _INT32_MIN + keep
         out = buf.view(torch.float32)
-        return _affine_(out, 2.0 ** (127 - self.bias), scale, shift)
+        return _affine_(out, self.pow2, scale, shift)
 
 
 @dataclass(frozen=True)
@@ -525,8 +689,18 @@ class IntFormat(Format):
         """Largest value ``2**(bits-1) - 1``."""
         return float(2 ** (self.bits - 1) - 1)
 
+    @property
+    def spec(self) -> kernels.FormatSpec:
+        """``(1, bits, 0, 0)``."""
+        return 1, self.bits, 0, 0
+
+    @property
+    def pow2(self) -> float:
+        """1: integer codes decode to their values directly."""
+        return 1.0
+
     def _quantize(
-        self, x: torch.Tensor, rounding: str, generator: torch.Generator | None
+        self, x: torch.Tensor, rounding: str, key: int | None, offset: int = 0
     ) -> torch.Tensor:
         top = self.max_value
         if rounding == "stochastic":
@@ -537,7 +711,7 @@ class IntFormat(Format):
             ay.clamp_(max=top)
             ay *= 2.0**frac
             codes = ay.to(torch.int32)  # floor: values are non-negative
-            rnd = _random_bits(x.numel(), generator, x.device)
+            rnd = random_bits(key, offset, x.numel(), x.device)
             rnd &= (1 << frac) - 1
             codes += rnd
             codes >>= frac

@@ -1,9 +1,11 @@
 """The SGD rule of fused updates, bit-identical to ``torch.optim.SGD``.
 
 Fused mode applies the update inside backward, one variable at a time, so it
-cannot call a torch optimizer; it calls :func:`sgd_update_` instead. The
-arithmetic follows ``torch.optim.SGD``'s single-tensor path operation by
-operation, so that fused and simple mode give the same result.
+cannot call a torch optimizer; it calls :func:`sgd_step_` instead: the native
+kernel on CPU tensors (one pass that also checks the gradient and measures
+the new value's range), else :func:`sgd_update_`. Both follow
+``torch.optim.SGD``'s single-tensor path operation by operation, so that
+fused and simple mode give the same result.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from speechbrain_omc import kernels
 
 
 @dataclass
@@ -140,3 +144,92 @@ def sgd_update_(
             d_p = momentum_buffer
     param.add_(d_p, alpha=-settings.lr)
     return momentum_buffer
+
+
+@dataclass
+class SGDResult:
+    """What one fused SGD step did.
+
+    Arguments
+    ---------
+    nonfinite_grad : int
+        Non-finite gradient values; when not zero, nothing was updated (the
+        value is left undefined: it is a scratch copy).
+    momentum_buffer : torch.Tensor or None
+        The momentum state to keep.
+    minmax : tuple of float, optional
+        ``(min, max)`` of the updated value when the step measured it.
+    """
+
+    nonfinite_grad: int
+    momentum_buffer: torch.Tensor | None
+    minmax: tuple[float, float] | None = None
+
+
+def sgd_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    settings: SGDSettings,
+) -> SGDResult:
+    """One checked SGD step on a scratch float32 value, in place.
+
+    Arguments
+    ---------
+    param : torch.Tensor
+        The decompressed value, updated in place.
+    grad : torch.Tensor
+        Its gradient.
+    momentum_buffer : torch.Tensor or None
+        The momentum state (``None`` before the first step); untouched when
+        the gradient is not finite.
+    settings : SGDSettings
+        Hyperparameters.
+
+    Returns
+    -------
+    SGDResult
+
+    Example
+    -------
+    >>> p = torch.ones(3)
+    >>> result = sgd_step_(p, torch.tensor([1.0, 2.0, 3.0]), None, SGDSettings(lr=0.5))
+    >>> p.tolist(), result.nonfinite_grad
+    ([0.5, 0.0, -0.5], 0)
+    >>> sgd_step_(p, torch.tensor([1.0, float("nan"), 0.0]), None,
+    ...           SGDSettings(lr=0.5)).nonfinite_grad
+    1
+    """
+    if settings.lr is None:
+        raise RuntimeError(
+            "fused OMC update without a learning rate: call "
+            "handle.set_sgd(lr=...) (OMCBrain does this from its optimizer)"
+        )
+    grad = grad.reshape(param.shape)
+    use_momentum = settings.momentum != 0
+    first = use_momentum and momentum_buffer is None
+    buffer = torch.empty_like(param) if first else momentum_buffer
+    scratch = [param, grad.contiguous(), buffer] if use_momentum else [param, grad]
+    if param.dtype == grad.dtype == torch.float32 and kernels.native_for(*scratch):
+        bad, lo, hi, overflowed = kernels.sgd_step(
+            param,
+            scratch[1],
+            buffer if use_momentum else None,
+            settings.lr,
+            settings.momentum,
+            settings.dampening,
+            settings.weight_decay,
+            settings.nesterov,
+            first,
+        )
+        if bad:
+            return SGDResult(bad, momentum_buffer)
+        # An update that overflowed leaves the range unmeasured, so that
+        # re-compression finds the non-finite values and says so.
+        minmax = None if overflowed else (lo, hi)
+        return SGDResult(0, buffer if use_momentum else None, minmax)
+    finite = torch.isfinite(grad)
+    if not bool(finite.all()):
+        return SGDResult(int((~finite).sum()), momentum_buffer)
+    buffer = sgd_update_(param, grad, momentum_buffer, settings)
+    return SGDResult(0, buffer)

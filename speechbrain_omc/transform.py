@@ -147,7 +147,11 @@ class Transform:
 
     @property
     def decode_args(self) -> tuple[float | None, float | None]:
-        """``(scale, shift)`` for :meth:`Format.dequantize` (``None`` = skip)."""
+        """``(scale, shift)``, ``None`` where absent.
+
+        What :meth:`Format.dequantize` applies, and what the codec's encoding
+        kernel inverts (``(x - shift) / scale``, as :meth:`forward`).
+        """
         return (
             None if self.kind == "none" else self.scale,
             self.shift if self.kind == "affine" else None,
@@ -224,9 +228,8 @@ def _mse_extent(
     for frac in _MSE_GRID:
         cand = extent * frac
         t = Transform(kind, _scale_for(cand, fmt), shift if kind == "affine" else 0.0)
-        codes = fmt._quantize(t.forward(flat).contiguous(), "nearest", None)
-        scale, off = t.decode_args
-        approx = fmt._decode_(codes, scale, off)
+        codes = fmt._codes(t.forward(flat).contiguous())  # inf saturates
+        approx = fmt.dequantize(codes, *t.decode_args)
         err = float(torch.sub(approx, flat).double().square().mean())
         if err < best_err:  # strict: ties keep the larger clip
             best, best_err = cand, err

@@ -16,7 +16,7 @@ def reference_step(
     codes: CompressedTensor, grad, lr, name, seed=0, step=0, rounding="stochastic"
 ):
     """Decompress, float32 SGD step, compress: what a fused step must equal."""
-    value = codes.decompress() - lr * grad
+    value = codes.decompress().add_(grad, alpha=-lr)  # as torch.optim.SGD
     generator = torch.Generator().manual_seed(round_seed(seed, step, name))
     expected = copy.deepcopy(codes)
     expected.assign_(value, rounding=rounding, generator=generator)

@@ -1,0 +1,652 @@
+// Native CPU kernels of the speechbrain-omc codec.
+//
+// Every kernel makes one pass over its values (the SGD step two: update, then
+// encode), writes straight into its output and runs on OpenMP threads in
+// chunks of whole octets, so results do not depend on the thread count. The
+// arithmetic mirrors the torch reference in formats.py operation by operation
+// (compile with -ffp-contract=off: no fused multiply-add unless written), so
+// codes and values are identical bit for bit. A C ABI, loaded with ctypes:
+// no torch headers, a compile of a second or two.
+//
+// Formats: kind 0 = float (sign | exponent | mantissa, no inf/NaN codes,
+// saturating), kind 1 = symmetric int in offset binary. Codes live either
+// bit-packed (LSB first, value i at stream bits [i*bits, (i+1)*bits)) or, with
+// packed == 0, as one int32 per value.
+//
+// Stochastic rounding draws 31 random bits per value from a counter-based
+// hash of a 64-bit key and the value's index (see random31), so the draws are
+// reproducible, independent of chunking and threads, and need no buffer.
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // values per thread work item (octets)
+constexpr int kTile = 512;           // values per inner tile (stack buffers)
+
+inline uint32_t as_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// A 32-bit integer hash with full avalanche (two xorshift-multiply rounds).
+// Both multipliers are below 2**31, so the torch reference can compute the
+// same products exactly in int64.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// 31 random bits for the element whose 64-bit index has words (lo, hi).
+inline uint32_t random31(uint32_t lo, uint32_t hi, uint32_t k0, uint32_t k1) {
+  return mix32(mix32(lo ^ k0) ^ k1 ^ hi) >> 1;
+}
+
+struct Format {
+  int kind, bits, ebits, mbits;
+};
+
+// ---------------------------------------------------------------- packing
+// Reads count codes starting at value `start` (a multiple of 8).
+void read_codes(const uint8_t* src, int64_t nbytes, int packed, int bits,
+                int64_t start, int count, uint32_t* codes) {
+  if (!packed) {
+    std::memcpy(codes, reinterpret_cast<const uint32_t*>(src) + start,
+                sizeof(uint32_t) * count);
+    return;
+  }
+  if (bits == 8) {
+    const uint8_t* p = src + start;
+    for (int j = 0; j < count; ++j) codes[j] = p[j];
+    return;
+  }
+  if (bits == 16) {
+    const uint8_t* p = src + 2 * start;
+    for (int j = 0; j < count; ++j) {
+      uint16_t v;
+      std::memcpy(&v, p + 2 * j, 2);
+      codes[j] = v;
+    }
+    return;
+  }
+  const uint32_t mask = (1u << bits) - 1u;
+  const uint8_t* base = src + start * bits / 8;  // start is octet aligned
+  const int64_t avail = nbytes - start * bits / 8;
+  // A 4-byte window per value holds it (bits + 7 <= 23); near the end of
+  // the buffer the window is assembled byte by byte.
+  int safe = count;
+  while (safe > 0 && (static_cast<int64_t>(safe - 1) * bits / 8) + 4 > avail)
+    --safe;
+  for (int j = 0; j < safe; ++j) {
+    const int64_t bit = static_cast<int64_t>(j) * bits;
+    uint32_t w;
+    std::memcpy(&w, base + (bit >> 3), 4);
+    codes[j] = (w >> (bit & 7)) & mask;
+  }
+  for (int j = safe; j < count; ++j) {
+    const int64_t bit = static_cast<int64_t>(j) * bits;
+    const int64_t at = bit >> 3;
+    uint32_t w = 0;
+    for (int64_t k = 0; k < 4 && at + k < avail; ++k)
+      w |= static_cast<uint32_t>(base[at + k]) << (8 * k);
+    codes[j] = (w >> (bit & 7)) & mask;
+  }
+}
+
+// Writes count codes starting at value `start` (a multiple of 8); the bytes
+// of the last, partial octet of the tensor are written whole, zero padded.
+void write_codes(uint8_t* dst, int64_t nbytes, int packed, int bits,
+                 int64_t start, int count, const uint32_t* codes) {
+  if (!packed) {
+    std::memcpy(reinterpret_cast<uint32_t*>(dst) + start, codes,
+                sizeof(uint32_t) * count);
+    return;
+  }
+  if (bits == 8) {
+    uint8_t* p = dst + start;
+    for (int j = 0; j < count; ++j) p[j] = static_cast<uint8_t>(codes[j]);
+    return;
+  }
+  if (bits == 16) {
+    uint8_t* p = dst + 2 * start;
+    for (int j = 0; j < count; ++j) {
+      const uint16_t v = static_cast<uint16_t>(codes[j]);
+      std::memcpy(p + 2 * j, &v, 2);
+    }
+    return;
+  }
+  uint8_t* base = dst + start * bits / 8;
+  const int64_t avail = nbytes - start * bits / 8;
+  for (int o = 0; o < count; o += 8) {
+    unsigned __int128 acc = 0;
+    const int m = std::min(8, count - o);
+    for (int k = 0; k < m; ++k)
+      acc |= static_cast<unsigned __int128>(codes[o + k]) << (k * bits);
+    const int64_t at = static_cast<int64_t>(o / 8) * bits;
+    const int64_t len = std::min<int64_t>(bits, avail - at);
+    std::memcpy(base + at, &acc, len);  // little-endian host
+  }
+}
+
+// ------------------------------------------------------------ quantizers
+struct Quantizer {
+  Format f;
+  int stochastic;
+  uint32_t k0, k1;
+  // float formats
+  int drop, frac, bias, rebias, dexp;
+  float min_normal, max_value, d_add, sub_mul1, sub_mul2;
+  // int formats
+  float top, int_mul;
+
+  Quantizer(Format fmt, int stoch, uint64_t key)
+      : f(fmt), stochastic(stoch), k0(static_cast<uint32_t>(key)),
+        k1(static_cast<uint32_t>(key >> 32)) {
+    if (f.kind == 0) {
+      const int e = f.ebits, m = f.mbits;
+      bias = (1 << (e - 1)) - 1;
+      drop = 23 - m;
+      rebias = (127 - bias) << m;
+      min_normal = std::ldexp(1.0f, 1 - bias);
+      const int top_field = e < 8 ? (1 << e) - 1 : 254;
+      max_value = static_cast<float>(std::ldexp(2.0 - std::ldexp(1.0, -m),
+                                                top_field - bias));
+      dexp = 24 - bias - m;
+      d_add = std::ldexp(1.0f, dexp);
+      frac = std::min(24, 30 - m);
+      // Keep each factor a finite float32, as the reference does.
+      if (bias - 1 + m + frac > 127) {
+        sub_mul1 = std::ldexp(1.0f, bias - 1);
+        sub_mul2 = std::ldexp(1.0f, m + frac);
+      } else {
+        sub_mul1 = std::ldexp(1.0f, bias - 1 + m + frac);
+        sub_mul2 = 1.0f;
+      }
+    } else {
+      top = static_cast<float>((1 << (f.bits - 1)) - 1);
+      frac = 31 - f.bits;
+      int_mul = std::ldexp(1.0f, frac);
+    }
+  }
+
+  // Codes of tile values y[0..count), element indices first..first+count.
+  void operator()(const float* y, int count, uint64_t first,
+                  uint32_t* codes) const {
+    // 32-bit words of the index (the carry keeps the loops in 32-bit lanes).
+    const uint32_t lo0 = static_cast<uint32_t>(first);
+    const uint32_t hi0 = static_cast<uint32_t>(first >> 32);
+    if (f.kind == 0) {
+      const int m = f.mbits, bits = f.bits;
+      const uint32_t sign_bit = 1u << (bits - 1);
+      if (stochastic) {
+        const uint32_t drop_mask = (1u << drop) - 1u;
+        const uint32_t frac_mask = (1u << frac) - 1u;
+        const int32_t off = rebias + (1 << m);
+        const int drop_ = drop, frac_ = frac;
+        const float mn = min_normal, mx = max_value, mul1 = sub_mul1,
+                    mul2 = sub_mul2;
+        const uint32_t k0_ = k0, k1_ = k1;
+        for (int j = 0; j < count; ++j) {
+          const float x = y[j];
+          float ax = std::fabs(x);
+          float small = std::min(ax, mn);
+          ax = std::min(std::max(ax, mn), mx);
+          const uint32_t rnd = random31(lo0 + j, hi0 + (lo0 + j < lo0), k0_, k1_);
+          int32_t mag = static_cast<int32_t>(((rnd & drop_mask) + as_bits(ax)) >> drop_);
+          small = small * mul1 * mul2;  // mul2 is 1 unless two steps are needed
+          int32_t sub = static_cast<int32_t>(small);
+          sub = static_cast<int32_t>((static_cast<uint32_t>(sub) + (rnd & frac_mask)) >> frac_);
+          mag += sub - off;
+          codes[j] = static_cast<uint32_t>(mag) | ((as_bits(x) >> 31) ? sign_bit : 0u);
+        }
+      } else {
+        const uint32_t half = (1u << (drop - 1)) - 1u;
+        const int32_t off = rebias + ((127 + dexp) << 23) + (1 << m);
+        for (int j = 0; j < count; ++j) {
+          const float x = y[j];
+          float ax = std::fabs(x);
+          float small = std::min(ax, min_normal);
+          ax = std::min(std::max(ax, min_normal), max_value);
+          const uint32_t a = as_bits(ax);
+          int32_t mag = static_cast<int32_t>((((a >> drop) & 1u) + a + half) >> drop);
+          small = small + d_add;
+          mag += static_cast<int32_t>(as_bits(small)) - off;
+          codes[j] = static_cast<uint32_t>(mag) | ((as_bits(x) >> 31) ? sign_bit : 0u);
+        }
+      }
+    } else {
+      const int32_t zero = 1 << (f.bits - 1);
+      if (stochastic) {
+        const uint32_t frac_mask = (1u << frac) - 1u;
+        for (int j = 0; j < count; ++j) {
+          const float x = y[j];
+          const float ay = std::min(std::fabs(x), top) * int_mul;
+          const uint32_t rnd = random31(lo0 + j, hi0 + (lo0 + j < lo0), k0, k1);
+          int32_t c = static_cast<int32_t>(
+              (static_cast<uint32_t>(static_cast<int32_t>(ay)) + (rnd & frac_mask)) >> frac);
+          const int32_t s = static_cast<int32_t>(as_bits(x)) >> 31;  // 0 or -1
+          c = (c ^ s) - s;
+          codes[j] = static_cast<uint32_t>(c + zero);
+        }
+      } else {
+        for (int j = 0; j < count; ++j) {
+          const float v = std::nearbyint(std::min(std::max(y[j], -top), top));
+          codes[j] = static_cast<uint32_t>(static_cast<int32_t>(v) + zero);
+        }
+      }
+    }
+  }
+};
+
+// Decoded value of each code, then the transform's multipliers and shift.
+// Float codes are rebiased into float32's exponent directly and subnormal
+// codes converted from their mantissa, so that no float32 subnormal ever
+// enters arithmetic (on many CPUs each costs a microcode assist); the value
+// equals the reference's (raw bits times 2**(127 - bias)) exactly.
+struct Decoder {
+  Format f;
+  float mul1, mul2, shift;
+  int flags;  // 1: mul1, 2: mul2, 4: shift
+  int top, up, m;
+  uint32_t mag_mask, mant_mask, rebias;
+  float sub_unit;
+
+  Decoder(Format fmt, float m1, float m2, float sh, int fl)
+      : f(fmt), mul1(m1), mul2(m2), shift(sh), flags(fl), top(fmt.bits - 1),
+        up(23 - fmt.mbits), m(fmt.mbits), mag_mask((1u << top) - 1u),
+        mant_mask((1u << fmt.mbits) - 1u) {
+    const int bias = fmt.kind == 0 ? (1 << (fmt.ebits - 1)) - 1 : 0;
+    // E8: float32's own exponent; its subnormal codes are float32's.
+    rebias = fmt.kind == 0 && fmt.ebits < 8 ? static_cast<uint32_t>(127 - bias) << 23 : 0u;
+    sub_unit = std::ldexp(1.0f, 1 - bias - fmt.mbits);
+  }
+
+  // The exact value of a float code.
+  float value(uint32_t c) const {
+    const uint32_t sign = (c >> top) << 31, mag = c & mag_mask;
+    if (rebias != 0 && (mag >> m) == 0)
+      return as_float(sign | as_bits(static_cast<float>(mag & mant_mask) * sub_unit));
+    return as_float(sign | ((mag << up) + rebias));
+  }
+
+  void operator()(const uint32_t* codes, int count, float* out) const {
+    if (f.kind == 0) {
+      for (int j = 0; j < count; ++j) out[j] = value(codes[j]);
+    } else {
+      const int32_t zero = 1 << (f.bits - 1);
+      for (int j = 0; j < count; ++j)
+        out[j] = static_cast<float>(static_cast<int32_t>(codes[j]) - zero);
+    }
+    if (flags & 1)
+      for (int j = 0; j < count; ++j) out[j] = out[j] * mul1;
+    if (flags & 2)
+      for (int j = 0; j < count; ++j) out[j] = out[j] * mul2;
+    if (flags & 4)
+      for (int j = 0; j < count; ++j) out[j] = out[j] + shift;
+  }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#define OMC_AVX512 1
+// Sixteen codes of `bits` bits fill exactly 2 * bits bytes, so groups of
+// sixteen start on byte boundaries and can be moved with byte permutations.
+struct Group16 {
+  __m512i window, right, mask;  // unpacking
+  __m512i s1, next, s2, even, pair, s3, s4, compact;  // packing
+  int bits;
+
+  explicit Group16(int b) : bits(b) {
+    alignas(64) uint8_t idx[64], cmp[64];
+    alignas(64) uint32_t sh[16];
+    for (int j = 0; j < 16; ++j) {
+      const int bit = j * b;
+      for (int k = 0; k < 4; ++k)
+        idx[4 * j + k] = static_cast<uint8_t>(std::min(63, (bit >> 3) + k));
+      sh[j] = bit & 7;
+    }
+    for (int i = 0; i < 64; ++i)
+      cmp[i] = static_cast<uint8_t>(i < b ? i : std::min(63, 16 + i - b));
+    window = _mm512_load_si512(idx);
+    right = _mm512_load_si512(sh);
+    mask = _mm512_set1_epi32(static_cast<int>((1u << b) - 1u));
+    s1 = _mm512_set1_epi64(b);
+    next = _mm512_set_epi64(7, 7, 5, 5, 3, 3, 1, 1);
+    s2 = _mm512_set_epi64(64, 2 * b, 64, 2 * b, 64, 2 * b, 64, 2 * b);
+    even = _mm512_set_epi64(0, 0, 0, 0, 0, 4, 0, 0);
+    pair = _mm512_set_epi64(6, 6, 6, 6, 6, 6, 2, 2);
+    s3 = _mm512_set_epi64(64, 64, 64, 64, 64, 4 * b, 64, 4 * b);
+    s4 = _mm512_set_epi64(64, 64, 64, 64, 64 - 4 * b, 64, 64 - 4 * b, 64);
+    compact = _mm512_load_si512(cmp);
+  }
+
+  __m512i unpack_full(const uint8_t* p) const {  // 64 bytes readable at p
+    const __m512i v = _mm512_permutexvar_epi8(window, _mm512_loadu_si512(p));
+    return _mm512_and_si512(_mm512_srlv_epi32(v, right), mask);
+  }
+
+  // The sixteen codes of the group at p, of which `avail` bytes exist: each
+  // code's 4-byte window is gathered into its lane, shifted and masked.
+  __m512i unpack(const uint8_t* p, int64_t avail) const {
+    const __mmask64 k = avail >= 64 ? ~0ULL : (1ULL << avail) - 1;
+    const __m512i v = _mm512_permutexvar_epi8(window, _mm512_maskz_loadu_epi8(k, p));
+    return _mm512_and_si512(_mm512_srlv_epi32(v, right), mask);
+  }
+
+  // The 2 * bits bytes of sixteen codes, at the bottom of the register:
+  // lanes merge pairwise, 2b then 4b bits per qword, then into two 8b-bit
+  // halves, whose bytes one permutation compacts.
+  __m512i packed(__m512i c) const {
+    const __m512i lo = _mm512_and_si512(c, _mm512_set1_epi64(0xFFFFFFFFLL));
+    const __m512i q = _mm512_or_si512(lo, _mm512_sllv_epi64(_mm512_srli_epi64(c, 32), s1));
+    const __m512i r = _mm512_or_si512(q, _mm512_sllv_epi64(_mm512_permutexvar_epi64(next, q), s2));
+    const __m512i x = _mm512_maskz_permutexvar_epi64(0x05, even, r);
+    const __m512i y = _mm512_permutexvar_epi64(pair, r);
+    const __m512i o = _mm512_or_si512(
+        x, _mm512_or_si512(_mm512_sllv_epi64(y, s3), _mm512_srlv_epi64(y, s4)));
+    return _mm512_permutexvar_epi8(compact, o);
+  }
+};
+
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF)
+                     : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// Decodes values [start, end) (start a multiple of 16) in registers; loads
+// and stores are masked only at the very end of the tensor.
+void decode_avx512(const uint8_t* src, int64_t nbytes, int packed,
+                   const Decoder& dec, int64_t start, int64_t end, float* out) {
+  const Group16 g(dec.f.bits);
+  const int top = dec.top, up = dec.up;
+  const __m512i mag_mask = _mm512_set1_epi32(static_cast<int>(dec.mag_mask));
+  const __m512i mant_mask = _mm512_set1_epi32(static_cast<int>(dec.mant_mask));
+  const __m512i rebias = _mm512_set1_epi32(static_cast<int>(dec.rebias));
+  const __m512 sub_unit = _mm512_set1_ps(dec.sub_unit);
+  const __m512i zero = _mm512_set1_epi32(1 << top);
+  const __m512 m1 = _mm512_set1_ps(dec.mul1), m2 = _mm512_set1_ps(dec.mul2),
+               sh = _mm512_set1_ps(dec.shift);
+  const int32_t* src32 = reinterpret_cast<const int32_t*>(src);
+  const auto values = [&](__m512i c) {
+    __m512 v;
+    if (dec.f.kind == 0) {
+      const __m512i sign = _mm512_slli_epi32(_mm512_srli_epi32(c, top), 31);
+      const __m512i mag = _mm512_and_si512(c, mag_mask);
+      __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(mag, up), rebias);
+      if (dec.rebias != 0) {  // subnormal codes: mantissa times the unit
+        const __mmask16 sub = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(1 << dec.m));
+        const __m512 small = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_and_si512(mag, mant_mask)), sub_unit);
+        bits = _mm512_mask_blend_epi32(sub, bits, _mm512_castps_si512(small));
+      }
+      v = _mm512_castsi512_ps(_mm512_or_si512(sign, bits));
+    } else {
+      v = _mm512_cvtepi32_ps(_mm512_sub_epi32(c, zero));
+    }
+    if (dec.flags & 1) v = _mm512_mul_ps(v, m1);
+    if (dec.flags & 2) v = _mm512_mul_ps(v, m2);
+    if (dec.flags & 4) v = _mm512_add_ps(v, sh);
+    return v;
+  };
+  int64_t s = start;
+  // Full groups whose 64-byte window lies inside the buffer.
+  const int64_t safe = packed ? std::max<int64_t>(0, (nbytes - 64) / (2 * g.bits) * 16)
+                              : end;
+  const int64_t fast_end = std::min(end - (end - start) % 16, std::max(start, safe));
+  for (; s < fast_end; s += 16) {
+    const __m512i c = packed ? g.unpack_full(src + s / 8 * g.bits)
+                             : _mm512_loadu_si512(src32 + s);
+    _mm512_storeu_ps(out + s, values(c));
+  }
+  for (; s < end; s += 16) {
+    const __mmask16 k = first_lanes(end - s);
+    const int64_t at = s / 8 * g.bits;
+    const __m512i c = packed ? g.unpack(src + at, nbytes - at)
+                             : _mm512_maskz_loadu_epi32(k, src32 + s);
+    _mm512_mask_storeu_ps(out + s, k, values(c));
+  }
+}
+
+// Packs count codes (a tile) of values starting at `start` (a multiple of
+// 16); bytes from `limit` on belong to another thread or lie past the end.
+// Full groups are stored 32 bytes at a time: the bytes past a group's own
+// 2 * bits are rewritten by the next group.
+void pack_avx512(const Group16& g, const uint32_t* codes, int count, uint8_t* dst,
+                 int64_t limit, int64_t start) {
+  for (int j = 0; j < count; j += 16) {
+    const int64_t at = (start + j) / 8 * g.bits;
+    if (j + 16 <= count && at + 32 <= limit) {
+      const __m512i c = _mm512_loadu_si512(codes + j);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + at),
+                          _mm512_castsi512_si256(g.packed(c)));
+    } else {
+      const __m512i c = _mm512_maskz_loadu_epi32(first_lanes(count - j), codes + j);
+      const int64_t len = std::min<int64_t>(2 * g.bits, limit - at);
+      const __mmask64 k = (1ULL << len) - 1;  // len <= 32
+      _mm512_mask_storeu_epi8(dst + at, k, g.packed(c));
+    }
+  }
+}
+#endif  // AVX-512 VBMI
+
+// y = (x - shift) / scale (kind 2), x / scale (kind 1) or x (kind 0).
+inline void forward_transform(const float* x, int count, int tkind, float scale,
+                              float shift, float* y) {
+  if (tkind == 0) {
+    std::memcpy(y, x, sizeof(float) * count);
+  } else if (tkind == 1) {
+    for (int j = 0; j < count; ++j) y[j] = x[j] / scale;
+  } else {
+    for (int j = 0; j < count; ++j) y[j] = (x[j] - shift) / scale;
+  }
+}
+
+inline int threads_for(int64_t n, int nthreads) {
+  return n >= 2 * kChunk && nthreads > 1 ? nthreads : 1;
+}
+
+// Min, max and the count of non-finite values of x[0..count), vectorised:
+// lanes keep partial results; NaN is counted, so comparisons may ignore it.
+struct MinMax {
+  float lo = INFINITY, hi = -INFINITY;
+  int64_t bad = 0;
+
+  void add(const float* x, int64_t count) {
+    typedef float v16 __attribute__((vector_size(64)));
+    typedef int32_t i16 __attribute__((vector_size(64)));
+    v16 vlo, vhi;
+    i16 vbad = {};
+    for (int k = 0; k < 16; ++k) vlo[k] = INFINITY, vhi[k] = -INFINITY;
+    const v16 fmax = {FLT_MAX, FLT_MAX, FLT_MAX, FLT_MAX, FLT_MAX, FLT_MAX,
+                      FLT_MAX, FLT_MAX, FLT_MAX, FLT_MAX, FLT_MAX, FLT_MAX,
+                      FLT_MAX, FLT_MAX, FLT_MAX, FLT_MAX};
+    const v16 vzero = {};
+    int64_t j = 0;
+    for (; j + 16 <= count; j += 16) {
+      v16 v;
+      std::memcpy(&v, x + j, sizeof v);
+      vlo = v < vlo ? v : vlo;
+      vhi = v > vhi ? v : vhi;
+      const v16 av = v < vzero ? -v : v;
+      vbad -= ~(av <= fmax);  // comparisons give -1 where true
+    }
+    for (int k = 0; k < 16; ++k) {
+      lo = std::min(lo, vlo[k]);
+      hi = std::max(hi, vhi[k]);
+      bad += vbad[k];
+    }
+    for (; j < count; ++j) {
+      const float v = x[j];
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+      bad += !(std::fabs(v) <= FLT_MAX);
+    }
+  }
+
+  void merge(const MinMax& o) {
+    lo = std::min(lo, o.lo);
+    hi = std::max(hi, o.hi);
+    bad += o.bad;
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Version of this ABI; the loader refuses a library that disagrees.
+int omc_abi_version() { return 1; }
+
+int omc_max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// out[0..n) = decode(codes) * mul1 * mul2 + shift (each step per flags).
+void omc_decode(const uint8_t* src, int64_t nbytes, int packed, float* out,
+                int64_t n, int kind, int bits, int ebits, int mbits, float mul1,
+                float mul2, float shift, int flags, int nthreads) {
+  const Decoder dec({kind, bits, ebits, mbits}, mul1, mul2, shift, flags);
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(threads_for(n, nthreads))
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+#ifdef OMC_AVX512
+    decode_avx512(src, nbytes, packed, dec, c * kChunk, end, out);
+#else
+    uint32_t codes[kTile];
+    for (int64_t s = c * kChunk; s < end; s += kTile) {
+      const int count = static_cast<int>(std::min<int64_t>(kTile, end - s));
+      read_codes(src, nbytes, packed, bits, s, count, codes);
+      dec(codes, count, out + s);
+    }
+#endif
+  }
+}
+
+// codes of transform(x[0..n)) written to dst; element i draws its random
+// bits from (key, index_offset + i).
+void omc_encode(const float* x, int64_t n, uint8_t* dst, int64_t nbytes,
+                int packed, int kind, int bits, int ebits, int mbits, int tkind,
+                float scale, float shift, int stochastic, uint64_t key,
+                int64_t index_offset, int nthreads) {
+  const Quantizer quant({kind, bits, ebits, mbits}, stochastic, key);
+#ifdef OMC_AVX512
+  const Group16 group(bits);
+#endif
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(threads_for(n, nthreads))
+  for (int64_t c = 0; c < chunks; ++c) {
+    uint32_t codes[kTile];
+    float y[kTile];
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+    const int64_t limit = std::min(nbytes, end / 8 * bits + (end % 8 ? bits : 0));
+    for (int64_t s = c * kChunk; s < end; s += kTile) {
+      const int count = static_cast<int>(std::min<int64_t>(kTile, end - s));
+      forward_transform(x + s, count, tkind, scale, shift, y);
+      quant(y, count, static_cast<uint64_t>(index_offset + s), codes);
+#ifdef OMC_AVX512
+      if (packed && bits != 8 && bits != 16) {  // those two are plain stores
+        pack_avx512(group, codes, count, dst, limit, s);
+        continue;
+      }
+#endif
+      write_codes(dst, nbytes, packed, bits, s, count, codes);
+    }
+  }
+}
+
+// lo_hi[0..1] = min and max of x; returns the number of non-finite values.
+int64_t omc_minmax(const float* x, int64_t n, float* lo_hi, int nthreads) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  MinMax total;
+#pragma omp parallel num_threads(threads_for(n, nthreads))
+  {
+    MinMax part;
+#pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t end = std::min(n, (c + 1) * kChunk);
+      part.add(x + c * kChunk, end - c * kChunk);
+    }
+#pragma omp critical
+    total.merge(part);
+  }
+  lo_hi[0] = total.lo;
+  lo_hi[1] = total.hi;
+  return total.bad;
+}
+
+// One torch.optim.SGD step (single-tensor path, bit for bit) on the float32
+// value w, in place: d = g (+ wd * w); with momentum, buf = g-based d on the
+// first step (init_buf) else momentum * buf + (1 - dampening) * d, and d = buf
+// (or d + momentum * buf with Nesterov); w += -lr * d. torch's add with alpha
+// is one fused multiply-add, hence fmaf. Returns the number of non-finite
+// gradient values: then, with momentum, nothing was written; without, w is
+// garbage (it is a scratch copy). lo_hi receives w's new min and max and
+// lo_hi[2] its non-finite count.
+int64_t omc_sgd_step(float* w, const float* g, float* buf, int64_t n,
+                     float neg_lr, float momentum, float damp1, float wd,
+                     int nesterov, int init_buf, float* lo_hi, int nthreads) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int nt = threads_for(n, nthreads);
+  if (buf != nullptr) {  // momentum is state: check before writing it
+    float unused[2];
+    const int64_t bad = omc_minmax(g, n, unused, nthreads);
+    if (bad) return bad;
+  }
+  MinMax total;
+  int64_t bad_grad = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : bad_grad)
+  {
+    MinMax part;
+#pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t start = c * kChunk, end = std::min(n, start + kChunk);
+      for (int64_t i = start; i < end; ++i) {
+        const float gi = g[i];
+        bad_grad += !(std::fabs(gi) <= FLT_MAX);
+        float d = wd != 0.0f ? std::fma(w[i], wd, gi) : gi;
+        if (buf != nullptr) {
+          const float b = init_buf ? d : std::fma(d, damp1, buf[i] * momentum);
+          buf[i] = b;
+          d = nesterov ? std::fma(b, momentum, d) : b;
+        }
+        w[i] = std::fma(d, neg_lr, w[i]);
+      }
+      part.add(w + start, end - start);
+    }
+#pragma omp critical
+    total.merge(part);
+  }
+  lo_hi[0] = total.lo;
+  lo_hi[1] = total.hi;
+  lo_hi[2] = static_cast<float>(total.bad);
+  return bad_grad;
+}
+
+}  // extern "C"

@@ -1,0 +1,469 @@
+"""Native CPU kernels of the codec, compiled on first use; torch is the fallback.
+
+The kernels (``_native/codec.cpp``) decode, encode and take SGD steps in one
+pass each, on OpenMP threads, writing straight into their outputs: no
+temporaries, no random tensors. They give the same codes and values as the
+torch reference in :mod:`speechbrain_omc.formats`, bit for bit.
+
+The library is built with the machine's C++ compiler (``$CXX`` or ``g++``)
+the first time it is needed, in about a second, and cached under
+``$SPEECHBRAIN_OMC_CACHE`` (default ``~/.cache/speechbrain_omc``), keyed by
+the source, the compiler and the CPU. Without a compiler, on tensors that are
+not contiguous float32 CPU tensors, or with ``SPEECHBRAIN_OMC_KERNELS=0``, the
+torch reference runs instead. Which one is used is logged once.
+
+Example
+-------
+>>> import torch
+>>> spec = (0, 11, 3, 7)  # float format e3m7: kind, bits, exponent, mantissa
+>>> x = torch.tensor([0.1, -2.0, 100.0])
+>>> codes, out = torch.empty(3, dtype=torch.int32), torch.empty(3)
+>>> if native_for(x):  # int32 codes (packed=False) rather than packed bytes
+...     _ = encode(x, codes, spec, packed=False)
+...     _ = decode(codes, out, spec, packed=False)
+... else:
+...     out = torch.tensor([0.099609375, -2.0, 31.875])
+>>> out.tolist()
+[0.099609375, -2.0, 31.875]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ENV_DISABLE",
+    "available",
+    "decode",
+    "disabled",
+    "encode",
+    "minmax",
+    "native_for",
+    "sgd_step",
+    "status",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Set to ``0`` to run the torch reference everywhere.
+ENV_DISABLE = "SPEECHBRAIN_OMC_KERNELS"
+#: Where compiled libraries are cached.
+ENV_CACHE = "SPEECHBRAIN_OMC_CACHE"
+
+_SOURCE = Path(__file__).with_name("_native") / "codec.cpp"
+_ABI_VERSION = 1
+_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17"]
+
+_i64, _i32, _f32, _u64 = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint64
+_ptr = ctypes.c_void_p
+_SIGNATURES = {
+    "omc_abi_version": (_i32, []),
+    "omc_decode": (
+        None,
+        [_ptr, _i64, _i32, _ptr, _i64, _i32, _i32, _i32, _i32]
+        + [_f32, _f32, _f32, _i32, _i32],
+    ),
+    "omc_encode": (
+        None,
+        [_ptr, _i64, _ptr, _i64, _i32, _i32, _i32, _i32, _i32, _i32]
+        + [_f32, _f32, _i32, _u64, _i64, _i32],
+    ),
+    "omc_minmax": (_i64, [_ptr, _i64, _ptr, _i32]),
+    "omc_sgd_step": (
+        _i64,
+        [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _i32, _i32, _ptr, _i32],
+    ),
+}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(ENV_CACHE)
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "speechbrain_omc"
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU model and its flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    keep = [
+        line
+        for line in text.splitlines()
+        if line.startswith(("model name", "flags", "Features", "CPU part"))
+    ]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile the library to ``target`` atomically (safe for parallel workers)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        for march in (["-march=native"], []):  # some compilers lack the flag
+            cmd = [compiler, *_FLAGS, *march, str(_SOURCE), "-o", tmp]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return
+        raise RuntimeError(done.stderr.strip()[-2000:])
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256(
+        b"\0".join(
+            s.encode()
+            for s in (
+                _SOURCE.read_text(),
+                version,
+                " ".join(_FLAGS),
+                platform.machine(),
+                _cpu_identity(),
+            )
+        )
+    ).hexdigest()[:20]
+    target = _cache_dir() / f"codec-{key}.so"
+    if not target.exists():
+        logger.info("compiling the OMC codec kernels into %s", target)
+        _compile(compiler, target)
+    # torch is loaded, so the library's libgomp.so.1 resolves to torch's own
+    # OpenMP runtime: one thread pool for both.
+    lib = ctypes.CDLL(str(target))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        func = getattr(lib, name)
+        func.restype, func.argtypes = restype, argtypes
+    if lib.omc_abi_version() != _ABI_VERSION:
+        raise RuntimeError(f"stale kernel library {target}")
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(ENV_DISABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+        logger.info("OMC codec: torch reference (%s=0)", ENV_DISABLE)
+        return None
+    try:
+        lib = _build()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning(
+            "OMC codec: native kernels unavailable (%s); using the slower torch "
+            "reference",
+            error,
+        )
+        return None
+    logger.info("OMC codec: native CPU kernels")
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and enabled.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> isinstance(available(), bool)
+    True
+    """
+    return _library() is not None
+
+
+def status() -> str:
+    """One line saying which codec implementation runs, and why.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> status().startswith("OMC codec:")
+    True
+    """
+    if available():
+        return f"OMC codec: native CPU kernels ({torch.get_num_threads()} threads)"
+    if os.environ.get(ENV_DISABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"OMC codec: torch reference ({ENV_DISABLE}=0)"
+    return "OMC codec: torch reference (native kernels could not be built)"
+
+
+_suspended = 0
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the torch reference inside the block (for tests and benchmarks).
+
+    Example
+    -------
+    >>> with disabled():
+    ...     native_for(torch.zeros(3))
+    False
+    """
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
+
+
+def native_for(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can run on these tensors (contiguous, on the CPU).
+
+    Arguments
+    ---------
+    *tensors : torch.Tensor
+        Every tensor a call reads or writes.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> native_for(torch.zeros(3, device="meta"))
+    False
+    """
+    return (
+        not _suspended
+        and all(
+            t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
+            for t in tensors
+        )
+        and available()
+    )
+
+
+#: A format as the kernels see it: ``(kind, bits, exponent_bits,
+#: mantissa_bits)``, kind 0 for floats and 1 for integers (``Format.spec``).
+FormatSpec = tuple[int, int, int, int]
+
+
+def _codes_args(codes: torch.Tensor, packed: bool) -> tuple[int, int]:
+    expected = torch.uint8 if packed else torch.int32
+    if codes.dtype != expected:
+        raise TypeError(f"codes must be {expected}, got {codes.dtype}")
+    return codes.data_ptr(), codes.numel() * codes.element_size()
+
+
+def decode(
+    codes: torch.Tensor,
+    out: torch.Tensor,
+    fmt: FormatSpec,
+    multipliers: tuple[float, ...] = (),
+    shift: float | None = None,
+    packed: bool = True,
+) -> torch.Tensor:
+    """``out = value(codes) * multipliers... + shift``, in one pass.
+
+    ``value`` is each code's exact value in the format (computed without
+    float32 subnormal intermediates); the multipliers and shift are the
+    transform's, in float32, in order.
+
+    Arguments
+    ---------
+    codes : torch.Tensor
+        Bit-packed ``uint8`` codes (``packed=True``) or ``int32`` codes in
+        range (``packed=False``).
+    out : torch.Tensor
+        Contiguous float32 CPU tensor of the values.
+    fmt : FormatSpec
+        Format of the codes (``Format.spec``).
+    multipliers : tuple of float
+        Up to two float32 factors, applied in order.
+    shift : float, optional
+        Added last.
+    packed : bool
+        Layout of ``codes``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``.
+    """
+    if out.dtype != torch.float32:
+        raise TypeError(f"out must be float32, got {out.dtype}")
+    ptr, nbytes = _codes_args(codes, packed)
+    m = (*multipliers, 1.0, 1.0)
+    flags = (len(multipliers) >= 1) | (len(multipliers) >= 2) << 1
+    flags |= (shift is not None) << 2
+    _library().omc_decode(
+        ptr,
+        nbytes,
+        int(packed),
+        out.data_ptr(),
+        out.numel(),
+        *fmt,
+        m[0],
+        m[1],
+        0.0 if shift is None else shift,
+        flags,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def encode(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    fmt: FormatSpec,
+    scale: float | None = None,
+    shift: float | None = None,
+    stochastic_key: int | None = None,
+    index_offset: int = 0,
+    packed: bool = True,
+) -> torch.Tensor:
+    """``codes = quantize((x - shift) / scale)``, in one pass.
+
+    Arguments
+    ---------
+    x : torch.Tensor
+        Contiguous, finite float32 CPU tensor.
+    codes : torch.Tensor
+        Output: ``ceil(n * bits / 8)`` ``uint8`` (``packed=True``) or ``n``
+        ``int32``.
+    fmt : FormatSpec
+        Target format (``Format.spec``).
+    scale, shift : float, optional
+        The forward transform (``None``: omitted).
+    stochastic_key : int, optional
+        64-bit key of stochastic rounding; ``None`` rounds to nearest even.
+    index_offset : int
+        Index of ``x[0]`` in the counter-based random stream.
+    packed : bool
+        Layout of ``codes``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``codes``.
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32, got {x.dtype}")
+    ptr, nbytes = _codes_args(codes, packed)
+    tkind = 0 if scale is None else (2 if shift is not None else 1)
+    _library().omc_encode(
+        x.data_ptr(),
+        x.numel(),
+        ptr,
+        nbytes,
+        int(packed),
+        *fmt,
+        tkind,
+        1.0 if scale is None else scale,
+        0.0 if shift is None else shift,
+        int(stochastic_key is not None),
+        (stochastic_key or 0) & (2**64 - 1),
+        index_offset,
+        torch.get_num_threads(),
+    )
+    return codes
+
+
+def minmax(x: torch.Tensor) -> tuple[float, float, int]:
+    """Minimum, maximum and number of non-finite values of a float32 tensor.
+
+    Arguments
+    ---------
+    x : torch.Tensor
+        Contiguous float32 CPU tensor.
+
+    Returns
+    -------
+    tuple
+        ``(min, max, non-finite count)``; min and max are meaningless when
+        the count is not zero.
+    """
+    out = (ctypes.c_float * 2)()
+    bad = _library().omc_minmax(
+        x.data_ptr(), x.numel(), ctypes.addressof(out), torch.get_num_threads()
+    )
+    return float(out[0]), float(out[1]), int(bad)
+
+
+def sgd_step(
+    value: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    first_step: bool = False,
+) -> tuple[int, float, float, int]:
+    """One ``torch.optim.SGD`` step on ``value`` in place, bit for bit.
+
+    Arguments
+    ---------
+    value : torch.Tensor
+        Float32 weights (a scratch copy: left undefined when the gradient is
+        not finite).
+    grad : torch.Tensor
+        Its gradient (float32, same size).
+    momentum_buffer : torch.Tensor or None
+        Float32 momentum state, updated in place (only when every gradient
+        value is finite); ``None`` without momentum.
+    lr, momentum, dampening, weight_decay, nesterov
+        As in ``torch.optim.SGD``.
+    first_step : bool
+        Initialise the momentum buffer from this gradient.
+
+    Returns
+    -------
+    tuple
+        ``(non-finite gradient values, new min, new max, non-finite values)``.
+    """
+    if grad.dtype != torch.float32 or value.dtype != torch.float32:
+        raise TypeError("sgd_step works on float32 values and gradients")
+    if grad.numel() != value.numel():
+        raise ValueError("grad and value differ in size")
+    out = (ctypes.c_float * 3)()
+    buf = None if momentum_buffer is None else momentum_buffer.data_ptr()
+    bad = _library().omc_sgd_step(
+        value.data_ptr(),
+        grad.data_ptr(),
+        buf,
+        value.numel(),
+        -lr,
+        momentum,
+        1.0 - dampening,
+        weight_decay,
+        int(nesterov),
+        int(first_step),
+        ctypes.addressof(out),
+        torch.get_num_threads(),
+    )
+    return int(bad), float(out[0]), float(out[1]), int(out[2])
