@@ -153,6 +153,8 @@ class CompressedTensor:
         rounding: str = "nearest",
         generator: torch.Generator | int | None = None,
         clip: str = "absmax",
+        *,
+        out: torch.Tensor | None = None,
     ) -> CompressedTensor:
         """Compress a float tensor.
 
@@ -172,6 +174,10 @@ class CompressedTensor:
             generator's key; see :meth:`Format.quantize`).
         clip : str
             ``"absmax"`` or ``"mse"`` (see :func:`fit_transform`).
+        out : torch.Tensor, optional
+            Contiguous 1-D ``uint8`` tensor of ``ceil(numel * bits / 8)``
+            bytes on ``x``'s device to hold the codes (storage the caller
+            chose, such as :func:`~speechbrain_omc.memory.mapped_empty`).
 
         Returns
         -------
@@ -199,7 +205,20 @@ class CompressedTensor:
             fitted = transform
         else:
             fitted = fit_transform(x32, fmt, transform, clip, minmax=minmax)
-        packed = cls._encode(x32, fmt, fitted, rounding, generator)
+        if out is not None:
+            expected = packed_nbytes(x32.numel(), fmt.bits)
+            if (
+                out.dtype != torch.uint8
+                or out.dim() != 1
+                or out.numel() != expected
+                or not out.is_contiguous()
+                or out.device != x32.device
+            ):
+                raise ValueError(
+                    f"out must be a contiguous 1-D uint8 tensor of {expected} bytes "
+                    f"on {x32.device}"
+                )
+        packed = cls._encode(x32, fmt, fitted, rounding, generator, out=out)
         return cls(packed, fmt, x32.shape, fitted, clip)
 
     @staticmethod

@@ -39,6 +39,9 @@ import torch
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.formats import get_format
+from speechbrain_omc.memory import Workspace, mapped_empty, trim_heap
+from speechbrain_omc.packing import packed_nbytes
 from speechbrain_omc.selection import Plan, make_plan, round_seed
 from speechbrain_omc.sgd import SGDSettings, sgd_step_
 
@@ -200,6 +203,8 @@ class OMCHandle:
         self._pushed: list[bool] = []
         self.live_bytes = 0
         self.peak_live_bytes = 0
+        # Transient decompressed copies reuse mapped buffers: no heap churn.
+        self.workspace = Workspace()
 
     # ------------------------------------------------------------------ setup
     @property
@@ -239,7 +244,8 @@ class OMCHandle:
 
     # ------------------------------------------------------ decompression
     def _decompress(self, slot: _Slot) -> torch.Tensor:
-        out = slot.tensor.decompress()
+        buffer = self.workspace.take(slot.tensor.numel(), slot.tensor.device)
+        out = slot.tensor.decompress(out=buffer)
         self._track(out)
         return out
 
@@ -404,6 +410,7 @@ class OMCHandle:
             if self.mode == "fused" and slot.grad is not None:
                 self._fused_update(slot)
             slot.reset_uses()
+        self.workspace.trim()
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients and pending uses."""
@@ -505,7 +512,7 @@ class OMCHandle:
                 f"shape {tuple(tensor.shape)} does not match {name}'s "
                 f"{tuple(slot.shape)}"
             )
-        slot.tensor = tensor
+        slot.tensor = _in_mapped_storage(tensor)
         slot.version += 1
         slot.grad = None
         slot.reset_uses()
@@ -599,6 +606,17 @@ class OMCHandle:
         self.module.__dict__.pop("_omc_handle", None)
 
 
+def _in_mapped_storage(tensor: CompressedTensor) -> CompressedTensor:
+    """The same codes in pages of their own (see :mod:`speechbrain_omc.memory`)."""
+    if tensor.device.type != "cpu":
+        return tensor
+    packed = mapped_empty(tensor.packed.numel())
+    packed.copy_(tensor.packed)
+    return CompressedTensor(
+        packed, tensor.format, tensor.shape, tensor.transform, tensor.clip
+    )
+
+
 def _owners(
     module: torch.nn.Module,
 ) -> dict[int, list[tuple[str, torch.nn.Module, str]]]:
@@ -678,13 +696,17 @@ def compress_module(
         param = params[entry.name]
         if not param.is_floating_point():
             raise TypeError(f"{entry.name} is {param.dtype}; OMC compresses floats")
+        value = param.detach().float().cpu()
+        nbytes = packed_nbytes(value.numel(), get_format(entry.format).bits)
         tensor = CompressedTensor.compress(
-            param.detach().float().cpu(),
+            value,
             entry.format,
             transform=config.transform,
             rounding=config.rounding,
             clip=config.clip,
+            out=mapped_empty(nbytes),
         )
+        del value
         holders = owners[id(param)]
         slot = _Slot(
             entry.name,
@@ -730,5 +752,7 @@ def compress_module(
         handle._hooks.append(mod.register_forward_pre_hook(handle._enter))
         handle._hooks.append(mod.register_forward_hook(handle._exit, always_call=True))
     module.__dict__["_omc_handle"] = handle
+    # The float32 parameters just freed go back to the system at once.
+    trim_heap()
     logger.info("OMC plan:\n%s", plan.table())
     return handle

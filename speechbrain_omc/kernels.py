@@ -68,6 +68,7 @@ _FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++1
 
 _i64, _i32, _f32, _u64 = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint64
 _ptr = ctypes.c_void_p
+_Floats2, _Floats3 = ctypes.c_float * 2, ctypes.c_float * 3  # one type each: no cycles
 _SIGNATURES = {
     "omc_abi_version": (_i32, []),
     "omc_decode": (
@@ -406,7 +407,7 @@ def minmax(x: torch.Tensor) -> tuple[float, float, int]:
         ``(min, max, non-finite count)``; min and max are meaningless when
         the count is not zero.
     """
-    out = (ctypes.c_float * 2)()
+    out = _Floats2()
     bad = _library().omc_minmax(
         x.data_ptr(), x.numel(), ctypes.addressof(out), torch.get_num_threads()
     )
@@ -450,7 +451,7 @@ def sgd_step(
         raise TypeError("sgd_step works on float32 values and gradients")
     if grad.numel() != value.numel():
         raise ValueError("grad and value differ in size")
-    out = (ctypes.c_float * 3)()
+    out = _Floats3()
     buf = None if momentum_buffer is None else momentum_buffer.data_ptr()
     bad = _library().omc_sgd_step(
         value.data_ptr(),

@@ -1,0 +1,183 @@
+"""Where OMC's buffers live, so that the memory saving shows in the process.
+
+A saving counts only if the process's resident memory drops. With glibc's
+default allocator, OMC's own allocations would fragment the heap that
+activations and gradients share: every float32 weight freed at compression
+leaves a hole, the packed codes allocated meanwhile sit between the holes,
+and the decompressed copies made in every forward and backward come and go
+among the activations. Freed heap memory stays resident, so a fused step
+would peak above a float32 one. Hence:
+
+* long-lived packed codes are mapped pages of their own
+  (:func:`mapped_empty`), outside malloc's heap;
+* decompressed copies come from a :class:`Workspace` of mapped buffers that
+  is reused from step to step: no allocation, no page fault, no heap;
+* after compression, :func:`trim_heap` returns the freed float32 parameters
+  to the system (``malloc_trim``, glibc only; a no-op elsewhere).
+
+Nothing here changes the allocator's settings for the rest of the process.
+
+Example
+-------
+>>> import torch
+>>> ws = Workspace()
+>>> a = ws.take(1 << 16)
+>>> a.numel(), a.dtype
+(65536, torch.float32)
+>>> ptr = a.data_ptr(); del a
+>>> ws.take(1 << 16).data_ptr() == ptr  # reused once the tensor is gone
+True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import mmap
+import sys
+import threading
+
+import torch
+
+__all__ = ["MAPPED_MIN_BYTES", "Workspace", "mapped_empty", "trim_heap"]
+
+#: Smaller buffers stay with malloc: a mapping costs at least a page.
+MAPPED_MIN_BYTES = 1 << 16
+
+
+def mapped_empty(numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialised 1-D CPU tensor on pages of its own (anonymous ``mmap``).
+
+    The pages go back to the system when the tensor's storage dies. Small
+    tensors (under :data:`MAPPED_MIN_BYTES`) come from ``torch.empty``.
+
+    Arguments
+    ---------
+    numel : int
+        Number of elements.
+    dtype : torch.dtype
+        Element type.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Example
+    -------
+    >>> mapped_empty(1 << 20, torch.float32).shape
+    torch.Size([1048576])
+    """
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes < MAPPED_MIN_BYTES:
+        return torch.empty(numel, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=numel)
+
+
+class Workspace:
+    """Reusable float32 buffers for the transient decompressed copies.
+
+    A buffer is free again once every tensor made from it has died: the
+    tensor's storage holds a reference to the buffer's mapping, so the
+    mapping's reference count tells. CPU buffers are mappings of their own;
+    on other devices :meth:`take` is ``torch.empty`` (their caching
+    allocators already reuse memory).
+
+    Arguments
+    ---------
+    idle_bytes : int
+        Idle buffers kept beyond this total are unmapped by :meth:`trim`.
+    """
+
+    def __init__(self, idle_bytes: int = 64 << 20):
+        self.idle_bytes = idle_bytes
+        self._buffers: dict[int, list[mmap.mmap]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _idle(buffer: mmap.mmap) -> bool:
+        # References: the pool's list, the caller's loop variable, this
+        # parameter and getrefcount's argument; a live tensor adds one.
+        return sys.getrefcount(buffer) <= 4
+
+    def take(
+        self, numel: int, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """A float32 tensor of ``numel`` values, uninitialised.
+
+        Arguments
+        ---------
+        numel : int
+            Number of values.
+        device : torch.device or str
+            Where the tensor lives.
+
+        Returns
+        -------
+        torch.Tensor
+            1-D float32 tensor.
+        """
+        if torch.device(device).type != "cpu" or 4 * numel < MAPPED_MIN_BYTES:
+            return torch.empty(numel, dtype=torch.float32, device=device)
+        with self._lock:
+            pool = self._buffers.setdefault(numel, [])
+            for buffer in pool:
+                if self._idle(buffer):
+                    break
+            else:
+                buffer = mmap.mmap(-1, 4 * numel)
+                pool.append(buffer)
+            return torch.frombuffer(buffer, dtype=torch.float32, count=numel)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes mapped by the pool, in use or idle."""
+        return sum(len(b) for pool in self._buffers.values() for b in pool)
+
+    def trim(self) -> None:
+        """Unmap idle buffers beyond ``idle_bytes`` (largest first)."""
+        with self._lock:
+            idle = [
+                (len(b), size, b)
+                for size, pool in self._buffers.items()
+                for b in pool
+                if self._idle(b)
+            ]
+            kept = sum(n for n, _, _ in idle)
+            for n, size, buffer in sorted(idle, key=lambda e: -e[0]):
+                if kept <= self.idle_bytes:
+                    break
+                self._buffers[size].remove(buffer)
+                kept -= n
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        func = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    func.argtypes, func.restype = [ctypes.c_size_t], ctypes.c_int
+    return func
+
+
+def trim_heap() -> bool:
+    """Return the free memory of malloc's heap to the system (glibc).
+
+    Returns
+    -------
+    bool
+        Whether the C library could do it (``False`` where it has no
+        ``malloc_trim``).
+
+    Example
+    -------
+    >>> isinstance(trim_heap(), bool)
+    True
+    """
+    func = _malloc_trim()
+    if func is None:
+        return False
+    func(0)
+    return True
