@@ -18,9 +18,10 @@ Updates come in two modes:
   decompresses everything into shadow parameters for any torch optimizer,
   then compresses the result.
 
-Known limits: compressed storage stays on the CPU; with reentrant activation
-checkpointing (``use_reentrant=True``) a weight shared by several checkpointed
-segments is updated once per segment in fused mode (non-reentrant
+Codes follow the module's device (``module.to(device)``); on devices other
+than the CPU the torch reference codec runs. Known limits: with reentrant
+activation checkpointing (``use_reentrant=True``) a weight shared by several
+checkpointed segments is updated once per segment in fused mode (non-reentrant
 checkpointing, the torch default, is exact); backward through the same graph
 twice (``retain_graph``) after a fused update raises.
 """
@@ -157,12 +158,17 @@ def _compressed_property(name: str) -> property:
     return property(fget, fset, doc=f"OMC-compressed parameter {name!r}")
 
 
-_CLASS_CACHE: dict[tuple[type, tuple[str, ...]], type] = {}
+_CLASS_CACHE: dict[tuple[type, tuple[str, ...], bool], type] = {}
 
 
-def _class_with_properties(cls: type, names: tuple[str, ...]) -> type:
-    """A subclass of ``cls`` whose compressed attributes are properties."""
-    key = (cls, names)
+def _owner_class(cls: type, names: tuple[str, ...], properties: bool) -> type:
+    """A subclass of ``cls`` for owners of compressed parameters.
+
+    Its ``_apply`` (behind ``.to()``, ``.cuda()``, ``.half()``...) moves the
+    codes along with the module; with ``properties``, the compressed
+    attributes are properties that decompress on read.
+    """
+    key = (cls, names, properties)
     if key not in _CLASS_CACHE:
 
         def __setattr__(module, name, value):
@@ -171,8 +177,17 @@ def _class_with_properties(cls: type, names: tuple[str, ...]) -> type:
                 _refuse_assignment(module, name)
             cls.__setattr__(module, name, value)
 
+        def _apply(module, fn, recurse=True):
+            result = cls._apply(module, fn, recurse)
+            for slot, engine in module._omc_slots.values():
+                engine._apply_to_slot(slot, fn)
+            return result
+
         namespace = {name: _compressed_property(name) for name in names}
+        if not properties:
+            namespace = {}
         namespace.update(_omc_original_class=cls, __setattr__=__setattr__)
+        namespace["_apply"] = _apply
         _CLASS_CACHE[key] = type(f"OMC{cls.__name__}", (cls,), namespace)
     return _CLASS_CACHE[key]
 
@@ -450,6 +465,28 @@ class OMCHandle:
                 slot.shadow.grad = None
                 slot.shadow.data = torch.empty(0)
 
+    def _apply_to_slot(self, slot: _Slot, fn) -> None:
+        """Follow ``module._apply(fn)``: codes and momentum change device."""
+        packed = fn(slot.tensor.packed)
+        if packed.dtype != torch.uint8:
+            raise TypeError(
+                f"OMC: {slot.name} is stored as uint8 codes, which cannot be cast "
+                f"to {packed.dtype}; move modules with .to(device), and take "
+                "float32 weights out with handle.decompressed_state_dict()"
+            )
+        if packed is slot.tensor.packed:
+            return
+        t = slot.tensor
+        slot.tensor = CompressedTensor(packed, t.format, t.shape, t.transform, t.clip)
+        if isinstance(slot.momentum, torch.Tensor):
+            slot.momentum = slot.momentum.to(packed.device)
+        elif isinstance(slot.momentum, CompressedTensor):
+            m = slot.momentum
+            slot.momentum = CompressedTensor(
+                m.packed.to(packed.device), m.format, m.shape, m.transform, m.clip
+            )
+        slot.version += 1  # graphs recorded on the old device cannot go on
+
     # ------------------------------------------------------------ state dicts
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
         for name, (slot, _) in module._omc_slots.items():
@@ -491,13 +528,14 @@ class OMCHandle:
             parameter's format.
         """
         slot = self.slots[name]
+        device = slot.tensor.device
         if isinstance(value, (bytes, bytearray, memoryview)):
-            tensor = CompressedTensor.from_bytes(bytes(value))
+            tensor = CompressedTensor.from_bytes(bytes(value), device)
         elif isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
-            tensor = CompressedTensor.from_bytes(value.cpu().numpy().tobytes())
+            tensor = CompressedTensor.from_bytes(value.cpu().numpy().tobytes(), device)
         elif isinstance(value, torch.Tensor) and value.is_floating_point():
             tensor = CompressedTensor.compress(
-                value.detach().float().cpu(),
+                value.detach().float().to(device),
                 slot.tensor.format,
                 transform=self.config.transform,
                 rounding=self.config.rounding,
@@ -696,7 +734,7 @@ def compress_module(
         param = params[entry.name]
         if not param.is_floating_point():
             raise TypeError(f"{entry.name} is {param.dtype}; OMC compresses floats")
-        value = param.detach().float().cpu()
+        value = param.detach().float()
         nbytes = packed_nbytes(value.numel(), get_format(entry.format).bits)
         tensor = CompressedTensor.compress(
             value,
@@ -704,7 +742,7 @@ def compress_module(
             transform=config.transform,
             rounding=config.rounding,
             clip=config.clip,
-            out=mapped_empty(nbytes),
+            out=mapped_empty(nbytes) if value.device.type == "cpu" else None,
         )
         del value
         holders = owners[id(param)]
@@ -724,14 +762,15 @@ def compress_module(
 
     for owner, slots in per_owner.values():
         owner.__dict__["_omc_slots"] = slots
-        if isinstance(owner, _WINDOW_TYPES):
+        # RNNs read weights through a cache that forward windows fill.
+        window = isinstance(owner, _WINDOW_TYPES)
+        if window:
             handle._hooks.append(owner.register_forward_pre_hook(handle._open_window))
             handle._hooks.append(
                 owner.register_forward_hook(handle._close_window, always_call=True)
             )
             owner._flat_weights = [None] * len(owner._flat_weights_names)
-        else:
-            owner.__class__ = _class_with_properties(type(owner), tuple(sorted(slots)))
+        owner.__class__ = _owner_class(type(owner), tuple(sorted(slots)), not window)
         # partial: torch marks public state-dict hooks with an attribute,
         # which a bound method cannot carry.
         handle._hooks.append(

@@ -100,9 +100,7 @@ class Workspace:
         # parameter and getrefcount's argument; a live tensor adds one.
         return sys.getrefcount(buffer) <= 4
 
-    def take(
-        self, numel: int, device: torch.device | str = "cpu"
-    ) -> torch.Tensor:
+    def take(self, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """A float32 tensor of ``numel`` values, uninitialised.
 
         Arguments

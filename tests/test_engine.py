@@ -379,3 +379,30 @@ def test_parameter_bytes_of_a_submodule_counts_its_compressed_weights():
     assert parameter_bytes(model) == handle.parameter_bytes()
     expected_a = math.ceil(512 * 11 / 8) + 4 + 4 * 32
     assert parameter_bytes(model["net"].a) == expected_a
+
+
+def test_codes_follow_the_module_to_another_device():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig(format="e3m7"))
+    before = {n: s.tensor.packed.clone() for n, s in handle.slots.items()}
+    model.to("meta")
+    for name, slot in handle.slots.items():
+        assert slot.tensor.device.type == "meta", name
+        assert slot.tensor.packed.shape == before[name].shape
+    assert model.a.weight.device.type == "meta"
+    # Without kernels there, the torch reference decodes on that device.
+    out = model(torch.randn(2, 16, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 4)
+
+
+def test_float_dtype_moves_leave_codes_alone_and_casting_codes_is_refused():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    handle = compress_module(model, OMCConfig(format="e3m7"))
+    codes = {n: s.tensor.packed for n, s in handle.slots.items()}
+    model.to(torch.float64)
+    assert model.a.bias.dtype == torch.float64
+    assert all(s.tensor.packed is codes[n] for n, s in handle.slots.items())
+    with pytest.raises(TypeError, match="uint8 codes"):
+        model.type(torch.float32)
