@@ -731,7 +731,7 @@ def compress_module(
 
     per_owner: dict[int, tuple[torch.nn.Module, dict[str, tuple]]] = {}
     for entry in plan.compressed:
-        param = params[entry.name]
+        param = params.pop(entry.name)  # the last reference: freed below
         if not param.is_floating_point():
             raise TypeError(f"{entry.name} is {param.dtype}; OMC compresses floats")
         value = param.detach().float()
