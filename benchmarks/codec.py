@@ -1,18 +1,20 @@
 """Codec speed at weight-matrix sizes: kernels and torch reference vs native casts.
 
 For every size (256K, 1M and 4M values by default) and thread count, one loop
-runs every case once per repeat, in turn, so that load on a shared machine
-hits all of them alike; each case reports the median and the minimum of its
-repeats. Cases:
+runs every compared case once per repeat, in turn, so that load on a shared
+machine hits all of them alike; each case reports the median and the minimum
+of its repeats. Cases:
 
 * native casts of the same tensor: ``float32 -> bfloat16`` (down) and
   ``bfloat16 -> float32`` (up), ``float16`` likewise, into preallocated
   outputs (``copy_``), as our decoding writes into one (``out=``): the
   figures are the codecs', not the allocator's first touch of fresh pages;
-* per format, with the native kernels and with the torch reference
-  (``SPEECHBRAIN_OMC_KERNELS`` off in-process): ``decompress`` (the forward
-  and backward path) and ``assign_`` with stochastic rounding (the per-step
-  re-compression: range, transform fit, rounding and packing).
+* per format, with the native kernels: ``decompress`` (the forward and
+  backward path) and ``assign_`` with stochastic rounding (the per-step
+  re-compression: range, transform fit, rounding and packing);
+* the same with the torch reference (kernels disabled in-process), in a
+  loop of its own afterwards (a third of the repeats): its large temporaries
+  would leave the next case in the loop with cold caches.
 
 Ratios divide by the native cast of the same size and thread count: decoding
 by ``bfloat16 -> float32``, encoding by ``float32 -> bfloat16``. The targets
@@ -61,28 +63,34 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def cases_for(x: torch.Tensor) -> dict:
-    """Every timed case on one tensor, as zero-argument callables."""
-    bf16, f16 = x.to(torch.bfloat16), x.to(torch.float16)
+def cases_for(x: torch.Tensor, reference: bool) -> dict:
+    """The timed cases on one tensor, as zero-argument callables.
+
+    ``reference=False``: native casts and our kernels, the cases that are
+    compared (interleaved with each other only: the torch reference's large
+    temporaries would leave every following case with cold caches).
+    ``reference=True``: the torch reference of every format.
+    """
+    cases = {}
     # Every output is preallocated, so that the figures are the codecs' own,
     # not the allocator's first touch of fresh pages.
-    out, low = torch.empty_like(x), torch.empty_like(bf16)
-    cases = {
-        ("native", "bf16", "down"): lambda: low.copy_(x),
-        ("native", "bf16", "up"): lambda: out.copy_(bf16),
-        ("native", "fp16", "down"): lambda: low.view(torch.float16).copy_(x),
-        ("native", "fp16", "up"): lambda: out.copy_(f16),
-    }
+    out = torch.empty_like(x)
+    if not reference:
+        bf16, f16 = x.to(torch.bfloat16), x.to(torch.float16)
+        low = torch.empty_like(bf16)
+        cases[("native", "bf16", "down")] = lambda: low.copy_(x)
+        cases[("native", "bf16", "up")] = lambda: out.copy_(bf16)
+        cases[("native", "fp16", "down")] = lambda: low.view(torch.float16).copy_(x)
+        cases[("native", "fp16", "up")] = lambda: out.copy_(f16)
+    impl = "torch" if reference else "kernel"
     for name in FORMATS:
         ct = CompressedTensor.compress(x, name)
-        for impl in ("kernel", "torch"):
-            off = impl == "torch"
-            cases[(impl, name, "decode")] = lambda c=ct, o=off: _run(
-                lambda: c.decompress(out=out), o
-            )
-            cases[(impl, name, "encode")] = lambda c=ct, o=off: _run(
-                lambda: c.assign_(x, "stochastic", 7), o
-            )
+        cases[(impl, name, "decode")] = lambda c=ct: _run(
+            lambda: c.decompress(out=out), reference
+        )
+        cases[(impl, name, "encode")] = lambda c=ct: _run(
+            lambda: c.assign_(x, "stochastic", 7), reference
+        )
     return cases
 
 
@@ -94,20 +102,23 @@ def _run(fn, reference: bool):
 
 
 def measure(numel: int, threads: int, repeats: int) -> dict:
-    """``{case: (median s, min s)}``, cases interleaved in every repeat."""
+    """``{case: (median s, min s)}``; cases interleaved in every repeat."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(numel, generator=gen) * 0.05  # weight-like values
-    cases = cases_for(x)
-    times = {key: [] for key in cases}
-    for fn in cases.values():  # warm-up: first touch, lazy initialisation
-        fn()
-    for _ in range(repeats):
-        for key, fn in cases.items():
-            start = time.perf_counter()
+    result = {}
+    for reference, runs in ((False, repeats), (True, max(3, repeats // 3))):
+        cases = cases_for(x, reference)
+        times = {key: [] for key in cases}
+        for fn in cases.values():  # warm-up: first touch, lazy initialisation
             fn()
-            times[key].append(time.perf_counter() - start)
-    return {key: (statistics.median(v), min(v)) for key, v in times.items()}
+        for _ in range(runs):
+            for key, fn in cases.items():
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+        result.update({key: (statistics.median(v), min(v)) for key, v in times.items()})
+    return result
 
 
 def report(res: dict, numel: int, threads: int) -> list[str]:
@@ -172,7 +183,8 @@ def main() -> None:
         "```",
         "",
         f"- float32 values randn * 0.05; transform `scale`; median (and minimum) of "
-        f"{args.repeats} repeats, every case once per repeat, in turn",
+        f"{args.repeats} repeats, native casts and kernels once per repeat, in "
+        "turn; the torch reference in a loop of its own",
         "- decode = `CompressedTensor.decompress`; encode SR = `assign_` with "
         "stochastic rounding (range, fit, rounding, packing: the per-step path); "
         "ratios against the native bf16 casts of the same size and threads",
