@@ -346,10 +346,9 @@ class OMCHandle:
         module._flat_weights = [None] * len(module._flat_weights_names)
 
     # ---------------------------------------------------------------- updates
-    def _generator(self, slot: _Slot, stream: str = "") -> torch.Generator:
-        """Rounding randomness of one slot's one step: same in both modes."""
-        seed = round_seed(self.config.seed, slot.steps, slot.name + stream)
-        return torch.Generator().manual_seed(seed)
+    def _rounding_key(self, slot: _Slot, stream: str = "") -> int:
+        """Key of the stochastic rounding of one slot's one step (both modes)."""
+        return round_seed(self.config.seed, slot.steps, slot.name + stream)
 
     def _recompress(
         self,
@@ -360,7 +359,7 @@ class OMCHandle:
         slot.tensor.assign_(
             value,
             rounding=self.config.update_rounding,
-            generator=self._generator(slot),
+            generator=self._rounding_key(slot),
             minmax=minmax,
         )
         slot.steps += 1
@@ -409,7 +408,7 @@ class OMCHandle:
                 self.config.momentum_format,
                 transform="scale",
                 rounding=self.config.update_rounding,
-                generator=self._generator(slot, "/momentum"),
+                generator=self._rounding_key(slot, "/momentum"),
             )
         slot.momentum = buffer
         self._recompress(slot, value, result.minmax)

@@ -257,14 +257,12 @@ def native_for(*tensors: torch.Tensor) -> bool:
     >>> native_for(torch.zeros(3, device="meta"))
     False
     """
-    return (
-        not _suspended
-        and all(
-            t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
-            for t in tensors
-        )
-        and available()
-    )
+    if _suspended or not available():
+        return False
+    for t in tensors:  # a plain loop: this runs for every decode and encode
+        if not t.is_cpu or t.requires_grad or not t.is_contiguous():
+            return False
+    return True
 
 
 #: A format as the kernels see it: ``(kind, bits, exponent_bits,

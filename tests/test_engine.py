@@ -17,9 +17,9 @@ def reference_step(
 ):
     """Decompress, float32 SGD step, compress: what a fused step must equal."""
     value = codes.decompress().add_(grad, alpha=-lr)  # as torch.optim.SGD
-    generator = torch.Generator().manual_seed(round_seed(seed, step, name))
+    key = round_seed(seed, step, name)
     expected = copy.deepcopy(codes)
-    expected.assign_(value, rounding=rounding, generator=generator)
+    expected.assign_(value, rounding=rounding, generator=key)
     return expected.decompress()
 
 
