@@ -48,6 +48,8 @@ def honest_reply(data, shift=1.0, num_examples=10, **meta_overrides):
         "type": "update",
         "round": received.meta["round"],
         "client": received.meta["client"],
+        "run": received.meta["run"],
+        "nonce": received.meta["nonce"],
         "num_examples": num_examples,
         "metrics": {"train_loss": 1.0},
     }
@@ -225,16 +227,26 @@ MALFORMED = {
             d,
             _compressed_name(s, 1, c),
             CompressedTensor.compress(
+                wire.decode(d).decompressed()[_compressed_name(s, 1, c)], "e4m3"
+            ),
+        ),
+        "arrived as e4m3, expected e3m7",
+    ),
+    "wrong format: a wider one": (
+        lambda s, c, d: _replace_entry(
+            d,
+            _compressed_name(s, 1, c),
+            CompressedTensor.compress(
                 wire.decode(d).decompressed()[_compressed_name(s, 1, c)], "bf16"
             ),
         ),
-        "arrived as e8m7, expected e3m7",
+        "payload of \\d+ bytes, at most \\d+ expected",
     ),
     "wrong format: compressed bias": (
         lambda s, c, d: _replace_entry(
             d, "layer1.bias", CompressedTensor.compress(torch.zeros(16), "e3m7")
         ),
-        "layer1.bias arrived as e3m7, expected float32",
+        "layer1.bias arrived compressed, expected float32",
     ),
     "NaN values": (
         lambda s, c, d: _replace_entry(
@@ -274,11 +286,11 @@ MALFORMED = {
     ),
     "zero examples": (
         lambda s, c, d: honest_reply(s.message_for(c, 1), num_examples=0),
-        "num_examples must be a positive int",
+        "num_examples must be an integer in \\[1, ",
     ),
     "boolean examples": (
         lambda s, c, d: honest_reply(s.message_for(c, 1), num_examples=True),
-        "num_examples must be a positive int",
+        "num_examples must be an integer in \\[1, ",
     ),
     "a global model sent back": (
         lambda s, c, d: s.message_for(c, 1),
