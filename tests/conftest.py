@@ -2,8 +2,15 @@
 
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
+
+# The Flower app folder: its package (omc_flower) is importable in tests as
+# Flower makes it importable in its processes.
+APP_DIR = Path(__file__).resolve().parents[1] / "recipes/SynthSpeech/federated/flower"
+if str(APP_DIR) not in sys.path:
+    sys.path.insert(0, str(APP_DIR))
 
 
 @pytest.hookimpl(tryfirst=True)

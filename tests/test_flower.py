@@ -2,7 +2,8 @@
 
 The strategy runs against a fake grid that answers each message in-process,
 so the whole ``Strategy.start`` loop (query, train, aggregate, evaluate) is
-exercised in a second; the real engines are in test_flower_deployment.py.
+exercised in a second; the real engines are in test_flower_deployment.py,
+hostile nodes in test_hostile_clients.py.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from flwr.app import (
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
+from omc_flower import client_app
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.federated import wire
-from speechbrain_omc.federated.flower import client_app
 from speechbrain_omc.federated.flower.records import (
     PAYLOAD_KEY,
-    model_to_record,
     payload_from_record,
     payload_to_record,
 )
@@ -56,7 +56,7 @@ def _model():
 
 
 def _server(**kwargs):
-    settings = dict(clients_per_round=2, omc=OMC, seed=11)
+    settings = dict(clients_per_round=2, omc=OMC, seed=11, max_examples=10)
     settings.update(kwargs)
     return FedAvgServer(_model(), CLIENTS, **settings)
 
@@ -71,13 +71,10 @@ def honest_reply(data: bytes, shift: float, num_examples: int) -> bytes:
             entries[name] = CompressedTensor.compress(new, value.format)
         else:
             entries[name] = value + shift
-    meta = {
-        "type": "update",
-        "round": received.meta["round"],
-        "client": received.meta["client"],
-        "num_examples": num_examples,
-        "metrics": {"train_loss": 1.0 + shift},
-    }
+    meta = {key: received.meta[key] for key in ("round", "client", "run", "nonce")}
+    meta.update(
+        type="update", num_examples=num_examples, metrics={"train_loss": 1.0 + shift}
+    )
     return wire.encode(entries, meta)
 
 
@@ -124,20 +121,15 @@ def make_handler(bad=None):
         kind = message.metadata.message_type
         if kind == MessageType.QUERY:
             return RecordDict({QUERY_KEY: ConfigRecord({CLIENT_ID_KEY: client})})
-        data = payload_from_record(message.content["arrays"])
+        data = payload_from_record(message.content)
         if kind == MessageType.EVALUATE:
-            metrics = {"num-examples": 10 * (node - 100), "loss": float(node - 100)}
-            metrics.update({"WER-errors": node - 100, "WER-words": 10})
-            return RecordDict({"metrics": MetricRecord(metrics)})
+            k = node - 100
+            metrics = {"num-examples": 10 * k, "loss": float(k), "WER": 10.0 * k}
+            return RecordDict({"metrics": MetricRecord({**metrics, "CER": 5.0 * k})})
         if client in bad:
             return bad[client](data)
         reply = honest_reply(data, shift=float(node - 100), num_examples=node - 100)
-        return RecordDict(
-            {
-                "arrays": payload_to_record(reply),
-                "metrics": MetricRecord({"num-examples": node - 100}),
-            }
-        )
+        return RecordDict({"arrays": payload_to_record(reply)})
 
     return handler
 
@@ -148,7 +140,10 @@ def test_payload_round_trip_is_exact_and_uint8():
     record = payload_to_record(data)
     assert record[PAYLOAD_KEY].dtype == "uint8"
     assert record[PAYLOAD_KEY].shape == (len(data),)
-    assert payload_from_record(record) == data
+    view = payload_from_record(RecordDict({"arrays": record}))
+    assert bytes(view) == data
+    # A view into Flower's buffer, not a copy of a possibly huge reply.
+    assert view.obj is record[PAYLOAD_KEY].data
 
 
 @pytest.mark.parametrize(
@@ -163,16 +158,26 @@ def test_payload_round_trip_is_exact_and_uint8():
                 "extra": Array(np.zeros(2, np.uint8)),
             }
         ),
+        # Metadata that lies about the data, and data that is not .npy.
+        ArrayRecord({PAYLOAD_KEY: Array("uint8", (5,), "numpy.ndarray", b"\0" * 99)}),
+        ArrayRecord({PAYLOAD_KEY: Array("uint8", (3,), "torch.Tensor", b"abc")}),
+        ArrayRecord(
+            {
+                PAYLOAD_KEY: Array(
+                    "uint8",
+                    (4,),
+                    "numpy.ndarray",
+                    payload_to_record(b"abc")[PAYLOAD_KEY].data,
+                )
+            }
+        ),
     ],
 )
 def test_payload_from_record_rejects_other_records(record):
     with pytest.raises(ValueError):
         payload_from_record(record)
-
-
-def test_model_record_is_float32():
-    record = model_to_record({"w": torch.ones(2, 2, dtype=torch.float64)})
-    assert record["w"].dtype == "float32"
+    with pytest.raises(ValueError):
+        payload_from_record(RecordDict({"arrays": record}))
 
 
 # ----------------------------------------------------------------- strategy
@@ -196,14 +201,15 @@ def test_strategy_matches_the_embedded_server_exactly(task_identity):
     strategy = OMCFedAvg(flower_server, NODES, num_rounds=rounds, evaluate_every=2)
     result = strategy.start(
         grid=grid,
-        initial_arrays=model_to_record(flower_server.model),
+        initial_arrays=payload_to_record(flower_server.message_for("eval")),
         num_rounds=rounds,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord({"split": "valid"}),
     )
 
-    # The embedded loop over the same server code, clients answering alike.
-    embedded = _server()
+    # The embedded loop over the same server code, clients answering alike
+    # (same run id: the bytes are then equal to the byte).
+    embedded = _server(run_id=flower_server.run_id)
     reports = []
     for _ in range(rounds):
         messages = embedded.configure_round()
@@ -217,7 +223,9 @@ def test_strategy_matches_the_embedded_server_exactly(task_identity):
         assert got.to_dict() == want.to_dict()
     for name, value in embedded.model.items():
         assert torch.equal(flower_server.model[name], value)
-        assert np.array_equal(result.arrays[name].numpy(), value.numpy())
+    # Flower's result holds the final model as the evaluating nodes get it.
+    final = wire.decode(payload_from_record(result.arrays))
+    assert final.meta["round"] == rounds + 1 and final.meta["client"] == "eval"
     # Train messages go to the sampled clients' nodes, as uint8 payloads.
     train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert len(train) == 2 * rounds
@@ -225,13 +233,20 @@ def test_strategy_matches_the_embedded_server_exactly(task_identity):
         client = message.content["config"]["client-id"]
         assert message.metadata.dst_node_id == NODES[client]
         assert message.content["arrays"][PAYLOAD_KEY].dtype == "uint8"
-    # Evaluation after rounds 2 and 3 (the last) only, on one node.
+    # Evaluation after rounds 2 and 3 (the last) only, on one node, which
+    # got the compressed model of the round.
     assert sorted(strategy.evaluations) == [2, 3]
-    evaluation = strategy.evaluations[3]
-    assert evaluation["num-examples"] == 10 and evaluation["WER"] == 10.0
-    history = strategy.history()
-    assert [h["round"] for h in history] == [1, 2, 3]
-    assert all(h["flower_record_bytes_down"] > h["bytes_down"] for h in history)
+    evaluate = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(evaluate) == 2
+    for message, round_ in zip(evaluate, (2, 3)):
+        meta = wire.decode(payload_from_record(message.content)).meta
+        assert meta["round"] == round_ + 1 and meta["client"] == "eval"
+    node = evaluate[-1].metadata.dst_node_id - 100
+    assert strategy.evaluations[3] == {
+        "loss": node,
+        "WER": 10.0 * node,
+        "CER": 5.0 * node,
+    }
 
 
 def test_bad_replies_are_left_out_and_the_run_goes_on(task_identity):
@@ -244,25 +259,13 @@ def test_bad_replies_are_left_out_and_the_run_goes_on(task_identity):
             n: v if isinstance(v, CompressedTensor) else v * float("nan")
             for n, v in received.entries.items()
         }
-        meta = {
-            "type": "update",
-            "round": received.meta["round"],
-            "client": received.meta["client"],
-            "num_examples": 3,
-        }
-        return RecordDict(
-            {
-                "arrays": payload_to_record(wire.encode(entries, meta)),
-                "metrics": MetricRecord({"num-examples": 3}),
-            }
-        )
+        meta = {k: received.meta[k] for k in ("round", "client", "run", "nonce")}
+        meta.update(type="update", num_examples=3)
+        return RecordDict({"arrays": payload_to_record(wire.encode(entries, meta))})
 
     def float_arrays(data):
         return RecordDict(
-            {
-                "arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
-                "metrics": MetricRecord({"num-examples": 3}),
-            }
+            {"arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))})}
         )
 
     server = _server(clients_per_round=3)
@@ -270,11 +273,11 @@ def test_bad_replies_are_left_out_and_the_run_goes_on(task_identity):
     handler = make_handler({"client_000": nan_update, "client_001": float_arrays})
     grid = FakeGrid(NODES.values(), handler)
     strategy = OMCFedAvg(server, NODES, num_rounds=1, evaluate_nodes=0)
-    strategy.start(grid, model_to_record(server.model), num_rounds=1)
+    strategy.start(grid, payload_to_record(server.message_for("eval")), num_rounds=1)
     report = strategy.reports[0]
     assert report.accepted == ["client_002"]
     assert "non-finite" in report.rejected["client_000"]
-    assert "not an OMC payload" in report.rejected["client_001"]
+    assert "not an OMC reply" in report.rejected["client_001"]
     assert not torch.equal(server.model["lin1.bias"], before["lin1.bias"])
     assert all(torch.isfinite(v).all() for v in server.model.values())
 
@@ -300,7 +303,7 @@ def test_error_and_missing_nodes_are_left_out(task_identity):
 
     grid = ErrorGrid(nodes.values(), make_handler())
     strategy = OMCFedAvg(server, nodes, num_rounds=1, evaluate_nodes=0)
-    strategy.start(grid, model_to_record(server.model), num_rounds=1)
+    strategy.start(grid, payload_to_record(server.message_for("eval")), num_rounds=1)
     report = strategy.reports[0]
     assert report.accepted == ["client_002"]
     assert "boom" in report.rejected["client_000"]

@@ -560,6 +560,21 @@ class FedAvgServer:
         return messages
 
     # ------------------------------------------------------------ validation
+    def reply_limit(self, client: str) -> int | None:
+        """Longest reply ``client`` may send in the pending round.
+
+        Arguments
+        ---------
+        client : str
+
+        Returns
+        -------
+        int or None
+            ``None`` when no round is open or the client was not sampled.
+        """
+        pending = self._pending
+        return None if pending is None else pending.max_nbytes.get(client)
+
     def validate(self, client: str, data: bytes) -> Update:
         """Decode and check one reply of the pending round.
 

@@ -1,13 +1,11 @@
 """Glue between the Flower apps and the embedded federated recipe.
 
-The Flower ``ServerApp`` and ``ClientApp`` build exactly what
+The ``ServerApp`` and ``ClientApp`` build exactly what
 ``recipes/SynthSpeech/federated/train.py`` builds in its one process: the
-same hyperparameters (file plus overrides), the same Brain (``build_brain``),
-the same :class:`~speechbrain_omc.federated.client.OMCClient` on a client's
-manifest and the same :class:`~speechbrain_omc.federated.server.FedAvgServer`
-settings. The recipe module is loaded by path and its functions are called;
-nothing of it is copied here except the arguments it passes to
-``OMCClient`` and ``FedAvgServer`` (``run_federation`` builds them inline).
+same hyperparameters (file plus overrides), the same Brain
+(``build_brain``), the same :class:`~speechbrain_omc.federated.client.
+OMCClient` on a client's manifest and the same server (``build_server``).
+The recipe module is loaded by path and its functions are called.
 
 Paths in the run config (``hparams``, ``recipe``) and in a node config
 (``manifest``...) may be absolute, relative to the working directory of the
@@ -29,6 +27,8 @@ from typing import Any
 
 import yaml
 
+import speechbrain_omc
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "DEFAULT_RECIPE",
     "NodeSetup",
     "build_node",
-    "build_server",
     "initial_model",
     "load_hparams",
     "load_recipe",
@@ -44,8 +43,9 @@ __all__ = [
     "resolve_path",
 ]
 
-#: The repository holding ``recipes/`` (speechbrain_omc is installed editable).
-REPO_ROOT = Path(__file__).resolve().parents[3]
+#: The repository holding ``recipes/`` (speechbrain_omc is installed editable;
+#: Flower runs this file from a copy of the app folder, elsewhere).
+REPO_ROOT = Path(speechbrain_omc.__file__).resolve().parents[1]
 DEFAULT_RECIPE = "recipes/SynthSpeech/federated/train.py"
 DEFAULT_HPARAMS = "recipes/SynthSpeech/federated/hparams/fed_omc.yaml"
 
@@ -352,45 +352,6 @@ def initial_model(run_config: Mapping[str, Any]) -> tuple[dict, list[str], dict]
     hparams = load_hparams(run_config)
     client = OMCClient(recipe.build_brain(hparams), {})
     return client.get_model(), client.buffer_names(), hparams
-
-
-def build_server(
-    hparams: Mapping[str, Any],
-    model: Mapping[str, Any],
-    clients: list[str],
-    buffers: list[str],
-):
-    """The recipe's ``FedAvgServer`` over the given clients.
-
-    Arguments
-    ---------
-    hparams : Mapping
-        Loaded hyperparameters.
-    model : Mapping
-        Initial global model.
-    clients : list of str
-        Client ids, in the recipe's order (``client_000``...).
-    buffers : list of str
-        Buffer entries.
-
-    Returns
-    -------
-    FedAvgServer
-    """
-    from speechbrain_omc.federated.server import FedAvgServer
-
-    # The same arguments as the embedded recipe's run_federation.
-    return FedAvgServer(
-        model,
-        clients,
-        min(int(hparams["clients_per_round"]), len(clients)),
-        omc=hparams.get("omc"),
-        seed=hparams["seed"],
-        server_lr=hparams.get("server_lr", 1.0),
-        server_momentum=hparams.get("server_momentum", 0.0),
-        buffers=buffers,
-        client_config={"local_epochs": hparams["local_epochs"]},
-    )
 
 
 def to_json(value: Any) -> Any:

@@ -1,20 +1,21 @@
-"""A local Flower Deployment Engine: one SuperLink and N SuperNodes on loopback.
+"""Test harness: a Flower Deployment Engine on loopback (SuperLink, SuperNodes).
 
 Starts real ``flower-superlink`` and ``flower-supernode`` processes talking
-over TCP on 127.0.0.1 (insecure, i.e. without TLS: for a test or a demo on one
-machine only), submits the app with ``flwr run`` and stops every process it
-started, including the ``flower-superexec``, ``flwr-serverapp`` and
-``flwr-clientapp`` processes that Flower spawns in new sessions. Each process
-is tagged with an environment variable, so that :meth:`LocalDeployment.stop`
-also finds descendants whose parent already exited.
+over TCP on 127.0.0.1 (insecure, i.e. without TLS: for tests on one machine
+only), submits the app with ``flwr run`` and stops every process it started,
+including the ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp``
+processes that Flower spawns in new sessions. Each process is tagged with an
+environment variable, so that :meth:`LocalDeployment.stop` also finds
+descendants whose parent already exited, and so that a test can kill the
+ServerApp or the SuperLink mid-run (:meth:`LocalDeployment.kill`) and start
+the SuperLink again on its port (:meth:`LocalDeployment.restart_superlink`).
 
-For a real deployment run the same commands on different machines with TLS,
-see ``recipes/SynthSpeech/federated/FLOWER.md``.
+A real deployment runs the same commands on different machines with TLS, see
+``recipes/SynthSpeech/federated/FLOWER.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -22,7 +23,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -135,8 +135,11 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def _tagged_pids(tag: str) -> list[int]:
-    """Live (non-zombie) processes whose environment carries ``tag``."""
+def _tagged_pids(tag: str, program: str | None = None) -> list[int]:
+    """Live (non-zombie) processes whose environment carries ``tag``.
+
+    With ``program``, only those whose command line names it.
+    """
     needle = f"{TAG_VARIABLE}={tag}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
@@ -145,9 +148,12 @@ def _tagged_pids(tag: str) -> list[int]:
         try:
             environ = (entry / "environ").read_bytes()
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (entry / "cmdline").read_bytes()
         except OSError:  # gone, or not ours
             continue
-        if state != "Z" and needle in environ.split(b"\0"):
+        if state == "Z" or needle not in environ.split(b"\0"):
+            continue
+        if program is None or program.encode() in command:
             pids.append(int(entry.name))
     return pids
 
@@ -230,6 +236,9 @@ class LocalDeployment:
             # its "cluster" mode it uses the loopback address instead.
             self.env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         self.procs: list[subprocess.Popen] = []
+        self.superlink: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen] = []
+        self.runs: list[subprocess.Popen] = []
         self._logs: list[Any] = []
         self.superlink_port: int | None = None
 
@@ -255,21 +264,7 @@ class LocalDeployment:
             encoding="utf-8",
         )
         try:
-            link = self._spawn(
-                "superlink",
-                [
-                    "flower-superlink",
-                    "--insecure",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(link_port),
-                    "--disable-runtime-dependency-installation",
-                    *(["--simulation"] if self.simulation else []),
-                ],
-            )
-            deadline = time.monotonic() + self.startup_timeout
-            _wait_http_ok(f"http://127.0.0.1:{link_port}/health", deadline, link)
+            self._start_superlink()
             for index, (config, port) in enumerate(zip(nodes, node_ports)):
                 node = self._spawn(
                     f"supernode-{index}",
@@ -286,12 +281,41 @@ class LocalDeployment:
                         config,
                     ],
                 )
+                self.nodes.append(node)
                 deadline = time.monotonic() + self.startup_timeout
                 _wait_http_ok(f"http://127.0.0.1:{port}/health", deadline, node)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_superlink(self) -> None:
+        port = self.superlink_port
+        self.superlink = self._spawn(
+            f"superlink-{len(self._logs)}",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+                *(["--simulation"] if self.simulation else []),
+            ],
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        _wait_http_ok(f"http://127.0.0.1:{port}/health", deadline, self.superlink)
+
+    def restart_superlink(self) -> None:
+        """Start the SuperLink again on its port (after :meth:`kill`).
+
+        Its state is in memory: the SuperNodes, which keep retrying, register
+        again, and a new ``flwr run`` is a new run.
+        """
+        if self.superlink is not None and self.superlink.poll() is None:
+            raise RuntimeError("the SuperLink is still running")
+        self._start_superlink()
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115
@@ -310,13 +334,10 @@ class LocalDeployment:
         return proc
 
     # -------------------------------------------------------------------- run
-    def run(
-        self,
-        app_dir: str | Path,
-        run_config: Mapping[str, Any] | None = None,
-        timeout: float = 600.0,
-    ) -> str:
-        """Submit the app with ``flwr run --stream`` and wait for the run's end.
+    def submit(
+        self, app_dir: str | Path, run_config: Mapping[str, Any] | None = None
+    ) -> subprocess.Popen:
+        """Submit the app with ``flwr run --stream``; do not wait.
 
         Arguments
         ---------
@@ -324,13 +345,11 @@ class LocalDeployment:
             Folder holding the app's ``pyproject.toml``.
         run_config : Mapping, optional
             Overrides of ``[tool.flwr.app.config]``.
-        timeout : float
-            Seconds before the run is abandoned (``TimeoutError``).
 
         Returns
         -------
-        str
-            What ``flwr run --stream`` printed (the ServerApp's log).
+        subprocess.Popen
+            The ``flwr run`` process (its output in ``flwr-run-<n>.log``).
         """
         if self.superlink_port is None:
             raise RuntimeError("start() the deployment first")
@@ -347,29 +366,95 @@ class LocalDeployment:
                 "--federation-config",
                 format_node_config(self.federation_config),
             ]
-        log_path = self.workdir / "flwr-run.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                command,
-                cwd=self.workdir,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            self.procs.append(proc)
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None:
-                dead = [p.args[0] for p in self.procs[:-1] if p.poll() is not None]
-                if dead or time.monotonic() > deadline:
-                    output = log_path.read_text(errors="replace")
-                    why = f"{dead} exited" if dead else f"timed out after {timeout}s"
-                    raise TimeoutError(f"flwr run: {why}\n{output[-4000:]}")
-                time.sleep(0.5)
+        proc = self._spawn(f"flwr-run-{len(self.runs)}", command)
+        self.runs.append(proc)
+        return proc
+
+    def wait(self, proc: subprocess.Popen, timeout: float = 600.0) -> str:
+        """Wait for a submitted run to end.
+
+        Arguments
+        ---------
+        proc : subprocess.Popen
+            From :meth:`submit`.
+        timeout : float
+            Seconds before the run is abandoned (``TimeoutError``).
+
+        Returns
+        -------
+        str
+            What ``flwr run --stream`` printed (the ServerApp's log).
+        """
+        log_path = self.workdir / f"flwr-run-{self.runs.index(proc)}.log"
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            dead = [
+                p.args[0] for p in [self.superlink, *self.nodes] if p.poll() is not None
+            ]
+            if dead or time.monotonic() > deadline:
+                output = log_path.read_text(errors="replace")
+                why = f"{dead} exited" if dead else f"timed out after {timeout}s"
+                raise TimeoutError(f"flwr run: {why}\n{output[-4000:]}")
+            time.sleep(0.5)
         output = log_path.read_text(errors="replace")
         if proc.returncode != 0:
             raise RuntimeError(f"flwr run failed ({proc.returncode}):\n{output}")
         return output
+
+    def run(
+        self,
+        app_dir: str | Path,
+        run_config: Mapping[str, Any] | None = None,
+        timeout: float = 600.0,
+    ) -> str:
+        """Submit the app and wait for the run's end (see :meth:`submit`).
+
+        Arguments
+        ---------
+        app_dir : str or Path
+            Folder holding the app's ``pyproject.toml``.
+        run_config : Mapping, optional
+            Overrides of ``[tool.flwr.app.config]``.
+        timeout : float
+            Seconds before the run is abandoned (``TimeoutError``).
+
+        Returns
+        -------
+        str
+            What ``flwr run --stream`` printed.
+        """
+        return self.wait(self.submit(app_dir, run_config), timeout)
+
+    def kill(self, what: str) -> list[int]:
+        """SIGKILL part of the deployment, as a crash would.
+
+        Arguments
+        ---------
+        what : str
+            ``"serverapp"``: the ``flwr-serverapp`` process(es) and the
+            ``flwr run`` that streams their log; ``"superlink"``: also the
+            SuperLink and its SuperExec (the server machine going down).
+
+        Returns
+        -------
+        list of int
+            The process ids killed.
+        """
+        programs = ["flwr-serverapp"]
+        if what == "superlink":
+            programs += ["flower-superexec", "flower-superlink"]
+        elif what != "serverapp":
+            raise ValueError(f"cannot kill {what!r}")
+        pids = {pid for name in programs for pid in _tagged_pids(self.tag, name)}
+        pids |= {p.pid for p in self.runs if p.poll() is None}
+        if what == "superlink" and self.superlink is not None:
+            pids.add(self.superlink.pid)
+        for pid in sorted(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for proc in self.procs:
+            proc.poll()  # reap
+        return sorted(pids)
 
     def logs(self) -> str:
         """Tails of every process's log, for a failure report.
@@ -432,72 +517,3 @@ class LocalDeployment:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run a Flower app on a local SuperLink and SuperNodes, then stop them.
-
-    Arguments
-    ---------
-    argv : sequence of str, optional
-        Command-line arguments; see ``--help``.
-
-    Returns
-    -------
-    int
-        Exit status.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m speechbrain_omc.federated.flower.deployment",
-        description=main.__doc__,
-    )
-    parser.add_argument("app_dir", help="Flower app folder (with pyproject.toml)")
-    parser.add_argument(
-        "--node-config",
-        action="append",
-        default=[],
-        help="one per SuperNode, e.g. 'partition-id=0 num-partitions=2'",
-    )
-    parser.add_argument(
-        "--simulation",
-        type=int,
-        metavar="N",
-        help="run in the Simulation Engine with N virtual SuperNodes instead",
-    )
-    parser.add_argument(
-        "--workdir",
-        default="results/flower_deployment",
-        help="logs and FLWR_HOME (must not be inside the app folder)",
-    )
-    parser.add_argument(
-        "--run-config",
-        action="append",
-        default=[],
-        help="TOML key=value overriding the app's run config (repeatable)",
-    )
-    parser.add_argument("--timeout", type=float, default=3600.0)
-    args = parser.parse_args(argv)
-    if not args.simulation and not args.node_config:
-        parser.error("give --node-config (one per SuperNode) or --simulation N")
-    try:
-        import tomllib
-    except ImportError:  # Python < 3.11; tomli comes with flwr
-        import tomli as tomllib
-
-    run_config: dict[str, Any] = {}
-    for item in args.run_config:
-        run_config.update(tomllib.loads(item))
-    nodes = [{}] * args.simulation if args.simulation else args.node_config
-    logging.basicConfig(level=logging.INFO)
-    deployment = LocalDeployment(args.workdir, nodes, simulation=bool(args.simulation))
-    with deployment:
-        try:
-            print(deployment.run(args.app_dir, run_config, timeout=args.timeout))
-        except Exception:
-            print(deployment.logs(), file=sys.stderr)
-            raise
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
