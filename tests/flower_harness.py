@@ -301,6 +301,10 @@ class LocalDeployment:
                 "--port",
                 str(port),
                 "--disable-runtime-dependency-installation",
+                # State in a file, not in memory: a restarted SuperLink still
+                # knows its SuperNodes (which otherwise give up on a 401).
+                "--database",
+                str(self.workdir / "superlink.db"),
                 *(["--simulation"] if self.simulation else []),
             ],
         )
@@ -308,10 +312,10 @@ class LocalDeployment:
         _wait_http_ok(f"http://127.0.0.1:{port}/health", deadline, self.superlink)
 
     def restart_superlink(self) -> None:
-        """Start the SuperLink again on its port (after :meth:`kill`).
+        """Start the SuperLink again on its port and database (after :meth:`kill`).
 
-        Its state is in memory: the SuperNodes, which keep retrying, register
-        again, and a new ``flwr run`` is a new run.
+        The SuperNodes, which keep retrying, carry on; a new ``flwr run`` is
+        a new run.
         """
         if self.superlink is not None and self.superlink.poll() is None:
             raise RuntimeError("the SuperLink is still running")
@@ -452,8 +456,12 @@ class LocalDeployment:
         for pid in sorted(pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
         for proc in self.procs:
-            proc.poll()  # reap
+            if proc.pid in pids:
+                proc.wait(timeout=10)  # reap our children
+        while set(_tagged_pids(self.tag)) & pids and time.monotonic() < deadline:
+            time.sleep(0.1)  # the others are reaped by their parents
         return sorted(pids)
 
     def logs(self) -> str:

@@ -389,8 +389,13 @@ def test_state_dict_and_atomic_checkpoint(tmp_path):
     assert other.load(path) == {"log": [{"round": 1}, {"round": 2}]}
     assert other.round == 2
     assert all(torch.equal(other.model[n], server.model[n]) for n in server.model)
-    # Both continue identically.
+    # Both continue identically (the nonce aside: each server draws its own).
     m1, m2 = server.configure_round(), other.configure_round()
-    assert m1 == m2
+    assert list(m1) == list(m2)
+    for client in m1:
+        a, b = wire.decode(m1[client]), wire.decode(m2[client])
+        assert a.meta["run"] == b.meta["run"] and a.meta["nonce"] != b.meta["nonce"]
+        assert {**a.meta, "nonce": ""} == {**b.meta, "nonce": ""}
+        assert wire.encode(a.entries) == wire.encode(b.entries)
     with pytest.raises(ValueError, match="other settings"):
         _server(seed=99).load(path)

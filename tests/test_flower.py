@@ -23,8 +23,8 @@ from flwr.app import (
 )
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
-
 from omc_flower import client_app
+
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.federated import wire

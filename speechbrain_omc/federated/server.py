@@ -454,9 +454,13 @@ class FedAvgServer:
     def nonce(self, round: int, client: str) -> str:
         """The nonce a reply of ``client`` in ``round`` must echo.
 
-        Derived from a secret of the run (kept in its checkpoint): a client
-        cannot forge the nonce of a round it was not sent, and a resumed run
-        sends the nonces it sent before.
+        Derived from a secret that this server drew when it started, and that
+        no checkpoint keeps: a client cannot forge the nonce of a round it was
+        not sent, and after a resume the round that is done again has other
+        nonces than the broadcast before the crash, whose late replies are
+        refused. (It also keeps a resumed run's messages from repeating
+        earlier ones byte for byte, which a Flower 1.42 SuperNode that saw the
+        earlier one may wait for forever: its objects are content-addressed.)
 
         Arguments
         ---------
@@ -560,21 +564,6 @@ class FedAvgServer:
         return messages
 
     # ------------------------------------------------------------ validation
-    def reply_limit(self, client: str) -> int | None:
-        """Longest reply ``client`` may send in the pending round.
-
-        Arguments
-        ---------
-        client : str
-
-        Returns
-        -------
-        int or None
-            ``None`` when no round is open or the client was not sampled.
-        """
-        pending = self._pending
-        return None if pending is None else pending.max_nbytes.get(client)
-
     def validate(self, client: str, data: bytes) -> Update:
         """Decode and check one reply of the pending round.
 
@@ -831,14 +820,13 @@ class FedAvgServer:
         Returns
         -------
         dict
-            ``version``, ``round``, ``run_id``, ``nonce_key``, ``model``,
-            ``momentum`` and ``settings``.
+            ``version``, ``round``, ``run_id``, ``model``, ``momentum`` and
+            ``settings``.
         """
         return {
             "version": _STATE_VERSION,
             "round": self.round,
             "run_id": self.run_id,
-            "nonce_key": self._nonce_key.hex(),
             "model": {n: v.clone() for n, v in self.model.items()},
             "momentum": {n: v.clone() for n, v in self.momentum.items()},
             "settings": self.settings(),
@@ -875,9 +863,10 @@ class FedAvgServer:
             raise ValueError(f"server state: bad round {round_!r}")
         model = self._checked(state["model"], "model", complete=True)
         momentum = self._checked(state["momentum"], "momentum", complete=False)
-        nonce_key = bytes.fromhex(state["nonce_key"])
-        self.run_id = str(state["run_id"])
-        self._nonce_key = nonce_key
+        run_id = state["run_id"]
+        if not isinstance(run_id, str) or not 0 < len(run_id) <= 64:
+            raise ValueError(f"server state: bad run id {str(run_id)[:80]!r}")
+        self.run_id = run_id
         self.model, self.momentum, self.round = model, momentum, round_
         self._pending = None
         self._cache.clear()

@@ -247,11 +247,17 @@ def float32_payload(value: torch.Tensor | np.ndarray) -> bytes:
     >>> len(float32_payload(torch.zeros(2, 3)))  # 1 + 2 * 8 + 6 * 4
     41
     """
+    return b"".join(_float32_parts(value))
+
+
+def _float32_parts(value) -> tuple[bytes, memoryview]:
+    # The head and a view of the values (no copy of a float32 tensor).
     tensor = _as_float32(value)
     if tensor.dim() > 255:
         raise ValueError("cannot serialise more than 255 dimensions")
     head = struct.pack(f"<B{tensor.dim()}Q", tensor.dim(), *tensor.shape)
-    return head + tensor.numpy().astype("<f4", copy=False).tobytes()
+    values = tensor.numpy().astype("<f4", copy=False).reshape(-1)
+    return head, memoryview(values).cast("B")
 
 
 def parse_float32_payload(payload: bytes | memoryview) -> torch.Tensor:
@@ -305,10 +311,10 @@ def _float32_shape(payload: memoryview) -> tuple[int, ...]:
     return shape
 
 
-def _entry_payload(value: Entry) -> tuple[int, bytes]:
+def _entry_parts(value: Entry) -> tuple[int, tuple]:
     if isinstance(value, CompressedTensor):
-        return COMPRESSED, value.to_bytes()
-    return FLOAT32, float32_payload(value)
+        return COMPRESSED, (value.to_bytes(),)
+    return FLOAT32, _float32_parts(value)
 
 
 def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
@@ -396,22 +402,23 @@ def encode(entries: Mapping[str, Entry], meta: Mapping | None = None) -> bytes:
     >>> data[:4], len(data)
     (b'OMCW', 69)
     """
-    parts = [b""]  # placeholder for the prefix
+    # One copy of the payloads, into the result: a large float32 model is
+    # not held three or four times while its message is built.
     meta_raw = _meta_bytes(meta)
-    parts += [_U32.pack(len(meta_raw)), meta_raw, _U32.pack(len(entries))]
+    parts: list = [_U32.pack(len(meta_raw)), meta_raw, _U32.pack(len(entries))]
     for name, value in entries.items():
         raw = _check_name(name)
-        kind, payload = _entry_payload(value)
-        parts += [
-            _NAME_LEN.pack(len(raw)),
-            raw,
-            _ENTRY_HEAD.pack(kind, len(payload)),
-            payload,
-        ]
+        kind, payload = _entry_parts(value)
+        length = sum(len(part) for part in payload)
+        parts += [_NAME_LEN.pack(len(raw)), raw, _ENTRY_HEAD.pack(kind, length)]
+        parts += payload
     total = _PREFIX.size + sum(len(p) for p in parts) + _CRC.size
-    parts[0] = _PREFIX.pack(MAGIC, WIRE_VERSION, total)
-    body = b"".join(parts)
-    return body + _CRC.pack(zlib.crc32(body))
+    parts.insert(0, _PREFIX.pack(MAGIC, WIRE_VERSION, total))
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    parts.append(_CRC.pack(crc))
+    return b"".join(parts)
 
 
 @dataclass

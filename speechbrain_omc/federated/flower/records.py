@@ -7,8 +7,8 @@ mistake compressed codes for numbers, and the bytes a client receives are
 exactly the bytes the embedded simulation counts.
 
 :func:`payload_from_record` reads a reply as a server must: every part of the
-record is checked, the size against a cap before anything is copied, and the
-payload is returned as a view into Flower's buffer (no copy of a large reply).
+record is checked, and the payload is returned as a view into Flower's buffer
+(no copy of a large reply; the server checks its size before anything else).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = ["PAYLOAD_KEY", "payload_from_record", "payload_to_record"]
 
 #: Key of the ``uint8`` array that holds an OMC wire message.
 PAYLOAD_KEY = "omc-wire"
-# Bytes of a .npy header NumPy writes for a 1-D uint8 array (with room).
+# Most bytes of a .npy header we parse (NumPy writes about 128).
 _NPY_HEADER_MAX = 4096
 
 
@@ -50,9 +50,7 @@ def payload_to_record(data: bytes) -> ArrayRecord:
 
 
 def payload_from_record(
-    content: RecordDict | ArrayRecord,
-    key: str = "arrays",
-    max_nbytes: int | None = None,
+    content: RecordDict | ArrayRecord, key: str = "arrays"
 ) -> memoryview:
     """The OMC wire message inside a message's content, as a read-only view.
 
@@ -63,8 +61,6 @@ def payload_from_record(
         the ``ArrayRecord`` itself.
     key : str
         Where the ``ArrayRecord`` is in ``content``.
-    max_nbytes : int, optional
-        Longest acceptable message; checked before anything is copied.
 
     Returns
     -------
@@ -76,7 +72,7 @@ def payload_from_record(
     ------
     ValueError
         When the content is not one 1-D ``uint8`` NumPy array under
-        :data:`PAYLOAD_KEY` of an ``ArrayRecord`` under ``key``, or too long.
+        :data:`PAYLOAD_KEY` of an ``ArrayRecord`` under ``key``.
 
     Example
     -------
@@ -86,10 +82,6 @@ def payload_from_record(
     Traceback (most recent call last):
     ...
     ValueError: expected one uint8 array under 'omc-wire', got keys ['w']
-    >>> payload_from_record(payload_to_record(b"abcdef"), max_nbytes=4)
-    Traceback (most recent call last):
-    ...
-    ValueError: a payload of 6 bytes exceeds the 4 bytes a reply may have
     """
     record = content
     if isinstance(content, RecordDict):
@@ -113,11 +105,6 @@ def payload_from_record(
         or not isinstance(data, bytes)
     ):
         raise ValueError(f"{PAYLOAD_KEY!r} must be a 1-D uint8 NumPy array")
-    if max_nbytes is not None and len(data) > max_nbytes + _NPY_HEADER_MAX:
-        raise ValueError(
-            f"a payload of {len(data)} bytes exceeds the {max_nbytes} bytes a "
-            "reply may have"
-        )
     # Parse the .npy header ourselves and view the values in place:
     # Array.numpy() would copy the whole payload.
     stream = io.BytesIO(data)  # shares the bytes until written to
@@ -138,9 +125,4 @@ def payload_from_record(
         or tuple(array.shape) != tuple(shape)
     ):
         raise ValueError(f"{PAYLOAD_KEY!r} does not hold the 1-D uint8 array it says")
-    if max_nbytes is not None and len(view) > max_nbytes:
-        raise ValueError(
-            f"a payload of {len(view)} bytes exceeds the {max_nbytes} bytes a "
-            "reply may have"
-        )
     return view

@@ -291,7 +291,9 @@ class OMCFedAvg(FedAvg):
             if node is None:
                 self._unreachable[client] = "no SuperNode serves this client"
                 continue
-            settings = ConfigRecord({**config, "server-round": round_, "client-id": client})
+            settings = ConfigRecord(
+                {**config, "server-round": round_, "client-id": client}
+            )
             content = RecordDict(
                 {
                     self.arrayrecord_key: payload_to_record(data),
@@ -300,7 +302,9 @@ class OMCFedAvg(FedAvg):
             )
             self._sent[node] = client
             messages.append(
-                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+                Message(
+                    content=content, message_type=MessageType.TRAIN, dst_node_id=node
+                )
             )
         return messages
 
@@ -319,8 +323,9 @@ class OMCFedAvg(FedAvg):
         Returns
         -------
         tuple
-            The compressed global model (as the evaluating nodes receive it)
-            and the round's counts as a ``MetricRecord``.
+            The compressed global model as the evaluating nodes receive it
+            (``None`` when this round does not evaluate) and the round's
+            counts as a ``MetricRecord``.
         """
         payloads: dict[str, Any] = {}
         failures = dict(self._unreachable)
@@ -333,10 +338,9 @@ class OMCFedAvg(FedAvg):
                 failures[client] = f"client error: {str(reply.error.reason)[:200]}"
                 continue
             try:
+                # A view, not a copy: the server checks the size first.
                 payloads[client] = payload_from_record(
-                    reply.content,
-                    self.arrayrecord_key,
-                    self.server.reply_limit(client),
+                    reply.content, self.arrayrecord_key
                 )
             except ValueError as error:
                 failures[client] = f"not an OMC reply: {error}"
@@ -353,8 +357,16 @@ class OMCFedAvg(FedAvg):
                 "bytes-up": report.bytes_up,
             }
         )
+        if not self._evaluates():
+            return None, metrics  # nothing to send: Flower keeps what it had
         broadcast = self.server.message_for(self.evaluate_client)
         return payload_to_record(broadcast), metrics
+
+    def _evaluates(self) -> bool:
+        done = self.server.round
+        return self.min_evaluate_nodes > 0 and (
+            done % self.evaluate_every == 0 or done == self.num_rounds
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: Any, config: ConfigRecord, grid: Grid
@@ -376,8 +388,7 @@ class OMCFedAvg(FedAvg):
         -------
         list of Message
         """
-        done = self.server.round
-        if done % self.evaluate_every and done != self.num_rounds:
+        if not self._evaluates():
             return []
         return super().configure_evaluate(server_round, arrays, config, grid)
 

@@ -66,7 +66,9 @@ def _final_test(grid: Grid, strategy: OMCFedAvg, timeout: float) -> dict[str, An
         try:
             if reply.has_error():
                 raise ValueError(f"node error: {str(reply.error.reason)[:200]}")
-            return check_evaluation(reply.content, max_examples=strategy.max_eval_examples)
+            return check_evaluation(
+                reply.content, max_examples=strategy.max_eval_examples
+            )
         except ValueError as error:
             logger.warning("final test evaluation rejected: %s", error)
             return {}
