@@ -437,21 +437,24 @@ class LocalDeployment:
         what : str
             ``"serverapp"``: the ``flwr-serverapp`` process(es) and the
             ``flwr run`` that streams their log; ``"superlink"``: also the
-            SuperLink and its SuperExec (the server machine going down).
+            SuperLink and its SuperExec (the server machine going down; the
+            SuperNodes and their own SuperExecs live on).
 
         Returns
         -------
         list of int
             The process ids killed.
         """
-        programs = ["flwr-serverapp"]
-        if what == "superlink":
-            programs += ["flower-superexec", "flower-superlink"]
-        elif what != "serverapp":
+        if what not in ("serverapp", "superlink"):
             raise ValueError(f"cannot kill {what!r}")
-        pids = {pid for name in programs for pid in _tagged_pids(self.tag, name)}
+        # ServerApps run on the SuperLink's side only (ClientApps are
+        # flwr-clientapp processes of the SuperNodes).
+        pids = set(_tagged_pids(self.tag, "flwr-serverapp"))
         pids |= {p.pid for p in self.runs if p.poll() is None}
         if what == "superlink" and self.superlink is not None:
+            # The SuperLink's own SuperExec, not the SuperNodes' ones.
+            parent = f"--parent-pid\0{self.superlink.pid}\0"
+            pids |= set(_tagged_pids(self.tag, parent))
             pids.add(self.superlink.pid)
         for pid in sorted(pids):
             with contextlib.suppress(ProcessLookupError):

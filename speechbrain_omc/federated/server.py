@@ -458,9 +458,7 @@ class FedAvgServer:
         no checkpoint keeps: a client cannot forge the nonce of a round it was
         not sent, and after a resume the round that is done again has other
         nonces than the broadcast before the crash, whose late replies are
-        refused. (It also keeps a resumed run's messages from repeating
-        earlier ones byte for byte, which a Flower 1.42 SuperNode that saw the
-        earlier one may wait for forever: its objects are content-addressed.)
+        refused.
 
         Arguments
         ---------
