@@ -28,3 +28,14 @@ def pytest_collection_modifyitems(items):
                 getattr(module, "__file__", None)
         except ImportError:
             del sys.modules[name]
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps run/task/node ids on messages; a runtime sets them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

@@ -1,4 +1,4 @@
-"""Test harness: a Flower Deployment Engine on loopback (SuperLink, SuperNodes).
+"""Test harness: a Flower Deployment Engine on loopback, and in-process fakes.
 
 Starts real ``flower-superlink`` and ``flower-supernode`` processes talking
 over TCP on 127.0.0.1 (insecure, i.e. without TLS: for tests on one machine
@@ -12,6 +12,11 @@ the SuperLink again on its port (:meth:`LocalDeployment.restart_superlink`).
 
 A real deployment runs the same commands on different machines with TLS, see
 ``recipes/SynthSpeech/federated/FLOWER.md``.
+
+For unit tests without Flower processes: :class:`FakeGrid` (a grid whose
+nodes are a Python function), :func:`honest_reply` (a client's reply that
+only shifts the model) and :func:`app_handler` (nodes that answer the app's
+query, train and evaluate messages as the ClientApp would).
 """
 
 from __future__ import annotations
@@ -528,3 +533,168 @@ class LocalDeployment:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class FakeGrid:
+    """A grid without a SuperLink, for unit tests of the strategy and apps.
+
+    Delivers each message to ``handler(node, message)`` and wraps what it
+    returns as the reply's content; ``None`` is no reply (a node that timed
+    out), an ``Error`` an error reply.
+
+    Arguments
+    ---------
+    nodes : iterable of int
+        The connected node ids.
+    handler : callable
+        ``(node id, Message) -> RecordDict | Error | None``.
+    """
+
+    def __init__(self, nodes, handler):
+        self.nodes = list(nodes)
+        self.handler = handler
+        self.sent: list = []
+
+    def get_node_ids(self):
+        """The connected nodes."""
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        """Deliver the messages; the replies that came back."""
+        from flwr.app import Error, Message
+
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            answer = self.handler(message.metadata.dst_node_id, message)
+            if isinstance(answer, Error):
+                replies.append(Message(answer, reply_to=message))
+            elif answer is not None:
+                replies.append(Message(content=answer, reply_to=message))
+        return replies
+
+
+def honest_reply(data, shift: float, num_examples: int, **meta) -> bytes:
+    """A client that adds ``shift`` to every value and answers in kind.
+
+    Arguments
+    ---------
+    data : bytes-like
+        The server's broadcast.
+    shift : float
+        Added to every value.
+    num_examples : int
+        Claimed in the reply.
+    **meta
+        Metadata to change (for hostile variants).
+
+    Returns
+    -------
+    bytes
+    """
+    from speechbrain_omc.compressed import CompressedTensor
+    from speechbrain_omc.federated import wire
+
+    received = wire.decode(data)
+    entries = {}
+    for name, value in received.entries.items():
+        if isinstance(value, CompressedTensor):
+            new = value.decompress() + shift
+            entries[name] = CompressedTensor.compress(new, value.format)
+        else:
+            entries[name] = value + shift
+    reply = {k: received.meta[k] for k in ("round", "client", "run", "nonce")}
+    reply.update(type="update", num_examples=num_examples)
+    reply["metrics"] = {"train_loss": 1.0 + shift, "steps": 2}
+    reply.update(meta)
+    return wire.encode(entries, reply)
+
+
+def app_handler(client_of: Mapping[int, str], test_reply=None):
+    """Nodes that answer the app's messages as its ClientApp would.
+
+    Arguments
+    ---------
+    client_of : mapping
+        Node id to the client it serves.
+    test_reply : callable, optional
+        ``(node) -> content`` for the final test's evaluation (default: the
+        honest metrics).
+
+    Returns
+    -------
+    callable
+        A :class:`FakeGrid` handler.
+    """
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from speechbrain_omc.federated.flower.records import (
+        payload_from_record,
+        payload_to_record,
+    )
+    from speechbrain_omc.federated.flower.strategy import CLIENT_ID_KEY, QUERY_KEY
+
+    def handler(node, message):
+        kind = message.metadata.message_type
+        if kind == "query":
+            return RecordDict(
+                {QUERY_KEY: ConfigRecord({CLIENT_ID_KEY: client_of[node]})}
+            )
+        data = payload_from_record(message.content)
+        k = sorted(client_of).index(node) + 1
+        if kind == "train":
+            reply = honest_reply(data, shift=0.01 * k, num_examples=5)
+            return RecordDict({"arrays": payload_to_record(reply)})
+        if message.content["config"].get("split") == "test" and test_reply:
+            return test_reply(node)
+        # Every node holds the same evaluation speakers (as in the recipe).
+        metrics = {"num-examples": 4, "loss": 1.0, "WER": 20.0, "CER": 5.0}
+        return RecordDict({"metrics": MetricRecord(metrics)})
+
+    return handler
+
+
+#: A tiny configuration of the recipe, for ServerApp tests in one process.
+TINY_APP = {
+    "rounds": 3,
+    "num_clients": 3,
+    "clients_per_round": 2,
+    "max_local_steps": 2,
+    "batch_size": 4,
+    "d_model": 16,
+    "nhead": 2,
+    "num_encoder_layers": 1,
+    "d_ffn": 32,
+    "cnn_channels": 4,
+    "cnn_out_channels": 4,
+    "n_mels": 20,
+    "eval_every": 2,
+    "server_momentum": 0.5,
+}
+
+
+def app_run_config(folder: Path, **extra: Any) -> dict:
+    """A run config of the app for the tiny recipe, outputs under ``folder``.
+
+    Arguments
+    ---------
+    folder : Path
+        Holds ``out`` (the recipe's output folder) and ``result``.
+    **extra
+        More run config keys.
+
+    Returns
+    -------
+    dict
+    """
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = dict(TINY_APP, output_folder=str(folder / "out"))
+    return {
+        "hparams": str(repo / "recipes/SynthSpeech/federated/hparams/fed_omc.yaml"),
+        "overrides": yaml.safe_dump(overrides, default_flow_style=True).strip(),
+        "result-dir": str(folder / "result"),
+        "round-timeout": 5,
+        **extra,
+    }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flower_harness import FakeGrid, app_handler, app_run_config
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -22,7 +23,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message_type import MessageType
-from flwr.supercore.task_identity import TaskIdentity
 from omc_flower import client_app
 
 from speechbrain_omc.compressed import CompressedTensor
@@ -76,36 +76,6 @@ def honest_reply(data: bytes, shift: float, num_examples: int) -> bytes:
         type="update", num_examples=num_examples, metrics={"train_loss": 1.0 + shift}
     )
     return wire.encode(entries, meta)
-
-
-@pytest.fixture
-def task_identity():
-    """Flower stamps run/task/node ids on messages; a runtime sets them."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
-class FakeGrid:
-    """Delivers each message to ``handler(node, message) -> content``."""
-
-    def __init__(self, nodes, handler):
-        self.nodes = list(nodes)
-        self.handler = handler
-        self.sent: list[Message] = []
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            content = self.handler(message.metadata.dst_node_id, message)
-            if content is not None:
-                replies.append(Message(content=content, reply_to=message))
-        return replies
 
 
 def _client_of(node):
@@ -326,3 +296,78 @@ def test_query_handler_names_the_node_client(task_identity):
     )
     reply = client_app.query(query, context)
     assert reply.content[QUERY_KEY][CLIENT_ID_KEY] == "client_003"
+
+
+def test_a_node_that_does_not_answer_is_left_out(task_identity):
+    """A reply that does not come within the round's timeout: the round goes on."""
+    server = _server(clients_per_round=3)
+    handler = make_handler()
+
+    def silent_001(node, message):
+        if message.metadata.message_type == MessageType.TRAIN and node == 102:
+            return None  # never answers (Grid.send_and_receive timed out)
+        return handler(node, message)
+
+    strategy = OMCFedAvg(server, NODES, num_rounds=2, evaluate_nodes=0)
+    grid = FakeGrid(NODES.values(), silent_001)
+    strategy.start(grid, payload_to_record(server.message_for("eval")), num_rounds=2)
+    assert [r.rejected for r in strategy.reports] == [{"client_001": "no reply"}] * 2
+    assert all(r.model_updated for r in strategy.reports)
+
+
+# ------------------------------------------------------------- server app
+@pytest.fixture
+def server_app():
+    from omc_flower import server_app
+
+    return server_app
+
+
+NODES_OF = {201: "client_000", 202: "client_001", 203: "client_002"}
+
+
+class CrashingGrid(FakeGrid):
+    """Dies (as the SuperLink would) when round ``crash_round`` trains."""
+
+    def __init__(self, nodes, handler, crash_round):
+        super().__init__(nodes, handler)
+        self.crash_round = crash_round
+
+    def send_and_receive(self, messages, *, timeout=None):
+        for message in messages:
+            if message.metadata.message_type == MessageType.TRAIN:
+                config = message.content["config"]
+                if config["server-round"] == self.crash_round:
+                    raise ConnectionError("the SuperLink went away")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_server_app_resumes_where_it_stopped(tmp_path, server_app, task_identity):
+    """The ServerApp killed in round 3, started again: the uninterrupted model."""
+    handler = app_handler(NODES_OF)
+    straight = server_app.run_server(
+        FakeGrid(NODES_OF, handler), app_run_config(tmp_path / "straight")
+    )
+    resumed_config = app_run_config(tmp_path / "resumed")
+    with pytest.raises(ConnectionError):
+        server_app.run_server(CrashingGrid(NODES_OF, handler, 3), resumed_config)
+    result = tmp_path / "resumed" / "result"
+    assert not (result / "final_model.pt").exists()
+    resumed = server_app.run_server(FakeGrid(NODES_OF, handler), resumed_config)
+
+    a = torch.load(tmp_path / "straight" / "result" / "final_model.pt")
+    b = torch.load(result / "final_model.pt")
+    assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
+    history = __import__("json").loads((result / "flower_history.json").read_text())
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert [h["evaluation"] is not None for h in history] == [False, True, True]
+    for key in ("bytes_down", "bytes_up", "rounds", "test_WER", "valid_WER"):
+        assert straight[key] == resumed[key], key
+    # A run config with other settings is refused, naming them.
+    other = app_run_config(tmp_path / "resumed", **{"max-examples-per-client": 7})
+    with pytest.raises(ValueError, match="max_examples.client_000: checkpoint 1000"):
+        server_app.run_server(FakeGrid(NODES_OF, handler), other)
+    # ... unless told to start fresh.
+    fresh = {**other, "fresh-start": True}
+    assert server_app.run_server(FakeGrid(NODES_OF, handler), fresh)["rounds"] == 3
+    assert (result / "server.ckpt.discarded").is_file()

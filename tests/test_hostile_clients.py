@@ -5,7 +5,8 @@ Every row of issue 11's table, against the embedded server
 over a fake grid): the round completes, the hostile reply is left out with
 its reason, the model stays finite and is the combination of the honest
 replies (or moves by no more than the hostile client's bounded weight).
-Checkpoint rows are in test_server_checkpoint.py.
+Flower's evaluation replies and the ServerApp's final test are the Flower
+rows; the checkpoint rows are in test_server_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flower_harness import FakeGrid, app_handler, app_run_config
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
@@ -250,15 +251,6 @@ def _expected_average(replies: dict[str, bytes]) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture
-def task_identity():
-    """Flower stamps run/task/node ids on messages; a runtime sets them."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
 def _embedded_round(server, make_reply):
     messages = server.configure_round()
     replies = {c: make_reply(server, c, m) for c, m in messages.items()}
@@ -425,3 +417,86 @@ def test_a_huge_reply_is_rejected_without_copying_it():
         assert case["peak_mib"] - case["before_reply_mib"] < 2 * case["reply_mib"]
         # ... and in fact under a quarter of it above what the reply holds.
         assert case["peak_mib"] - case["with_reply_mib"] < case["reply_mib"] / 4
+
+
+# -------------------------------------------------- Flower evaluation replies
+EVAL_NODES = {"c0": 100, "c1": 101, "c2": 102, "c3": 103}
+HOSTILE_NODE = 103
+GOOD = {"loss": 2.0, "WER": 40.0, "CER": 10.0}
+
+
+def _metrics(**change):
+    return RecordDict({"metrics": MetricRecord({"num-examples": 8, **GOOD, **change})})
+
+
+EVALUATION_ROWS = {
+    "num-examples a list": (_metrics(**{"num-examples": [8.0, 8.0]}), "num-examples"),
+    "negative num-examples": (_metrics(**{"num-examples": -8}), "num-examples"),
+    "num-examples 10**400": (_metrics(**{"num-examples": 10**400}), "num-examples"),
+    "fractional num-examples": (_metrics(**{"num-examples": 2.5}), "not an integer"),
+    "loss 1e30": (_metrics(loss=1e30), "'loss' = 1e\\+30"),
+    "WER NaN": (_metrics(WER=float("nan")), "'WER' = nan"),
+    "WER negative": (_metrics(WER=-5.0), "'WER' = -5.0"),
+    "WER infinite": (_metrics(WER=float("inf")), "'WER' = inf"),
+    "no MetricRecord": (RecordDict({}), "expected one MetricRecord, got 0"),
+    "two MetricRecords": (
+        RecordDict({"a": MetricRecord(GOOD), "b": MetricRecord(GOOD)}),
+        "expected one MetricRecord, got 2",
+    ),
+    "a metric missing": (
+        RecordDict({"m": MetricRecord({"num-examples": 8, "loss": 1.0})}),
+        "expected \\['CER', 'WER', 'loss', 'num-examples'\\]",
+    ),
+    "an extra metric": (_metrics(admin=1.0), "expected"),
+}
+
+
+@pytest.mark.parametrize("row", list(EVALUATION_ROWS))
+def test_hostile_evaluation_reply_is_left_out(row, task_identity, caplog):
+    hostile, reason = EVALUATION_ROWS[row]
+    server = _server(omc=None)
+
+    def handler(node, message):
+        kind = message.metadata.message_type
+        data = payload_from_record(message.content)
+        if kind == "train":
+            return RecordDict({"arrays": payload_to_record(honest_reply(data))})
+        if node == HOSTILE_NODE:
+            return hostile
+        return _metrics()
+
+    strategy = OMCFedAvg(server, EVAL_NODES, evaluate_nodes=4, num_rounds=1)
+    grid = FakeGrid(EVAL_NODES.values(), handler)
+    start = payload_to_record(server.message_for("eval"))
+    strategy.start(grid, start, num_rounds=1)
+    evaluated = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(evaluated) == 4  # every node, the hostile one among them
+    # The three honest nodes' metrics, nothing of the hostile one's.
+    assert strategy.evaluations == {1: GOOD}
+    logged = [
+        r.getMessage() for r in caplog.records if "evaluation of" in r.getMessage()
+    ]
+    assert len(logged) == 1 and f"node {HOSTILE_NODE}" in logged[0]
+    assert re.search(reason, logged[0]), logged[0]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [RecordDict({}), _metrics(WER=float("nan")), Error(code=0, reason="boom"), None],
+    ids=["no MetricRecord", "NaN WER", "error reply", "no reply"],
+)
+def test_a_bad_final_test_reply_loses_nothing(answer, tmp_path, task_identity):
+    """The final test's answer is missing or bad: the final model and the
+    summary are written all the same (the model before the test is asked)."""
+    from omc_flower import server_app
+
+    nodes = {201: "client_000", 202: "client_001", 203: "client_002"}
+    handler = app_handler(nodes, test_reply=lambda node: answer)
+    config = app_run_config(tmp_path, **{"num-server-rounds": 1})
+    summary = server_app.run_server(FakeGrid(nodes, handler), config)
+    result = tmp_path / "result"
+    model = torch.load(result / "final_model.pt", weights_only=True)
+    assert all(bool(torch.isfinite(v).all()) for v in model.values())
+    written = json.loads((result / "summary.json").read_text())
+    assert written["rounds"] == summary["rounds"] == 1
+    assert written["test_WER"] is None and written["test_loss"] is None

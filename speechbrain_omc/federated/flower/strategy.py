@@ -344,9 +344,6 @@ class OMCFedAvg(FedAvg):
                 )
             except ValueError as error:
                 failures[client] = f"not an OMC reply: {error}"
-        for client in self._sent.values():
-            if client not in payloads and client not in failures:
-                failures[client] = "no reply (timed out)"
         report = self.server.aggregate(payloads, failures)
         self.reports.append(report)
         metrics = MetricRecord(
