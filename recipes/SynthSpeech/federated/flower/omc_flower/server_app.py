@@ -33,8 +33,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from omc_flower.task import initial_model, load_recipe, resolve_path, to_json
-from speechbrain_omc.federated.checkpoint import CheckpointStore, atomic_save
+from omc_flower.task import initial_model, load_recipe, resolve_path
+from speechbrain_omc.federated.checkpoint import CheckpointStore, atomic_save, plain
 from speechbrain_omc.federated.flower.records import payload_to_record
 from speechbrain_omc.federated.flower.strategy import (
     OMCFedAvg,
@@ -142,7 +142,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     if rows:
         recipe.plot_rounds(rows, result_dir / "rounds.png", "Flower: federated OMC")
     (result_dir / "flower_history.json").write_text(
-        json.dumps(to_json(history), indent=2) + "\n", encoding="utf-8"
+        json.dumps(plain(history), indent=2) + "\n", encoding="utf-8"
     )
     # Saved before the final test: a node failing there must not lose it.
     atomic_save(dict(server.model), result_dir / "final_model.pt")
@@ -165,9 +165,9 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         summary[key] = sum(r[key] for r in rows)
     summary["bytes_total"] = summary["bytes_down"] + summary["bytes_up"]
     (result_dir / "summary.json").write_text(
-        json.dumps(to_json(summary), indent=2) + "\n", encoding="utf-8"
+        json.dumps(plain(summary), indent=2) + "\n", encoding="utf-8"
     )
-    logger.info("Flower federated OMC summary: %s", json.dumps(to_json(summary)))
+    logger.info("Flower federated OMC summary: %s", json.dumps(plain(summary)))
     return summary
 
 

@@ -17,15 +17,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
-import json
 import logging
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 import speechbrain_omc
 
@@ -109,37 +106,6 @@ def load_recipe(path: str | Path = DEFAULT_RECIPE):
     return sys.modules[name]
 
 
-def parse_overrides(overrides: str | Mapping | None) -> dict:
-    """Hyperparameter overrides from a run config (a YAML or JSON mapping).
-
-    Arguments
-    ---------
-    overrides : str, Mapping or None
-        E.g. ``"{rounds: 2, num_clients: 2}"``.
-
-    Returns
-    -------
-    dict
-
-    Example
-    -------
-    >>> parse_overrides("{rounds: 2, output_folder: /tmp/x}")
-    {'rounds': 2, 'output_folder': '/tmp/x'}
-    >>> parse_overrides("")
-    {}
-    """
-    if not overrides:
-        return {}
-    if isinstance(overrides, Mapping):
-        return dict(overrides)
-    value = yaml.safe_load(overrides)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"overrides must be a mapping, got {overrides!r}")
-    return value
-
-
 def load_hparams(run_config: Mapping[str, Any]) -> dict:
     """Load the recipe's hyperparameters named by a run config.
 
@@ -156,9 +122,8 @@ def load_hparams(run_config: Mapping[str, Any]) -> dict:
     from hyperpyyaml import load_hyperpyyaml
 
     path = resolve_path(run_config.get("hparams") or DEFAULT_HPARAMS)
-    overrides = parse_overrides(run_config.get("overrides"))
     with open(path, encoding="utf-8") as fin:
-        return load_hyperpyyaml(fin, overrides)
+        return load_hyperpyyaml(fin, run_config.get("overrides") or {})
 
 
 @contextlib.contextmanager
@@ -352,22 +317,3 @@ def initial_model(run_config: Mapping[str, Any]) -> tuple[dict, list[str], dict]
     hparams = load_hparams(run_config)
     client = OMCClient(recipe.build_brain(hparams), {})
     return client.get_model(), client.buffer_names(), hparams
-
-
-def to_json(value: Any) -> Any:
-    """Plain-data copy for ``json.dump`` (tensors and paths as text).
-
-    Arguments
-    ---------
-    value : object
-
-    Returns
-    -------
-    object
-
-    Example
-    -------
-    >>> to_json({"a": Path("/x"), "b": [1, 2.5]})
-    {'a': '/x', 'b': [1, 2.5]}
-    """
-    return json.loads(json.dumps(value, default=str))
