@@ -376,14 +376,15 @@ def test_round_protocol_errors():
         FedAvgServer(_model(), CLIENTS, 1, buffers=["nope"])
 
 
-def test_state_dict_and_atomic_checkpoint(tmp_path):
+def test_state_dict_round_trip(tmp_path):
+    # Atomicity, fallback and refusals: tests/test_server_checkpoint.py.
     server = _server(server_momentum=0.5)
     for _ in range(2):
         messages = server.configure_round()
         server.aggregate({c: honest_reply(m) for c, m in messages.items()})
     path = tmp_path / "server.ckpt"
     server.save(path, extra={"log": [{"round": 1}, {"round": 2}]})
-    assert [p.name for p in tmp_path.iterdir()] == ["server.ckpt"]  # no leftovers
+    assert [p.name for p in tmp_path.iterdir()] == ["server.ckpt"]  # no temporaries
 
     other = _server(server_momentum=0.5)
     assert other.load(path) == {"log": [{"round": 1}, {"round": 2}]}

@@ -624,7 +624,10 @@ def decode(
         raise TypeError("decode takes bytes; convert uint8 arrays with .tobytes()")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
-    view = memoryview(data).cast("B")
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError as error:  # e.g. a non-contiguous view
+        raise ValueError(f"not a contiguous byte buffer: {error}") from None
     if bytes(view[:4]) != MAGIC:
         raise ValueError(
             "not an OMC wire message: expected magic "
