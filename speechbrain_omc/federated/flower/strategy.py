@@ -243,11 +243,13 @@ class OMCFedAvg(FedAvg):
         max_eval_examples: int = 10**6,
         on_round: Callable[[RoundReport, dict | None], None] | None = None,
     ) -> None:
-        nodes = max(1, len(node_of))
-        share = min(1.0, max(0, evaluate_nodes) / nodes)
+        # FedAvg samples int(nodes * fraction), at least min_evaluate_nodes,
+        # and waits until that many are connected: never ask for more nodes
+        # than serve clients.
+        wanted = min(max(0, int(evaluate_nodes)), len(node_of))
         super().__init__(
-            fraction_evaluate=share,
-            min_evaluate_nodes=max(0, evaluate_nodes),
+            fraction_evaluate=wanted / max(1, len(node_of)),
+            min_evaluate_nodes=wanted,
             min_available_nodes=1,
         )
         self.server = server
