@@ -255,6 +255,42 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(
     assert "previous checkpoint" in logged
 
 
+def test_a_fallback_sets_the_bad_file_aside_and_keeps_two_good_ones(tmp_path):
+    """After a fallback the next save must not rotate the bad file into
+    ``.prev``: the bad one is moved to ``.corrupt``, and after one more round
+    a second damage still finds a good previous checkpoint."""
+    store = CheckpointStore(tmp_path / "server.ckpt")
+    server = _server()
+    _round(server)
+    server.save(store)  # round 1
+    _round(server)
+    server.save(store)  # round 2
+    _zero(store.path)
+
+    resumed = _server()
+    resumed.load(store)
+    assert resumed.round == 1
+    assert not store.path.exists()
+    assert store.corrupt.read_bytes() == b"\0" * store.corrupt.stat().st_size
+    _round(resumed)
+    resumed.save(store)  # round 2 again; round 1 must stay the previous one
+    assert torch.load(store.previous, weights_only=True)["server"]["round"] == 1
+
+    _truncate(store.path)  # the new newest fails too: round 1 is still there
+    again = _server()
+    again.load(store)
+    assert again.round == 1
+
+
+def test_a_refused_checkpoint_is_not_set_aside(tmp_path):
+    """Other settings are the run's problem, not the file's: nothing moves."""
+    store = CheckpointStore(tmp_path / "server.ckpt")
+    _trained(1).save(store)
+    with pytest.raises(CheckpointMismatch):
+        _server(seed=8).load(store)
+    assert store.path.is_file() and not store.corrupt.exists()
+
+
 def test_two_damaged_checkpoints_are_a_clear_error(tmp_path):
     store = CheckpointStore(tmp_path / "server.ckpt")
     server = _trained(1)
@@ -267,6 +303,8 @@ def test_two_damaged_checkpoints_are_a_clear_error(tmp_path):
     text = str(error.value)
     assert str(store.path) in text and str(store.previous) in text
     assert "start fresh" in text
+    # Nothing usable: both are left where they are, for whoever looks.
+    assert store.path.is_file() and not store.corrupt.exists()
 
 
 def test_stale_temporary_files_are_removed(tmp_path):

@@ -11,7 +11,10 @@ and the one before it (``server.ckpt.prev``):
   round; temporary files of interrupted saves are removed on the next load.
 * **Fallback.** A checkpoint that cannot be read (truncated, zeroed, not a
   checkpoint) or whose content is invalid (wrong shapes, non-finite values)
-  is reported with its path and the previous one is used instead.
+  is reported with its path and the previous one is used instead. The bad
+  file is moved aside (``server.ckpt.corrupt``, for inspection): left in
+  place, the next save would rotate it into ``server.ckpt.prev`` and the
+  run would keep one good checkpoint instead of two.
 * **Refused when the settings differ.** The caller's ``apply`` compares the
   settings saved in the checkpoint with the run's own and raises
   :class:`CheckpointMismatch` naming every difference (see
@@ -30,6 +33,8 @@ Example
 >>> _ = store.path.write_bytes(b"\\0" * 64)  # a zeroed file
 >>> store.load(lambda state: state["round"])  # the previous one
 (2, PosixPath('.../server.ckpt.prev'))
+>>> sorted(p.name for p in Path(folder).iterdir())  # the bad one set aside
+['server.ckpt.corrupt', 'server.ckpt.prev']
 """
 
 from __future__ import annotations
@@ -80,6 +85,32 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_atomically(
+    obj: Any, path: Path, before_replace: Callable[[], None] | None = None
+) -> None:
+    """``torch.save`` to a flushed temporary file, then rename it to ``path``.
+
+    ``before_replace`` runs between the two (after the new bytes are on disk,
+    before the old file is replaced); on any failure the temporary file is
+    removed and the old file is left as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename.
 
@@ -101,20 +132,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     >>> torch.load(path, weights_only=True)
     {'w': tensor([1., 1.])}
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_atomically(obj, Path(path))
 
 
 def plain(value: Any) -> Any:
@@ -200,6 +218,7 @@ class CheckpointStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.previous = self.path.with_name(self.path.name + ".prev")
+        self.corrupt = self.path.with_name(self.path.name + ".corrupt")
 
     def exists(self) -> bool:
         """Whether any checkpoint is there.
@@ -219,22 +238,14 @@ class CheckpointStore:
             What ``torch.save`` can write (and ``torch.load`` with
             ``weights_only=True`` can read).
         """
-        folder = self.path.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}{_TMP_MARK}")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
+
+        def keep_previous() -> None:
+            # Only once the new checkpoint is whole on disk: a crash between
+            # the two renames leaves the previous one (one round is redone).
             if self.path.is_file():
                 os.replace(self.path, self.previous)
-            os.replace(tmp, self.path)
-            _fsync_dir(folder)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        _write_atomically(obj, self.path, keep_previous)
 
     def clean_temporary(self) -> list[Path]:
         """Remove the temporary files of saves that a crash interrupted.
@@ -268,7 +279,8 @@ class CheckpointStore:
         -------
         tuple or None
             ``(apply's result, the file used)``, or ``None`` when there is no
-            checkpoint.
+            checkpoint. When the previous file is used, the newest (unusable)
+            one has been moved to :attr:`corrupt`.
 
         Raises
         ------
@@ -295,6 +307,7 @@ class CheckpointStore:
                     problem = f"{path} is invalid ({type(error).__name__}: {error})"
                 else:
                     if problems:
+                        self._set_aside_newest()
                         logger.error("resuming from the previous checkpoint %s", path)
                     return result, path
             logger.error("checkpoint %s", problem)
@@ -305,6 +318,15 @@ class CheckpointStore:
             "no usable checkpoint: " + "; ".join(problems) + ". Remove them or "
             "start fresh to begin the run again."
         )
+
+    def _set_aside_newest(self) -> None:
+        # The newest file failed and the previous one is good: the next save
+        # would make the bad file the previous one. Moved aside, the next save
+        # keeps the good one as the previous (and the bad one can be looked at).
+        if self.path.is_file():
+            os.replace(self.path, self.corrupt)
+            _fsync_dir(self.path.parent)
+            logger.error("unusable checkpoint %s moved to %s", self.path, self.corrupt)
 
     def discard(self) -> None:
         """Set the checkpoints aside (``*.discarded``) so that a run starts fresh."""
