@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.federated import server as server_module
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.flower.records import (
@@ -33,7 +34,7 @@ from speechbrain_omc.federated.flower.records import (
     payload_to_record,
 )
 from speechbrain_omc.federated.flower.strategy import OMCFedAvg
-from speechbrain_omc.federated.server import FedAvgServer
+from speechbrain_omc.federated.server import FedAvgServer, UpdateRejected
 from speechbrain_omc.transform import Transform
 
 CLIENTS = ["c0", "c1", "c2", "c3"]
@@ -400,15 +401,108 @@ def test_each_reply_is_decoded_once(monkeypatch):
     assert sorted(calls) == sorted(len(r) for r in replies.values())
 
 
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"nonce": "0" * 32}, "wrong nonce"),
+        ({"run": "another run"}, "not this run"),
+        ({"round": 2}, "update for round 2"),
+        ({"num_examples": BOUND + 1}, "num_examples must be"),
+        ({"metrics": {"train_loss": 1e30}}, "bad metrics"),
+    ],
+)
+def test_the_binding_is_checked_before_any_payload_is_parsed(
+    change, reason, monkeypatch
+):
+    """A reply bound to another run or round (or claiming too much) is refused
+    on its metadata: no payload is parsed, so its size costs no copy."""
+    parsed = []
+    float32, compressed = wire.parse_float32_payload, CompressedTensor.from_bytes
+
+    def count_float32(payload):
+        parsed.append("float32")
+        return float32(payload)
+
+    def count_compressed(payload):
+        parsed.append("compressed")
+        return compressed(payload)
+
+    monkeypatch.setattr(wire, "parse_float32_payload", count_float32)
+    monkeypatch.setattr(CompressedTensor, "from_bytes", count_compressed)
+    server = _server()
+    messages = server.configure_round()
+    bad, good = list(messages)[:2]
+    parsed.clear()  # honest_reply below decodes the broadcast
+    replies = {
+        bad: honest_reply(messages[bad], **change),
+        good: honest_reply(messages[good]),
+    }
+    parsed.clear()
+    with pytest.raises(UpdateRejected, match=reason):
+        server.validate(bad, replies[bad])
+    assert parsed == []
+    server.validate(good, replies[good])  # the counters do count
+    assert sorted(set(parsed)) == ["compressed", "float32"]
+
+
+def test_validation_failures_never_escape(monkeypatch, caplog):
+    """A bug in the validation itself: validate() still raises only
+    UpdateRejected and aggregate() leaves the reply out, both with the
+    traceback logged."""
+    server = _server()
+    messages = server.configure_round()
+    replies = {c: honest_reply(m) for c, m in messages.items()}
+
+    def broken(data, expected):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server_module, "check_reply", broken)
+    client = next(iter(messages))
+    with pytest.raises(UpdateRejected, match="internal error while validating"):
+        server.validate(client, replies[client])
+    report = server.aggregate(replies)
+    assert report.accepted == [] and not report.model_updated
+    assert set(report.rejected.values()) == {
+        "internal error while validating: RuntimeError"
+    }
+    # One traceback per failure: validate() once, aggregate() for 3 replies.
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 4
+    assert all("RuntimeError: a bug" in r.exc_text for r in tracebacks)
+
+
+def test_norm_clip_bounds_one_client_of_two():
+    """The default limit is the lower median of the norms: of two clients the
+    honest one's, so the other moves the model no further than it does."""
+    server = _server(omc=None, clients_per_round=2, aggregation="norm_clip")
+    messages = server.configure_round()
+    bad, good = list(messages)
+    start = {n: v.clone() for n, v in server.model.items()}
+    server.aggregate(
+        {
+            good: honest_reply(messages[good], shift=1.0),
+            bad: honest_reply(messages[bad], shift=1000.0),
+        }
+    )
+    # The hostile update is scaled to the honest one's norm (both shift every
+    # value, so it becomes the honest update): the model moves by 1. With the
+    # plain median (the mean of the two norms) it would move by about 250.
+    for name, value in server.model.items():
+        moved = value - start[name]
+        assert torch.allclose(moved, torch.ones_like(moved), atol=1e-3), name
+
+
 def test_a_huge_reply_is_rejected_without_copying_it():
-    """256 MiB replies (an extra entry after a 256 MiB model, or a small model
-    and a 256 MiB extra entry), embedded and through Flower: the peak memory
-    of the rejection stays far under the reply's size (measured as the rise
-    of the process's peak RSS, in a fresh process)."""
+    """256 MiB replies (an extra entry after a 256 MiB model, a small model
+    and a 256 MiB extra entry, or a 256 MiB model and a wrong nonce),
+    embedded and through Flower: the peak memory of the rejection stays far
+    under the reply's size (measured as the rise of the process's peak RSS,
+    in a fresh process)."""
     result = subprocess.run(
         [sys.executable, str(JOB)], capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 6
     for line in result.stdout.splitlines():
         case = json.loads(line)
         print(case)

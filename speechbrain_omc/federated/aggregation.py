@@ -16,8 +16,8 @@ rule            what it does                                 cost per round
                 unweighted
 ``norm_clip``   FedAvg of the updates (model minus global)   two passes; one
                 each scaled down to an L2 norm of at most    norm per client
-                ``clip_norm`` (default: the median norm of
-                the round)
+                ``clip_norm`` (default: the lower median
+                of the round's update norms)
 =============== ============================================ =====================
 
 Bounded ``num_examples`` limits a client's weight in ``fedavg`` and
@@ -25,8 +25,16 @@ Bounded ``num_examples`` limits a client's weight in ``fedavg`` and
 once), so they also resist a client that lies about its data, as long as
 fewer than half (``median``) or fewer than ``trim_fraction`` of the clients
 (``trimmed_mean``) are hostile. ``norm_clip`` bounds how far any one client
-moves the model. With two clients per round, ``median`` is their mean and
-``trimmed_mean`` trims nothing.
+moves the model.
+
+Few clients per round weaken the rules: with two, ``median`` is their mean
+and ``trimmed_mean`` trims nothing, so one hostile client of two moves the
+model as far as it likes. ``norm_clip``'s default limit is the *lower*
+median of the norms (of two, the smaller), so that one client of two cannot
+move the model further than the other: its update is clipped to the honest
+client's norm, though it still points where the hostile client wants (set
+``clip_norm`` to bound it absolutely). The plain median of two norms would
+be their mean, which a hostile client doubles by doubling its own.
 
 Example
 -------
@@ -39,6 +47,8 @@ tensor([34.3333])
 tensor([2.])
 >>> combine(models, [1, 1, 1], master, Aggregation("norm_clip"))["w"]
 tensor([1.6667])
+>>> combine(models[1:], [1, 1], master, Aggregation("norm_clip"))["w"]  # 2 of 2
+tensor([2.])
 """
 
 from __future__ import annotations
@@ -67,7 +77,7 @@ class Aggregation:
         (rounded down; at least one value is kept).
     clip_norm : float, optional
         ``norm_clip``: largest L2 norm of one client's update; ``None`` takes
-        the median of the round's update norms.
+        the lower median of the round's update norms (the smaller of two).
 
     Example
     -------
@@ -160,7 +170,9 @@ def combine(
     rule = aggregation.rule
     if rule == "norm_clip":
         norms = _update_norms(models, master)
-        limit = aggregation.clip_norm or statistics.median(norms)
+        # The lower median: of two norms the smaller (see the module
+        # docstring); for an odd number of clients it is the median.
+        limit = aggregation.clip_norm or statistics.median_low(norms)
         scales = [min(1.0, limit / n) if n > 0 else 1.0 for n in norms]
         total = sum(weights)
         out = {}

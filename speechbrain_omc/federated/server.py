@@ -23,21 +23,9 @@ over rounds). A round goes:
    learning rate and server momentum (FedAvgM) apply the change. The new
    model is committed only if it is finite.
 
-What a reply must be (checked in this order, each reply decoded once):
-
-* at most as long as the largest reply its broadcast allows (checked before
-  anything else, so that a huge reply costs no memory);
-* a well-formed wire message whose metadata keeps to the wire limits (size,
-  depth, 64-bit integers, finite numbers);
-* exactly the broadcast's entries, each in the format and shape it was sent
-  in (checked on the entry headers, before any payload is parsed), with
-  finite values;
-* metadata ``{"type": "update", "round", "client", "run", "nonce",
-  "num_examples", "metrics"}`` and nothing else: this round, this client,
-  this run's id and the nonce sent; ``num_examples`` an integer in ``[1,
-  max_examples]`` (the server's bound for that client: its partition size
-  when the server knows it); ``metrics`` at most 32 numbers (or nulls)
-  within ``±1e9``.
+What a reply must be, and in which order it is checked (cheapest first, the
+binding before any payload is parsed, each reply decoded once), is
+:mod:`~speechbrain_omc.federated.validation`'s.
 
 Bytes are counted from the messages: ``len()`` of every broadcast and every
 reply. :meth:`FedAvgServer.state_dict` holds what a resumed run needs,
@@ -78,7 +66,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import math
 import random
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -98,6 +85,16 @@ from speechbrain_omc.federated.checkpoint import (
     diff_settings,
     plain,
 )
+from speechbrain_omc.federated.validation import (
+    MAX_EXAMPLES,
+    ReplyExpectation,
+    Update,
+    UpdateRejected,
+    check_metrics,
+    check_reply,
+    is_int,
+    reply_nbytes,
+)
 from speechbrain_omc.selection import make_plan, round_seed
 
 logger = logging.getLogger(__name__)
@@ -108,112 +105,10 @@ __all__ = [
     "RoundReport",
     "Update",
     "UpdateRejected",
-    "check_metrics",
+    "check_metrics",  # re-exported from validation, where they live
 ]
 
 _STATE_VERSION = 2
-#: Default bound of ``num_examples`` when the server knows nothing better: the
-#: largest integer a float32/float64 weight holds exactly. Set ``max_examples``.
-MAX_EXAMPLES = 2**53
-#: Limits of a reply's ``metrics``.
-MAX_METRICS = 32
-MAX_METRIC_KEY = 64
-METRIC_BOUND = 1e9
-_UPDATE_KEYS = frozenset(
-    ("type", "round", "client", "run", "nonce", "num_examples", "metrics")
-)
-
-
-class UpdateRejected(ValueError):
-    """A client reply that the server refuses; the message says why."""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_metrics(metrics: Any, low: float = -METRIC_BOUND) -> dict:
-    """Check a client's metrics: a small mapping of names to bounded numbers.
-
-    Arguments
-    ---------
-    metrics : object
-        What the client sent.
-    low : float
-        Smallest value allowed (the largest is :data:`METRIC_BOUND`).
-
-    Returns
-    -------
-    dict
-        A copy: name to ``int``, ``float`` or ``None`` (a metric the client
-        could not compute, e.g. a non-finite loss).
-
-    Raises
-    ------
-    ValueError
-        Not a mapping, too many or too long names, or a value that is not a
-        finite number within ``[low, METRIC_BOUND]``.
-
-    Example
-    -------
-    >>> check_metrics({"train_loss": 2.5, "steps": 10})
-    {'train_loss': 2.5, 'steps': 10}
-    >>> check_metrics({"train_loss": 1e30})
-    Traceback (most recent call last):
-    ...
-    ValueError: metric 'train_loss' = 1e+30 is outside [-1e+09, 1e+09]
-    """
-    if not isinstance(metrics, Mapping):
-        raise ValueError(f"metrics must be a mapping, got {type(metrics).__name__}")
-    if len(metrics) > MAX_METRICS:
-        raise ValueError(f"{len(metrics)} metrics, at most {MAX_METRICS} allowed")
-    out = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_KEY:
-            raise ValueError(f"metric name {str(key)[:80]!r} is not a short string")
-        if value is None:
-            out[key] = None
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"metric {key!r} is {type(value).__name__}, not a number")
-        # Compare as Python numbers: float(10**400) itself would overflow.
-        if not (math.isfinite(value) if isinstance(value, float) else True) or not (
-            low <= value <= METRIC_BOUND
-        ):
-            shown = f"{value:.4g}" if isinstance(value, float) else str(value)[:40]
-            raise ValueError(
-                f"metric {key!r} = {shown} is outside [{low:.4g}, {METRIC_BOUND:.4g}]"
-            )
-        out[key] = value
-    return out
-
-
-@dataclass
-class Update:
-    """A validated client reply.
-
-    Arguments
-    ---------
-    client : str
-        Client id.
-    num_examples : int
-        Training examples the client used (its FedAvg weight), bounded.
-    values : dict
-        Entry name to float32 tensor (compressed entries decompressed).
-    metrics : dict
-        The client's reported metrics (checked).
-    nbytes : int
-        Length of the reply message.
-    float32_nbytes : int
-        Length of the same reply with every entry in float32.
-    """
-
-    client: str
-    num_examples: int
-    values: dict[str, torch.Tensor]
-    metrics: dict
-    nbytes: int
-    float32_nbytes: int
 
 
 @dataclass
@@ -233,8 +128,8 @@ class RoundReport:
     bytes_down, bytes_up : int
         Bytes of the broadcasts and of the replies (rejected ones included).
     float32_bytes_down, float32_bytes_up : int
-        The same messages' length with every entry in float32 (a reply that
-        could not be decoded counts as its length).
+        The same messages' length with every entry in float32 (a reply
+        refused before its entries were read counts as its length).
     num_examples : int
         Examples behind the accepted updates.
     client_metrics : dict
@@ -270,8 +165,7 @@ class RoundReport:
 class _Pending:
     round: int
     sampled: list[str]
-    expect: dict[str, dict[str, wire.Expected]] = field(default_factory=dict)
-    max_nbytes: dict[str, int] = field(default_factory=dict)
+    expect: dict[str, ReplyExpectation] = field(default_factory=dict)
     bytes_down: int = 0
     float32_bytes_down: int = 0
 
@@ -385,7 +279,7 @@ class FedAvgServer:
         else:
             bounds = dict.fromkeys(self.clients, max_examples)
         for client, bound in bounds.items():
-            if not _is_int(bound) or not 1 <= bound <= MAX_EXAMPLES:
+            if not is_int(bound) or not 1 <= bound <= MAX_EXAMPLES:
                 raise ValueError(
                     f"FedAvgServer: max_examples of {client} must be an integer "
                     f"in [1, 2**53], got {bound!r}"
@@ -552,8 +446,14 @@ class FedAvgServer:
         messages = {}
         for client in sampled:
             data, entries, expect, meta = self._broadcast(client, round)
-            pending.expect[client] = expect
-            pending.max_nbytes[client] = wire.max_message_nbytes(expect)
+            pending.expect[client] = ReplyExpectation(
+                self.run_id,
+                round,
+                client,
+                meta["nonce"],
+                self.max_examples[client],
+                expect,
+            )
             pending.bytes_down += len(data)
             shapes = {name: tuple(value.shape) for name, value in entries.items()}
             pending.float32_bytes_down += wire.encoded_nbytes(shapes, meta)
@@ -579,86 +479,38 @@ class FedAvgServer:
         Raises
         ------
         UpdateRejected
-            With the reason (see the module docstring); nothing else.
+            With the reason (see :mod:`~speechbrain_omc.federated.validation`);
+            nothing else, whatever ``data`` holds: as in :meth:`aggregate`, a
+            failure of the validation itself is logged with its traceback and
+            reported as a rejection.
         """
-        update, reason, _ = self._check(client, data)
+        update, reason, _ = self._check(str(client), data)
         if update is None:
             raise UpdateRejected(reason)
         return update
 
-    def _check(self, client: str, data) -> tuple[Update | None, str, int]:
+    def _check(self, client: str, data: Any) -> tuple[Update | None, str, int]:
         """``(update, "", float32 bytes)`` or ``(None, reason, float32 bytes)``."""
-        size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
+        size = reply_nbytes(data)
         pending = self._pending
-        if pending is None:
-            return None, "no round is open", size
-        if client not in pending.expect:
-            return None, f"not sampled in round {pending.round}", size
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            return None, f"reply is {type(data).__name__}, not bytes", size
         try:
-            message = wire.decode(
-                data,
-                expect=pending.expect[client],
-                max_nbytes=pending.max_nbytes[client],
-            )
-        except ValueError as error:
-            return None, f"malformed message: {error}", size
-        float32_nbytes = message.float32_nbytes()
-        try:
-            examples, metrics = self._check_meta(client, message.meta)
-            values = {}
-            for name, entry in message.entries.items():
-                value = (
-                    entry.decompress() if isinstance(entry, CompressedTensor) else entry
-                )
-                if not bool(torch.isfinite(value).all()):
-                    bad = int((~torch.isfinite(value)).sum())
-                    raise UpdateRejected(f"{name} has {bad} non-finite values")
-                values[name] = value
+            if pending is None:
+                raise UpdateRejected("no round is open")
+            if client not in pending.expect:
+                raise UpdateRejected(f"not sampled in round {pending.round}")
+            update = check_reply(data, pending.expect[client])
         except UpdateRejected as error:
-            return None, str(error), float32_nbytes
-        update = Update(client, examples, values, metrics, size, float32_nbytes)
-        return update, "", float32_nbytes
-
-    def _check_meta(self, client: str, meta: dict) -> tuple[int, dict]:
-        pending = self._pending
-        if meta.get("type") != "update":
-            raise UpdateRejected(
-                f"message type {str(meta.get('type'))[:40]!r}, expected 'update'"
+            counted = error.float32_nbytes
+            return None, str(error), size if counted is None else counted
+        except Exception as error:  # noqa: BLE001 - a bug must not end the run
+            logger.exception(
+                "round %s: validating %s failed",
+                "-" if pending is None else pending.round,
+                client,
             )
-        extra = sorted(set(meta) - _UPDATE_KEYS)
-        if extra:
-            raise UpdateRejected(f"unexpected metadata keys: {extra[:5]}")
-        if meta.get("run") != self.run_id:
-            raise UpdateRejected(
-                f"reply of run {str(meta.get('run'))[:40]!r}, not this run"
-            )
-        if meta.get("round") != pending.round:
-            raise UpdateRejected(
-                f"update for round {str(meta.get('round'))[:40]}, "
-                f"expected {pending.round}"
-            )
-        if meta.get("client") != client:
-            raise UpdateRejected(
-                f"update signed by client {str(meta.get('client'))[:40]!r}"
-            )
-        nonce = meta.get("nonce")
-        if not isinstance(nonce, str) or not hmac.compare_digest(
-            nonce, self.nonce(pending.round, client)
-        ):
-            raise UpdateRejected("wrong nonce: not a reply to this round's broadcast")
-        examples, bound = meta.get("num_examples"), self.max_examples[client]
-        if not _is_int(examples) or not 1 <= examples <= bound:
-            raise UpdateRejected(
-                f"num_examples must be an integer in [1, {bound}], "
-                f"got {str(examples)[:40]}"
-            )
-        try:
-            metrics = check_metrics(meta.get("metrics", {}))
-        except ValueError as error:
-            raise UpdateRejected(f"bad metrics: {error}") from None
-        return examples, metrics
+            reason = f"internal error while validating: {type(error).__name__}"
+            return None, reason, size
+        return update, "", update.float32_nbytes
 
     # ----------------------------------------------------------- aggregation
     def aggregate(
@@ -700,16 +552,8 @@ class FedAvgServer:
         # Sorted: the result does not depend on the order replies arrived.
         for client in sorted(replies, key=str):
             data = replies[client]
-            size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
-            try:
-                update, reason, float32_nbytes = self._check(str(client), data)
-            except Exception as error:  # noqa: BLE001 - a bug must not end the run
-                logger.exception(
-                    "round %d: validating %s failed", pending.round, client
-                )
-                update, float32_nbytes = None, size
-                reason = f"internal error while validating: {type(error).__name__}"
-            report.bytes_up += size
+            update, reason, float32_nbytes = self._check(str(client), data)
+            report.bytes_up += reply_nbytes(data)
             report.float32_bytes_up += float32_nbytes
             if update is None:
                 report.rejected[str(client)] = reason
@@ -857,7 +701,7 @@ class FedAvgServer:
                 "not reproduce the run:\n  " + "\n  ".join(differences)
             )
         round_ = state["round"]
-        if not _is_int(round_) or round_ < 0:
+        if not is_int(round_) or round_ < 0:
             raise ValueError(f"server state: bad round {round_!r}")
         model = self._checked(state["model"], "model", complete=True)
         momentum = self._checked(state["momentum"], "momentum", complete=False)

@@ -42,7 +42,10 @@ A server knows what a reply must hold. Given ``expect`` (name to
 and ``max_nbytes``, :func:`decode` checks the message's length, every
 entry's name, kind, payload length and float32 shape *before* it allocates
 anything for the payloads, so that an oversized or misshapen message costs
-no memory; it then checks each compressed entry's shape and format.
+no memory; it then checks each compressed entry's shape and format. A
+``check_meta`` callback sees the metadata before any entry is read, so that
+a reply bound to another run or round is refused before its payloads are
+parsed (copied).
 
 Example
 -------
@@ -71,7 +74,7 @@ import math
 import re
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -585,6 +588,7 @@ def decode(
     data: bytes | bytearray | memoryview,
     expect: Mapping[str, Expected] | None = None,
     max_nbytes: int | None = None,
+    check_meta: Callable[[dict], object] | None = None,
 ) -> Message:
     """Parse and validate a message written by :func:`encode`.
 
@@ -599,6 +603,10 @@ def decode(
     max_nbytes : int, optional
         Longest acceptable message, checked first (see
         :func:`max_message_nbytes`).
+    check_meta : callable, optional
+        Called with the metadata once the checksum and the metadata limits
+        have passed, before any entry is read; what it raises propagates
+        unchanged (the caller's own rejection, not a malformed message).
 
     Returns
     -------
@@ -625,7 +633,7 @@ def decode(
     ...
     ValueError: malformed OMC wire message: b has shape (3,), expected (4,)
     """
-    if isinstance(data, np.ndarray) or isinstance(data, torch.Tensor):
+    if isinstance(data, (np.ndarray, torch.Tensor)):
         raise TypeError("decode takes bytes; convert uint8 arrays with .tobytes()")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
@@ -674,9 +682,16 @@ def decode(
             "or mis-assembled)"
         )
     try:
-        return _parse(view, end, expect)
+        meta, pos = _read_meta(view, end)
     except (ValueError, struct.error) as error:
         raise ValueError(f"malformed OMC wire message: {error}") from None
+    if check_meta is not None:
+        check_meta(meta)
+    try:
+        entries = _read_entries(view, pos, end, expect)
+    except (ValueError, struct.error) as error:
+        raise ValueError(f"malformed OMC wire message: {error}") from None
+    return Message(entries, meta, nbytes=total)
 
 
 def _take(view: memoryview, pos: int, n: int, end: int, what: str) -> memoryview:
@@ -747,7 +762,8 @@ def _check_heads(heads, expect: Mapping[str, Expected]) -> None:
             )
 
 
-def _parse(view: memoryview, end: int, expect: Mapping[str, Expected] | None):
+def _read_meta(view: memoryview, end: int) -> tuple[dict, int]:
+    """The metadata and the position after it."""
     pos = _PREFIX.size
     (meta_len,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "metadata length"))
     pos += _U32.size
@@ -756,7 +772,13 @@ def _parse(view: memoryview, end: int, expect: Mapping[str, Expected] | None):
             f"metadata of {meta_len} bytes exceeds the {MAX_META_BYTES}-byte limit"
         )
     meta = _load_meta(bytes(_take(view, pos, meta_len, end, "metadata")))
-    pos += meta_len
+    return meta, pos + meta_len
+
+
+def _read_entries(
+    view: memoryview, pos: int, end: int, expect: Mapping[str, Expected] | None
+) -> dict[str, Entry]:
+    """The entries from ``pos``: headers walked and checked, then parsed."""
     (count,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "entry count"))
     pos += _U32.size
     heads = _walk(view, pos, end, count, expect)
@@ -782,4 +804,4 @@ def _parse(view: memoryview, end: int, expect: Mapping[str, Expected] | None):
                 raise ValueError(
                     f"{name} arrived as {value.format.name}, expected {want.format}"
                 )
-    return Message(entries, meta, nbytes=end + _CRC.size)
+    return entries

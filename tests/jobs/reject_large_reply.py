@@ -1,9 +1,11 @@
 """Peak memory of rejecting a 256 MiB reply (run by tests/test_hostile_clients.py).
 
-Four cases, each in this fresh process one after the other: a 256 MiB model
-whose reply carries one extra (tiny) entry, and a small model whose reply
-carries a 256 MiB extra entry; each given to the embedded server and to the
-Flower strategy. Before each rejection the kernel's peak-RSS mark is reset
+Six cases, each in this fresh process one after the other: a 256 MiB model
+whose reply carries one extra (tiny) entry, a small model whose reply
+carries a 256 MiB extra entry, and a 256 MiB model whose reply is exactly
+right but echoes a wrong nonce (refused on its metadata, before any payload
+is parsed); each given to the embedded server and to the Flower strategy.
+Before each rejection the kernel's peak-RSS mark is reset
 (``/proc/self/clear_refs``), so the peak measured is the rejection's own.
 Prints one JSON line per case (MiB): RSS before the reply was built, with
 the reply in memory, and the peak while rejecting it.
@@ -37,17 +39,29 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def hostile_reply(server: FedAvgServer, data: bytes, big_extra: bool) -> bytes:
+#: case -> (a 256 MiB model?, what the rejection must say)
+CASES = {
+    "256 MiB model + tiny extra entry": (True, "unexpected entries: extra.weight"),
+    "small model + 256 MiB extra entry": (False, "exceeds the \\d+ bytes"),
+    "256 MiB model, wrong nonce": (True, "wrong nonce"),
+}
+
+
+def hostile_reply(server: FedAvgServer, data: bytes, case: str) -> bytes:
     received = wire.decode(data)
     entries = dict(received.entries)
-    extra = torch.zeros(SIZE // 4 if big_extra else 1)
-    entries["extra.weight"] = extra
     meta = {k: received.meta[k] for k in ("round", "client", "run", "nonce")}
     meta.update(type="update", num_examples=1)
+    if case == "256 MiB model, wrong nonce":
+        meta["nonce"] = "0" * len(meta["nonce"])
+    else:
+        big_extra = case == "small model + 256 MiB extra entry"
+        entries["extra.weight"] = torch.zeros(SIZE // 4 if big_extra else 1)
     return wire.encode(entries, meta)
 
 
-def measure(channel: str, big_model: bool) -> dict:
+def measure(channel: str, case: str) -> dict:
+    big_model, expected = CASES[case]
     numel = SIZE // 4 if big_model else 16
     server = FedAvgServer({"w": torch.zeros(numel)}, ["a"], 1, max_examples=1)
     if channel == "flower":
@@ -58,7 +72,7 @@ def measure(channel: str, big_model: bool) -> dict:
         server.configure_round()
     reset_peak()
     before = status("VmRSS")
-    data = hostile_reply(server, server.message_for("a", 1), not big_model)
+    data = hostile_reply(server, server.message_for("a", 1), case)
     nbytes = len(data)
     if channel == "flower":
         record = payload_to_record(data)
@@ -73,13 +87,10 @@ def measure(channel: str, big_model: bool) -> dict:
         strategy.aggregate_train(1, [data])
         report = strategy.reports[-1]
     peak = status("VmHWM")
-    what = "256 MiB model + tiny" if big_model else "small model + 256 MiB"
     return {
-        "case": f"{channel}: {what} extra entry",
+        "case": f"{channel}: {case}",
         "reason": report.rejected.get("a", "accepted!"),
-        "expected": "unexpected entries: extra.weight"
-        if big_model
-        else "exceeds the \\d+ bytes",
+        "expected": expected,
         "reply_mib": round(nbytes / MIB, 1),
         "before_reply_mib": round(before, 1),
         "with_reply_mib": round(with_reply, 1),
@@ -91,8 +102,8 @@ def main() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
     torch.set_num_threads(1)
     for channel in ("embedded", "flower"):
-        for big_model in (True, False):
-            print(json.dumps(measure(channel, big_model)), flush=True)
+        for case in CASES:
+            print(json.dumps(measure(channel, case)), flush=True)
             gc.collect()
 
 
