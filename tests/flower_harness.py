@@ -540,7 +540,9 @@ class FakeGrid:
 
     Delivers each message to ``handler(node, message)`` and wraps what it
     returns as the reply's content; ``None`` is no reply (a node that timed
-    out), an ``Error`` an error reply.
+    out), an ``Error`` an error reply. Each call's message types and
+    ``timeout`` are recorded in :attr:`calls` (no time passes here: a test
+    checks that the configured timeout reaches the grid).
 
     Arguments
     ---------
@@ -554,6 +556,7 @@ class FakeGrid:
         self.nodes = list(nodes)
         self.handler = handler
         self.sent: list = []
+        self.calls: list[tuple[list[str], float | None]] = []
 
     def get_node_ids(self):
         """The connected nodes."""
@@ -563,6 +566,9 @@ class FakeGrid:
         """Deliver the messages; the replies that came back."""
         from flwr.app import Error, Message
 
+        messages = list(messages)
+        kinds = [m.metadata.message_type for m in messages]
+        self.calls.append((kinds, timeout))
         replies = []
         for message in messages:
             self.sent.append(message)

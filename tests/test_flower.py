@@ -157,6 +157,14 @@ def test_discover_clients_maps_nodes(task_identity):
     assert {m.metadata.message_type for m in grid.sent} == {MessageType.QUERY}
 
 
+def test_discover_clients_accepts_only_the_listed_clients(task_identity):
+    """A resumed run: a node naming a client of no partition is ignored."""
+    claims = {101: "client_000", 102: "admin", 103: "client_002"}
+    grid = FakeGrid(claims, app_handler(claims))
+    node_of = discover_clients(grid, 3, timeout=5, clients=CLIENTS)
+    assert node_of == {"client_000": 101, "client_002": 103}
+
+
 def test_discover_clients_times_out_without_nodes(task_identity):
     grid = FakeGrid([101], make_handler())
     with pytest.raises(TimeoutError):
@@ -327,15 +335,16 @@ NODES_OF = {201: "client_000", 202: "client_001", 203: "client_002"}
 
 
 class CrashingGrid(FakeGrid):
-    """Dies (as the SuperLink would) when round ``crash_round`` trains."""
+    """Dies (as the SuperLink would) when round ``crash_round`` sends ``kind``."""
 
-    def __init__(self, nodes, handler, crash_round):
+    def __init__(self, nodes, handler, crash_round, kind=MessageType.TRAIN):
         super().__init__(nodes, handler)
-        self.crash_round = crash_round
+        self.crash_round, self.kind = crash_round, kind
 
     def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
         for message in messages:
-            if message.metadata.message_type == MessageType.TRAIN:
+            if message.metadata.message_type == self.kind:
                 config = message.content["config"]
                 if config["server-round"] == self.crash_round:
                     raise ConnectionError("the SuperLink went away")
@@ -371,3 +380,87 @@ def test_server_app_resumes_where_it_stopped(tmp_path, server_app, task_identity
     fresh = {**other, "fresh-start": True}
     assert server_app.run_server(FakeGrid(NODES_OF, handler), fresh)["rounds"] == 3
     assert (result / "server.ckpt.discarded").is_file()
+
+
+def _checkpoint_round(result) -> int:
+    state = torch.load(result / "server.ckpt", weights_only=True)
+    return state["server"]["round"]
+
+
+def test_a_round_is_saved_before_its_evaluation(tmp_path, server_app, task_identity):
+    """The SuperLink dies while round 2 (an evaluating round) evaluates: its
+    training is in the checkpoint already, and the resumed run goes on from
+    round 3 with the uninterrupted run's final model."""
+    handler = app_handler(NODES_OF)
+    straight = server_app.run_server(
+        FakeGrid(NODES_OF, handler), app_run_config(tmp_path / "straight")
+    )
+    config = app_run_config(tmp_path / "resumed")
+    grid = CrashingGrid(NODES_OF, handler, 2, kind=MessageType.EVALUATE)
+    with pytest.raises(ConnectionError):
+        server_app.run_server(grid, config)
+    result = tmp_path / "resumed" / "result"
+    assert _checkpoint_round(result) == 2
+    resumed = server_app.run_server(FakeGrid(NODES_OF, handler), config)
+    a = torch.load(tmp_path / "straight" / "result" / "final_model.pt")
+    b = torch.load(result / "final_model.pt")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert resumed["bytes_up"] == straight["bytes_up"]
+    history = __import__("json").loads((result / "flower_history.json").read_text())
+    # Round 2's evaluation never came back; round 3's did, once.
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert [h["evaluation"] is not None for h in history] == [False, False, True]
+
+
+def test_a_resumed_run_keeps_the_clients_of_its_checkpoint(
+    tmp_path, server_app, task_identity
+):
+    """Resumed with one node gone and a new one claiming a new client id: the
+    run goes on with the checkpoint's clients (no settings mismatch), the
+    newcomer is never sent a model, the missing client is left out."""
+    config = app_run_config(tmp_path)
+    handler = app_handler(NODES_OF)
+    with pytest.raises(ConnectionError):
+        server_app.run_server(CrashingGrid(NODES_OF, handler, 2), config)
+    changed = {201: "client_000", 202: "client_001", 204: "client_999"}
+    grid = FakeGrid(changed, app_handler(changed))
+    summary = server_app.run_server(grid, config)
+    assert summary["rounds"] == 3
+    assert summary["clients"] == ["client_000", "client_001", "client_002"]
+    to_newcomer = {
+        m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == 204
+    }
+    assert to_newcomer == {MessageType.QUERY}
+    history = __import__("json").loads(
+        (tmp_path / "result" / "flower_history.json").read_text()
+    )
+    resumed = [h for h in history if h["round"] >= 2]
+    assert resumed and all(h["accepted"] for h in resumed)
+    for h in resumed:
+        if "client_002" in h["sampled"]:
+            assert h["rejected"]["client_002"].startswith("failed: no SuperNode")
+
+
+@pytest.mark.parametrize("max_eval, evaluated", [(4, True), (3, False)])
+def test_the_run_config_reaches_the_grid_and_the_checks(
+    tmp_path, server_app, task_identity, max_eval, evaluated
+):
+    """``round-timeout`` is every call's timeout; ``max-eval-examples`` bounds
+    the evaluation replies (the nodes claim 4 examples)."""
+    config = app_run_config(
+        tmp_path,
+        **{"num-server-rounds": 2, "round-timeout": 7, "max-eval-examples": max_eval},
+    )
+    grid = FakeGrid(NODES_OF, app_handler(NODES_OF))
+    summary = server_app.run_server(grid, config)
+    sends = [(set(kinds), timeout) for kinds, timeout in grid.calls if kinds]
+    assert {MessageType.TRAIN, MessageType.EVALUATE} <= set().union(
+        *(k for k, _ in sends)
+    )
+    for kinds, timeout in sends:
+        if kinds == {MessageType.QUERY}:  # what is left of the timeout
+            assert 0 < timeout <= 7
+        else:
+            assert timeout == 7, kinds
+    assert (summary["valid_WER"] is not None) is evaluated
+    assert (summary["test_WER"] == 20.0) is evaluated

@@ -12,6 +12,7 @@ rows; the checkpoint rows are in test_server_checkpoint.py.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import subprocess
@@ -22,7 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 from flower_harness import FakeGrid, app_handler, app_run_config
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
@@ -159,8 +167,9 @@ def huge_dimension_compressed(server, client, data):
     return wire.encode(entries, _meta(received))
 
 
-def deep_metadata(server, client, data):
-    # 100,000 levels: json.loads would raise RecursionError.
+def oversized_deep_metadata(server, client, data):
+    # 100,000 levels (json.loads would raise RecursionError) in 200 KB: the
+    # size cap refuses it first; the depth limit is the next row's.
     depth = 100_000
     return _with_meta_text(data, '{"a":' + "[" * depth + "]" * depth + "}")
 
@@ -218,8 +227,8 @@ ROWS = {
         huge_dimension_compressed,
         r"has shape \(9223372036854775807, 0\), expected",
     ),
-    "metadata nested 100,000 deep": (
-        deep_metadata,
+    "metadata of 200 KB (100,000 levels): the size cap": (
+        oversized_deep_metadata,
         r"exceeds the (65536-byte limit|\d+ bytes it may have)",
     ),
     "metadata nested 30,000 deep": (deep_metadata_within_size, "nested 30001 deep"),
@@ -542,6 +551,19 @@ EVALUATION_ROWS = {
         "expected \\['CER', 'WER', 'loss', 'num-examples'\\]",
     ),
     "an extra metric": (_metrics(admin=1.0), "expected"),
+    "NaN WER under another record name": (
+        RecordDict({"x": MetricRecord({"num-examples": 8, **GOOD, "WER": math.nan})}),
+        "'WER' = nan",
+    ),
+    "two MetricRecords, one of them bad": (
+        RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": 8, **GOOD}),
+                "more": MetricRecord({"num-examples": 10**6, "WER": 0.0}),
+            }
+        ),
+        "expected one MetricRecord, got 2",
+    ),
 }
 
 
@@ -574,23 +596,94 @@ def test_hostile_evaluation_reply_is_left_out(row, task_identity, caplog):
     assert re.search(reason, logged[0]), logged[0]
 
 
+ODD = {"num-examples": 8, "loss": 2.0, "WER": 80.0, "CER": 10.0}
+ODD_BUT_VALID = {
+    "metrics under another record name": RecordDict({"x": MetricRecord(ODD)}),
+    "metrics and a ConfigRecord": RecordDict(
+        {"metrics": MetricRecord(ODD), "extra": ConfigRecord({"note": "hi"})}
+    ),
+    "metrics named 'arrays' and an ArrayRecord": RecordDict(
+        {"arrays": payload_to_record(b"junk"), "m": MetricRecord(ODD)}
+    ),
+}
+
+
+@pytest.mark.parametrize("row", list(ODD_BUT_VALID))
+def test_evaluation_replies_are_read_by_content_not_by_name(row, task_identity):
+    """The right metrics under another MetricRecord name, or beside other
+    records: counted, and no crash (FedAvg's aggregate_evaluate raised
+    InconsistentMessageReplies here, ending the ServerApp)."""
+    server = _server(omc=None)
+
+    def handler(node, message):
+        kind = message.metadata.message_type
+        data = payload_from_record(message.content)
+        if kind == "train":
+            return RecordDict({"arrays": payload_to_record(honest_reply(data))})
+        return ODD_BUT_VALID[row] if node == HOSTILE_NODE else _metrics()
+
+    strategy = OMCFedAvg(server, EVAL_NODES, evaluate_nodes=4, num_rounds=1)
+    strategy.start(
+        FakeGrid(EVAL_NODES.values(), handler),
+        payload_to_record(server.message_for("eval")),
+        num_rounds=1,
+    )
+    # Three nodes at WER 40 and one at 80, 8 examples each.
+    assert strategy.evaluations == {1: {"loss": 2.0, "WER": 50.0, "CER": 10.0}}
+
+
+class _TestFailsGrid(FakeGrid):
+    """The SuperLink goes away when the final test is sent."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for message in messages:
+            if message.metadata.message_type == MessageType.EVALUATE:
+                if message.content["config"].get("split") == "test":
+                    raise ConnectionError("the SuperLink went away")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
 @pytest.mark.parametrize(
     "answer",
-    [RecordDict({}), _metrics(WER=float("nan")), Error(code=0, reason="boom"), None],
-    ids=["no MetricRecord", "NaN WER", "error reply", "no reply"],
+    [
+        RecordDict({}),
+        _metrics(WER=float("nan")),
+        Error(code=0, reason="boom"),
+        None,
+        "the grid fails",
+    ],
+    ids=["no MetricRecord", "NaN WER", "error reply", "no reply", "grid fails"],
 )
 def test_a_bad_final_test_reply_loses_nothing(answer, tmp_path, task_identity):
-    """The final test's answer is missing or bad: the final model and the
-    summary are written all the same (the model before the test is asked)."""
+    """The final test's answer is missing or bad, or the grid dies sending the
+    test: the final model is on disk before the test is asked (and the
+    summary is written whenever the app gets that far)."""
     from omc_flower import server_app
 
-    nodes = {201: "client_000", 202: "client_001", 203: "client_002"}
-    handler = app_handler(nodes, test_reply=lambda node: answer)
-    config = app_run_config(tmp_path, **{"num-server-rounds": 1})
-    summary = server_app.run_server(FakeGrid(nodes, handler), config)
     result = tmp_path / "result"
+    on_disk_at_test = []
+
+    def test_reply(node):
+        on_disk_at_test.append((result / "final_model.pt").is_file())
+        return answer
+
+    nodes = {201: "client_000", 202: "client_001", 203: "client_002"}
+    handler = app_handler(nodes, test_reply=test_reply)
+    config = app_run_config(tmp_path, **{"num-server-rounds": 1})
+    if isinstance(answer, str):  # "the grid fails"
+        with pytest.raises(ConnectionError):
+            server_app.run_server(_TestFailsGrid(nodes, handler), config)
+        assert not (result / "summary.json").exists()
+    else:
+        summary = server_app.run_server(FakeGrid(nodes, handler), config)
+        assert on_disk_at_test == [True]
+        written = json.loads((result / "summary.json").read_text())
+        assert written["rounds"] == summary["rounds"] == 1
+        assert written["test_WER"] is None and written["test_loss"] is None
+    # The final model is the checkpoint's: round 1's, finite.
     model = torch.load(result / "final_model.pt", weights_only=True)
+    saved = torch.load(result / "server.ckpt", weights_only=True)["server"]
+    assert saved["round"] == 1 and list(model) == list(saved["model"])
+    assert all(torch.equal(model[n], saved["model"][n]) for n in model)
     assert all(bool(torch.isfinite(v).all()) for v in model.values())
-    written = json.loads((result / "summary.json").read_text())
-    assert written["rounds"] == summary["rounds"] == 1
-    assert written["test_WER"] is None and written["test_loss"] is None

@@ -106,6 +106,7 @@ __all__ = [
     "Update",
     "UpdateRejected",
     "check_metrics",  # re-exported from validation, where they live
+    "saved_clients",
 ]
 
 _STATE_VERSION = 2
@@ -783,3 +784,47 @@ class FedAvgServer:
         extra, used = loaded
         logger.info("resumed from %s after round %d", used, self.round)
         return extra
+
+
+def saved_clients(path: str | Path | CheckpointStore) -> list[str] | None:
+    """The client ids of the newest readable server checkpoint.
+
+    A resumed run takes its clients from here rather than from whoever
+    answers first: a node that is missing, or one more, does not change the
+    run's settings, and no node can join under a new id.
+
+    Arguments
+    ---------
+    path : str, Path or CheckpointStore
+        The checkpoint file.
+
+    Returns
+    -------
+    list of str or None
+        ``None`` without a checkpoint.
+
+    Raises
+    ------
+    CheckpointCorrupt
+        Neither the checkpoint nor the previous one can be read.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "server.ckpt"
+    >>> saved_clients(path) is None
+    True
+    >>> FedAvgServer({"w": torch.zeros(2)}, ["b", "a"], 1).save(path)
+    >>> saved_clients(path)
+    ['b', 'a']
+    """
+    store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
+
+    def clients(checkpoint: Mapping) -> list[str]:
+        value = checkpoint["server"]["settings"]["clients"]
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise ValueError("the saved clients are not a list of ids")
+        return list(value)
+
+    loaded = store.load(clients)
+    return None if loaded is None else loaded[0]

@@ -3,7 +3,7 @@
 Stock ``FedAvg`` averages every array of the replies element-wise; applied to
 compressed payloads it would average packed bit codes as if they were numbers.
 :class:`OMCFedAvg` keeps Flower's round loop (``Strategy.start``) and
-evaluation, and overrides what it must:
+FedAvg's weighted mean of evaluation metrics, and overrides what it must:
 
 * ``configure_train``: the server (:class:`~speechbrain_omc.federated.server.
   FedAvgServer`, the embedded simulation's) samples the clients and encodes
@@ -11,23 +11,30 @@ evaluation, and overrides what it must:
 * ``aggregate_train``: the replies' bytes go to the server, which validates
   them (a bad reply is left out with its reason, nothing a node sends can
   raise), combines the good ones in float32 and compresses the result; the
-  "arrays" Flower passes on is that compressed broadcast, which FedAvg's own
-  ``configure_evaluate`` sends to the evaluating nodes.
+  "arrays" Flower passes on is that compressed broadcast, which
+  ``configure_evaluate`` sends to the evaluating nodes. The round is over for
+  the server here: ``on_round`` (e.g. a checkpoint) is called at once, so
+  that an evaluation that never ends loses no training.
 * ``configure_evaluate``: only every ``evaluate_every`` rounds and after the
-  last one, as the embedded recipe does.
-* ``aggregate_evaluate``: each evaluation reply is checked first
-  (:func:`check_evaluation`): FedAvg would raise for one inconsistent reply
-  and average NaN or a list of numbers into the result. FedAvg's
-  ``evaluate_metrics_aggr_fn`` averages the good ones.
+  last one, as the embedded recipe does, and only on nodes that serve the
+  run's clients.
+* ``aggregate_evaluate``: each evaluation reply is checked
+  (:func:`check_evaluation`) and rebuilt from the checked values alone;
+  FedAvg's ``evaluate_metrics_aggr_fn`` averages those. FedAvg's own
+  ``aggregate_evaluate`` is not used: it raises ``InconsistentMessageReplies``
+  (ending the ServerApp) when replies name their MetricRecords differently,
+  and would average NaN or a list of numbers into the result.
 
 Clients and SuperNodes: the server samples *client ids* (partitions); Flower
 addresses *node ids*. Before the first round :func:`discover_clients` asks
-every connected node which client it serves (a ``query`` message).
+every connected node which client it serves (a ``query`` message); a
+resumed run accepts only the clients of its checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -46,6 +53,7 @@ from speechbrain_omc.federated.validation import (
     METRIC_BOUND,
     check_number,
 )
+from speechbrain_omc.selection import round_seed
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +140,17 @@ def check_evaluation(
 
 
 def discover_clients(
-    grid: Grid, min_nodes: int, timeout: float = 600.0
+    grid: Grid,
+    min_nodes: int,
+    timeout: float = 600.0,
+    clients: Iterable[str] | None = None,
 ) -> dict[str, int]:
     """Ask every connected node which client it serves.
 
     Waits until ``min_nodes`` nodes are connected, sends each a ``query``
     message and maps the client ids of the answers to node ids. A client
-    announced by two nodes keeps the first; failed queries are logged.
+    announced by two nodes keeps the first; failed queries, and answers
+    naming a client that is not one of ``clients``, are logged and ignored.
 
     Arguments
     ---------
@@ -148,12 +160,16 @@ def discover_clients(
         Nodes to wait for.
     timeout : float
         Seconds for the wait and the replies together.
+    clients : iterable of str, optional
+        The only client ids accepted (a resumed run's: a node cannot join it
+        under a new name); any by default.
 
     Returns
     -------
     dict
         Client id to node id.
     """
+    allowed = None if clients is None else set(clients)
     deadline = time.monotonic() + timeout
     while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
         if time.monotonic() > deadline:
@@ -178,6 +194,13 @@ def discover_clients(
                 raise TypeError(client)
         except Exception:  # noqa: BLE001 - an error reply or a malformed one
             logger.warning("node %d: no usable answer to the query", node)
+            continue
+        if allowed is not None and client not in allowed:
+            logger.warning(
+                "node %d serves %r, which is not a client of this run; ignored",
+                node,
+                client[:80],
+            )
             continue
         if client in node_of:
             logger.warning("node %d also serves %r; ignored", node, client)
@@ -213,8 +236,9 @@ class OMCFedAvg(FedAvg):
     max_eval_examples : int
         Largest number of examples an evaluation reply may claim.
     on_round : callable, optional
-        Called with each round's :class:`RoundReport` and its evaluation
-        (a dict or ``None``) once the round is over (e.g. to checkpoint).
+        Called with each round's :class:`RoundReport` and ``None`` as soon as
+        the round is aggregated (e.g. to checkpoint), and once more with the
+        round's evaluation (a dict) when one comes back.
 
     Example
     -------
@@ -235,9 +259,9 @@ class OMCFedAvg(FedAvg):
         max_eval_examples: int = 10**6,
         on_round: Callable[[RoundReport, dict | None], None] | None = None,
     ) -> None:
-        # FedAvg samples int(nodes * fraction), at least min_evaluate_nodes,
-        # and waits until that many are connected: never ask for more nodes
-        # than serve clients.
+        # min_evaluate_nodes is the number configure_evaluate asks: never
+        # more than the nodes that serve clients (FedAvg's fraction is set to
+        # match, for its logs).
         wanted = min(max(0, int(evaluate_nodes)), len(node_of))
         super().__init__(
             fraction_evaluate=wanted / max(1, len(node_of)),
@@ -340,6 +364,10 @@ class OMCFedAvg(FedAvg):
                 failures[client] = f"not an OMC reply: {error}"
         report = self.server.aggregate(payloads, failures)
         self.reports.append(report)
+        if self.on_round is not None:
+            # Now, not after the evaluation: the model of this round is final,
+            # and a checkpoint here survives an evaluation that never ends.
+            self.on_round(report, None)
         metrics = MetricRecord(
             {
                 "accepted": len(report.accepted),
@@ -362,7 +390,11 @@ class OMCFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: Any, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's evaluation, every ``evaluate_every`` rounds and the last.
+        """Evaluation every ``evaluate_every`` rounds and after the last.
+
+        ``evaluate_nodes`` of the connected nodes that serve this run's
+        clients are asked (a seeded draw per round); a node that announced
+        no client, or one the run does not know, never evaluates.
 
         Arguments
         ---------
@@ -371,7 +403,7 @@ class OMCFedAvg(FedAvg):
         arrays : ArrayRecord
             The compressed global model (from :meth:`aggregate_train`).
         config : ConfigRecord
-            Sent along.
+            Sent along, with ``server-round`` (the server's round).
         grid : Grid
             The run's grid.
 
@@ -381,12 +413,33 @@ class OMCFedAvg(FedAvg):
         """
         if not self._evaluates():
             return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        # Not FedAvg's sampling: it draws from every connected node (one that
+        # serves no client of this run among them) and waits for as many as
+        # it wants. Here: the nodes serving clients, drawn per round from the
+        # server's seed (a resumed run evaluates on the same nodes).
+        connected = set(grid.get_node_ids())
+        nodes = sorted(n for n in set(self.node_of.values()) if n in connected)
+        rng = random.Random(round_seed(self.server.seed, self.server.round, "eval"))
+        chosen = rng.sample(nodes, min(self.min_evaluate_nodes, len(nodes)))
+        config["server-round"] = self.server.round
+        content = RecordDict(
+            {self.arrayrecord_key: arrays, self.configrecord_key: config}
+        )
+        return [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n)
+            for n in chosen
+        ]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Leave out bad evaluation replies, then FedAvg's weighted mean.
+        """Check each evaluation reply, then average the good ones.
+
+        Each reply that passes :func:`check_evaluation` is rebuilt as
+        ``RecordDict({"metrics": MetricRecord(checked values)})`` and only
+        those go to ``evaluate_metrics_aggr_fn`` (FedAvg's weighted mean by
+        default); whatever else a reply holds (other record names, more
+        records of other types) is never read.
 
         Arguments
         ---------
@@ -400,22 +453,32 @@ class OMCFedAvg(FedAvg):
         MetricRecord or None
             ``None`` when no node answered usefully.
         """
-        good = []
+        checked = []
         for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = str(reply.error.reason)[:200]
+                logger.warning("evaluation of node %d failed: %s", node, reason)
+                continue
             try:
-                if not reply.has_error():
-                    check_evaluation(reply.content, max_examples=self.max_eval_examples)
-                good.append(reply)  # FedAvg logs error replies and skips them
-            except ValueError as error:
-                logger.warning(
-                    "evaluation of node %d rejected: %s",
-                    reply.metadata.src_node_id,
-                    error,
+                metrics = check_evaluation(
+                    reply.content,
+                    max_examples=self.max_eval_examples,
+                    weight_key=self.weighted_by_key,
                 )
-        result = super().aggregate_evaluate(server_round, good)
+            except ValueError as error:
+                logger.warning("evaluation of node %d rejected: %s", node, error)
+                continue
+            checked.append(RecordDict({"metrics": MetricRecord(metrics)}))
+        result = None
+        if checked:
+            try:
+                result = self.evaluate_metrics_aggr_fn(checked, self.weighted_by_key)
+            except Exception:  # noqa: BLE001 - an evaluation must not end the run
+                logger.exception("round %d: averaging evaluations failed", server_round)
         evaluation = None if result is None else dict(result)
         if evaluation is not None:
             self.evaluations[self.server.round] = evaluation
-        if self.on_round is not None and self.reports:
-            self.on_round(self.reports[-1], evaluation)
+            if self.on_round is not None and self.reports:
+                self.on_round(self.reports[-1], evaluation)
         return result

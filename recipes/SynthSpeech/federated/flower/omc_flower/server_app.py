@@ -6,13 +6,22 @@ initial model from them as the embedded recipe does (they seed torch before
 the modules exist), asks the SuperNodes which clients they serve, and runs
 :class:`~speechbrain_omc.federated.flower.strategy.OMCFedAvg`.
 
-After every round the server state is saved atomically in
-``<result-dir>/server.ckpt`` (the round before stays in ``server.ckpt.prev``).
-Started again with the same run config (after the ServerApp, the SuperLink or
-the machine died), the app resumes after the last completed round and ends
-with the final model an uninterrupted run ends with, bit for bit. A
-checkpoint saved with other settings is refused with the differences named;
-``fresh-start = true`` sets it aside instead.
+After every round's aggregation the server state is saved atomically in
+``<result-dir>/server.ckpt`` (the round before stays in ``server.ckpt.prev``),
+and saved again with the round's evaluation when one comes back. Started
+again with the same run config (after the ServerApp, the SuperLink or the
+machine died), the app resumes after the last completed round and ends with
+the final model an uninterrupted run ends with, bit for bit. A resumed run
+serves the clients of its checkpoint: a node answering for another client
+id is ignored, and a client whose node is gone is left out of the rounds
+that sample it. A checkpoint saved with other settings is refused with the
+differences named; ``fresh-start = true`` sets it aside instead.
+
+.. warning::
+   ``fresh-start = true`` applies at *every* start of the ServerApp: left in
+   the run config, a ServerApp restarted after a crash discards the
+   checkpoint and begins the run again. Pass it once (``flwr run
+   --run-config "fresh-start=true"``) and not in ``pyproject.toml``.
 
 Outputs in ``result-dir`` (default ``<output_folder>/flower``): ``rounds.csv``
 and ``rounds.png`` (the embedded recipe's per-round log, written by its own
@@ -41,6 +50,7 @@ from speechbrain_omc.federated.flower.strategy import (
     check_evaluation,
     discover_clients,
 )
+from speechbrain_omc.federated.server import saved_clients
 
 logger = logging.getLogger(__name__)
 
@@ -107,18 +117,30 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         store.discard()
     # One SuperNode per client: wait for the recipe's number unless told.
     min_nodes = int(run_config.get("min-nodes") or hparams.get("num_clients") or 1)
-    node_of = discover_clients(grid, min_nodes, timeout)
-    clients = sorted(node_of, key=_natural)
+    # Resumed: the checkpoint's clients, whichever nodes answer (a changed
+    # list would be a settings mismatch, and a node could claim a new id).
+    known = saved_clients(store)
+    node_of = discover_clients(grid, min_nodes, timeout, clients=known)
+    clients = known if known is not None else sorted(node_of, key=_natural)
     bound = int(run_config.get("max-examples-per-client") or 1000)
     server = recipe.build_server(hparams, model, clients, buffers, bound)
     extra = server.load(store) or {}
     rows, history = list(extra.get("rows", [])), list(extra.get("history", []))
-    last = [time.perf_counter()]
+    last = [time.perf_counter()]  # when the previous call below returned
+    started: dict[int, float] = {}
 
     def on_round(report, evaluation):
+        # Called once the round is aggregated, and again with its evaluation:
+        # the second call completes the round's row and saves again.
         now = time.perf_counter()
-        rows.append(recipe.round_row(report, evaluation, now - last[0]))
-        history.append({**report.to_dict(), "evaluation": evaluation})
+        seconds = now - started.setdefault(report.round, last[0])
+        row = recipe.round_row(report, evaluation, seconds)
+        entry = {**report.to_dict(), "evaluation": evaluation}
+        if rows and rows[-1]["round"] == report.round:
+            rows[-1], history[-1] = row, entry
+        else:
+            rows.append(row)
+            history.append(entry)
         last[0] = now
         server.save(store, extra={"rows": rows, "history": history})
         recipe.write_csv(rows, result_dir / "rounds.csv")
@@ -129,6 +151,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         evaluate_every=int(hparams.get("eval_every", 1)),
         num_rounds=rounds,
         evaluate_nodes=int(run_config.get("evaluate-nodes", 1)),
+        max_eval_examples=int(run_config.get("max-eval-examples") or 10**6),
         on_round=on_round,
     )
     strategy.start(
