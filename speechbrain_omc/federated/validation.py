@@ -13,7 +13,8 @@ little as possible (each reply is decoded once):
    "num_examples", "metrics"}`` and nothing else: this round, this client,
    this run's id and the nonce sent; ``num_examples`` an integer in ``[1,
    max_examples]``; ``metrics`` at most :data:`MAX_METRICS` numbers (or
-   nulls) within ``±``:data:`METRIC_BOUND` (see :func:`check_metrics`).
+   nulls) of magnitude at most :data:`METRIC_BOUND` (see
+   :func:`check_metrics`).
    Checked before any entry is read: a reply bound to another run or round
    is refused without parsing (copying) its payloads;
 4. exactly the broadcast's entries, each in the format and shape it was sent
@@ -57,6 +58,7 @@ __all__ = [
     "MAX_METRICS",
     "MAX_METRIC_KEY",
     "METRIC_BOUND",
+    "UPDATE_KEYS",
     "ReplyExpectation",
     "Update",
     "UpdateRejected",
@@ -75,6 +77,8 @@ MAX_EXAMPLES = 2**53
 MAX_METRICS = 32
 MAX_METRIC_KEY = 64
 METRIC_BOUND = 1e9
+#: The metadata keys of a reply (any other is refused: strict, so a future
+#: client field needs a server change first).
 UPDATE_KEYS = frozenset(
     ("type", "round", "client", "run", "nonce", "num_examples", "metrics")
 )
