@@ -469,6 +469,9 @@ class OMCFedAvg(FedAvg):
             except ValueError as error:
                 logger.warning("evaluation of node %d rejected: %s", node, error)
                 continue
+            except Exception:  # noqa: BLE001 - a bug must not end the run
+                logger.exception("checking the evaluation of node %d failed", node)
+                continue
             checked.append(RecordDict({"metrics": MetricRecord(metrics)}))
         result = None
         if checked:
