@@ -2,8 +2,15 @@
 
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
+
+# The Flower app folder: its package (omc_flower) is importable in tests as
+# Flower makes it importable in its processes.
+APP_DIR = Path(__file__).resolve().parents[1] / "recipes/SynthSpeech/federated/flower"
+if str(APP_DIR) not in sys.path:
+    sys.path.insert(0, str(APP_DIR))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -21,3 +28,14 @@ def pytest_collection_modifyitems(items):
                 getattr(module, "__file__", None)
         except ImportError:
             del sys.modules[name]
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps run/task/node ids on messages; a runtime sets them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

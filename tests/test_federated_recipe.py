@@ -136,8 +136,10 @@ def test_failing_client_is_left_out_and_the_run_goes_on(tmp_path, caplog):
     assert all(bool(torch.isfinite(v).all()) for v in final.values())
 
 
-def _start(folder: Path, rounds: int) -> subprocess.Popen:
-    overrides = {**TINY, "rounds": rounds, "output_folder": str(folder)}
+def _start(folder: Path, rounds: int, **more) -> subprocess.Popen:
+    # Server momentum: a resume that dropped it would change the final model.
+    overrides = {**TINY, "server_momentum": 0.5, "rounds": rounds, **more}
+    overrides["output_folder"] = str(folder)
     command = [sys.executable, str(TRAIN), str(RECIPE / "hparams" / "fed_omc.yaml")]
     return subprocess.Popen(
         command + _cli(overrides) + ["--noprogressbar"],
@@ -202,6 +204,15 @@ def test_kill_and_resume_gives_the_same_final_model(tmp_path):
     summary_b = json.loads((killed / "summary.json").read_text())
     assert summary_a["test_WER"] == summary_b["test_WER"]
     assert summary_a["bytes_total"] == summary_b["bytes_total"]
+    assert (killed / "save" / "server.ckpt.prev").is_file()  # two are kept
+
+    # Started again with another client learning rate: refused, named.
+    other = _start(killed, rounds + 1, lr=0.1)
+    other.communicate(timeout=300)
+    assert other.returncode != 0
+    log = (killed / "log.txt").read_text()  # SpeechBrain logs the exception
+    assert "CheckpointMismatch" in log
+    assert "run.lr: checkpoint 0.05, this run 0.1" in log
 
 
 @pytest.mark.slow

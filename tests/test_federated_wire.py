@@ -2,6 +2,7 @@
 
 import json
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -237,3 +238,52 @@ def test_bad_metadata(meta, match):
     bad = bad[:6] + struct.pack("<Q", len(bad)) + bad[14:]
     with pytest.raises(ValueError, match=match):
         wire.decode(_recrc(bad))
+
+
+def _message_with_meta(meta: bytes) -> bytes:
+    """A message of no entries and any metadata bytes (valid CRC)."""
+    body = struct.pack("<I", len(meta)) + meta + struct.pack("<I", 0)
+    head = struct.pack("<4sHQ", wire.MAGIC, wire.WIRE_VERSION, 14 + len(body) + 4)
+    return head + body + struct.pack("<I", zlib.crc32(head + body))
+
+
+def _adversarial_meta(nbytes: int, shape: str) -> bytes:
+    # Every escaped quote starts a new candidate string literal: a scan that
+    # restarts at each quote is quadratic in the metadata's length.
+    head, pairs = b'{"a":"', (nbytes - 8) // 2
+    if shape == "unterminated":
+        return head + b'\\"' * pairs
+    if shape == "unterminated, lone backslash":
+        return head + b'\\"' * pairs + b"\\"
+    return head + b'\\"' * pairs + b'"}'  # a valid (closed) string
+
+
+def _decode_seconds(data: bytes) -> float:
+    best = float("inf")
+    for _ in range(3):  # the fastest of three: the machine may be busy
+        start = time.perf_counter()
+        try:
+            wire.decode(data)
+        except ValueError:
+            pass
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.parametrize(
+    "shape", ["unterminated", "unterminated, lone backslash", "closed"]
+)
+def test_metadata_scan_is_linear(shape):
+    """64 KiB of escaped quotes is decided in milliseconds (was 8.5 s)."""
+    small = _message_with_meta(_adversarial_meta(16 * 1024, shape))
+    large = _message_with_meta(_adversarial_meta(wire.MAX_META_BYTES, shape))
+    if shape == "closed":
+        assert wire.decode(large).meta["a"] == '"' * ((wire.MAX_META_BYTES - 8) // 2)
+    else:
+        with pytest.raises(ValueError, match="Unterminated string"):
+            wire.decode(large)
+    small_s, large_s = _decode_seconds(small), _decode_seconds(large)
+    # Quadratic would be 16x for 4x the bytes (and seconds in absolute terms);
+    # linear is 4x. The constant absorbs timer noise at millisecond scale.
+    assert large_s < 8 * small_s + 0.05, (small_s, large_s)
+    assert large_s < 0.5, large_s

@@ -2,7 +2,8 @@
 
 The strategy runs against a fake grid that answers each message in-process,
 so the whole ``Strategy.start`` loop (query, train, aggregate, evaluate) is
-exercised in a second; the real engines are in test_flower_deployment.py.
+exercised in a second; the real engines are in test_flower_deployment.py,
+hostile nodes in test_hostile_clients.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flower_harness import FakeGrid, app_handler, app_run_config
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -21,15 +23,13 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message_type import MessageType
-from flwr.supercore.task_identity import TaskIdentity
+from omc_flower import client_app
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.federated import wire
-from speechbrain_omc.federated.flower import client_app
 from speechbrain_omc.federated.flower.records import (
     PAYLOAD_KEY,
-    model_to_record,
     payload_from_record,
     payload_to_record,
 )
@@ -56,7 +56,7 @@ def _model():
 
 
 def _server(**kwargs):
-    settings = dict(clients_per_round=2, omc=OMC, seed=11)
+    settings = dict(clients_per_round=2, omc=OMC, seed=11, max_examples=10)
     settings.update(kwargs)
     return FedAvgServer(_model(), CLIENTS, **settings)
 
@@ -71,44 +71,11 @@ def honest_reply(data: bytes, shift: float, num_examples: int) -> bytes:
             entries[name] = CompressedTensor.compress(new, value.format)
         else:
             entries[name] = value + shift
-    meta = {
-        "type": "update",
-        "round": received.meta["round"],
-        "client": received.meta["client"],
-        "num_examples": num_examples,
-        "metrics": {"train_loss": 1.0 + shift},
-    }
+    meta = {key: received.meta[key] for key in ("round", "client", "run", "nonce")}
+    meta.update(
+        type="update", num_examples=num_examples, metrics={"train_loss": 1.0 + shift}
+    )
     return wire.encode(entries, meta)
-
-
-@pytest.fixture
-def task_identity():
-    """Flower stamps run/task/node ids on messages; a runtime sets them."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
-class FakeGrid:
-    """Delivers each message to ``handler(node, message) -> content``."""
-
-    def __init__(self, nodes, handler):
-        self.nodes = list(nodes)
-        self.handler = handler
-        self.sent: list[Message] = []
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            content = self.handler(message.metadata.dst_node_id, message)
-            if content is not None:
-                replies.append(Message(content=content, reply_to=message))
-        return replies
 
 
 def _client_of(node):
@@ -124,20 +91,15 @@ def make_handler(bad=None):
         kind = message.metadata.message_type
         if kind == MessageType.QUERY:
             return RecordDict({QUERY_KEY: ConfigRecord({CLIENT_ID_KEY: client})})
-        data = payload_from_record(message.content["arrays"])
+        data = payload_from_record(message.content)
         if kind == MessageType.EVALUATE:
-            metrics = {"num-examples": 10 * (node - 100), "loss": float(node - 100)}
-            metrics.update({"WER-errors": node - 100, "WER-words": 10})
-            return RecordDict({"metrics": MetricRecord(metrics)})
+            k = node - 100
+            metrics = {"num-examples": 10 * k, "loss": float(k), "WER": 10.0 * k}
+            return RecordDict({"metrics": MetricRecord({**metrics, "CER": 5.0 * k})})
         if client in bad:
             return bad[client](data)
         reply = honest_reply(data, shift=float(node - 100), num_examples=node - 100)
-        return RecordDict(
-            {
-                "arrays": payload_to_record(reply),
-                "metrics": MetricRecord({"num-examples": node - 100}),
-            }
-        )
+        return RecordDict({"arrays": payload_to_record(reply)})
 
     return handler
 
@@ -148,7 +110,10 @@ def test_payload_round_trip_is_exact_and_uint8():
     record = payload_to_record(data)
     assert record[PAYLOAD_KEY].dtype == "uint8"
     assert record[PAYLOAD_KEY].shape == (len(data),)
-    assert payload_from_record(record) == data
+    view = payload_from_record(RecordDict({"arrays": record}))
+    assert bytes(view) == data
+    # A view into Flower's buffer, not a copy of a possibly huge reply.
+    assert view.obj is record[PAYLOAD_KEY].data
 
 
 @pytest.mark.parametrize(
@@ -163,16 +128,26 @@ def test_payload_round_trip_is_exact_and_uint8():
                 "extra": Array(np.zeros(2, np.uint8)),
             }
         ),
+        # Metadata that lies about the data, and data that is not .npy.
+        ArrayRecord({PAYLOAD_KEY: Array("uint8", (5,), "numpy.ndarray", b"\0" * 99)}),
+        ArrayRecord({PAYLOAD_KEY: Array("uint8", (3,), "torch.Tensor", b"abc")}),
+        ArrayRecord(
+            {
+                PAYLOAD_KEY: Array(
+                    "uint8",
+                    (4,),
+                    "numpy.ndarray",
+                    payload_to_record(b"abc")[PAYLOAD_KEY].data,
+                )
+            }
+        ),
     ],
 )
 def test_payload_from_record_rejects_other_records(record):
     with pytest.raises(ValueError):
         payload_from_record(record)
-
-
-def test_model_record_is_float32():
-    record = model_to_record({"w": torch.ones(2, 2, dtype=torch.float64)})
-    assert record["w"].dtype == "float32"
+    with pytest.raises(ValueError):
+        payload_from_record(RecordDict({"arrays": record}))
 
 
 # ----------------------------------------------------------------- strategy
@@ -180,6 +155,14 @@ def test_discover_clients_maps_nodes(task_identity):
     grid = FakeGrid(NODES.values(), make_handler())
     assert discover_clients(grid, min_nodes=3, timeout=5) == NODES
     assert {m.metadata.message_type for m in grid.sent} == {MessageType.QUERY}
+
+
+def test_discover_clients_accepts_only_the_listed_clients(task_identity):
+    """A resumed run: a node naming a client of no partition is ignored."""
+    claims = {101: "client_000", 102: "admin", 103: "client_002"}
+    grid = FakeGrid(claims, app_handler(claims))
+    node_of = discover_clients(grid, 3, timeout=5, clients=CLIENTS)
+    assert node_of == {"client_000": 101, "client_002": 103}
 
 
 def test_discover_clients_times_out_without_nodes(task_identity):
@@ -196,14 +179,15 @@ def test_strategy_matches_the_embedded_server_exactly(task_identity):
     strategy = OMCFedAvg(flower_server, NODES, num_rounds=rounds, evaluate_every=2)
     result = strategy.start(
         grid=grid,
-        initial_arrays=model_to_record(flower_server.model),
+        initial_arrays=payload_to_record(flower_server.message_for("eval")),
         num_rounds=rounds,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord({"split": "valid"}),
     )
 
-    # The embedded loop over the same server code, clients answering alike.
-    embedded = _server()
+    # The embedded loop over the same server code, clients answering alike
+    # (same run id: the bytes are then equal to the byte).
+    embedded = _server(run_id=flower_server.run_id)
     reports = []
     for _ in range(rounds):
         messages = embedded.configure_round()
@@ -217,7 +201,9 @@ def test_strategy_matches_the_embedded_server_exactly(task_identity):
         assert got.to_dict() == want.to_dict()
     for name, value in embedded.model.items():
         assert torch.equal(flower_server.model[name], value)
-        assert np.array_equal(result.arrays[name].numpy(), value.numpy())
+    # Flower's result holds the final model as the evaluating nodes get it.
+    final = wire.decode(payload_from_record(result.arrays))
+    assert final.meta["round"] == rounds + 1 and final.meta["client"] == "eval"
     # Train messages go to the sampled clients' nodes, as uint8 payloads.
     train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert len(train) == 2 * rounds
@@ -225,13 +211,20 @@ def test_strategy_matches_the_embedded_server_exactly(task_identity):
         client = message.content["config"]["client-id"]
         assert message.metadata.dst_node_id == NODES[client]
         assert message.content["arrays"][PAYLOAD_KEY].dtype == "uint8"
-    # Evaluation after rounds 2 and 3 (the last) only, on one node.
+    # Evaluation after rounds 2 and 3 (the last) only, on one node, which
+    # got the compressed model of the round.
     assert sorted(strategy.evaluations) == [2, 3]
-    evaluation = strategy.evaluations[3]
-    assert evaluation["num-examples"] == 10 and evaluation["WER"] == 10.0
-    history = strategy.history()
-    assert [h["round"] for h in history] == [1, 2, 3]
-    assert all(h["flower_record_bytes_down"] > h["bytes_down"] for h in history)
+    evaluate = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(evaluate) == 2
+    for message, round_ in zip(evaluate, (2, 3)):
+        meta = wire.decode(payload_from_record(message.content)).meta
+        assert meta["round"] == round_ + 1 and meta["client"] == "eval"
+    node = evaluate[-1].metadata.dst_node_id - 100
+    assert strategy.evaluations[3] == {
+        "loss": node,
+        "WER": 10.0 * node,
+        "CER": 5.0 * node,
+    }
 
 
 def test_bad_replies_are_left_out_and_the_run_goes_on(task_identity):
@@ -244,25 +237,13 @@ def test_bad_replies_are_left_out_and_the_run_goes_on(task_identity):
             n: v if isinstance(v, CompressedTensor) else v * float("nan")
             for n, v in received.entries.items()
         }
-        meta = {
-            "type": "update",
-            "round": received.meta["round"],
-            "client": received.meta["client"],
-            "num_examples": 3,
-        }
-        return RecordDict(
-            {
-                "arrays": payload_to_record(wire.encode(entries, meta)),
-                "metrics": MetricRecord({"num-examples": 3}),
-            }
-        )
+        meta = {k: received.meta[k] for k in ("round", "client", "run", "nonce")}
+        meta.update(type="update", num_examples=3)
+        return RecordDict({"arrays": payload_to_record(wire.encode(entries, meta))})
 
     def float_arrays(data):
         return RecordDict(
-            {
-                "arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
-                "metrics": MetricRecord({"num-examples": 3}),
-            }
+            {"arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))})}
         )
 
     server = _server(clients_per_round=3)
@@ -270,11 +251,11 @@ def test_bad_replies_are_left_out_and_the_run_goes_on(task_identity):
     handler = make_handler({"client_000": nan_update, "client_001": float_arrays})
     grid = FakeGrid(NODES.values(), handler)
     strategy = OMCFedAvg(server, NODES, num_rounds=1, evaluate_nodes=0)
-    strategy.start(grid, model_to_record(server.model), num_rounds=1)
+    strategy.start(grid, payload_to_record(server.message_for("eval")), num_rounds=1)
     report = strategy.reports[0]
     assert report.accepted == ["client_002"]
     assert "non-finite" in report.rejected["client_000"]
-    assert "not an OMC payload" in report.rejected["client_001"]
+    assert "not an OMC reply" in report.rejected["client_001"]
     assert not torch.equal(server.model["lin1.bias"], before["lin1.bias"])
     assert all(torch.isfinite(v).all() for v in server.model.values())
 
@@ -300,7 +281,7 @@ def test_error_and_missing_nodes_are_left_out(task_identity):
 
     grid = ErrorGrid(nodes.values(), make_handler())
     strategy = OMCFedAvg(server, nodes, num_rounds=1, evaluate_nodes=0)
-    strategy.start(grid, model_to_record(server.model), num_rounds=1)
+    strategy.start(grid, payload_to_record(server.message_for("eval")), num_rounds=1)
     report = strategy.reports[0]
     assert report.accepted == ["client_002"]
     assert "boom" in report.rejected["client_000"]
@@ -323,3 +304,163 @@ def test_query_handler_names_the_node_client(task_identity):
     )
     reply = client_app.query(query, context)
     assert reply.content[QUERY_KEY][CLIENT_ID_KEY] == "client_003"
+
+
+def test_a_node_that_does_not_answer_is_left_out(task_identity):
+    """A reply that does not come within the round's timeout: the round goes on."""
+    server = _server(clients_per_round=3)
+    handler = make_handler()
+
+    def silent_001(node, message):
+        if message.metadata.message_type == MessageType.TRAIN and node == 102:
+            return None  # never answers (Grid.send_and_receive timed out)
+        return handler(node, message)
+
+    strategy = OMCFedAvg(server, NODES, num_rounds=2, evaluate_nodes=0)
+    grid = FakeGrid(NODES.values(), silent_001)
+    strategy.start(grid, payload_to_record(server.message_for("eval")), num_rounds=2)
+    assert [r.rejected for r in strategy.reports] == [{"client_001": "no reply"}] * 2
+    assert all(r.model_updated for r in strategy.reports)
+
+
+# ------------------------------------------------------------- server app
+@pytest.fixture
+def server_app():
+    from omc_flower import server_app
+
+    return server_app
+
+
+NODES_OF = {201: "client_000", 202: "client_001", 203: "client_002"}
+
+
+class CrashingGrid(FakeGrid):
+    """Dies (as the SuperLink would) when round ``crash_round`` sends ``kind``."""
+
+    def __init__(self, nodes, handler, crash_round, kind=MessageType.TRAIN):
+        super().__init__(nodes, handler)
+        self.crash_round, self.kind = crash_round, kind
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for message in messages:
+            if message.metadata.message_type == self.kind:
+                config = message.content["config"]
+                if config["server-round"] == self.crash_round:
+                    raise ConnectionError("the SuperLink went away")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_server_app_resumes_where_it_stopped(tmp_path, server_app, task_identity):
+    """The ServerApp killed in round 3, started again: the uninterrupted model."""
+    handler = app_handler(NODES_OF)
+    straight = server_app.run_server(
+        FakeGrid(NODES_OF, handler), app_run_config(tmp_path / "straight")
+    )
+    resumed_config = app_run_config(tmp_path / "resumed")
+    with pytest.raises(ConnectionError):
+        server_app.run_server(CrashingGrid(NODES_OF, handler, 3), resumed_config)
+    result = tmp_path / "resumed" / "result"
+    assert not (result / "final_model.pt").exists()
+    resumed = server_app.run_server(FakeGrid(NODES_OF, handler), resumed_config)
+
+    a = torch.load(tmp_path / "straight" / "result" / "final_model.pt")
+    b = torch.load(result / "final_model.pt")
+    assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
+    history = __import__("json").loads((result / "flower_history.json").read_text())
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert [h["evaluation"] is not None for h in history] == [False, True, True]
+    for key in ("bytes_down", "bytes_up", "rounds", "test_WER", "valid_WER"):
+        assert straight[key] == resumed[key], key
+    # A run config with other settings is refused, naming them.
+    other = app_run_config(tmp_path / "resumed", **{"max-examples-per-client": 7})
+    with pytest.raises(ValueError, match="max_examples.client_000: checkpoint 1000"):
+        server_app.run_server(FakeGrid(NODES_OF, handler), other)
+    # ... unless told to start fresh.
+    fresh = {**other, "fresh-start": True}
+    assert server_app.run_server(FakeGrid(NODES_OF, handler), fresh)["rounds"] == 3
+    assert (result / "server.ckpt.discarded").is_file()
+
+
+def _checkpoint_round(result) -> int:
+    state = torch.load(result / "server.ckpt", weights_only=True)
+    return state["server"]["round"]
+
+
+def test_a_round_is_saved_before_its_evaluation(tmp_path, server_app, task_identity):
+    """The SuperLink dies while round 2 (an evaluating round) evaluates: its
+    training is in the checkpoint already, and the resumed run goes on from
+    round 3 with the uninterrupted run's final model."""
+    handler = app_handler(NODES_OF)
+    straight = server_app.run_server(
+        FakeGrid(NODES_OF, handler), app_run_config(tmp_path / "straight")
+    )
+    config = app_run_config(tmp_path / "resumed")
+    grid = CrashingGrid(NODES_OF, handler, 2, kind=MessageType.EVALUATE)
+    with pytest.raises(ConnectionError):
+        server_app.run_server(grid, config)
+    result = tmp_path / "resumed" / "result"
+    assert _checkpoint_round(result) == 2
+    resumed = server_app.run_server(FakeGrid(NODES_OF, handler), config)
+    a = torch.load(tmp_path / "straight" / "result" / "final_model.pt")
+    b = torch.load(result / "final_model.pt")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert resumed["bytes_up"] == straight["bytes_up"]
+    history = __import__("json").loads((result / "flower_history.json").read_text())
+    # Round 2's evaluation never came back; round 3's did, once.
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert [h["evaluation"] is not None for h in history] == [False, False, True]
+
+
+def test_a_resumed_run_keeps_the_clients_of_its_checkpoint(
+    tmp_path, server_app, task_identity
+):
+    """Resumed with one node gone and a new one claiming a new client id: the
+    run goes on with the checkpoint's clients (no settings mismatch), the
+    newcomer is never sent a model, the missing client is left out."""
+    config = app_run_config(tmp_path)
+    handler = app_handler(NODES_OF)
+    with pytest.raises(ConnectionError):
+        server_app.run_server(CrashingGrid(NODES_OF, handler, 2), config)
+    changed = {201: "client_000", 202: "client_001", 204: "client_999"}
+    grid = FakeGrid(changed, app_handler(changed))
+    summary = server_app.run_server(grid, config)
+    assert summary["rounds"] == 3
+    assert summary["clients"] == ["client_000", "client_001", "client_002"]
+    to_newcomer = {
+        m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == 204
+    }
+    assert to_newcomer == {MessageType.QUERY}
+    history = __import__("json").loads(
+        (tmp_path / "result" / "flower_history.json").read_text()
+    )
+    resumed = [h for h in history if h["round"] >= 2]
+    assert resumed and all(h["accepted"] for h in resumed)
+    for h in resumed:
+        if "client_002" in h["sampled"]:
+            assert h["rejected"]["client_002"].startswith("failed: no SuperNode")
+
+
+@pytest.mark.parametrize("max_eval, evaluated", [(4, True), (3, False)])
+def test_the_run_config_reaches_the_grid_and_the_checks(
+    tmp_path, server_app, task_identity, max_eval, evaluated
+):
+    """``round-timeout`` is every call's timeout; ``max-eval-examples`` bounds
+    the evaluation replies (the nodes claim 4 examples)."""
+    config = app_run_config(
+        tmp_path,
+        **{"num-server-rounds": 2, "round-timeout": 7, "max-eval-examples": max_eval},
+    )
+    grid = FakeGrid(NODES_OF, app_handler(NODES_OF))
+    summary = server_app.run_server(grid, config)
+    sends = [(set(kinds), timeout) for kinds, timeout in grid.calls if kinds]
+    assert {MessageType.TRAIN, MessageType.EVALUATE} <= set().union(
+        *(k for k, _ in sends)
+    )
+    for kinds, timeout in sends:
+        if kinds == {MessageType.QUERY}:  # what is left of the timeout
+            assert 0 < timeout <= 7
+        else:
+            assert timeout == 7, kinds
+    assert (summary["valid_WER"] is not None) is evaluated
+    assert (summary["test_WER"] == 20.0) is evaluated

@@ -32,7 +32,8 @@ What the client does with a received global model
   steps), with the Brain's optimizer, which for fused OMC is SGD.
 * **The reply** carries the trained model in the form it arrived
   (compressed entries as their payloads), with metadata
-  ``{"type": "update", "round", "client", "num_examples", "metrics"}``
+  ``{"type": "update", "round", "client", "run", "nonce", "num_examples",
+  "metrics"}`` (``run`` and ``nonce`` echoed from the broadcast)
   (metrics: ``train_loss``, ``steps``, ``skipped_updates``; no timings, so
   that a reply's bytes depend on the round only).
   ``num_examples`` (the FedAvg weight) is the size of the client's dataset.
@@ -443,6 +444,11 @@ class OMCClient:
             "num_examples": len(dataset),
             "metrics": metrics,
         }
+        # The reply is bound to the broadcast it answers: echo the run's id
+        # and the nonce (the server refuses a reply without them).
+        for key in ("run", "nonce"):
+            if key in meta:
+                reply[key] = meta[key]
         return wire.encode(self.entries(), reply)
 
     def evaluate(

@@ -11,18 +11,26 @@ over rounds). A round goes:
    ``random`` (see :func:`~speechbrain_omc.selection.make_plan`). The message
    itself is the plan: the client trains each variable in the form it
    received and must send it back in the same form. The metadata tells the
-   client its round, id, RNG seed and local-training settings.
+   client its round, id, RNG seed and local-training settings, and binds the
+   reply: the run's id and a nonce of this round and client, which the reply
+   must echo (a reply from another run or round is refused).
 2. Clients train and reply (see :mod:`speechbrain_omc.federated.client`).
-3. :meth:`FedAvgServer.aggregate` decodes and validates every reply (message
-   integrity, round and client, number of examples, entry names, shapes and
-   formats, finite values); a bad one is dropped with a logged reason, never
-   averaged. The accepted ones are decompressed and averaged in float32,
-   weighted by their number of examples (FedAvg). Optionally a server
-   learning rate and server momentum (FedAvgM) apply the averaged change.
+3. :meth:`FedAvgServer.aggregate` validates every reply; a bad one is left
+   out with its reason, never averaged, and nothing a client sends can raise
+   out of :meth:`~FedAvgServer.aggregate`. The accepted ones are combined in
+   float32 (FedAvg weighted by examples, or a robust rule, see
+   :mod:`~speechbrain_omc.federated.aggregation`); optionally a server
+   learning rate and server momentum (FedAvgM) apply the change. The new
+   model is committed only if it is finite.
+
+What a reply must be, and in which order it is checked (cheapest first, the
+binding before any payload is parsed, each reply decoded once), is
+:mod:`~speechbrain_omc.federated.validation`'s.
 
 Bytes are counted from the messages: ``len()`` of every broadcast and every
-reply. :meth:`FedAvgServer.state_dict` / :meth:`FedAvgServer.save` checkpoint
-the server between rounds (the save is atomic).
+reply. :meth:`FedAvgServer.state_dict` holds what a resumed run needs,
+including the settings it must match (see
+:mod:`~speechbrain_omc.federated.checkpoint`).
 
 Example
 -------
@@ -30,7 +38,7 @@ Example
 >>> from speechbrain_omc.federated import wire
 >>> model = {"lin.weight": torch.ones(4, 4), "lin.bias": torch.zeros(4)}
 >>> server = FedAvgServer(model, ["a", "b", "c"], clients_per_round=2,
-...                       omc=OMCConfig(format="e3m7"), seed=0)
+...                       omc=OMCConfig(format="e3m7"), seed=0, max_examples=10)
 >>> messages = server.configure_round()
 >>> sorted(messages)
 ['a', 'b']
@@ -43,8 +51,8 @@ Example
 ...         else:
 ...             new = value.decompress() + 1
 ...             entries[name] = CompressedTensor.compress(new, value.format)
-...     meta = {"type": "update", "round": received.meta["round"],
-...             "client": received.meta["client"], "num_examples": 10}
+...     meta = {key: received.meta[key] for key in ("round", "client", "run", "nonce")}
+...     meta.update(type="update", num_examples=10)
 ...     return wire.encode(entries, meta)
 >>> report = server.aggregate({c: train(m) for c, m in messages.items()})
 >>> report.accepted, server.round
@@ -55,58 +63,53 @@ tensor([1., 1., 1., 1.])
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
-import os
 import random
-import tempfile
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.federated import wire
+from speechbrain_omc.federated.aggregation import Aggregation, combine
+from speechbrain_omc.federated.checkpoint import (
+    CheckpointMismatch,
+    CheckpointStore,
+    diff_settings,
+    plain,
+)
+from speechbrain_omc.federated.validation import (
+    MAX_EXAMPLES,
+    ReplyExpectation,
+    Update,
+    UpdateRejected,
+    check_metrics,
+    check_reply,
+    is_int,
+    reply_nbytes,
+)
 from speechbrain_omc.selection import make_plan, round_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FedAvgServer", "RoundReport", "Update", "UpdateRejected", "atomic_save"]
+__all__ = [
+    "MAX_EXAMPLES",
+    "FedAvgServer",
+    "RoundReport",
+    "Update",
+    "UpdateRejected",
+    "check_metrics",  # re-exported from validation, where they live
+    "saved_clients",
+]
 
-_STATE_VERSION = 1
-
-
-class UpdateRejected(ValueError):
-    """A client reply that the server refuses; the message says why."""
-
-
-@dataclass
-class Update:
-    """A validated client reply.
-
-    Arguments
-    ---------
-    client : str
-        Client id.
-    num_examples : int
-        Training examples the client used (its FedAvg weight).
-    values : dict
-        Entry name to float32 tensor (compressed entries decompressed).
-    metrics : dict
-        The client's reported metrics.
-    nbytes : int
-        Length of the reply message.
-    float32_nbytes : int
-        Length of the same reply with every entry in float32.
-    """
-
-    client: str
-    num_examples: int
-    values: dict[str, torch.Tensor]
-    metrics: dict
-    nbytes: int
-    float32_nbytes: int
+_STATE_VERSION = 2
 
 
 @dataclass
@@ -120,17 +123,21 @@ class RoundReport:
     sampled : list of str
         Clients sent the model.
     accepted : list of str
-        Clients whose update was averaged.
+        Clients whose update was combined.
     rejected : dict
         Client to the reason it was left out (failure, no reply, invalid).
     bytes_down, bytes_up : int
         Bytes of the broadcasts and of the replies (rejected ones included).
     float32_bytes_down, float32_bytes_up : int
-        The same messages' length with every entry in float32.
+        The same messages' length with every entry in float32 (a reply
+        refused before its entries were read counts as its length).
     num_examples : int
         Examples behind the accepted updates.
     client_metrics : dict
         Client to its reported metrics (accepted clients).
+    model_updated : bool
+        Whether the global model changed (no update accepted, or a combined
+        model that was not finite, leaves it as it was).
     """
 
     round: int
@@ -143,6 +150,7 @@ class RoundReport:
     float32_bytes_up: int = 0
     num_examples: int = 0
     client_metrics: dict[str, dict] = field(default_factory=dict)
+    model_updated: bool = False
 
     def to_dict(self) -> dict:
         """Plain-data copy (JSON-serialisable).
@@ -158,37 +166,9 @@ class RoundReport:
 class _Pending:
     round: int
     sampled: list[str]
-    formats: dict[str, dict[str, str]]  # client -> name -> "float32" or format
+    expect: dict[str, ReplyExpectation] = field(default_factory=dict)
     bytes_down: int = 0
     float32_bytes_down: int = 0
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename.
-
-    A reader (or a restart after SIGKILL) sees the old or the new file, never
-    a partial one.
-
-    Arguments
-    ---------
-    obj : object
-        What to save.
-    path : str or Path
-        Destination.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class FedAvgServer:
@@ -210,15 +190,28 @@ class FedAvgServer:
         Seed of client sampling, of the per-client plans and of the clients'
         RNG seeds: every draw is a function of ``(seed, round, client)``.
     server_lr : float
-        Server learning rate applied to the averaged change (1 is FedAvg).
+        Server learning rate applied to the combined change (1 is FedAvg).
     server_momentum : float
         Server momentum (FedAvgM); 0 disables.
     buffers : iterable of str
-        Entries that are not parameters (running statistics): averaged but
+        Entries that are not parameters (running statistics): combined but
         never compressed and not moved by the server optimizer.
     client_config : mapping, optional
         Local-training settings sent to every client in the metadata
         (for example ``{"local_epochs": 1}``).
+    max_examples : int or mapping
+        Largest ``num_examples`` a client may claim: one bound for all, or
+        client id to its own (its partition size). A reply claiming more is
+        rejected. The default only keeps weights exact; set it.
+    aggregation : str or Aggregation
+        How accepted models are combined (``fedavg``, ``median``,
+        ``trimmed_mean``, ``norm_clip``).
+    run_id : str, optional
+        Id of this run, sent in every broadcast and required in every reply;
+        random by default (a checkpoint restores it).
+    run_settings : mapping, optional
+        More settings a checkpoint must match to be resumed (for example the
+        clients' training hyperparameters); stored, never sent.
     """
 
     def __init__(
@@ -232,6 +225,10 @@ class FedAvgServer:
         server_momentum: float = 0.0,
         buffers: Iterable[str] = (),
         client_config: Mapping | None = None,
+        max_examples: int | Mapping[str, int] = MAX_EXAMPLES,
+        aggregation: str | Aggregation = "fedavg",
+        run_id: str | None = None,
+        run_settings: Mapping | None = None,
     ) -> None:
         if not clients:
             raise ValueError("FedAvgServer: no clients")
@@ -243,7 +240,7 @@ class FedAvgServer:
                 f"FedAvgServer: clients_per_round={clients_per_round} must be "
                 f"between 1 and the {len(clients)} clients"
             )
-        if server_lr <= 0 or not 0 <= server_momentum < 1:
+        if not server_lr > 0 or not 0 <= server_momentum < 1:
             raise ValueError("FedAvgServer: need server_lr > 0 and 0 <= momentum < 1")
         self.model: dict[str, torch.Tensor] = {}
         for name, value in model.items():
@@ -261,10 +258,34 @@ class FedAvgServer:
         self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
         self.client_config = dict(client_config or {})
+        self.max_examples = self._bounds(max_examples)
+        if isinstance(aggregation, str):
+            aggregation = Aggregation(aggregation)
+        self.aggregation = aggregation
+        self.run_id = str(run_id) if run_id is not None else secrets.token_hex(16)
+        self.run_settings = plain(dict(run_settings or {}))
+        self._nonce_key = secrets.token_bytes(32)
         self.momentum: dict[str, torch.Tensor] = {}
         self.round = 0  # completed rounds
         self._pending: _Pending | None = None
-        self._cache: dict[tuple[int, str, str], CompressedTensor] = {}
+        # (round, name, format) -> the compressed broadcast and its expectation
+        self._cache: dict[tuple, tuple[CompressedTensor, wire.Expected]] = {}
+
+    def _bounds(self, max_examples) -> dict[str, int]:
+        if isinstance(max_examples, Mapping):
+            bounds = {str(c): max_examples.get(c) for c in self.clients}
+            missing = [c for c, b in bounds.items() if b is None]
+            if missing:
+                raise ValueError(f"FedAvgServer: no max_examples for {missing[:5]}")
+        else:
+            bounds = dict.fromkeys(self.clients, max_examples)
+        for client, bound in bounds.items():
+            if not is_int(bound) or not 1 <= bound <= MAX_EXAMPLES:
+                raise ValueError(
+                    f"FedAvgServer: max_examples of {client} must be an integer "
+                    f"in [1, 2**53], got {bound!r}"
+                )
+        return bounds
 
     # ------------------------------------------------------------- planning
     def sample_clients(self, round: int) -> list[str]:
@@ -325,20 +346,62 @@ class FedAvgServer:
         """
         return round_seed(self.seed, round, f"client:{client}")
 
-    def _compressed(self, round: int, name: str, fmt: str) -> CompressedTensor:
+    def nonce(self, round: int, client: str) -> str:
+        """The nonce a reply of ``client`` in ``round`` must echo.
+
+        Derived from a secret that this server drew when it started, and that
+        no checkpoint keeps: a client cannot forge the nonce of a round it was
+        not sent, and after a resume the round that is done again has other
+        nonces than the broadcast before the crash, whose late replies are
+        refused.
+
+        Arguments
+        ---------
+        round : int
+        client : str
+
+        Returns
+        -------
+        str
+            32 hex digits.
+        """
+        text = f"{self.run_id}/{round}/{client}".encode()
+        return hmac.new(self._nonce_key, text, hashlib.sha256).hexdigest()[:32]
+
+    def _compressed(self, round: int, name: str, fmt: str):
         # The same variable in the same format is shared by all clients of a
-        # round: compress it once.
+        # round: compress it (and size its expected reply) once.
         key = (round, name, fmt)
         if key not in self._cache:
             config = self.omc or OMCConfig()
-            self._cache[key] = CompressedTensor.compress(
+            value = CompressedTensor.compress(
                 self.model[name],
                 fmt,
                 transform=config.transform,
                 rounding=config.rounding,
                 clip=config.clip,
             )
+            self._cache[key] = (value, wire.expect_like({name: value})[name])
         return self._cache[key]
+
+    def _broadcast(self, client: str, round: int):
+        entries, expect = {}, {}
+        for name, fmt in self.formats(round, client).items():
+            if fmt == "float32":
+                entries[name] = self.model[name]
+                expect.update(wire.expect_like({name: self.model[name]}))
+            else:
+                entries[name], expect[name] = self._compressed(round, name, fmt)
+        meta = {
+            "type": "global",
+            "round": round,
+            "client": client,
+            "seed": self.client_seed(round, client),
+            "config": self.client_config,
+            "run": self.run_id,
+            "nonce": self.nonce(round, client),
+        }
+        return wire.encode(entries, meta), entries, expect, meta
 
     def message_for(self, client: str, round: int | None = None) -> bytes:
         """Encode the global model for one client under its plan.
@@ -354,24 +417,11 @@ class FedAvgServer:
         -------
         bytes
             A :mod:`~speechbrain_omc.federated.wire` message whose metadata is
-            ``{"type": "global", "round", "client", "seed", "config"}``.
+            ``{"type": "global", "round", "client", "seed", "config", "run",
+            "nonce"}``.
         """
         round = self.round + 1 if round is None else int(round)
-        client = str(client)
-        entries = {}
-        for name, fmt in self.formats(round, client).items():
-            if fmt == "float32":
-                entries[name] = self.model[name]
-            else:
-                entries[name] = self._compressed(round, name, fmt)
-        meta = {
-            "type": "global",
-            "round": round,
-            "client": client,
-            "seed": self.client_seed(round, client),
-            "config": self.client_config,
-        }
-        return wire.encode(entries, meta)
+        return self._broadcast(str(client), round)[0]
 
     def configure_round(self, round: int | None = None) -> dict[str, bytes]:
         """Sample the round's clients and encode each one's message.
@@ -380,7 +430,7 @@ class FedAvgServer:
         ---------
         round : int, optional
             Must be the next round (the default); given for callers that
-            track rounds themselves (Flower).
+            track rounds themselves.
 
         Returns
         -------
@@ -393,14 +443,21 @@ class FedAvgServer:
             raise ValueError(f"configure_round: next round is {expected}, got {round}")
         self._cache = {k: v for k, v in self._cache.items() if k[0] == round}
         sampled = self.sample_clients(round)
-        pending = _Pending(round, sampled, {})
+        pending = _Pending(round, sampled)
         messages = {}
         for client in sampled:
-            data = self.message_for(client, round)
-            message = wire.decode(data)  # cheap, and checks what leaves
-            pending.formats[client] = message.formats()
+            data, entries, expect, meta = self._broadcast(client, round)
+            pending.expect[client] = ReplyExpectation(
+                self.run_id,
+                round,
+                client,
+                meta["nonce"],
+                self.max_examples[client],
+                expect,
+            )
             pending.bytes_down += len(data)
-            pending.float32_bytes_down += message.float32_nbytes()
+            shapes = {name: tuple(value.shape) for name, value in entries.items()}
+            pending.float32_bytes_down += wire.encoded_nbytes(shapes, meta)
             messages[client] = data
         self._pending = pending
         return messages
@@ -413,7 +470,7 @@ class FedAvgServer:
         ---------
         client : str
             Who sent it.
-        data : bytes
+        data : bytes-like
             The reply message.
 
         Returns
@@ -423,81 +480,54 @@ class FedAvgServer:
         Raises
         ------
         UpdateRejected
-            With the reason: malformed message, wrong round or client,
-            missing or bad ``num_examples``, missing, unexpected, misshapen
-            or wrongly formatted entries, non-finite values.
+            With the reason (see :mod:`~speechbrain_omc.federated.validation`);
+            nothing else, whatever ``data`` holds: as in :meth:`aggregate`, a
+            failure of the validation itself is logged with its traceback and
+            reported as a rejection.
         """
+        update, reason, _ = self._check(str(client), data)
+        if update is None:
+            raise UpdateRejected(reason)
+        return update
+
+    def _check(self, client: str, data: Any) -> tuple[Update | None, str, int]:
+        """``(update, "", float32 bytes)`` or ``(None, reason, float32 bytes)``."""
+        size = reply_nbytes(data)
         pending = self._pending
-        if pending is None:
-            raise UpdateRejected("no round is open")
-        if client not in pending.formats:
-            raise UpdateRejected(f"not sampled in round {pending.round}")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise UpdateRejected(f"reply is {type(data).__name__}, not bytes")
         try:
-            message = wire.decode(data)
-        except ValueError as error:
-            raise UpdateRejected(f"malformed message: {error}") from None
-        meta = message.meta
-        if meta.get("type") != "update":
-            raise UpdateRejected(
-                f"message type {meta.get('type')!r}, expected 'update'"
+            if pending is None:
+                raise UpdateRejected("no round is open")
+            if client not in pending.expect:
+                raise UpdateRejected(f"not sampled in round {pending.round}")
+            update = check_reply(data, pending.expect[client])
+        except UpdateRejected as error:
+            counted = error.float32_nbytes
+            return None, str(error), size if counted is None else counted
+        except Exception as error:  # noqa: BLE001 - a bug must not end the run
+            logger.exception(
+                "round %s: validating %s failed",
+                "-" if pending is None else pending.round,
+                client,
             )
-        if meta.get("round") != pending.round:
-            raise UpdateRejected(
-                f"update for round {meta.get('round')!r}, expected {pending.round}"
-            )
-        if meta.get("client") != client:
-            raise UpdateRejected(f"update signed by client {meta.get('client')!r}")
-        examples = meta.get("num_examples")
-        if isinstance(examples, bool) or not isinstance(examples, int) or examples <= 0:
-            raise UpdateRejected(
-                f"num_examples must be a positive int, got {examples!r}"
-            )
-        metrics = meta.get("metrics", {})
-        if not isinstance(metrics, dict):
-            raise UpdateRejected("metrics must be a JSON object")
-        expected = pending.formats[client]
-        missing = [n for n in expected if n not in message.entries]
-        if missing:
-            raise UpdateRejected(f"missing entries: {', '.join(missing[:5])}")
-        extra = [n for n in message.entries if n not in expected]
-        if extra:
-            raise UpdateRejected(f"unexpected entries: {', '.join(extra[:5])}")
-        got_formats = message.formats()
-        values = {}
-        for name, fmt in expected.items():
-            shape = tuple(self.model[name].shape)
-            entry = message.entries[name]
-            if tuple(entry.shape) != shape:
-                raise UpdateRejected(
-                    f"{name} has shape {tuple(entry.shape)}, expected {shape}"
-                )
-            if got_formats[name] != fmt:
-                raise UpdateRejected(
-                    f"{name} arrived as {got_formats[name]}, expected {fmt}"
-                )
-            value = entry.decompress() if isinstance(entry, CompressedTensor) else entry
-            if not bool(torch.isfinite(value).all()):
-                bad = int((~torch.isfinite(value)).sum())
-                raise UpdateRejected(f"{name} has {bad} non-finite values")
-            values[name] = value
-        return Update(
-            client, examples, values, metrics, len(data), message.float32_nbytes()
-        )
+            reason = f"internal error while validating: {type(error).__name__}"
+            return None, reason, size
+        return update, "", update.float32_nbytes
 
     # ----------------------------------------------------------- aggregation
     def aggregate(
         self,
-        replies: Mapping[str, bytes],
+        replies: Mapping[str, Any],
         failures: Mapping[str, str] | None = None,
     ) -> RoundReport:
-        """Validate the replies, average the good ones, close the round.
+        """Validate the replies, combine the good ones, close the round.
+
+        Whatever the replies hold, this returns a report: a bad reply is left
+        out with its reason.
 
         Arguments
         ---------
         replies : mapping
-            Client id to its reply message.
+            Client id to its reply message (bytes-like).
         failures : mapping, optional
             Client id to why it did not reply (an exception, a timeout):
             recorded in the report.
@@ -505,7 +535,8 @@ class FedAvgServer:
         Returns
         -------
         RoundReport
-            The model is unchanged when no reply was accepted.
+            The model is unchanged when no reply was accepted or the
+            combined model is not finite.
         """
         pending = self._pending
         if pending is None:
@@ -519,24 +550,21 @@ class FedAvgServer:
         for client, reason in (failures or {}).items():
             report.rejected[str(client)] = f"failed: {reason}"
         updates = []
-        # Sorted: the average does not depend on the order replies arrived.
-        for client in sorted(replies):
+        # Sorted: the result does not depend on the order replies arrived.
+        for client in sorted(replies, key=str):
             data = replies[client]
-            size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
-            report.bytes_up += size
-            try:
-                update = self.validate(client, data)
-            except UpdateRejected as error:
-                report.float32_bytes_up += self._float32_reply_nbytes(data, size)
-                report.rejected[client] = str(error)
+            update, reason, float32_nbytes = self._check(str(client), data)
+            report.bytes_up += reply_nbytes(data)
+            report.float32_bytes_up += float32_nbytes
+            if update is None:
+                report.rejected[str(client)] = reason
                 logger.warning(
                     "round %d: update of client %s rejected: %s",
                     pending.round,
                     client,
-                    error,
+                    reason,
                 )
                 continue
-            report.float32_bytes_up += update.float32_nbytes
             updates.append(update)
         for client in pending.sampled:
             if client not in replies and client not in report.rejected:
@@ -547,10 +575,10 @@ class FedAvgServer:
                     "round %d: client %s left out: %s", pending.round, client, reason
                 )
         if updates:
-            self._apply(updates)
             report.accepted = [u.client for u in updates]
             report.num_examples = sum(u.num_examples for u in updates)
             report.client_metrics = {u.client: u.metrics for u in updates}
+            report.model_updated = self._apply(updates, pending.round)
         else:
             logger.warning(
                 "round %d: no update accepted; the model is unchanged", pending.round
@@ -560,43 +588,74 @@ class FedAvgServer:
         self._cache.clear()
         return report
 
-    def _float32_reply_nbytes(self, data, size: int) -> int:
-        # A reply that cannot be decoded has no float32 equivalent: count it as is.
-        try:
-            return wire.decode(data).float32_nbytes()
-        except (ValueError, TypeError):
-            return size
-
-    def _apply(self, updates: list[Update]) -> None:
-        total = float(sum(u.num_examples for u in updates))
+    def _apply(self, updates: list[Update], round: int) -> bool:
+        combined = combine(
+            [u.values for u in updates],
+            [u.num_examples for u in updates],
+            self.model,
+            self.aggregation,
+        )
+        model, momentum = {}, dict(self.momentum)
+        plain_fedavg = self.server_lr == 1.0 and self.server_momentum == 0.0
         for name, master in self.model.items():
-            average = torch.zeros_like(master)
-            for update in updates:
-                average.add_(update.values[name], alpha=update.num_examples / total)
-            if name in self.buffers or (
-                self.server_lr == 1.0 and self.server_momentum == 0.0
-            ):
-                self.model[name] = average
+            if name in self.buffers or plain_fedavg:
+                model[name] = combined[name]
                 continue
-            delta = average - master
+            delta = combined[name] - master
             if self.server_momentum > 0:
-                buf = self.momentum.get(name)
-                buf = (
-                    delta if buf is None else buf.mul_(self.server_momentum).add_(delta)
+                previous = momentum.get(name)
+                delta = (
+                    delta
+                    if previous is None
+                    else previous * self.server_momentum + delta
                 )
-                self.momentum[name] = buf
-                delta = buf
-            self.model[name] = master + self.server_lr * delta
+                momentum[name] = delta
+            model[name] = master + self.server_lr * delta
+        # Nothing is committed unless all of it is finite (values near the
+        # float32 limit can overflow in the sum or the server step).
+        bad = [
+            name
+            for name, value in [*model.items(), *momentum.items()]
+            if not bool(torch.isfinite(value).all())
+        ]
+        if bad:
+            logger.error(
+                "round %d: the combined model is not finite (%s); the model is "
+                "unchanged",
+                round,
+                ", ".join(bad[:5]),
+            )
+            return False
+        self.model, self.momentum = model, momentum
+        return True
 
     # ---------------------------------------------------------- checkpoints
-    def _settings(self) -> dict:
-        return {
-            "clients": list(self.clients),
-            "clients_per_round": self.clients_per_round,
-            "seed": self.seed,
-            "server_lr": self.server_lr,
-            "server_momentum": self.server_momentum,
-        }
+    def settings(self) -> dict:
+        """What a checkpoint must match to be resumed by this server.
+
+        Returns
+        -------
+        dict
+            Clients, sampling, seed, server optimizer, compression, buffers,
+            client config, bounds, aggregation, the model's names and shapes,
+            and ``run_settings``, as plain data.
+        """
+        return plain(
+            {
+                "clients": list(self.clients),
+                "clients_per_round": self.clients_per_round,
+                "seed": self.seed,
+                "server_lr": self.server_lr,
+                "server_momentum": self.server_momentum,
+                "omc": None if self.omc is None else asdict(self.omc),
+                "buffers": sorted(self.buffers),
+                "client_config": self.client_config,
+                "max_examples": self.max_examples,
+                "aggregation": asdict(self.aggregation),
+                "model": {n: list(v.shape) for n, v in self.model.items()},
+                "run": self.run_settings,
+            }
+        )
 
     def state_dict(self) -> dict:
         """Everything needed to continue after the last completed round.
@@ -604,66 +663,168 @@ class FedAvgServer:
         Returns
         -------
         dict
-            ``version``, ``round``, ``model``, ``momentum`` and ``settings``.
+            ``version``, ``round``, ``run_id``, ``model``, ``momentum`` and
+            ``settings``.
         """
         return {
             "version": _STATE_VERSION,
             "round": self.round,
+            "run_id": self.run_id,
             "model": {n: v.clone() for n, v in self.model.items()},
             "momentum": {n: v.clone() for n, v in self.momentum.items()},
-            "settings": self._settings(),
+            "settings": self.settings(),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict`; the settings must match this server's.
+        """Restore :meth:`state_dict` after checking all of it.
 
         Arguments
         ---------
         state : mapping
+
+        Raises
+        ------
+        CheckpointMismatch
+            Saved with other settings (each difference named).
+        ValueError
+            Malformed state: wrong version or types, entries that are not
+            this model's, wrong shapes, non-finite values (nothing is changed).
         """
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported server state version {state.get('version')}")
-        if state["settings"] != self._settings():
-            raise ValueError(
-                "server state was saved with other settings "
-                f"({state['settings']} != {self._settings()}); resuming would "
-                "not reproduce the run"
+        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+            version = state.get("version") if isinstance(state, Mapping) else None
+            raise ValueError(f"unsupported server state version {version!r}")
+        if not isinstance(state["settings"], Mapping):
+            raise ValueError("server state: settings is not a mapping")
+        differences = diff_settings(state["settings"], self.settings())
+        if differences:
+            raise CheckpointMismatch(
+                "the checkpoint was saved with other settings; resuming would "
+                "not reproduce the run:\n  " + "\n  ".join(differences)
             )
-        model = state["model"]
-        if list(model) != list(self.model):
-            raise ValueError("server state holds other model entries")
-        for name, value in model.items():
-            if value.shape != self.model[name].shape:
-                raise ValueError(f"server state: {name} has another shape")
-        self.model = {n: v.to(torch.float32).clone() for n, v in model.items()}
-        self.momentum = {n: v.clone() for n, v in state["momentum"].items()}
-        self.round = int(state["round"])
+        round_ = state["round"]
+        if not is_int(round_) or round_ < 0:
+            raise ValueError(f"server state: bad round {round_!r}")
+        model = self._checked(state["model"], "model", complete=True)
+        momentum = self._checked(state["momentum"], "momentum", complete=False)
+        run_id = state["run_id"]
+        if not isinstance(run_id, str) or not 0 < len(run_id) <= 64:
+            raise ValueError(f"server state: bad run id {str(run_id)[:80]!r}")
+        self.run_id = run_id
+        self.model, self.momentum, self.round = model, momentum, round_
         self._pending = None
         self._cache.clear()
 
-    def save(self, path: str | Path, extra: Mapping | None = None) -> None:
-        """Checkpoint atomically (see :func:`atomic_save`).
+    def _checked(self, tensors: Mapping, what: str, complete: bool) -> dict:
+        if not isinstance(tensors, Mapping):
+            raise ValueError(f"server state: {what} is not a mapping")
+        names = list(tensors)
+        if complete and names != list(self.model):
+            raise ValueError(f"server state: {what} holds other entries")
+        out = {}
+        for name in names:
+            value = tensors[name]
+            if name not in self.model or not isinstance(value, torch.Tensor):
+                raise ValueError(f"server state: {what} entry {name!r} is not ours")
+            if tuple(value.shape) != tuple(self.model[name].shape):
+                raise ValueError(
+                    f"server state: {what} {name} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(self.model[name].shape)}"
+                )
+            value = value.to(torch.float32)
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"server state: {what} {name} is not finite")
+            out[name] = value.clone()
+        return out
+
+    def save(self, path: str | Path | CheckpointStore, extra: Mapping | None = None):
+        """Checkpoint (atomically; the previous checkpoint is kept).
 
         Arguments
         ---------
-        path : str or Path
+        path : str, Path or CheckpointStore
+            The checkpoint file.
         extra : mapping, optional
             More plain data stored alongside (a run's log), under ``extra``.
         """
-        atomic_save({"server": self.state_dict(), "extra": dict(extra or {})}, path)
+        store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
+        store.save({"server": self.state_dict(), "extra": dict(extra or {})})
 
-    def load(self, path: str | Path) -> dict:
-        """Restore a checkpoint written by :meth:`save`.
+    def load(self, path: str | Path | CheckpointStore) -> dict | None:
+        """Restore the newest usable checkpoint (see :class:`CheckpointStore`).
 
         Arguments
         ---------
-        path : str or Path
+        path : str, Path or CheckpointStore
+            The checkpoint file.
 
         Returns
         -------
-        dict
-            The ``extra`` data saved with it.
+        dict or None
+            The ``extra`` data saved with it; ``None`` without a checkpoint.
+
+        Raises
+        ------
+        CheckpointMismatch
+            The checkpoint was saved with other settings.
+        CheckpointCorrupt
+            Neither the checkpoint nor the previous one is usable.
         """
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        self.load_state_dict(checkpoint["server"])
-        return checkpoint.get("extra", {})
+        store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
+
+        def apply(checkpoint):
+            extra = checkpoint.get("extra", {})
+            if not isinstance(extra, Mapping):
+                raise ValueError("extra is not a mapping")
+            self.load_state_dict(checkpoint["server"])
+            return dict(extra)
+
+        loaded = store.load(apply)
+        if loaded is None:
+            return None
+        extra, used = loaded
+        logger.info("resumed from %s after round %d", used, self.round)
+        return extra
+
+
+def saved_clients(path: str | Path | CheckpointStore) -> list[str] | None:
+    """The client ids of the newest readable server checkpoint.
+
+    A resumed run takes its clients from here rather than from whoever
+    answers first: a node that is missing, or one more, does not change the
+    run's settings, and no node can join under a new id.
+
+    Arguments
+    ---------
+    path : str, Path or CheckpointStore
+        The checkpoint file.
+
+    Returns
+    -------
+    list of str or None
+        ``None`` without a checkpoint.
+
+    Raises
+    ------
+    CheckpointCorrupt
+        Neither the checkpoint nor the previous one can be read.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "server.ckpt"
+    >>> saved_clients(path) is None
+    True
+    >>> FedAvgServer({"w": torch.zeros(2)}, ["b", "a"], 1).save(path)
+    >>> saved_clients(path)
+    ['b', 'a']
+    """
+    store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
+
+    def clients(checkpoint: Mapping) -> list[str]:
+        value = checkpoint["server"]["settings"]["clients"]
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise ValueError("the saved clients are not a list of ids")
+        return list(value)
+
+    loaded = store.load(clients)
+    return None if loaded is None else loaded[0]

@@ -27,10 +27,25 @@ Bytes communicated are ``len()`` of these messages, in both directions;
 and :meth:`Message.float32_nbytes` the size the message would have with every
 entry in float32 (the "float32-equivalent" bytes of a round).
 
-Decoding is strict: a truncated, padded, foreign, corrupted or newer message,
-an entry of unknown kind, a duplicate or malformed name, an inconsistent
-float32 payload, a bad compressed payload or metadata that is not a JSON
-object each raise ``ValueError`` with a message saying which.
+Decoding is strict and total: whatever the bytes, :func:`decode` returns a
+:class:`Message` or raises ``ValueError`` saying what is wrong (a truncated,
+padded, foreign, corrupted or newer message, an entry of unknown kind, a
+duplicate or malformed name, an inconsistent float32 payload, a bad
+compressed payload, metadata that is not a JSON object). Metadata is held to
+limits a server can afford: at most :data:`MAX_META_BYTES` bytes nested at
+most :data:`MAX_META_DEPTH` deep, integers that fit in 64 bits, finite
+numbers only, no duplicate keys; :func:`encode` refuses what :func:`decode`
+would refuse.
+
+A server knows what a reply must hold. Given ``expect`` (name to
+:class:`Expected` format, shape and payload size, see :func:`expect_like`)
+and ``max_nbytes``, :func:`decode` checks the message's length, every
+entry's name, kind, payload length and float32 shape *before* it allocates
+anything for the payloads, so that an oversized or misshapen message costs
+no memory; it then checks each compressed entry's shape and format. A
+``check_meta`` callback sees the metadata before any entry is read, so that
+a reply bound to another run or round is refused before its payloads are
+parsed (copied).
 
 Example
 -------
@@ -56,9 +71,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -70,14 +86,19 @@ from speechbrain_omc.compressed import CompressedTensor
 __all__ = [
     "COMPRESSED",
     "FLOAT32",
+    "MAX_META_BYTES",
+    "MAX_META_DEPTH",
     "WIRE_VERSION",
     "Entry",
+    "Expected",
     "Message",
     "decode",
     "encode",
     "encoded_nbytes",
     "entry_nbytes",
+    "expect_like",
     "float32_payload",
+    "max_message_nbytes",
     "parse_float32_payload",
 ]
 
@@ -96,6 +117,24 @@ _NAME_LEN = struct.Struct("<H")
 _CRC = struct.Struct("<I")
 _MAX_NAME = 2**16 - 1
 
+#: Largest metadata (JSON bytes) that :func:`decode` accepts.
+MAX_META_BYTES = 64 * 1024
+#: Deepest nesting of objects and arrays in the metadata.
+MAX_META_DEPTH = 16
+#: Largest dimension of a float32 entry (a 2**40-element dimension would
+#: already be 4 TiB of values; anything larger is a lie, even with 0 elements).
+MAX_DIM = 2**40
+#: Payload bytes a compressed reply entry may have beyond the broadcast's: its
+#: transform may carry up to two more float32 parameters.
+COMPRESSED_SLACK = 16
+_INT64 = 2**63
+# A string literal, or an unterminated one running to the end (with a lone
+# trailing backslash). Without the unterminated alternatives a match from an
+# unclosed quote fails only at the end and the scan restarts at the next quote:
+# quadratic time (8.5 s for 64 KiB of ``\\"``). With them a match starting at a
+# quote cannot fail, so each byte is scanned once.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.S)
+
 #: What a message entry holds: a compressed parameter or float32 values.
 Entry = Union[CompressedTensor, torch.Tensor]
 
@@ -111,9 +150,79 @@ def _meta_bytes(meta: Mapping | None) -> bytes:
         text = json.dumps(
             dict(meta), sort_keys=True, separators=(",", ":"), allow_nan=False
         )
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise ValueError(f"metadata is not JSON-serialisable: {error}") from None
-    return text.encode("utf-8")
+    raw = text.encode("utf-8")
+    # What leaves must be what a receiver accepts: the same checks.
+    _load_meta(raw)
+    return raw
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"metadata contains {name}, which JSON does not allow")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"metadata number {text[:40]} is not a finite float")
+    return value
+
+
+def _int64(text: str) -> int:
+    # Checked on the digits first: converting a huge digit string is itself
+    # slow (and Python refuses beyond 4300 digits with its own error).
+    if len(text.lstrip("-")) > 19 or not -_INT64 <= int(text) < _INT64:
+        raise ValueError(f"metadata integer {text[:40]} does not fit in 64 bits")
+    return int(text)
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"metadata repeats the key {dup!r}")
+    return out
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest nesting of ``[`` and ``{`` outside strings (no recursion)."""
+    # JSON strings cannot contain an unescaped quote, and outside strings
+    # there is no backslash: removing every string literal leaves the
+    # structure, whose running bracket balance is the depth.
+    bare = np.frombuffer(_JSON_STRING.sub(b"", raw), dtype=np.uint8)
+    if bare.size == 0:
+        return 0
+    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int64)
+    step -= np.isin(bare, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _load_meta(raw: bytes) -> dict:
+    """Parse metadata under the limits (size, depth, 64-bit ints, finite floats)."""
+    if len(raw) > MAX_META_BYTES:
+        raise ValueError(
+            f"metadata of {len(raw)} bytes exceeds the {MAX_META_BYTES}-byte limit"
+        )
+    depth = _json_depth(raw)
+    if depth > MAX_META_DEPTH:
+        raise ValueError(
+            f"metadata nested {depth} deep exceeds the limit of {MAX_META_DEPTH}"
+        )
+    try:
+        meta = json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            parse_int=_int64,
+            object_pairs_hook=_unique_keys,
+        )
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UTF-8 too
+        raise ValueError(f"bad metadata ({error})") from None
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a JSON object")
+    return meta
 
 
 def _as_float32(value) -> torch.Tensor:
@@ -146,11 +255,17 @@ def float32_payload(value: torch.Tensor | np.ndarray) -> bytes:
     >>> len(float32_payload(torch.zeros(2, 3)))  # 1 + 2 * 8 + 6 * 4
     41
     """
+    return b"".join(_float32_parts(value))
+
+
+def _float32_parts(value) -> tuple[bytes, memoryview]:
+    # The head and a view of the values (no copy of a float32 tensor).
     tensor = _as_float32(value)
     if tensor.dim() > 255:
         raise ValueError("cannot serialise more than 255 dimensions")
     head = struct.pack(f"<B{tensor.dim()}Q", tensor.dim(), *tensor.shape)
-    return head + tensor.numpy().astype("<f4", copy=False).tobytes()
+    values = tensor.numpy().astype("<f4", copy=False).reshape(-1)
+    return head, memoryview(values).cast("B")
 
 
 def parse_float32_payload(payload: bytes | memoryview) -> torch.Tensor:
@@ -176,28 +291,38 @@ def parse_float32_payload(payload: bytes | memoryview) -> torch.Tensor:
     >>> parse_float32_payload(float32_payload(torch.ones(2))).tolist()
     [1.0, 1.0]
     """
-    payload = memoryview(payload)
+    payload = memoryview(payload).cast("B")
+    shape = _float32_shape(payload)
+    numel = math.prod(shape)
+    expected = 1 + 8 * len(shape) + 4 * numel
+    if len(payload) != expected:
+        raise ValueError(
+            f"float32 payload of shape {tuple(shape)} has {len(payload)} bytes, "
+            f"expected {expected}"
+        )
+    values = np.frombuffer(payload, dtype="<f4", count=numel, offset=1 + 8 * len(shape))
+    return torch.from_numpy(values.astype(np.float32)).reshape(shape)
+
+
+def _float32_shape(payload: memoryview) -> tuple[int, ...]:
+    # The shape alone, bounded: nothing is allocated for the values yet.
     if len(payload) < 1:
         raise ValueError("empty float32 payload")
     ndim = payload[0]
     if len(payload) < 1 + 8 * ndim:
         raise ValueError(f"float32 payload too short for its {ndim}-D shape")
     shape = struct.unpack_from(f"<{ndim}Q", payload, 1)
-    numel = math.prod(shape)
-    expected = 1 + 8 * ndim + 4 * numel
-    if len(payload) != expected:
+    if any(d > MAX_DIM for d in shape):
         raise ValueError(
-            f"float32 payload of shape {tuple(shape)} has {len(payload)} bytes, "
-            f"expected {expected}"
+            f"float32 payload declares a dimension above 2**40: {tuple(shape)}"
         )
-    values = np.frombuffer(payload, dtype="<f4", count=numel, offset=1 + 8 * ndim)
-    return torch.from_numpy(values.astype(np.float32)).reshape(shape)
+    return shape
 
 
-def _entry_payload(value: Entry) -> tuple[int, bytes]:
+def _entry_parts(value: Entry) -> tuple[int, tuple]:
     if isinstance(value, CompressedTensor):
-        return COMPRESSED, value.to_bytes()
-    return FLOAT32, float32_payload(value)
+        return COMPRESSED, (value.to_bytes(),)
+    return FLOAT32, _float32_parts(value)
 
 
 def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
@@ -285,22 +410,23 @@ def encode(entries: Mapping[str, Entry], meta: Mapping | None = None) -> bytes:
     >>> data[:4], len(data)
     (b'OMCW', 69)
     """
-    parts = [b""]  # placeholder for the prefix
+    # One copy of the payloads, into the result: a large float32 model is
+    # not held three or four times while its message is built.
     meta_raw = _meta_bytes(meta)
-    parts += [_U32.pack(len(meta_raw)), meta_raw, _U32.pack(len(entries))]
+    parts: list = [_U32.pack(len(meta_raw)), meta_raw, _U32.pack(len(entries))]
     for name, value in entries.items():
         raw = _check_name(name)
-        kind, payload = _entry_payload(value)
-        parts += [
-            _NAME_LEN.pack(len(raw)),
-            raw,
-            _ENTRY_HEAD.pack(kind, len(payload)),
-            payload,
-        ]
+        kind, payload = _entry_parts(value)
+        length = sum(len(part) for part in payload)
+        parts += [_NAME_LEN.pack(len(raw)), raw, _ENTRY_HEAD.pack(kind, length)]
+        parts += payload
     total = _PREFIX.size + sum(len(p) for p in parts) + _CRC.size
-    parts[0] = _PREFIX.pack(MAGIC, WIRE_VERSION, total)
-    body = b"".join(parts)
-    return body + _CRC.pack(zlib.crc32(body))
+    parts.insert(0, _PREFIX.pack(MAGIC, WIRE_VERSION, total))
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    parts.append(_CRC.pack(crc))
+    return b"".join(parts)
 
 
 @dataclass
@@ -376,17 +502,111 @@ class Message:
         return encoded_nbytes(shapes, self.meta)
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"metadata contains {name}, which JSON does not allow")
+@dataclass(frozen=True)
+class Expected:
+    """What one entry of a message must be (a server's view of a reply).
+
+    Arguments
+    ---------
+    format : str
+        ``"float32"`` or the compressed format's name (``"e3m7"``...).
+    shape : tuple of int
+        The entry's shape.
+    max_payload : int
+        Most payload bytes the entry may take (exact for float32 entries).
+    """
+
+    format: str
+    shape: tuple[int, ...]
+    max_payload: int
 
 
-def decode(data: bytes | bytearray | memoryview) -> Message:
+def expect_like(entries: Mapping[str, Entry]) -> dict[str, Expected]:
+    """The expectation for a reply in the form of ``entries`` (a broadcast).
+
+    Float32 entries must come back in float32 with the same shape; compressed
+    ones in the same format and shape, their payload at most
+    :data:`COMPRESSED_SLACK` bytes longer (a transform with more parameters).
+
+    Arguments
+    ---------
+    entries : mapping
+        Name to entry, as sent.
+
+    Returns
+    -------
+    dict
+        Name to :class:`Expected`.
+
+    Example
+    -------
+    >>> expect_like({"b": torch.zeros(3)})
+    {'b': Expected(format='float32', shape=(3,), max_payload=21)}
+    """
+    out = {}
+    for name, value in entries.items():
+        if isinstance(value, CompressedTensor):
+            out[name] = Expected(
+                value.format.name,
+                tuple(value.shape),
+                len(value.to_bytes()) + COMPRESSED_SLACK,
+            )
+        else:
+            shape = tuple(value.shape)
+            out[name] = Expected(
+                "float32", shape, 1 + 8 * len(shape) + 4 * math.prod(shape)
+            )
+    return out
+
+
+def max_message_nbytes(expect: Mapping[str, Expected]) -> int:
+    """The longest message that can satisfy ``expect`` (metadata at its limit).
+
+    Arguments
+    ---------
+    expect : mapping
+        Name to :class:`Expected`.
+
+    Returns
+    -------
+    int
+        A cap for :func:`decode`'s ``max_nbytes``.
+
+    Example
+    -------
+    >>> max_message_nbytes({}) == 14 + 4 + MAX_META_BYTES + 4 + 4
+    True
+    """
+    fixed = _PREFIX.size + _U32.size + MAX_META_BYTES + _U32.size + _CRC.size
+    return fixed + sum(
+        _NAME_LEN.size + len(name.encode("utf-8")) + _ENTRY_HEAD.size + e.max_payload
+        for name, e in expect.items()
+    )
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    expect: Mapping[str, Expected] | None = None,
+    max_nbytes: int | None = None,
+    check_meta: Callable[[dict], object] | None = None,
+) -> Message:
     """Parse and validate a message written by :func:`encode`.
 
     Arguments
     ---------
     data : bytes-like
         The message.
+    expect : mapping, optional
+        Name to :class:`Expected`: the message must hold exactly these
+        entries, in these formats and shapes. Checked on the entry headers
+        before any payload is parsed.
+    max_nbytes : int, optional
+        Longest acceptable message, checked first (see
+        :func:`max_message_nbytes`).
+    check_meta : callable, optional
+        Called with the metadata once the checksum and the metadata limits
+        have passed, before any entry is read; what it raises propagates
+        unchanged (the caller's own rejection, not a malformed message).
 
     Returns
     -------
@@ -395,8 +615,9 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     Raises
     ------
     ValueError
-        Foreign magic, unsupported version, truncated or padded message,
-        checksum mismatch, or any malformed part (named in the message).
+        Foreign magic, unsupported version, truncated, padded or oversized
+        message, checksum mismatch, metadata beyond the limits, an entry that
+        is malformed or not the expected one (each named in the message).
     TypeError
         When ``data`` is not bytes-like.
 
@@ -406,12 +627,20 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     Traceback (most recent call last):
     ...
     ValueError: not an OMC wire message: expected magic b'OMCW', got b'PK\\x03\\x04'
+    >>> data = encode({"b": torch.zeros(3)})
+    >>> decode(data, expect={"b": Expected("float32", (4,), 33)})
+    Traceback (most recent call last):
+    ...
+    ValueError: malformed OMC wire message: b has shape (3,), expected (4,)
     """
-    if isinstance(data, np.ndarray) or isinstance(data, torch.Tensor):
+    if isinstance(data, (np.ndarray, torch.Tensor)):
         raise TypeError("decode takes bytes; convert uint8 arrays with .tobytes()")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
-    view = memoryview(data).cast("B")
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError as error:  # e.g. a non-contiguous view
+        raise ValueError(f"not a contiguous byte buffer: {error}") from None
     if bytes(view[:4]) != MAGIC:
         raise ValueError(
             "not an OMC wire message: expected magic "
@@ -427,6 +656,11 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         raise ValueError(
             f"unsupported OMC wire message version {version} "
             f"(this build reads version {WIRE_VERSION})"
+        )
+    if max_nbytes is not None and len(view) > max_nbytes:
+        raise ValueError(
+            f"OMC wire message of {len(view)} bytes exceeds the {max_nbytes} "
+            "bytes it may have"
         )
     if len(view) < total:
         raise ValueError(
@@ -448,34 +682,28 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
             "or mis-assembled)"
         )
     try:
-        return _parse(view, end)
-    except struct.error as error:
+        meta, pos = _read_meta(view, end)
+    except (ValueError, struct.error) as error:
         raise ValueError(f"malformed OMC wire message: {error}") from None
+    if check_meta is not None:
+        check_meta(meta)
+    try:
+        entries = _read_entries(view, pos, end, expect)
+    except (ValueError, struct.error) as error:
+        raise ValueError(f"malformed OMC wire message: {error}") from None
+    return Message(entries, meta, nbytes=total)
 
 
 def _take(view: memoryview, pos: int, n: int, end: int, what: str) -> memoryview:
     if n < 0 or pos + n > end:
-        raise ValueError(f"malformed OMC wire message: {what} runs past the end")
+        raise ValueError(f"{what} runs past the end")
     return view[pos : pos + n]
 
 
-def _parse(view: memoryview, end: int) -> Message:
-    pos = _PREFIX.size
-    (meta_len,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "metadata length"))
-    pos += _U32.size
-    meta_raw = bytes(_take(view, pos, meta_len, end, "metadata"))
-    pos += meta_len
-    try:
-        meta = json.loads(meta_raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"malformed OMC wire message: bad metadata ({error})"
-        ) from None
-    if not isinstance(meta, dict):
-        raise ValueError("malformed OMC wire message: metadata is not a JSON object")
-    (count,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "entry count"))
-    pos += _U32.size
-    entries: dict[str, Entry] = {}
+def _walk(view: memoryview, pos: int, end: int, count: int, expect):
+    """Entry headers (name, kind, payload view), nothing parsed or copied."""
+    heads: list[tuple[str, int, memoryview]] = []
+    names: set[str] = set()
     for index in range(count):
         (name_len,) = _NAME_LEN.unpack_from(
             _take(view, pos, _NAME_LEN.size, end, f"entry {index}")
@@ -486,35 +714,94 @@ def _parse(view: memoryview, end: int) -> Message:
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError(
-                f"malformed OMC wire message: entry {index} name is not UTF-8"
-            ) from None
+            raise ValueError(f"entry {index} name is not UTF-8") from None
         if not name:
-            raise ValueError(
-                f"malformed OMC wire message: entry {index} has an empty name"
-            )
-        if name in entries:
-            raise ValueError(f"malformed OMC wire message: duplicate entry {name!r}")
+            raise ValueError(f"entry {index} has an empty name")
+        if name in names:
+            raise ValueError(f"duplicate entry {name!r}")
+        # At once: a message cannot make us walk more entries than expected.
+        if expect is not None and name not in expect:
+            raise ValueError(f"unexpected entries: {name}")
+        names.add(name)
         kind, length = _ENTRY_HEAD.unpack_from(
             _take(view, pos, _ENTRY_HEAD.size, end, f"header of entry {name!r}")
         )
         pos += _ENTRY_HEAD.size
         payload = _take(view, pos, length, end, f"payload of entry {name!r}")
         pos += length
+        if kind not in _KIND_NAMES:
+            raise ValueError(f"entry {name!r}: unknown entry kind {kind}")
+        heads.append((name, kind, payload))
+    if pos != end:
+        raise ValueError(f"{end - pos} unexplained bytes after the {count} entries")
+    return heads
+
+
+def _check_heads(heads, expect: Mapping[str, Expected]) -> None:
+    """Names, kinds, sizes and float32 shapes against ``expect``: no allocation."""
+    got = {name for name, _, _ in heads}  # all expected: see _walk
+    missing = [n for n in expect if n not in got]
+    if missing:
+        raise ValueError(f"missing entries: {', '.join(missing[:5])}")
+    for name, kind, payload in heads:
+        want = expect[name]
+        if kind == FLOAT32 and want.format != "float32":
+            raise ValueError(f"{name} arrived as float32, expected {want.format}")
+        if kind == COMPRESSED and want.format == "float32":
+            raise ValueError(f"{name} arrived compressed, expected float32")
+        if kind == FLOAT32:
+            shape = _float32_shape(payload)
+            if tuple(shape) != tuple(want.shape):
+                raise ValueError(
+                    f"{name} has shape {tuple(shape)}, expected {tuple(want.shape)}"
+                )
+        if len(payload) > want.max_payload:
+            raise ValueError(
+                f"{name}: payload of {len(payload)} bytes, at most "
+                f"{want.max_payload} expected"
+            )
+
+
+def _read_meta(view: memoryview, end: int) -> tuple[dict, int]:
+    """The metadata and the position after it."""
+    pos = _PREFIX.size
+    (meta_len,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "metadata length"))
+    pos += _U32.size
+    if meta_len > MAX_META_BYTES:  # before copying it
+        raise ValueError(
+            f"metadata of {meta_len} bytes exceeds the {MAX_META_BYTES}-byte limit"
+        )
+    meta = _load_meta(bytes(_take(view, pos, meta_len, end, "metadata")))
+    return meta, pos + meta_len
+
+
+def _read_entries(
+    view: memoryview, pos: int, end: int, expect: Mapping[str, Expected] | None
+) -> dict[str, Entry]:
+    """The entries from ``pos``: headers walked and checked, then parsed."""
+    (count,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "entry count"))
+    pos += _U32.size
+    heads = _walk(view, pos, end, count, expect)
+    if expect is not None:
+        _check_heads(heads, expect)
+    entries: dict[str, Entry] = {}
+    for name, kind, payload in heads:
         try:
             if kind == COMPRESSED:
                 entries[name] = CompressedTensor.from_bytes(payload)
-            elif kind == FLOAT32:
-                entries[name] = parse_float32_payload(payload)
             else:
-                raise ValueError(f"unknown entry kind {kind}")
-        except ValueError as error:
-            raise ValueError(
-                f"malformed OMC wire message: entry {name!r}: {error}"
-            ) from None
-    if pos != end:
-        raise ValueError(
-            f"malformed OMC wire message: {end - pos} unexplained bytes after "
-            f"the {count} entries"
-        )
-    return Message(entries, meta, nbytes=end + _CRC.size)
+                entries[name] = parse_float32_payload(payload)
+        except Exception as error:  # noqa: BLE001 - any failure is a bad payload
+            raise ValueError(f"entry {name!r}: {error}") from None
+        if expect is not None and kind == COMPRESSED:
+            value, want = entries[name], expect[name]
+            if tuple(value.shape) != tuple(want.shape):
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(want.shape)}"
+                )
+            if value.format.name != want.format:
+                raise ValueError(
+                    f"{name} arrived as {value.format.name}, expected {want.format}"
+                )
+    return entries

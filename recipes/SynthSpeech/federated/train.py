@@ -33,14 +33,22 @@ Outputs in ``<output_folder>``:
 * ``rounds.png``: validation WER and cumulative bytes against rounds;
 * ``summary.json``: test WER/CER of the final global model on the held-out
   speakers, total bytes, parameter memory of the client model;
-* ``save/server.ckpt``: the server state after the last completed round,
-  written atomically. Started again after a crash (even SIGKILL), the run
-  resumes from it and ends with the same final model as an uninterrupted run:
-  every random draw is a function of ``(seed, round, client)``;
-* ``final_model.pt``: the final global model (float32 state dict).
+* ``save/server.ckpt`` (and ``server.ckpt.prev``, the round before): the
+  server state after the last completed round, written atomically. Started
+  again after a crash (even SIGKILL), the run resumes from it and ends with
+  the same final model as an uninterrupted run: every random draw is a
+  function of ``(seed, round, client)``. A corrupt checkpoint is reported and
+  the previous one used; one saved with other settings (compression, server
+  optimizer, clients, their training hyperparameters, the model) is refused
+  with the differences named, unless ``--fresh_start True`` sets it aside;
+* ``final_model.pt``: the final global model (float32 state dict), written
+  before the final test.
 
 A client that raises is logged and left out of its round
-(``fail_clients`` makes chosen clients raise, for testing).
+(``fail_clients`` makes chosen clients raise, for testing). A client's
+``num_examples`` (its FedAvg weight) may not exceed its partition's size;
+``aggregation`` picks FedAvg or a robust rule (``median``, ``trimmed_mean``,
+``norm_clip``, see :mod:`speechbrain_omc.federated.aggregation`).
 
 Authors
 -------
@@ -65,9 +73,11 @@ from tqdm import tqdm
 
 from speechbrain_omc.accounting import float32_parameter_bytes, parameter_bytes
 from speechbrain_omc.data.librispeech import prepare_librispeech
+from speechbrain_omc.federated.aggregation import Aggregation
+from speechbrain_omc.federated.checkpoint import CheckpointStore, atomic_save
 from speechbrain_omc.federated.client import OMCClient
 from speechbrain_omc.federated.partition import client_manifests, partition_manifest
-from speechbrain_omc.federated.server import FedAvgServer, atomic_save
+from speechbrain_omc.federated.server import FedAvgServer, RoundReport
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +187,119 @@ def prepare_federation(hparams: dict) -> tuple[dict[str, Path], dict[str, Path]]
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def round_row(
+    report: RoundReport, evaluation: dict | None, seconds: float
+) -> dict[str, object]:
+    """One round's line of ``rounds.csv`` (both the embedded run and Flower's).
+
+    Arguments
+    ---------
+    report : RoundReport
+        The server's report of the round.
+    evaluation : dict, optional
+        Validation ``loss``, ``WER`` and ``CER``, if the round evaluated.
+    seconds : float
+        Wall-clock time of the round.
+
+    Returns
+    -------
+    dict
+        Keys :data:`CSV_FIELDS`.
+    """
+    evaluation = evaluation or {}
+    return {
+        "round": report.round,
+        "sampled": len(report.sampled),
+        "clients": len(report.accepted),
+        "rejected": "; ".join(f"{c}: {r}" for c, r in report.rejected.items()),
+        "bytes_down": report.bytes_down,
+        "bytes_up": report.bytes_up,
+        "float32_bytes_down": report.float32_bytes_down,
+        "float32_bytes_up": report.float32_bytes_up,
+        "train_loss": _mean(
+            m.get("train_loss") for m in report.client_metrics.values()
+        ),
+        "valid_loss": evaluation.get("loss"),
+        "valid_WER": evaluation.get("WER"),
+        "valid_CER": evaluation.get("CER"),
+        "seconds": round(seconds, 2),
+        "load1": round(os.getloadavg()[0], 2),
+    }
+
+
+def run_settings(hparams: dict) -> dict:
+    """The clients' settings a server checkpoint must match to be resumed.
+
+    Arguments
+    ---------
+    hparams : dict
+        Loaded hyperparameters.
+
+    Returns
+    -------
+    dict
+    """
+    keys = (
+        "partition_mode",
+        "num_clients",
+        "partition_seed",
+        "local_epochs",
+        "max_local_steps",
+        "batch_size",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "max_grad_norm",
+    )
+    return {key: hparams.get(key) for key in keys}
+
+
+def build_server(
+    hparams: dict,
+    model: dict,
+    clients: list[str],
+    buffers: list[str],
+    max_examples: int | dict[str, int],
+) -> FedAvgServer:
+    """The federation's server, as both the embedded run and Flower build it.
+
+    Arguments
+    ---------
+    hparams : dict
+        Loaded hyperparameters.
+    model : dict
+        The initial global model.
+    clients : list of str
+        Client ids.
+    buffers : list of str
+        Entries that are buffers.
+    max_examples : int or dict
+        Bound of a client's ``num_examples`` (per client: its partition size).
+
+    Returns
+    -------
+    FedAvgServer
+    """
+    return FedAvgServer(
+        model,
+        clients,
+        min(int(hparams["clients_per_round"]), len(clients)),
+        omc=hparams.get("omc"),
+        seed=hparams["seed"],
+        server_lr=hparams.get("server_lr", 1.0),
+        server_momentum=hparams.get("server_momentum", 0.0),
+        buffers=buffers,
+        client_config={"local_epochs": hparams["local_epochs"]},
+        max_examples=max_examples,
+        aggregation=Aggregation(
+            hparams.get("aggregation", "fedavg"),
+            trim_fraction=hparams.get("trim_fraction", 0.2),
+            clip_norm=hparams.get("clip_norm"),
+        ),
+        run_settings=run_settings(hparams),
+    )
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -323,22 +446,16 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
         progressbar=hparams.get("client_progressbar", False),
     )
     omc = hparams.get("omc")
-    server = FedAvgServer(
-        client.get_model(),
-        list(client_data),
-        hparams["clients_per_round"],
-        omc=omc,
-        seed=hparams["seed"],
-        server_lr=hparams.get("server_lr", 1.0),
-        server_momentum=hparams.get("server_momentum", 0.0),
-        buffers=client.buffer_names(),
-        client_config={"local_epochs": hparams["local_epochs"]},
+    # A client's weight is bounded by what the server knows: its partition.
+    sizes = {cid: len(data) for cid, data in client_data.items()}
+    server = build_server(
+        hparams, client.get_model(), list(client_data), client.buffer_names(), sizes
     )
-    ckpt = save / "server.ckpt"
-    rows: list[dict] = []
-    if ckpt.is_file():
-        rows = list(server.load(ckpt).get("log", []))
-        logger.info("resumed from %s after round %d", ckpt, server.round)
+    store = CheckpointStore(save / "server.ckpt")
+    if hparams.get("fresh_start"):
+        store.discard()
+    extra = server.load(store)
+    rows: list[dict] = list(extra.get("log", [])) if extra else []
     rounds = int(hparams["rounds"])
     eval_every = max(1, int(hparams.get("eval_every", 1)))
     fail = set(hparams.get("fail_clients") or [])
@@ -376,30 +493,12 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
                 )
                 failures[cid] = f"{type(error).__name__}: {error}"
         report = server.aggregate(replies, failures)
-        row = {
-            "round": report.round,
-            "sampled": len(report.sampled),
-            "clients": len(report.accepted),
-            "rejected": "; ".join(f"{c}: {r}" for c, r in report.rejected.items()),
-            "bytes_down": report.bytes_down,
-            "bytes_up": report.bytes_up,
-            "float32_bytes_down": report.float32_bytes_down,
-            "float32_bytes_up": report.float32_bytes_up,
-            "train_loss": _mean(
-                m.get("train_loss") for m in report.client_metrics.values()
-            ),
-        }
+        stats = None
         if report.round % eval_every == 0 or report.round == rounds:
             stats = client.evaluate(server.message_for("eval"), valid_data, valid_opts)
-            row.update(
-                valid_loss=stats.get("loss"),
-                valid_WER=stats.get("WER"),
-                valid_CER=stats.get("CER"),
-            )
-        row["seconds"] = round(time.perf_counter() - round_start, 2)
-        row["load1"] = round(os.getloadavg()[0], 2)
+        row = round_row(report, stats, time.perf_counter() - round_start)
         rows.append(row)
-        server.save(ckpt, extra={"log": rows})
+        server.save(store, extra={"log": rows})
         write_csv(rows, out / "rounds.csv")
         plot_rounds(rows, out / "rounds.png", title)
         bar.update(1)
@@ -425,9 +524,10 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
     if rows:
         plot_rounds(rows, out / "rounds.png", title)
 
+    # The final model is saved first: a failing test must not lose it.
+    atomic_save(server.state_dict()["model"], out / "final_model.pt")
     # The final global model, as clients receive it, on the held-out speakers.
     test = client.evaluate(server.message_for("eval"), test_data, valid_opts)
-    atomic_save(server.state_dict()["model"], out / "final_model.pt")
     summary = {
         "experiment": hparams["experiment_name"],
         "omc": None

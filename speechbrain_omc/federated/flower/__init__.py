@@ -1,15 +1,11 @@
-"""Federated OMC as a Flower app (Flower 1.42 Message API).
+"""Federated OMC as a Flower app (Flower 1.42 Message API): the generic part.
 
 * :mod:`.records`: OMC wire messages as ``uint8`` arrays in ``ArrayRecord``;
 * :mod:`.strategy`: :class:`~.strategy.OMCFedAvg`, a ``FedAvg`` that hands
   the bytes to :class:`~speechbrain_omc.federated.server.FedAvgServer`
-  (validation, float32 averaging, re-compression);
-* :mod:`.client_app` / :mod:`.server_app`: the ``ClientApp`` and
-  ``ServerApp`` around :class:`~speechbrain_omc.federated.client.OMCClient`
-  and the embedded recipe's builders (:mod:`.recipe`);
-* :mod:`.deployment`: a local SuperLink with SuperNodes (or the Simulation
-  Engine) on loopback, for tests and demos.
+  (validation, float32 averaging, re-compression).
 
-The app folder for ``flwr run`` is ``recipes/SynthSpeech/federated/flower``;
-see ``recipes/SynthSpeech/federated/FLOWER.md``.
+The app itself (``ServerApp``, ``ClientApp`` and the glue to the recipe)
+lives in its app folder, ``recipes/SynthSpeech/federated/flower``; see
+``recipes/SynthSpeech/federated/FLOWER.md``.
 """

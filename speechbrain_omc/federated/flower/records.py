@@ -4,30 +4,26 @@ A federated OMC message (:mod:`speechbrain_omc.federated.wire`) travels in a
 Flower ``Message`` as one ``uint8`` NumPy array under :data:`PAYLOAD_KEY` of an
 ``ArrayRecord``: Flower moves it as opaque bytes, so no Flower strategy can
 mistake compressed codes for numbers, and the bytes a client receives are
-exactly the bytes the embedded simulation counts. Flower adds its own framing
-around the payload (the ``.npy`` header of the array, record and message
-metadata); :func:`record_nbytes` measures the records as Flower counts them.
+exactly the bytes the embedded simulation counts.
+
+:func:`payload_from_record` reads a reply as a server must: every part of the
+record is checked, and the payload is returned as a view into Flower's buffer
+(no copy of a large reply; the server checks its size before anything else).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import io
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-__all__ = [
-    "PAYLOAD_KEY",
-    "model_to_record",
-    "payload_from_record",
-    "payload_to_record",
-    "record_nbytes",
-    "record_to_model",
-]
+__all__ = ["PAYLOAD_KEY", "payload_from_record", "payload_to_record"]
 
 #: Key of the ``uint8`` array that holds an OMC wire message.
 PAYLOAD_KEY = "omc-wire"
+# Most bytes of a .npy header we parse (NumPy writes about 128).
+_NPY_HEADER_MAX = 4096
 
 
 def payload_to_record(data: bytes) -> ArrayRecord:
@@ -53,120 +49,80 @@ def payload_to_record(data: bytes) -> ArrayRecord:
     return ArrayRecord({PAYLOAD_KEY: Array(array)})
 
 
-def payload_from_record(record: ArrayRecord) -> bytes:
-    """The OMC wire message inside an ``ArrayRecord``, checked for shape.
+def payload_from_record(
+    content: RecordDict | ArrayRecord, key: str = "arrays"
+) -> memoryview:
+    """The OMC wire message inside a message's content, as a read-only view.
 
     Arguments
     ---------
-    record : ArrayRecord
-        Built by :func:`payload_to_record` (here or on the other side).
+    content : RecordDict or ArrayRecord
+        A message's content (the ``ArrayRecord`` is taken from ``key``), or
+        the ``ArrayRecord`` itself.
+    key : str
+        Where the ``ArrayRecord`` is in ``content``.
 
     Returns
     -------
-    bytes
-        The message; its content is validated by whoever decodes it.
+    memoryview
+        The message (bytes-like); its content is validated by whoever
+        decodes it.
 
     Raises
     ------
     ValueError
-        When the record does not hold exactly one 1-D ``uint8`` array under
-        :data:`PAYLOAD_KEY`.
+        When the content is not one 1-D ``uint8`` NumPy array under
+        :data:`PAYLOAD_KEY` of an ``ArrayRecord`` under ``key``.
 
     Example
     -------
-    >>> payload_from_record(payload_to_record(b"abc"))
+    >>> bytes(payload_from_record(payload_to_record(b"abc")))
     b'abc'
     >>> payload_from_record(ArrayRecord({"w": Array(np.zeros(2, np.float32))}))
     Traceback (most recent call last):
     ...
     ValueError: expected one uint8 array under 'omc-wire', got keys ['w']
     """
+    record = content
+    if isinstance(content, RecordDict):
+        if key not in content.array_records:
+            raise ValueError(f"no ArrayRecord under {key!r}")
+        record = content[key]
     if not isinstance(record, ArrayRecord):
         raise ValueError(f"expected an ArrayRecord, got {type(record).__name__}")
     if list(record.keys()) != [PAYLOAD_KEY]:
         raise ValueError(
             f"expected one uint8 array under {PAYLOAD_KEY!r}, "
-            f"got keys {sorted(record.keys())}"
+            f"got keys {sorted(record.keys())[:5]}"
         )
     array = record[PAYLOAD_KEY]
-    if array.dtype != "uint8" or len(array.shape) != 1:
-        raise ValueError(
-            f"{PAYLOAD_KEY!r} must be a 1-D uint8 array, "
-            f"got {array.dtype} of shape {tuple(array.shape)}"
-        )
-    values = array.numpy()
-    if values.dtype != np.uint8 or values.ndim != 1:  # metadata lied
-        raise ValueError(f"{PAYLOAD_KEY!r} does not hold a 1-D uint8 array")
-    return values.tobytes()
-
-
-def model_to_record(model: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """A float32 model as an ``ArrayRecord`` (for Flower's ``Result``).
-
-    Arguments
-    ---------
-    model : Mapping
-        Name to tensor.
-
-    Returns
-    -------
-    ArrayRecord
-
-    Example
-    -------
-    >>> record = model_to_record({"b": torch.ones(2)})
-    >>> record["b"].numpy().tolist()
-    [1.0, 1.0]
-    """
-    return ArrayRecord(
-        {
-            name: Array(value.detach().to("cpu", torch.float32).numpy())
-            for name, value in model.items()
-        }
-    )
-
-
-def record_to_model(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`model_to_record`.
-
-    Arguments
-    ---------
-    record : ArrayRecord
-
-    Returns
-    -------
-    dict
-        Name to float32 tensor.
-
-    Example
-    -------
-    >>> record_to_model(model_to_record({"b": torch.ones(2)}))
-    {'b': tensor([1., 1.])}
-    """
-    return {
-        name: torch.from_numpy(np.array(array.numpy(), dtype=np.float32))
-        for name, array in record.items()
-    }
-
-
-def record_nbytes(content: RecordDict) -> int:
-    """Bytes of a message's records as Flower counts them.
-
-    This is the payload plus Flower's framing (``.npy`` headers, record keys,
-    config and metric values); Flower's own protobuf envelope comes on top.
-
-    Arguments
-    ---------
-    content : RecordDict
-        A message's content.
-
-    Returns
-    -------
-    int
-
-    Example
-    -------
-    >>> record_nbytes(RecordDict({"a": payload_to_record(b"xyz")}))  # npy header
-    139
-    """
-    return sum(record.count_bytes() for record in content.values())
+    data = getattr(array, "data", None)
+    if (
+        not isinstance(array, Array)
+        or array.stype != "numpy.ndarray"
+        or array.dtype != "uint8"
+        or len(array.shape) != 1
+        or not isinstance(data, bytes)
+    ):
+        raise ValueError(f"{PAYLOAD_KEY!r} must be a 1-D uint8 NumPy array")
+    # Parse the .npy header ourselves and view the values in place:
+    # Array.numpy() would copy the whole payload.
+    stream = io.BytesIO(data)  # shares the bytes until written to
+    try:
+        version = np.lib.format.read_magic(stream)
+        reader = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }[version]
+        shape, _, dtype = reader(stream, max_header_size=_NPY_HEADER_MAX)
+    except (ValueError, KeyError, SyntaxError, TypeError) as error:
+        raise ValueError(f"{PAYLOAD_KEY!r} is not a .npy array: {error}") from None
+    view = memoryview(data)[stream.tell() :]
+    if (
+        dtype != np.uint8
+        or len(shape) != 1
+        or shape[0] != len(view)
+        or tuple(array.shape) != tuple(shape)
+    ):
+        raise ValueError(f"{PAYLOAD_KEY!r} does not hold the 1-D uint8 array it says")
+    return view

@@ -2,74 +2,155 @@
 
 Stock ``FedAvg`` averages every array of the replies element-wise; applied to
 compressed payloads it would average packed bit codes as if they were numbers.
-:class:`OMCFedAvg` keeps Flower's message flow (``configure_*`` builds the
-messages, ``aggregate_*`` folds the replies, ``Strategy.start`` drives the
-rounds) but hands the bytes to :class:`~speechbrain_omc.federated.server.
-FedAvgServer`, the same server the embedded simulation runs: it samples the
-clients (seeded), encodes the global model under each client's plan,
-validates every reply (names, shapes, formats, finite values), decompresses,
-averages in float32 weighted by examples and compresses again for the next
-broadcast. Flower only carries the bytes.
+:class:`OMCFedAvg` keeps Flower's round loop (``Strategy.start``) and
+FedAvg's weighted mean of evaluation metrics, and overrides what it must:
 
-Clients and SuperNodes. The server samples *client ids* (partitions); Flower
+* ``configure_train``: the server (:class:`~speechbrain_omc.federated.server.
+  FedAvgServer`, the embedded simulation's) samples the clients and encodes
+  each one's model; they go to the nodes serving those clients.
+* ``aggregate_train``: the replies' bytes go to the server, which validates
+  them (a bad reply is left out with its reason, nothing a node sends can
+  raise), combines the good ones in float32 and compresses the result; the
+  "arrays" Flower passes on is that compressed broadcast, which
+  ``configure_evaluate`` sends to the evaluating nodes. The round is over for
+  the server here: ``on_round`` (e.g. a checkpoint) is called at once, so
+  that an evaluation that never ends loses no training.
+* ``configure_evaluate``: only every ``evaluate_every`` rounds and after the
+  last one, as the embedded recipe does, and only on nodes that serve the
+  run's clients.
+* ``aggregate_evaluate``: each evaluation reply is checked
+  (:func:`check_evaluation`) and rebuilt from the checked values alone;
+  FedAvg's ``evaluate_metrics_aggr_fn`` averages those. FedAvg's own
+  ``aggregate_evaluate`` is not used: it raises ``InconsistentMessageReplies``
+  (ending the ServerApp) when replies name their MetricRecords differently,
+  and would average NaN or a list of numbers into the result.
+
+Clients and SuperNodes: the server samples *client ids* (partitions); Flower
 addresses *node ids*. Before the first round :func:`discover_clients` asks
-every connected node which client it serves (a ``query`` message, see
-:mod:`speechbrain_omc.federated.flower.client_app`); the strategy keeps the map; a
-sampled client without a node, an error reply or a reply that is not an OMC
-payload is left out of the round with a logged reason, like a client that
-raises in the embedded simulation.
+every connected node which client it serves (a ``query`` message); a
+resumed run accepts only the clients of its checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from flwr.app import (
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from speechbrain_omc.federated.flower.records import (
-    model_to_record,
     payload_from_record,
     payload_to_record,
-    record_nbytes,
 )
 from speechbrain_omc.federated.server import FedAvgServer, RoundReport
+from speechbrain_omc.federated.validation import (
+    MAX_METRICS,
+    METRIC_BOUND,
+    check_number,
+)
+from speechbrain_omc.selection import round_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLIENT_ID_KEY", "OMCFedAvg", "QUERY_KEY", "discover_clients"]
+__all__ = [
+    "CLIENT_ID_KEY",
+    "EVALUATION_METRICS",
+    "QUERY_KEY",
+    "OMCFedAvg",
+    "check_evaluation",
+    "discover_clients",
+]
 
 #: Key of the ConfigRecord in query messages and replies.
 QUERY_KEY = "omc-query"
 #: Field of a query reply naming the node's client (partition) id.
 CLIENT_ID_KEY = "client-id"
+#: What an evaluation reply reports besides its number of examples.
+EVALUATION_METRICS = ("loss", "WER", "CER")
 
 
-def _finite_number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if value == value and abs(value) != float("inf") else None
+def check_evaluation(
+    content: RecordDict,
+    names: Iterable[str] = EVALUATION_METRICS,
+    max_examples: int = 10**6,
+    weight_key: str = "num-examples",
+) -> dict[str, float]:
+    """Check an evaluation reply: one MetricRecord of bounded numbers.
+
+    Arguments
+    ---------
+    content : RecordDict
+        The reply's content.
+    names : iterable of str
+        The metrics it must report, besides ``weight_key`` (no others).
+    max_examples : int
+        Largest number of evaluated examples a node may claim.
+    weight_key : str
+        Name of the number of examples.
+
+    Returns
+    -------
+    dict
+        The metrics.
+
+    Raises
+    ------
+    ValueError
+        No or several MetricRecords, other metric names, a value that is not
+        one number in ``[0, 1e9]`` (see
+        :func:`~speechbrain_omc.federated.validation.check_number`), or
+        examples outside ``[1, max_examples]``.
+
+    Example
+    -------
+    >>> check_evaluation(RecordDict({"m": MetricRecord(
+    ...     {"num-examples": 8, "loss": 2.0, "WER": 50.0, "CER": 20.0})}))
+    {'num-examples': 8, 'loss': 2.0, 'WER': 50.0, 'CER': 20.0}
+    >>> check_evaluation(RecordDict({"m": MetricRecord(
+    ...     {"num-examples": 8, "loss": float("nan"), "WER": 5.0, "CER": 2.0})}))
+    Traceback (most recent call last):
+    ...
+    ValueError: metric 'loss' = nan is not a number in [0, 1e+09]
+    """
+    if not isinstance(content, RecordDict):
+        raise ValueError("no content")
+    records = list(content.metric_records.values())
+    if len(records) != 1:
+        raise ValueError(f"expected one MetricRecord, got {len(records)}")
+    metrics = dict(records[0])
+    wanted = {weight_key, *names}
+    if set(metrics) != wanted:
+        # At most MAX_METRICS names in the message: a node chooses them.
+        raise ValueError(
+            f"metrics {sorted(metrics)[:MAX_METRICS]}, expected {sorted(wanted)}"
+        )
+    for key, value in metrics.items():
+        check_number(key, value, 0, METRIC_BOUND)
+    examples = metrics[weight_key]
+    if examples != int(examples) or not 1 <= examples <= max_examples:
+        raise ValueError(
+            f"{weight_key} = {examples} is not an integer in [1, {max_examples}]"
+        )
+    return metrics
 
 
 def discover_clients(
-    grid: Grid, min_nodes: int, timeout: float = 600.0
+    grid: Grid,
+    min_nodes: int,
+    timeout: float = 600.0,
+    clients: Iterable[str] | None = None,
 ) -> dict[str, int]:
     """Ask every connected node which client it serves.
 
     Waits until ``min_nodes`` nodes are connected, sends each a ``query``
     message and maps the client ids of the answers to node ids. A client
-    announced by two nodes keeps the first; failed queries are logged.
+    announced by two nodes keeps the first; failed queries, and answers
+    naming a client that is not one of ``clients``, are logged and ignored.
 
     Arguments
     ---------
@@ -79,12 +160,16 @@ def discover_clients(
         Nodes to wait for.
     timeout : float
         Seconds for the wait and the replies together.
+    clients : iterable of str, optional
+        The only client ids accepted (a resumed run's: a node cannot join it
+        under a new name); any by default.
 
     Returns
     -------
     dict
         Client id to node id.
     """
+    allowed = None if clients is None else set(clients)
     deadline = time.monotonic() + timeout
     while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
         if time.monotonic() > deadline:
@@ -94,35 +179,31 @@ def discover_clients(
             )
         logger.info("waiting for nodes: %d of %d connected", len(nodes), min_nodes)
         time.sleep(1.0)
+    query = RecordDict({QUERY_KEY: ConfigRecord({"want": CLIENT_ID_KEY})})
     messages = [
-        Message(
-            content=RecordDict({QUERY_KEY: ConfigRecord({"want": CLIENT_ID_KEY})}),
-            message_type=MessageType.QUERY,
-            dst_node_id=node,
-        )
+        Message(content=query, message_type=MessageType.QUERY, dst_node_id=node)
         for node in nodes
     ]
-    replies = grid.send_and_receive(
-        messages, timeout=max(1.0, deadline - time.monotonic())
-    )
+    remaining = max(1.0, deadline - time.monotonic())
     node_of: dict[str, int] = {}
-    for reply in replies:
+    for reply in grid.send_and_receive(messages, timeout=remaining):
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            logger.warning("node %d: query failed: %s", node, reply.error.reason)
-            continue
         try:
-            client = str(reply.content[QUERY_KEY][CLIENT_ID_KEY])
-        except (KeyError, TypeError):
-            logger.warning("node %d: query reply names no client", node)
+            client = reply.content[QUERY_KEY][CLIENT_ID_KEY]
+            if not isinstance(client, str) or not 0 < len(client) <= 256:
+                raise TypeError(client)
+        except Exception:  # noqa: BLE001 - an error reply or a malformed one
+            logger.warning("node %d: no usable answer to the query", node)
+            continue
+        if allowed is not None and client not in allowed:
+            logger.warning(
+                "node %d serves %r, which is not a client of this run; ignored",
+                node,
+                client[:80],
+            )
             continue
         if client in node_of:
-            logger.warning(
-                "node %d also serves %r (node %d); ignored",
-                node,
-                client,
-                node_of[client],
-            )
+            logger.warning("node %d also serves %r; ignored", node, client)
             continue
         node_of[client] = node
     logger.info("client -> node: %s", node_of)
@@ -132,39 +213,38 @@ def discover_clients(
 class OMCFedAvg(FedAvg):
     """Flower FedAvg over OMC wire messages, delegating to ``FedAvgServer``.
 
+    Flower's round numbers count the rounds of this ``start``; the server's
+    count the run's (they differ after a resume).
+
     Arguments
     ---------
     server : FedAvgServer
-        Holds the float32 global model, the sampling and the plans; its
-        ``clients`` are the client ids the SuperNodes announce.
+        Holds the float32 global model, the sampling, the plans and the
+        validation; its ``clients`` are the client ids the nodes announce.
     node_of : Mapping
         Client id to the node id serving it (see :func:`discover_clients`);
         a sampled client without a node is left out of its round.
     evaluate_every : int
-        Federated evaluation after every ``evaluate_every``-th round and after
-        the last one (``num_rounds``); 0 evaluates only after the last round.
+        Federated evaluation after every ``evaluate_every``-th round and
+        after the last one (``num_rounds``).
     num_rounds : int, optional
-        The run's number of rounds (for "after the last round").
+        The run's number of rounds.
     evaluate_nodes : int
-        Nodes asked to evaluate (the first ones by client id); 0 disables
-        federated evaluation. The recipe's validation speakers are the same
-        on every node, so one suffices there.
+        Nodes asked to evaluate (0 disables federated evaluation).
     evaluate_client : str
-        Client id under whose plan the evaluation model is encoded (all
-        evaluating nodes receive the same bytes), as in the embedded recipe.
+        Client id under whose plan the evaluation model is encoded.
+    max_eval_examples : int
+        Largest number of examples an evaluation reply may claim.
     on_round : callable, optional
-        Called with each :class:`RoundReport` after aggregation (e.g. to
-        checkpoint or log).
-    **fedavg_kwargs
-        Passed to ``FedAvg`` (record keys, ``weighted_by_key``). Sampling is
-        the server's (``clients_per_round``, ``seed``), not Flower's.
+        Called with each round's :class:`RoundReport` and ``None`` as soon as
+        the round is aggregated (e.g. to checkpoint), and once more with the
+        round's evaluation (a dict) when one comes back.
 
     Example
     -------
     >>> import torch
     >>> server = FedAvgServer({"w": torch.ones(2)}, ["a", "b"], 2)
-    >>> strategy = OMCFedAvg(server, {"a": 11, "b": 12}, num_rounds=2)
-    >>> strategy.node_of
+    >>> OMCFedAvg(server, {"a": 11, "b": 12}, num_rounds=2).node_of
     {'a': 11, 'b': 12}
     """
 
@@ -176,24 +256,30 @@ class OMCFedAvg(FedAvg):
         num_rounds: int | None = None,
         evaluate_nodes: int = 1,
         evaluate_client: str = "eval",
-        on_round: Callable[[RoundReport], None] | None = None,
-        **fedavg_kwargs: Any,
+        max_eval_examples: int = 10**6,
+        on_round: Callable[[RoundReport, dict | None], None] | None = None,
     ) -> None:
-        super().__init__(**fedavg_kwargs)
+        # min_evaluate_nodes is the number configure_evaluate asks: never
+        # more than the nodes that serve clients (FedAvg's fraction is set to
+        # match, for its logs).
+        wanted = min(max(0, int(evaluate_nodes)), len(node_of))
+        super().__init__(
+            fraction_evaluate=wanted / max(1, len(node_of)),
+            min_evaluate_nodes=wanted,
+            min_available_nodes=1,
+        )
         self.server = server
-        self.evaluate_every = int(evaluate_every)
-        self.num_rounds = num_rounds
-        self.evaluate_nodes = int(evaluate_nodes)
-        self.evaluate_client = str(evaluate_client)
-        self.on_round = on_round
         self.node_of = {str(c): int(n) for c, n in node_of.items()}
+        self.evaluate_every = max(1, int(evaluate_every))
+        self.num_rounds = num_rounds
+        self.evaluate_client = str(evaluate_client)
+        self.max_eval_examples = int(max_eval_examples)
+        self.on_round = on_round
         self.reports: list[RoundReport] = []
-        self.evaluations: dict[int, dict[str, Any]] = {}
-        self.transport_bytes: dict[int, dict[str, int]] = {}
+        self.evaluations: dict[int, dict[str, float]] = {}
         self._unreachable: dict[str, str] = {}
         self._sent: dict[int, str] = {}  # node id -> client id, current round
 
-    # ----------------------------------------------------------- training
     def configure_train(
         self, server_round: int, arrays: Any, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -202,7 +288,7 @@ class OMCFedAvg(FedAvg):
         Arguments
         ---------
         server_round : int
-            Round number (1-based); must be the server's next round.
+            Flower's round number (this ``start``'s).
         arrays : ArrayRecord
             Ignored: the global model is the server's float32 master.
         config : ConfigRecord
@@ -215,256 +301,187 @@ class OMCFedAvg(FedAvg):
         list of Message
             One train message per sampled client that has a node.
         """
-        payloads = self.server.configure_round(server_round)
-        self._unreachable, self._sent = {}, {}
-        messages = []
+        round_ = self.server.round + 1
+        payloads = self.server.configure_round(round_)
+        self._unreachable, self._sent, messages = {}, {}, []
         for client, data in payloads.items():
             node = self.node_of.get(client)
             if node is None:
                 self._unreachable[client] = "no SuperNode serves this client"
                 continue
+            settings = ConfigRecord(
+                {**config, "server-round": round_, "client-id": client}
+            )
             content = RecordDict(
                 {
                     self.arrayrecord_key: payload_to_record(data),
-                    self.configrecord_key: ConfigRecord(
-                        {**config, "server-round": server_round, "client-id": client}
-                    ),
+                    self.configrecord_key: settings,
                 }
             )
             self._sent[node] = client
             messages.append(
                 Message(
-                    content=content,
-                    message_type=MessageType.TRAIN,
-                    dst_node_id=node,
+                    content=content, message_type=MessageType.TRAIN, dst_node_id=node
                 )
             )
-        self.transport_bytes[server_round] = {
-            "down": sum(record_nbytes(m.content) for m in messages),
-            "up": 0,
-        }
-        logger.info(
-            "round %d: %d clients sampled, %d reachable",
-            server_round,
-            len(payloads),
-            len(messages),
-        )
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[Any, MetricRecord | None]:
-        """Validate, average in float32 and re-encode via the server.
+    ) -> tuple[Any, MetricRecord]:
+        """Validate and combine the replies via the server.
 
         Arguments
         ---------
         server_round : int
-            Round number.
+            Flower's round number.
         replies : iterable of Message
             The nodes' replies (errors included).
 
         Returns
         -------
         tuple
-            The new float32 global model as an ``ArrayRecord`` and a
-            ``MetricRecord`` with the round's byte counts, accepted and
-            rejected clients and the mean of the clients' metrics.
+            The compressed global model as the evaluating nodes receive it
+            (``None`` when this round does not evaluate) and the round's
+            counts as a ``MetricRecord``.
         """
-        payloads: dict[str, bytes] = {}
+        payloads: dict[str, Any] = {}
         failures = dict(self._unreachable)
         for reply in replies:
-            node = reply.metadata.src_node_id
-            client = self._sent.get(node)
-            if client is None:
-                logger.warning(
-                    "round %d: reply from unexpected node %d", server_round, node
-                )
+            client = self._sent.get(reply.metadata.src_node_id)
+            if client is None or client in payloads or client in failures:
+                logger.warning("reply from node %d ignored", reply.metadata.src_node_id)
                 continue
             if reply.has_error():
-                failures[client] = f"client error: {reply.error.reason}"
+                failures[client] = f"client error: {str(reply.error.reason)[:200]}"
                 continue
-            self.transport_bytes[server_round]["up"] += record_nbytes(reply.content)
             try:
+                # A view, not a copy: the server checks the size first.
                 payloads[client] = payload_from_record(
-                    reply.content[self.arrayrecord_key]
+                    reply.content, self.arrayrecord_key
                 )
-            except (KeyError, ValueError, TypeError) as error:
-                failures[client] = f"not an OMC payload: {error}"
-        for client in self._sent.values():
-            if client not in payloads and client not in failures:
-                failures[client] = "no reply (timed out)"
-        for client, reason in failures.items():
-            logger.warning("round %d: client %s: %s", server_round, client, reason)
+            except ValueError as error:
+                failures[client] = f"not an OMC reply: {error}"
         report = self.server.aggregate(payloads, failures)
         self.reports.append(report)
         if self.on_round is not None:
-            self.on_round(report)
+            # Now, not after the evaluation: the model of this round is final,
+            # and a checkpoint here survives an evaluation that never ends.
+            self.on_round(report, None)
         metrics = MetricRecord(
             {
-                "bytes-down": report.bytes_down,
-                "bytes-up": report.bytes_up,
-                "float32-bytes-down": report.float32_bytes_down,
-                "float32-bytes-up": report.float32_bytes_up,
                 "accepted": len(report.accepted),
                 "rejected": len(report.rejected),
-                "num-examples": report.num_examples,
-                **self._mean_client_metrics(report),
+                "bytes-down": report.bytes_down,
+                "bytes-up": report.bytes_up,
             }
         )
-        return model_to_record(self.server.model), metrics
+        if not self._evaluates():
+            return None, metrics  # nothing to send: Flower keeps what it had
+        broadcast = self.server.message_for(self.evaluate_client)
+        return payload_to_record(broadcast), metrics
 
-    @staticmethod
-    def _mean_client_metrics(report: RoundReport) -> dict[str, float]:
-        # Mean of the accepted clients' numeric metrics (the report keeps no
-        # per-client example counts, so this is not weighted).
-        values: dict[str, list[float]] = {}
-        for metrics in report.client_metrics.values():
-            for key, value in metrics.items():
-                number = _finite_number(value)
-                if number is not None:
-                    values.setdefault(key, []).append(number)
-        return {f"client-{k}": sum(v) / len(v) for k, v in values.items()}
-
-    # --------------------------------------------------------- evaluation
-    def _evaluates(self, server_round: int) -> bool:
-        if self.evaluate_nodes <= 0:
-            return False
-        if self.num_rounds is not None and server_round == self.num_rounds:
-            return True
-        return self.evaluate_every > 0 and server_round % self.evaluate_every == 0
+    def _evaluates(self) -> bool:
+        done = self.server.round
+        return self.min_evaluate_nodes > 0 and (
+            done % self.evaluate_every == 0 or done == self.num_rounds
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: Any, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the compressed global model to the nodes for evaluation.
+        """Evaluation every ``evaluate_every`` rounds and after the last.
+
+        ``evaluate_nodes`` of the connected nodes that serve this run's
+        clients are asked (a seeded draw per round); a node that announced
+        no client, or one the run does not know, never evaluates.
 
         Arguments
         ---------
         server_round : int
-            Round just aggregated.
+            Flower's round number.
         arrays : ArrayRecord
-            Ignored (the server's model is encoded instead).
+            The compressed global model (from :meth:`aggregate_train`).
         config : ConfigRecord
-            Sent along (plus ``server-round``).
+            Sent along, with ``server-round`` (the server's round).
         grid : Grid
             The run's grid.
 
         Returns
         -------
         list of Message
-            One evaluate message per node, or none when this round does not
-            evaluate.
         """
-        if not self._evaluates(server_round) or not self.node_of:
+        if not self._evaluates():
             return []
-        # The model after round r is broadcast at round r + 1: encode it so.
-        data = self.server.message_for(self.evaluate_client, server_round + 1)
-        nodes = [self.node_of[c] for c in sorted(self.node_of)]
-        messages = []
-        for node in nodes[: self.evaluate_nodes]:
-            content = RecordDict(
-                {
-                    self.arrayrecord_key: payload_to_record(data),
-                    self.configrecord_key: ConfigRecord(
-                        {**config, "server-round": server_round}
-                    ),
-                }
-            )
-            messages.append(
-                Message(
-                    content=content,
-                    message_type=MessageType.EVALUATE,
-                    dst_node_id=node,
-                )
-            )
-        return messages
+        # Not FedAvg's sampling: it draws from every connected node (one that
+        # serves no client of this run among them) and waits for as many as
+        # it wants. Here: the nodes serving clients, drawn per round from the
+        # server's seed (a resumed run evaluates on the same nodes).
+        connected = set(grid.get_node_ids())
+        nodes = sorted(n for n in set(self.node_of.values()) if n in connected)
+        rng = random.Random(round_seed(self.server.seed, self.server.round, "eval"))
+        chosen = rng.sample(nodes, min(self.min_evaluate_nodes, len(nodes)))
+        config["server-round"] = self.server.round
+        content = RecordDict(
+            {self.arrayrecord_key: arrays, self.configrecord_key: config}
+        )
+        return [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n)
+            for n in chosen
+        ]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Combine the nodes' evaluation metrics, weighted by examples.
+        """Check each evaluation reply, then average the good ones.
 
-        Error-rate metrics whose counts are reported (``wer`` with
-        ``wer-words``...) are pooled: errors over words, not an average of
-        rates.
+        Each reply that passes :func:`check_evaluation` is rebuilt as
+        ``RecordDict({"metrics": MetricRecord(checked values)})`` and only
+        those go to ``evaluate_metrics_aggr_fn`` (FedAvg's weighted mean by
+        default); whatever else a reply holds (other record names, more
+        records of other types) is never read.
 
         Arguments
         ---------
         server_round : int
-            Round number.
+            Flower's round number.
         replies : iterable of Message
             The nodes' replies.
 
         Returns
         -------
         MetricRecord or None
-            ``None`` when no node answered.
+            ``None`` when no node answered usefully.
         """
-        records = []
+        checked = []
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                logger.warning(
-                    "round %d: evaluation on node %d failed: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
+                reason = str(reply.error.reason)[:200]
+                logger.warning("evaluation of node %d failed: %s", node, reason)
+                continue
+            try:
+                metrics = check_evaluation(
+                    reply.content,
+                    max_examples=self.max_eval_examples,
+                    weight_key=self.weighted_by_key,
                 )
+            except ValueError as error:
+                logger.warning("evaluation of node %d rejected: %s", node, error)
                 continue
-            records.extend(reply.content.metric_records.values())
-        if not records:
-            return None
-        total = sum(float(r.get(self.weighted_by_key, 0)) for r in records)
-        out: dict[str, float] = {self.weighted_by_key: total}
-        keys = {k for r in records for k in r if k != self.weighted_by_key}
-        for key in sorted(keys):
-            if key.endswith("-errors") or key.endswith("-words"):
-                out[key] = sum(float(r.get(key, 0)) for r in records)
+            except Exception:  # noqa: BLE001 - a bug must not end the run
+                logger.exception("checking the evaluation of node %d failed", node)
                 continue
-            values = [
-                (float(r[key]), float(r.get(self.weighted_by_key, 0)))
-                for r in records
-                if _finite_number(r.get(key)) is not None
-            ]
-            weight = sum(w for _, w in values)
-            if weight > 0:
-                out[key] = sum(v * w for v, w in values) / weight
-        for key in list(out):
-            if key.endswith("-errors"):
-                stem = key[: -len("-errors")]
-                words = out.get(f"{stem}-words", 0.0)
-                if words > 0:
-                    out[stem] = 100.0 * out[key] / words
-        self.evaluations[server_round] = dict(out)
-        return MetricRecord(out)
-
-    # ------------------------------------------------------------ summary
-    def summary(self) -> None:
-        """Log the configuration (Flower calls this at start)."""
-        server = self.server
-        logger.info(
-            "OMCFedAvg: %d clients, %d per round, seed %d, compression %s",
-            len(server.clients),
-            server.clients_per_round,
-            server.seed,
-            server.omc.format if server.omc is not None else "float32",
-        )
-
-    def history(self) -> list[dict[str, Any]]:
-        """Per-round reports, evaluation and Flower's record bytes, as data.
-
-        Returns
-        -------
-        list of dict
-            One per round: the :class:`RoundReport` fields, ``evaluation``
-            (or ``None``) and ``flower_record_bytes_down``/``_up`` (the
-            payloads plus Flower's record framing).
-        """
-        out = []
-        for report in self.reports:
-            row = report.to_dict()
-            row["evaluation"] = self.evaluations.get(report.round)
-            transport = self.transport_bytes.get(report.round, {})
-            row["flower_record_bytes_down"] = transport.get("down", 0)
-            row["flower_record_bytes_up"] = transport.get("up", 0)
-            out.append(row)
-        return out
+            checked.append(RecordDict({"metrics": MetricRecord(metrics)}))
+        result = None
+        if checked:
+            try:
+                result = self.evaluate_metrics_aggr_fn(checked, self.weighted_by_key)
+            except Exception:  # noqa: BLE001 - an evaluation must not end the run
+                logger.exception("round %d: averaging evaluations failed", server_round)
+        evaluation = None if result is None else dict(result)
+        if evaluation is not None:
+            self.evaluations[self.server.round] = evaluation
+            if self.on_round is not None and self.reports:
+                self.on_round(self.reports[-1], evaluation)
+        return result

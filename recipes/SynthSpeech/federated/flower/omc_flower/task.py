@@ -1,13 +1,11 @@
 """Glue between the Flower apps and the embedded federated recipe.
 
-The Flower ``ServerApp`` and ``ClientApp`` build exactly what
+The ``ServerApp`` and ``ClientApp`` build exactly what
 ``recipes/SynthSpeech/federated/train.py`` builds in its one process: the
-same hyperparameters (file plus overrides), the same Brain (``build_brain``),
-the same :class:`~speechbrain_omc.federated.client.OMCClient` on a client's
-manifest and the same :class:`~speechbrain_omc.federated.server.FedAvgServer`
-settings. The recipe module is loaded by path and its functions are called;
-nothing of it is copied here except the arguments it passes to
-``OMCClient`` and ``FedAvgServer`` (``run_federation`` builds them inline).
+same hyperparameters (file plus overrides), the same Brain
+(``build_brain``), the same :class:`~speechbrain_omc.federated.client.
+OMCClient` on a client's manifest and the same server (``build_server``).
+The recipe module is loaded by path and its functions are called.
 
 Paths in the run config (``hparams``, ``recipe``) and in a node config
 (``manifest``...) may be absolute, relative to the working directory of the
@@ -19,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
-import json
 import logging
 import sys
 from collections.abc import Iterator, Mapping
@@ -27,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+import speechbrain_omc
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +33,6 @@ __all__ = [
     "DEFAULT_RECIPE",
     "NodeSetup",
     "build_node",
-    "build_server",
     "initial_model",
     "load_hparams",
     "load_recipe",
@@ -44,8 +40,9 @@ __all__ = [
     "resolve_path",
 ]
 
-#: The repository holding ``recipes/`` (speechbrain_omc is installed editable).
-REPO_ROOT = Path(__file__).resolve().parents[3]
+#: The repository holding ``recipes/`` (speechbrain_omc is installed editable;
+#: Flower runs this file from a copy of the app folder, elsewhere).
+REPO_ROOT = Path(speechbrain_omc.__file__).resolve().parents[1]
 DEFAULT_RECIPE = "recipes/SynthSpeech/federated/train.py"
 DEFAULT_HPARAMS = "recipes/SynthSpeech/federated/hparams/fed_omc.yaml"
 
@@ -109,37 +106,6 @@ def load_recipe(path: str | Path = DEFAULT_RECIPE):
     return sys.modules[name]
 
 
-def parse_overrides(overrides: str | Mapping | None) -> dict:
-    """Hyperparameter overrides from a run config (a YAML or JSON mapping).
-
-    Arguments
-    ---------
-    overrides : str, Mapping or None
-        E.g. ``"{rounds: 2, num_clients: 2}"``.
-
-    Returns
-    -------
-    dict
-
-    Example
-    -------
-    >>> parse_overrides("{rounds: 2, output_folder: /tmp/x}")
-    {'rounds': 2, 'output_folder': '/tmp/x'}
-    >>> parse_overrides("")
-    {}
-    """
-    if not overrides:
-        return {}
-    if isinstance(overrides, Mapping):
-        return dict(overrides)
-    value = yaml.safe_load(overrides)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"overrides must be a mapping, got {overrides!r}")
-    return value
-
-
 def load_hparams(run_config: Mapping[str, Any]) -> dict:
     """Load the recipe's hyperparameters named by a run config.
 
@@ -156,9 +122,8 @@ def load_hparams(run_config: Mapping[str, Any]) -> dict:
     from hyperpyyaml import load_hyperpyyaml
 
     path = resolve_path(run_config.get("hparams") or DEFAULT_HPARAMS)
-    overrides = parse_overrides(run_config.get("overrides"))
     with open(path, encoding="utf-8") as fin:
-        return load_hyperpyyaml(fin, overrides)
+        return load_hyperpyyaml(fin, run_config.get("overrides") or {})
 
 
 @contextlib.contextmanager
@@ -352,61 +317,3 @@ def initial_model(run_config: Mapping[str, Any]) -> tuple[dict, list[str], dict]
     hparams = load_hparams(run_config)
     client = OMCClient(recipe.build_brain(hparams), {})
     return client.get_model(), client.buffer_names(), hparams
-
-
-def build_server(
-    hparams: Mapping[str, Any],
-    model: Mapping[str, Any],
-    clients: list[str],
-    buffers: list[str],
-):
-    """The recipe's ``FedAvgServer`` over the given clients.
-
-    Arguments
-    ---------
-    hparams : Mapping
-        Loaded hyperparameters.
-    model : Mapping
-        Initial global model.
-    clients : list of str
-        Client ids, in the recipe's order (``client_000``...).
-    buffers : list of str
-        Buffer entries.
-
-    Returns
-    -------
-    FedAvgServer
-    """
-    from speechbrain_omc.federated.server import FedAvgServer
-
-    # The same arguments as the embedded recipe's run_federation.
-    return FedAvgServer(
-        model,
-        clients,
-        min(int(hparams["clients_per_round"]), len(clients)),
-        omc=hparams.get("omc"),
-        seed=hparams["seed"],
-        server_lr=hparams.get("server_lr", 1.0),
-        server_momentum=hparams.get("server_momentum", 0.0),
-        buffers=buffers,
-        client_config={"local_epochs": hparams["local_epochs"]},
-    )
-
-
-def to_json(value: Any) -> Any:
-    """Plain-data copy for ``json.dump`` (tensors and paths as text).
-
-    Arguments
-    ---------
-    value : object
-
-    Returns
-    -------
-    object
-
-    Example
-    -------
-    >>> to_json({"a": Path("/x"), "b": [1, 2.5]})
-    {'a': '/x', 'b': [1, 2.5]}
-    """
-    return json.loads(json.dumps(value, default=str))

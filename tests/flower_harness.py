@@ -1,20 +1,26 @@
-"""A local Flower Deployment Engine: one SuperLink and N SuperNodes on loopback.
+"""Test harness: a Flower Deployment Engine on loopback, and in-process fakes.
 
 Starts real ``flower-superlink`` and ``flower-supernode`` processes talking
-over TCP on 127.0.0.1 (insecure, i.e. without TLS: for a test or a demo on one
-machine only), submits the app with ``flwr run`` and stops every process it
-started, including the ``flower-superexec``, ``flwr-serverapp`` and
-``flwr-clientapp`` processes that Flower spawns in new sessions. Each process
-is tagged with an environment variable, so that :meth:`LocalDeployment.stop`
-also finds descendants whose parent already exited.
+over TCP on 127.0.0.1 (insecure, i.e. without TLS: for tests on one machine
+only), submits the app with ``flwr run`` and stops every process it started,
+including the ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp``
+processes that Flower spawns in new sessions. Each process is tagged with an
+environment variable, so that :meth:`LocalDeployment.stop` also finds
+descendants whose parent already exited, and so that a test can kill the
+ServerApp or the SuperLink mid-run (:meth:`LocalDeployment.kill`) and start
+the SuperLink again on its port (:meth:`LocalDeployment.restart_superlink`).
 
-For a real deployment run the same commands on different machines with TLS,
-see ``recipes/SynthSpeech/federated/FLOWER.md``.
+A real deployment runs the same commands on different machines with TLS, see
+``recipes/SynthSpeech/federated/FLOWER.md``.
+
+For unit tests without Flower processes: :class:`FakeGrid` (a grid whose
+nodes are a Python function), :func:`honest_reply` (a client's reply that
+only shifts the model) and :func:`app_handler` (nodes that answer the app's
+query, train and evaluate messages as the ClientApp would).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -22,7 +28,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -135,8 +140,11 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def _tagged_pids(tag: str) -> list[int]:
-    """Live (non-zombie) processes whose environment carries ``tag``."""
+def _tagged_pids(tag: str, program: str | None = None) -> list[int]:
+    """Live (non-zombie) processes whose environment carries ``tag``.
+
+    With ``program``, only those whose command line names it.
+    """
     needle = f"{TAG_VARIABLE}={tag}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
@@ -145,9 +153,12 @@ def _tagged_pids(tag: str) -> list[int]:
         try:
             environ = (entry / "environ").read_bytes()
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (entry / "cmdline").read_bytes()
         except OSError:  # gone, or not ours
             continue
-        if state != "Z" and needle in environ.split(b"\0"):
+        if state == "Z" or needle not in environ.split(b"\0"):
+            continue
+        if program is None or program.encode() in command:
             pids.append(int(entry.name))
     return pids
 
@@ -230,6 +241,9 @@ class LocalDeployment:
             # its "cluster" mode it uses the loopback address instead.
             self.env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         self.procs: list[subprocess.Popen] = []
+        self.superlink: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen] = []
+        self.runs: list[subprocess.Popen] = []
         self._logs: list[Any] = []
         self.superlink_port: int | None = None
 
@@ -255,21 +269,7 @@ class LocalDeployment:
             encoding="utf-8",
         )
         try:
-            link = self._spawn(
-                "superlink",
-                [
-                    "flower-superlink",
-                    "--insecure",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(link_port),
-                    "--disable-runtime-dependency-installation",
-                    *(["--simulation"] if self.simulation else []),
-                ],
-            )
-            deadline = time.monotonic() + self.startup_timeout
-            _wait_http_ok(f"http://127.0.0.1:{link_port}/health", deadline, link)
+            self._start_superlink()
             for index, (config, port) in enumerate(zip(nodes, node_ports)):
                 node = self._spawn(
                     f"supernode-{index}",
@@ -286,12 +286,45 @@ class LocalDeployment:
                         config,
                     ],
                 )
+                self.nodes.append(node)
                 deadline = time.monotonic() + self.startup_timeout
                 _wait_http_ok(f"http://127.0.0.1:{port}/health", deadline, node)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_superlink(self) -> None:
+        port = self.superlink_port
+        self.superlink = self._spawn(
+            f"superlink-{len(self._logs)}",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+                # State in a file, not in memory: a restarted SuperLink still
+                # knows its SuperNodes (which otherwise give up on a 401).
+                "--database",
+                str(self.workdir / "superlink.db"),
+                *(["--simulation"] if self.simulation else []),
+            ],
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        _wait_http_ok(f"http://127.0.0.1:{port}/health", deadline, self.superlink)
+
+    def restart_superlink(self) -> None:
+        """Start the SuperLink again on its port and database (after :meth:`kill`).
+
+        The SuperNodes, which keep retrying, carry on; a new ``flwr run`` is
+        a new run.
+        """
+        if self.superlink is not None and self.superlink.poll() is None:
+            raise RuntimeError("the SuperLink is still running")
+        self._start_superlink()
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115
@@ -310,13 +343,10 @@ class LocalDeployment:
         return proc
 
     # -------------------------------------------------------------------- run
-    def run(
-        self,
-        app_dir: str | Path,
-        run_config: Mapping[str, Any] | None = None,
-        timeout: float = 600.0,
-    ) -> str:
-        """Submit the app with ``flwr run --stream`` and wait for the run's end.
+    def submit(
+        self, app_dir: str | Path, run_config: Mapping[str, Any] | None = None
+    ) -> subprocess.Popen:
+        """Submit the app with ``flwr run --stream``; do not wait.
 
         Arguments
         ---------
@@ -324,13 +354,11 @@ class LocalDeployment:
             Folder holding the app's ``pyproject.toml``.
         run_config : Mapping, optional
             Overrides of ``[tool.flwr.app.config]``.
-        timeout : float
-            Seconds before the run is abandoned (``TimeoutError``).
 
         Returns
         -------
-        str
-            What ``flwr run --stream`` printed (the ServerApp's log).
+        subprocess.Popen
+            The ``flwr run`` process (its output in ``flwr-run-<n>.log``).
         """
         if self.superlink_port is None:
             raise RuntimeError("start() the deployment first")
@@ -347,29 +375,102 @@ class LocalDeployment:
                 "--federation-config",
                 format_node_config(self.federation_config),
             ]
-        log_path = self.workdir / "flwr-run.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                command,
-                cwd=self.workdir,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            self.procs.append(proc)
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None:
-                dead = [p.args[0] for p in self.procs[:-1] if p.poll() is not None]
-                if dead or time.monotonic() > deadline:
-                    output = log_path.read_text(errors="replace")
-                    why = f"{dead} exited" if dead else f"timed out after {timeout}s"
-                    raise TimeoutError(f"flwr run: {why}\n{output[-4000:]}")
-                time.sleep(0.5)
+        proc = self._spawn(f"flwr-run-{len(self.runs)}", command)
+        self.runs.append(proc)
+        return proc
+
+    def wait(self, proc: subprocess.Popen, timeout: float = 600.0) -> str:
+        """Wait for a submitted run to end.
+
+        Arguments
+        ---------
+        proc : subprocess.Popen
+            From :meth:`submit`.
+        timeout : float
+            Seconds before the run is abandoned (``TimeoutError``).
+
+        Returns
+        -------
+        str
+            What ``flwr run --stream`` printed (the ServerApp's log).
+        """
+        log_path = self.workdir / f"flwr-run-{self.runs.index(proc)}.log"
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            dead = [
+                p.args[0] for p in [self.superlink, *self.nodes] if p.poll() is not None
+            ]
+            if dead or time.monotonic() > deadline:
+                output = log_path.read_text(errors="replace")
+                why = f"{dead} exited" if dead else f"timed out after {timeout}s"
+                raise TimeoutError(f"flwr run: {why}\n{output[-4000:]}")
+            time.sleep(0.5)
         output = log_path.read_text(errors="replace")
         if proc.returncode != 0:
             raise RuntimeError(f"flwr run failed ({proc.returncode}):\n{output}")
         return output
+
+    def run(
+        self,
+        app_dir: str | Path,
+        run_config: Mapping[str, Any] | None = None,
+        timeout: float = 600.0,
+    ) -> str:
+        """Submit the app and wait for the run's end (see :meth:`submit`).
+
+        Arguments
+        ---------
+        app_dir : str or Path
+            Folder holding the app's ``pyproject.toml``.
+        run_config : Mapping, optional
+            Overrides of ``[tool.flwr.app.config]``.
+        timeout : float
+            Seconds before the run is abandoned (``TimeoutError``).
+
+        Returns
+        -------
+        str
+            What ``flwr run --stream`` printed.
+        """
+        return self.wait(self.submit(app_dir, run_config), timeout)
+
+    def kill(self, what: str) -> list[int]:
+        """SIGKILL part of the deployment, as a crash would.
+
+        Arguments
+        ---------
+        what : str
+            ``"serverapp"``: the ``flwr-serverapp`` process(es) and the
+            ``flwr run`` that streams their log; ``"superlink"``: also the
+            SuperLink and its SuperExec (the server machine going down; the
+            SuperNodes and their own SuperExecs live on).
+
+        Returns
+        -------
+        list of int
+            The process ids killed.
+        """
+        if what not in ("serverapp", "superlink"):
+            raise ValueError(f"cannot kill {what!r}")
+        # ServerApps run on the SuperLink's side only (ClientApps are
+        # flwr-clientapp processes of the SuperNodes).
+        pids = set(_tagged_pids(self.tag, "flwr-serverapp"))
+        pids |= {p.pid for p in self.runs if p.poll() is None}
+        if what == "superlink" and self.superlink is not None:
+            # The SuperLink's own SuperExec, not the SuperNodes' ones.
+            parent = f"--parent-pid\0{self.superlink.pid}\0"
+            pids |= set(_tagged_pids(self.tag, parent))
+            pids.add(self.superlink.pid)
+        for pid in sorted(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            if proc.pid in pids:
+                proc.wait(timeout=10)  # reap our children
+        while set(_tagged_pids(self.tag)) & pids and time.monotonic() < deadline:
+            time.sleep(0.1)  # the others are reaped by their parents
+        return sorted(pids)
 
     def logs(self) -> str:
         """Tails of every process's log, for a failure report.
@@ -434,70 +535,172 @@ class LocalDeployment:
         self.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run a Flower app on a local SuperLink and SuperNodes, then stop them.
+class FakeGrid:
+    """A grid without a SuperLink, for unit tests of the strategy and apps.
+
+    Delivers each message to ``handler(node, message)`` and wraps what it
+    returns as the reply's content; ``None`` is no reply (a node that timed
+    out), an ``Error`` an error reply. Each call's message types and
+    ``timeout`` are recorded in :attr:`calls` (no time passes here: a test
+    checks that the configured timeout reaches the grid).
 
     Arguments
     ---------
-    argv : sequence of str, optional
-        Command-line arguments; see ``--help``.
+    nodes : iterable of int
+        The connected node ids.
+    handler : callable
+        ``(node id, Message) -> RecordDict | Error | None``.
+    """
+
+    def __init__(self, nodes, handler):
+        self.nodes = list(nodes)
+        self.handler = handler
+        self.sent: list = []
+        self.calls: list[tuple[list[str], float | None]] = []
+
+    def get_node_ids(self):
+        """The connected nodes."""
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        """Deliver the messages; the replies that came back."""
+        from flwr.app import Error, Message
+
+        messages = list(messages)
+        kinds = [m.metadata.message_type for m in messages]
+        self.calls.append((kinds, timeout))
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            answer = self.handler(message.metadata.dst_node_id, message)
+            if isinstance(answer, Error):
+                replies.append(Message(answer, reply_to=message))
+            elif answer is not None:
+                replies.append(Message(content=answer, reply_to=message))
+        return replies
+
+
+def honest_reply(data, shift: float, num_examples: int, **meta) -> bytes:
+    """A client that adds ``shift`` to every value and answers in kind.
+
+    Arguments
+    ---------
+    data : bytes-like
+        The server's broadcast.
+    shift : float
+        Added to every value.
+    num_examples : int
+        Claimed in the reply.
+    **meta
+        Metadata to change (for hostile variants).
 
     Returns
     -------
-    int
-        Exit status.
+    bytes
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m speechbrain_omc.federated.flower.deployment",
-        description=main.__doc__,
-    )
-    parser.add_argument("app_dir", help="Flower app folder (with pyproject.toml)")
-    parser.add_argument(
-        "--node-config",
-        action="append",
-        default=[],
-        help="one per SuperNode, e.g. 'partition-id=0 num-partitions=2'",
-    )
-    parser.add_argument(
-        "--simulation",
-        type=int,
-        metavar="N",
-        help="run in the Simulation Engine with N virtual SuperNodes instead",
-    )
-    parser.add_argument(
-        "--workdir",
-        default="results/flower_deployment",
-        help="logs and FLWR_HOME (must not be inside the app folder)",
-    )
-    parser.add_argument(
-        "--run-config",
-        action="append",
-        default=[],
-        help="TOML key=value overriding the app's run config (repeatable)",
-    )
-    parser.add_argument("--timeout", type=float, default=3600.0)
-    args = parser.parse_args(argv)
-    if not args.simulation and not args.node_config:
-        parser.error("give --node-config (one per SuperNode) or --simulation N")
-    try:
-        import tomllib
-    except ImportError:  # Python < 3.11; tomli comes with flwr
-        import tomli as tomllib
+    from speechbrain_omc.compressed import CompressedTensor
+    from speechbrain_omc.federated import wire
 
-    run_config: dict[str, Any] = {}
-    for item in args.run_config:
-        run_config.update(tomllib.loads(item))
-    nodes = [{}] * args.simulation if args.simulation else args.node_config
-    logging.basicConfig(level=logging.INFO)
-    deployment = LocalDeployment(args.workdir, nodes, simulation=bool(args.simulation))
-    with deployment:
-        try:
-            print(deployment.run(args.app_dir, run_config, timeout=args.timeout))
-        except Exception:
-            print(deployment.logs(), file=sys.stderr)
-            raise
-    return 0
+    received = wire.decode(data)
+    entries = {}
+    for name, value in received.entries.items():
+        if isinstance(value, CompressedTensor):
+            new = value.decompress() + shift
+            entries[name] = CompressedTensor.compress(new, value.format)
+        else:
+            entries[name] = value + shift
+    reply = {k: received.meta[k] for k in ("round", "client", "run", "nonce")}
+    reply.update(type="update", num_examples=num_examples)
+    reply["metrics"] = {"train_loss": 1.0 + shift, "steps": 2}
+    reply.update(meta)
+    return wire.encode(entries, reply)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def app_handler(client_of: Mapping[int, str], test_reply=None):
+    """Nodes that answer the app's messages as its ClientApp would.
+
+    Arguments
+    ---------
+    client_of : mapping
+        Node id to the client it serves.
+    test_reply : callable, optional
+        ``(node) -> content`` for the final test's evaluation (default: the
+        honest metrics).
+
+    Returns
+    -------
+    callable
+        A :class:`FakeGrid` handler.
+    """
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from speechbrain_omc.federated.flower.records import (
+        payload_from_record,
+        payload_to_record,
+    )
+    from speechbrain_omc.federated.flower.strategy import CLIENT_ID_KEY, QUERY_KEY
+
+    def handler(node, message):
+        kind = message.metadata.message_type
+        if kind == "query":
+            return RecordDict(
+                {QUERY_KEY: ConfigRecord({CLIENT_ID_KEY: client_of[node]})}
+            )
+        data = payload_from_record(message.content)
+        k = sorted(client_of).index(node) + 1
+        if kind == "train":
+            reply = honest_reply(data, shift=0.01 * k, num_examples=5)
+            return RecordDict({"arrays": payload_to_record(reply)})
+        if message.content["config"].get("split") == "test" and test_reply:
+            return test_reply(node)
+        # Every node holds the same evaluation speakers (as in the recipe).
+        metrics = {"num-examples": 4, "loss": 1.0, "WER": 20.0, "CER": 5.0}
+        return RecordDict({"metrics": MetricRecord(metrics)})
+
+    return handler
+
+
+#: A tiny configuration of the recipe, for ServerApp tests in one process.
+TINY_APP = {
+    "rounds": 3,
+    "num_clients": 3,
+    "clients_per_round": 2,
+    "max_local_steps": 2,
+    "batch_size": 4,
+    "d_model": 16,
+    "nhead": 2,
+    "num_encoder_layers": 1,
+    "d_ffn": 32,
+    "cnn_channels": 4,
+    "cnn_out_channels": 4,
+    "n_mels": 20,
+    "eval_every": 2,
+    "server_momentum": 0.5,
+}
+
+
+def app_run_config(folder: Path, **extra: Any) -> dict:
+    """A run config of the app for the tiny recipe, outputs under ``folder``.
+
+    Arguments
+    ---------
+    folder : Path
+        Holds ``out`` (the recipe's output folder) and ``result``.
+    **extra
+        More run config keys.
+
+    Returns
+    -------
+    dict
+    """
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = dict(TINY_APP, output_folder=str(folder / "out"))
+    return {
+        "hparams": str(repo / "recipes/SynthSpeech/federated/hparams/fed_omc.yaml"),
+        "overrides": yaml.safe_dump(overrides, default_flow_style=True).strip(),
+        "result-dir": str(folder / "result"),
+        "round-timeout": 5,
+        **extra,
+    }

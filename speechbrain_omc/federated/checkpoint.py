@@ -1,0 +1,338 @@
+"""Server checkpoints: atomic, the last two kept, refused when they do not fit.
+
+A federated run is resumed from the server state after its last completed
+round. :class:`CheckpointStore` keeps that state in one file (``server.ckpt``)
+and the one before it (``server.ckpt.prev``):
+
+* **Atomic.** Each save goes to a temporary file in the same folder, is
+  flushed to disk and renamed over the old one: a crash (even SIGKILL) leaves
+  the old file or the new one, never a partial one. A crash between the two
+  renames leaves only the previous checkpoint, from which the run redoes one
+  round; temporary files of interrupted saves are removed on the next load.
+* **Fallback.** A checkpoint that cannot be read (truncated, zeroed, not a
+  checkpoint) or whose content is invalid (wrong shapes, non-finite values)
+  is reported with its path and the previous one is used instead. The bad
+  file is moved aside (``server.ckpt.corrupt``, for inspection): left in
+  place, the next save would rotate it into ``server.ckpt.prev`` and the
+  run would keep one good checkpoint instead of two.
+* **Refused when the settings differ.** The caller's ``apply`` compares the
+  settings saved in the checkpoint with the run's own and raises
+  :class:`CheckpointMismatch` naming every difference (see
+  :func:`diff_settings`); resuming would not reproduce the run. The caller
+  may :meth:`CheckpointStore.discard` the old checkpoints and start fresh.
+
+Example
+-------
+>>> import tempfile
+>>> folder = tempfile.mkdtemp()
+>>> store = CheckpointStore(Path(folder) / "server.ckpt")
+>>> for round in (1, 2, 3):
+...     store.save({"round": round})
+>>> store.load(lambda state: state["round"])
+(3, PosixPath('.../server.ckpt'))
+>>> _ = store.path.write_bytes(b"\\0" * 64)  # a zeroed file
+>>> store.load(lambda state: state["round"])  # the previous one
+(2, PosixPath('.../server.ckpt.prev'))
+>>> sorted(p.name for p in Path(folder).iterdir())  # the bad one set aside
+['server.ckpt.corrupt', 'server.ckpt.prev']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointCorrupt",
+    "CheckpointMismatch",
+    "CheckpointStore",
+    "atomic_save",
+    "diff_settings",
+    "plain",
+]
+
+T = TypeVar("T")
+
+_TMP_MARK = ".tmp-"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint saved with other settings than the run's."""
+
+
+class CheckpointCorrupt(ValueError):
+    """A checkpoint that cannot be read or holds invalid content."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself must reach the disk, not only the file's bytes.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(
+    obj: Any, path: Path, before_replace: Callable[[], None] | None = None
+) -> None:
+    """``torch.save`` to a flushed temporary file, then rename it to ``path``.
+
+    ``before_replace`` runs between the two (after the new bytes are on disk,
+    before the old file is replaced); on any failure the temporary file is
+    removed and the old file is left as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename.
+
+    A reader (or a restart after SIGKILL) sees the old or the new file, never
+    a partial one.
+
+    Arguments
+    ---------
+    obj : object
+        What to save.
+    path : str or Path
+        Destination.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "model.pt"
+    >>> atomic_save({"w": torch.ones(2)}, path)
+    >>> torch.load(path, weights_only=True)
+    {'w': tensor([1., 1.])}
+    """
+    _write_atomically(obj, Path(path))
+
+
+def plain(value: Any) -> Any:
+    """A JSON-plain copy (tuples as lists, anything else as its text).
+
+    Settings are compared in this form, so that a tuple saved in a
+    checkpoint equals the list a YAML file gives.
+
+    Arguments
+    ---------
+    value : object
+
+    Returns
+    -------
+    object
+
+    Example
+    -------
+    >>> plain({"shape": (2, 3), "path": Path("/x")})
+    {'path': '/x', 'shape': [2, 3]}
+    """
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+    else:
+        out[prefix] = value
+
+
+def diff_settings(saved: Mapping, current: Mapping, limit: int = 12) -> list[str]:
+    """The differences between two nested settings, one line each.
+
+    Arguments
+    ---------
+    saved : mapping
+        Settings stored in a checkpoint.
+    current : mapping
+        The run's settings.
+    limit : int
+        At most this many lines (then a count of the rest).
+
+    Returns
+    -------
+    list of str
+        ``"key: checkpoint X, this run Y"``; empty when they agree.
+
+    Example
+    -------
+    >>> diff_settings({"omc": {"format": "e3m7"}, "seed": 1},
+    ...               {"omc": {"format": "e4m3"}, "seed": 1})
+    ["omc.format: checkpoint 'e3m7', this run 'e4m3'"]
+    """
+    old, new = {}, {}
+    _flatten(plain(saved), "", old)
+    _flatten(plain(current), "", new)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a != b:
+            lines.append(f"{key}: checkpoint {_short(a)}, this run {_short(b)}")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class CheckpointStore:
+    """The last two checkpoints of a run: ``path`` and ``path.prev``.
+
+    Arguments
+    ---------
+    path : str or Path
+        The newest checkpoint's file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.previous = self.path.with_name(self.path.name + ".prev")
+        self.corrupt = self.path.with_name(self.path.name + ".corrupt")
+
+    def exists(self) -> bool:
+        """Whether any checkpoint is there.
+
+        Returns
+        -------
+        bool
+        """
+        return self.path.is_file() or self.previous.is_file()
+
+    def save(self, obj: Any) -> None:
+        """Write ``obj`` as the newest checkpoint; the newest becomes the previous.
+
+        Arguments
+        ---------
+        obj : object
+            What ``torch.save`` can write (and ``torch.load`` with
+            ``weights_only=True`` can read).
+        """
+
+        def keep_previous() -> None:
+            # Only once the new checkpoint is whole on disk: a crash between
+            # the two renames leaves the previous one (one round is redone).
+            if self.path.is_file():
+                os.replace(self.path, self.previous)
+
+        _write_atomically(obj, self.path, keep_previous)
+
+    def clean_temporary(self) -> list[Path]:
+        """Remove the temporary files of saves that a crash interrupted.
+
+        Returns
+        -------
+        list of Path
+            The files removed.
+        """
+        removed = []
+        for path in self.path.parent.glob(f".{self.path.name}{_TMP_MARK}*"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        if removed:
+            logger.info("removed %d stale temporary checkpoint file(s)", len(removed))
+        return removed
+
+    def load(self, apply: Callable[[Any], T]) -> tuple[T, Path] | None:
+        """Load the newest usable checkpoint and hand it to ``apply``.
+
+        Arguments
+        ---------
+        apply : callable
+            Takes the loaded object; raises :class:`CheckpointMismatch` when it
+            does not fit the run (this is not retried with the previous file)
+            or ``ValueError``/``KeyError``/``TypeError`` when it is invalid
+            (then the previous checkpoint is tried). It must not change
+            anything before it has checked everything.
+
+        Returns
+        -------
+        tuple or None
+            ``(apply's result, the file used)``, or ``None`` when there is no
+            checkpoint. When the previous file is used, the newest (unusable)
+            one has been moved to :attr:`corrupt`.
+
+        Raises
+        ------
+        CheckpointMismatch
+            From ``apply``.
+        CheckpointCorrupt
+            When no checkpoint is usable (each file and its problem named).
+        """
+        self.clean_temporary()
+        problems = []
+        for path in (self.path, self.previous):
+            if not path.is_file():
+                continue
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # noqa: BLE001 - any unreadable file
+                problem = f"{path} cannot be read ({type(error).__name__}: {error})"
+            else:
+                try:
+                    result = apply(obj)
+                except CheckpointMismatch:
+                    raise
+                except (ValueError, KeyError, TypeError, AttributeError) as error:
+                    problem = f"{path} is invalid ({type(error).__name__}: {error})"
+                else:
+                    if problems:
+                        self._set_aside_newest()
+                        logger.error("resuming from the previous checkpoint %s", path)
+                    return result, path
+            logger.error("checkpoint %s", problem)
+            problems.append(problem)
+        if not problems:
+            return None
+        raise CheckpointCorrupt(
+            "no usable checkpoint: " + "; ".join(problems) + ". Remove them or "
+            "start fresh to begin the run again."
+        )
+
+    def _set_aside_newest(self) -> None:
+        # The newest file failed and the previous one is good: the next save
+        # would make the bad file the previous one. Moved aside, the next save
+        # keeps the good one as the previous (and the bad one can be looked at).
+        if self.path.is_file():
+            os.replace(self.path, self.corrupt)
+            _fsync_dir(self.path.parent)
+            logger.error("unusable checkpoint %s moved to %s", self.path, self.corrupt)
+
+    def discard(self) -> None:
+        """Set the checkpoints aside (``*.discarded``) so that a run starts fresh."""
+        for path in (self.path, self.previous):
+            if path.is_file():
+                target = path.with_name(path.name + ".discarded")
+                os.replace(path, target)
+                logger.warning("starting fresh: %s moved to %s", path, target)
+        self.clean_temporary()

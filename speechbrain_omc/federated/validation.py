@@ -1,0 +1,400 @@
+"""What a client's reply must be before the server uses it.
+
+:func:`check_reply` turns the bytes of one reply into an :class:`Update` or
+raises :class:`UpdateRejected` with the reason; nothing else escapes it for
+any bytes. The checks run cheapest first, so that a hostile reply costs as
+little as possible (each reply is decoded once):
+
+1. at most as long as the largest reply its broadcast allows
+   (:attr:`ReplyExpectation.max_nbytes`; a huge reply costs no memory);
+2. a well-formed wire message (checksum) whose metadata keeps to the wire
+   limits (size, depth, 64-bit integers, finite numbers);
+3. metadata ``{"type": "update", "round", "client", "run", "nonce",
+   "num_examples", "metrics"}`` and nothing else: this round, this client,
+   this run's id and the nonce sent; ``num_examples`` an integer in ``[1,
+   max_examples]``; ``metrics`` at most :data:`MAX_METRICS` numbers (or
+   nulls) of magnitude at most :data:`METRIC_BOUND` (see
+   :func:`check_metrics`).
+   Checked before any entry is read: a reply bound to another run or round
+   is refused without parsing (copying) its payloads;
+4. exactly the broadcast's entries, each in the format and shape it was sent
+   in (checked on the entry headers, before any payload is parsed);
+5. finite values.
+
+Example
+-------
+>>> import torch
+>>> from speechbrain_omc.federated import wire
+>>> expected = ReplyExpectation(
+...     run="r1", round=1, client="a", nonce="n1", max_examples=10,
+...     entries=wire.expect_like({"w": torch.zeros(2)}),
+... )
+>>> meta = {"type": "update", "round": 1, "client": "a", "run": "r1",
+...         "nonce": "n1", "num_examples": 4, "metrics": {"loss": 0.5}}
+>>> check_reply(wire.encode({"w": torch.ones(2)}, meta), expected).num_examples
+4
+>>> stale = wire.encode({"w": torch.ones(2)}, {**meta, "nonce": "n0"})
+>>> try:
+...     check_reply(stale, expected)
+... except UpdateRejected as error:
+...     print(error)
+wrong nonce: not a reply to this round's broadcast
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.federated import wire
+
+__all__ = [
+    "MAX_EXAMPLES",
+    "MAX_METRICS",
+    "MAX_METRIC_KEY",
+    "METRIC_BOUND",
+    "UPDATE_KEYS",
+    "ReplyExpectation",
+    "Update",
+    "UpdateRejected",
+    "check_metrics",
+    "check_number",
+    "check_reply",
+    "check_update_meta",
+    "is_int",
+    "reply_nbytes",
+]
+
+#: Default bound of ``num_examples`` when the server knows nothing better: the
+#: largest integer a float32/float64 weight holds exactly. Set ``max_examples``.
+MAX_EXAMPLES = 2**53
+#: Limits of a reply's ``metrics``.
+MAX_METRICS = 32
+MAX_METRIC_KEY = 64
+METRIC_BOUND = 1e9
+#: The metadata keys of a reply (any other is refused: strict, so a future
+#: client field needs a server change first).
+UPDATE_KEYS = frozenset(
+    ("type", "round", "client", "run", "nonce", "num_examples", "metrics")
+)
+
+
+class UpdateRejected(ValueError):
+    """A client reply that the server refuses; the message says why.
+
+    Arguments
+    ---------
+    reason : str
+        Why.
+    float32_nbytes : int, optional
+        The reply's length with every entry in float32, when its entries
+        were read before it was refused (for the round's byte counts).
+    """
+
+    def __init__(self, reason: str, float32_nbytes: int | None = None) -> None:
+        super().__init__(reason)
+        self.float32_nbytes = float32_nbytes
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (``bool`` is not).
+
+    Arguments
+    ---------
+    value : object
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> is_int(3), is_int(True), is_int(3.0)
+    (True, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def reply_nbytes(data: Any) -> int:
+    """Length in bytes of a reply (0 for what is not bytes-like).
+
+    Arguments
+    ---------
+    data : object
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> reply_nbytes(b"abc"), reply_nbytes(memoryview(b"abcd")), reply_nbytes(None)
+    (3, 4, 0)
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return memoryview(data).nbytes
+    return 0
+
+
+def check_number(name: str, value: Any, low: float, high: float) -> int | float:
+    """Check one metric: a number (not a bool) within ``[low, high]``.
+
+    The comparison is done on the Python number: it refuses NaN (which
+    compares false) and infinities (the bounds are finite), and it is exact
+    for integers too large for a float (``float(10**400)`` would overflow).
+
+    Arguments
+    ---------
+    name : str
+        The metric's name (for the message).
+    value : object
+        What the client sent.
+    low, high : float
+        The finite bounds.
+
+    Returns
+    -------
+    int or float
+        ``value``.
+
+    Raises
+    ------
+    ValueError
+        Not a number, or outside the bounds.
+
+    Example
+    -------
+    >>> check_number("WER", 12.5, 0, 1e9)
+    12.5
+    >>> check_number("WER", float("nan"), 0, 1e9)
+    Traceback (most recent call last):
+    ...
+    ValueError: metric 'WER' = nan is not a number in [0, 1e+09]
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"metric {name!r} is {type(value).__name__}, not a number")
+    if not low <= value <= high:
+        raise ValueError(
+            f"metric {name!r} = {str(value)[:40]} is not a number in "
+            f"[{low:.4g}, {high:.4g}]"
+        )
+    return value
+
+
+def check_metrics(metrics: Any, low: float = -METRIC_BOUND) -> dict:
+    """Check a client's metrics: a small mapping of names to bounded numbers.
+
+    Arguments
+    ---------
+    metrics : object
+        What the client sent.
+    low : float
+        Smallest value allowed (the largest is :data:`METRIC_BOUND`).
+
+    Returns
+    -------
+    dict
+        A copy: name to ``int``, ``float`` or ``None`` (a metric the client
+        could not compute, e.g. a non-finite loss).
+
+    Raises
+    ------
+    ValueError
+        Not a mapping, too many or too long names, or a value that is not a
+        number within ``[low, METRIC_BOUND]`` (see :func:`check_number`).
+
+    Example
+    -------
+    >>> check_metrics({"train_loss": 2.5, "steps": 10, "grad_norm": None})
+    {'train_loss': 2.5, 'steps': 10, 'grad_norm': None}
+    >>> check_metrics({"train_loss": 1e30})
+    Traceback (most recent call last):
+    ...
+    ValueError: metric 'train_loss' = 1e+30 is not a number in [-1e+09, 1e+09]
+    """
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"metrics must be a mapping, got {type(metrics).__name__}")
+    if len(metrics) > MAX_METRICS:
+        raise ValueError(f"{len(metrics)} metrics, at most {MAX_METRICS} allowed")
+    out = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_KEY:
+            raise ValueError(f"metric name {str(key)[:80]!r} is not a short string")
+        if value is not None:  # a metric the client could not compute
+            value = check_number(key, value, low, METRIC_BOUND)
+        out[key] = value
+    return out
+
+
+@dataclass
+class Update:
+    """A validated client reply.
+
+    Arguments
+    ---------
+    client : str
+        Client id.
+    num_examples : int
+        Training examples the client used (its FedAvg weight), bounded.
+    values : dict
+        Entry name to float32 tensor (compressed entries decompressed).
+    metrics : dict
+        The client's reported metrics (checked).
+    nbytes : int
+        Length of the reply message.
+    float32_nbytes : int
+        Length of the same reply with every entry in float32.
+    """
+
+    client: str
+    num_examples: int
+    values: dict[str, torch.Tensor]
+    metrics: dict
+    nbytes: int
+    float32_nbytes: int
+
+
+@dataclass(frozen=True)
+class ReplyExpectation:
+    """What the reply of one client in one round must be.
+
+    Arguments
+    ---------
+    run : str
+        The run's id.
+    round : int
+        The round.
+    client : str
+        The client the broadcast was sent to.
+    nonce : str
+        The nonce of the broadcast, which the reply must echo.
+    max_examples : int
+        Largest ``num_examples`` the client may claim.
+    entries : dict
+        Entry name to its :class:`~speechbrain_omc.federated.wire.Expected`
+        format, shape and payload size (the broadcast's).
+    max_nbytes : int, optional
+        Longest acceptable reply; by default
+        :func:`~speechbrain_omc.federated.wire.max_message_nbytes` of
+        ``entries``.
+    """
+
+    run: str
+    round: int
+    client: str
+    nonce: str
+    max_examples: int
+    entries: dict[str, wire.Expected] = field(default_factory=dict)
+    max_nbytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_nbytes is None:
+            object.__setattr__(
+                self, "max_nbytes", wire.max_message_nbytes(self.entries)
+            )
+
+
+def check_update_meta(meta: Mapping, expected: ReplyExpectation) -> tuple[int, dict]:
+    """Check a reply's metadata: its binding, its weight and its metrics.
+
+    Arguments
+    ---------
+    meta : mapping
+        The decoded metadata (within the wire limits).
+    expected : ReplyExpectation
+        The round, client, run, nonce and bound.
+
+    Returns
+    -------
+    num_examples : int
+    metrics : dict
+
+    Raises
+    ------
+    UpdateRejected
+        With the first problem found.
+    """
+    if meta.get("type") != "update":
+        raise UpdateRejected(
+            f"message type {str(meta.get('type'))[:40]!r}, expected 'update'"
+        )
+    extra = sorted(set(meta) - UPDATE_KEYS)
+    if extra:
+        raise UpdateRejected(f"unexpected metadata keys: {extra[:5]}")
+    if meta.get("run") != expected.run:
+        raise UpdateRejected(
+            f"reply of run {str(meta.get('run'))[:40]!r}, not this run"
+        )
+    if meta.get("round") != expected.round:
+        raise UpdateRejected(
+            f"update for round {str(meta.get('round'))[:40]}, expected {expected.round}"
+        )
+    if meta.get("client") != expected.client:
+        raise UpdateRejected(
+            f"update signed by client {str(meta.get('client'))[:40]!r}"
+        )
+    nonce = meta.get("nonce")
+    # Constant time: the comparison must not tell a client how much it guessed.
+    if not isinstance(nonce, str) or not hmac.compare_digest(nonce, expected.nonce):
+        raise UpdateRejected("wrong nonce: not a reply to this round's broadcast")
+    examples, bound = meta.get("num_examples"), expected.max_examples
+    if not is_int(examples) or not 1 <= examples <= bound:
+        raise UpdateRejected(
+            f"num_examples must be an integer in [1, {bound}], got {str(examples)[:40]}"
+        )
+    try:
+        metrics = check_metrics(meta.get("metrics", {}))
+    except ValueError as error:
+        raise UpdateRejected(f"bad metrics: {error}") from None
+    return examples, metrics
+
+
+def check_reply(data: Any, expected: ReplyExpectation) -> Update:
+    """Decode and check one reply (see the module docstring for the order).
+
+    Arguments
+    ---------
+    data : bytes-like
+        The reply message (anything else is refused).
+    expected : ReplyExpectation
+        What it must be.
+
+    Returns
+    -------
+    Update
+
+    Raises
+    ------
+    UpdateRejected
+        With the reason; no other exception for any ``data`` (a bug aside).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UpdateRejected(f"reply is {type(data).__name__}, not bytes")
+    checked: list[tuple[int, dict]] = []
+    try:
+        message = wire.decode(
+            data,
+            expect=expected.entries,
+            max_nbytes=expected.max_nbytes,
+            check_meta=lambda meta: checked.append(check_update_meta(meta, expected)),
+        )
+    except UpdateRejected:
+        raise
+    except ValueError as error:
+        raise UpdateRejected(f"malformed message: {error}") from None
+    (examples, metrics), float32_nbytes = checked[0], message.float32_nbytes()
+    values = {}
+    for name, entry in message.entries.items():
+        value = entry.decompress() if isinstance(entry, CompressedTensor) else entry
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise UpdateRejected(f"{name} has {bad} non-finite values", float32_nbytes)
+        values[name] = value
+    return Update(
+        expected.client, examples, values, metrics, reply_nbytes(data), float32_nbytes
+    )
