@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+from speechbrain_omc.parameter import CompressedParameter
+
 
 def compressed_tensors(module: torch.nn.Module) -> dict:
     """The compressed parameters held by a module or its children, by name.
@@ -35,13 +37,11 @@ def compressed_tensors(module: torch.nn.Module) -> dict:
     >>> compressed_tensors(torch.nn.Linear(2, 2))
     {}
     """
-    found, seen = {}, set()
-    for prefix, sub in module.named_modules():
-        for attr, (slot, _) in sub.__dict__.get("_omc_slots", {}).items():
-            if id(slot) not in seen:
-                seen.add(id(slot))
-                found[f"{prefix}.{attr}" if prefix else attr] = slot.tensor
-    return found
+    return {
+        name: param.slot.codes
+        for name, param in module.named_parameters()
+        if isinstance(param, CompressedParameter)
+    }
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -61,8 +61,12 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     >>> parameter_bytes(torch.nn.Linear(4, 4))  # 20 float32 values
     80
     """
-    dense = sum(p.numel() * p.element_size() for p in module.parameters())
-    return dense + sum(t.nbytes for t in compressed_tensors(module).values())
+    return sum(
+        p.slot.codes.nbytes
+        if isinstance(p, CompressedParameter)
+        else p.numel() * p.element_size()
+        for p in module.parameters()
+    )
 
 
 def float32_parameter_bytes(module: torch.nn.Module) -> int:
@@ -81,8 +85,7 @@ def float32_parameter_bytes(module: torch.nn.Module) -> int:
     >>> float32_parameter_bytes(torch.nn.Linear(4, 4))
     80
     """
-    dense = sum(4 * p.numel() for p in module.parameters())
-    return dense + sum(4 * t.numel() for t in compressed_tensors(module).values())
+    return sum(4 * p.numel() for p in module.parameters())
 
 
 def peak_rss_bytes() -> int:

@@ -65,7 +65,7 @@ class OMCMixin:
     weight decay are applied to the compressed parameters inside backward,
     and the optimizer itself trains the float32 parameters. In simple mode
     any optimizer works, and SpeechBrain's gradient clipping covers the
-    compressed parameters too.
+    compressed parameters too: they are parameters like the others.
 
     Example
     -------
@@ -116,6 +116,8 @@ class OMCMixin:
                 "update_mode: simple"
             )
         self.omc = compress_module(self.modules, config)
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("omc_update", OMCUpdateState(self.omc))
         if config.update_mode == "fused":
             logger.info(
                 "OMC fused mode: gradient clipping (max_grad_norm=%s) covers the "
@@ -134,22 +136,16 @@ class OMCMixin:
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
 
     def init_optimizers(self):
-        """Build the optimizer for the float32 parameters (and shadows)."""
-        if self.omc is None or self.opt_class is None:
-            return super().init_optimizers()
-        if any(p.requires_grad for p in self.modules.parameters()):
-            super().init_optimizers()
-        else:
-            # Everything is compressed: the optimizer still carries the
-            # hyperparameters that fused updates read.
-            self.optimizer = self.opt_class([torch.nn.Parameter(torch.zeros(1))])
-            self.optimizers_dict = {"opt_class": self.optimizer}
-        if self.omc.mode == "simple":
-            self.optimizer.add_param_group({"params": self.omc.shadow_parameters()})
-        else:
+        """Build the optimizer; in fused mode, read its SGD settings too.
+
+        Compressed parameters are parameters like the others, so any
+        optimizer (and a recipe's own ``init_optimizers``) covers them; in
+        fused mode their gradients are consumed in backward, and the
+        optimizer only steps the float32 ones.
+        """
+        super().init_optimizers()
+        if self.omc is not None and self.omc.mode == "fused" and self.opt_class:
             self.omc.sgd = SGDSettings.from_optimizer(self.optimizer)
-        if self.checkpointer is not None:
-            self.checkpointer.add_recoverable("omc_update", OMCUpdateState(self.omc))
 
     def fit_batch(self, batch):
         """Hand the optimizer's current SGD settings to fused updates."""
@@ -158,19 +154,10 @@ class OMCMixin:
         return super().fit_batch(batch)
 
     def optimizers_step(self):
-        """Simple mode: step with decompressed shadows; fused: finish the step."""
-        if self.omc is None:
-            return super().optimizers_step()
-        if self.omc.mode == "fused":
-            super().optimizers_step()
-            return self.omc.step()
-        with self.omc.decompressed_step() as shadows:
-            # SpeechBrain clips each optimizer's first group only; the shadows
-            # join the same global norm here.
-            if shadows:
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            super().optimizers_step()
+        """Step as SpeechBrain does; fused mode then finishes the OMC step."""
+        super().optimizers_step()
+        if self.omc is not None:
+            self.omc.step()
 
 
 class OMCBrain(OMCMixin, sb.Brain):

@@ -1,29 +1,31 @@
 """Puts any ``torch.nn.Module`` under Online Model Compression.
 
-Selected parameters are removed from their modules; only a
-:class:`~speechbrain_omc.compressed.CompressedTensor` stays. Reading
-``module.weight`` decompresses it into a float32 tensor that enters autograd
-through :class:`_Decompress`. While a module that holds compressed parameters
-runs, saved-tensor hooks replace every saved copy of such a weight with a
-small handle, and decompress it again when backward needs it: the float32
-copy of a weight lives only while the operation that reads it runs.
+Each selected parameter is replaced by a
+:class:`~speechbrain_omc.parameter.CompressedParameter`: still an
+``nn.Parameter`` of the same name, shape and dtype, in ``parameters()`` and
+the state dict, but stored only as packed codes and decoded on the fly by
+every operation that reads it (forward, backward, an optimizer's update).
+Autograd saves the compressed tensor itself, so a float32 copy of a weight
+lives only while one operation runs. Anything that works on parameters works
+on these: DDP, gradient clipping, any optimizer, ``.to(device)``, hooks.
 
 Updates come in two modes:
 
-* ``fused``: the gradient of a compressed parameter arrives in
-  :meth:`_Decompress.backward`, where an SGD step is applied to a freshly
-  decompressed value and the result is compressed again. No float32 gradient
-  or weight outlives the layer's backward.
-* ``simple``: gradients are accumulated; :meth:`OMCHandle.decompressed_step`
-  decompresses everything into shadow parameters for any torch optimizer,
-  then compresses the result.
+* ``fused``: when a compressed parameter's gradient is complete in backward
+  (``register_post_accumulate_grad_hook``, PyTorch's optimizer-in-backward
+  pattern), one native call decodes the weight, applies SGD and encodes the
+  result; the gradient is freed there. Under DDP the update waits for the
+  all-reduced gradient and runs in :meth:`OMCHandle.step`.
+* ``simple``: gradients stay on the parameters like any other's; the
+  optimizer's in-place update of a compressed parameter decodes, updates
+  and re-encodes it (one rounding per in-place op).
 
 Codes follow the module's device (``module.to(device)``); on devices other
-than the CPU the torch reference codec runs. Known limits: with reentrant
-activation checkpointing (``use_reentrant=True``) a weight shared by several
-checkpointed segments is updated once per segment in fused mode (non-reentrant
-checkpointing, the torch default, is exact); backward through the same graph
-twice (``retain_graph``) after a fused update raises.
+than the CPU the torch reference codec runs. A cast of the module
+(``.half()``, autocast) changes the dtype the weights decode to, not the
+codes. With reentrant activation checkpointing (``use_reentrant=True``) a
+weight shared by several checkpointed segments is updated once per segment
+in fused mode (non-reentrant checkpointing, the torch default, is exact).
 """
 
 from __future__ import annotations
@@ -31,165 +33,39 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.formats import get_format
+from speechbrain_omc.formats import _finite_minmax, get_format
 from speechbrain_omc.memory import Workspace, mapped_empty, trim_heap
 from speechbrain_omc.packing import packed_nbytes
+from speechbrain_omc.parameter import CompressedParameter, Slot
 from speechbrain_omc.selection import Plan, make_plan, round_seed
 from speechbrain_omc.sgd import SGDSettings, sgd_step_
 
 logger = logging.getLogger(__name__)
 
-# Modules whose forward reads weights through a cache (RNNBase._flat_weights)
-# get their compressed weights materialised for the duration of forward.
-_WINDOW_TYPES = (torch.nn.RNNBase,)
+__all__ = ["OMCHandle", "compress_module", "CompressedParameter"]
 
 
-@dataclass(eq=False)
-class _Slot:
-    """One compressed parameter: storage, owners and update state."""
+@dataclass
+class UpdateState:
+    """Per-parameter state of the updates: step count and momentum.
 
-    name: str
-    tensor: CompressedTensor
-    owners: list[tuple[torch.nn.Module, str]]
-    aliases: tuple[str, ...] = ()
-    anchor: torch.Tensor = field(
-        default_factory=lambda: torch.empty(0, requires_grad=True)
-    )
-    shadow: torch.nn.Parameter | None = None
-    grad: torch.Tensor | None = None
-    # Fused mode: the value backward last decompressed, reused by the update.
-    unpacked: torch.Tensor | None = None
-    momentum: torch.Tensor | CompressedTensor | None = None
-    pending_uses: int = 0
-    # Bumped whenever pending uses are dropped, so that a use from before
-    # (its graph still alive) cannot release a claim twice.
-    generation: int = 0
+    Arguments
+    ---------
+    steps : int
+        Updates applied so far (keys stochastic rounding).
+    momentum : torch.Tensor or CompressedTensor, optional
+        The fused SGD momentum buffer.
+    """
+
     steps: int = 0
-    version: int = 0
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.tensor.shape
-
-    def reset_uses(self) -> None:
-        self.pending_uses = 0
-        self.generation += 1
-        self.unpacked = None
-
-
-@dataclass(frozen=True)
-class _SavedWeight:
-    """What a saved decompressed weight (or a view of it) is packed into."""
-
-    slot: _Slot
-    version: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
-
-
-class _Use:
-    """One read of a compressed weight under autograd, alive with its graph.
-
-    A counted use that dies without its backward (a forward whose loss was
-    dropped) releases its claim, so the update of the others is not held back.
-    """
-
-    __slots__ = ("slot", "counted", "done", "generation")
-
-    def __init__(self, slot: _Slot):
-        self.slot = slot
-        self.generation = slot.generation
-        # A read during backward is a recomputation (activation
-        # checkpointing), not a new use.
-        self.counted = torch._C._current_graph_task_id() == -1
-        self.done = False
-        if self.counted:
-            slot.pending_uses += 1
-
-    def finish(self) -> None:
-        if self.counted and not self.done and self.generation == self.slot.generation:
-            self.slot.pending_uses -= 1
-        self.done = True
-
-    def __del__(self):
-        self.finish()
-
-
-class _Decompress(torch.autograd.Function):
-    """Decompress a slot; its backward hands the gradient to the engine."""
-
-    @staticmethod
-    def forward(ctx, anchor, slot, engine):
-        ctx.use, ctx.engine = _Use(slot), engine
-        return engine._decompress(slot)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.use.finish()
-        ctx.engine._receive_grad(ctx.use.slot, grad)
-        return None, None, None
-
-
-def _refuse_assignment(module, name: str):
-    raise AttributeError(
-        f"{type(module).__name__}.{name} is compressed by OMC and cannot be "
-        "assigned; load a state dict instead"
-    )
-
-
-def _compressed_property(name: str) -> property:
-    def fget(module):
-        slot, engine = module._omc_slots[name]
-        return engine._read(slot)
-
-    def fset(module, value):
-        _refuse_assignment(module, name)
-
-    return property(fget, fset, doc=f"OMC-compressed parameter {name!r}")
-
-
-_CLASS_CACHE: dict[tuple[type, tuple[str, ...], bool], type] = {}
-
-
-def _owner_class(cls: type, names: tuple[str, ...], properties: bool) -> type:
-    """A subclass of ``cls`` for owners of compressed parameters.
-
-    Its ``_apply`` (behind ``.to()``, ``.cuda()``, ``.half()``...) moves the
-    codes along with the module; with ``properties``, the compressed
-    attributes are properties that decompress on read.
-    """
-    key = (cls, names, properties)
-    if key not in _CLASS_CACHE:
-
-        def __setattr__(module, name, value):
-            # nn.Module.__setattr__ would register a Parameter under the name.
-            if name in names:
-                _refuse_assignment(module, name)
-            cls.__setattr__(module, name, value)
-
-        def _apply(module, fn, recurse=True):
-            result = cls._apply(module, fn, recurse)
-            for slot, engine in module._omc_slots.values():
-                engine._apply_to_slot(slot, fn)
-            return result
-
-        namespace = {name: _compressed_property(name) for name in names}
-        if not properties:
-            namespace = {}
-        namespace.update(_omc_original_class=cls, __setattr__=__setattr__)
-        namespace["_apply"] = _apply
-        _CLASS_CACHE[key] = type(f"OMC{cls.__name__}", (cls,), namespace)
-    return _CLASS_CACHE[key]
+    momentum: torch.Tensor | CompressedTensor | None = None
 
 
 class OMCHandle:
@@ -210,16 +86,14 @@ class OMCHandle:
         self.config = config
         self.plan = plan
         self.sgd = SGDSettings()
-        self.slots: dict[str, _Slot] = {}
+        self.state: dict[str, UpdateState] = {}
+        self.aliases: dict[str, tuple[str, ...]] = {}
         self.skipped_updates = 0
-        self._hooks: list = []
-        self._live: dict[int, tuple[_Slot, int]] = {}
-        self._depth = 0
-        self._pushed: list[bool] = []
         self.live_bytes = 0
         self.peak_live_bytes = 0
         # Transient decompressed copies reuse mapped buffers: no heap churn.
         self.workspace = Workspace()
+        self._hooks: list = []
 
     # ------------------------------------------------------------------ setup
     @property
@@ -240,35 +114,58 @@ class OMCHandle:
                 raise TypeError(f"set_sgd: unknown SGD setting {key!r}")
             setattr(self.sgd, key, value)
 
-    def shadow_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters standing in for compressed ones in a torch optimizer.
-
-        Empty between steps; :meth:`decompressed_step` fills them. Only
-        simple mode has them.
+    def parameters(self) -> dict[str, CompressedParameter]:
+        """The compressed parameters by name (a tied one under its first name).
 
         Returns
         -------
-        list of torch.nn.Parameter
+        dict
         """
-        if self.mode != "simple":
-            raise RuntimeError(
-                "shadow parameters exist in simple mode only; fused mode "
-                "updates compressed parameters in backward"
-            )
-        return [slot.shadow for slot in self.slots.values()]
+        return {
+            param.slot.name: param
+            for param in self.module.parameters()
+            if isinstance(param, CompressedParameter)
+        }
 
-    # ------------------------------------------------------ decompression
-    def _decompress(self, slot: _Slot) -> torch.Tensor:
-        buffer = self.workspace.take(slot.tensor.numel(), slot.tensor.device)
-        out = slot.tensor.decompress(out=buffer)
-        self._track(out)
-        return out
+    @property
+    def slots(self) -> dict[str, Slot]:
+        """Codes of every compressed parameter by name (``slot.codes``).
 
-    def _track(self, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
+        Returns
+        -------
+        dict
+        """
+        return {name: param.slot for name, param in self._bound().items()}
+
+    def _bound(self) -> dict[str, CompressedParameter]:
+        """The compressed parameters, each wired to this engine.
+
+        A move to another device gives a parameter new codes (a new slot):
+        they get the engine's decoder and writer, and fused mode its hook.
+        """
+        params = self.parameters()
+        for param in params.values():
+            slot = param.slot
+            if slot.decode is None:
+                slot.decode, slot.write = self._decode, self._write
+            # A new parameter object (after a device move) has no mark yet.
+            if self.mode == "fused" and param.__dict__.get("_omc_engine") is not self:
+                self._hooks.append(
+                    param.register_post_accumulate_grad_hook(self._on_grad)
+                )
+                param.__dict__["_omc_engine"] = self
+        return params
+
+    # ------------------------------------------------------ decode and write
+    def _decode(self, slot: Slot) -> torch.Tensor:
+        codes = slot.codes
+        buffer = self.workspace.take(codes.numel(), codes.device)
+        out = codes.decompress(out=buffer)
+        nbytes = 4 * out.numel()
         self.live_bytes += nbytes
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
-        weakref.finalize(tensor, self._untrack, nbytes)
+        weakref.finalize(out, self._untrack, nbytes)
+        return out
 
     def _untrack(self, nbytes: int) -> None:
         self.live_bytes -= nbytes
@@ -277,109 +174,35 @@ class OMCHandle:
         """Restart the peak probe of live decompressed bytes."""
         self.peak_live_bytes = self.live_bytes
 
-    def _read(self, slot: _Slot) -> torch.Tensor:
-        """The value of a compressed parameter for the operation reading it."""
-        if not torch.is_grad_enabled():
-            return self._decompress(slot)
-        out = _Decompress.apply(slot.anchor, slot, self)
-        ptr = out.untyped_storage().data_ptr()
-        self._live[ptr] = (slot, slot.version)
-        weakref.finalize(out, self._live.pop, ptr, None)
-        return out
+    def _rounding_key(self, name: str, stream: str = "") -> int:
+        """Key of the stochastic rounding of one parameter's one step."""
+        steps = self.state[name].steps
+        return round_seed(self.config.seed, steps, name + stream)
 
-    def _pack(self, tensor: torch.Tensor):
-        # Other tensors are kept as detached aliases: returning the tensor
-        # itself would tie a node to its own saved output in a cycle.
-        try:
-            entry = self._live.get(tensor.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError):
-            return tensor.detach()
-        if entry is None:
-            return tensor.detach()
-        slot, version = entry
-        return _SavedWeight(
-            slot, version, tuple(tensor.shape), tensor.stride(), tensor.storage_offset()
-        )
-
-    def _unpack(self, packed):
-        if not isinstance(packed, _SavedWeight):
-            return packed
-        if packed.slot.version != packed.version:
-            raise RuntimeError(
-                f"OMC: {packed.slot.name} was updated after this graph was "
-                "recorded; backward through it again (retain_graph) is not supported"
-            )
-        value = self._decompress(packed.slot)
-        if self.mode == "fused":
-            # The update of this weight follows its consumer's backward; the
-            # consumer is done with the value by then, so the update may
-            # reuse it in place instead of decompressing a third time.
-            packed.slot.unpacked = value
-        return value.as_strided(packed.size, packed.stride, packed.offset)
-
-    def _enter(self, module, args) -> None:
-        if self._depth == 0:
-            outer = torch._C._autograd._top_saved_tensors_default_hooks(True)
-            # Inside torch.utils.checkpoint, its hooks drop every saved tensor
-            # anyway; ours would hide the activations from it.
-            push = outer is None
-            if push:
-                torch._C._autograd._push_saved_tensors_default_hooks(
-                    self._pack, self._unpack
-                )
-            self._pushed.append(push)
-        self._depth += 1
-
-    def _exit(self, module, args, output) -> None:
-        self._depth -= 1
-        if self._depth == 0 and self._pushed.pop():
-            torch._C._autograd._pop_saved_tensors_default_hooks()
-
-    def _open_window(self, module, args) -> None:
-        for name, (slot, _) in module._omc_slots.items():
-            module.__dict__[name] = self._read(slot)
-        module._init_flat_weights()
-
-    def _close_window(self, module, args, output) -> None:
-        for name in module._omc_slots:
-            module.__dict__.pop(name, None)
-        module._flat_weights = [None] * len(module._flat_weights_names)
-
-    # ---------------------------------------------------------------- updates
-    def _rounding_key(self, slot: _Slot, stream: str = "") -> int:
-        """Key of the stochastic rounding of one slot's one step (both modes)."""
-        return round_seed(self.config.seed, slot.steps, slot.name + stream)
-
-    def _recompress(
+    def _write(
         self,
-        slot: _Slot,
+        slot: Slot,
         value: torch.Tensor,
         minmax: tuple[float, float] | None = None,
     ) -> None:
-        slot.tensor.assign_(
+        """Encode an updated value (an in-place op or a fused update)."""
+        if minmax is None:
+            try:
+                minmax = _finite_minmax(value)
+            except ValueError:  # an update that went non-finite
+                bad = int((~torch.isfinite(value)).sum())
+                return self._skip(slot.name, bad, "updated value")
+        slot.codes.assign_(
             value,
             rounding=self.config.update_rounding,
-            generator=self._rounding_key(slot),
+            generator=self._rounding_key(slot.name),
             minmax=minmax,
         )
-        slot.steps += 1
-        slot.version += 1
+        self.state[slot.name].steps += 1
 
-    def _receive_grad(self, slot: _Slot, grad: torch.Tensor) -> None:
-        grad = grad.detach()
-        slot.grad = grad if slot.grad is None else slot.grad + grad
-        if self.mode == "fused" and slot.pending_uses <= 0:
-            self._fused_update(slot)
-
-    def _finite_or_skip(self, slot: _Slot, grad: torch.Tensor) -> bool:
-        if bool(torch.isfinite(grad).all()):
-            return True
-        self._skip(slot, int((~torch.isfinite(grad)).sum()))
-        return False
-
-    def _skip(self, slot: _Slot, bad: int) -> None:
+    def _skip(self, name: str, bad: int, what: str = "gradient") -> None:
         message = (
-            f"OMC: gradient of {slot.name} has {bad} non-finite values; "
+            f"OMC: {what} of {name} has {bad} non-finite values; "
             "its update is skipped and its codes are left unchanged"
         )
         if self.config.nonfinite_grad == "raise":
@@ -387,110 +210,85 @@ class OMCHandle:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
         self.skipped_updates += 1
 
-    def _fused_update(self, slot: _Slot) -> None:
-        grad, slot.grad, value = slot.grad, None, slot.unpacked
-        slot.reset_uses()
+    # ---------------------------------------------------------------- updates
+    def _on_grad(self, param: CompressedParameter) -> None:
+        if self.mode != "fused" or _distributed():
+            return  # DDP: the all-reduced gradient is applied in step()
+        self._fused_update(param)
+
+    def _fused_update(self, param: CompressedParameter) -> None:
+        grad, param.grad = param.grad, None
         if grad is None:
             return
-        if value is None:
-            value = self._decompress(slot)
-        buffer = slot.momentum
-        if isinstance(buffer, CompressedTensor):
-            buffer = buffer.decompress()
-        result = sgd_step_(value, grad, buffer, self.sgd)
+        slot = param.slot
+        state = self.state[slot.name]
+        value = self._decode(slot)
+        momentum = state.momentum
+        if isinstance(momentum, CompressedTensor):
+            momentum = momentum.decompress()
+        elif momentum is not None and momentum.device != value.device:
+            momentum = momentum.to(value.device)
+        grad = grad.to(value.device, torch.float32)
+        result = sgd_step_(value, grad, momentum, self.sgd)
         del grad
         if result.nonfinite_grad:
-            return self._skip(slot, result.nonfinite_grad)
-        buffer = result.momentum_buffer
-        if buffer is not None and self.config.momentum_format is not None:
-            buffer = CompressedTensor.compress(
-                buffer,
+            return self._skip(slot.name, result.nonfinite_grad)
+        momentum = result.momentum_buffer
+        if momentum is not None and self.config.momentum_format is not None:
+            momentum = CompressedTensor.compress(
+                momentum,
                 self.config.momentum_format,
                 transform="scale",
                 rounding=self.config.update_rounding,
-                generator=self._rounding_key(slot, "/momentum"),
+                generator=self._rounding_key(slot.name, "/momentum"),
             )
-        slot.momentum = buffer
-        self._recompress(slot, value, result.minmax)
+        state.momentum = momentum
+        with slot.lock:
+            self._write(slot, value, result.minmax)
+        # As an in-place op would: a graph that saved the old value refuses
+        # a second backward instead of using the new one.
+        torch.autograd.graph.increment_version(param)
 
     def step(self) -> None:
         """Finish a training step.
 
-        Fused mode: apply the updates still pending (a weight read in forward
-        whose every use did not reach backward). Simple mode: nothing; use
-        :meth:`decompressed_step` around the optimizer step.
+        Fused mode: apply the updates that backward did not (gradients under
+        DDP, parameters moved to a new device since the last step); simple
+        mode: nothing, the optimizer updated the parameters.
         """
-        for slot in self.slots.values():
-            if self.mode == "fused" and slot.grad is not None:
-                self._fused_update(slot)
-            slot.reset_uses()
+        params = self._bound()
+        if self.mode == "fused":
+            for param in params.values():
+                if param.grad is not None:
+                    self._fused_update(param)
         self.workspace.trim()
 
     def zero_grad(self) -> None:
-        """Drop accumulated gradients and pending uses."""
-        for slot in self.slots.values():
-            slot.grad = None
-            slot.reset_uses()
+        """Drop the gradients of the compressed parameters."""
+        for param in self.parameters().values():
+            param.grad = None
 
-    @contextmanager
-    def decompressed_step(self) -> Iterator[list[torch.nn.Parameter]]:
-        """Simple mode: shadow parameters hold values and gradients meanwhile.
+    def reset_state(self, seed: int | None = None) -> None:
+        """Restart the update state (step counts, momentum), as a new run.
 
-        Inside the block, run gradient clipping and any torch optimizer's
-        ``step()`` over :meth:`shadow_parameters`; on exit the values are
-        compressed again (with ``update_rounding``) and freed.
-
-        Yields
-        ------
-        list of torch.nn.Parameter
-            The shadow parameters that received a gradient.
+        Arguments
+        ---------
+        seed : int, optional
+            New seed of stochastic rounding (a federated round's).
         """
-        if self.mode != "simple":
-            raise RuntimeError("decompressed_step is for update_mode='simple'")
-        active = []
-        for slot in self.slots.values():
-            grad, slot.grad = slot.grad, None
-            slot.reset_uses()
-            if grad is None or not self._finite_or_skip(slot, grad):
-                continue
-            slot.shadow.data = self._decompress(slot)
-            slot.shadow.grad = grad
-            active.append(slot)
-        try:
-            yield [slot.shadow for slot in active]
-        finally:
-            for slot in active:
-                self._recompress(slot, slot.shadow.data)
-                slot.shadow.grad = None
-                slot.shadow.data = torch.empty(0)
-
-    def _apply_to_slot(self, slot: _Slot, fn) -> None:
-        """Follow ``module._apply(fn)``: codes and momentum change device."""
-        packed = fn(slot.tensor.packed)
-        if packed.dtype != torch.uint8:
-            raise TypeError(
-                f"OMC: {slot.name} is stored as uint8 codes, which cannot be cast "
-                f"to {packed.dtype}; move modules with .to(device), and take "
-                "float32 weights out with handle.decompressed_state_dict()"
-            )
-        if packed is slot.tensor.packed:
-            return
-        t = slot.tensor
-        slot.tensor = CompressedTensor(packed, t.format, t.shape, t.transform, t.clip)
-        if isinstance(slot.momentum, torch.Tensor):
-            slot.momentum = slot.momentum.to(packed.device)
-        elif isinstance(slot.momentum, CompressedTensor):
-            m = slot.momentum
-            slot.momentum = CompressedTensor(
-                m.packed.to(packed.device), m.format, m.shape, m.transform, m.clip
-            )
-        slot.version += 1  # graphs recorded on the old device cannot go on
+        if seed is not None:
+            self.config = replace(self.config, seed=seed)
+        self.skipped_updates = 0
+        for state in self.state.values():
+            state.steps, state.momentum = 0, None
+        self.zero_grad()
 
     # ------------------------------------------------------------ state dicts
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
-        for name, (slot, _) in module._omc_slots.items():
-            payload = bytearray(slot.tensor.to_bytes())
-            state_dict[prefix + name] = torch.frombuffer(payload, dtype=torch.uint8)
+        for attr, param in module._parameters.items():
+            if isinstance(param, CompressedParameter) and prefix + attr in state_dict:
+                payload = bytearray(param.slot.codes.to_bytes())
+                state_dict[prefix + attr] = torch.frombuffer(payload, dtype=torch.uint8)
 
     def _load_hook(
         self,
@@ -503,16 +301,16 @@ class OMCHandle:
         unexpected_keys,
         error_msgs,
     ) -> None:
-        for name, (slot, _) in module._omc_slots.items():
-            key = prefix + name
-            if key not in state_dict:
-                missing_keys.append(key)
+        for attr, param in module._parameters.items():
+            key = prefix + attr
+            if not isinstance(param, CompressedParameter) or key not in state_dict:
                 continue
-            value = state_dict.pop(key)
             try:
-                self.load_value(slot.name, value)
+                self.load_value(param.slot.name, state_dict[key])
             except (ValueError, TypeError) as error:
                 error_msgs.append(f"{key}: {error}")
+            # The default loader then copies the parameter onto itself.
+            state_dict[key] = param
 
     def load_value(self, name: str, value: torch.Tensor | bytes) -> None:
         """Replace a compressed parameter by a payload or a float tensor.
@@ -527,15 +325,17 @@ class OMCHandle:
             parameter's format.
         """
         slot = self.slots[name]
-        device = slot.tensor.device
+        device = slot.codes.device
         if isinstance(value, (bytes, bytearray, memoryview)):
-            tensor = CompressedTensor.from_bytes(bytes(value), device)
+            codes = CompressedTensor.from_bytes(bytes(value), device)
         elif isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
-            tensor = CompressedTensor.from_bytes(value.cpu().numpy().tobytes(), device)
+            codes = CompressedTensor.from_bytes(value.cpu().numpy().tobytes(), device)
         elif isinstance(value, torch.Tensor) and value.is_floating_point():
-            tensor = CompressedTensor.compress(
+            if isinstance(value, CompressedParameter):
+                value = value.decoded()
+            codes = CompressedTensor.compress(
                 value.detach().float().to(device),
-                slot.tensor.format,
+                slot.codes.format,
                 transform=self.config.transform,
                 rounding=self.config.rounding,
                 clip=self.config.clip,
@@ -544,15 +344,13 @@ class OMCHandle:
             raise TypeError(
                 f"cannot load {type(value).__name__} into compressed parameter {name}"
             )
-        if tuple(tensor.shape) != tuple(slot.shape):
+        if tuple(codes.shape) != tuple(slot.codes.shape):
             raise ValueError(
-                f"shape {tuple(tensor.shape)} does not match {name}'s "
-                f"{tuple(slot.shape)}"
+                f"shape {tuple(codes.shape)} does not match {name}'s "
+                f"{tuple(slot.codes.shape)}"
             )
-        slot.tensor = _in_mapped_storage(tensor)
-        slot.version += 1
-        slot.grad = None
-        slot.reset_uses()
+        with slot.lock:
+            slot.codes = _in_mapped_storage(codes)
 
     def decompressed_state_dict(self) -> dict[str, torch.Tensor]:
         """The module's state dict with every compressed entry in float32.
@@ -564,9 +362,9 @@ class OMCHandle:
         dict
         """
         state = self.module.state_dict()
-        for slot in self.slots.values():
-            value = slot.tensor.decompress()
-            for alias in slot.aliases:  # tied weights appear under every name
+        for name, slot in self.slots.items():
+            value = slot.codes.decompress()
+            for alias in self.aliases.get(name, (name,)):
                 state[alias] = value
         return state
 
@@ -577,15 +375,15 @@ class OMCHandle:
         -------
         dict
         """
-        state = {}
-        for name, slot in self.slots.items():
-            momentum = slot.momentum
+        slots = {}
+        for name, state in self.state.items():
+            momentum = state.momentum
             if isinstance(momentum, CompressedTensor):
                 momentum = torch.frombuffer(
                     bytearray(momentum.to_bytes()), dtype=torch.uint8
                 )
-            state[name] = {"steps": slot.steps, "momentum": momentum}
-        return {"sgd": vars(self.sgd).copy(), "slots": state}
+            slots[name] = {"steps": state.steps, "momentum": momentum}
+        return {"sgd": vars(self.sgd).copy(), "slots": slots}
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         """Inverse of :meth:`optimizer_state_dict`.
@@ -596,12 +394,12 @@ class OMCHandle:
         """
         self.set_sgd(**state["sgd"])
         for name, entry in state["slots"].items():
-            slot = self.slots[name]
-            slot.steps = int(entry["steps"])
+            target = self.state[name]
+            target.steps = int(entry["steps"])
             momentum = entry["momentum"]
             if isinstance(momentum, torch.Tensor) and momentum.dtype == torch.uint8:
                 momentum = CompressedTensor.from_bytes(momentum.numpy().tobytes())
-            slot.momentum = momentum
+            target.momentum = momentum
 
     # -------------------------------------------------------------- accounting
     def parameter_bytes(self) -> int:
@@ -611,9 +409,13 @@ class OMCHandle:
         -------
         int
         """
-        return sum(slot.tensor.nbytes for slot in self.slots.values()) + sum(
-            p.numel() * p.element_size() for p in self.module.parameters()
-        )
+        total = 0
+        for param in self.module.parameters():
+            if isinstance(param, CompressedParameter):
+                total += param.slot.codes.nbytes
+            else:
+                total += param.numel() * param.element_size()
+        return total
 
     def table(self) -> str:
         """The plan's per-parameter byte table.
@@ -630,27 +432,39 @@ class OMCHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for slot in self.slots.values():
-            value = torch.nn.Parameter(slot.tensor.decompress())
-            for owner, attr in slot.owners:
-                owner.__dict__.pop(attr, None)
-                owner.__dict__.pop("_omc_slots", None)
-                owner.__class__ = getattr(owner, "_omc_original_class", type(owner))
-                owner.register_parameter(attr, value)
-                if isinstance(owner, _WINDOW_TYPES):
-                    owner._init_flat_weights()
-        self.slots.clear()
+        replaced: dict[int, torch.nn.Parameter] = {}
+        for module in self.module.modules():
+            for attr, param in list(module._parameters.items()):
+                if isinstance(param, CompressedParameter):
+                    if id(param) not in replaced:
+                        value = param.slot.codes.decompress().to(param.dtype)
+                        replaced[id(param)] = torch.nn.Parameter(
+                            value, requires_grad=param.requires_grad
+                        )
+                    module._parameters[attr] = replaced[id(param)]
+            if isinstance(module, torch.nn.RNNBase):
+                module._init_flat_weights()
+        self.state.clear()
         self.module.__dict__.pop("_omc_handle", None)
 
 
-def _in_mapped_storage(tensor: CompressedTensor) -> CompressedTensor:
+def _distributed() -> bool:
+    """Whether gradients are all-reduced after backward (DDP)."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def _in_mapped_storage(codes: CompressedTensor) -> CompressedTensor:
     """The same codes in pages of their own (see :mod:`speechbrain_omc.memory`)."""
-    if tensor.device.type != "cpu":
-        return tensor
-    packed = mapped_empty(tensor.packed.numel())
-    packed.copy_(tensor.packed)
+    if codes.device.type != "cpu":
+        return codes
+    packed = mapped_empty(codes.packed.numel())
+    packed.copy_(codes.packed)
     return CompressedTensor(
-        packed, tensor.format, tensor.shape, tensor.transform, tensor.clip
+        packed, codes.format, codes.shape, codes.transform, codes.clip
     )
 
 
@@ -667,22 +481,6 @@ def _owners(
     return owners
 
 
-def _ancestors_of(root: torch.nn.Module, owner_ids: set[int]) -> list[torch.nn.Module]:
-    """Modules that are, or contain, an owner of compressed parameters."""
-    found: dict[int, torch.nn.Module] = {}
-
-    def visit(mod: torch.nn.Module) -> bool:
-        hit = id(mod) in owner_ids
-        for child in mod.children():
-            hit = visit(child) or hit
-        if hit:
-            found[id(mod)] = mod
-        return hit
-
-    visit(root)
-    return list(found.values())
-
-
 def compress_module(
     module: torch.nn.Module,
     config: OMCConfig | None = None,
@@ -694,8 +492,7 @@ def compress_module(
     ---------
     module : torch.nn.Module
         Any module (SpeechBrain lobes, ``nn.LSTM``, ``nn.MultiheadAttention``,
-        convolutions, embeddings, ...). Its class is not edited: owners of
-        compressed parameters get a per-instance subclass with properties.
+        convolutions, embeddings, ...); classes are not edited.
     config : OMCConfig, optional
         Settings; the defaults otherwise.
     plan : Plan, optional
@@ -710,8 +507,8 @@ def compress_module(
     -------
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
     >>> handle = compress_module(model, OMCConfig(format="e3m7"))
-    >>> [name for name, _ in model.named_parameters()]
-    ['0.bias']
+    >>> type(model[0].weight).__name__, [n for n, _ in model.named_parameters()]
+    ('CompressedParameter', ['0.weight', '0.bias'])
     >>> handle.parameter_bytes()  # ceil(256 * 11 / 8) + 4 scale bytes + 64 bias
     420
     >>> model(torch.randn(2, 16)).shape
@@ -720,6 +517,11 @@ def compress_module(
     config = config or OMCConfig()
     if getattr(module, "_omc_handle", None) is not None:
         raise RuntimeError("this module is already under OMC")
+    if any(isinstance(p, CompressedParameter) for p in module.parameters()):
+        raise RuntimeError(
+            "this module holds compressed parameters of another handle; "
+            "restore() that handle first"
+        )
     plan = plan or make_plan(module, config)
     handle = OMCHandle(module, config, plan)
     owners = _owners(module)
@@ -728,14 +530,14 @@ def compress_module(
     if unknown:
         raise ValueError(f"the plan names parameters the module lacks: {unknown}")
 
-    per_owner: dict[int, tuple[torch.nn.Module, dict[str, tuple]]] = {}
+    touched: dict[int, torch.nn.Module] = {}
     for entry in plan.compressed:
         param = params.pop(entry.name)  # the last reference: freed below
         if not param.is_floating_point():
             raise TypeError(f"{entry.name} is {param.dtype}; OMC compresses floats")
         value = param.detach().float()
         nbytes = packed_nbytes(value.numel(), get_format(entry.format).bits)
-        tensor = CompressedTensor.compress(
+        codes = CompressedTensor.compress(
             value,
             entry.format,
             transform=config.transform,
@@ -744,32 +546,19 @@ def compress_module(
             out=mapped_empty(nbytes) if value.device.type == "cpu" else None,
         )
         del value
+        slot = Slot(entry.name, codes, decode=handle._decode, write=handle._write)
+        compressed = CompressedParameter.wrap(slot, requires_grad=param.requires_grad)
         holders = owners[id(param)]
-        slot = _Slot(
-            entry.name,
-            tensor,
-            owners=[(m, a) for _, m, a in holders],
-            aliases=tuple(q for q, _, _ in holders),
-        )
-        if config.update_mode == "simple":
-            slot.shadow = torch.nn.Parameter(torch.empty(0))
-        handle.slots[entry.name] = slot
         for _, owner, attr in holders:
-            del owner._parameters[attr]
-            per_owner.setdefault(id(owner), (owner, {}))[1][attr] = (slot, handle)
+            owner._parameters[attr] = compressed
+            touched[id(owner)] = owner
+        handle.state[entry.name] = UpdateState()
+        handle.aliases[entry.name] = tuple(q for q, _, _ in holders)
         del param
 
-    for owner, slots in per_owner.values():
-        owner.__dict__["_omc_slots"] = slots
-        # RNNs read weights through a cache that forward windows fill.
-        window = isinstance(owner, _WINDOW_TYPES)
-        if window:
-            handle._hooks.append(owner.register_forward_pre_hook(handle._open_window))
-            handle._hooks.append(
-                owner.register_forward_hook(handle._close_window, always_call=True)
-            )
-            owner._flat_weights = [None] * len(owner._flat_weights_names)
-        owner.__class__ = _owner_class(type(owner), tuple(sorted(slots)), not window)
+    for owner in touched.values():
+        if isinstance(owner, torch.nn.RNNBase):
+            owner._init_flat_weights()  # the RNN's cached list of its weights
         # partial: torch marks public state-dict hooks with an attribute,
         # which a bound method cannot carry.
         handle._hooks.append(
@@ -782,13 +571,7 @@ def compress_module(
                 partial(OMCHandle._load_hook, handle)
             )
         )
-
-    # Saved-tensor hooks are active while any module holding (or containing)
-    # compressed parameters runs: a parent may read a child's weight directly,
-    # as nn.MultiheadAttention does with out_proj.weight.
-    for mod in _ancestors_of(module, set(per_owner)):
-        handle._hooks.append(mod.register_forward_pre_hook(handle._enter))
-        handle._hooks.append(mod.register_forward_hook(handle._exit, always_call=True))
+    handle._bound()  # fused mode: the in-backward update hooks
     module.__dict__["_omc_handle"] = handle
     # The float32 parameters just freed go back to the system at once.
     trim_heap()

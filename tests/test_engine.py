@@ -2,13 +2,13 @@
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from speechbrain_omc import CompressedTensor, OMCConfig, compress_module
+from speechbrain_omc.parameter import CompressedParameter
 from speechbrain_omc.selection import round_seed
 
 
@@ -44,11 +44,14 @@ def loss_of(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
-def test_selected_parameters_are_gone_and_storage_is_packed():
+def test_compressed_parameters_stay_parameters_over_packed_codes():
     torch.manual_seed(0)
     model = TwoLayer()
     handle = compress_module(model, OMCConfig(format="e3m7"))
-    assert [n for n, _ in model.named_parameters()] == ["a.bias", "b.bias"]
+    names = [n for n, _ in model.named_parameters()]
+    assert names == ["a.weight", "a.bias", "b.weight", "b.bias"]
+    assert isinstance(model.a.weight, torch.nn.Parameter)
+    assert isinstance(model.a.weight, CompressedParameter)
     assert set(handle.slots) == {"a.weight", "b.weight"}
     expected = math.ceil(512 * 11 / 8) + 4 + math.ceil(128 * 11 / 8) + 4 + 4 * (32 + 4)
     assert handle.parameter_bytes() == expected == handle.plan.nbytes
@@ -65,19 +68,30 @@ def test_forward_equals_float_model_with_decompressed_weights():
     assert torch.equal(model(x), twin(x))
 
 
-def test_float_copies_are_not_kept_alive_by_the_graph():
+def test_the_graph_saves_compressed_weights_never_float_copies():
     torch.manual_seed(0)
     model = TwoLayer()
     handle = compress_module(model, OMCConfig(format="e3m7"))
     handle.set_sgd(lr=0.1)
-    out = model(torch.randn(8, 16))
-    # The graph holds handles, not float32 weights.
+    saved = []
+
+    def pack(t):
+        saved.append((type(t).__name__, tuple(t.shape)))
+        return t
+
+    x = torch.randn(8, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    weights = {(32, 16), (16, 32), (4, 32), (32, 4)}
+    assert [kind for kind, shape in saved if shape in weights] == [
+        "CompressedParameter"
+    ] * 2
     assert handle.live_bytes == 0
     assert handle.peak_live_bytes == 32 * 16 * 4  # the larger weight, alone
     handle.reset_peak()
     out.sum().backward()
     assert handle.live_bytes == 0
-    # backward: unpacked weight + update value + gradient at most per layer
+    # backward: a decoded weight for the input gradient, then its update
     assert 0 < handle.peak_live_bytes <= 2 * 32 * 16 * 4
 
 
@@ -87,14 +101,14 @@ def test_fused_step_equals_decompress_sgd_compress():
     handle = compress_module(model, OMCConfig(format="e3m7", seed=5))
     handle.set_sgd(lr=0.1)
     twin = float_twin(type(model), handle)
-    before = {n: copy.deepcopy(s.tensor) for n, s in handle.slots.items()}
+    before = {n: copy.deepcopy(s.codes) for n, s in handle.slots.items()}
     x, y = torch.randn(8, 16), torch.randn(8, 4)
     loss_of(twin, x, y).backward()
     loss_of(model, x, y).backward()
     for name, slot in handle.slots.items():
         grad = twin.get_parameter(name).grad
         expected = reference_step(before[name], grad, 0.1, name, seed=5)
-        assert torch.equal(slot.tensor.decompress(), expected), name
+        assert torch.equal(slot.codes.decompress(), expected), name
 
 
 @pytest.mark.parametrize(
@@ -108,11 +122,8 @@ def test_fused_and_simple_modes_agree_bit_for_bit(momentum, weight_decay, nester
     for mode in ("fused", "simple"):
         model = copy.deepcopy(base)
         handle = compress_module(model, OMCConfig(format="e3m7", update_mode=mode))
-        params = list(model.parameters())
-        if mode == "simple":
-            params += handle.shadow_parameters()
         opt = torch.optim.SGD(
-            params,
+            model.parameters(),
             lr=0.05,
             momentum=momentum,
             weight_decay=weight_decay,
@@ -129,19 +140,15 @@ def test_fused_and_simple_modes_agree_bit_for_bit(momentum, weight_decay, nester
         for model, handle, opt in zip(models, handles, opts):
             loss = loss_of(model, x, y)
             loss.backward()
-            if handle.mode == "simple":
-                with handle.decompressed_step():
-                    opt.step()
-            else:
-                opt.step()
-                handle.step()
+            opt.step()
+            handle.step()
             opt.zero_grad()
             losses.append(loss.item())
         assert losses[0] == losses[1]
     for name in handles[0].slots:
         assert (
-            handles[0].slots[name].tensor.to_bytes()
-            == handles[1].slots[name].tensor.to_bytes()
+            handles[0].slots[name].codes.to_bytes()
+            == handles[1].slots[name].codes.to_bytes()
         )
     assert torch.equal(models[0].a.bias, models[1].a.bias)
 
@@ -169,7 +176,7 @@ def test_weight_used_several_times_gets_one_correct_update():
     assert set(handle.slots) == {"emb.weight", "mid.weight"}
     twin = float_twin(type(model), handle)
     assert twin.proj.weight is twin.emb.weight
-    before = {n: copy.deepcopy(s.tensor) for n, s in handle.slots.items()}
+    before = {n: copy.deepcopy(s.codes) for n, s in handle.slots.items()}
     tokens = torch.randint(0, 12, (4, 5))
     target = torch.randint(0, 12, (4, 5))
 
@@ -182,8 +189,8 @@ def test_weight_used_several_times_gets_one_correct_update():
         expected = reference_step(
             before[name], twin.get_parameter(name).grad, 0.2, name, seed=2
         )
-        assert torch.equal(slot.tensor.decompress(), expected), name
-        assert slot.steps == 1 and slot.pending_uses == 0
+        assert torch.equal(slot.codes.decompress(), expected), name
+        assert handle.state[name].steps == 1
 
 
 def test_lstm_and_multihead_attention_weights():
@@ -204,7 +211,7 @@ def test_lstm_and_multihead_attention_weights():
     )
     assert "rnn.weight_hh_l1_reverse" in handle.slots
     twin = float_twin(lambda: copy.deepcopy(fresh), handle)
-    before = {n: copy.deepcopy(s.tensor) for n, s in handle.slots.items()}
+    before = {n: copy.deepcopy(s.codes) for n, s in handle.slots.items()}
     x = torch.randn(3, 5, 6)
 
     def loss(m):
@@ -221,7 +228,7 @@ def test_lstm_and_multihead_attention_weights():
         expected = reference_step(
             before[name], twin.get_parameter(name).grad, 0.1, name, seed=1
         )
-        assert torch.equal(slot.tensor.decompress(), expected), name
+        assert torch.equal(slot.codes.decompress(), expected), name
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -243,8 +250,8 @@ def test_activation_checkpointing_gives_the_same_update(use_reentrant):
             out = model(x)
         out.pow(2).mean().backward()
         handle.step()
-        results.append({n: s.tensor.to_bytes() for n, s in handle.slots.items()})
-        assert all(s.steps == 1 for s in handle.slots.values())
+        results.append({n: s.codes.to_bytes() for n, s in handle.slots.items()})
+        assert all(s.steps == 1 for s in handle.state.values())
     assert results[0] == results[1]
 
 
@@ -252,12 +259,12 @@ def test_no_grad_evaluation_updates_nothing():
     torch.manual_seed(0)
     model = TwoLayer()
     handle = compress_module(model, OMCConfig())
-    before = {n: s.tensor.to_bytes() for n, s in handle.slots.items()}
+    before = {n: s.codes.to_bytes() for n, s in handle.slots.items()}
     with torch.no_grad():
         out = model(torch.randn(2, 16))
     assert not out.requires_grad
     handle.step()
-    assert before == {n: s.tensor.to_bytes() for n, s in handle.slots.items()}
+    assert before == {n: s.codes.to_bytes() for n, s in handle.slots.items()}
 
 
 def test_nonfinite_gradient_skips_the_update_with_a_warning():
@@ -265,14 +272,14 @@ def test_nonfinite_gradient_skips_the_update_with_a_warning():
     model = TwoLayer()
     handle = compress_module(model, OMCConfig())
     handle.set_sgd(lr=0.1)
-    before = {n: s.tensor.to_bytes() for n, s in handle.slots.items()}
+    before = {n: s.codes.to_bytes() for n, s in handle.slots.items()}
     x = torch.randn(2, 16)
     x[0, 0] = float("inf")
     with pytest.warns(RuntimeWarning, match="a.weight has .* non-finite"):
         model(x).sum().backward()
     # a's gradient holds inf * x; b sees tanh-saturated, finite inputs.
-    assert before["a.weight"] == handle.slots["a.weight"].tensor.to_bytes()
-    assert before["b.weight"] != handle.slots["b.weight"].tensor.to_bytes()
+    assert before["a.weight"] == handle.slots["a.weight"].codes.to_bytes()
+    assert before["b.weight"] != handle.slots["b.weight"].codes.to_bytes()
     assert handle.skipped_updates == 1
 
     strict = TwoLayer()
@@ -302,7 +309,7 @@ def test_state_dict_keeps_names_and_round_trips_payloads():
     other_handle = compress_module(other, OMCConfig(format="e3m7"))
     other.load_state_dict(state)
     for name, slot in handle.slots.items():
-        assert other_handle.slots[name].tensor.to_bytes() == slot.tensor.to_bytes()
+        assert other_handle.slots[name].codes.to_bytes() == slot.codes.to_bytes()
     assert torch.equal(other.a.bias, model.a.bias)
 
     plain = TwoLayer()
@@ -341,33 +348,35 @@ def test_restore_brings_back_float_parameters():
     compress_module(model, OMCConfig())  # can be compressed again
 
 
-def test_assigning_a_compressed_parameter_is_refused():
+def test_in_place_writes_and_data_assignment_are_encoded():
+    torch.manual_seed(0)
     model = TwoLayer()
-    compress_module(model, OMCConfig())
-    with pytest.raises(AttributeError, match="compressed by OMC"):
-        model.a.weight = torch.nn.Parameter(torch.zeros(32, 16))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert model.a.weight.shape == (32, 16)
+    handle = compress_module(model, OMCConfig(format="e3m7"))
+    with torch.no_grad():
+        model.a.weight.zero_()
+    assert float(model.a.weight.detach().abs().sum()) == 0.0
+    torch.nn.init.ones_(model.b.weight)
+    assert torch.equal(model.b.weight, torch.ones(4, 32))
+    model.a.weight.data = torch.full((32, 16), 0.5)
+    assert torch.equal(model.a.weight, torch.full((32, 16), 0.5))
+    with torch.no_grad():
+        model.a.weight[0].fill_(2.0)  # a write through a view
+    weight = model.a.weight.detach()
+    assert float(weight[0, 3]) == 2.0 and float(weight[1, 3]) == 0.5
+    assert isinstance(model.a.weight, CompressedParameter)
+    assert handle.parameter_bytes() == handle.plan.nbytes
 
 
-def test_a_graph_alive_across_step_cannot_release_its_claim_twice():
-    """Outputs kept past step() (as a Brain keeps its predictions) are harmless."""
+def test_backward_again_after_an_update_is_refused():
     torch.manual_seed(0)
     model = TwoLayer()
     handle = compress_module(model, OMCConfig())
     handle.set_sgd(lr=0.1)
-    kept = model(torch.randn(2, 16))  # a read whose backward never comes
-    model(torch.randn(2, 16)).sum().backward()
-    handle.step()
-    del kept  # its uses die after the reset
-    assert all(slot.pending_uses == 0 for slot in handle.slots.values())
-    x = torch.randn(2, 16)
-    model.b(
-        torch.tanh(model.a(x)) + torch.tanh(model.a(x)) @ torch.eye(32)
-    ).sum().backward()
-    handle.step()
-    assert handle.slots["a.weight"].steps == 2  # one update per step
+    x = torch.randn(2, 16, requires_grad=True)
+    loss = model(x).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_parameter_bytes_of_a_submodule_counts_its_compressed_weights():
@@ -385,24 +394,32 @@ def test_codes_follow_the_module_to_another_device():
     torch.manual_seed(0)
     model = TwoLayer()
     handle = compress_module(model, OMCConfig(format="e3m7"))
-    before = {n: s.tensor.packed.clone() for n, s in handle.slots.items()}
+    before = {n: s.codes.packed.clone() for n, s in handle.slots.items()}
     model.to("meta")
     for name, slot in handle.slots.items():
-        assert slot.tensor.device.type == "meta", name
-        assert slot.tensor.packed.shape == before[name].shape
+        assert slot.codes.device.type == "meta", name
+        assert slot.codes.packed.shape == before[name].shape
     assert model.a.weight.device.type == "meta"
+    assert isinstance(model.a.weight, CompressedParameter)
     # Without kernels there, the torch reference decodes on that device.
     out = model(torch.randn(2, 16, device="meta"))
     assert out.device.type == "meta" and out.shape == (2, 4)
 
 
-def test_float_dtype_moves_leave_codes_alone_and_casting_codes_is_refused():
+def test_module_casts_change_the_compute_dtype_not_the_codes():
     torch.manual_seed(0)
     model = TwoLayer()
     handle = compress_module(model, OMCConfig(format="e3m7"))
-    codes = {n: s.tensor.packed for n, s in handle.slots.items()}
-    model.to(torch.float64)
-    assert model.a.bias.dtype == torch.float64
-    assert all(s.tensor.packed is codes[n] for n, s in handle.slots.items())
-    with pytest.raises(TypeError, match="uint8 codes"):
-        model.type(torch.float32)
+    codes = {n: s.codes.packed for n, s in handle.slots.items()}
+    x0 = torch.randn(3, 16)
+    reference = model(x0).detach()
+    weight = model.a.weight
+    model.double()
+    assert model.a.weight is weight  # the same parameter, now a float64 view
+    assert model.a.weight.dtype == torch.float64 and model.a.bias.dtype == torch.float64
+    assert all(s.codes.packed is codes[n] for n, s in handle.slots.items())
+    x = torch.randn(3, 16, dtype=torch.float64)
+    assert model(x).dtype == torch.float64
+    model.float()
+    assert model.a.weight.dtype == torch.float32
+    assert torch.equal(model(x0).detach(), reference)

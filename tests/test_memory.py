@@ -73,7 +73,7 @@ def test_engine_keeps_codes_in_mapped_pages_and_reads_through_the_workspace():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 8))
     handle = compress_module(model, OMCConfig(format="e3m7"))
-    big = handle.slots["0.weight"].tensor.packed  # 90,112 bytes of e3m7 codes
+    big = handle.slots["0.weight"].codes.packed  # 90,112 bytes of e3m7 codes
     assert _mapping_of(big)[0] != "[heap]"
     handle.set_sgd(lr=0.1)
     for _ in range(3):

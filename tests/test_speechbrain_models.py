@@ -13,6 +13,7 @@ from speechbrain.lobes.models.CRDNN import CRDNN
 from speechbrain.lobes.models.transformer.TransformerASR import TransformerASR
 
 from speechbrain_omc import OMCConfig, compress_module
+from speechbrain_omc.parameter import CompressedParameter
 
 VOCAB, FEATS = 12, 20
 
@@ -91,21 +92,14 @@ MODELS = {
 
 def train(model, mode, batch, steps=20, lr=0.1):
     handle = compress_module(model, OMCConfig(format="e3m7", update_mode=mode))
-    params = list(model.parameters())
-    if mode == "simple":
-        params += handle.shadow_parameters()
-    optimizer = torch.optim.SGD(params, lr=lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     handle.set_sgd(lr=lr)
     losses = []
     for _ in range(steps):
         loss = model.loss(*batch)
         loss.backward()
-        if mode == "simple":
-            with handle.decompressed_step():
-                optimizer.step()
-        else:
-            optimizer.step()
-            handle.step()
+        optimizer.step()
+        handle.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     return handle, losses
@@ -134,11 +128,11 @@ def test_every_weight_kind_is_compressed():
     seen = set()
     for factory in MODELS.values():
         model = factory()
-        handle = compress_module(model, OMCConfig())
-        for slot in handle.slots.values():
-            for owner, attr in slot.owners:
-                cls = getattr(type(owner), "_omc_original_class", type(owner))
-                seen.add((cls.__name__, attr))
+        compress_module(model, OMCConfig())
+        for owner in model.modules():
+            for attr, param in owner._parameters.items():
+                if isinstance(param, CompressedParameter):
+                    seen.add((type(owner).__name__, attr))
     for expected in [
         ("Conv1d", "weight"),
         ("Embedding", "weight"),
@@ -161,6 +155,10 @@ def test_conformer_small_parameter_bytes_drop_by_55_percent():
     measured = parameter_bytes(model)
     assert measured == handle.plan.nbytes == handle.parameter_bytes()
     assert measured == sum(
-        len(s.tensor.packed) + s.tensor.transform.nbytes for s in handle.slots.values()
-    ) + sum(p.numel() * 4 for p in model.parameters())
+        len(s.codes.packed) + s.codes.transform.nbytes for s in handle.slots.values()
+    ) + sum(
+        p.numel() * 4
+        for p in model.parameters()
+        if not isinstance(p, CompressedParameter)
+    )
     assert measured <= 0.45 * float32_bytes

@@ -251,7 +251,7 @@ class OMCClient:
         out = {}
         for name in self.entry_names():
             if name in slots:
-                out[name] = slots[name].tensor.decompress()
+                out[name] = slots[name].codes.decompress()
             else:
                 value = params.get(name, buffers.get(name))
                 out[name] = value.detach().to("cpu", torch.float32).clone()
@@ -268,7 +268,7 @@ class OMCClient:
         out = {}
         for name in self.entry_names():
             if name in slots:
-                out[name] = slots[name].tensor
+                out[name] = slots[name].codes
             else:
                 out[name] = params.get(name, buffers.get(name)).detach()
         return out
@@ -326,14 +326,10 @@ class OMCClient:
         if base is None and wanted:
             # A float32 Brain receiving compressed entries: default settings.
             base = OMCConfig()
-        current = {n: s.tensor.format.name for n, s in self._slots().items()}
+        current = {n: s.codes.format.name for n, s in self._slots().items()}
         if brain.omc is not None and current == wanted:
             # Same plan: restart the update state, reseed stochastic rounding.
-            brain.omc.config = replace(brain.omc.config, seed=seed)
-            brain.omc.skipped_updates = 0
-            for slot in brain.omc.slots.values():
-                slot.steps, slot.momentum = 0, None
-                slot.grad, slot.pending_uses = None, 0
+            brain.omc.reset_state(seed)
             return
         if brain.omc is not None:
             brain.omc.restore()

@@ -50,7 +50,7 @@ def batches():
 
 def weights(brain):
     return {
-        name: brain.omc.slots[name].tensor.decompress().flatten().tolist()
+        name: brain.omc.slots[name].codes.decompress().flatten().tolist()
         for name in sorted(brain.omc.slots)
     }
 

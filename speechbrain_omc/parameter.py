@@ -1,0 +1,418 @@
+"""A compressed parameter that stays an ``nn.Parameter``.
+
+:class:`CompressedParameter` is a tensor subclass whose only storage is the
+packed codes of its :class:`Slot`. It reports a float shape and dtype, sits in
+``module.parameters()`` and ``state_dict()`` like any parameter, and every
+operation that reads it decodes it on the fly (``__torch_dispatch__``):
+
+* **view ops** (``t``, ``view``, ``slice``, ``chunk``, ``detach``...) return
+  another ``CompressedParameter`` on the same codes, so autograd saves the
+  compressed tensor itself for backward, never a float copy;
+* **in-place ops** (an optimizer's ``add_``, ``zero_``, ``nn.init``,
+  ``copy_``, assigning ``.data``) decode, apply the op, and encode again;
+* a **cast** to another float dtype (autocast, ``.half()``) is a view that
+  decodes to that dtype; a move to another device copies the codes there;
+* **any other op** runs on the decoded values and returns plain tensors.
+
+The decoded copy of a weight therefore lives only while one operation runs.
+Gradients are ordinary float tensors, accumulated by autograd as for any
+leaf; the engine (:mod:`speechbrain_omc.engine`) consumes them.
+
+This module knows codes and tensors, nothing of modules or optimizers.
+
+Example
+-------
+>>> import torch
+>>> from speechbrain_omc.compressed import CompressedTensor
+>>> slot = Slot("w", CompressedTensor.compress(torch.ones(3, 4), "e3m7"))
+>>> w = CompressedParameter.wrap(slot)
+>>> isinstance(w, torch.nn.Parameter), w.shape, w.dtype
+(True, torch.Size([3, 4]), torch.float32)
+>>> (torch.ones(2, 3) @ w).tolist()
+[[3.0, 3.0, 3.0, 3.0], [3.0, 3.0, 3.0, 3.0]]
+>>> w.t().shape, type(w.t()).__name__  # a view: still compressed
+(torch.Size([4, 3]), 'CompressedParameter')
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torch.utils._pytree import tree_map
+
+from speechbrain_omc.compressed import CompressedTensor
+
+__all__ = ["CompressedParameter", "Slot"]
+
+aten = torch.ops.aten
+_SET_DATA = torch._C.TensorBase.data.__set__
+
+# Ops that only change how the same values are looked at.
+_VIEWS = {
+    aten.alias.default,
+    aten.as_strided.default,
+    aten.detach.default,
+    aten.diagonal.default,
+    aten.expand.default,
+    aten.narrow.default,
+    aten.permute.default,
+    aten.select.int,
+    aten.slice.Tensor,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.squeeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.t.default,
+    aten.transpose.int,
+    aten.unbind.int,
+    aten.unfold.default,
+    aten.unsqueeze.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+}
+# Ops that make a new tensor of the same geometry without reading values.
+_LIKE = {
+    aten.empty_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+    aten.rand_like.default,
+    aten.randn_like.default,
+}
+
+
+@dataclass(eq=False)
+class Slot:
+    """The codes of one compressed parameter and what writes them.
+
+    Arguments
+    ---------
+    name : str
+        Qualified parameter name (for messages).
+    codes : CompressedTensor
+        The packed values.
+    decode : callable, optional
+        ``decode(slot) -> float32 tensor`` of ``codes.shape``; plain
+        ``codes.decompress()`` when omitted (the engine decodes into a
+        reused workspace).
+    write : callable, optional
+        ``write(slot, value)`` re-encodes a new float32 value; the codes'
+        refit with nearest rounding when omitted (the engine rounds updates
+        stochastically and counts them).
+    """
+
+    name: str
+    codes: CompressedTensor
+    decode: Callable[[Slot], torch.Tensor] | None = None
+    write: Callable[[Slot, torch.Tensor], None] | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def value(self) -> torch.Tensor:
+        """The decoded float32 value (a fresh or workspace tensor)."""
+        if self.decode is not None:
+            return self.decode(self)
+        return self.codes.decompress()
+
+    def assign(self, value: torch.Tensor) -> None:
+        """Encode a new float32 value of the full shape."""
+        if self.write is not None:
+            self.write(self, value)
+        else:
+            self.codes.assign_(value)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+class CompressedParameter(torch.Tensor):
+    """A parameter held as codes; see the module documentation.
+
+    Build one with :meth:`wrap`; views and casts are made by operations.
+    ``_make_wrapper_subclass`` gives it a shape, strides, an offset into the
+    slot's values and a dtype, but no storage.
+    """
+
+    _slot: Slot
+
+    @staticmethod
+    def __new__(
+        cls,
+        slot: Slot,
+        size: tuple[int, ...],
+        stride: tuple[int, ...],
+        offset: int = 0,
+        dtype: torch.dtype = torch.float32,
+        requires_grad: bool = False,
+    ):
+        return torch.Tensor._make_wrapper_subclass(
+            cls,
+            size,
+            strides=stride,
+            storage_offset=offset,
+            dtype=dtype,
+            device=slot.codes.device,
+            requires_grad=requires_grad,
+        )
+
+    def __init__(
+        self, slot, size, stride, offset=0, dtype=torch.float32, requires_grad=False
+    ):
+        self._slot = slot
+
+    @classmethod
+    def wrap(cls, slot: Slot, requires_grad: bool = True) -> CompressedParameter:
+        """The ``nn.Parameter`` of a slot: its full shape, float32, a leaf.
+
+        Arguments
+        ---------
+        slot : Slot
+            Codes and writer.
+        requires_grad : bool
+            Whether autograd tracks it.
+
+        Returns
+        -------
+        CompressedParameter
+        """
+        shape = slot.codes.shape
+        tensor = cls(slot, shape, _contiguous_strides(shape), 0, torch.float32)
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+
+    # ------------------------------------------------------------ geometry
+    def _like(self, size, stride, offset, dtype=None) -> CompressedParameter:
+        return CompressedParameter(
+            self._slot, tuple(size), tuple(stride), offset, dtype or self.dtype
+        )
+
+    def _skeleton(self) -> torch.Tensor:
+        """A meta tensor with this view's geometry over the slot's values."""
+        shape = self._slot.codes.shape
+        base = torch.empty_strided(shape, _contiguous_strides(shape), device="meta")
+        return base.as_strided(self.shape, self.stride(), self.storage_offset())
+
+    def decoded(self) -> torch.Tensor:
+        """The values this tensor shows, as a plain tensor.
+
+        Returns
+        -------
+        torch.Tensor
+            A view of the slot's decoded values (cast when this is a dtype
+            view), valid until the next write.
+        """
+        full = self._slot.value().reshape(-1)
+        out = full.as_strided(self.shape, self.stride(), self.storage_offset())
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+    @property
+    def slot(self) -> Slot:
+        """Codes and writer shared by this tensor and its views."""
+        return self._slot
+
+    def __repr__(self) -> str:
+        codes = self._slot.codes
+        return (
+            f"CompressedParameter({self._slot.name!r}, shape={tuple(self.shape)}, "
+            f"dtype={self.dtype}, format={codes.format.name}, "
+            f"transform={codes.transform.kind}, requires_grad={self.requires_grad})"
+        )
+
+    # ------------------------------------------------------------ .data
+    @property
+    def data(self) -> CompressedParameter:  # type: ignore[override]
+        """A detached alias on the same codes; assigning encodes the value."""
+        return self._like(self.shape, self.stride(), self.storage_offset())
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        if isinstance(value, CompressedParameter):
+            # Module._apply after .to()/.half(): take on the moved or cast
+            # tensor's codes and geometry; identity and hooks are kept.
+            _SET_DATA(self, value)
+            self._slot = value._slot
+            return
+        if tuple(value.shape) != tuple(self.shape):
+            raise ValueError(
+                f"OMC: cannot set {self._slot.name}.data to a tensor of shape "
+                f"{tuple(value.shape)}; compressed parameters keep their shape "
+                f"{tuple(self.shape)}"
+            )
+        with torch.no_grad():
+            self.copy_(value)
+
+    # -------------------------------------------------------- serialisation
+    def __reduce_ex__(self, protocol):
+        # Pickled (torch.save of a whole module, deepcopy) as a standalone
+        # parameter on its own copy of the codes.
+        payload = self._slot.codes.to_bytes()
+        return (
+            _rebuild,
+            (
+                self._slot.name,
+                payload,
+                tuple(self.shape),
+                self.stride(),
+                self.storage_offset(),
+                self.dtype,
+                self.requires_grad,
+            ),
+        )
+
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        copy = _rebuild(*self.__reduce_ex__(2)[1])
+        memo[id(self)] = copy
+        return copy
+
+    # ------------------------------------------------------------ dispatch
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "OMC: torch.compile cannot trace compressed parameters; run the "
+                "model eagerly, or compile a float32 copy "
+                "(handle.decompressed_state_dict())"
+            )
+        if func in _VIEWS and isinstance(args[0], CompressedParameter):
+            return _view(func, args, kwargs)
+        if func is aten._to_copy.default and isinstance(args[0], CompressedParameter):
+            return _to_copy(args[0], **kwargs)
+        if func in _LIKE and isinstance(args[0], CompressedParameter):
+            # Only the geometry is read: no decoding (optimizers' state init).
+            src = args[0]
+            template = torch.empty(src.shape, dtype=src.dtype, device=src.device)
+            return func(template, *args[1:], **kwargs)
+        if func is aten.copy_.default and isinstance(args[0], CompressedParameter):
+            return _copy_into(args[0], args[1])
+        if func._schema.is_mutable:
+            return _mutate(func, args, kwargs)
+        return func(*_plain(args), **_plain(kwargs))
+
+
+def _plain(tree):
+    """Decoded values in place of every compressed tensor of ``tree``."""
+    return tree_map(
+        lambda a: a.decoded() if isinstance(a, CompressedParameter) else a, tree
+    )
+
+
+def _view(func, args, kwargs):
+    src = args[0]
+    out = func(src._skeleton(), *args[1:], **kwargs)
+    wrapped = tree_map(
+        lambda m: (
+            src._like(m.shape, m.stride(), m.storage_offset())
+            if isinstance(m, torch.Tensor)
+            else m
+        ),
+        out,
+    )
+    return return_and_correct_aliasing(func, args, kwargs, wrapped)
+
+
+def _to_copy(src: CompressedParameter, **kwargs):
+    """A cast to another float dtype is a view, a move copies the codes."""
+    dtype = kwargs.get("dtype") or src.dtype
+    device = torch.device(kwargs.get("device") or src.device)
+    layout = kwargs.get("layout")
+    memory_format = kwargs.get("memory_format")
+    plain = (
+        not dtype.is_floating_point
+        or layout not in (None, torch.strided)
+        or memory_format not in (None, torch.preserve_format)
+        or kwargs.get("pin_memory")
+    )
+    if plain:
+        return aten._to_copy.default(src.decoded(), **kwargs)
+    slot = src._slot
+    if device != slot.codes.device:
+        # A copy on another device: its own codes, without the writer.
+        codes = slot.codes
+        moved = CompressedTensor(
+            codes.packed.to(device),
+            codes.format,
+            codes.shape,
+            codes.transform,
+            codes.clip,
+        )
+        slot = Slot(slot.name, moved)
+    return CompressedParameter(
+        slot, tuple(src.shape), src.stride(), src.storage_offset(), dtype
+    )
+
+
+def _copy_into(dst: CompressedParameter, src) -> CompressedParameter:
+    if isinstance(src, CompressedParameter) and src._slot is dst._slot:
+        if (
+            src.shape == dst.shape
+            and src.stride() == dst.stride()
+            and (src.storage_offset() == dst.storage_offset())
+        ):
+            return dst  # the same values: nothing to write
+    value = src.decoded() if isinstance(src, CompressedParameter) else src
+    slot = dst._slot
+    with slot.lock:
+        full = slot.value().reshape(-1).clone()
+        view = full.as_strided(dst.shape, dst.stride(), dst.storage_offset())
+        if torch.equal(view, value.to(view.device, view.dtype).expand_as(view)):
+            return dst  # e.g. DDP broadcasting the values every rank holds
+        view.copy_(value)
+        slot.assign(full.view(slot.codes.shape))
+    return dst
+
+
+def _mutate(func, args, kwargs):
+    """An in-place op (or one with ``out=``): decode, apply, encode again."""
+    written: list[tuple[CompressedParameter, torch.Tensor]] = []
+    schema = func._schema.arguments
+
+    def writable(a, is_written):
+        if not isinstance(a, CompressedParameter):
+            return a
+        if not is_written:
+            return a.decoded()
+        full = a._slot.value().reshape(-1).clone()
+        written.append((a, full))
+        return full.as_strided(a.shape, a.stride(), a.storage_offset())
+
+    plain_args = []
+    for i, a in enumerate(args):
+        is_written = (
+            i < len(schema)
+            and schema[i].alias_info is not None
+            and (schema[i].alias_info.is_write)
+        )
+        plain_args.append(tree_map(lambda t, w=is_written: writable(t, w), a))
+    plain_kwargs = {}
+    for name, a in kwargs.items():
+        arg = next((s for s in schema if s.name == name), None)
+        is_written = (
+            arg is not None and arg.alias_info is not None and (arg.alias_info.is_write)
+        )
+        plain_kwargs[name] = tree_map(lambda t, w=is_written: writable(t, w), a)
+    out = func(*plain_args, **plain_kwargs)
+    for param, full in written:
+        with param._slot.lock:
+            param._slot.assign(full.view(param._slot.codes.shape))
+    # In-place ops return their first argument.
+    if written and isinstance(out, torch.Tensor):
+        return written[0][0]
+    return out
+
+
+def _rebuild(name, payload, size, stride, offset, dtype, requires_grad):
+    slot = Slot(name, CompressedTensor.from_bytes(payload))
+    return CompressedParameter(slot, size, stride, offset, dtype, requires_grad)
