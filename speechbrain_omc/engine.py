@@ -222,14 +222,15 @@ class OMCHandle:
             return
         slot = param.slot
         state = self.state[slot.name]
-        value = self._decode(slot)
+        codes = slot.codes
+        value = self.workspace.take(codes.numel(), codes.device).view(codes.shape)
         momentum = state.momentum
         if isinstance(momentum, CompressedTensor):
             momentum = momentum.decompress()
         elif momentum is not None and momentum.device != value.device:
             momentum = momentum.to(value.device)
         grad = grad.to(value.device, torch.float32)
-        result = sgd_step_(value, grad, momentum, self.sgd)
+        result = sgd_step_(value, grad, momentum, self.sgd, codes=codes)
         del grad
         if result.nonfinite_grad:
             return self._skip(slot.name, result.nonfinite_grad)

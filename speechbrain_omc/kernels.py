@@ -63,7 +63,7 @@ ENV_DISABLE = "SPEECHBRAIN_OMC_KERNELS"
 ENV_CACHE = "SPEECHBRAIN_OMC_CACHE"
 
 _SOURCE = Path(__file__).with_name("_native") / "codec.cpp"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17"]
 
 _i64, _i32, _f32, _u64 = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint64
@@ -84,7 +84,8 @@ _SIGNATURES = {
     "omc_minmax": (_i64, [_ptr, _i64, _ptr, _i32]),
     "omc_sgd_step": (
         _i64,
-        [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _i32, _i32, _ptr, _i32],
+        [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _i32, _i32, _ptr, _i32]
+        + [_ptr, _i64, _i32, _i32, _i32, _i32, _f32, _f32, _f32, _i32],
     ),
 }
 
@@ -422,6 +423,10 @@ def sgd_step(
     weight_decay: float = 0.0,
     nesterov: bool = False,
     first_step: bool = False,
+    codes: torch.Tensor | None = None,
+    fmt: FormatSpec = (0, 16, 8, 7),
+    multipliers: tuple[float, ...] = (),
+    shift: float | None = None,
 ) -> tuple[int, float, float, int]:
     """One ``torch.optim.SGD`` step on ``value`` in place, bit for bit.
 
@@ -429,7 +434,7 @@ def sgd_step(
     ---------
     value : torch.Tensor
         Float32 weights (a scratch copy: left undefined when the gradient is
-        not finite).
+        not finite); with ``codes``, only the destination of their decoding.
     grad : torch.Tensor
         Its gradient (float32, same size).
     momentum_buffer : torch.Tensor or None
@@ -439,6 +444,12 @@ def sgd_step(
         As in ``torch.optim.SGD``.
     first_step : bool
         Initialise the momentum buffer from this gradient.
+    codes : torch.Tensor, optional
+        Bit-packed codes to decode into ``value`` first, chunk by chunk in
+        the same pass (``fmt``, ``multipliers`` and ``shift`` as in
+        :func:`decode`).
+    fmt, multipliers, shift
+        How to decode ``codes``.
 
     Returns
     -------
@@ -451,6 +462,9 @@ def sgd_step(
         raise ValueError("grad and value differ in size")
     out = _Floats3()
     buf = None if momentum_buffer is None else momentum_buffer.data_ptr()
+    m = (*multipliers, 1.0, 1.0)
+    flags = (len(multipliers) >= 1) | (len(multipliers) >= 2) << 1
+    flags |= (shift is not None) << 2
     bad = _library().omc_sgd_step(
         value.data_ptr(),
         grad.data_ptr(),
@@ -464,5 +478,12 @@ def sgd_step(
         int(first_step),
         ctypes.addressof(out),
         torch.get_num_threads(),
+        None if codes is None else codes.data_ptr(),
+        0 if codes is None else codes.numel(),
+        *fmt,
+        m[0],
+        m[1],
+        0.0 if shift is None else shift,
+        flags,
     )
     return int(bad), float(out[0]), float(out[1]), int(out[2])

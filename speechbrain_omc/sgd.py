@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from speechbrain_omc import kernels
+from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.formats import affine_plan
 
 
 @dataclass
@@ -171,13 +173,16 @@ def sgd_step_(
     grad: torch.Tensor,
     momentum_buffer: torch.Tensor | None,
     settings: SGDSettings,
+    codes: CompressedTensor | None = None,
 ) -> SGDResult:
     """One checked SGD step on a scratch float32 value, in place.
 
     Arguments
     ---------
     param : torch.Tensor
-        The decompressed value, updated in place.
+        The decompressed value, updated in place; with ``codes``, a scratch
+        buffer that receives their decoding first (one pass with the native
+        kernels).
     grad : torch.Tensor
         Its gradient.
     momentum_buffer : torch.Tensor or None
@@ -185,6 +190,8 @@ def sgd_step_(
         the gradient is not finite.
     settings : SGDSettings
         Hyperparameters.
+    codes : CompressedTensor, optional
+        The compressed value to start from.
 
     Returns
     -------
@@ -210,7 +217,18 @@ def sgd_step_(
     first = use_momentum and momentum_buffer is None
     buffer = torch.empty_like(param) if first else momentum_buffer
     scratch = [param, grad.contiguous(), buffer] if use_momentum else [param, grad]
+    if codes is not None:
+        scratch.append(codes.packed)
     if param.dtype == grad.dtype == torch.float32 and kernels.native_for(*scratch):
+        decode = {}
+        if codes is not None:
+            factors, add = affine_plan(1.0, *codes.transform.decode_args)
+            decode = dict(
+                codes=codes.packed,
+                fmt=codes.format.spec,
+                multipliers=factors,
+                shift=add,
+            )
         bad, lo, hi, overflowed = kernels.sgd_step(
             param,
             scratch[1],
@@ -221,6 +239,7 @@ def sgd_step_(
             settings.weight_decay,
             settings.nesterov,
             first,
+            **decode,
         )
         if bad:
             return SGDResult(bad, momentum_buffer)
@@ -231,5 +250,7 @@ def sgd_step_(
     finite = torch.isfinite(grad)
     if not bool(finite.all()):
         return SGDResult(int((~finite).sum()), momentum_buffer)
+    if codes is not None:
+        codes.decompress(out=param)
     buffer = sgd_update_(param, grad, momentum_buffer, settings)
     return SGDResult(0, buffer)

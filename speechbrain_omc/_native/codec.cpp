@@ -512,12 +512,27 @@ struct MinMax {
   }
 };
 
+// Decodes values [start, end) (start a multiple of 16) into out.
+void decode_range(const uint8_t* src, int64_t nbytes, int packed,
+                  const Decoder& dec, int64_t start, int64_t end, float* out) {
+#ifdef OMC_AVX512
+  decode_avx512(src, nbytes, packed, dec, start, end, out);
+#else
+  uint32_t codes[kTile];
+  for (int64_t s = start; s < end; s += kTile) {
+    const int count = static_cast<int>(std::min<int64_t>(kTile, end - s));
+    read_codes(src, nbytes, packed, dec.f.bits, s, count, codes);
+    dec(codes, count, out + s);
+  }
+#endif
+}
+
 }  // namespace
 
 extern "C" {
 
 // Version of this ABI; the loader refuses a library that disagrees.
-int omc_abi_version() { return 1; }
+int omc_abi_version() { return 2; }
 
 int omc_max_threads() {
 #ifdef _OPENMP
@@ -534,19 +549,9 @@ void omc_decode(const uint8_t* src, int64_t nbytes, int packed, float* out,
   const Decoder dec({kind, bits, ebits, mbits}, mul1, mul2, shift, flags);
   const int64_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) num_threads(threads_for(n, nthreads))
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t end = std::min(n, (c + 1) * kChunk);
-#ifdef OMC_AVX512
-    decode_avx512(src, nbytes, packed, dec, c * kChunk, end, out);
-#else
-    uint32_t codes[kTile];
-    for (int64_t s = c * kChunk; s < end; s += kTile) {
-      const int count = static_cast<int>(std::min<int64_t>(kTile, end - s));
-      read_codes(src, nbytes, packed, bits, s, count, codes);
-      dec(codes, count, out + s);
-    }
-#endif
-  }
+  for (int64_t c = 0; c < chunks; ++c)
+    decode_range(src, nbytes, packed, dec, c * kChunk, std::min(n, (c + 1) * kChunk),
+                 out);
 }
 
 // codes of transform(x[0..n)) written to dst; element i draws its random
@@ -602,7 +607,9 @@ int64_t omc_minmax(const float* x, int64_t n, float* lo_hi, int nthreads) {
 }
 
 // One torch.optim.SGD step (single-tensor path, bit for bit) on the float32
-// value w, in place: d = g (+ wd * w); with momentum, buf = g-based d on the
+// value w, in place; with codes, w is first decoded from them, chunk by
+// chunk, so the decoded value never leaves the cache before its update.
+// d = g (+ wd * w); with momentum, buf = g-based d on the
 // first step (init_buf) else momentum * buf + (1 - dampening) * d, and d = buf
 // (or d + momentum * buf with Nesterov); w += -lr * d. torch's add with alpha
 // is one fused multiply-add, hence fmaf. Returns the number of non-finite
@@ -611,7 +618,11 @@ int64_t omc_minmax(const float* x, int64_t n, float* lo_hi, int nthreads) {
 // lo_hi[2] its non-finite count.
 int64_t omc_sgd_step(float* w, const float* g, float* buf, int64_t n,
                      float neg_lr, float momentum, float damp1, float wd,
-                     int nesterov, int init_buf, float* lo_hi, int nthreads) {
+                     int nesterov, int init_buf, float* lo_hi, int nthreads,
+                     const uint8_t* codes, int64_t nbytes, int kind, int bits,
+                     int ebits, int mbits, float mul1, float mul2, float shift,
+                     int flags) {
+  const Decoder dec({kind, bits, ebits, mbits}, mul1, mul2, shift, flags);
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int nt = threads_for(n, nthreads);
   if (buf != nullptr) {  // momentum is state: check before writing it
@@ -627,6 +638,7 @@ int64_t omc_sgd_step(float* w, const float* g, float* buf, int64_t n,
 #pragma omp for schedule(static) nowait
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t start = c * kChunk, end = std::min(n, start + kChunk);
+      if (codes != nullptr) decode_range(codes, nbytes, 1, dec, start, end, w);
       for (int64_t i = start; i < end; ++i) {
         const float gi = g[i];
         bad_grad += !(std::fabs(gi) <= FLT_MAX);
