@@ -23,6 +23,7 @@ CLIPS = ("absmax", "mse")
 FP32_POLICIES = ("fixed", "largest", "smallest", "random")
 UPDATE_MODES = ("fused", "simple")
 NONFINITE_ACTIONS = ("skip", "raise")
+PLAN_CHANGE_ACTIONS = ("error", "recompress")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -91,13 +92,18 @@ class OMCConfig:
         Seed of the random policy and of stochastic rounding.
     update_mode : str
         ``"fused"``: the SGD update of a compressed parameter happens in its
-        backward; ``"simple"``: decompress all, run any torch optimizer,
-        compress all.
+        backward; ``"simple"``: any torch optimizer updates the compressed
+        parameters (each in-place update decodes and re-encodes).
     momentum_format : str, optional
         Format of the fused mode's momentum state; ``None`` keeps float32.
     nonfinite_grad : str
         What a non-finite gradient of a compressed parameter does: ``"skip"``
         the update with a warning, or ``"raise"``.
+    on_plan_change : str
+        What loading a checkpoint whose compressed entries do not fit the
+        current plan does (another format, or compressed where the plan now
+        keeps float32): ``"error"`` names them; ``"recompress"`` decodes
+        them and compresses again under the current plan, with a log line.
 
     Example
     -------
@@ -126,6 +132,7 @@ class OMCConfig:
     update_mode: str = "fused"
     momentum_format: str | None = None
     nonfinite_grad: str = "skip"
+    on_plan_change: str = "error"
 
     def __post_init__(self):
         _check_format("format", self.format)
@@ -136,6 +143,7 @@ class OMCConfig:
         _check_choice("fp32_policy", self.fp32_policy, FP32_POLICIES)
         _check_choice("update_mode", self.update_mode, UPDATE_MODES)
         _check_choice("nonfinite_grad", self.nonfinite_grad, NONFINITE_ACTIONS)
+        _check_choice("on_plan_change", self.on_plan_change, PLAN_CHANGE_ACTIONS)
         if not 0.0 <= float(self.fp32_fraction) <= 1.0:
             raise ValueError(
                 f"OMCConfig: fp32_fraction must be in [0, 1], got {self.fp32_fraction}"

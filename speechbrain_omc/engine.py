@@ -304,16 +304,47 @@ class OMCHandle:
     ) -> None:
         for attr, param in module._parameters.items():
             key = prefix + attr
-            if not isinstance(param, CompressedParameter) or key not in state_dict:
+            if param is None or key not in state_dict:
+                continue
+            if not isinstance(param, CompressedParameter):
+                payload = _payload(state_dict[key])
+                if payload is not None:  # compressed there, float32 here
+                    try:
+                        state_dict[key] = self._plan_change(key, payload, None)
+                    except ValueError as error:
+                        error_msgs.append(f"{key}: {error}")
+                        del state_dict[key]
                 continue
             try:
-                self.load_value(param.slot.name, state_dict[key])
+                self.load_value(param.slot.name, state_dict[key], checkpoint=True)
             except (ValueError, TypeError) as error:
                 error_msgs.append(f"{key}: {error}")
             # The default loader then copies the parameter onto itself.
             state_dict[key] = param
 
-    def load_value(self, name: str, value: torch.Tensor | bytes) -> None:
+    def _plan_change(
+        self, key: str, codes: CompressedTensor, fmt: str | None
+    ) -> torch.Tensor:
+        """A checkpoint entry compressed otherwise than the plan says."""
+        now = fmt or "float32"
+        if self.config.on_plan_change != "recompress":
+            raise ValueError(
+                f"{key} is stored as {codes.format.name} ({codes.transform.kind}) "
+                f"in the checkpoint but the current plan makes it {now}; keep the "
+                "OMC settings of the run that wrote it, or set on_plan_change: "
+                "recompress to decode and compress it again"
+            )
+        logger.info(
+            "OMC: %s re-compressed from %s to %s (on_plan_change: recompress)",
+            key,
+            codes.format.name,
+            now,
+        )
+        return codes.decompress()
+
+    def load_value(
+        self, name: str, value: torch.Tensor | bytes, checkpoint: bool = False
+    ) -> None:
         """Replace a compressed parameter by a payload or a float tensor.
 
         Arguments
@@ -324,6 +355,10 @@ class OMCHandle:
             A ``CompressedTensor.to_bytes()`` payload (bytes or a 1-D
             ``uint8`` tensor), or float values that are compressed in the
             parameter's format.
+        checkpoint : bool
+            A payload from a checkpoint must match the plan's format and
+            transform (see ``OMCConfig.on_plan_change``); federated messages
+            carry their own plan.
         """
         slot = self.slots[name]
         device = slot.codes.device
@@ -349,6 +384,19 @@ class OMCHandle:
             raise ValueError(
                 f"shape {tuple(codes.shape)} does not match {name}'s "
                 f"{tuple(slot.codes.shape)}"
+            )
+        planned = slot.codes
+        if checkpoint and (
+            codes.format != planned.format
+            or codes.transform.kind != planned.transform.kind
+        ):
+            value = self._plan_change(name, codes, planned.format.name)
+            codes = CompressedTensor.compress(
+                value,
+                planned.format,
+                transform=self.config.transform,
+                rounding=self.config.rounding,
+                clip=self.config.clip,
             )
         with slot.lock:
             slot.codes = _in_mapped_storage(codes)
@@ -449,6 +497,17 @@ class OMCHandle:
         self.module.__dict__.pop("_omc_handle", None)
 
 
+def _payload(value) -> CompressedTensor | None:
+    """The compressed tensor a state-dict entry holds, if it is a payload."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+        return None
+    if value.dim() != 1 or value.numel() < 4:
+        return None
+    if bytes(value[:4].tolist()) != b"OMCT":
+        return None
+    return CompressedTensor.from_bytes(value.cpu().numpy().tobytes())
+
+
 def _distributed() -> bool:
     """Whether gradients are all-reduced after backward (DDP)."""
     return (
@@ -531,7 +590,11 @@ def compress_module(
     if unknown:
         raise ValueError(f"the plan names parameters the module lacks: {unknown}")
 
-    touched: dict[int, torch.nn.Module] = {}
+    # Every module with parameters watches its loads: a compressed entry may
+    # meet a parameter that the current plan keeps float32.
+    touched: dict[int, torch.nn.Module] = {
+        id(m): m for m in module.modules() if m._parameters
+    }
     for entry in plan.compressed:
         param = params.pop(entry.name)  # the last reference: freed below
         if not param.is_floating_point():
@@ -552,7 +615,6 @@ def compress_module(
         holders = owners[id(param)]
         for _, owner, attr in holders:
             owner._parameters[attr] = compressed
-            touched[id(owner)] = owner
         handle.state[entry.name] = UpdateState()
         handle.aliases[entry.name] = tuple(q for q, _, _ in holders)
         del param

@@ -279,27 +279,44 @@ class CompressedParameter(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                "OMC: torch.compile cannot trace compressed parameters; run the "
-                "model eagerly, or compile a float32 copy "
-                "(handle.decompressed_state_dict())"
-            )
-        if func in _VIEWS and isinstance(args[0], CompressedParameter):
-            return _view(func, args, kwargs)
-        if func is aten._to_copy.default and isinstance(args[0], CompressedParameter):
-            return _to_copy(args[0], **kwargs)
-        if func in _LIKE and isinstance(args[0], CompressedParameter):
-            # Only the geometry is read: no decoding (optimizers' state init).
-            src = args[0]
-            template = torch.empty(src.shape, dtype=src.dtype, device=src.device)
-            return func(template, *args[1:], **kwargs)
-        if func is aten.copy_.default and isinstance(args[0], CompressedParameter):
-            return _copy_into(args[0], args[1])
-        if func._schema.is_mutable:
-            return _mutate(func, args, kwargs)
-        return func(*_plain(args), **_plain(kwargs))
+        return _dispatch(func, args, kwargs or {})
+
+
+@torch._dynamo.disable
+def _dispatch(func, args, kwargs):
+    """What an operation on compressed parameters does (see the module doc)."""
+    if torch.compiler.is_compiling() or _tracing(args):
+        raise RuntimeError(_NO_COMPILE)
+    if func in _VIEWS and isinstance(args[0], CompressedParameter):
+        return _view(func, args, kwargs)
+    if func is aten._to_copy.default and isinstance(args[0], CompressedParameter):
+        return _to_copy(args[0], **kwargs)
+    if func in _LIKE and isinstance(args[0], CompressedParameter):
+        # Only the geometry is read: no decoding (optimizers' state init).
+        src = args[0]
+        template = torch.empty(src.shape, dtype=src.dtype, device=src.device)
+        return func(template, *args[1:], **kwargs)
+    if func is aten.copy_.default and isinstance(args[0], CompressedParameter):
+        return _copy_into(args[0], args[1])
+    if func._schema.is_mutable:
+        return _mutate(func, args, kwargs)
+    return func(*_plain(args), **_plain(kwargs))
+
+
+_NO_COMPILE = (
+    "OMC: torch.compile cannot trace compressed parameters (their values live "
+    "in packed codes that only eager operations decode); run the model "
+    "eagerly, or compile a float32 copy (handle.decompressed_state_dict())"
+)
+
+
+def _tracing(args) -> bool:
+    """Whether an operation comes from a compiler's fake-tensor tracing."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(a, FakeTensor) for a in args) or (
+        torch._guards.TracingContext.try_get() is not None
+    )
 
 
 def _plain(tree):
