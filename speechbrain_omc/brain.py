@@ -11,22 +11,34 @@ an existing ``sb.Brain`` subclass). The mixin overrides hooks only: modules
 are compressed once at fit (or evaluate) start, before SpeechBrain builds the
 optimizer and recovers checkpoints; compressed payloads travel through the
 modules' state dicts, so the ``Checkpointer`` saves and recovers them as is.
+
+For tools that expect float tensors, :meth:`OMCMixin.export_float32` (or the
+``omc_export_float32`` hparam, a folder written at the end of ``fit``) saves
+the Brain's recoverables as a float32 checkpoint that plain SpeechBrain
+loads; :mod:`speechbrain_omc.checkpoints` has the ``Pretrainer`` hook and
+checkpoint averaging for OMC checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from pathlib import Path
 
 import speechbrain as sb
 import torch
 from speechbrain.utils.checkpoints import (
+    Checkpointer,
     mark_as_loader,
     mark_as_saver,
     register_checkpoint_hooks,
 )
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.engine import OMCHandle, compress_module
+from speechbrain_omc.export import OMC_STATE_RECOVERABLE, export_checkpoints
 from speechbrain_omc.sgd import SGDSettings
 
 logger = logging.getLogger(__name__)
@@ -117,13 +129,112 @@ class OMCMixin:
             )
         self.omc = compress_module(self.modules, config)
         if self.checkpointer is not None:
-            self.checkpointer.add_recoverable("omc_update", OMCUpdateState(self.omc))
+            # Optional: a float32 checkpoint (an export, a float32 run) has
+            # none, and the update state then starts afresh.
+            self.checkpointer.add_recoverable(
+                OMC_STATE_RECOVERABLE, OMCUpdateState(self.omc), optional_load=True
+            )
         if config.update_mode == "fused":
             logger.info(
                 "OMC fused mode: gradient clipping (max_grad_norm=%s) covers the "
                 "float32 parameters only; compressed ones are updated in backward",
                 self.max_grad_norm,
             )
+
+    def fit(self, *args, **kwargs) -> None:
+        """Train as ``sb.Brain.fit``; then export float32 if the hparams ask.
+
+        With ``omc_export_float32: <folder>`` in the hparams, the trained
+        state is written there by :meth:`export_float32` (replacing an
+        earlier export of the same name).
+
+        Arguments
+        ---------
+        *args, **kwargs
+            Those of ``sb.Brain.fit``.
+        """
+        super().fit(*args, **kwargs)
+        out_dir = getattr(self.hparams, "omc_export_float32", None)
+        if out_dir and not self.test_only:
+            self.export_float32(out_dir, overwrite=True)
+
+    def export_float32(
+        self,
+        out_dir: str | os.PathLike,
+        name: str = "float32",
+        overwrite: bool = False,
+        meta: dict | None = None,
+    ) -> Path:
+        """Save the current state as a float32 checkpoint plain SpeechBrain reads.
+
+        The checkpointer's recoverables (the modules, optimizer, counters...;
+        each module under ``self.modules`` by its key when the Brain has no
+        checkpointer) are saved as SpeechBrain would, every compressed
+        parameter decoded to float32, into ``out_dir/CKPT+<name>``, without
+        the ``omc_update`` state (see :mod:`speechbrain_omc.export`). Plain
+        ``Checkpointer(out_dir, ...).recover_if_possible()`` finds it, and a
+        ``Pretrainer`` reads its files, without ``speechbrain_omc``. The
+        Brain's own checkpoints are left alone. Under DDP every process
+        calls it; the main process writes.
+
+        Arguments
+        ---------
+        out_dir : str or os.PathLike
+            Checkpoints folder receiving ``CKPT+<name>``.
+        name : str
+            Checkpoint name (after SpeechBrain's ``CKPT+`` prefix).
+        overwrite : bool
+            Replace an existing ``CKPT+<name>`` there.
+        meta : dict, optional
+            Extra entries of the checkpoint's ``CKPT.yaml``.
+
+        Returns
+        -------
+        Path
+            The written checkpoint folder.
+
+        Example
+        -------
+        >>> class Model(OMCBrain):
+        ...     def compute_forward(self, batch, stage):
+        ...         return self.modules.lin(batch)
+        >>> brain = Model(
+        ...     modules={"lin": torch.nn.Linear(4, 2)},
+        ...     hparams={"omc": OMCConfig(format="e3m7")},
+        ... )
+        >>> _ = brain.on_evaluate_start()  # compresses
+        >>> path = brain.export_float32(getfixture("tmp_path") / "float32")
+        >>> path.name, sorted(p.name for p in path.iterdir())
+        ('CKPT+float32', ['CKPT.yaml', 'lin.ckpt'])
+        >>> torch.load(path / "lin.ckpt")["weight"].dtype
+        torch.float32
+        """
+        out_dir = Path(out_dir)
+        if self.checkpointer is not None:
+            recoverables = {
+                key: obj
+                for key, obj in self.checkpointer.recoverables.items()
+                if key != OMC_STATE_RECOVERABLE
+            }
+            hooks = self.checkpointer.custom_save_hooks
+            save_hooks = {k: h for k, h in hooks.items() if k in recoverables}
+        else:
+            recoverables, save_hooks = dict(self.modules.items()), {}
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(
+            prefix=f".{out_dir.name}.staging-", dir=out_dir.parent
+        ) as staging:
+            # SpeechBrain's own save hooks write the files (every process
+            # takes part, as in any save), then the exporter decodes them.
+            staged = Checkpointer(staging, recoverables, custom_save_hooks=save_hooks)
+            staged.save_checkpoint(meta=meta or {}, name=name)
+            if if_main_process():
+                summary = export_checkpoints(
+                    staging, out_dir, overwrite=overwrite, progress=False
+                )
+                logger.info("OMC float32 export: %s", summary)
+            ddp_barrier()
+        return out_dir / f"CKPT+{name}"
 
     def on_fit_start(self):
         """Compress the modules, then let SpeechBrain build and recover."""

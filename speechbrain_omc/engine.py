@@ -383,7 +383,7 @@ class OMCHandle:
         if tuple(codes.shape) != tuple(slot.codes.shape):
             raise ValueError(
                 f"shape {tuple(codes.shape)} does not match {name}'s "
-                f"{tuple(slot.codes.shape)}"
+                f"{tuple(slot.codes.shape)}" + _averaged_payload_hint(value, slot)
             )
         planned = slot.codes
         if checkpoint and (
@@ -515,6 +515,27 @@ def _distributed() -> bool:
         and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
     )
+
+
+def _averaged_payload_hint(value, slot: Slot) -> str:
+    """Why a 1-D float tensor as long as a payload is offered: a hint.
+
+    SpeechBrain's checkpoint averaging adds payload bytes as numbers and
+    divides; what arrives here is then a float tensor of the payload's length.
+    """
+    if (
+        isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and value.dim() == 1
+        and value.numel() == len(slot.codes.to_bytes())
+    ):
+        return (
+            "; it has the length of this parameter's OMC payload: were the "
+            "payload bytes averaged as numbers "
+            "(speechbrain.utils.checkpoints.average_checkpoints)? Average OMC "
+            "checkpoints with speechbrain_omc.checkpoints.average_checkpoints"
+        )
+    return ""
 
 
 def _in_mapped_storage(codes: CompressedTensor) -> CompressedTensor:
