@@ -391,6 +391,8 @@ def resolve_roles(
 
     Raises
     ------
+    TypeError
+        ``roles`` is not a mapping.
     ValueError
         A role that is not one of :data:`ROLES`, a name that is not one of
         the parameters, or a ``"matrix"`` with fewer than 2 dimensions (or a
@@ -406,6 +408,8 @@ def resolve_roles(
     ...
     ValueError: roles: 'ln.weight' has role 'norm', not one of matrix, ...
     """
+    if roles is not None and not isinstance(roles, Mapping):
+        raise TypeError(f"roles must be a mapping of name to role, got {roles!r}")
     roles = dict(roles or {})
     dims = {name: len(shape) for name, shape in shapes}
     unknown = [name for name in roles if name not in dims]
