@@ -12,7 +12,7 @@ from .config import OMCConfig
 from .engine import OMCHandle, compress_module
 from .formats import FORMAT_PRESETS, FloatFormat, Format, IntFormat, get_format
 from .packing import pack_bits, packed_nbytes, unpack_bits
-from .selection import Plan, PlanEntry, make_plan
+from .selection import Plan, PlanEntry, make_plan, parameter_roles
 from .transform import Transform, fit_transform
 
 __version__ = "0.1.0"
@@ -40,5 +40,6 @@ __all__ = [
     "compress_module",
     "make_plan",
     "parameter_bytes",
+    "parameter_roles",
     "peak_rss_bytes",
 ]

@@ -1,10 +1,14 @@
 """SpeechBrain integration: a Brain whose modules train under OMC.
 
-A recipe keeps its model YAML and adds one entry to its hparams::
+A recipe keeps its model YAML and adds an OMC section to its hparams (the
+whole block is ``hparams/omc.yaml``; flat keys, so that ``--omc_format=e4m7``
+overrides one)::
 
+    omc_format: e3m7
+    omc_fp32_fraction: 0.1
     omc: !new:speechbrain_omc.OMCConfig
-        format: e3m7
-        fp32_fraction: 0.1
+        format: !ref <omc_format>
+        fp32_fraction: !ref <omc_fp32_fraction>
 
 and derives its Brain from :class:`OMCBrain` (or mixes :class:`OMCMixin` into
 an existing ``sb.Brain`` subclass). The mixin overrides hooks only: modules

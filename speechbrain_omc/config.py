@@ -1,13 +1,17 @@
 """OMC configuration: one validated object that a YAML ``omc:`` entry builds.
 
-Example YAML (hyperpyyaml)::
+In a recipe's hparams every argument is a flat key ``omc_<argument>``, so
+that ``--omc_format=e4m7`` on the command line overrides it like any
+SpeechBrain hyperparameter; the ``omc:`` entry wires them (the complete block
+is ``hparams/omc.yaml``)::
 
+    omc_format: e3m7
+    omc_fp32_fraction: 0.1
+    omc_update_mode: fused
     omc: !new:speechbrain_omc.OMCConfig
-        format: e3m7
-        transform: scale
-        weights_only: True
-        fp32_fraction: 0.1
-        update_mode: fused
+        format: !ref <omc_format>
+        fp32_fraction: !ref <omc_fp32_fraction>
+        update_mode: !ref <omc_update_mode>
 """
 
 from __future__ import annotations
@@ -71,8 +75,12 @@ class OMCConfig:
     clip : str
         How the scale is fitted: ``"absmax"`` or ``"mse"``.
     weights_only : bool
-        Weight-matrices-only quantization: compress only parameters with
-        ``ndim >= 2``; biases and normalisation gains stay float32.
+        Weight-matrices-only quantization: compress only weight matrices
+        (role ``"matrix"``: ``ndim >= 2``, not held by a normalisation layer,
+        not a position bias); biases, normalisation gains and shifts (of any
+        shape) and position biases such as ``RelPosMHAXL.pos_bias_u`` stay
+        float32. The rules are :mod:`speechbrain_omc.selection`'s
+        (:func:`~speechbrain_omc.selection.role_of`).
     include, exclude : list of str
         fnmatch patterns on parameter names; a parameter is a candidate when
         it matches some ``include`` and no ``exclude`` pattern.

@@ -1,8 +1,18 @@
 """Which parameters are compressed, and in which format.
 
-Pure functions from ``(name, shape)`` pairs and an :class:`OMCConfig` to a
-:class:`Plan`. Nothing here touches modules or tensors' values, so the same
-plan can be computed on a server, a client or in a test.
+Pure functions from ``(name, shape)`` pairs, their *roles* and an
+:class:`OMCConfig` to a :class:`Plan`. A role says what a parameter is for
+(:data:`ROLES`): a weight ``"matrix"``, a ``"vector"`` (biases, scalars), a
+``"normalisation"`` gain or shift, or a learned ``"position bias"``.
+Weight-matrices-only quantization (WMOQ) compresses matrices only.
+
+Roles are the one thing that needs the model: :func:`parameter_roles` reads
+them from a module (the owner's type and the parameter's own name, never a
+value). Whoever has the model computes them once and hands them on (a
+federated server gets them from the recipe), so that a plan is a function of
+``(names, shapes, roles, config, round, client)`` wherever it is computed.
+Without roles, :func:`role_of` infers them from names and shapes alone, which
+cannot see normalisation layers.
 """
 
 from __future__ import annotations
@@ -10,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -19,6 +30,40 @@ import torch
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.formats import get_format
 from speechbrain_omc.transform import Transform
+
+#: What a parameter is for; under ``weights_only`` only ``"matrix"`` is
+#: compressed.
+ROLES = ("matrix", "vector", "normalisation", "position bias")
+
+# The documented rules that give a parameter a role other than the one its
+# shape suggests. Extend them here, nowhere else.
+
+#: Modules whose own parameters are normalisation gains and shifts, whatever
+#: their shape (SpeechBrain's ``LayerNorm`` over ``(time, channels)`` in its
+#: CNN blocks has 2-D ones). SpeechBrain's normalisation wrappers
+#: (``sb.nnet.normalization.LayerNorm``...) hold one of these.
+NORMALISATION_TYPES: tuple[type[torch.nn.Module], ...] = tuple(
+    cls
+    for cls in (
+        torch.nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
+        torch.nn.LayerNorm,
+        torch.nn.GroupNorm,
+        torch.nn.LocalResponseNorm,
+        getattr(torch.nn, "RMSNorm", None),  # torch >= 2.4
+    )
+    if cls is not None
+)
+
+#: A module whose class name ends with this is a normalisation layer too:
+#: models define their own (SpeechBrain's Conv-TasNet ``GlobalLayerNorm``,
+#: ``ChannelwiseLayerNorm``, with ``(1, 1, N)`` gains).
+NORMALISATION_CLASS_SUFFIX = "Norm"
+
+#: fnmatch patterns on a parameter's own name (the last part of its qualified
+#: name) that mark learned position biases: ``RelPosMHAXL``'s per-head
+#: ``pos_bias_u`` and ``pos_bias_v``, 2-D but added to queries, not
+#: multiplied.
+POSITION_BIAS_PATTERNS = ("pos_bias_u", "pos_bias_v")
 
 
 @dataclass(frozen=True)
@@ -35,12 +80,21 @@ class PlanEntry:
         Format name, or ``None`` when the parameter stays float32.
     nbytes : int
         Exact bytes the parameter occupies under the plan.
+    role : str
+        What the parameter is for, one of :data:`ROLES` (empty when the plan
+        was not made by :func:`make_plan`).
+    reason : str
+        Why it is compressed or not, as :meth:`Plan.table` shows it: its role
+        when compressed, else the rule that kept it float32 (for example
+        ``"WMOQ: normalisation"``, ``"PPQ: float32 fraction (largest)"``).
     """
 
     name: str
     shape: tuple[int, ...]
     format: str | None
     nbytes: int
+    role: str = ""
+    reason: str = ""
 
     @property
     def numel(self) -> int:
@@ -94,28 +148,52 @@ class Plan:
     def table(self) -> str:
         """The plan as a fixed-width text table with totals against float32.
 
+        The last column says why each parameter is compressed (its role) or
+        stays float32 (the rule that kept it), and a line counts the reasons.
+
         Returns
         -------
         str
+
+        Example
+        -------
+        >>> plan = make_plan([("w", (4, 3)), ("b", (4,))], OMCConfig())
+        >>> print(plan.table())  # doctest: +NORMALIZE_WHITESPACE
+        parameter  shape  values  format  bytes  why
+        w          4x3        12  e3m7       21  matrix
+        b          4           4  fp32       16  WMOQ: vector
+        -----------------------------------------------------
+        total                 16             37
+        1/2 parameters (75.0% of values) compressed; 37 bytes against 64 in
+        float32 (57.8%, 42.2% saved, 18.50 bits per value)
+        float32 because: WMOQ: vector 1
         """
-        rows = [("parameter", "shape", "values", "format", "bytes")]
+        header = ("parameter", "shape", "values", "format", "bytes", "why")
+        rows = [header]
         for e in self.entries:
             shape = "x".join(str(s) for s in e.shape) or "scalar"
             rows.append(
-                (e.name, shape, f"{e.numel:,}", e.format or "fp32", f"{e.nbytes:,}")
+                (
+                    e.name,
+                    shape,
+                    f"{e.numel:,}",
+                    e.format or "fp32",
+                    f"{e.nbytes:,}",
+                    e.reason,
+                )
             )
         total = sum(e.numel for e in self.entries)
-        rows.append(("total", "", f"{total:,}", "", f"{self.nbytes:,}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        rows.append(("total", "", f"{total:,}", "", f"{self.nbytes:,}", ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = []
         for i, row in enumerate(rows):
             if i == len(rows) - 1:
-                lines.append("-" * (sum(widths) + 8))
+                lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
             lines.append(
                 "  ".join(
-                    cell.ljust(w) if j in (0, 1, 3) else cell.rjust(w)
+                    cell.ljust(w) if j in (0, 1, 3, 5) else cell.rjust(w)
                     for j, (cell, w) in enumerate(zip(row, widths))
-                )
+                ).rstrip()
             )
         ratio = self.nbytes / max(self.float32_nbytes, 1)
         compressed_values = sum(e.numel for e in self.compressed)
@@ -126,6 +204,12 @@ class Plan:
             f"({ratio:.1%}, {1 - ratio:.1%} saved, "
             f"{8 * self.nbytes / max(total, 1):.2f} bits per value)"
         )
+        reasons = Counter(e.reason for e in self.uncompressed if e.reason)
+        if reasons:
+            lines.append(
+                "float32 because: "
+                + ", ".join(f"{reason} {n}" for reason, n in reasons.items())
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -178,8 +262,195 @@ def _check_patterns_match(names: Sequence[str], config: OMCConfig) -> None:
                 )
 
 
+def _own_name(name: str) -> str:
+    return name.rpartition(".")[2]
+
+
+def is_normalisation(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s own parameters are normalisation gains and shifts.
+
+    Arguments
+    ---------
+    module : torch.nn.Module
+        The module that holds the parameters (not a parent of it).
+
+    Returns
+    -------
+    bool
+        ``True`` for :data:`NORMALISATION_TYPES` and for classes whose name
+        ends with :data:`NORMALISATION_CLASS_SUFFIX`.
+
+    Example
+    -------
+    >>> is_normalisation(torch.nn.LayerNorm(4)), is_normalisation(torch.nn.Linear(2, 2))
+    (True, False)
+    """
+    return isinstance(module, NORMALISATION_TYPES) or type(module).__name__.endswith(
+        NORMALISATION_CLASS_SUFFIX
+    )
+
+
+def role_of(
+    name: str, shape: Sequence[int], owner: torch.nn.Module | None = None
+) -> str:
+    """The role of one parameter: the rules of this module in one place.
+
+    In order: a parameter of a normalisation module (:func:`is_normalisation`)
+    is ``"normalisation"``; one whose own name matches
+    :data:`POSITION_BIAS_PATTERNS` is a ``"position bias"``; otherwise
+    ``ndim >= 2`` makes a ``"matrix"`` and anything smaller a ``"vector"``.
+
+    Arguments
+    ---------
+    name : str
+        Qualified parameter name.
+    shape : sequence of int
+        Parameter shape.
+    owner : torch.nn.Module, optional
+        The module holding the parameter; without it normalisation layers
+        cannot be recognised (names do not say it reliably).
+
+    Returns
+    -------
+    str
+        One of :data:`ROLES`.
+
+    Example
+    -------
+    >>> role_of("enc.mha.pos_bias_u", (4, 8))
+    'position bias'
+    >>> norm = torch.nn.LayerNorm((10, 16))
+    >>> role_of("norm.weight", (10, 16)), role_of("norm.weight", (10, 16), norm)
+    ('matrix', 'normalisation')
+    """
+    if owner is not None and is_normalisation(owner):
+        return "normalisation"
+    if any(fnmatchcase(_own_name(name), p) for p in POSITION_BIAS_PATTERNS):
+        return "position bias"
+    return "matrix" if len(shape) >= 2 else "vector"
+
+
+def parameter_roles(module: torch.nn.Module) -> dict[str, str]:
+    """The role of every parameter of a module, by its owner's type and name.
+
+    Reads module types and parameter names and shapes, never values: the
+    result is what a federated server needs (with the shapes) to compute the
+    same plans as :func:`make_plan` on the module.
+
+    Arguments
+    ---------
+    module : torch.nn.Module
+        The model.
+
+    Returns
+    -------
+    dict
+        ``named_parameters()`` name to role (:data:`ROLES`), in that order; a
+        parameter shared by several modules once, under its first name and
+        the role its first owner gives it.
+
+    Example
+    -------
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm((2, 4)))
+    >>> parameter_roles(model)  # doctest: +NORMALIZE_WHITESPACE
+    {'0.weight': 'matrix', '0.bias': 'vector',
+     '1.weight': 'normalisation', '1.bias': 'normalisation'}
+    """
+    owners: dict[int, torch.nn.Module] = {}
+    # named_modules() visits modules in the order named_parameters() names
+    # their parameters, so the first owner seen is the one that names it.
+    for owner in module.modules():
+        for param in owner._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), owner)
+    return {
+        name: role_of(name, tuple(param.shape), owners[id(param)])
+        for name, param in module.named_parameters()
+    }
+
+
+def resolve_roles(
+    shapes: Sequence[tuple[str, tuple[int, ...]]],
+    roles: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Every parameter's role: the given ones, checked, else :func:`role_of`.
+
+    Arguments
+    ---------
+    shapes : list of (name, shape)
+        The parameters.
+    roles : mapping, optional
+        Name to role for some or all of them (for example
+        :func:`parameter_roles` of the model); the others get
+        :func:`role_of` from their name and shape.
+
+    Returns
+    -------
+    dict
+        Name to role, for every name of ``shapes``, in their order.
+
+    Raises
+    ------
+    TypeError
+        ``roles`` is not a mapping.
+    ValueError
+        A role that is not one of :data:`ROLES`, a name that is not one of
+        the parameters, or a ``"matrix"`` with fewer than 2 dimensions (or a
+        ``"vector"`` with more than 1).
+
+    Example
+    -------
+    >>> shapes = [("ln.weight", (10, 16)), ("ln.bias", (10, 16))]
+    >>> resolve_roles(shapes, {"ln.weight": "normalisation"})
+    {'ln.weight': 'normalisation', 'ln.bias': 'matrix'}
+    >>> resolve_roles(shapes, {"ln.weight": "norm"})
+    Traceback (most recent call last):
+    ...
+    ValueError: roles: 'ln.weight' has role 'norm', not one of matrix, ...
+    """
+    if roles is not None and not isinstance(roles, Mapping):
+        raise TypeError(f"roles must be a mapping of name to role, got {roles!r}")
+    roles = dict(roles or {})
+    dims = {name: len(shape) for name, shape in shapes}
+    unknown = [name for name in roles if name not in dims]
+    if unknown:
+        sample = ", ".join(list(dims)[:5])
+        raise ValueError(
+            f"roles: {len(unknown)} name(s) are not parameters of the model: "
+            f"{', '.join(map(repr, unknown[:5]))} (names look like: {sample}, ...)"
+        )
+    for name, role in roles.items():
+        if role not in ROLES:
+            raise ValueError(
+                f"roles: {name!r} has role {role!r}, not one of {', '.join(ROLES)}"
+            )
+        # The shape decides between these two; a role that contradicts it
+        # is a mistake in the mapping (other roles may have any shape).
+        if (role == "matrix" and dims[name] < 2) or (
+            role == "vector" and dims[name] >= 2
+        ):
+            raise ValueError(
+                f"roles: {name!r} has {dims[name]} dimension(s) and cannot be a "
+                f"{role!r} (a matrix has 2 or more, a vector fewer)"
+            )
+    return {name: roles.get(name) or role_of(name, shape) for name, shape in shapes}
+
+
+def _exclusion(name: str, role: str, config: OMCConfig) -> str:
+    """Why a parameter is not even a candidate ("" when it is one)."""
+    if config.weights_only and role != "matrix":
+        return f"WMOQ: {role}"
+    if not _matches(name, config.include):
+        return "pattern: not included"
+    if _matches(name, config.exclude):
+        return "pattern: exclude"
+    return ""
+
+
 def candidates(
-    shapes: Sequence[tuple[str, tuple[int, ...]]], config: OMCConfig
+    shapes: Sequence[tuple[str, tuple[int, ...]]],
+    config: OMCConfig,
+    roles: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Names of the parameters that may be compressed (WMOQ and patterns).
 
@@ -189,6 +460,9 @@ def candidates(
         The module's parameters.
     config : OMCConfig
         Selection settings.
+    roles : mapping, optional
+        Name to role (see :func:`resolve_roles`); inferred from names and
+        shapes where missing.
 
     Returns
     -------
@@ -196,17 +470,12 @@ def candidates(
 
     Example
     -------
-    >>> shapes = [("lin.weight", (4, 3)), ("lin.bias", (4,))]
-    >>> candidates(shapes, OMCConfig())
+    >>> shapes = [("lin.weight", (4, 3)), ("lin.bias", (4,)), ("ln.weight", (2, 4))]
+    >>> candidates(shapes, OMCConfig(), {"ln.weight": "normalisation"})
     ['lin.weight']
     """
-    return [
-        name
-        for name, shape in shapes
-        if (len(shape) >= 2 or not config.weights_only)
-        and _matches(name, config.include)
-        and not _matches(name, config.exclude)
-    ]
+    roles = resolve_roles(shapes, roles)
+    return [name for name, _ in shapes if not _exclusion(name, roles[name], config)]
 
 
 def round_seed(seed: int, round: int, client: int | str) -> int:
@@ -299,57 +568,98 @@ def make_plan(
     config: OMCConfig,
     round: int = 0,
     client: int | str = 0,
+    roles: Mapping[str, str] | None = None,
 ) -> Plan:
     """Decide, for every parameter, whether it is compressed and in which format.
+
+    In order: weights-only quantization keeps every role but ``"matrix"``
+    float32, then ``include``/``exclude`` patterns, then ``fp32_patterns``,
+    then partial quantization's fraction; each entry records which rule
+    decided (:attr:`PlanEntry.reason`).
 
     Arguments
     ---------
     shapes : torch.nn.Module or iterable of (name, shape)
-        The parameters (a module's ``named_parameters`` are used as is).
+        The parameters. A module's ``named_parameters`` are used as is, and
+        its roles are :func:`parameter_roles`.
     config : OMCConfig
         Selection settings.
     round, client
         Draw of the random partial-quantization policy.
+    roles : mapping, optional
+        Name to role (:data:`ROLES`), for example :func:`parameter_roles` of
+        the model when only its shapes are at hand. With a module, these
+        take precedence over the module's own. Missing names get
+        :func:`role_of` from name and shape.
 
     Returns
     -------
     Plan
+
+    Raises
+    ------
+    ValueError
+        No parameters, a duplicated name, a pattern that matches nothing, or
+        bad roles (see :func:`resolve_roles`).
 
     Example
     -------
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
     >>> plan = make_plan(model, OMCConfig(format="e3m7"))
     >>> for entry in plan.entries:
-    ...     print(entry.name, entry.format, entry.nbytes)
-    0.weight e3m7 92
-    0.bias None 32
-    1.weight None 32
-    1.bias None 32
+    ...     print(entry.name, entry.format, entry.nbytes, entry.reason)
+    0.weight e3m7 92 matrix
+    0.bias None 32 WMOQ: vector
+    1.weight None 32 WMOQ: normalisation
+    1.bias None 32 WMOQ: normalisation
+
+    The same plan from shapes, as a federated server computes it:
+
+    >>> shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    >>> make_plan(shapes, OMCConfig(), roles=parameter_roles(model)) == plan
+    True
     """
     if isinstance(shapes, torch.nn.Module):
+        roles = {**parameter_roles(shapes), **(roles or {})}
         shapes = [(n, tuple(p.shape)) for n, p in shapes.named_parameters()]
     shapes = [(name, tuple(int(s) for s in shape)) for name, shape in shapes]
     if not shapes:
         raise ValueError("make_plan: the module has no parameters")
     names = [n for n, _ in shapes]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"make_plan: parameter names given twice: {twice[:5]}")
     _check_patterns_match(names, config)
+    roles = resolve_roles(shapes, roles)
 
-    chosen = candidates(shapes, config)
-    sizes = [(n, math.prod(dict(shapes)[n])) for n in chosen]
-    fp32 = {n for n in chosen if _matches(n, config.fp32_patterns)}
-    remaining = [(n, s) for n, s in sizes if n not in fp32]
-    fp32 |= keep_fp32(
+    reasons = {name: _exclusion(name, roles[name], config) for name in names}
+    chosen = [name for name in names if not reasons[name]]
+    for name in chosen:
+        if _matches(name, config.fp32_patterns):
+            reasons[name] = "fp32 pattern"
+    numel = {name: math.prod(shape) for name, shape in shapes}
+    remaining = [(n, numel[n]) for n in chosen if not reasons[n]]
+    ppq = keep_fp32(
         remaining, config.fp32_fraction, config.fp32_policy, config.seed, round, client
     )
-    compressed = set(chosen) - fp32
+    for name in ppq:
+        reasons[name] = f"PPQ: float32 fraction ({config.fp32_policy})"
 
     entries = []
     for name, shape in shapes:
-        numel = math.prod(shape)
-        if name in compressed:
-            fmt = config.format_of(name)
-            nbytes = compressed_nbytes(numel, fmt, config.transform)
-            entries.append(PlanEntry(name, shape, get_format(fmt).name, nbytes))
-        else:
-            entries.append(PlanEntry(name, shape, None, 4 * numel))
+        role = roles[name]
+        if reasons[name]:
+            entries.append(
+                PlanEntry(name, shape, None, 4 * numel[name], role, reasons[name])
+            )
+            continue
+        fmt = config.format_of(name)
+        nbytes = compressed_nbytes(numel[name], fmt, config.transform)
+        override = next(
+            (p for p in config.format_overrides if fnmatchcase(name, p)), None
+        )
+        reason = role if override is None else f"{role}; override {override!r}"
+        entries.append(
+            PlanEntry(name, shape, get_format(fmt).name, nbytes, role, reason)
+        )
     return Plan(tuple(entries))

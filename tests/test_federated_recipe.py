@@ -70,8 +70,10 @@ def test_fp32_twin_differs_only_by_omc():
     assert "+experiment_name: fed_fp32" in changed
     rest = [line for line in changed if "experiment_name" not in line]
     assert rest and all(line.startswith("-") for line in rest)
-    assert rest[0] == "-omc: !new:speechbrain_omc.OMCConfig"
-    assert all(line.startswith("-    ") for line in rest[1:])  # the omc block only
+    # The OMC section only: its flat omc_* keys, then the omc: entry.
+    start = rest.index("-omc: !new:speechbrain_omc.OMCConfig")
+    assert start > 0 and all(line.startswith("-omc_") for line in rest[:start])
+    assert all(line.startswith("-    ") for line in rest[start + 1 :])
 
 
 @pytest.mark.parametrize(
@@ -96,6 +98,35 @@ def test_hparams_load(name, overrides, tmp_path):
     if "librispeech" in name:
         assert hparams["partition_mode"] == "speaker"
         assert hparams["train_split"] == "train-clean-100"
+
+
+def test_server_plans_equal_the_client_models_plans(tmp_path):
+    """build_server with the client's roles: the plans make_plan gives on the
+    Brain's modules, round by round and client by client."""
+    from speechbrain_omc import make_plan
+    from speechbrain_omc.federated.client import OMCClient
+
+    recipe = _recipe()
+    with open(RECIPE / "hparams" / "fed_omc.yaml", encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, {**TINY, "output_folder": str(tmp_path)})
+    brain = recipe.build_brain(hparams)
+    client = OMCClient(brain, {})
+    roles = client.parameter_roles()
+    model, buffers = client.get_model(), client.buffer_names()
+    server = recipe.build_server(
+        hparams, model, ["a", "b", "c"], buffers, 10, roles=roles
+    )
+    norms = [n for n, r in roles.items() if r == "normalisation" and "CNN" in n]
+    assert norms and all(model[n].dim() == 2 for n in norms)  # (time, channels)
+    assert sum(r == "position bias" for r in roles.values()) == 2
+    for round in (1, 2, 3):
+        for cid in ("a", "b", "c"):
+            plan = make_plan(brain.modules, hparams["omc"], round=round, client=cid)
+            formats = server.formats(round, cid)
+            assert {n: formats[n] for n in roles} == {
+                e.name: e.format or "float32" for e in plan.entries
+            }
+            assert all(formats[n] == "float32" for n in norms)
 
 
 def _rows(path: Path) -> list[dict]:

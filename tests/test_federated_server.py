@@ -112,6 +112,39 @@ def test_plans_per_round_and_client():
     assert set(_server(omc=None).formats(1, "c0").values()) == {"float32"}
 
 
+def test_roles_keep_a_2d_normalisation_weight_float32_in_every_plan():
+    # layer2 is a 2-D LayerNorm gain: by shape alone it would be compressed.
+    roles = {"layer2.weight": "normalisation"}
+    server = _server(roles=roles)
+    blind = _server()
+    plans = [server.formats(r, c) for r in (1, 2, 3) for c in CLIENTS]
+    assert all(f["layer2.weight"] == "float32" for f in plans)
+    assert any(blind.formats(r, "c0")["layer2.weight"] == "e3m7" for r in (1, 2, 3))
+    assert server.roles == {
+        "layer1.weight": "matrix",
+        "layer1.bias": "vector",
+        "layer2.weight": "normalisation",
+        "layer3.weight": "matrix",
+    }
+    # A resumed run must have the same roles: they change the plans.
+    assert server.settings()["roles"] == roles
+    assert "roles" not in blind.settings()
+
+
+@pytest.mark.parametrize(
+    "roles, error, match",
+    [
+        ({"decoder.weight": "matrix"}, ValueError, "not parameters of the model"),
+        ({"layer1.weight": "gain"}, ValueError, "role 'gain', not one of"),
+        ({"norm.running_mean": "normalisation"}, ValueError, "buffers have no role"),
+        (["layer1.weight"], TypeError, "roles must be a mapping"),
+    ],
+)
+def test_bad_roles_are_refused_when_the_server_is_built(roles, error, match):
+    with pytest.raises(error, match=match):
+        _server(roles=roles)
+
+
 def test_messages_carry_plan_seed_and_config():
     server = _server(client_config={"local_epochs": 2})
     messages = server.configure_round()

@@ -334,6 +334,33 @@ def server_app():
 NODES_OF = {201: "client_000", 202: "client_001", 203: "client_002"}
 
 
+def test_server_app_plans_equal_the_models_plans(tmp_path):
+    """The app's server has shapes only; with the recipe's roles its plans are
+    the model's own: normalisation weights and position biases stay float32."""
+    from omc_flower.task import initial_model, load_recipe
+
+    from speechbrain_omc import make_plan
+
+    model, buffers, hparams, roles = initial_model(app_run_config(tmp_path))
+    assert "normalisation" in roles.values() and "position bias" in roles.values()
+    assert set(roles) == set(model) - set(buffers)
+    server = load_recipe(None).build_server(
+        hparams, model, ["a", "b"], buffers, 10, roles=roles
+    )
+    modules = torch.nn.ModuleDict(hparams["modules"])
+    for round in (1, 2):
+        for client in ("a", "b"):
+            plan = make_plan(modules, hparams["omc"], round=round, client=client)
+            formats = server.formats(round, client)
+            assert formats == {
+                **dict.fromkeys(buffers, "float32"),
+                **{e.name: e.format or "float32" for e in plan.entries},
+            }
+            for name, role in roles.items():
+                if role in ("normalisation", "position bias"):
+                    assert formats[name] == "float32", name
+
+
 class CrashingGrid(FakeGrid):
     """Dies (as the SuperLink would) when round ``crash_round`` sends ``kind``."""
 

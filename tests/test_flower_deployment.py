@@ -148,7 +148,7 @@ def _check_against_embedded(result_dir: Path, embedded: dict, exact: bool) -> No
     # The global model changed, and it is the embedded run's model: bitwise
     # in the Deployment Engine, up to the order of float sums in simulation.
     model = torch.load(result_dir / "final_model.pt")
-    start, _, _ = initial_model(_run_config(embedded["out"], embedded["out"]))
+    start, _, _, _ = initial_model(_run_config(embedded["out"], embedded["out"]))
     reference = embedded["model"]
     assert list(model) == list(reference) == list(start)
     change = max((reference[n] - start[n]).abs().max().item() for n in start)

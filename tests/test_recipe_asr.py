@@ -96,8 +96,11 @@ def test_recipe_imports_without_training():
 def test_omc_hparams_are_the_float32_ones_plus_omc():
     fp32 = yaml_body(HPARAMS / "conformer_ctc.yaml")
     omc = yaml_body(HPARAMS / "conformer_ctc_omc.yaml")
-    start = omc.index("omc: !new:speechbrain_omc.OMCConfig")
-    assert all(line.startswith("    ") for line in omc[start + 1 :])
+    # The OMC section at the end: flat omc_* keys, then the omc: entry.
+    start = next(i for i, line in enumerate(omc) if line.startswith("omc_"))
+    entry = omc.index("omc: !new:speechbrain_omc.OMCConfig")
+    assert all(line.startswith("omc_") for line in omc[start:entry])
+    assert all(line.startswith("    ") for line in omc[entry + 1 :])
     rename = {"experiment_name: conformer_ctc": "experiment_name: conformer_ctc_omc"}
     assert [rename.get(line, line) for line in fp32] == omc[:start]
 

@@ -151,6 +151,18 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_them(tmp_path, change,
     assert all(torch.equal(before[n], other.model[n]) for n in before)
 
 
+def test_a_checkpoint_with_other_roles_is_refused(tmp_path):
+    # Roles change the plans: a run resumed with others is another run. A
+    # checkpoint of a server without roles is refused by one with them.
+    path = tmp_path / "server.ckpt"
+    _trained(1).save(path)
+    other = _server(roles={"layer2.weight": "normalisation"})
+    with pytest.raises(CheckpointMismatch) as error:
+        other.load(path)
+    line = "roles.layer2.weight: checkpoint '<absent>', this run 'normalisation'"
+    assert line in str(error.value)
+
+
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     path = tmp_path / "server.ckpt"
     _trained(1).save(path)

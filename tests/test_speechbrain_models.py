@@ -9,11 +9,14 @@ import copy
 import pytest
 import speechbrain as sb
 import torch
+from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
 from speechbrain.lobes.models.CRDNN import CRDNN
 from speechbrain.lobes.models.transformer.TransformerASR import TransformerASR
 
-from speechbrain_omc import OMCConfig, compress_module
+from speechbrain_omc import OMCConfig, compress_module, make_plan, parameter_roles
+from speechbrain_omc.federated.server import FedAvgServer
 from speechbrain_omc.parameter import CompressedParameter
+from speechbrain_omc.selection import NORMALISATION_TYPES
 
 VOCAB, FEATS = 12, 20
 
@@ -162,3 +165,104 @@ def test_conformer_small_parameter_bytes_drop_by_55_percent():
         if not isinstance(p, CompressedParameter)
     )
     assert measured <= 0.45 * float32_bytes
+
+
+def cnn_conformer():
+    """The recipes' model: SpeechBrain's CNN front end, a RelPosMHAXL conformer
+    encoder with a transformer decoder, an LSTM and CTC/decoder heads."""
+    return torch.nn.ModuleDict(
+        {
+            "CNN": ConvolutionFrontEnd(
+                input_shape=[8, 10, FEATS], num_blocks=2, num_layers_per_block=1,
+                out_channels=[8, 8], kernel_sizes=[3, 3], strides=[2, 2],
+                residuals=[False, False],
+            ),
+            "asr": TransformerASR(
+                tgt_vocab=VOCAB, input_size=FEATS * 8 // 4, d_model=32, nhead=4,
+                num_encoder_layers=2, num_decoder_layers=1, d_ffn=64,
+                dropout=0.0, encoder_module="conformer",
+                attention_type="RelPosMHAXL", normalize_before=True,
+                causal=False, kernel_size=7,
+            ),
+            "lstm": sb.nnet.RNN.LSTM(hidden_size=8, input_size=32, num_layers=1),
+            "ctc": sb.nnet.linear.Linear(input_size=32, n_neurons=VOCAB),
+        }
+    )  # fmt: skip
+
+
+def _owners(model):
+    return {
+        f"{prefix}.{attr}".lstrip("."): owner
+        for prefix, owner in model.named_modules()
+        for attr, param in owner._parameters.items()
+        if param is not None
+    }
+
+
+def test_weights_only_keeps_norms_and_position_biases_float32():
+    """WMOQ on SpeechBrain's own modules: matrices compressed, nothing else."""
+    model = cnn_conformer()
+    owners = _owners(model)
+    plan = make_plan(model, OMCConfig(format="e3m7"))
+    norms = [n for n in owners if isinstance(owners[n], NORMALISATION_TYPES)]
+    biases = [n for n in owners if n.endswith(("pos_bias_u", "pos_bias_v"))]
+    # The cases the shape rule got wrong are there: 2-D LayerNorm gains and
+    # shifts in the CNN blocks, 2-D position biases in every attention layer.
+    assert "CNN.convblock_0.convs.norm_0.norm.weight" in norms
+    assert plan["CNN.convblock_0.convs.norm_0.norm.weight"].shape == (10, 8)
+    assert len(biases) == 4 and all(len(plan[n].shape) == 2 for n in biases)
+    for name in norms:
+        assert not plan[name].compressed, name
+        assert plan[name].reason == "WMOQ: normalisation", name
+    for name in biases:
+        assert not plan[name].compressed, name
+        assert plan[name].reason == "WMOQ: position bias", name
+    # Every other parameter with two or more dimensions is a weight matrix of
+    # a conv, linear, embedding, LSTM or attention layer, and is compressed.
+    matrices = [
+        e for e in plan.entries if len(e.shape) >= 2 and e.name not in norms + biases
+    ]
+    assert all(e.compressed and e.reason == "matrix" for e in matrices)
+    kinds = {
+        (type(owners[e.name]).__name__, e.name.rsplit(".", 1)[1]) for e in matrices
+    }
+    assert {
+        ("Conv2d", "weight"),  # CNN front end
+        ("Conv1d", "weight"),  # conformer convolution module
+        ("Linear", "weight"),
+        ("Embedding", "weight"),  # decoder's token embedding
+        ("LSTM", "weight_ih_l0"),
+        ("LSTM", "weight_hh_l0"),
+        ("RelPosMHAXL", "in_proj_weight"),
+        ("MultiheadAttention", "in_proj_weight"),  # decoder's regular MHA
+    } <= kinds
+    assert all(not e.compressed for e in plan.entries if len(e.shape) < 2)
+    # The table says why, row by row.
+    table = plan.table()
+    for name in [norms[0], biases[0], matrices[0].name]:
+        row = next(r for r in table.splitlines() if r.startswith(name + " "))
+        assert row.endswith(plan[name].reason)
+    assert "WMOQ: normalisation" in table.splitlines()[-1]
+    assert "WMOQ: position bias 4" in table.splitlines()[-1]
+    # The engine follows the plan: those parameters stay float32 tensors.
+    compress_module(model, OMCConfig(format="e3m7"))
+    params = dict(model.named_parameters())
+    assert not any(isinstance(params[n], CompressedParameter) for n in norms + biases)
+    assert all(isinstance(params[e.name], CompressedParameter) for e in matrices)
+
+
+def test_server_plans_from_shapes_and_roles_equal_the_models_plans():
+    model = cnn_conformer()
+    config = OMCConfig(format="e3m7", fp32_fraction=0.1, fp32_policy="random")
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    clients = ["a", "b", "c"]
+    server = FedAvgServer(state, clients, 2, omc=config, roles=parameter_roles(model))
+    blind = FedAvgServer(state, clients, 2, omc=config)  # shapes only
+    differs = False
+    for round in (1, 2, 3):
+        for client in clients:
+            plan = make_plan(model, config, round=round, client=client)
+            expected = {e.name: e.format or "float32" for e in plan.entries}
+            assert server.formats(round, client) == expected
+            differs |= blind.formats(round, client) != expected
+    assert differs, "without roles the server compresses norms and biases"

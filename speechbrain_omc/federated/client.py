@@ -63,7 +63,8 @@ Example
 >>> client = OMCClient(brain, {"a": data, "b": data},
 ...                    train_loader_kwargs={"batch_size": 4})
 >>> server = FedAvgServer(client.get_model(), ["a", "b"], clients_per_round=2,
-...                       omc=OMCConfig(format="e3m7"))
+...                       omc=OMCConfig(format="e3m7"),
+...                       roles=client.parameter_roles())
 >>> messages = server.configure_round()
 >>> replies = {c: client.train(m) for c, m in messages.items()}
 >>> wire.decode(replies["a"]).formats()
@@ -90,7 +91,7 @@ from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.engine import compress_module
 from speechbrain_omc.federated import wire
-from speechbrain_omc.selection import Plan, PlanEntry
+from speechbrain_omc.selection import Plan, PlanEntry, parameter_roles
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,22 @@ class OMCClient:
         buffers = self._buffers()
         return [n for n in self.entry_names() if n in buffers]
 
+    def parameter_roles(self) -> dict[str, str]:
+        """The role of every parameter entry, for the server's plans.
+
+        A server holds names and shapes only; with these roles (which
+        parameters belong to normalisation layers or are position biases) its
+        plans equal :func:`~speechbrain_omc.selection.make_plan` on this
+        Brain's modules.
+
+        Returns
+        -------
+        dict
+            Parameter name to role (see
+            :func:`~speechbrain_omc.selection.parameter_roles`).
+        """
+        return parameter_roles(self.brain.modules)
+
     def get_model(self) -> dict[str, torch.Tensor]:
         """The current model in float32 (compressed entries decompressed).
 
@@ -337,14 +354,21 @@ class OMCClient:
         if base is None:
             return  # float32 federation, float32 Brain
         params = self._params()
+        roles = self.parameter_roles()
         entries = []
         for name, param in params.items():
-            shape = tuple(param.shape)
+            shape, role = tuple(param.shape), roles[name]
+            # The server decided (its plan's reasons are its own); the log
+            # says so rather than guessing them.
             if name in wanted:
                 nbytes = message.entries[name].nbytes
-                entries.append(PlanEntry(name, shape, wanted[name], nbytes))
+                entries.append(
+                    PlanEntry(name, shape, wanted[name], nbytes, role, "server plan")
+                )
             else:
-                entries.append(PlanEntry(name, shape, None, 4 * param.numel()))
+                entries.append(
+                    PlanEntry(name, shape, None, 4 * param.numel(), role, "server plan")
+                )
         # An empty plan still installs a handle, so that the Brain does not
         # compress under its own plan at fit start.
         brain.omc = compress_module(

@@ -8,12 +8,18 @@ over rounds). A round goes:
    ``(seed, round)``, and encodes for each one the global model under *its*
    plan: which variables travel compressed and in which format, drawn per
    ``(seed, round, client)`` when the partial-quantization policy is
-   ``random`` (see :func:`~speechbrain_omc.selection.make_plan`). The message
-   itself is the plan: the client trains each variable in the form it
-   received and must send it back in the same form. The metadata tells the
-   client its round, id, RNG seed and local-training settings, and binds the
-   reply: the run's id and a nonce of this round and client, which the reply
-   must echo (a reply from another run or round is refused).
+   ``random`` (see :func:`~speechbrain_omc.selection.make_plan`). The server
+   has shapes, not modules: the parameters' roles (which are normalisation
+   layers or position biases, kept float32 by weights-only quantization) come
+   from whoever built the model (``roles``, see
+   :func:`~speechbrain_omc.selection.parameter_roles`), so that its plans
+   equal the ones :func:`~speechbrain_omc.selection.make_plan` gives on the
+   model itself. The message itself is the plan: the client trains each
+   variable in the form it received and must send it back in the same form.
+   The metadata tells the client its round, id, RNG seed and local-training
+   settings, and binds the reply: the run's id and a nonce of this round and
+   client, which the reply must echo (a reply from another run or round is
+   refused).
 2. Clients train and reply (see :mod:`speechbrain_omc.federated.client`).
 3. :meth:`FedAvgServer.aggregate` validates every reply; a bad one is left
    out with its reason, never averaged, and nothing a client sends can raise
@@ -95,7 +101,7 @@ from speechbrain_omc.federated.validation import (
     is_int,
     reply_nbytes,
 )
-from speechbrain_omc.selection import make_plan, round_seed
+from speechbrain_omc.selection import make_plan, resolve_roles, role_of, round_seed
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +218,13 @@ class FedAvgServer:
     run_settings : mapping, optional
         More settings a checkpoint must match to be resumed (for example the
         clients' training hyperparameters); stored, never sent.
+    roles : mapping, optional
+        Parameter name to role (``"matrix"``, ``"vector"``,
+        ``"normalisation"``, ``"position bias"``), as
+        :func:`~speechbrain_omc.selection.parameter_roles` gives them for the
+        model; names left out are inferred from name and shape, which cannot
+        tell a 2-D normalisation gain from a matrix. Never sent (the message
+        is the plan); a checkpoint must match them.
     """
 
     def __init__(
@@ -229,6 +242,7 @@ class FedAvgServer:
         aggregation: str | Aggregation = "fedavg",
         run_id: str | None = None,
         run_settings: Mapping | None = None,
+        roles: Mapping[str, str] | None = None,
     ) -> None:
         if not clients:
             raise ValueError("FedAvgServer: no clients")
@@ -251,6 +265,13 @@ class FedAvgServer:
         unknown = self.buffers - set(self.model)
         if unknown:
             raise ValueError(f"FedAvgServer: unknown buffers {sorted(unknown)}")
+        if roles is not None and not isinstance(roles, Mapping):
+            raise TypeError(f"FedAvgServer: roles must be a mapping, got {roles!r}")
+        wrong = sorted(self.buffers & set(roles or {}))
+        if wrong:
+            raise ValueError(f"FedAvgServer: buffers have no role: {wrong[:5]}")
+        # Checked now (unknown names or roles), not at the first broadcast.
+        self.roles = resolve_roles(self._shapes(), roles)
         self.clients = clients
         self.clients_per_round = int(clients_per_round)
         self.omc = omc
@@ -322,15 +343,21 @@ class FedAvgServer:
         out = dict.fromkeys(self.model, "float32")
         if self.omc is None:
             return out
-        shapes = [
+        plan = make_plan(
+            self._shapes(), self.omc, round=round, client=client, roles=self.roles
+        )
+        for entry in plan.compressed:
+            out[entry.name] = entry.format
+        return out
+
+    def _shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        # The parameters, the entries a plan is about (buffers never travel
+        # compressed).
+        return [
             (name, tuple(value.shape))
             for name, value in self.model.items()
             if name not in self.buffers
         ]
-        plan = make_plan(shapes, self.omc, round=round, client=client)
-        for entry in plan.compressed:
-            out[entry.name] = entry.format
-        return out
 
     def client_seed(self, round: int, client: str) -> int:
         """Seed of a client's randomness in a round (data order, dropout...).
@@ -638,24 +665,34 @@ class FedAvgServer:
         dict
             Clients, sampling, seed, server optimizer, compression, buffers,
             client config, bounds, aggregation, the model's names and shapes,
-            and ``run_settings``, as plain data.
+            the roles names and shapes alone would not give (absent when
+            there are none, so a checkpoint of a server without roles still
+            matches), and ``run_settings``, as plain data.
         """
-        return plain(
-            {
-                "clients": list(self.clients),
-                "clients_per_round": self.clients_per_round,
-                "seed": self.seed,
-                "server_lr": self.server_lr,
-                "server_momentum": self.server_momentum,
-                "omc": None if self.omc is None else asdict(self.omc),
-                "buffers": sorted(self.buffers),
-                "client_config": self.client_config,
-                "max_examples": self.max_examples,
-                "aggregation": asdict(self.aggregation),
-                "model": {n: list(v.shape) for n, v in self.model.items()},
-                "run": self.run_settings,
-            }
-        )
+        settings = {
+            "clients": list(self.clients),
+            "clients_per_round": self.clients_per_round,
+            "seed": self.seed,
+            "server_lr": self.server_lr,
+            "server_momentum": self.server_momentum,
+            "omc": None if self.omc is None else asdict(self.omc),
+            "buffers": sorted(self.buffers),
+            "client_config": self.client_config,
+            "max_examples": self.max_examples,
+            "aggregation": asdict(self.aggregation),
+            "model": {n: list(v.shape) for n, v in self.model.items()},
+            "run": self.run_settings,
+        }
+        # Roles change plans: a run resumed with others would not continue
+        # the one that was saved.
+        roles = {
+            name: role
+            for name, role in self.roles.items()
+            if role != role_of(name, self.model[name].shape)
+        }
+        if roles:
+            settings["roles"] = roles
+        return plain(settings)
 
     def state_dict(self) -> dict:
         """Everything needed to continue after the last completed round.

@@ -262,6 +262,7 @@ def build_server(
     clients: list[str],
     buffers: list[str],
     max_examples: int | dict[str, int],
+    roles: dict[str, str] | None = None,
 ) -> FedAvgServer:
     """The federation's server, as both the embedded run and Flower build it.
 
@@ -277,6 +278,10 @@ def build_server(
         Entries that are buffers.
     max_examples : int or dict
         Bound of a client's ``num_examples`` (per client: its partition size).
+    roles : dict, optional
+        Parameter roles of the model (``OMCClient.parameter_roles()``): the
+        server has shapes only, and needs them to keep normalisation weights
+        and position biases float32 exactly as the model's own plan does.
 
     Returns
     -------
@@ -299,6 +304,7 @@ def build_server(
             clip_norm=hparams.get("clip_norm"),
         ),
         run_settings=run_settings(hparams),
+        roles=roles,
     )
 
 
@@ -449,7 +455,12 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
     # A client's weight is bounded by what the server knows: its partition.
     sizes = {cid: len(data) for cid, data in client_data.items()}
     server = build_server(
-        hparams, client.get_model(), list(client_data), client.buffer_names(), sizes
+        hparams,
+        client.get_model(),
+        list(client_data),
+        client.buffer_names(),
+        sizes,
+        roles=client.parameter_roles(),
     )
     store = CheckpointStore(save / "server.ckpt")
     if hparams.get("fresh_start"):

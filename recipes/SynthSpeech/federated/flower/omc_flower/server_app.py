@@ -102,7 +102,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         The summary also written to ``summary.json``.
     """
     start = time.perf_counter()
-    model, buffers, hparams = initial_model(run_config)
+    model, buffers, hparams, roles = initial_model(run_config)
     recipe = load_recipe(run_config.get("recipe"))
     rounds = int(run_config.get("num-server-rounds") or hparams["rounds"])
     timeout = float(run_config.get("round-timeout", 3600))
@@ -123,7 +123,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     node_of = discover_clients(grid, min_nodes, timeout, clients=known)
     clients = known if known is not None else sorted(node_of, key=_natural)
     bound = int(run_config.get("max-examples-per-client") or 1000)
-    server = recipe.build_server(hparams, model, clients, buffers, bound)
+    server = recipe.build_server(hparams, model, clients, buffers, bound, roles=roles)
     extra = server.load(store) or {}
     rows, history = list(extra.get("rows", [])), list(extra.get("history", []))
     last = [time.perf_counter()]  # when the previous call below returned

@@ -291,7 +291,9 @@ def _datasets(asr, hparams, label_encoder, manifest, eval_csvs):
     return train, evals
 
 
-def initial_model(run_config: Mapping[str, Any]) -> tuple[dict, list[str], dict]:
+def initial_model(
+    run_config: Mapping[str, Any],
+) -> tuple[dict, list[str], dict, dict[str, str]]:
     """The initial global model, as the embedded recipe makes it.
 
     The recipe's hparams seed torch before the modules are created, so the
@@ -310,10 +312,12 @@ def initial_model(run_config: Mapping[str, Any]) -> tuple[dict, list[str], dict]
         Entries that are buffers.
     hparams : dict
         The loaded hyperparameters.
+    roles : dict
+        The parameters' roles, for the server's plans (it has shapes only).
     """
     from speechbrain_omc.federated.client import OMCClient
 
     recipe = load_recipe(run_config.get("recipe") or DEFAULT_RECIPE)
     hparams = load_hparams(run_config)
     client = OMCClient(recipe.build_brain(hparams), {})
-    return client.get_model(), client.buffer_names(), hparams
+    return client.get_model(), client.buffer_names(), hparams, client.parameter_roles()
