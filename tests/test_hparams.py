@@ -123,6 +123,7 @@ def test_every_omc_config_argument_is_a_flat_key(name, tmp_path):
         "update_mode": "simple",
         "momentum_format": "bf16",
         "nonfinite_grad": "raise",
+        "on_plan_change": "recompress",
     }
     fields = {f.name for f in dataclasses.fields(OMCConfig)}
     assert set(values) == fields  # a new argument needs a flat key too
