@@ -269,10 +269,15 @@ class OMCMixin:
         return super().fit_batch(batch)
 
     def optimizers_step(self):
-        """Step as SpeechBrain does; fused mode then finishes the OMC step."""
-        super().optimizers_step()
+        """Fused mode finishes the OMC step first; then SpeechBrain's step.
+
+        Under DDP the fused updates wait for the all-reduced gradients and
+        run here, so that the optimizer then finds no gradient on the
+        compressed parameters (in one process backward consumed them).
+        """
         if self.omc is not None:
             self.omc.step()
+        super().optimizers_step()
 
 
 class OMCBrain(OMCMixin, sb.Brain):

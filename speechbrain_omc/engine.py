@@ -94,6 +94,8 @@ class OMCHandle:
         # Transient decompressed copies reuse mapped buffers: no heap churn.
         self.workspace = Workspace()
         self._hooks: list = []
+        # Fused mode under DDP: parameters whose reduced gradient awaits step().
+        self._deferred: set[str] = set()
 
     # ------------------------------------------------------------------ setup
     @property
@@ -186,6 +188,12 @@ class OMCHandle:
         minmax: tuple[float, float] | None = None,
     ) -> None:
         """Encode an updated value (an in-place op or a fused update)."""
+        if slot.name in self._deferred:
+            raise RuntimeError(
+                f"OMC: {slot.name} waits for its fused update (DDP applies it "
+                "after the gradients are all-reduced); call handle.step() "
+                "before optimizer.step(), as OMCBrain does"
+            )
         if minmax is None:
             try:
                 minmax = _finite_minmax(value)
@@ -212,12 +220,16 @@ class OMCHandle:
 
     # ---------------------------------------------------------------- updates
     def _on_grad(self, param: CompressedParameter) -> None:
-        if self.mode != "fused" or _distributed():
-            return  # DDP: the all-reduced gradient is applied in step()
+        if self.mode != "fused":
+            return
+        if _distributed():  # DDP all-reduces the gradient after this hook
+            self._deferred.add(param.slot.name)
+            return
         self._fused_update(param)
 
     def _fused_update(self, param: CompressedParameter) -> None:
         grad, param.grad = param.grad, None
+        self._deferred.discard(param.slot.name)
         if grad is None:
             return
         slot = param.slot
@@ -254,8 +266,10 @@ class OMCHandle:
         """Finish a training step.
 
         Fused mode: apply the updates that backward did not (gradients under
-        DDP, parameters moved to a new device since the last step); simple
-        mode: nothing, the optimizer updated the parameters.
+        DDP, parameters moved to a new device since the last step); call it
+        before the optimizer's step, which then finds no gradient on the
+        compressed parameters. Simple mode: nothing, the optimizer updates
+        the parameters.
         """
         params = self._bound()
         if self.mode == "fused":
@@ -268,6 +282,7 @@ class OMCHandle:
         """Drop the gradients of the compressed parameters."""
         for param in self.parameters().values():
             param.grad = None
+        self._deferred.clear()
 
     def reset_state(self, seed: int | None = None) -> None:
         """Restart the update state (step counts, momentum), as a new run.

@@ -53,16 +53,26 @@ def main(mode: str, out: str) -> None:
         part = slice(rank * half, (rank + 1) * half)
         loss = torch.nn.functional.mse_loss(ddp(x[part]), y[part])
         loss.backward()
+        handle.step()  # fused updates from the all-reduced gradients
         optimizer.step()
-        handle.step()
         optimizer.zero_grad()
         digests = [None] * world
         dist.all_gather_object(digests, codes_digest(handle))
         agree.append(len(set(digests)) == 1)
+    weights = {n: s.codes.decompress().tolist() for n, s in handle.slots.items()}
+    # The optimizer before the fused updates would update twice: refused.
+    refused = None
+    if mode == "fused":
+        x, y = batches[0]
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        try:
+            optimizer.step()
+            refused = False
+        except RuntimeError as error:
+            refused = "call handle.step() before optimizer.step()" in str(error)
     if rank == 0:
-        weights = {n: s.codes.decompress().tolist() for n, s in handle.slots.items()}
         with open(out, "w") as f:
-            json.dump({"agree": agree, "weights": weights}, f)
+            json.dump({"agree": agree, "weights": weights, "refused": refused}, f)
     # The DDP wrapper goes before its process group (the reverse order can
     # hang the interpreter's exit).
     del ddp, optimizer
