@@ -149,7 +149,9 @@ class Regressor(__import__("speechbrain_omc").OMCBrain):
 
 def _fit(clipping: str, max_grad_norm: float, optimizer) -> tuple[dict, dict]:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
+    )
     config = OMCConfig(
         format="e5m10", update_rounding="nearest", fused_clipping=clipping
     )
