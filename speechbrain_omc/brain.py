@@ -104,6 +104,7 @@ class OMCMixin:
     """
 
     omc: OMCHandle | None = None
+    _omc_state_logged: bool = False
 
     @property
     def omc_config(self) -> OMCConfig | None:
@@ -318,6 +319,11 @@ class OMCMixin:
                     if param.grad is not None:
                         param.grad.mul_(coef)
         super().optimizers_step()
+        if self.omc is not None and not self._omc_state_logged:
+            # After the first step: the optimizer state now exists, so the
+            # table reports stored bytes, not predictions.
+            self._omc_state_logged = True
+            logger.info("OMC training state:\n%s", self.omc.memory_table())
 
 
 class OMCBrain(OMCMixin, sb.Brain):
