@@ -43,7 +43,7 @@ removed first.
 
 Command line::
 
-    python -m speechbrain_omc.federated.partition --csv results/prep/train.csv \\
+    python -m speechbrain_omc.data.partition --csv results/prep/train.csv \\
         --output results/clients --mode speaker --num-clients 8 --seed 1234
 
 Example
@@ -632,7 +632,7 @@ def client_manifests(output_dir: str | Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; see the module docstring."""
     parser = argparse.ArgumentParser(
-        prog="python -m speechbrain_omc.federated.partition",
+        prog="python -m speechbrain_omc.data.partition",
         description="Partition a SpeechBrain CSV manifest into federated clients.",
     )
     parser.add_argument("--csv", required=True, help="input manifest")

@@ -1,54 +1,53 @@
-"""Glue between the Flower apps and the embedded federated recipe.
+"""Glue between the Flower apps and the ASR task of the embedded simulation.
 
-The ``ServerApp`` and ``ClientApp`` build exactly what
-``recipes/SynthSpeech/federated/train.py`` builds in its one process: the
-same hyperparameters (file plus overrides), the same Brain
-(``build_brain``), the same :class:`~speechbrain_omc.federated.client.
+The ``ServerApp`` and ``ClientApp`` build exactly what the embedded
+simulation (:func:`speechbrain_omc.asr.federation.run_federation`) builds in
+its one process: the same hyperparameters (file plus overrides), the same
+Brain (``build_brain``), the same :class:`~speechbrain_omc.federated.client.
 OMCClient` on a client's manifest and the same server (``build_server``).
-The recipe module is loaded by path and its functions are called.
+Those functions come from a *task module*, named by the run config's
+``task`` (default :mod:`speechbrain_omc.asr`): an importable module, so the
+installed package runs the app without any file of the repository.
 
-Paths in the run config (``hparams``, ``recipe``) and in a node config
-(``manifest``...) may be absolute, relative to the working directory of the
-process (the SuperLink's or SuperNode's), or relative to the repository root.
+Paths in the run config (``hparams``) and in a node config (``manifest``...)
+may be absolute or relative to the working directory of the process (the
+SuperLink's or SuperNode's); ``hparams`` may also name a packaged file
+(``fed_omc.yaml``, the default; see :func:`speechbrain_omc.asr.hparams_file`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
+import importlib
 import logging
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import speechbrain_omc
-
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_HPARAMS",
-    "DEFAULT_RECIPE",
+    "DEFAULT_TASK",
     "NodeSetup",
     "build_node",
     "initial_model",
     "load_hparams",
-    "load_recipe",
+    "load_task",
     "node_client_id",
     "resolve_path",
 ]
 
-#: The repository holding ``recipes/`` (speechbrain_omc is installed editable;
-#: Flower runs this file from a copy of the app folder, elsewhere).
-REPO_ROOT = Path(speechbrain_omc.__file__).resolve().parents[1]
-DEFAULT_RECIPE = "recipes/SynthSpeech/federated/train.py"
-DEFAULT_HPARAMS = "recipes/SynthSpeech/federated/hparams/fed_omc.yaml"
+#: The task module whose functions build the Brain, data and server.
+DEFAULT_TASK = "speechbrain_omc.asr"
+#: The packaged hyperparameters of federated OMC on SynthSpeech.
+DEFAULT_HPARAMS = "fed_omc.yaml"
 
 
 def resolve_path(path: str | Path) -> Path:
-    """An absolute path: as given, or under the working directory or the repo.
+    """An absolute path: as given, or under the working directory.
 
     Arguments
     ---------
@@ -58,61 +57,49 @@ def resolve_path(path: str | Path) -> Path:
     Returns
     -------
     Path
-        The first existing candidate, else the path under the working
-        directory.
 
     Example
     -------
-    >>> resolve_path("speechbrain_omc/federated").is_dir()
-    True
     >>> resolve_path("/data/client_000.csv")
     PosixPath('/data/client_000.csv')
+    >>> resolve_path("client_000.csv") == Path.cwd() / "client_000.csv"
+    True
     """
     path = Path(path).expanduser()
-    if path.is_absolute():
-        return path
-    for base in (Path.cwd(), REPO_ROOT):
-        if (base / path).exists():
-            return (base / path).resolve()
-    return (Path.cwd() / path).resolve()
+    return path if path.is_absolute() else (Path.cwd() / path).resolve()
 
 
-def load_recipe(path: str | Path = DEFAULT_RECIPE):
-    """The embedded federated recipe as a module (imported once per process).
+def load_task(name: str | None = None):
+    """The task module (imported by name, once per process).
 
     Arguments
     ---------
-    path : str or Path
-        Its ``train.py``; importing it trains nothing.
+    name : str, optional
+        A module with ``prepare_federation``, ``build_brain``,
+        ``build_server``, ``build_label_encoder``, ``dataset_from_csv``,
+        ``round_row``, ``write_csv`` and ``plot_rounds``; default
+        :data:`DEFAULT_TASK`.
 
     Returns
     -------
     module
-        With ``prepare_federation``, ``build_brain`` and ``asr_recipe``.
+
+    Example
+    -------
+    >>> load_task().__name__
+    'speechbrain_omc.asr'
     """
-    path = resolve_path(path or DEFAULT_RECIPE)
-    name = "omc_federated_recipe_" + str(abs(hash(str(path))))
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load the federated recipe {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
+    return importlib.import_module(name or DEFAULT_TASK)
 
 
 def load_hparams(run_config: Mapping[str, Any]) -> dict:
-    """Load the recipe's hyperparameters named by a run config.
+    """Load the task's hyperparameters named by a run config.
 
     Arguments
     ---------
     run_config : Mapping
-        ``hparams`` (file) and ``overrides`` (YAML mapping string).
+        ``hparams`` (a file, or a packaged name) and ``overrides`` (YAML
+        mapping string).
 
     Returns
     -------
@@ -121,14 +108,18 @@ def load_hparams(run_config: Mapping[str, Any]) -> dict:
     """
     from hyperpyyaml import load_hyperpyyaml
 
-    path = resolve_path(run_config.get("hparams") or DEFAULT_HPARAMS)
+    from speechbrain_omc.asr import hparams_file
+
+    name = run_config.get("hparams") or DEFAULT_HPARAMS
+    candidate = resolve_path(name)
+    path = candidate if candidate.is_file() else hparams_file(name)
     with open(path, encoding="utf-8") as fin:
         return load_hyperpyyaml(fin, run_config.get("overrides") or {})
 
 
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
-    # SuperNodes on one machine share the recipe's output folder: one at a
+    # SuperNodes on one machine share the run's output folder: one at a
     # time prepares the manifests and reads them.
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".flower-prepare.lock", "w") as lock:
@@ -143,7 +134,7 @@ def node_client_id(node_config: Mapping[str, Any]) -> str:
     """The client id a SuperNode serves, from its node config alone.
 
     ``client-id`` if given, else the stem of ``manifest``, else
-    ``client_<partition-id>`` as the recipe's partition names clients.
+    ``client_<partition-id>`` as the task's partition names clients.
 
     Arguments
     ---------
@@ -200,19 +191,19 @@ class NodeSetup:
 def build_node(
     run_config: Mapping[str, Any], node_config: Mapping[str, Any]
 ) -> NodeSetup:
-    """Build a SuperNode's client as the embedded recipe builds it.
+    """Build a SuperNode's client as the embedded simulation builds it.
 
     Data: with ``manifest`` in the node config, that CSV is the client's
     training data, ``label-encoder`` (a saved ``label_encoder.txt``) its
     encoder and ``valid-csv`` / ``test-csv`` its evaluation data. Otherwise
-    the recipe prepares its manifests and partition under its
+    the task prepares its manifests and partition under its
     ``output_folder`` (as the embedded run does; locked, so SuperNodes on one
     machine take turns) and the client is ``client_<partition-id>``.
 
     Arguments
     ---------
     run_config : Mapping
-        ``recipe``, ``hparams``, ``overrides``.
+        ``task``, ``hparams``, ``overrides``.
     node_config : Mapping
         ``partition-id`` or ``manifest`` (and the keys above).
 
@@ -222,8 +213,7 @@ def build_node(
     """
     from speechbrain_omc.federated.client import OMCClient
 
-    recipe = load_recipe(run_config.get("recipe") or DEFAULT_RECIPE)
-    asr = recipe.asr_recipe
+    task = load_task(run_config.get("task"))
     hparams = load_hparams(run_config)
     client_id = node_client_id(node_config)
     splits = {"valid": hparams["valid_split"], "test": hparams["test_split"]}
@@ -235,36 +225,37 @@ def build_node(
             # Built from one client's transcripts the labels would differ
             # between clients: every node must load the federation's encoder.
             raise FileNotFoundError(
-                "a node config with manifest needs label-encoder: the recipe's "
+                "a node config with manifest needs label-encoder: the federation's "
                 f"saved label_encoder.txt (got {node_config.get('label-encoder')!r})"
             )
-        label_encoder = asr.build_label_encoder(
+        label_encoder = task.build_label_encoder(
             manifest, encoder_path, hparams["blank_index"]
         )
         for split in splits:
             if node_config.get(f"{split}-csv"):
                 eval_csvs[split] = resolve_path(str(node_config[f"{split}-csv"]))
-        data = _datasets(asr, hparams, label_encoder, manifest, eval_csvs)
+        data = _datasets(task, hparams, label_encoder, manifest, eval_csvs)
     else:
         with _folder_lock(Path(hparams["output_folder"])):
             Path(hparams["save_folder"]).mkdir(parents=True, exist_ok=True)
-            clients, csvs = recipe.prepare_federation(hparams)
+            clients, csvs = task.prepare_federation(hparams)
             if client_id not in clients:
                 raise ValueError(
                     f"node serves {client_id!r}, but the partition has "
                     f"{sorted(clients)}"
                 )
-            label_encoder = asr.build_label_encoder(
+            label_encoder = task.build_label_encoder(
                 csvs[hparams["train_split"]],
                 Path(hparams["save_folder"]) / "label_encoder.txt",
                 blank_index=hparams["blank_index"],
             )
             eval_csvs = {name: csvs[split] for name, split in splits.items()}
-            data = _datasets(asr, hparams, label_encoder, clients[client_id], eval_csvs)
+            manifest = clients[client_id]
+            data = _datasets(task, hparams, label_encoder, manifest, eval_csvs)
     train_data, eval_data = data
-    brain = recipe.build_brain(hparams)
+    brain = task.build_brain(hparams)
     brain.tokenizer = label_encoder
-    # The same arguments as the embedded recipe's run_federation.
+    # The same arguments as the embedded run_federation.
     client = OMCClient(
         brain,
         train_data,
@@ -282,10 +273,10 @@ def build_node(
     )
 
 
-def _datasets(asr, hparams, label_encoder, manifest, eval_csvs):
-    train = asr.dataset_from_csv(manifest, hparams, label_encoder)
+def _datasets(task, hparams, label_encoder, manifest, eval_csvs):
+    train = task.dataset_from_csv(manifest, hparams, label_encoder)
     evals = {
-        name: asr.dataset_from_csv(path, hparams, label_encoder, "ascending")
+        name: task.dataset_from_csv(path, hparams, label_encoder, "ascending")
         for name, path in eval_csvs.items()
     }
     return train, evals
@@ -294,15 +285,15 @@ def _datasets(asr, hparams, label_encoder, manifest, eval_csvs):
 def initial_model(
     run_config: Mapping[str, Any],
 ) -> tuple[dict, list[str], dict, dict[str, str]]:
-    """The initial global model, as the embedded recipe makes it.
+    """The initial global model, as the embedded simulation makes it.
 
-    The recipe's hparams seed torch before the modules are created, so the
+    The hparams seed torch before the modules are created, so the
     Brain built here starts from the same weights as the embedded run's.
 
     Arguments
     ---------
     run_config : Mapping
-        ``recipe``, ``hparams``, ``overrides``.
+        ``task``, ``hparams``, ``overrides``.
 
     Returns
     -------
@@ -317,7 +308,7 @@ def initial_model(
     """
     from speechbrain_omc.federated.client import OMCClient
 
-    recipe = load_recipe(run_config.get("recipe") or DEFAULT_RECIPE)
+    task = load_task(run_config.get("task"))
     hparams = load_hparams(run_config)
-    client = OMCClient(recipe.build_brain(hparams), {})
+    client = OMCClient(task.build_brain(hparams), {})
     return client.get_model(), client.buffer_names(), hparams, client.parameter_roles()
