@@ -728,6 +728,7 @@ transcripts. Prepare it like LibriSpeech:
 
 ```python
 from speechbrain_omc.data.librispeech import prepare_librispeech
+
 prepare_librispeech("data/SynthSpeech", "results/prep", splits=("train", "dev", "test"))
 ```
 
@@ -744,10 +745,10 @@ or manifests plus federated partitions in one command:
 Each espeak-ng variant yields four speakers at different pitch and speed:
 three train speakers and one held-out speaker (ids 124-131), so held-out
 speakers are new pitch/speed/channel combinations of voices seen in training.
-A second held-out set (ids 132-163, pitches {", ".join(map(str, EXTRA_PITCHES))}
-and speeds {", ".join(map(str, EXTRA_SPEEDS))}, between the first set's) gives
-each variant one more dev and three more test speakers, so that the test set
-is large enough to tell a 1-point WER difference; it is drawn from a random
+A second held-out set (ids 132-163; pitches {"/".join(map(str, EXTRA_PITCHES))},
+speeds {"/".join(map(str, EXTRA_SPEEDS))}: between the first set's) gives each
+variant one more dev and three more test speakers, so that the test set is
+large enough to tell a 1-point WER difference; it is drawn from a random
 stream of its own, which leaves the first 32 speakers unchanged.
 
 | split | speaker ids | speakers | chapters each | utterances per chapter |
