@@ -287,3 +287,10 @@ def test_main_job_runs_both_federations_and_prints_the_table(tmp_path):
     assert omc["num_clients"] == f32["num_clients"] == 4
     assert omc["bytes_total"] < f32["bytes_total"] == f32["float32_bytes_total"]
     assert f"{omc['test_WER']:.2f} %" in out and f"{f32['test_WER']:.2f} %" in out
+    # Each WER with its interval; the difference with its paired interval and
+    # a verdict; the pointer to the multi-seed figure; no determinism claim.
+    low, high = omc["test_WER_ci95"]
+    assert f"{omc['test_WER']:.2f} % [{low:.2f}, {high:.2f}]" in out
+    assert "within noise" in out or "beyond the test noise" in out
+    assert "benchmarks/results/paper_table.md" in out
+    assert "another machine" in out
