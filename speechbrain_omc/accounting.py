@@ -105,6 +105,65 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS measurement (Linux: ``VmHWM``).
+
+    Writing ``5`` to ``/proc/self/clear_refs`` sets the high-water mark to
+    the current resident size, so that :func:`peak_rss_since_reset` after a
+    training step reports that step's peak, not the import's or a
+    previous evaluation's.
+
+    Returns
+    -------
+    bool
+        Whether the reset is supported here.
+
+    Example
+    -------
+    >>> if reset_peak_rss():  # Linux
+    ...     before = peak_rss_since_reset()
+    ...     block = bytearray(64 << 20)  # 64 MiB, written (zeroed)
+    ...     del block
+    ...     assert peak_rss_since_reset() >= before + (60 << 20)
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def peak_rss_since_reset() -> int:
+    """Peak resident set size since :func:`reset_peak_rss`, in bytes.
+
+    Where the reset is not supported, the process's whole peak
+    (:func:`peak_rss_bytes`).
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> peak_rss_since_reset() > 0
+    True
+    """
+    kib = _status_kib("VmHWM")
+    return kib * 1024 if kib is not None else peak_rss_bytes()
+
+
 def training_state_bytes(
     plan,
     rule: str = "sgd",

@@ -16,7 +16,7 @@ FedAvg's weighted mean of evaluation metrics, and overrides what it must:
   the server here: ``on_round`` (e.g. a checkpoint) is called at once, so
   that an evaluation that never ends loses no training.
 * ``configure_evaluate``: only every ``evaluate_every`` rounds and after the
-  last one, as the embedded recipe does, and only on nodes that serve the
+  last one, as the embedded simulation does, and only on nodes that serve the
   run's clients.
 * ``aggregate_evaluate``: each evaluation reply is checked
   (:func:`check_evaluation`) and rebuilt from the checked values alone;
