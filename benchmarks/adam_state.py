@@ -76,7 +76,8 @@ def main() -> None:
     torch.set_num_threads(1)
     started, load = time.time(), os.getloadavg()
     curves = {
-        name: [run(name, args.steps, seed) for seed in args.seeds] for name in CANDIDATES
+        name: [run(name, args.steps, seed) for seed in args.seeds]
+        for name in CANDIDATES
     }
     marks = [args.steps // 3, 2 * args.steps // 3, args.steps]
     lines = [
