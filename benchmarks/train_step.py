@@ -17,15 +17,44 @@ Configurations:
   10 % of values float32; those float32 parameters are stepped inside
   backward as in ``fp32-hook``, the compressed ones by the fused update.
 
+With ``--optimizer adam`` (the SGD rows above are ``--optimizer sgd``, the
+default), the Adam configurations (lr 1e-3, default betas, no weight decay):
+
+* ``fp32``: ``torch.optim.Adam`` as a user gets it (foreach), step after
+  backward;
+* ``fp32-hook``: one ``torch.optim.Adam`` per parameter, stepped inside
+  backward (post-accumulate-grad hook), the strongest uncompressed baseline;
+* ``torchao``: torchao's ``AdamW8bit`` (weight decay 0, i.e. Adam) on the
+  float32 weights, step after backward; it runs under ``--torchao-python``
+  (an interpreter where torchao imports; the row records why when it fails);
+* ``fused:11``: OMC fused Adam, e3m7 weights, e4m3 block-wise moments (256
+  values per scale, second moment as its square root: the recipe's
+  settings), as ``OMCBrain`` runs it: the compressed parameters updated in
+  backward, the float32 ones by ``torch.optim.Adam`` after it. Two rows: the
+  recipe's 10 % of values float32 and none.
+
+Every Adam row also reports its persistent training state, measured from
+its tensors: weights, the gradients alive when the optimizer steps, and the
+optimizer state (torch's and torchao's ``optimizer.state`` tensors, the OMC
+engine's stored buffers), as bytes per parameter and as a share of float32
+Adam's 16 bytes per parameter; OMC rows keep the engine's
+``memory_report()`` beside it.
+
 Peak memory: the kernel's high-water mark (VmHWM) is reset through
 ``/proc/self/clear_refs`` once the model is built (and compressed), so the
-figure is the steps' own peak, not the float32 model's construction.
+figure is the steps' own peak, not the float32 model's construction. It is
+reset once more after the warm-up step: ``peak_rss`` is the peak of all
+steps, ``steady_peak_rss`` that of the timed ones (torchao compiles its
+update in the first step).
 
 Usage::
 
     python benchmarks/train_step.py                  # all settings, 1 round
     python benchmarks/train_step.py --setting large --steps 5 --rounds 3
     python benchmarks/train_step.py --output benchmarks/results/train_step.md
+    python benchmarks/train_step.py --setting large --optimizer adam \
+        --torchao-python /tmp/venv_ao/bin/python \
+        --output benchmarks/results/train_step.md --append
 """
 
 from __future__ import annotations
@@ -52,15 +81,34 @@ SETTINGS = {
 FORMATS = {16: "bf16", 11: "e3m7", 8: "e4m3"}
 
 
-def configurations(setting: str) -> list[dict]:
-    """The runs of one setting: the two float32 baselines, then OMC per width."""
+# OMC fused Adam: the SynthSpeech recipe's settings (conformer_ctc_omc.yaml).
+ADAM_OMC = dict(format="e3m7", state_format="e4m3", state_block=256, state_sqrt=True)
+ADAM_FP32_FRACTIONS = (0.1, 0.0)  # the recipe's, and every weight matrix compressed
+FLOAT32_ADAM_BYTES = 16  # weights, gradients, two moments: 4 bytes each
+
+
+def configurations(setting: str, optimizer: str = "sgd") -> list[dict]:
+    """The runs of one setting.
+
+    SGD: the two float32 baselines, then OMC per width. Adam: the two float32
+    baselines, torchao's 8-bit AdamW, then OMC fused Adam (11-bit weights,
+    8-bit moments) per float32 fraction.
+    """
     checkpointing = [False, True] if setting == "large" else [False]
     runs = []
     for ckpt in checkpointing:
+        base = dict(setting=setting, optimizer=optimizer, ckpt=ckpt)
         for mode in ("fp32", "fp32-hook"):
-            runs.append(dict(setting=setting, mode=mode, bits=32, ckpt=ckpt))
-        for bits in FORMATS:
-            runs.append(dict(setting=setting, mode="fused", bits=bits, ckpt=ckpt))
+            runs.append(dict(base, mode=mode, bits=32))
+        if optimizer == "sgd":
+            for bits in FORMATS:
+                runs.append(dict(base, mode="fused", bits=bits))
+        elif optimizer == "adam":
+            runs.append(dict(base, mode="torchao", bits=32))
+            for fraction in ADAM_FP32_FRACTIONS:
+                runs.append(dict(base, mode="fused", bits=11, fp32_fraction=fraction))
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
     return runs
 
 
@@ -135,8 +183,68 @@ def sgd_in_backward(params, lr: float) -> None:
         param.register_post_accumulate_grad_hook(step)
 
 
+def adam_in_backward(params, lr: float) -> dict:
+    """The same pattern with ``torch.optim.Adam``; returns the optimizers."""
+    optimizers = {p: torch.optim.Adam([p], lr=lr) for p in params}
+
+    def step(param):
+        optimizers[param].step()
+        param.grad = None
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(step)
+    return optimizers
+
+
+def tensor_bytes(*values) -> int:
+    """Exact bytes held by the tensors in ``values``, each memory block once.
+
+    Walks dicts, lists and tuples; a tensor subclass that flattens (torchao's
+    optimizer state) counts its inner tensors, an object with an integer
+    ``nbytes`` (OMC's block-wise state) counts that; anything else is 0.
+
+    Example
+    -------
+    >>> t = torch.zeros(4)
+    >>> tensor_bytes({"a": t, "b": [t, torch.zeros(2, dtype=torch.uint8)]}, 3)
+    18
+    """
+    seen: set[tuple[int, int]] = set()
+
+    def visit(value) -> int:
+        if isinstance(value, dict):
+            return sum(visit(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(visit(v) for v in value)
+        if isinstance(value, torch.Tensor):
+            if type(value) not in (torch.Tensor, torch.nn.Parameter) and hasattr(
+                value, "__tensor_flatten__"
+            ):
+                names, _ = value.__tensor_flatten__()
+                return sum(visit(getattr(value, name)) for name in names)
+            key = (value.data_ptr(), value.nbytes)
+            if value.nbytes == 0 or key in seen:
+                return 0
+            seen.add(key)
+            return value.nbytes
+        nbytes = getattr(value, "nbytes", None)
+        return nbytes if isinstance(nbytes, int) else 0
+
+    return sum(visit(v) for v in values)
+
+
+def _torchao_adam(params, lr: float):
+    """torchao's 8-bit AdamW with weight decay 0 (that is, Adam)."""
+    import torchao
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(params, lr=lr, weight_decay=0.0), torchao.__version__
+
+
 def run_one(spec: dict, steps: int) -> dict:
     """Build, compress and train; measure. Runs inside the subprocess."""
+    if spec.get("optimizer", "sgd") == "adam":
+        return run_one_adam(spec, steps)
     from speechbrain_omc import OMCConfig, compress_module, kernels, parameter_bytes
 
     torch.set_num_threads(int(os.environ.get("OMC_BENCH_THREADS", "2")))
@@ -158,21 +266,10 @@ def run_one(spec: dict, steps: int) -> dict:
         sgd_in_backward(list(model.parameters()), lr)
     stored = parameter_bytes(model)
 
-    frames = int(shape["seconds"] * 100)
-    feats = torch.randn(shape["batch"], frames, 80)
-    lens = torch.ones(shape["batch"])
-    tokens = torch.randint(1, 32, (shape["batch"], int(shape["seconds"] * 3)))
+    feats, lens, tokens = _batch(shape)
 
     def step():
-        x = model["front"](feats)
-        enc = model["asr"].encode(x, lens)
-        logp = torch.nn.functional.log_softmax(model["ctc"](enc), -1).transpose(0, 1)
-        loss = torch.nn.functional.ctc_loss(
-            logp,
-            tokens,
-            torch.full((shape["batch"],), logp.shape[0]),
-            torch.full((shape["batch"],), tokens.shape[1]),
-        )
+        loss = _loss(model, shape, feats, lens, tokens)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -181,58 +278,188 @@ def run_one(spec: dict, steps: int) -> dict:
             handle.step()
         return loss.item()
 
-    rss_before = _vm_hwm_bytes()
-    rss_start = _vm_rss_bytes()
-    _reset_hwm()
-    times, losses = [], []
-    for _ in range(steps + 1):  # the first step warms up and is not timed
-        start = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - start)
     return {
         **spec,
         "numel": numel,
         "param_bytes": stored,
         "float32_param_bytes": 4 * numel,
-        "peak_rss": _vm_hwm_bytes(),
-        "setup_peak_rss": rss_before,
-        "start_rss": rss_start,
-        "sec_per_step": statistics.median(times[1:]),
-        "step_times": times[1:],
-        "losses": losses,
+        **_timed_steps(step, steps),
         "codec": kernels.status() if handle is not None else None,
     }
 
 
+def _batch(shape: dict):
+    frames = int(shape["seconds"] * 100)
+    feats = torch.randn(shape["batch"], frames, 80)
+    lens = torch.ones(shape["batch"])
+    tokens = torch.randint(1, 32, (shape["batch"], int(shape["seconds"] * 3)))
+    return feats, lens, tokens
+
+
+def _loss(model, shape, feats, lens, tokens):
+    x = model["front"](feats)
+    enc = model["asr"].encode(x, lens)
+    logp = torch.nn.functional.log_softmax(model["ctc"](enc), -1).transpose(0, 1)
+    return torch.nn.functional.ctc_loss(
+        logp,
+        tokens,
+        torch.full((shape["batch"],), logp.shape[0]),
+        torch.full((shape["batch"],), tokens.shape[1]),
+    )
+
+
+def _timed_steps(step, steps: int) -> dict:
+    """Warm-up step, then ``steps`` timed ones; peaks of both, times, losses."""
+    rss_before = _vm_hwm_bytes()
+    rss_start = _vm_rss_bytes()
+    _reset_hwm()
+    start = time.perf_counter()
+    losses = [step()]  # the first step warms up and is not timed
+    warmup_time = time.perf_counter() - start
+    warmup_peak = _vm_hwm_bytes()
+    _reset_hwm()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - start)
+    steady_peak = _vm_hwm_bytes()
+    return {
+        "peak_rss": max(warmup_peak, steady_peak),
+        "steady_peak_rss": steady_peak,
+        "setup_peak_rss": rss_before,
+        "start_rss": rss_start,
+        "sec_per_step": statistics.median(times),
+        "step_times": times,
+        "warmup_time": warmup_time,
+        "losses": losses,
+    }
+
+
+def run_one_adam(spec: dict, steps: int) -> dict:
+    """The Adam configurations (see the module docstring); in the subprocess."""
+    from speechbrain_omc import OMCConfig, compress_module, kernels, parameter_bytes
+    from speechbrain_omc.rules import settings_from_optimizer
+
+    torch.set_num_threads(int(os.environ.get("OMC_BENCH_THREADS", "2")))
+    torch.manual_seed(0)
+    shape = SETTINGS[spec["setting"]]
+    model = build_model(
+        shape["d_model"], shape["nhead"], shape["layers"], shape["d_ffn"], spec["ckpt"]
+    )
+    numel = sum(p.numel() for p in model.parameters())
+    lr = 1e-3
+    handle = optimizer = None
+    hooked: dict = {}
+    extra: dict = {}
+    if spec["mode"] == "fused":
+        config = OMCConfig(fp32_fraction=spec["fp32_fraction"], **ADAM_OMC)
+        handle = compress_module(model, config)
+    if spec["mode"] == "fp32-hook":
+        hooked = adam_in_backward(list(model.parameters()), lr)
+    elif spec["mode"] == "torchao":
+        optimizer, extra["torchao"] = _torchao_adam(model.parameters(), lr)
+    else:  # fp32; OMC as OMCBrain: the Brain's Adam over every parameter
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    if handle is not None:
+        handle.set_rule(settings_from_optimizer(optimizer))
+    stored = parameter_bytes(model)
+    feats, lens, tokens = _batch(shape)
+    grad_bytes = []  # gradients alive when the optimizer steps
+
+    def step():
+        loss = _loss(model, shape, feats, lens, tokens)
+        loss.backward()
+        if handle is not None:
+            handle.step()  # before the optimizer's, as OMCBrain does
+        grad_bytes.append(tensor_bytes([p.grad for p in model.parameters()]))
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    measured = _timed_steps(step, steps)
+    state = tensor_bytes(
+        optimizer.state if optimizer is not None else {},
+        [o.state for o in hooked.values()],
+        [s.optimizer for s in handle.state.values()] if handle is not None else [],
+    )
+    result = {
+        **spec,
+        "numel": numel,
+        "param_bytes": stored,
+        "float32_param_bytes": 4 * numel,
+        "grad_bytes": max(grad_bytes),
+        "state_bytes": state,
+        "training_state_bytes": stored + max(grad_bytes) + state,
+        **measured,
+        "codec": kernels.status() if handle is not None else None,
+        "torch": torch.__version__,
+        **extra,
+    }
+    if handle is not None:
+        result["memory_report"] = handle.memory_report()
+    return result
+
+
 # -------------------------------------------------------------- the driver
-def spawn(spec: dict, steps: int) -> dict:
-    """Run one configuration in a fresh interpreter and parse its JSON."""
+def spawn(spec: dict, steps: int, python: str | None = None) -> dict:
+    """Run one configuration in a fresh interpreter and parse its JSON.
+
+    A torchao row that fails (torchao missing or not importable with this
+    torch) comes back as ``{**spec, "error": ...}``; any other failure raises.
+    """
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--steps", str(steps)]
+    cmd = [python or sys.executable, __file__, "--one", json.dumps(spec)]
+    cmd += ["--steps", str(steps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
+        if spec["mode"] == "torchao":
+            return {**spec, "python": cmd[0], "error": _last_error(out.stderr)}
         raise RuntimeError(f"{spec} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if python:
+        result["python"] = python
+    return result
+
+
+def _last_error(stderr: str) -> str:
+    """The exception line of a traceback (the last line that names one)."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]:
+            return line
+    return lines[-1] if lines else "no output"
 
 
 def _key(r: dict) -> tuple:
-    return (r["setting"], r["ckpt"], r["mode"], r["bits"])
+    return (
+        r["setting"],
+        r.get("optimizer", "sgd"),
+        r["ckpt"],
+        r["mode"],
+        r["bits"],
+        r.get("fp32_fraction"),
+    )
 
 
 def summarise(results: list[dict]) -> list[dict]:
     """One row per configuration: medians over its rounds, ranges kept."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault(_key(r), []).append(r)
+        if "error" not in r:
+            groups.setdefault(_key(r), []).append(r)
     rows = []
     for runs in groups.values():
         rss = [r["peak_rss"] for r in runs]
         sec = [r["sec_per_step"] for r in runs]
+        steady = [r.get("steady_peak_rss", r["peak_rss"]) for r in runs]
         rows.append(
             {
                 **runs[0],
                 "peak_rss": statistics.median(rss),
                 "peak_rss_range": (min(rss), max(rss)),
+                "steady_peak_rss": statistics.median(steady),
                 "sec_per_step": statistics.median(sec),
                 "sec_range": (min(sec), max(sec)),
                 "rounds": len(runs),
@@ -270,10 +497,96 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _adam_label(r: dict) -> tuple[str, str, str]:
+    """(configuration, weights, moments) of an Adam row, in words."""
+    if r["mode"] == "fused":
+        share = f"{r['fp32_fraction']:.0%} float32"
+        return "OMC fused Adam", f"e3m7 ({share})", "e4m3 block 256, sqrt v"
+    if r["mode"] == "torchao":
+        return "torchao AdamW8bit", "float32", "8-bit block 256"
+    name = "torch Adam" + (" in backward" if r["mode"] == "fp32-hook" else "")
+    return name, "float32", "float32"
+
+
+def adam_table(results: list[dict]) -> str:
+    """Markdown table of the Adam rows: persistent state, peak RSS, time.
+
+    ``state B/param``: weights + gradients alive at the optimizer step +
+    optimizer state, measured; ``% of 16 B``: of float32 Adam's 16 bytes
+    per parameter. ``RSS saving / state saving``: how much of the state it
+    saves against float32 Adam's 16 B/param shows in the peak RSS against
+    the float32 Adam row. A row that could not run says why.
+    """
+    rows = [r for r in summarise(results) if r.get("optimizer") == "adam"]
+    lines = [
+        "| setting | ckpt | configuration | weights | moments | state B/param "
+        "| % of 16 B | peak RSS MB (range) | vs fp32 Adam "
+        "| RSS saving / state saving | timed-steps peak MB | s/step (range) "
+        "| vs fp32 Adam | vs in-backward | first/last loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {(r["setting"], r["ckpt"], r["mode"]): r for r in rows}
+    for r in rows:
+        fp32 = base.get((r["setting"], r["ckpt"], "fp32"), r)
+        hook = base.get((r["setting"], r["ckpt"], "fp32-hook"), r)
+        name, weights, moments = _adam_label(r)
+        per_param = r["training_state_bytes"] / r["numel"]
+        state_saving = FLOAT32_ADAM_BYTES * r["numel"] - r["training_state_bytes"]
+        rss_saving = fp32["peak_rss"] - r["peak_rss"]
+        share = f"{rss_saving / state_saving:.0%}" if r is not fp32 else "-"
+        lo, hi = r["peak_rss_range"]
+        slo, shi = r["sec_range"]
+        lines.append(
+            f"| {r['setting']} | {'yes' if r['ckpt'] else 'no'} | {name} "
+            f"| {weights} | {moments} | {per_param:.2f} "
+            f"| {per_param / FLOAT32_ADAM_BYTES:.1%} "
+            f"| {r['peak_rss'] / 1e6:.0f} ({lo / 1e6:.0f}-{hi / 1e6:.0f}) "
+            f"| {r['peak_rss'] / fp32['peak_rss']:.3f} | {share} "
+            f"| {r['steady_peak_rss'] / 1e6:.0f} "
+            f"| {r['sec_per_step']:.3f} ({slo:.3f}-{shi:.3f}) "
+            f"| {r['sec_per_step'] / fp32['sec_per_step']:.2f} "
+            f"| {r['sec_per_step'] / hook['sec_per_step']:.2f} "
+            f"| {r['losses'][0]:.2f} / {r['losses'][-1]:.2f} |"
+        )
+    failed = {}
+    for r in results:
+        if "error" in r:
+            failed.setdefault(_key(r), r)
+    for r in failed.values():
+        name, weights, moments = _adam_label(r)
+        lines.append(
+            f"| {r['setting']} | {'yes' if r['ckpt'] else 'no'} | {name} "
+            f"| {weights} | {moments} | not run: `{r['error']}` "
+            "| | | | | | | | | |"
+        )
+    return "\n".join(lines)
+
+
+def _environment() -> str:
+    """The allocator variables set, in words (none: the default environment)."""
+    names = sorted(
+        k
+        for k in os.environ
+        if k.startswith(("MALLOC_", "PYTORCH_")) or k == "LD_PRELOAD"
+    )
+    if not names:
+        return "default environment (no allocator variables)"
+    return "NOT the default environment: " + ", ".join(
+        f"{k}={os.environ[k]}" for k in names
+    )
+
+
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=[*SETTINGS, "all"], default="all")
+    parser.add_argument(
+        "--optimizer",
+        nargs="+",
+        choices=["sgd", "adam"],
+        default=["sgd"],
+        help="which tables: the SGD rows (default), the Adam rows, or both",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--rounds", type=int, default=1, help="runs per configuration")
     parser.add_argument(
@@ -283,7 +596,15 @@ def main() -> None:
         help="run only these configurations, e.g. fp32:32 fp32-hook:32 fused:11",
     )
     parser.add_argument("--no-ckpt", action="store_true", help="skip checkpointing")
+    parser.add_argument(
+        "--torchao-python",
+        help="interpreter of the torchao row (one where torchao imports); "
+        "default: this one",
+    )
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--append", action="store_true", help="add a section to --output"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -293,8 +614,9 @@ def main() -> None:
     settings = list(SETTINGS) if args.setting == "all" else [args.setting]
     specs = [
         spec
+        for optimizer in args.optimizer
         for setting in settings
-        for spec in configurations(setting)
+        for spec in configurations(setting, optimizer)
         if (not args.only or f"{spec['mode']}:{spec['bits']}" in args.only)
         and not (args.no_ckpt and spec["ckpt"])
     ]
@@ -303,34 +625,64 @@ def main() -> None:
     results = []
     for _ in range(args.rounds):  # interleaved: every configuration per round
         for spec in specs:
-            result = spawn(spec, args.steps)
+            python = args.torchao_python if spec["mode"] == "torchao" else None
+            result = spawn(spec, args.steps, python)
             results.append(result)
             print(json.dumps(result), flush=True)
     load_after = os.getloadavg()
-    report = table(results)
+    reports = []
+    if "sgd" in args.optimizer:
+        reports.append(table([r for r in results if r["optimizer"] == "sgd"]))
+    if "adam" in args.optimizer:
+        reports.append(adam_table(results))
+    report = "\n\n".join(reports)
     print(report)
     if args.output:
         command = " ".join(["python", *sys.argv])
         codec = next((r["codec"] for r in results if r.get("codec")), "n/a")
-        args.output.write_text(
-            "# Training-step benchmark\n\n"
-            f"Command: `{command}`\n\n"
+        runs = []
+        if "sgd" in args.optimizer:
+            runs.append(
+                "OMC runs: weight matrices only, 10 % of values float32, "
+                "fused SGD (lr 1e-3)."
+            )
+        if "adam" in args.optimizer:
+            runs.append(
+                "Adam rows: lr 1e-3, default betas and eps, no weight decay; "
+                "OMC fused Adam with the SynthSpeech recipe's state settings "
+                "(e4m3 moments, 256 values per scale, second moment as its "
+                "square root), float32 parameters stepped by torch.optim.Adam "
+                "after backward as in OMCBrain; the torchao row under "
+                f"`{args.torchao_python or sys.executable}` (same torch)."
+            )
+        if not args.append:
+            title = "# Training-step benchmark"
+        elif args.optimizer == ["adam"]:
+            title = "\n## Adam rows"
+        else:
+            title = "\n## Training-step benchmark (" + ", ".join(args.optimizer) + ")"
+        text = (
+            f"{title}\n\nCommand: `{command}`\n\n"
             f"Machine: {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__}, torch threads "
-            f"{os.environ.get('OMC_BENCH_THREADS', '2')}; {codec}; default "
-            "environment (no allocator variables). Load average (1/5/15 min) "
+            f"{os.environ.get('OMC_BENCH_THREADS', '2')}; {codec}; "
+            f"{_environment()}. Load average (1/5/15 min) "
             f"before {load_before[0]:.2f} / {load_before[1]:.2f} / "
             f"{load_before[2]:.2f}, after {load_after[0]:.2f} / {load_after[1]:.2f} "
             f"/ {load_after[2]:.2f}; {(time.time() - started) / 60:.1f} min. "
             f"Every configuration in a fresh process, {args.rounds} round(s) "
             f"interleaved; per run the median of {args.steps} timed steps after "
             "one warm-up step; the table gives the median over rounds and the "
-            "range. OMC runs: weight matrices only, 10 % of values float32, "
-            "fused SGD (lr 1e-3).\n\n"
+            f"range. {' '.join(runs)}\n\n"
             f"{report}\n\n<details><summary>raw</summary>\n\n```json\n"
             + "\n".join(json.dumps(r) for r in results)
             + "\n```\n</details>\n"
         )
+        if args.append:
+            with args.output.open("a") as f:
+                f.write(text)
+        else:
+            args.output.write_text(text)
 
 
 if __name__ == "__main__":
