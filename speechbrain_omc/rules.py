@@ -512,6 +512,11 @@ def fused_step_(
     return StepResult(0, result.minmax)
 
 
+#: Values per slice of a fused Adam step (a multiple of ATen's parallel
+#: grain, 32768, so that vectorised and scalar tails fall where they would).
+ADAM_CHUNK = 1 << 16
+
+
 def _adam_step_(value, codes, grad, state, settings, storage, scratch, keys):
     if kernels.native_for(grad):
         bad = kernels.minmax(grad)[2]
@@ -533,24 +538,31 @@ def _adam_step_(value, codes, grad, state, settings, storage, scratch, keys):
     step = state.get("step", 0)
     step_t = torch.tensor(float(step))
     beta1, beta2 = settings.betas
-    # torch.optim's own single-tensor Adam: the same operations, the same bits.
-    functional_adam(
-        [value],
-        [grad.view(value.shape)],
-        [exp_avg.view(value.shape)],
-        [exp_avg_sq.view(value.shape)],
-        [],
-        [step_t],
-        foreach=False,
-        decoupled_weight_decay=settings.decoupled,
-        amsgrad=False,
-        beta1=beta1,
-        beta2=beta2,
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        eps=settings.eps,
-        maximize=False,
-    )
+    # torch.optim's own single-tensor Adam: the same operations, the same
+    # bits. Its temporaries (the denominator) are as large as the slice it
+    # steps: slices of ADAM_CHUNK values keep them small, so they do not
+    # grow the heap the way weight-sized blocks freed in backward would.
+    # Every operation is elementwise, so slicing changes no value.
+    flat = [t.view(-1) for t in (value, grad, exp_avg, exp_avg_sq)]
+    for start in range(0, value.numel(), ADAM_CHUNK):
+        parts = [t[start : start + ADAM_CHUNK] for t in flat]
+        functional_adam(
+            [parts[0]],
+            [parts[1]],
+            [parts[2]],
+            [parts[3]],
+            [],
+            [step_t.clone()],
+            foreach=False,
+            decoupled_weight_decay=settings.decoupled,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            eps=settings.eps,
+            maximize=False,
+        )
     state["exp_avg"] = storage.store("exp_avg", exp_avg, keys("exp_avg"))
     state["exp_avg_sq"] = storage.store("exp_avg_sq", exp_avg_sq, keys("exp_avg_sq"))
     state["step"] = step + 1

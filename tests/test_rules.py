@@ -15,6 +15,13 @@ def decoded(buffer):
     return buffer.decompress() if isinstance(buffer, BlockwiseTensor) else buffer
 
 
+def as_bytes(buffer) -> bytes:
+    """A stored buffer's exact bytes: codes, or float32 values."""
+    if isinstance(buffer, torch.Tensor):
+        return buffer.detach().contiguous().numpy().tobytes()
+    return buffer.to_bytes()
+
+
 def reference_step(handle, twin, twin_opt, batch, config):
     """Decompress weights and moments, torch.optim.Adam(W) step, compress."""
     params = dict(twin.named_parameters())
@@ -39,8 +46,8 @@ def reference_step(handle, twin, twin_opt, batch, config):
         state = twin_opt.state[params[name]]
         expected[name] = (
             codes.to_bytes(),
-            storage.store("exp_avg", state["exp_avg"]).to_bytes(),
-            storage.store("exp_avg_sq", state["exp_avg_sq"]).to_bytes(),
+            as_bytes(storage.store("exp_avg", state["exp_avg"])),
+            as_bytes(storage.store("exp_avg_sq", state["exp_avg_sq"])),
         )
     return expected
 
@@ -77,6 +84,49 @@ def test_fused_adam_equals_torch_adam_on_the_same_codes(name, adam):
             )
             assert got == expected[pname], pname
     assert all(s.optimizer["step"] == 3 for s in handle.state.values())
+
+
+class Wide(torch.nn.Module):
+    """One weight of 153,900 values: Adam steps it in slices (two full ones
+    and a ragged one), which must not change a bit."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(300, 513)
+
+    def loss(self, x):
+        return self.proj(x).tanh().square().mean()
+
+
+@pytest.mark.parametrize("state_format", [None, "e4m3"])
+def test_fused_adam_in_slices_equals_torch_adam_on_a_large_weight(state_format):
+    from speechbrain_omc.rules import ADAM_CHUNK
+
+    torch.manual_seed(0)
+    model, twin = Wide(), Wide()
+    twin.load_state_dict(model.state_dict())
+    assert model.proj.weight.numel() > 2 * ADAM_CHUNK
+    config = OMCConfig(
+        format="e3m7", update_rounding="nearest", state_format=state_format
+    )
+    handle = compress_module(model, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    handle.set_rule(settings_from_optimizer(optimizer))
+    batch = (torch.randn(8, 300),)
+    for _ in range(3):
+        expected = reference_step(handle, twin, twin_opt, batch, config)
+        model.loss(*batch).backward()
+        handle.step()
+        optimizer.step()
+        optimizer.zero_grad()
+        state = handle.state["proj.weight"].optimizer
+        got = (
+            handle.slots["proj.weight"].codes.to_bytes(),
+            as_bytes(state["exp_avg"]),
+            as_bytes(state["exp_avg_sq"]),
+        )
+        assert got == expected["proj.weight"]
 
 
 def test_adam_settings_follow_the_optimizer_and_refuse_what_they_cannot_do():
