@@ -44,8 +44,13 @@ Outputs in ``<output_folder>``:
 * ``final_model.pt``: the final global model (float32 state dict), written
   before the final test.
 
-A client that raises is logged and left out of its round
-(``fail_clients`` makes chosen clients raise, for testing). A client's
+Each round streams: the clients train one after another, and each reply is
+validated and folded into the server's running sums before the next client
+starts (:func:`speechbrain_omc.federated.simulation.run_round`), so the
+server's memory does not grow with ``clients_per_round``. ``dropout`` makes
+a seeded fraction of each round's sampled clients unavailable. A client
+that raises is logged and left out of its round (``fail_clients`` makes
+chosen clients raise, for testing). A client's
 ``num_examples`` (its FedAvg weight) may not exceed its partition's size;
 ``aggregation`` picks FedAvg or a robust rule (``median``, ``trimmed_mean``,
 ``norm_clip``, see :mod:`speechbrain_omc.federated.aggregation`).
@@ -78,6 +83,7 @@ from speechbrain_omc.federated.checkpoint import CheckpointStore, atomic_save
 from speechbrain_omc.federated.client import OMCClient
 from speechbrain_omc.federated.partition import client_manifests, partition_manifest
 from speechbrain_omc.federated.server import FedAvgServer, RoundReport
+from speechbrain_omc.federated.simulation import run_round
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +147,12 @@ CSV_FIELDS = [
     "valid_CER",
     "seconds",
     "load1",
+    "server_encode_s",
+    "server_decode_s",
+    "server_validate_s",
+    "server_aggregate_s",
+    "server_rss_before_mb",
+    "server_rss_peak_mb",
 ]
 
 
@@ -209,6 +221,14 @@ def round_row(
         Keys :data:`CSV_FIELDS`.
     """
     evaluation = evaluation or {}
+    memory = report.rss or {}
+    server = {f"server_{k}_s": round(v, 4) for k, v in report.seconds.items()}
+    server.update(
+        {
+            f"server_rss_{k}_mb": round(memory[k] / 2**20, 2) if k in memory else None
+            for k in ("before", "peak")
+        }
+    )
     return {
         "round": report.round,
         "sampled": len(report.sampled),
@@ -226,6 +246,7 @@ def round_row(
         "valid_CER": evaluation.get("CER"),
         "seconds": round(seconds, 2),
         "load1": round(os.getloadavg()[0], 2),
+        **server,
     }
 
 
@@ -252,6 +273,7 @@ def run_settings(hparams: dict) -> dict:
         "momentum",
         "weight_decay",
         "max_grad_norm",
+        "dropout",
     )
     return {key: hparams.get(key) for key in keys}
 
@@ -305,6 +327,8 @@ def build_server(
         ),
         run_settings=run_settings(hparams),
         roles=roles,
+        memory_budget=int(hparams.get("aggregation_memory_mb", 1024) * 2**20),
+        measure_memory=bool(hparams.get("measure_server_memory", False)),
     )
 
 
@@ -483,27 +507,26 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
         dynamic_ncols=True,
         disable=hparams.get("noprogressbar", False),
     )
-    while server.round < rounds:
-        round_start = time.perf_counter()
-        messages = server.configure_round()
-        replies, failures = {}, {}
-        for cid, message in tqdm(
-            messages.items(),
-            desc=f"round {server.round + 1} clients",
+
+    def train(cid: str, message: bytes) -> bytes:
+        if cid in fail:
+            raise RuntimeError(f"injected failure of {cid} (fail_clients)")
+        return client.train(message)
+
+    def progress(clients):
+        return tqdm(
+            clients,
+            desc=f"round {server.round + 1} clients",  # the round being run
             leave=False,
             dynamic_ncols=True,
             disable=hparams.get("noprogressbar", False),
-        ):
-            try:
-                if cid in fail:
-                    raise RuntimeError(f"injected failure of {cid} (fail_clients)")
-                replies[cid] = client.train(message)
-            except Exception as error:  # a client's failure must not end the run
-                logger.error(
-                    "client %s raised; left out of this round", cid, exc_info=True
-                )
-                failures[cid] = f"{type(error).__name__}: {error}"
-        report = server.aggregate(replies, failures)
+        )
+
+    while server.round < rounds:
+        round_start = time.perf_counter()
+        # One client at a time, each reply folded in as it comes (the
+        # server's memory does not grow with the clients per round).
+        report = run_round(server, train, hparams.get("dropout", 0.0), progress)
         stats = None
         if report.round % eval_every == 0 or report.round == rounds:
             stats = client.evaluate(server.message_for("eval"), valid_data, valid_opts)
