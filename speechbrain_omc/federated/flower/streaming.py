@@ -122,12 +122,11 @@ class StreamingGrid:
             while replies:
                 yield replies.pop(0)  # dropped here once the consumer is done
             if deadline is not None and time.monotonic() > deadline:
-                # Counted, not built: the rest of the iterable is not encoded.
-                unsent = 0 if exhausted else sum(1 for _ in messages)
+                # The rest of the iterable is not taken: never built, never sent.
                 logger.warning(
-                    "round timeout: %d message(s) unanswered, %d never sent",
+                    "round timeout: %d message(s) unanswered%s",
                     len(inflight),
-                    unsent,
+                    "" if exhausted else "; the rest were not sent",
                 )
                 return
             full = exhausted or (self.window and len(inflight) >= self.window)
