@@ -101,6 +101,7 @@ __all__ = [
     "decode",
     "encode",
     "encoded_nbytes",
+    "entry_head_nbytes",
     "entry_nbytes",
     "expect_like",
     "float32_payload",
@@ -331,6 +332,26 @@ def _entry_parts(value: Entry) -> tuple[int, tuple]:
     return FLOAT32, _float32_parts(value)
 
 
+def entry_head_nbytes(name: str) -> int:
+    """Bytes of one entry's header in a message (name, kind, payload length).
+
+    Arguments
+    ---------
+    name : str
+        Entry name.
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> entry_head_nbytes("b")  # name length 2 + name 1 + kind 1 + length 8
+    12
+    """
+    return _NAME_LEN.size + len(name.encode("utf-8")) + _ENTRY_HEAD.size
+
+
 def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
     """Exact bytes one entry takes in a message.
 
@@ -350,7 +371,7 @@ def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
     >>> entry_nbytes("b", torch.zeros(4))  # name 2+1, head 9, payload 1+8+16
     37
     """
-    head = _NAME_LEN.size + len(name.encode("utf-8")) + _ENTRY_HEAD.size
+    head = entry_head_nbytes(name)
     if isinstance(value, CompressedTensor):
         # The payload's own layout belongs to CompressedTensor: ask it.
         return head + len(value.to_bytes())
