@@ -82,6 +82,7 @@ def test_fp32_twin_differs_only_by_omc():
         ("fed_omc.yaml", {}),
         ("fed_fp32.yaml", {}),
         ("fed_librispeech_omc.yaml", {"data_folder": "/data/LibriSpeech"}),
+        ("fed_scale.yaml", {}),
     ],
 )
 def test_hparams_load(name, overrides, tmp_path):
@@ -95,6 +96,9 @@ def test_hparams_load(name, overrides, tmp_path):
     else:
         assert (omc.format, omc.transform, omc.weights_only) == ("e3m7", "scale", True)
         assert omc.fp32_fraction == 0.1 and omc.fp32_policy == "random"
+    if name == "fed_scale.yaml":
+        assert hparams["partition_mode"] == "utterance"
+        assert hparams["num_clients"] == 1000 and hparams["dropout"] == 0.1
     if "librispeech" in name:
         assert hparams["partition_mode"] == "speaker"
         assert hparams["train_split"] == "train-clean-100"
@@ -272,3 +276,34 @@ def test_main_job_runs_both_federations_and_prints_the_table(tmp_path):
     assert omc["num_clients"] == f32["num_clients"] == 4
     assert omc["bytes_total"] < f32["bytes_total"] == f32["float32_bytes_total"]
     assert f"{omc['test_WER']:.2f} %" in out and f"{f32['test_WER']:.2f} %" in out
+
+
+def test_the_scale_configuration_runs_utterance_clients_with_dropouts(tmp_path):
+    """fed_scale.yaml at test size: utterance-level clients, seeded dropouts,
+    the server's time and memory logged per round."""
+    recipe = _recipe()
+    overrides = {
+        **{k: v for k, v in TINY.items() if k not in ("batch_size",)},
+        "output_folder": str(tmp_path),
+        "num_clients": 600,
+        "clients_per_round": 10,
+        "rounds": 2,
+        "max_local_steps": 1,
+        "eval_every": 1000,
+        "measure_server_memory": True,
+    }
+    with open(RECIPE / "hparams" / "fed_scale.yaml", encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    hparams["noprogressbar"] = True
+    summary = recipe.run_federation(hparams)
+    assert summary["num_clients"] == 600  # more than the 480 utterances
+    rows = _rows(tmp_path / "rounds.csv")
+    for row in rows:
+        assert int(row["sampled"]) == 10 and int(row["clients"]) == 9  # 10 % out
+        assert "dropped out (simulated unavailability)" in row["rejected"]
+        assert float(row["server_encode_s"]) > 0 and float(row["server_decode_s"]) > 0
+        assert float(row["server_rss_peak_mb"]) >= float(row["server_rss_before_mb"])
+    assert rows[0]["rejected"] != rows[1]["rejected"]  # drawn per round
+    manifests = sorted((tmp_path / "partition").glob("client_*.csv"))
+    assert len(manifests) == 600
+    assert all(len(_rows(path)) == 1 for path in manifests[:20])

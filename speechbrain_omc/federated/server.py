@@ -901,7 +901,9 @@ class FedAvgServer:
         self._cache.clear()
         trim_heap()  # freed decoded entries and messages back to the system
         if report.rss is not None:
-            report.rss["peak"] = rss.peak_rss_bytes() or report.rss["before"]
+            # The kernel updates the mark lazily: it can lag the current RSS.
+            marks = [rss.peak_rss_bytes(), rss.rss_bytes(), report.rss["before"]]
+            report.rss["peak"] = max(m for m in marks if m is not None)
         return report
 
     def aggregate(
