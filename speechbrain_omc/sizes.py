@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
@@ -383,17 +383,23 @@ def _plan_sizes(shapes, roles, config, round, client, meta=None) -> PlanSizes:
         else 4 * numel[n]
         for n, _ in shapes
     )
+    empty = wire.encoded_nbytes({}, meta)
     return PlanSizes(
         parameters=sum(numel.values()),
         float32_bytes=4 * sum(numel.values()),
         plan_bytes=plan_bytes,
         compressed_parameters=sum(numel[n] for n in compressed),
-        message_bytes=_message_nbytes(shapes, formats, transform, meta),
-        float32_message_bytes=_message_nbytes(
-            shapes, dict.fromkeys(formats), transform, meta
-        ),
+        message_bytes=empty + _entries_nbytes(shapes, formats, transform),
+        float32_message_bytes=empty + _entries_nbytes(shapes, {}, transform),
         largest_entry=max(numel.values()),
         compressed=compressed,
+    )
+
+
+def _entries_nbytes(shapes: Shapes, formats: Mapping, transform: str) -> int:
+    return sum(
+        wire_entry_nbytes(name, shape, formats.get(name), transform)
+        for name, shape in shapes
     )
 
 
@@ -509,14 +515,31 @@ def round_sizes(
     transform = "scale" if config is None else config.transform
     down = up = down32 = up32 = largest = 0
     client_bytes, broadcast = [], {}
+    # Only the random policy draws per client; other plans are made once.
+    same = config is None or config.fp32_policy != "random" or not config.fp32_fraction
+    first = None
     for client in clients:
-        sizes = _plan_sizes(shapes, roles, config, round, client)
-        reply = _plan_sizes(
-            shapes, roles, config, round, client, reply_meta(round, client)
+        if same and first is not None:
+            # The same plan; only the client id in the metadata differs.
+            meta = broadcast_meta(round, client)
+            delta = wire.encoded_nbytes({}, meta) - wire.encoded_nbytes(
+                {}, broadcast_meta(round, clients[0])
+            )
+            sizes = replace(
+                first,
+                message_bytes=first.message_bytes + delta,
+                float32_message_bytes=first.float32_message_bytes + delta,
+            )
+        else:
+            sizes = first = _plan_sizes(shapes, roles, config, round, client)
+        # The reply: the same entries, other metadata (the plan is made once).
+        extra = wire.encoded_nbytes({}, reply_meta(round, client)) - (
+            wire.encoded_nbytes({}, broadcast_meta(round, client))
         )
         down, down32 = down + sizes.message_bytes, down32 + sizes.float32_message_bytes
-        up, up32 = up + reply.message_bytes, up32 + reply.float32_message_bytes
-        largest = max(largest, sizes.message_bytes, reply.message_bytes)
+        up += sizes.message_bytes + extra
+        up32 += sizes.float32_message_bytes + extra
+        largest = max(largest, sizes.message_bytes, sizes.message_bytes + extra)
         client_bytes.append(sizes.plan_bytes)
         broadcast.update(sizes.compressed)
     numel = {name: math.prod(shape) for name, shape in shapes}
