@@ -243,6 +243,10 @@ class _Pending:
     position: int = 0  # index in order of the next client to fold
     out_of_order: bool = False
     broken: bool = False  # a fold failed half-way: nothing may be committed
+    rank: dict[str, int] = field(default_factory=dict)  # client -> fold position
+
+    def __post_init__(self) -> None:
+        self.rank = {client: i for i, client in enumerate(self.order)}
 
     @property
     def round(self) -> int:
@@ -785,7 +789,7 @@ class FedAvgServer:
                     order[pending.position],
                 )
                 pending.out_of_order = True
-            self._fold(pending, min(pending.held, key=order.index))
+            self._fold(pending, min(pending.held, key=pending.rank.__getitem__))
 
     def _reject(self, pending: _Pending, client: str, reason: str, f32: int) -> None:
         pending.report.rejected[client] = reason
@@ -878,7 +882,7 @@ class FedAvgServer:
                     "round %d: client %s left out: %s", pending.round, client, reason
                 )
         # Accepted in fold order, whatever order they were folded in.
-        report.accepted.sort(key=pending.order.index)
+        report.accepted.sort(key=pending.rank.__getitem__)
         report.client_metrics = {c: report.client_metrics[c] for c in report.accepted}
         start = time.perf_counter()
         if pending.broken:

@@ -1,9 +1,11 @@
 """Peak memory of aggregating N replies (run by tests/test_streaming_aggregation.py).
 
 Usage: ``python streaming_memory.py N RULE``. In this fresh process: a server
-with a 1M-parameter model (4 MiB in float32) under OMC (e3m7, 10 % of the
-values float32, re-drawn per client) opens a round of N clients; every
-client's honest reply is made and written to a file first. Then the
+with a 4M-parameter model (16 MiB in float32) under OMC (e3m7, 10 % of the
+values float32, re-drawn per client) opens a round of N clients and
+writes every client's broadcast to a file; a child process makes each
+client's honest reply from it (so that this process never held a reply
+before measuring). Then the
 kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and the server
 takes the replies one at a time (each read from its file, handed to
 ``receive`` and dropped, as the embedded runner does) and closes the round.
@@ -12,6 +14,8 @@ aggregating, the model's float32 size and the largest reply.
 """
 
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,8 +32,8 @@ def model() -> dict:
     gen = torch.Generator().manual_seed(0)
     out = {}
     for i in range(8):
-        out[f"layer{i}.weight"] = torch.randn(512, 256, generator=gen) * 0.05
-        out[f"layer{i}.bias"] = torch.zeros(512)
+        out[f"layer{i}.weight"] = torch.randn(1024, 512, generator=gen) * 0.05
+        out[f"layer{i}.bias"] = torch.zeros(1024)
     return out
 
 
@@ -48,7 +52,17 @@ def reply(data: bytes, shift: float) -> bytes:
     return wire.encode(entries, meta)
 
 
+def make_replies(folder: Path) -> None:
+    """The child: each ``<client>.msg`` answered as ``<client>.reply``."""
+    for k, path in enumerate(sorted(folder.glob("*.msg"))):
+        data = reply(path.read_bytes(), shift=0.01 * (k + 1))
+        path.with_suffix(".reply").write_bytes(data)
+
+
 def main() -> None:
+    if sys.argv[1] == "--replies":
+        make_replies(Path(sys.argv[2]))
+        return
     n, rule = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     clients = [f"client_{i:03d}" for i in range(n)]
@@ -65,20 +79,19 @@ def main() -> None:
     )
     folder = Path(tempfile.mkdtemp())
     server.open_round()
-    largest = 0
-    for k, client in enumerate(server.fold_order()):
-        data = reply(server.broadcast(client), shift=0.01 * (k + 1))
-        largest = max(largest, len(data))
-        (folder / client).write_bytes(data)
-        del data
+    for client in server.fold_order():
+        (folder / f"{client}.msg").write_bytes(server.broadcast(client))
+    subprocess.run([sys.executable, __file__, "--replies", str(folder)], check=True)
+    largest = max(p.stat().st_size for p in folder.glob("*.reply"))
     rss.reset_peak_rss()
     before = rss.rss_bytes()
     for client in server.fold_order():
-        data = (folder / client).read_bytes()
+        data = (folder / f"{client}.reply").read_bytes()
         server.receive(client, data)
         del data
     report = server.close_round()
-    peak = rss.peak_rss_bytes()
+    peak = max(rss.peak_rss_bytes(), rss.rss_bytes())
+    shutil.rmtree(folder)
     assert len(report.accepted) == n, report.rejected
     print(
         json.dumps(
