@@ -216,6 +216,7 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
 
     def train(client: str, message: bytes) -> bytes:
         mine.send_bytes(message)
+        del message  # sent: the server holds one message at a time
         reply = mine.recv_bytes()
         if reply.startswith(b"ERROR "):
             raise RuntimeError(reply[6:].decode(errors="replace"))

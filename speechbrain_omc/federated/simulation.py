@@ -82,17 +82,16 @@ def run_round(
         if client in dropped:
             server.fail(client, DROPOUT_REASON)
             continue
-        message = server.broadcast(client)
         try:
-            reply = train(client, message)
+            # The message is the callee's alone (no reference kept here): a
+            # train() that drops it once sent holds one message at a time.
+            reply = train(client, server.broadcast(client))
         except Exception as error:  # a client's failure must not end the run
             logger.error(
                 "client %s raised; left out of this round", client, exc_info=True
             )
             server.fail(client, f"{type(error).__name__}: {error}")
             continue
-        finally:
-            del message  # before the reply is decoded: one message at a time
         server.receive(client, reply)
         del reply
     return server.close_round()
