@@ -21,7 +21,13 @@ setup(
     include_package_data=True,
     # The codec kernels' source: compiled on first use by the machine's C++
     # compiler (speechbrain_omc/kernels.py), with the torch code as fallback.
-    package_data={"speechbrain_omc": ["_native/*.cpp"]},
+    # The federated SynthSpeech hyperparameters (speechbrain_omc.asr), so that
+    # an installed package runs the main job and the Flower app without the
+    # repository.
+    package_data={
+        "speechbrain_omc": ["_native/*.cpp"],
+        "speechbrain_omc.asr": ["hparams/*.yaml"],
+    },
     install_requires=[
         "torch>=2.1,<2.10",
         "torchaudio>=2.1,<2.10",

@@ -11,15 +11,15 @@ name, with the command, the machine and the load average before and after;
 ``benchmarks/results/federated_scale.md`` is rendered from it):
 
 ``measured``
-    ``recipes/SynthSpeech/federated/hparams/fed_scale.yaml`` (1,000
-    utterance-level clients, tiny Conformer, one local step, 10 % seeded
+    ``fed_scale.yaml`` (packaged; the federated recipe's too: 1,000
+    utterance-level clients, a 6M-parameter Conformer, one local step, 10 % seeded
     dropouts) with 10, 100 and 1,000 clients per round, each in fresh
     processes, in both runners:
 
-    * ``embedded``: the embedded recipe's round
+    * ``embedded``: the embedded simulation's round
       (:func:`speechbrain_omc.federated.simulation.run_round`, the server
-      built by the recipe's ``build_server``) in this process, with the
-      recipe's client (one Brain, every client's data) in a worker process
+      built by :func:`speechbrain_omc.asr.build_server`) in this process, with
+      its client (one Brain, every client's data) in a worker process
       that answers each message over a pipe: the embedded runner with its
       client moved out, so that the process's RSS is the server's own;
     * ``flower``: the Flower app in Flower's Simulation Engine (a local
@@ -74,8 +74,9 @@ sys.path.insert(0, str(REPO / "tests"))  # flower_harness: the loopback deployme
 
 OUT = REPO / "benchmarks" / "results"
 RECORD = OUT / "federated_scale.json"
-SCALE_HPARAMS = REPO / "recipes/SynthSpeech/federated/hparams/fed_scale.yaml"
-OMC_HPARAMS = REPO / "recipes/SynthSpeech/federated/hparams/fed_omc.yaml"
+# The packaged files (the recipe's hparams/ holds identical copies).
+SCALE_HPARAMS = REPO / "speechbrain_omc/asr/hparams/fed_scale.yaml"
+OMC_HPARAMS = REPO / "speechbrain_omc/asr/hparams/fed_omc.yaml"
 APP = REPO / "recipes/SynthSpeech/federated/flower"
 MIB = 2**20
 PARTS = ("measured", "analytic", "deployment")
@@ -111,46 +112,33 @@ def _machine() -> str:
     )
 
 
-def _recipe():
-    """The embedded federated recipe (``train.py``) as a module."""
-    import importlib.util
-
-    name = "federated_scale_recipe"
-    if name not in sys.modules:
-        path = REPO / "recipes/SynthSpeech/federated/train.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 # ------------------------------------------------------------------ embedded
 def _client_process(conn, overrides: dict) -> None:
-    """The recipe's client in its own process: build, announce, answer."""
+    """The embedded simulation's client in its own process: build, announce,
+    answer."""
     import torch
     from hyperpyyaml import load_hyperpyyaml
 
+    from speechbrain_omc import asr
     from speechbrain_omc.federated.client import OMCClient
 
-    recipe = _recipe()
     with open(SCALE_HPARAMS, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     hparams["noprogressbar"] = True
     torch.set_num_threads(1)
     save = Path(hparams["save_folder"])
     save.mkdir(parents=True, exist_ok=True)
-    client_csvs, csvs = recipe.prepare_federation(hparams)
-    encoder = recipe.asr_recipe.build_label_encoder(
+    client_csvs, csvs = asr.prepare_federation(hparams)
+    encoder = asr.build_label_encoder(
         csvs[hparams["train_split"]],
         save / "label_encoder.txt",
         blank_index=hparams["blank_index"],
     )
     data = {
-        cid: recipe.asr_recipe.dataset_from_csv(path, hparams, encoder)
+        cid: asr.dataset_from_csv(path, hparams, encoder)
         for cid, path in client_csvs.items()
     }
-    brain = recipe.build_brain(hparams)
+    brain = asr.build_brain(hparams)
     brain.tokenizer = encoder
     client = OMCClient(
         brain,
@@ -189,6 +177,7 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
     import torch
     from hyperpyyaml import load_hyperpyyaml
 
+    from speechbrain_omc import asr
     from speechbrain_omc.federated.simulation import run_round
 
     torch.set_num_threads(1)
@@ -198,7 +187,6 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
         "rounds": rounds,
         "measure_server_memory": True,
     }
-    recipe = _recipe()
     with open(SCALE_HPARAMS, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     context = mp.get_context("spawn")
@@ -207,7 +195,7 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
     worker.start()
     init = mine.recv()
     model = torch.load(io.BytesIO(init.pop("model")))
-    server = recipe.build_server(
+    server = asr.build_server(
         hparams, model, list(init["sizes"]), init["buffers"], init["sizes"],
         roles=init["roles"],
     )  # fmt: skip
@@ -422,7 +410,8 @@ def run_deployment(workdir: Path) -> dict:
     from flower_harness import LocalDeployment
     from hyperpyyaml import load_hyperpyyaml
 
-    recipe = _recipe()
+    from speechbrain_omc import asr
+
     overrides = {
         **CONFORMER_LARGE,
         "output_folder": str(workdir / "out"),
@@ -439,9 +428,9 @@ def run_deployment(workdir: Path) -> dict:
         hparams = load_hyperpyyaml(f, overrides)
     save = Path(hparams["save_folder"])
     save.mkdir(parents=True, exist_ok=True)
-    clients, csvs = recipe.prepare_federation(hparams)
+    clients, csvs = asr.prepare_federation(hparams)
     encoder = save / "label_encoder.txt"
-    recipe.asr_recipe.build_label_encoder(
+    asr.build_label_encoder(
         csvs[hparams["train_split"]], encoder, blank_index=hparams["blank_index"]
     )
     del hparams

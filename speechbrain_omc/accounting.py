@@ -103,3 +103,184 @@ def peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS measurement (Linux: ``VmHWM``).
+
+    Writing ``5`` to ``/proc/self/clear_refs`` sets the high-water mark to
+    the current resident size, so that :func:`peak_rss_since_reset` after a
+    training step reports that step's peak, not the import's or a
+    previous evaluation's.
+
+    Returns
+    -------
+    bool
+        Whether the reset is supported here.
+
+    Example
+    -------
+    >>> if reset_peak_rss():  # Linux
+    ...     before = peak_rss_since_reset()
+    ...     block = bytearray(64 << 20)  # 64 MiB, written (zeroed)
+    ...     del block
+    ...     assert peak_rss_since_reset() >= before + (60 << 20)
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def peak_rss_since_reset() -> int:
+    """Peak resident set size since :func:`reset_peak_rss`, in bytes.
+
+    Where the reset is not supported, the process's whole peak
+    (:func:`peak_rss_bytes`).
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> peak_rss_since_reset() > 0
+    True
+    """
+    kib = _status_kib("VmHWM")
+    return kib * 1024 if kib is not None else peak_rss_bytes()
+
+
+def training_state_bytes(
+    plan,
+    rule: str = "sgd",
+    mode: str = "fused",
+    state_format=None,
+    state_block: int = 256,
+) -> dict[str, dict[str, int]]:
+    """Bytes of the whole training state, float32 against OMC, from a plan.
+
+    What persists between steps: parameters, gradients (until the optimizer
+    step; fused mode frees those of compressed parameters in backward) and
+    optimizer state (SGD momentum: one buffer, Adam: two).
+
+    Arguments
+    ---------
+    plan : Plan
+        The selection (exact parameter bytes).
+    rule : str
+        ``"sgd"`` (no state), ``"sgd_momentum"`` or ``"adam"``.
+    mode : str
+        ``"fused"`` or ``"simple"``.
+    state_format : str or dict, optional
+        Format of the compressed parameters' optimizer state in fused mode
+        (as ``OMCConfig.state_format``); float32 when ``None``.
+    state_block : int
+        Values per scale of compressed state.
+
+    Returns
+    -------
+    dict
+        ``{"float32": {...}, "omc": {...}}``, each with ``parameters``,
+        ``gradients``, ``optimizer_state`` and ``total`` bytes.
+
+    Example
+    -------
+    >>> from speechbrain_omc import OMCConfig, make_plan
+    >>> plan = make_plan([("w", (1024, 1024))], OMCConfig(format="e3m7"))
+    >>> r = training_state_bytes(plan, "adam", state_format="e4m3")
+    >>> r["float32"]["total"], r["omc"]["total"]
+    (16777216, 3538948)
+    """
+    from speechbrain_omc.formats import get_format
+    from speechbrain_omc.packing import packed_nbytes
+
+    buffers = {
+        "sgd": (),
+        "sgd_momentum": ("momentum_buffer",),
+        "adam": ("exp_avg", "exp_avg_sq"),
+    }
+    if rule not in buffers:
+        raise ValueError(f"rule must be one of {sorted(buffers)}, got {rule!r}")
+    names = buffers[rule]
+    formats = state_format
+    if isinstance(formats, str):
+        formats = dict.fromkeys(names, formats)
+    formats = dict(formats or {})
+    total_numel = sum(e.numel for e in plan.entries)
+    float32 = {
+        "parameters": 4 * total_numel,
+        "gradients": 4 * total_numel,
+        "optimizer_state": 4 * total_numel * len(names),
+    }
+    grads = state = 0
+    for entry in plan.entries:
+        if not entry.compressed or mode == "simple":
+            grads += 4 * entry.numel
+            state += 4 * entry.numel * len(names)
+            continue
+        for name in names:
+            fmt = formats.get(name)
+            if fmt is None:
+                state += 4 * entry.numel
+            else:
+                bits = get_format(fmt).bits
+                blocks = -(-entry.numel // state_block)
+                state += packed_nbytes(entry.numel, bits) + 4 * blocks
+    omc = {"parameters": plan.nbytes, "gradients": grads, "optimizer_state": state}
+    for part in (float32, omc):
+        part["total"] = sum(part.values())
+    return {"float32": float32, "omc": omc}
+
+
+def format_training_state(report: dict[str, dict[str, int]]) -> str:
+    """The training-state report as a small fixed-width table.
+
+    Arguments
+    ---------
+    report : dict
+        As returned by :func:`training_state_bytes`.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> report = {"float32": {"parameters": 8, "gradients": 8,
+    ...           "optimizer_state": 0, "total": 16},
+    ...           "omc": {"parameters": 3, "gradients": 0,
+    ...           "optimizer_state": 0, "total": 3}}
+    >>> print(format_training_state(report))  # doctest: +NORMALIZE_WHITESPACE
+    training state    float32 bytes  OMC bytes  OMC / float32
+    parameters                    8          3          37.5%
+    gradients                     8          0           0.0%
+    optimizer state               0          0              -
+    total                        16          3          18.8%
+    """
+    rows = [("training state", "float32 bytes", "OMC bytes", "OMC / float32")]
+    for key in ("parameters", "gradients", "optimizer_state", "total"):
+        f, o = report["float32"][key], report["omc"][key]
+        ratio = f"{o / f:.1%}" if f else "-"
+        rows.append((key.replace("_", " "), f"{f:,}", f"{o:,}", ratio))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths))
+        )
+        for r in rows
+    )

@@ -43,7 +43,7 @@ from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.engine import OMCHandle, compress_module
 from speechbrain_omc.export import OMC_STATE_RECOVERABLE, export_checkpoints
-from speechbrain_omc.sgd import SGDSettings
+from speechbrain_omc.rules import settings_from_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,13 @@ class OMCMixin:
     The configuration is ``hparams["omc"]`` (an :class:`OMCConfig`, or a dict
     of its arguments); without it the Brain trains in float32 as usual, so one
     ``train.py`` serves both. In fused mode the Brain's optimizer must be
-    ``torch.optim.SGD``: its learning rate (scheduled or not), momentum and
-    weight decay are applied to the compressed parameters inside backward,
-    and the optimizer itself trains the float32 parameters. In simple mode
-    any optimizer works, and SpeechBrain's gradient clipping covers the
-    compressed parameters too: they are parameters like the others.
+    ``torch.optim.SGD``, ``Adam`` or ``AdamW``: its settings (scheduled
+    learning rate included) are read every batch and applied to the
+    compressed parameters inside backward, and the optimizer itself trains
+    the float32 parameters; ``max_grad_norm`` is honoured as
+    ``OMCConfig.fused_clipping`` says. In simple mode any optimizer works,
+    and SpeechBrain's gradient clipping covers the compressed parameters
+    too: they are parameters like the others.
 
     Example
     -------
@@ -140,9 +142,10 @@ class OMCMixin:
             )
         if config.update_mode == "fused":
             logger.info(
-                "OMC fused mode: gradient clipping (max_grad_norm=%s) covers the "
-                "float32 parameters only; compressed ones are updated in backward",
+                "OMC fused mode: compressed parameters are updated in backward; "
+                "max_grad_norm=%s is applied to them by %s clipping",
                 self.max_grad_norm,
+                config.fused_clipping,
             )
 
     def fit(self, *args, **kwargs) -> None:
@@ -251,7 +254,7 @@ class OMCMixin:
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
 
     def init_optimizers(self):
-        """Build the optimizer; in fused mode, read its SGD settings too.
+        """Build the optimizer; in fused mode, read its rule's settings too.
 
         Compressed parameters are parameters like the others, so any
         optimizer (and a recipe's own ``init_optimizers``) covers them; in
@@ -259,24 +262,61 @@ class OMCMixin:
         optimizer only steps the float32 ones.
         """
         super().init_optimizers()
-        if self.omc is not None and self.omc.mode == "fused" and self.opt_class:
-            self.omc.sgd = SGDSettings.from_optimizer(self.optimizer)
+        self._omc_read_optimizer()
+
+    def _omc_read_optimizer(self) -> None:
+        if self.omc is None or self.omc.mode != "fused":
+            return
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is None and getattr(self, "optimizers_dict", None):
+            optimizer = next(iter(self.optimizers_dict.values()))
+        if optimizer is not None:
+            self.omc.set_rule(settings_from_optimizer(optimizer))
+        self.omc.max_grad_norm = self.max_grad_norm
 
     def fit_batch(self, batch):
-        """Hand the optimizer's current SGD settings to fused updates."""
-        if self.omc is not None and self.omc.mode == "fused" and self.opt_class:
-            self.omc.sgd = SGDSettings.from_optimizer(self.optimizer)
+        """Hand the optimizer's current settings to fused updates; with
+        two-pass clipping, measure the gradient norm first."""
+        self._omc_read_optimizer()
+        omc = self.omc
+        if (
+            omc is not None
+            and omc.mode == "fused"
+            and omc.config.fused_clipping == "two_pass"
+            and self.max_grad_norm is not None
+            and self.max_grad_norm < float("inf")
+        ):
+            self._omc_measure_gradient_norm(batch)
         return super().fit_batch(batch)
+
+    def _omc_measure_gradient_norm(self, batch) -> None:
+        """Two-pass clipping's first pass: forward and backward, no update."""
+        with self.omc.measuring():
+            outputs = self.compute_forward(batch, sb.Stage.TRAIN)
+            loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
+            loss.backward()
+        dense = [p.grad for p in self.modules.parameters() if p.grad is not None]
+        dense_sq = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in dense)
+        for param in self.modules.parameters():
+            param.grad = None
+        total = (self.omc.gradient_norm_sq + dense_sq) ** 0.5
+        self.omc.clip_coef = min(1.0, self.max_grad_norm / (total + 1e-6))
 
     def optimizers_step(self):
         """Fused mode finishes the OMC step first; then SpeechBrain's step.
 
         Under DDP the fused updates wait for the all-reduced gradients and
         run here, so that the optimizer then finds no gradient on the
-        compressed parameters (in one process backward consumed them).
+        compressed parameters (in one process backward consumed them). With
+        two-pass clipping the float32 gradients take the same coefficient.
         """
         if self.omc is not None:
+            coef = self.omc.clip_coef
             self.omc.step()
+            if coef is not None and coef < 1.0:
+                for param in self.modules.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(coef)
         super().optimizers_step()
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from speechbrain_omc.formats import get_format
+from speechbrain_omc.rules import StateStorage
 
 ROUNDINGS = ("nearest", "stochastic")
 TRANSFORMS = ("none", "scale", "affine")
@@ -28,6 +29,8 @@ FP32_POLICIES = ("fixed", "largest", "smallest", "random")
 UPDATE_MODES = ("fused", "simple")
 NONFINITE_ACTIONS = ("skip", "raise")
 PLAN_CHANGE_ACTIONS = ("error", "recompress")
+CLIPPINGS = ("previous_norm", "per_parameter", "two_pass")
+STATE_BUFFERS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -102,8 +105,22 @@ class OMCConfig:
         ``"fused"``: the SGD update of a compressed parameter happens in its
         backward; ``"simple"``: any torch optimizer updates the compressed
         parameters (each in-place update decodes and re-encodes).
-    momentum_format : str, optional
-        Format of the fused mode's momentum state; ``None`` keeps float32.
+    state_format : str or dict, optional
+        Format of fused mode's optimizer state (SGD's ``momentum_buffer``,
+        Adam's ``exp_avg`` and ``exp_avg_sq``): one format for every
+        buffer, or ``{buffer: format}``; ``None`` keeps float32. Stored with
+        one float32 scale per ``state_block`` values.
+    state_block : int
+        Values per scale of the compressed state (a power of two >= 16).
+    state_sqrt : bool
+        Store Adam's second moment as its square root (half the range).
+    fused_clipping : str
+        How fused mode honours the Brain's ``max_grad_norm``:
+        ``"previous_norm"`` scales each update by the previous step's
+        gradient norm (no extra cost; the first step clips per parameter),
+        ``"per_parameter"`` clips each parameter's gradient on its own,
+        ``"two_pass"`` runs forward and backward twice (the first measures
+        the global norm), as LOMO does.
     nonfinite_grad : str
         What a non-finite gradient of a compressed parameter does: ``"skip"``
         the update with a warning, or ``"raise"``.
@@ -138,7 +155,10 @@ class OMCConfig:
     fp32_patterns: Sequence[str] = ()
     seed: int = 0
     update_mode: str = "fused"
-    momentum_format: str | None = None
+    state_format: str | Mapping[str, str] | None = None
+    state_block: int = 256
+    state_sqrt: bool = True
+    fused_clipping: str = "previous_norm"
     nonfinite_grad: str = "skip"
     on_plan_change: str = "error"
 
@@ -167,14 +187,62 @@ class OMCConfig:
         for pattern, fmt in overrides.items():
             _check_format(f"format_overrides[{pattern!r}]", fmt)
         object.__setattr__(self, "format_overrides", overrides)
-        if self.momentum_format is not None:
-            _check_format("momentum_format", self.momentum_format)
+        formats = self.state_format
+        if formats is not None and not isinstance(formats, (str, Mapping)):
+            raise TypeError(
+                "OMCConfig: state_format must be a format, a {buffer: format} "
+                f"mapping or null, got {formats!r}"
+            )
+        if isinstance(formats, Mapping):
+            unknown = sorted(set(formats) - set(STATE_BUFFERS))
+            if unknown:
+                raise ValueError(
+                    f"OMCConfig: state_format names unknown buffers {unknown}; "
+                    f"use {', '.join(STATE_BUFFERS)}"
+                )
+            object.__setattr__(self, "state_format", dict(formats))
+            for name, fmt in formats.items():
+                _check_format(f"state_format[{name!r}]", fmt)
+        elif formats is not None:
+            _check_format("state_format", formats)
+        block = self.state_block
+        if (
+            isinstance(block, bool)
+            or not isinstance(block, int)
+            or block < 16
+            or (block & (block - 1))
+        ):
+            raise ValueError(
+                f"OMCConfig: state_block must be a power of two >= 16, got {block!r}"
+            )
+        _check_choice("fused_clipping", self.fused_clipping, CLIPPINGS)
         if self.fp32_policy == "fixed" and not self.fp32_patterns:
             if self.fp32_fraction > 0:
                 raise ValueError(
                     "OMCConfig: fp32_policy='fixed' names its float32 parameters "
                     "in fp32_patterns; none were given"
                 )
+
+    def state_storage(self):
+        """How fused mode keeps optimizer state (a ``StateStorage``).
+
+        Returns
+        -------
+        StateStorage
+
+        Example
+        -------
+        >>> OMCConfig(state_format="e4m3").state_storage().formats["exp_avg"]
+        'e4m3'
+        """
+        formats = self.state_format
+        if isinstance(formats, str):
+            formats = dict.fromkeys(STATE_BUFFERS, formats)
+        return StateStorage(
+            formats=dict(formats or {}),
+            block=self.state_block,
+            sqrt_second_moment=self.state_sqrt,
+        )
 
     def format_of(self, name: str) -> str:
         """Name of the format a parameter called ``name`` is compressed in.

@@ -33,19 +33,26 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 
+from speechbrain_omc.accounting import format_training_state, training_state_bytes
+from speechbrain_omc.blockwise import BlockwiseTensor
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.formats import _finite_minmax, get_format
 from speechbrain_omc.memory import Workspace, mapped_empty, trim_heap
 from speechbrain_omc.packing import packed_nbytes
 from speechbrain_omc.parameter import CompressedParameter, Slot
+from speechbrain_omc.rules import (
+    AdamSettings,
+    SGDSettings,
+    fused_step_,
+)
 from speechbrain_omc.selection import Plan, make_plan, round_seed
-from speechbrain_omc.sgd import SGDSettings, sgd_step_
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +61,20 @@ __all__ = ["OMCHandle", "compress_module", "CompressedParameter"]
 
 @dataclass
 class UpdateState:
-    """Per-parameter state of the updates: step count and momentum.
+    """Per-parameter state of the updates: write count and optimizer state.
 
     Arguments
     ---------
     steps : int
-        Updates applied so far (keys stochastic rounding).
-    momentum : torch.Tensor or CompressedTensor, optional
-        The fused SGD momentum buffer.
+        Writes of the codes so far (keys stochastic rounding).
+    optimizer : dict
+        The fused rule's state: ``momentum_buffer`` (SGD), ``exp_avg``,
+        ``exp_avg_sq`` and ``step`` (Adam), each float32 or block-wise
+        compressed (:class:`~speechbrain_omc.rules.StateStorage`).
     """
 
     steps: int = 0
-    momentum: torch.Tensor | CompressedTensor | None = None
+    optimizer: dict = field(default_factory=dict)
 
 
 class OMCHandle:
@@ -85,8 +94,15 @@ class OMCHandle:
         self.module = module
         self.config = config
         self.plan = plan
-        self.sgd = SGDSettings()
+        self.rule: SGDSettings | AdamSettings = SGDSettings()
         self.state: dict[str, UpdateState] = {}
+        self.storage = config.state_storage()
+        # Fused mode's gradient clipping (see OMCConfig.fused_clipping).
+        self.max_grad_norm: float | None = None
+        self.clip_coef: float | None = None  # two-pass: the measured one
+        self._norm_sq = 0.0  # this step's squared gradient norms
+        self._previous_norm: float | None = None
+        self._measuring = False
         self.aliases: dict[str, tuple[str, ...]] = {}
         self.skipped_updates = 0
         self.live_bytes = 0
@@ -103,18 +119,48 @@ class OMCHandle:
         """``"fused"`` or ``"simple"``."""
         return self.config.update_mode
 
+    @property
+    def sgd(self) -> SGDSettings:
+        """The fused SGD settings (an error when the rule is Adam)."""
+        if not isinstance(self.rule, SGDSettings):
+            raise AttributeError(f"the fused rule is {type(self.rule).__name__}")
+        return self.rule
+
+    @sgd.setter
+    def sgd(self, settings: SGDSettings) -> None:
+        self.rule = settings
+
     def set_sgd(self, **settings) -> None:
-        """Set the fused SGD hyperparameters (``lr``, ``momentum``, ...).
+        """Use fused SGD with these hyperparameters (``lr``, ``momentum``, ...).
 
         Arguments
         ---------
         **settings
-            Fields of :class:`~speechbrain_omc.sgd.SGDSettings`.
+            Fields of :class:`~speechbrain_omc.rules.SGDSettings`.
         """
+        if not isinstance(self.rule, SGDSettings):
+            self.rule = SGDSettings()
         for key, value in settings.items():
-            if not hasattr(self.sgd, key):
+            if not hasattr(self.rule, key):
                 raise TypeError(f"set_sgd: unknown SGD setting {key!r}")
-            setattr(self.sgd, key, value)
+            setattr(self.rule, key, value)
+
+    def set_rule(self, settings: SGDSettings | AdamSettings) -> None:
+        """Use this fused rule (what a Brain reads from its optimizer).
+
+        Arguments
+        ---------
+        settings : SGDSettings or AdamSettings
+        """
+        if type(settings) is not type(self.rule) and any(
+            s.optimizer for s in self.state.values()
+        ):
+            raise ValueError(
+                f"the fused rule changed from {type(self.rule).__name__} to "
+                f"{type(settings).__name__} with optimizer state present; call "
+                "reset_state() first"
+            )
+        self.rule = settings
 
     def parameters(self) -> dict[str, CompressedParameter]:
         """The compressed parameters by name (a tied one under its first name).
@@ -222,6 +268,10 @@ class OMCHandle:
     def _on_grad(self, param: CompressedParameter) -> None:
         if self.mode != "fused":
             return
+        if self._measuring:  # two-pass clipping, first pass: the norm only
+            self._norm_sq += float(torch.linalg.vector_norm(param.grad.float())) ** 2
+            param.grad = None
+            return
         if _distributed():  # DDP all-reduces the gradient after this hook
             self._deferred.add(param.slot.name)
             return
@@ -235,32 +285,77 @@ class OMCHandle:
         slot = param.slot
         state = self.state[slot.name]
         codes = slot.codes
-        value = self.workspace.take(codes.numel(), codes.device).view(codes.shape)
-        momentum = state.momentum
-        if isinstance(momentum, CompressedTensor):
-            momentum = momentum.decompress()
-        elif momentum is not None and momentum.device != value.device:
-            momentum = momentum.to(value.device)
-        grad = grad.to(value.device, torch.float32)
-        result = sgd_step_(value, grad, momentum, self.sgd, codes=codes)
+        grad = self._clipped(grad.to(codes.device, torch.float32))
+
+        def scratch() -> torch.Tensor:
+            buffer = self.workspace.take(codes.numel(), codes.device)
+            return buffer.view(codes.shape)
+
+        def keys(buffer: str) -> int:
+            return self._rounding_key(slot.name, "/" + buffer)
+
+        state.optimizer = self._on_device(state.optimizer, codes.device)
+        value = scratch()
+        result = fused_step_(
+            value, codes, grad, state.optimizer, self.rule, self.storage, scratch, keys
+        )
         del grad
         if result.nonfinite_grad:
             return self._skip(slot.name, result.nonfinite_grad)
-        momentum = result.momentum_buffer
-        if momentum is not None and self.config.momentum_format is not None:
-            momentum = CompressedTensor.compress(
-                momentum,
-                self.config.momentum_format,
-                transform="scale",
-                rounding=self.config.update_rounding,
-                generator=self._rounding_key(slot.name, "/momentum"),
-            )
-        state.momentum = momentum
         with slot.lock:
             self._write(slot, value, result.minmax)
         # As an in-place op would: a graph that saved the old value refuses
         # a second backward instead of using the new one.
         torch.autograd.graph.increment_version(param)
+
+    def _clipped(self, grad: torch.Tensor) -> torch.Tensor:
+        """Fused mode's share of gradient clipping (``fused_clipping``).
+
+        Compressed parameters are clipped here, by the rule chosen; float32
+        parameters by the Brain's optimizer step, as SpeechBrain does.
+        """
+        limit = self.max_grad_norm
+        if limit is None or not limit < float("inf"):
+            return grad
+        norm_sq = float(torch.linalg.vector_norm(grad)) ** 2
+        self._norm_sq += norm_sq
+        mode = self.config.fused_clipping
+        if mode == "two_pass" and self.clip_coef is not None:
+            coef = self.clip_coef
+        elif mode == "previous_norm" and self._previous_norm is not None:
+            coef = limit / (self._previous_norm + 1e-6)
+        else:  # per parameter (also the first step of previous_norm)
+            coef = limit / (norm_sq**0.5 + 1e-6)
+        return grad * coef if coef < 1.0 else grad
+
+    @staticmethod
+    def _on_device(state: dict, device: torch.device) -> dict:
+        return {
+            k: v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v
+            for k, v in state.items()
+        }
+
+    @contextmanager
+    def measuring(self):
+        """Two-pass clipping's first pass: backward measures, nothing updates.
+
+        Inside the block, the gradients of compressed parameters add their
+        squared norms to :attr:`gradient_norm_sq` and are dropped.
+
+        Yields
+        ------
+        None
+        """
+        self._measuring, self._norm_sq = True, 0.0
+        try:
+            yield
+        finally:
+            self._measuring = False
+
+    @property
+    def gradient_norm_sq(self) -> float:
+        """Squared norm of the compressed parameters' gradients this step."""
+        return self._norm_sq
 
     def step(self) -> None:
         """Finish a training step.
@@ -276,6 +371,9 @@ class OMCHandle:
             for param in params.values():
                 if param.grad is not None:
                     self._fused_update(param)
+        # previous_norm clipping: this step's norm scales the next step.
+        self._previous_norm = self._norm_sq**0.5 if self._norm_sq else None
+        self._norm_sq, self.clip_coef = 0.0, None
         self.workspace.trim()
 
     def zero_grad(self) -> None:
@@ -296,7 +394,8 @@ class OMCHandle:
             self.config = replace(self.config, seed=seed)
         self.skipped_updates = 0
         for state in self.state.values():
-            state.steps, state.momentum = 0, None
+            state.steps, state.optimizer = 0, {}
+        self._previous_norm, self._norm_sq, self.clip_coef = None, 0.0, None
         self.zero_grad()
 
     # ------------------------------------------------------------ state dicts
@@ -433,7 +532,9 @@ class OMCHandle:
         return state
 
     def optimizer_state_dict(self) -> dict:
-        """Fused-mode update state: step counts and momentum buffers.
+        """Fused-mode update state: the rule, write counts, optimizer state.
+
+        Block-wise compressed buffers travel as their ``to_bytes()`` payload.
 
         Returns
         -------
@@ -441,13 +542,20 @@ class OMCHandle:
         """
         slots = {}
         for name, state in self.state.items():
-            momentum = state.momentum
-            if isinstance(momentum, CompressedTensor):
-                momentum = torch.frombuffer(
-                    bytearray(momentum.to_bytes()), dtype=torch.uint8
-                )
-            slots[name] = {"steps": state.steps, "momentum": momentum}
-        return {"sgd": vars(self.sgd).copy(), "slots": slots}
+            buffers = {
+                key: torch.frombuffer(bytearray(value.to_bytes()), dtype=torch.uint8)
+                if isinstance(value, (BlockwiseTensor, CompressedTensor))
+                else value
+                for key, value in state.optimizer.items()
+            }
+            kinds = {
+                key: type(value).__name__
+                for key, value in state.optimizer.items()
+                if isinstance(value, (BlockwiseTensor, CompressedTensor))
+            }
+            slots[name] = {"steps": state.steps, "state": buffers, "kinds": kinds}
+        rule = {"kind": type(self.rule).__name__, **vars(self.rule)}
+        return {"rule": rule, "slots": slots, "previous_norm": self._previous_norm}
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         """Inverse of :meth:`optimizer_state_dict`.
@@ -456,14 +564,27 @@ class OMCHandle:
         ---------
         state : dict
         """
-        self.set_sgd(**state["sgd"])
+        rule = dict(state["rule"])
+        kind = rule.pop("kind")
+        settings = {"SGDSettings": SGDSettings, "AdamSettings": AdamSettings}[kind]
+        if "betas" in rule:
+            rule["betas"] = tuple(rule["betas"])
+        self.rule = settings(**rule)
+        self._previous_norm = state.get("previous_norm")
+        decoders = {
+            "BlockwiseTensor": BlockwiseTensor.from_bytes,
+            "CompressedTensor": CompressedTensor.from_bytes,
+        }
         for name, entry in state["slots"].items():
             target = self.state[name]
             target.steps = int(entry["steps"])
-            momentum = entry["momentum"]
-            if isinstance(momentum, torch.Tensor) and momentum.dtype == torch.uint8:
-                momentum = CompressedTensor.from_bytes(momentum.numpy().tobytes())
-            target.momentum = momentum
+            kinds = entry.get("kinds", {})
+            target.optimizer = {
+                key: decoders[kinds[key]](value.numpy().tobytes())
+                if key in kinds
+                else value
+                for key, value in entry["state"].items()
+            }
 
     # -------------------------------------------------------------- accounting
     def parameter_bytes(self) -> int:
@@ -480,6 +601,61 @@ class OMCHandle:
             else:
                 total += param.numel() * param.element_size()
         return total
+
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Bytes of the training state, float32 against OMC, for this rule.
+
+        Parameters are counted from storage; the optimizer state of
+        compressed parameters from storage once it exists, else predicted
+        from ``state_format``; gradients as they persist between backward and
+        the optimizer step (fused mode frees the compressed ones).
+
+        Returns
+        -------
+        dict
+            ``{"float32": {...}, "omc": {...}}`` with ``parameters``,
+            ``gradients``, ``optimizer_state`` and ``total``.
+        """
+        if isinstance(self.rule, AdamSettings):
+            rule = "adam"
+        else:
+            rule = "sgd_momentum" if self.rule.momentum else "sgd"
+        report = training_state_bytes(
+            self.plan,
+            rule,
+            self.mode,
+            self.config.state_format,
+            self.config.state_block,
+        )
+        omc = report["omc"]
+        omc["parameters"] = self.parameter_bytes()
+        stored = [s.optimizer for s in self.state.values() if s.optimizer]
+        if stored and self.mode == "fused":
+            predicted = training_state_bytes(
+                self.plan, rule, self.mode, None, self.config.state_block
+            )["omc"]["optimizer_state"]
+            compressed_float32 = sum(
+                4 * e.numel * (2 if rule == "adam" else int(rule != "sgd"))
+                for e in self.plan.compressed
+            )
+            measured = sum(
+                self.storage.nbytes(v)
+                for state in stored
+                for k, v in state.items()
+                if k != "step"
+            )
+            omc["optimizer_state"] = predicted - compressed_float32 + measured
+        omc["total"] = omc["parameters"] + omc["gradients"] + omc["optimizer_state"]
+        return report
+
+    def memory_table(self) -> str:
+        """:meth:`memory_report` as a table.
+
+        Returns
+        -------
+        str
+        """
+        return format_training_state(self.memory_report())
 
     def table(self) -> str:
         """The plan's per-parameter byte table.

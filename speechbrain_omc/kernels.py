@@ -45,6 +45,8 @@ import torch
 
 __all__ = [
     "ENV_DISABLE",
+    "decode_blocks",
+    "encode_blocks",
     "available",
     "decode",
     "disabled",
@@ -63,7 +65,7 @@ ENV_DISABLE = "SPEECHBRAIN_OMC_KERNELS"
 ENV_CACHE = "SPEECHBRAIN_OMC_CACHE"
 
 _SOURCE = Path(__file__).with_name("_native") / "codec.cpp"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17"]
 
 _i64, _i32, _f32, _u64 = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint64
@@ -86,6 +88,15 @@ _SIGNATURES = {
         _i64,
         [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _i32, _i32, _ptr, _i32]
         + [_ptr, _i64, _i32, _i32, _i32, _i32, _f32, _f32, _f32, _i32],
+    ),
+    "omc_encode_blocks": (
+        None,
+        [_ptr, _i64, _i64, _i32, _ptr, _i64, _ptr, _i32, _i32, _i32, _i32]
+        + [_i32, _u64, _i32],
+    ),
+    "omc_decode_blocks": (
+        None,
+        [_ptr, _i64, _i64, _i64, _i32, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32],
     ),
 }
 
@@ -487,3 +498,84 @@ def sgd_step(
         flags,
     )
     return int(bad), float(out[0]), float(out[1]), int(out[2])
+
+
+def encode_blocks(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    fmt: FormatSpec,
+    block: int,
+    sqrt: bool = False,
+    stochastic_key: int | None = None,
+) -> None:
+    """Block-wise codes of ``x`` (see :mod:`speechbrain_omc.blockwise`).
+
+    Arguments
+    ---------
+    x : torch.Tensor
+        Contiguous float32 values.
+    packed : torch.Tensor
+        ``uint8`` output codes.
+    scales : torch.Tensor
+        float32 output, one scale per block.
+    fmt : FormatSpec
+        Code format.
+    block : int
+        Values per scale.
+    sqrt : bool
+        Encode square roots.
+    stochastic_key : int, optional
+        Stochastic rounding's key; nearest when ``None``.
+    """
+    _library().omc_encode_blocks(
+        x.data_ptr(),
+        x.numel(),
+        block,
+        int(sqrt),
+        packed.data_ptr(),
+        packed.numel(),
+        scales.data_ptr(),
+        *fmt,
+        int(stochastic_key is not None),
+        (stochastic_key or 0) & (2**64 - 1),
+        torch.get_num_threads(),
+    )
+
+
+def decode_blocks(
+    packed: torch.Tensor,
+    out: torch.Tensor,
+    scales: torch.Tensor,
+    fmt: FormatSpec,
+    block: int,
+    sqrt: bool = False,
+) -> torch.Tensor:
+    """Values of block-wise codes into ``out`` (float32, contiguous).
+
+    Arguments
+    ---------
+    packed : torch.Tensor
+    out : torch.Tensor
+    scales : torch.Tensor
+    fmt : FormatSpec
+    block : int
+    sqrt : bool
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``.
+    """
+    _library().omc_decode_blocks(
+        packed.data_ptr(),
+        packed.numel(),
+        out.numel(),
+        block,
+        int(sqrt),
+        scales.data_ptr(),
+        out.data_ptr(),
+        *fmt,
+        torch.get_num_threads(),
+    )
+    return out

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+# Job scripts run in subprocesses; importing them here (doctest collection)
+# would run their setup in the test session (one of them hides the plugin).
+collect_ignore_glob = ["jobs/*"]
+
 # The Flower app folder: its package (omc_flower) is importable in tests as
 # Flower makes it importable in its processes.
 APP_DIR = Path(__file__).resolve().parents[1] / "recipes/SynthSpeech/federated/flower"

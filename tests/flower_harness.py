@@ -734,10 +734,9 @@ def app_run_config(folder: Path, **extra: Any) -> dict:
     """
     import yaml
 
-    repo = Path(__file__).resolve().parents[1]
     overrides = dict(TINY_APP, output_folder=str(folder / "out"))
     return {
-        "hparams": str(repo / "recipes/SynthSpeech/federated/hparams/fed_omc.yaml"),
+        "hparams": "fed_omc.yaml",  # the packaged file, by name
         "overrides": yaml.safe_dump(overrides, default_flow_style=True).strip(),
         "result-dir": str(folder / "result"),
         "round-timeout": 5,

@@ -86,8 +86,12 @@ def test_fused_and_simple_brains_agree():
 
 
 def test_fused_mode_refuses_what_it_cannot_honour():
-    brain = make_brain(OMCConfig(), opt_class=lambda p: torch.optim.Adam(p, lr=1e-3))
-    with pytest.raises(ValueError, match="SGD only"):
+    brain = make_brain(OMCConfig(), opt_class=lambda p: torch.optim.RMSprop(p, lr=1e-3))
+    with pytest.raises(ValueError, match="SGD, Adam and AdamW, got RMSprop"):
+        brain.fit(range(1, 2), data(1))
+    amsgrad = lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True)  # noqa: E731
+    brain = make_brain(OMCConfig(), opt_class=amsgrad)
+    with pytest.raises(ValueError, match="amsgrad"):
         brain.fit(range(1, 2), data(1))
     brain = make_brain(OMCConfig(), run_opts={"grad_accumulation_factor": 2})
     with pytest.raises(ValueError, match="grad_accumulation_factor"):
@@ -129,7 +133,7 @@ def test_bad_omc_entry_is_a_clear_error():
         brain.fit(range(1, 2), data(1))
 
 
-@pytest.mark.parametrize("mode", ["fused", "simple"])
+@pytest.mark.parametrize("mode", ["fused", "simple", "fused-adam"])
 def test_checkpoint_recovered_in_a_new_process(tmp_path, mode):
     outputs = {}
     for action in ("save", "recover"):

@@ -201,8 +201,8 @@ def test_synthspeech_manifests(synth_csvs):
         split: {r["ID"].split("-")[0] for r in rows}
         for split, rows in synth_csvs.items()
     }
-    assert len(speakers["train"]) >= 24
-    assert len(speakers["dev"]) >= 4 and len(speakers["test"]) >= 4
+    assert len(speakers["train"]) == 24
+    assert len(speakers["dev"]) == 12 and len(speakers["test"]) == 28
     # held-out speakers never occur in training
     assert not speakers["train"] & speakers["dev"]
     assert not speakers["train"] & speakers["test"]
@@ -215,9 +215,18 @@ def test_synthspeech_manifests(synth_csvs):
         assert 0.5 < min(durations) and max(durations) < 6.0
 
 
+def test_synthspeech_test_set_can_tell_one_point(synth_csvs):
+    """At least ~2,000 test words: one word is at most 0.05 WER points, and
+    at a WER of 5 % the binomial standard error is at most 0.5 points."""
+    test = synth_csvs["test"]
+    words = sum(len(r["wrd"].split()) for r in test)
+    assert len(test) == 816 and words >= 4000
+    assert (0.05 * 0.95 / words) ** 0.5 * 100 <= 0.5
+
+
 def test_synthspeech_audio_format_and_size():
     files = sorted(SYNTH_ROOT.rglob("*.flac"))
-    assert sum(f.stat().st_size for f in files) <= 20e6
+    assert sum(f.stat().st_size for f in files) <= 40e6
     for f in files[::25]:
         info = sf.info(f)
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
@@ -241,9 +250,19 @@ def test_synthspeech_transcripts_match_generator():
 
 def test_speaker_table_design():
     table = synthspeech.speaker_table()
-    assert len(table) == len({s.speaker_id for s in table}) == 32
-    assert [s.split for s in table].count("train") == 24
-    assert len({(s.variant, s.pitch, s.speed) for s in table}) == 32
+    assert len(table) == len({s.speaker_id for s in table}) == 64
+    splits = [s.split for s in table]
+    assert (splits.count("train"), splits.count("dev"), splits.count("test")) == (
+        24,
+        12,
+        28,
+    )
+    assert len({(s.variant, s.pitch, s.speed) for s in table}) == 64
+    # Every voice variant is in training and in both held-out splits.
+    for split in ("train", "dev", "test"):
+        assert {s.variant for s in table if s.split == split} == set(
+            synthspeech.VARIANTS
+        )
     assert not any(s.variant.startswith("mb") for s in table)
     chapters = [c for s in table for c in s.chapters]
     assert len(chapters) == len(set(chapters))
@@ -277,13 +296,41 @@ def test_generator_refuses_to_overwrite(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 def test_generator_reproduces_committed_audio(tmp_path):
-    speaker = synthspeech.speaker_table()[0]
+    table = synthspeech.speaker_table()
+    # A train speaker, one of each held-out set.
+    speakers = [table[0], table[28], table[40]]
     synthspeech.generate_corpus(
-        tmp_path, speakers=[speaker], utterances_per_train_chapter=1
+        tmp_path,
+        speakers=speakers,
+        utterances_per_train_chapter=1,
+        utterances_per_heldout_chapter=1,
     )
-    spk = speaker.speaker_id
-    for chapter in speaker.chapters:
-        name = f"train/{spk}/{chapter}/{spk}-{chapter}-0000.flac"
-        new, _ = sf.read(tmp_path / name, dtype="int16")
-        old, _ = sf.read(SYNTH_ROOT / name, dtype="int16")
-        np.testing.assert_array_equal(new, old)
+    for speaker in speakers:
+        spk = speaker.speaker_id
+        for chapter in speaker.chapters:
+            name = f"{speaker.split}/{spk}/{chapter}/{spk}-{chapter}-0000.flac"
+            new, _ = sf.read(tmp_path / name, dtype="int16")
+            old, _ = sf.read(SYNTH_ROOT / name, dtype="int16")
+            np.testing.assert_array_equal(new, old)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_generator_adds_missing_speakers_only(tmp_path):
+    table = synthspeech.speaker_table()
+    first = synthspeech.generate_corpus(
+        tmp_path, speakers=table[:1], utterances_per_train_chapter=1
+    )
+    kept = tmp_path / "train/100/1000/100-1000-0000.flac"
+    stamp = kept.stat().st_mtime_ns
+    with pytest.raises(FileExistsError):
+        synthspeech.generate_corpus(tmp_path, speakers=table[:2])
+    info = synthspeech.generate_corpus(
+        tmp_path,
+        speakers=table[:2],
+        utterances_per_train_chapter=1,
+        missing_only=True,
+    )
+    assert kept.stat().st_mtime_ns == stamp  # not synthesised again
+    assert first["splits"]["train"]["speakers"] == 1
+    assert info["splits"]["train"]["speakers"] == 2
+    assert info["splits"]["train"]["utterances"] == 4

@@ -2,7 +2,6 @@
 
 import csv
 import difflib
-import importlib.util
 import json
 import os
 import signal
@@ -37,13 +36,6 @@ TINY = {
 }
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("federated_recipe", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _cli(overrides: dict) -> list[str]:
     out = []
     for key, value in overrides.items():
@@ -52,6 +44,16 @@ def _cli(overrides: dict) -> list[str]:
             json.dumps(value) if isinstance(value, list) else str(value),
         ]
     return out
+
+
+def test_recipe_hparams_are_the_packaged_ones():
+    """The library (main job, paper table, Flower app) runs the packaged
+    files; the recipe's hparams folder holds the same ones."""
+    from speechbrain_omc.asr import HPARAMS_DIR
+
+    for name in ("fed_omc.yaml", "fed_fp32.yaml", "fed_scale.yaml"):
+        recipe = (RECIPE / "hparams" / name).read_text(encoding="utf-8")
+        assert recipe == (HPARAMS_DIR / name).read_text(encoding="utf-8"), name
 
 
 def test_fp32_twin_differs_only_by_omc():
@@ -107,10 +109,10 @@ def test_hparams_load(name, overrides, tmp_path):
 def test_server_plans_equal_the_client_models_plans(tmp_path):
     """build_server with the client's roles: the plans make_plan gives on the
     Brain's modules, round by round and client by client."""
+    from speechbrain_omc import asr as recipe
     from speechbrain_omc import make_plan
     from speechbrain_omc.federated.client import OMCClient
 
-    recipe = _recipe()
     with open(RECIPE / "hparams" / "fed_omc.yaml", encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, {**TINY, "output_folder": str(tmp_path)})
     brain = recipe.build_brain(hparams)
@@ -140,12 +142,13 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_failing_client_is_left_out_and_the_run_goes_on(tmp_path, caplog):
-    recipe = _recipe()
+    from speechbrain_omc.asr import read_test_errors, run_federation
+
     overrides = {**TINY, "output_folder": str(tmp_path), "fail_clients": ["client_001"]}
     with open(RECIPE / "hparams" / "fed_omc.yaml", encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     hparams["noprogressbar"] = True
-    summary = recipe.run_federation(hparams)
+    summary = run_federation(hparams)
 
     rows = _rows(tmp_path / "rounds.csv")
     assert [int(r["round"]) for r in rows] == [1, 2, 3]
@@ -167,6 +170,18 @@ def test_failing_client_is_left_out_and_the_run_goes_on(tmp_path, caplog):
     )
     assert summary["parameter_bytes"] < summary["float32_parameter_bytes"]
     assert 0 <= summary["test_WER"] and summary["test_CER"] is not None
+    # The test WER's bootstrap interval, from the per-utterance errors.
+    errors = read_test_errors(tmp_path / "test_errors.csv")
+    assert len(errors) == summary["test_utterances"] > 0
+    assert sum(w for _, w in errors.values()) == summary["test_words"]
+    assert summary["test_WER"] == pytest.approx(
+        100 * sum(e for e, _ in errors.values()) / summary["test_words"]
+    )
+    low, high = summary["test_WER_ci95"]
+    assert low <= summary["test_WER"] <= high and summary["test_WER_se"] >= 0
+    # Peak RSS of the training steps and CPU seconds per round, measured.
+    assert 100e6 < summary["peak_train_rss_bytes"] < 8e9
+    assert summary["train_cpu_seconds_per_round"] > 0
     final = torch.load(tmp_path / "final_model.pt", weights_only=True)
     assert all(bool(torch.isfinite(v).all()) for v in final.values())
 
@@ -276,12 +291,20 @@ def test_main_job_runs_both_federations_and_prints_the_table(tmp_path):
     assert omc["num_clients"] == f32["num_clients"] == 4
     assert omc["bytes_total"] < f32["bytes_total"] == f32["float32_bytes_total"]
     assert f"{omc['test_WER']:.2f} %" in out and f"{f32['test_WER']:.2f} %" in out
+    # Each WER with its interval; the difference with its paired interval and
+    # a verdict; the pointer to the multi-seed figure; no determinism claim.
+    low, high = omc["test_WER_ci95"]
+    assert f"{omc['test_WER']:.2f} % [{low:.2f}, {high:.2f}]" in out
+    assert "within noise" in out or "beyond the test noise" in out
+    assert "benchmarks/results/paper_table.md" in out
+    assert "another machine" in out
 
 
 def test_the_scale_configuration_runs_utterance_clients_with_dropouts(tmp_path):
     """fed_scale.yaml at test size: utterance-level clients, seeded dropouts,
     the server's time and memory logged per round."""
-    recipe = _recipe()
+    from speechbrain_omc.asr import HPARAMS_DIR, run_federation
+
     overrides = {
         **{k: v for k, v in TINY.items() if k not in ("batch_size",)},
         "output_folder": str(tmp_path),
@@ -292,10 +315,10 @@ def test_the_scale_configuration_runs_utterance_clients_with_dropouts(tmp_path):
         "eval_every": 1000,
         "measure_server_memory": True,
     }
-    with open(RECIPE / "hparams" / "fed_scale.yaml", encoding="utf-8") as f:
+    with open(HPARAMS_DIR / "fed_scale.yaml", encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     hparams["noprogressbar"] = True
-    summary = recipe.run_federation(hparams)
+    summary = run_federation(hparams)
     assert summary["num_clients"] == 600  # more than the 480 utterances
     rows = _rows(tmp_path / "rounds.csv")
     for row in rows:

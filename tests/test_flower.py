@@ -23,11 +23,11 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message_type import MessageType
-from omc_flower import client_app
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.federated import wire
+from speechbrain_omc.federated.flower import client_app
 from speechbrain_omc.federated.flower.records import (
     PAYLOAD_KEY,
     payload_from_record,
@@ -331,7 +331,7 @@ def test_a_node_that_does_not_answer_is_left_out(task_identity):
 # ------------------------------------------------------------- server app
 @pytest.fixture
 def server_app():
-    from omc_flower import server_app
+    from speechbrain_omc.federated.flower import server_app
 
     return server_app
 
@@ -340,16 +340,15 @@ NODES_OF = {201: "client_000", 202: "client_001", 203: "client_002"}
 
 
 def test_server_app_plans_equal_the_models_plans(tmp_path):
-    """The app's server has shapes only; with the recipe's roles its plans are
+    """The app's server has shapes only; with the task's roles its plans are
     the model's own: normalisation weights and position biases stay float32."""
-    from omc_flower.task import initial_model, load_recipe
-
     from speechbrain_omc import make_plan
+    from speechbrain_omc.federated.flower.task import initial_model, load_task
 
     model, buffers, hparams, roles = initial_model(app_run_config(tmp_path))
     assert "normalisation" in roles.values() and "position bias" in roles.values()
     assert set(roles) == set(model) - set(buffers)
-    server = load_recipe(None).build_server(
+    server = load_task(None).build_server(
         hparams, model, ["a", "b"], buffers, 10, roles=roles
     )
     modules = torch.nn.ModuleDict(hparams["modules"])

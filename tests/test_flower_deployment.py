@@ -6,8 +6,8 @@ each SuperNode its client's manifest through ``--node-config``, runs two
 rounds of the Flower app with ``flwr run`` and stops every process it started
 (also on failure). ``test_simulation_engine`` runs the same app in Flower's
 Simulation Engine (a ``--simulation`` SuperLink with Ray). Both compare with
-the embedded simulation (``recipes/SynthSpeech/federated/train.py``'s
-``run_federation``) for the same configuration:
+the embedded simulation (:func:`speechbrain_omc.asr.run_federation`,
+which the federated recipe runs) for the same configuration:
 
 * bytes down and their float32 equivalents: equal, round by round;
 * bytes up: equal in the Deployment Engine, whose clients compute exactly
@@ -39,9 +39,9 @@ import pytest
 import torch
 import yaml
 from flower_harness import LocalDeployment
-from omc_flower.task import initial_model, load_hparams, load_recipe
 
 from speechbrain_omc.federated.client import OMCClient
+from speechbrain_omc.federated.flower.task import initial_model, load_hparams, load_task
 from speechbrain_omc.federated.server import FedAvgServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def embedded(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FedAvgServer, "close_round", recording_close_round)
-        summary = load_recipe().run_federation(hparams)
+        summary = load_task().run_federation(hparams)
     logging.getLogger().handlers.clear()  # run_federation's SpeechBrain logging
     return {
         "out": out,
@@ -227,7 +227,7 @@ def test_simulation_engine(tmp_path, embedded):
 
 def test_client_builds_from_a_manifest_node_config(embedded):
     """The Deployment Engine's node config: manifest plus the shared encoder."""
-    from omc_flower.task import build_node
+    from speechbrain_omc.federated.flower.task import build_node
 
     prepared = embedded["out"]
     node = build_node(

@@ -664,7 +664,7 @@ def test_a_bad_final_test_reply_loses_nothing(answer, tmp_path, task_identity):
     """The final test's answer is missing or bad, or the grid dies sending the
     test: the final model is on disk before the test is asked (and the
     summary is written whenever the app gets that far)."""
-    from omc_flower import server_app
+    from speechbrain_omc.federated.flower import server_app
 
     result = tmp_path / "result"
     on_disk_at_test = []

@@ -122,7 +122,10 @@ def test_every_omc_config_argument_is_a_flat_key(name, tmp_path):
         "fp32_patterns": ["*ffn*"],
         "seed": 42,
         "update_mode": "simple",
-        "momentum_format": "bf16",
+        "state_format": "bf16",
+        "state_block": 64,
+        "state_sqrt": False,
+        "fused_clipping": "two_pass",
         "nonfinite_grad": "raise",
         "on_plan_change": "recompress",
     }

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from speechbrain_omc import kernels
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.formats import FloatFormat, IntFormat, get_format
-from speechbrain_omc.sgd import SGDSettings, sgd_step_
+from speechbrain_omc.rules import SGDSettings, sgd_step_
 from speechbrain_omc.transform import Transform
 
 pytestmark = pytest.mark.skipif(

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speechbrain_omc.data.prepare_synthspeech import prepare_synthspeech
-from speechbrain_omc.federated import partition as part
-from speechbrain_omc.federated.partition import (
+from speechbrain_omc.data import partition as part
+from speechbrain_omc.data.partition import (
     client_manifests,
     partition_manifest,
     partition_rows,
     speaker_of,
 )
+from speechbrain_omc.data.prepare_synthspeech import prepare_synthspeech
 
 FIELDS = ["ID", "duration", "wav", "spk_id", "wrd"]
 

@@ -34,14 +34,6 @@ TINY = [
 ]  # fmt: skip
 
 
-def load_recipe_module():
-    """Import train.py as a module (nothing runs on import)."""
-    spec = importlib.util.spec_from_file_location("synthspeech_asr_train", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_recipe(hparams_file, output, *overrides, timeout=300):
     """Run train.py in a fresh process; fail with its output on error."""
     # One thread: on a shared 2-core machine OpenMP threads stall each other.
@@ -83,14 +75,24 @@ def yaml_body(path: Path) -> list[str]:
     return lines
 
 
-def test_recipe_imports_without_training():
-    module = load_recipe_module()
+def test_recipe_is_a_leaf_of_the_library():
+    """train.py imports its Brain and data pipeline from the library, and
+    importing it (as a module, not as __main__) trains nothing."""
     from speechbrain_omc import OMCBrain
+    from speechbrain_omc.asr import ASR
 
-    assert issubclass(module.ASR, OMCBrain)
-    assert callable(module.dataio_prepare) and callable(module.dataset_from_csv)
-    own = {"compute_forward", "compute_objectives", "on_stage_start", "on_stage_end"}
-    assert {k for k, v in vars(module.ASR).items() if callable(v)} == own
+    spec = importlib.util.spec_from_file_location("synthspeech_asr_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.ASR is ASR and issubclass(ASR, OMCBrain)
+    own = {
+        "compute_forward",
+        "compute_objectives",
+        "on_stage_start",
+        "on_stage_end",
+        "_error_stats",
+    }
+    assert {k for k, v in vars(ASR).items() if callable(v)} == own
 
 
 def test_omc_hparams_are_the_float32_ones_plus_omc():
@@ -129,19 +131,19 @@ def test_hparams_files_load(tmp_path):
 
 
 def test_label_encoder_is_deterministic_from_the_manifest(tmp_path):
-    module = load_recipe_module()
+    from speechbrain_omc.asr import build_label_encoder
     from speechbrain_omc.data.librispeech import prepare_librispeech
     from speechbrain_omc.data.prepare_synthspeech import bundled_corpus
 
     csvs = prepare_librispeech(bundled_corpus(), tmp_path, ["train"], progress=False)
-    first = module.build_label_encoder(csvs["train"], tmp_path / "a.txt")
-    second = module.build_label_encoder(csvs["train"], tmp_path / "b.txt")
+    first = build_label_encoder(csvs["train"], tmp_path / "a.txt")
+    second = build_label_encoder(csvs["train"], tmp_path / "b.txt")
     assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text()
     assert first.lab2ind == second.lab2ind
     assert first.lab2ind["<blank>"] == 0 and " " in first.lab2ind
     assert len(first) == 26  # 25 characters and the blank
     # Reloading the saved encoder gives the same mapping.
-    again = module.build_label_encoder(csvs["train"], tmp_path / "a.txt")
+    again = build_label_encoder(csvs["train"], tmp_path / "a.txt")
     assert again.lab2ind == first.lab2ind
 
 
@@ -156,6 +158,13 @@ def test_synthspeech_recipe_smoke(tmp_path, variant):
         assert 0 <= number_after("valid WER", line)
     assert 0 <= number_after("test WER", test_line)
     assert 0 <= number_after("test CER", test_line)
+    # The test WER again, with its bootstrap interval over the utterances.
+    ci = re.search(r"test WER ([\d.]+) % \[([\d.]+), ([\d.]+)\] \(95 % bootstrap", log)
+    assert ci, log[-2000:]
+    low, wer, high = float(ci[2]), float(ci[1]), float(ci[3])
+    assert low <= wer <= high
+    # The train log rounds to three significant digits.
+    assert wer == pytest.approx(number_after("test WER", test_line), rel=5e-3)
     assert (out / "wer_test.txt").is_file()
     assert (out / "save" / "label_encoder.txt").is_file()
     for split in ("train", "dev", "test"):

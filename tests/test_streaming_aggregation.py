@@ -23,6 +23,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.data.partition import partition_rows
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import (
     Aggregation,
@@ -37,7 +38,6 @@ from speechbrain_omc.federated.flower.records import (
 )
 from speechbrain_omc.federated.flower.strategy import OMCFedAvg
 from speechbrain_omc.federated.flower.streaming import StreamingGrid
-from speechbrain_omc.federated.partition import partition_rows
 from speechbrain_omc.federated.server import FedAvgServer
 from speechbrain_omc.federated.simulation import run_round
 

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 #include <immintrin.h>
@@ -532,7 +533,7 @@ void decode_range(const uint8_t* src, int64_t nbytes, int packed,
 extern "C" {
 
 // Version of this ABI; the loader refuses a library that disagrees.
-int omc_abi_version() { return 2; }
+int omc_abi_version() { return 3; }
 
 int omc_max_threads() {
 #ifdef _OPENMP
@@ -659,6 +660,113 @@ int64_t omc_sgd_step(float* w, const float* g, float* buf, int64_t n,
   lo_hi[1] = total.hi;
   lo_hi[2] = static_cast<float>(total.bad);
   return bad_grad;
+}
+
+
+// ------------------------------------------------------ block-wise codes
+// Optimizer state (Adam's moments, SGD momentum) is stored block by block:
+// each block of `block` values (a power of two, >= 16) has its own float32
+// scale, fitted as the per-variable transform is (absmax / max_value in
+// double, rounded to float32, never below float32's smallest normal, 1 for
+// an all-zero block). With `sqrt`, a block holds the square roots of
+// non-negative values (Adam's second moment), which halves their range.
+
+}  // extern "C"
+namespace {
+
+inline float block_scale(float absmax, double max_value) {
+  if (!(absmax > 0.0f)) return 1.0f;
+  const float s = static_cast<float>(static_cast<double>(absmax) / max_value);
+  return s < FLT_MIN ? FLT_MIN : s;
+}
+
+inline double format_max(const Format& f) {
+  if (f.kind == 1) return static_cast<double>((1 << (f.bits - 1)) - 1);
+  const int bias = (1 << (f.ebits - 1)) - 1;
+  const int top = f.ebits < 8 ? (1 << f.ebits) - 1 : 254;
+  return std::ldexp(2.0 - std::ldexp(1.0, -f.mbits), top - bias);
+}
+
+// Encodes one block, the values x[0, count) of indices start.., into dst,
+// its scale into *scale.
+void encode_block(const float* x, int64_t start, int count, bool sqrt_values,
+                  const Quantizer& quant, const Format& f, uint8_t* dst,
+                  int64_t nbytes, float* scale, float* tmp, uint32_t* codes) {
+  float absmax = 0.0f;
+  for (int j = 0; j < count; ++j) {
+    const float v = sqrt_values ? std::sqrt(x[j]) : x[j];
+    tmp[j] = v;
+    absmax = std::max(absmax, std::fabs(v));
+  }
+  const float s = block_scale(absmax, format_max(f));
+  *scale = s;
+  for (int j = 0; j < count; ++j) tmp[j] = tmp[j] / s;
+  quant(tmp, count, static_cast<uint64_t>(start), codes);
+  write_codes(dst, nbytes, 1, f.bits, start, count, codes);
+}
+
+// Decodes one block into out[0, count).
+void decode_block(const uint8_t* src, int64_t nbytes, int64_t start, int count,
+                  bool sqrt_values, float scale, const Format& f, float* out,
+                  uint32_t* codes) {
+  read_codes(src, nbytes, 1, f.bits, start, count, codes);
+  const Decoder dec(f, scale, 1.0f, 0.0f, 1);
+  dec(codes, count, out);
+  if (sqrt_values)
+    for (int j = 0; j < count; ++j) out[j] = out[j] * out[j];
+}
+
+inline int64_t block_chunk(int64_t block) { return std::max<int64_t>(block, kChunk); }
+
+}  // namespace
+extern "C" {
+
+// Block-wise encoding of x[0, n) (n a multiple of nothing: the last block
+// may be short); scales[ceil(n / block)].
+void omc_encode_blocks(const float* x, int64_t n, int64_t block, int sqrt_values,
+                       uint8_t* dst, int64_t nbytes, float* scales, int kind,
+                       int bits, int ebits, int mbits, int stochastic,
+                       uint64_t key, int nthreads) {
+  const Format f{kind, bits, ebits, mbits};
+  const Quantizer quant(f, stochastic, key);
+  const int64_t step = block_chunk(block);
+  const int64_t chunks = (n + step - 1) / step;
+#pragma omp parallel num_threads(threads_for(n, nthreads))
+  {
+    std::vector<float> tmp(block);
+    std::vector<uint32_t> codes(block);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t end = std::min(n, (c + 1) * step);
+      for (int64_t s = c * step; s < end; s += block) {
+        const int count = static_cast<int>(std::min<int64_t>(block, end - s));
+        encode_block(x + s, s, count, sqrt_values, quant, f, dst, nbytes,
+                     scales + s / block, tmp.data(), codes.data());
+      }
+    }
+  }
+}
+
+void omc_decode_blocks(const uint8_t* src, int64_t nbytes, int64_t n,
+                       int64_t block, int sqrt_values, const float* scales,
+                       float* out, int kind, int bits, int ebits, int mbits,
+                       int nthreads) {
+  const Format f{kind, bits, ebits, mbits};
+  const int64_t step = block_chunk(block);
+  const int64_t chunks = (n + step - 1) / step;
+#pragma omp parallel num_threads(threads_for(n, nthreads))
+  {
+    std::vector<uint32_t> codes(block);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t end = std::min(n, (c + 1) * step);
+      for (int64_t s = c * step; s < end; s += block) {
+        const int count = static_cast<int>(std::min<int64_t>(block, end - s));
+        decode_block(src, nbytes, s, count, sqrt_values, scales[s / block], f,
+                     out + s, codes.data());
+      }
+    }
+  }
 }
 
 }  // extern "C"

@@ -33,11 +33,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from speechbrain_omc.data.librispeech import SYNTHSPEECH_SPLITS, prepare_librispeech
-from speechbrain_omc.federated.partition import DEFAULT_SEED, partition_manifest
+from speechbrain_omc.data.partition import DEFAULT_SEED, partition_manifest
+
+#: Environment variable naming the SynthSpeech root, for installed packages.
+CORPUS_VARIABLE = "SPEECHBRAIN_OMC_SYNTHSPEECH"
 
 # name -> keyword arguments of partition_manifest
 DEFAULT_PARTITIONS: dict[str, dict] = {
@@ -49,7 +53,13 @@ DEFAULT_PARTITIONS: dict[str, dict] = {
 
 
 def bundled_corpus() -> Path:
-    """Path of the committed corpus, ``<repository>/data/SynthSpeech``.
+    """Path of the committed corpus, ``data/SynthSpeech`` of the repository.
+
+    Looked for, in order: ``$SPEECHBRAIN_OMC_SYNTHSPEECH``, the source
+    checkout this package runs from (an editable install), and
+    ``data/SynthSpeech`` under the working directory (a regular install run
+    from the repository root). The corpus is data, not code: it is not in the
+    installed package.
 
     Returns
     -------
@@ -59,20 +69,27 @@ def bundled_corpus() -> Path:
     Raises
     ------
     FileNotFoundError
-        When the package is used outside a repository checkout.
+        When none of them holds the corpus.
 
     Example
     -------
     >>> (bundled_corpus() / "SPEAKERS.TXT").is_file()
     True
     """
-    root = Path(__file__).resolve().parents[2] / "data" / "SynthSpeech"
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"bundled SynthSpeech not found at {root}: run from a repository "
-            "checkout or pass data_folder / --data-folder"
-        )
-    return root
+    candidates = []
+    if os.environ.get(CORPUS_VARIABLE):
+        candidates.append(Path(os.environ[CORPUS_VARIABLE]).expanduser())
+    candidates.append(Path(__file__).resolve().parents[2] / "data" / "SynthSpeech")
+    candidates.append(Path.cwd() / "data" / "SynthSpeech")
+    for root in candidates:
+        if (root / "SPEAKERS.TXT").is_file():
+            return root
+    raise FileNotFoundError(
+        "bundled SynthSpeech not found (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + f"): run from a repository checkout, set ${CORPUS_VARIABLE}, or pass "
+        "data_folder / --data-folder"
+    )
 
 
 def _split_stats(csv_path: Path) -> dict:
@@ -104,7 +121,7 @@ def prepare_synthspeech(
         Corpus root; default the bundled corpus (:func:`bundled_corpus`).
     partitions : mapping
         Partition name to keyword arguments of
-        :func:`~speechbrain_omc.federated.partition.partition_manifest`
+        :func:`~speechbrain_omc.data.partition.partition_manifest`
         (``mode``, ``num_clients``, ``min_utterances``, ``small_speakers``).
     seed : int
         Seed of every partition that does not set its own.

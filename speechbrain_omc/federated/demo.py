@@ -1,22 +1,31 @@
 """The main job: federated OMC against federated float32 on the bundled corpus.
 
 Run with ``python -m speechbrain_omc.federated.demo``. It runs the embedded
-federated recipe (``recipes/SynthSpeech/federated/train.py``) twice with the
-same seed, rounds and clients: ``fed_omc.yaml`` (e3m7, per-variable scale,
-weight-matrices-only, 10 % float32) and ``fed_fp32.yaml`` (no compression).
-The two runs are separate processes started together, one CPU thread each,
-so that they share a two-core machine fairly. Progress bars follow their
-rounds; at the end a table compares test WER on the held-out speakers,
-parameter memory of the client model and bytes communicated (``len()`` of
-every message, both directions).
+federated simulation (:mod:`speechbrain_omc.asr.federation`) twice with the
+same seed, rounds and clients: the packaged ``fed_omc.yaml`` (e3m7,
+per-variable scale, weight-matrices-only, 10 % float32) and ``fed_fp32.yaml``
+(no compression), the same files as the federated recipe's hparams. The two
+runs are separate processes started together, one CPU thread each, so that
+they share a two-core machine fairly. Progress bars follow their rounds; at
+the end a table compares test WER on the held-out speakers, parameter memory
+of the client model and bytes communicated (``len()`` of every message, both
+directions).
+
+Every WER comes with its 95 % confidence interval, a bootstrap over the test
+utterances, and the difference OMC minus float32 with a paired bootstrap
+interval over the same utterances; the table says when that interval holds
+0 (the difference is within the test set's noise). These are one seed's
+intervals: they leave out the training noise (initialisation, client
+sampling, stochastic rounding). The comparison over seeds is the paper
+table's (``python -m speechbrain_omc.experiments.paper_table``; recorded in
+``benchmarks/results/paper_table.md``). A run is deterministic on one machine
+(same numbers when repeated); another machine, library build or thread count
+gives other numbers, within these intervals.
 
 Other options are passed to both runs as hparams overrides
-(``--clients_per_round 2``). ``--baseline recorded`` runs only OMC and takes
-the float32 column from the recorded run in
-``benchmarks/results/federated_synthspeech.json`` (the table says so).
-Outputs go to ``results/main_job/<experiment>/<seed>/`` (CSV log, PNG plot,
-summary); a run that is interrupted resumes where it stopped when started
-again.
+(``--clients_per_round 2``). Outputs go to ``results/main_job/<experiment>/
+<seed>/`` (CSV log, PNG plot, per-utterance test errors, summary); a run that
+is interrupted resumes where it stopped when started again.
 """
 
 from __future__ import annotations
@@ -32,10 +41,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPE = REPO / "recipes" / "SynthSpeech" / "federated"
-RECORDED = REPO / "benchmarks" / "results" / "federated_synthspeech.json"
+from speechbrain_omc.asr import hparams_file, paired_difference, read_test_errors
+from speechbrain_omc.asr.stats import Interval
+
 RUNS = {"OMC": "fed_omc", "float32": "fed_fp32"}
+#: Where the multi-seed comparison is recorded (in the source repository).
+MULTI_SEED_RECORD = "benchmarks/results/paper_table.md"
 
 
 def _rounds_done(folder: Path) -> tuple[int, str]:
@@ -54,8 +65,9 @@ def _rounds_done(folder: Path) -> tuple[int, str]:
 def _launch(name: str, folder: Path, args, extra: list[str]) -> subprocess.Popen:
     command = [
         sys.executable,
-        str(RECIPE / "train.py"),
-        str(RECIPE / "hparams" / f"{RUNS[name]}.yaml"),
+        "-m",
+        "speechbrain_omc.asr.federation",
+        str(hparams_file(RUNS[name])),
         "--output_folder",
         str(folder),
         "--noprogressbar",
@@ -66,9 +78,7 @@ def _launch(name: str, folder: Path, args, extra: list[str]) -> subprocess.Popen
     folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / "stderr.txt", "ab")  # noqa: SIM115 (closed by the caller)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, env=env
-    )
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
     process.log = log
     return process
 
@@ -77,15 +87,46 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.2f} MB"
 
 
-def format_table(results: dict[str, dict], recorded: bool = False) -> str:
+def _wer(summary: dict) -> str:
+    low, high = summary.get("test_WER_ci95") or (float("nan"), float("nan"))
+    return f"{summary['test_WER']:.2f} % [{low:.2f}, {high:.2f}]"
+
+
+def wer_difference(folders: dict[str, Path]) -> Interval | None:
+    """OMC minus float32 test WER, paired bootstrap over the test utterances.
+
+    Arguments
+    ---------
+    folders : dict
+        ``{"OMC": folder, "float32": folder}``, each with ``test_errors.csv``.
+
+    Returns
+    -------
+    Interval or None
+        None when the two runs were not scored on the same utterances.
+    """
+    omc = read_test_errors(folders["OMC"] / "test_errors.csv")
+    f32 = read_test_errors(folders["float32"] / "test_errors.csv")
+    if set(omc) != set(f32) or not omc:
+        return None
+    ids = sorted(omc)
+    if any(omc[u][1] != f32[u][1] for u in ids):
+        return None
+    return paired_difference(
+        [f32[u][0] for u in ids], [omc[u][0] for u in ids], [omc[u][1] for u in ids]
+    )
+
+
+def format_table(results: dict[str, dict], difference: Interval | None = None) -> str:
     """The comparison table of the main job.
 
     Arguments
     ---------
     results : dict
-        ``{"OMC": summary, "float32": summary}`` (``summary.json`` contents).
-    recorded : bool
-        Whether the float32 column comes from a recorded run.
+        ``{"OMC": summary, "float32": summary}`` (``summary.json`` contents,
+        plus ``minutes``).
+    difference : Interval, optional
+        OMC minus float32 test WER with its paired interval.
 
     Returns
     -------
@@ -93,26 +134,34 @@ def format_table(results: dict[str, dict], recorded: bool = False) -> str:
 
     Example
     -------
-    >>> omc = {"test_WER": 20.0, "parameter_bytes": 4e5, "bytes_total": 4e6,
+    >>> omc = {"test_WER": 20.0, "test_WER_ci95": [18.0, 22.1],
+    ...        "parameter_bytes": 4e5, "bytes_total": 4e6,
     ...        "bytes_down": 2e6, "bytes_up": 2e6, "minutes": 1.0}
-    >>> f32 = {"test_WER": 19.0, "parameter_bytes": 1e6, "bytes_total": 1e7,
+    >>> f32 = {"test_WER": 19.0, "test_WER_ci95": [17.0, 21.0],
+    ...        "parameter_bytes": 1e6, "bytes_total": 1e7,
     ...        "bytes_down": 5e6, "bytes_up": 5e6, "minutes": 1.0}
-    >>> print(format_table({"OMC": omc, "float32": f32}).splitlines()[2])
-    test WER, held-out speakers   19.00 %          20.00 %          +1.00 points
-    """
+    >>> d = Interval(1.0, -0.5, 2.5, 0.8, 700)
+    >>> print(format_table({"OMC": omc, "float32": f32}, d).splitlines()[2])
+    test WER [95 % CI], held-out speakers  19.00 % [17.00, 21.00]  20.00 % [18.00, 22.10]  +1.00 points [-0.50, +2.50]: within noise
+    """  # noqa: E501
     omc, f32 = results["OMC"], results["float32"]
 
     def ratio(key):
         return f"{omc[key] / f32[key]:.1%} ({1 - omc[key] / f32[key]:.1%} less)"
 
+    if difference is None:
+        delta = f"{omc['test_WER'] - f32['test_WER']:+.2f} points"
+    else:
+        verdict = (
+            "within noise" if difference.contains(0.0) else "beyond the test noise"
+        )
+        delta = (
+            f"{difference.value:+.2f} points [{difference.low:+.2f}, "
+            f"{difference.high:+.2f}]: {verdict}"
+        )
     rows = [
-        ("", "float32" + (" (recorded)" if recorded else ""), "OMC", "OMC vs float32"),
-        (
-            "test WER, held-out speakers",
-            f"{f32['test_WER']:.2f} %",
-            f"{omc['test_WER']:.2f} %",
-            f"{omc['test_WER'] - f32['test_WER']:+.2f} points",
-        ),
+        ("", "float32", "OMC", "OMC vs float32"),
+        ("test WER [95 % CI], held-out speakers", _wer(f32), _wer(omc), delta),
         (
             "parameter memory (client)",
             _mb(f32["parameter_bytes"]),
@@ -152,6 +201,58 @@ def format_table(results: dict[str, dict], recorded: bool = False) -> str:
     return "\n".join(lines)
 
 
+def reading(results: dict[str, dict], difference: Interval | None) -> str:
+    """What the table can and cannot tell, in words.
+
+    Arguments
+    ---------
+    results : dict
+        The two summaries.
+    difference : Interval, optional
+        OMC minus float32, paired over the test utterances.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> r = {"OMC": {"test_utterances": 700, "test_words": 4000}}
+    >>> "700 utterances" in reading(r, Interval(0.3, -0.9, 1.5, 0.6, 700))
+    True
+    """
+    omc = results["OMC"]
+    lines = [
+        f"Test set: {omc.get('test_utterances', '?')} utterances, "
+        f"{omc.get('test_words', '?')} words; intervals are 95 % bootstrap "
+        "intervals over utterances (the difference: paired, same utterances)."
+    ]
+    if difference is not None:
+        if difference.contains(0.0):
+            lines.append(
+                f"The difference ({difference.value:+.2f} points) is within the test "
+                "set's noise: this run cannot tell OMC from float32."
+            )
+        else:
+            lines.append(
+                f"The difference ({difference.value:+.2f} points) is beyond the test "
+                "set's noise for this seed."
+            )
+    lines.append(
+        "One seed: training noise (initialisation, client sampling, stochastic "
+        "rounding) is not in these intervals. The multi-seed comparison (3 seeds "
+        "per configuration, 95 % CI over seeds) is the paper table: "
+        f"{MULTI_SEED_RECORD} in the repository "
+        "(python -m speechbrain_omc.experiments.paper_table)."
+    )
+    lines.append(
+        "Runs are deterministic on one machine; another machine, library build "
+        "or thread count gives other numbers (within these intervals), not the "
+        "same digits."
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the main job and print the table.
 
@@ -168,16 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="results/main_job")
     parser.add_argument("--rounds", type=int, default=None, help="override rounds")
-    parser.add_argument(
-        "--baseline",
-        choices=("run", "recorded"),
-        default="run",
-        help="run the float32 federation too (default) or read the recorded one",
-    )
     # Other options go to both runs as hparams overrides (``--lr 0.1``).
     args, extra = parser.parse_known_args(argv)
     output = Path(args.output).resolve()
-    names = ["OMC"] if args.baseline == "recorded" else ["OMC", "float32"]
+    names = ["OMC", "float32"]
     seed = 1986
     folders = {n: output / RUNS[n] / str(seed) for n in names}
     rounds = args.rounds or _default_rounds()
@@ -216,30 +311,26 @@ def main(argv: list[str] | None = None) -> dict:
     for n in names:
         results[n] = json.loads((folders[n] / "summary.json").read_text())
         results[n]["minutes"] = minutes[n]
-    recorded = args.baseline == "recorded"
-    if recorded:
-        results["float32"] = json.loads(RECORDED.read_text())["float32"]
+    difference = wer_difference(folders)
     print()
     print(
         f"Federated training on SynthSpeech: {results['OMC']['num_clients']} clients "
         f"(speaker groups), {results['OMC']['clients_per_round']} per round, "
-        f"{results['OMC']['rounds']} rounds, seed {seed}; "
-        + (
-            "OMC measured now, float32 from the recorded run"
-            if recorded
-            else "both measured now, side by side"
-        )
-        + f" (load average {os.getloadavg()[0]:.1f})"
+        f"{results['OMC']['rounds']} rounds, seed {seed}; both measured now, side "
+        f"by side (load average {os.getloadavg()[0]:.1f})"
     )
-    print(format_table(results, recorded))
+    print(format_table(results, difference))
+    print()
+    print(reading(results, difference))
     print(
-        f"\nlogs and plots: {output}/<run>/{seed}/rounds.csv, rounds.png, summary.json"
+        f"\nlogs and plots: {output}/<run>/{seed}/rounds.csv, rounds.png, "
+        "test_errors.csv, summary.json"
     )
     return results
 
 
 def _default_rounds() -> int:
-    text = (RECIPE / "hparams" / "fed_omc.yaml").read_text(encoding="utf-8")
+    text = hparams_file(RUNS["OMC"]).read_text(encoding="utf-8")
     for line in text.splitlines():
         if line.startswith("rounds:"):
             return int(line.split(":")[1].split("#")[0])

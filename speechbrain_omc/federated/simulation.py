@@ -1,7 +1,8 @@
 """One round of the embedded simulation: the clients one at a time, streaming.
 
-The embedded recipe (``recipes/SynthSpeech/federated/train.py``) runs every
-client in its own process, one after another. :func:`run_round` is its
+The embedded simulation (:func:`speechbrain_omc.asr.federation.run_federation`,
+the federated recipe's ``train.py``) runs every client in its one process,
+one after another. :func:`run_round` is its
 round: the server opens the round, and for each sampled client in the
 server's fold order the client's message is encoded, the client trains, and
 its reply is validated and folded into the server's running sums before the
@@ -13,7 +14,7 @@ with its exception; simulated dropouts
 
 ``train`` is any callable from ``(client id, message bytes)`` to reply
 bytes: an :class:`~speechbrain_omc.federated.client.OMCClient` in this
-process (the recipe), or a client in another process (the scale benchmark,
+process (the embedded simulation), or a client in another process (the scale benchmark,
 which measures the server's memory apart from the clients').
 
 Example

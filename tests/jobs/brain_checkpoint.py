@@ -29,10 +29,18 @@ def build(folder, mode, seed):
     )
     modules = {"net": net}
     checkpointer = sb.utils.checkpoints.Checkpointer(folder, recoverables={"net": net})
+    if mode == "fused-adam":  # Adam with 8-bit block-wise moments
+        config = OMCConfig(format="e3m7", state_format="e4m3", state_block=16)
+        opt_class = lambda params: torch.optim.Adam(params, lr=0.01)  # noqa: E731
+    else:
+        config = OMCConfig(format="e3m7", update_mode=mode)
+        opt_class = lambda params: torch.optim.SGD(  # noqa: E731
+            params, lr=0.1, momentum=0.9
+        )
     return Regressor(
         modules=modules,
-        opt_class=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
-        hparams={"omc": OMCConfig(format="e3m7", update_mode=mode)},
+        opt_class=opt_class,
+        hparams={"omc": config},
         checkpointer=checkpointer,
     )
 

@@ -27,7 +27,7 @@ messages, not clients-per-round of them. With any other grid the messages
 are built as a list, as Flower's ``send_and_receive`` wants them, and the
 replies come all at once (they are still folded one by one).
 * ``configure_evaluate``: only every ``evaluate_every`` rounds and after the
-  last one, as the embedded recipe does, and only on nodes that serve the
+  last one, as the embedded simulation does, and only on nodes that serve the
   run's clients.
 * ``aggregate_evaluate``: each evaluation reply is checked
   (:func:`check_evaluation`) and rebuilt from the checked values alone;

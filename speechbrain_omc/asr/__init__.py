@@ -1,0 +1,105 @@
+"""The Conformer-CTC ASR task shared by the recipes, the Flower app and the
+experiments.
+
+Everything the two SynthSpeech recipes (``recipes/SynthSpeech/ASR`` and
+``recipes/SynthSpeech/federated``), the Flower app and
+:mod:`speechbrain_omc.experiments` have in common lives here, so that the
+recipes are leaves that import the library and the installed package needs
+no file of the repository:
+
+* :mod:`.brain`: the :class:`ASR` Brain (and :class:`FedASR`, its federated
+  client form);
+* :mod:`.data`: the character label encoder and datasets from manifests;
+* :mod:`.federation`: preparing the federation (manifests, client
+  partition), building the Brain and the server, the embedded simulation;
+* :mod:`.rounds`: the per-round CSV and plot;
+* :mod:`.stats`: WER confidence intervals (bootstrap over utterances, and
+  over seeds);
+* ``hparams/``: the federated SynthSpeech hyperparameters (``fed_omc.yaml``,
+  ``fed_fp32.yaml``), shipped with the package; the federated recipe's
+  ``hparams/`` holds the same files.
+
+Example
+-------
+>>> hparams_file("fed_omc.yaml").name
+'fed_omc.yaml'
+>>> sorted(p.name for p in HPARAMS_DIR.glob("*.yaml"))
+['fed_fp32.yaml', 'fed_omc.yaml']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .brain import ASR, FedASR, utterance_errors
+from .data import build_label_encoder, dataio_prepare, dataset_from_csv, prepare_data
+from .federation import (
+    build_brain,
+    build_server,
+    prepare_federation,
+    read_test_errors,
+    run_federation,
+    run_settings,
+    write_test_errors,
+)
+from .rounds import CSV_FIELDS, plot_rounds, round_row, write_csv
+from .stats import Interval, bootstrap_wer, mean_ci, paired_difference
+
+#: The packaged hyperparameter files.
+HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
+
+
+def hparams_file(name: str | Path) -> Path:
+    """A hyperparameter file: an existing path, or a packaged file's name.
+
+    Arguments
+    ---------
+    name : str or Path
+        A path to a YAML file, or the name of one in :data:`HPARAMS_DIR`
+        (``fed_omc.yaml``, ``fed_omc``).
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    FileNotFoundError
+        Neither a file nor a packaged name.
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    packaged = HPARAMS_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    if packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(p.name for p in HPARAMS_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"no hparams file {name!r} (packaged: {known})")
+
+
+__all__ = [
+    "ASR",
+    "CSV_FIELDS",
+    "FedASR",
+    "HPARAMS_DIR",
+    "Interval",
+    "bootstrap_wer",
+    "build_brain",
+    "build_label_encoder",
+    "build_server",
+    "dataio_prepare",
+    "dataset_from_csv",
+    "hparams_file",
+    "mean_ci",
+    "paired_difference",
+    "plot_rounds",
+    "prepare_data",
+    "prepare_federation",
+    "read_test_errors",
+    "round_row",
+    "run_federation",
+    "run_settings",
+    "utterance_errors",
+    "write_csv",
+    "write_test_errors",
+]

@@ -1,0 +1,193 @@
+"""Data of the ASR task: character label encoder and datasets from manifests.
+
+The manifests are SpeechBrain CSVs (``ID, duration, wav, spk_id, wrd``)
+written by :func:`speechbrain_omc.data.librispeech.prepare_librispeech` for
+LibriSpeech and for the bundled SynthSpeech alike; ``wav`` paths start with
+``$data_root``, which :func:`dataset_from_csv` replaces with the hparams'
+``data_folder``.
+
+Example
+-------
+>>> import tempfile
+>>> from speechbrain_omc.data.prepare_synthspeech import bundled_corpus
+>>> out = Path(tempfile.mkdtemp())
+>>> hparams = {"data_folder": bundled_corpus(), "output_folder": out,
+...            "splits": ["dev"], "skip_prep": False}
+>>> prepare_data(hparams, progress=False)
+>>> encoder = build_label_encoder(out / "dev.csv", out / "label_encoder.txt")
+>>> len(encoder)  # 24 letters of the dev transcripts, space, CTC blank
+26
+>>> dev = dataset_from_csv(out / "dev.csv", hparams, encoder, sorting="ascending")
+>>> sorted(dev[0])
+['id', 'sig', 'tokens', 'wrd']
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import speechbrain as sb
+import torch
+
+__all__ = ["build_label_encoder", "dataio_prepare", "dataset_from_csv", "prepare_data"]
+
+
+def build_label_encoder(train_csv, path, blank_index=0):
+    """Character CTC label encoder of a training manifest, saved to ``path``.
+
+    The labels are the sorted characters of the manifest's ``wrd`` column
+    (the space among them, as word separator), with the CTC blank at
+    ``blank_index``: the encoder depends on the set of characters only, so
+    it is the same for any manifest with the same characters. An encoder
+    already saved at ``path`` is loaded instead.
+
+    Arguments
+    ---------
+    train_csv : str or Path
+        A SpeechBrain CSV with a ``wrd`` column.
+    path : str or Path
+        Where the encoder is saved (``label_encoder.txt``).
+    blank_index : int
+        Index of the CTC blank.
+
+    Returns
+    -------
+    sb.dataio.encoder.CTCTextEncoder
+        The encoder.
+    """
+    with open(train_csv, newline="", encoding="utf-8") as f:
+        chars = sorted({c for row in csv.DictReader(f) for c in row["wrd"]})
+    encoder = sb.dataio.encoder.CTCTextEncoder()
+    encoder.load_or_create(
+        path=str(path),
+        from_iterables=[chars],
+        sequence_input=False,
+        special_labels={"blank_label": blank_index},
+    )
+    # The label set is exactly the manifest's characters plus the blank.
+    encoder.expect_len(len(encoder))
+    return encoder
+
+
+def dataset_from_csv(csv_path, hparams, label_encoder, sorting=None):
+    """A ``DynamicItemDataset`` of one manifest with the task's pipelines.
+
+    Output keys: ``id``, ``sig`` (16 kHz waveform), ``wrd``, ``tokens``.
+
+    Arguments
+    ---------
+    csv_path : str or Path
+        SpeechBrain CSV (``ID, duration, wav, spk_id, wrd``) whose ``wav``
+        paths start with ``$data_root``.
+    hparams : dict
+        Needs ``data_folder``; ``avoid_if_longer_than`` filters long
+        utterances when ``sorting`` is given.
+    label_encoder : sb.dataio.encoder.CTCTextEncoder
+        Encodes ``wrd`` characters into ``tokens``.
+    sorting : str, optional
+        ``"ascending"`` or ``"descending"`` by duration, or ``"random"`` /
+        ``None`` to keep the manifest order.
+
+    Returns
+    -------
+    sb.dataio.dataset.DynamicItemDataset
+        The dataset.
+    """
+    dataset = sb.dataio.dataset.DynamicItemDataset.from_csv(
+        csv_path=str(csv_path),
+        replacements={"data_root": str(hparams["data_folder"])},
+    )
+    if sorting in ("ascending", "descending"):
+        dataset = dataset.filtered_sorted(
+            sort_key="duration",
+            reverse=sorting == "descending",
+            key_max_value={"duration": hparams.get("avoid_if_longer_than", 1e9)},
+        )
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return sb.dataio.dataio.read_audio(wav)
+
+    @sb.utils.data_pipeline.takes("wrd")
+    @sb.utils.data_pipeline.provides("wrd", "char_list", "tokens")
+    def text_pipeline(wrd):
+        yield wrd
+        char_list = list(wrd)
+        yield char_list
+        yield torch.LongTensor(label_encoder.encode_sequence(char_list))
+
+    sb.dataio.dataset.add_dynamic_item([dataset], audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item([dataset], text_pipeline)
+    sb.dataio.dataset.set_output_keys([dataset], ["id", "sig", "wrd", "tokens"])
+    return dataset
+
+
+def dataio_prepare(hparams, label_encoder=None):
+    """Datasets and label encoder of the centralized recipe.
+
+    Arguments
+    ---------
+    hparams : dict
+        Needs ``train_csv``, ``valid_csv``, ``test_csv`` (a list),
+        ``data_folder``, ``save_folder``, ``blank_index`` and ``sorting``.
+    label_encoder : sb.dataio.encoder.CTCTextEncoder, optional
+        Reuse this encoder; by default :func:`build_label_encoder` builds (or
+        loads) ``<save_folder>/label_encoder.txt`` from ``train_csv``.
+
+    Returns
+    -------
+    train_data : DynamicItemDataset
+        Sorted as ``hparams["sorting"]`` says.
+    valid_data : DynamicItemDataset
+        Sorted by ascending duration.
+    test_datasets : dict
+        Test split name (the CSV's stem) to its dataset.
+    label_encoder : sb.dataio.encoder.CTCTextEncoder
+        Characters plus the CTC blank.
+    """
+    if label_encoder is None:
+        label_encoder = build_label_encoder(
+            hparams["train_csv"],
+            Path(hparams["save_folder"]) / "label_encoder.txt",
+            blank_index=hparams["blank_index"],
+        )
+    sorting = hparams.get("sorting", "random")
+    if sorting not in ("ascending", "descending", "random"):
+        raise NotImplementedError("sorting must be random, ascending or descending")
+    train_data = dataset_from_csv(
+        hparams["train_csv"], hparams, label_encoder, sorting=sorting
+    )
+    valid_data = dataset_from_csv(
+        hparams["valid_csv"], hparams, label_encoder, sorting="ascending"
+    )
+    test_datasets = {
+        Path(csv_path).stem: dataset_from_csv(
+            csv_path, hparams, label_encoder, sorting="ascending"
+        )
+        for csv_path in hparams["test_csv"]
+    }
+    return train_data, valid_data, test_datasets, label_encoder
+
+
+def prepare_data(hparams, progress=True):
+    """Write the manifests of ``hparams["splits"]`` (skipped when done).
+
+    Arguments
+    ---------
+    hparams : dict
+        Needs ``data_folder``, ``output_folder`` (manifests go there),
+        ``splits`` and ``skip_prep``.
+    progress : bool
+        Progress bars while scanning the corpus.
+    """
+    from speechbrain_omc.data.librispeech import prepare_librispeech
+
+    prepare_librispeech(
+        data_folder=hparams["data_folder"],
+        save_folder=hparams["output_folder"],
+        splits=hparams["splits"],
+        skip_prep=hparams["skip_prep"],
+        progress=progress,
+    )

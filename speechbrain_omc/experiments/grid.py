@@ -1,0 +1,234 @@
+"""The paper table's configurations: a one-factor-at-a-time grid around OMC's default.
+
+A full factorial of formats x PVT x WMOQ x PPQ fraction x policy x rounding
+is hundreds of configurations, each needing at least three seeds: far beyond
+a two-core machine. The grid instead varies **one factor at a time** around
+the default configuration of the federated recipe (e3m7, per-variable scale,
+weight matrices only, 10 % of the weight values float32 re-drawn per round and
+client, stochastic rounding of the re-compression), so that every listed
+value of every factor appears once, next to the same reference:
+
+====================  ==========================================================
+factor                cells (everything else at the default)
+====================  ==========================================================
+baselines             float32; bf16 with stochastic rounding (every parameter
+                      bf16, no transform, no float32 part: the simple baseline)
+default               e3m7, scale, WMOQ on, PPQ 10 % random, stochastic
+format                e5m10, e4m7, e4m3, int8
+PVT                   none, affine
+WMOQ                  off (biases and normalisation compressed too)
+PPQ fraction          0 %, 25 % (random policy)
+PPQ policy            largest, smallest, fixed (input projection and CTC head)
+rounding              nearest re-compression
+====================  ==========================================================
+
+16 cells; interactions between factors are not measured. Each cell runs the
+federated recipe's packaged hparams (``fed_fp32.yaml`` for float32,
+``fed_omc.yaml`` otherwise) with the cell's ``omc_*`` overrides, for each
+seed.
+
+Example
+-------
+>>> cells = paper_grid()
+>>> len(cells), cells[0].name, cells[2].name
+(16, 'float32', 'default')
+>>> sorted({c.overrides.get("omc_format") for c in cells} - {None})
+['bf16', 'e3m7', 'e4m3', 'e4m7', 'e5m10', 'int8']
+>>> [c.name for c in quick_grid()]
+['float32', 'default']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DEFAULT_OMC",
+    "FIXED_PATTERNS",
+    "Cell",
+    "GridSettings",
+    "paper_grid",
+    "quick_grid",
+]
+
+#: OMC's default in the grid: every OMC cell sets all of these explicitly,
+#: so a change of the packaged hparams cannot shift the grid silently.
+DEFAULT_OMC: dict[str, object] = {
+    "omc_format": "e3m7",
+    "omc_transform": "scale",
+    "omc_weights_only": True,
+    "omc_fp32_fraction": 0.1,
+    "omc_fp32_policy": "random",
+    "omc_fp32_patterns": [],
+    "omc_rounding": "nearest",
+    "omc_update_rounding": "stochastic",
+}
+
+#: The fixed PPQ policy's float32 variables: the first and last layers (the
+#: input projection of the encoder and the CTC head, 7 % of the weight values).
+FIXED_PATTERNS = ["encoder.custom_src_module.*", "ctc_lin.*"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the table.
+
+    Arguments
+    ---------
+    name : str
+        Short unique id (a folder name).
+    factor : str
+        The factor it varies (``baseline``, ``default``, ``format``...).
+    label : str
+        What the table prints.
+    hparams : str
+        Packaged hparams file (``fed_omc.yaml`` or ``fed_fp32.yaml``).
+    overrides : dict
+        Hyperparameter overrides (the ``omc_*`` keys).
+    """
+
+    name: str
+    factor: str
+    label: str
+    hparams: str = "fed_omc.yaml"
+    overrides: Mapping[str, object] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        # Names are unique in a grid; the overrides (a dict) are not hashable.
+        return hash(self.name)
+
+    @property
+    def is_float32(self) -> bool:
+        """Whether this is the uncompressed reference."""
+        return self.hparams == "fed_fp32.yaml"
+
+
+def _omc(name: str, factor: str, label: str, **changes) -> Cell:
+    return Cell(name, factor, label, overrides={**DEFAULT_OMC, **changes})
+
+
+FLOAT32 = Cell("float32", "baseline", "float32", hparams="fed_fp32.yaml")
+DEFAULT = _omc("default", "default", "OMC default: e3m7, scale, WMOQ, PPQ 10 % random")
+
+
+def paper_grid() -> list[Cell]:
+    """The 16 cells of the paper table (see the module docstring).
+
+    Returns
+    -------
+    list of Cell
+        Baselines and the default first, then one factor at a time.
+    """
+    return [
+        FLOAT32,
+        _omc(
+            "bf16_sr",
+            "baseline",
+            "bf16 + stochastic rounding (all parameters)",
+            omc_format="bf16",
+            omc_transform="none",
+            omc_weights_only=False,
+            omc_fp32_fraction=0.0,
+        ),
+        DEFAULT,
+        _omc("format_e5m10", "format", "format e5m10", omc_format="e5m10"),
+        _omc("format_e4m7", "format", "format e4m7", omc_format="e4m7"),
+        _omc("format_e4m3", "format", "format e4m3", omc_format="e4m3"),
+        _omc("format_int8", "format", "format int8", omc_format="int8"),
+        _omc("pvt_none", "PVT", "PVT none", omc_transform="none"),
+        _omc("pvt_affine", "PVT", "PVT affine", omc_transform="affine"),
+        _omc("wmoq_off", "WMOQ", "WMOQ off", omc_weights_only=False),
+        _omc("ppq_0", "PPQ fraction", "PPQ 0 %", omc_fp32_fraction=0.0),
+        _omc("ppq_25", "PPQ fraction", "PPQ 25 % random", omc_fp32_fraction=0.25),
+        _omc(
+            "ppq_largest", "PPQ policy", "PPQ 10 % largest", omc_fp32_policy="largest"
+        ),
+        _omc(
+            "ppq_smallest",
+            "PPQ policy",
+            "PPQ 10 % smallest",
+            omc_fp32_policy="smallest",
+        ),
+        _omc(
+            "ppq_fixed",
+            "PPQ policy",
+            "PPQ fixed: input projection + CTC head",
+            omc_fp32_policy="fixed",
+            omc_fp32_patterns=FIXED_PATTERNS,
+        ),
+        _omc(
+            "rounding_nearest",
+            "rounding",
+            "nearest rounding",
+            omc_update_rounding="nearest",
+        ),
+    ]
+
+
+def quick_grid() -> list[Cell]:
+    """The CI grid: float32 and the default (2 cells).
+
+    Returns
+    -------
+    list of Cell
+    """
+    return [FLOAT32, DEFAULT]
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """How every run of a grid is trained.
+
+    Arguments
+    ---------
+    rounds : int
+        Federated rounds per run.
+    seeds : tuple of int
+        Seeds; each cell runs once per seed (same seeds for every cell, so
+        that differences to float32 can be paired by seed).
+    overrides : dict
+        Further hyperparameter overrides for every run (``eval_every`` is
+        set to ``rounds``: the runs validate only after their last round).
+    """
+
+    rounds: int
+    seeds: tuple[int, ...]
+    overrides: Mapping[str, object] = field(default_factory=dict)
+
+    def run_overrides(self, cell: Cell, seed: int) -> dict[str, object]:
+        """All overrides of one run.
+
+        Arguments
+        ---------
+        cell : Cell
+        seed : int
+
+        Returns
+        -------
+        dict
+
+        Example
+        -------
+        >>> s = GridSettings(rounds=2, seeds=(1,))
+        >>> s.run_overrides(quick_grid()[0], 1)
+        {'rounds': 2, 'eval_every': 2, 'seed': 1}
+        """
+        return {
+            "rounds": self.rounds,
+            "eval_every": self.rounds,
+            **dict(self.overrides),
+            "seed": seed,
+            **dict(cell.overrides),
+        }
+
+
+#: The recorded grid: 3 seeds, fewer rounds than the main job (see
+#: benchmarks/results/paper_table.md for why these numbers).
+FULL_SETTINGS = GridSettings(rounds=30, seeds=(1986, 1987, 1988))
+#: ``--quick``: 2 rounds of 2 clients, 2 seeds, for CI.
+QUICK_SETTINGS = GridSettings(
+    rounds=2,
+    seeds=(1986, 1987),
+    overrides={"clients_per_round": 2, "max_local_steps": 4},
+)

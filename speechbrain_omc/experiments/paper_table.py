@@ -1,0 +1,355 @@
+"""Reproduce the paper's table on the bundled corpus, with seeds and intervals.
+
+::
+
+    python -m speechbrain_omc.experiments.paper_table          # the full grid
+    python -m speechbrain_omc.experiments.paper_table --quick  # 2 cells, 2 rounds
+
+runs the federated setting of the main job (SynthSpeech, 8 speaker-group
+clients, 4 per round) for every configuration of
+:func:`~speechbrain_omc.experiments.grid.paper_grid` (float32; bf16 with
+stochastic rounding; formats, PVT, WMOQ, PPQ fractions and policies, nearest
+rounding, one factor at a time around OMC's default) and every seed, two
+runs at a time with one PyTorch thread each, and writes to ``--output``
+(default ``results/paper_table``, ``results/paper_table_quick`` with
+``--quick``):
+
+* ``paper_table.md``: the table (parameter memory, peak training-step RSS,
+  bytes per round down and up, test WER mean with its 95 % interval over
+  seeds and the paired difference to float32, seconds per round; ratios to
+  the float32 cell of this grid), every run with its bootstrap interval over
+  test utterances, the command, the machine and the wall time;
+* ``paper_table.csv`` (one row per configuration) and ``runs.csv`` (one per
+  run);
+* ``paper_table.png``: test WER against bytes per round, one point per
+  configuration with its interval;
+* ``runs/<cell>/<seed>/``: each run's own outputs (``rounds.csv``,
+  ``summary.json``, ``test_errors.csv``...).
+
+The grid is resumable: a finished run is skipped, an interrupted one resumes
+from its checkpoint, and the report is rewritten after every run. Any other
+option is a hyperparameter override for every run (``--clients_per_round
+2``); ``--rounds``, ``--seeds`` and ``--cells`` change the grid itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from speechbrain_omc.experiments import report
+from speechbrain_omc.experiments.grid import (
+    FULL_SETTINGS,
+    QUICK_SETTINGS,
+    Cell,
+    GridSettings,
+    paper_grid,
+    quick_grid,
+)
+from speechbrain_omc.experiments.runner import GridMismatch, Run, plan_runs, run_grid
+
+logger = logging.getLogger(__name__)
+
+STATE = "grid_state.json"
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            names = [
+                line.split(":", 1)[1].strip() for line in f if "model name" in line
+            ]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import speechbrain
+
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}), Python "
+        f"{platform.python_version()}, torch {torch.__version__}, speechbrain "
+        f"{speechbrain.__version__}"
+    )
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """The command line (known options, and hparams overrides for every run).
+
+    Arguments
+    ---------
+    argv : sequence of str, optional
+
+    Returns
+    -------
+    tuple
+        ``(args, overrides)``.
+
+    Example
+    -------
+    >>> args, overrides = parse_args(["--quick", "--d_model", "16"])
+    >>> args.quick, overrides
+    (True, {'d_model': 16})
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m speechbrain_omc.experiments.paper_table",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--output", default=None, help="grid folder")
+    parser.add_argument("--quick", action="store_true", help="2 cells, 2 rounds (CI)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--cells", nargs="+", default=None, help="subset, by name")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the report, run nothing"
+    )
+    parser.add_argument("--noprogressbar", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    key = None
+    for item in rest:
+        if item.startswith("--"):
+            if "=" in item:
+                name, value = item[2:].split("=", 1)
+                overrides[name] = _parse_value(value)
+                key = None
+            else:
+                key = item[2:]
+                overrides[key] = True
+        elif key is not None:
+            overrides[key] = _parse_value(item)
+            key = None
+        else:
+            parser.error(f"unexpected argument {item!r}")
+    return args, overrides
+
+
+def grid_from_args(args, overrides: dict) -> tuple[list[Cell], GridSettings]:
+    """The cells and settings the command line asks for.
+
+    Arguments
+    ---------
+    args : argparse.Namespace
+    overrides : dict
+
+    Returns
+    -------
+    tuple
+        ``(cells, settings)``.
+    """
+    cells = quick_grid() if args.quick else paper_grid()
+    settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
+    if args.cells:
+        known = {c.name: c for c in paper_grid()}
+        unknown = [n for n in args.cells if n not in known]
+        if unknown:
+            raise SystemExit(f"unknown cells {unknown}; known: {sorted(known)}")
+        cells = [known[n] for n in args.cells]
+        if not any(c.is_float32 for c in cells):
+            cells.insert(0, known["float32"])  # ratios need the reference
+    if args.rounds:
+        settings = replace(settings, rounds=args.rounds)
+    if args.seeds:
+        settings = replace(settings, seeds=tuple(args.seeds))
+    if overrides:
+        settings = replace(settings, overrides={**settings.overrides, **overrides})
+    return cells, settings
+
+
+def collect(runs: Sequence[Run]) -> dict[Cell, dict[int, dict]]:
+    """The finished runs' summaries, by cell and seed (cells in grid order).
+
+    Arguments
+    ---------
+    runs : sequence of Run
+
+    Returns
+    -------
+    dict
+    """
+    results: dict[Cell, dict[int, dict]] = {}
+    for run in runs:
+        results.setdefault(run.cell, {})
+        if run.done:
+            results[run.cell][run.seed] = run.summary()
+    return results
+
+
+def _wall(state: dict) -> str:
+    seconds = sum(i.get("seconds", 0) for i in state.get("invocations", []))
+    return f"{seconds / 3600:.2f} h ({seconds / 60:.0f} min)"
+
+
+def write_report(
+    output: Path,
+    runs: Sequence[Run],
+    settings: GridSettings,
+    state: dict,
+    extra_sections: Sequence[str] = (),
+) -> list[dict]:
+    """Write ``paper_table.{md,csv,png}`` and ``runs.csv`` from finished runs.
+
+    Arguments
+    ---------
+    output : Path
+    runs : sequence of Run
+    settings : GridSettings
+    state : dict
+        The grid's invocations (command, times, load averages).
+    extra_sections : sequence of str
+        More Markdown sections (the analytic columns).
+
+    Returns
+    -------
+    list of dict
+        The table's rows.
+    """
+    results = collect(runs)
+    rows = report.cell_rows(results)
+    per_run = report.run_rows(results)
+    report.write_csv(rows, output / "paper_table.csv")
+    report.write_csv(
+        per_run, output / "runs.csv", list(per_run[0]) if per_run else ["cell"]
+    )
+    finished = sum(len(v) for v in results.values())
+    if finished:
+        report.plot_table(
+            rows,
+            output / "paper_table.png",
+            f"SynthSpeech federated, {settings.rounds} rounds, "
+            f"{len(settings.seeds)} seeds: test WER against bytes",
+        )
+    invocations = state.get("invocations", [])
+    commands = sorted({i["command"] for i in invocations})
+    loads = [
+        f"- {i['started']}: load average {i['load_before']} at the start, "
+        f"{i.get('load_after', '?')} at the end ({i.get('seconds', 0) / 60:.0f} min)"
+        for i in invocations
+    ]
+    header = f"""# Paper table: OMC against float32, federated SynthSpeech
+
+Written by `python -m speechbrain_omc.experiments.paper_table`. Runs finished:
+{finished} of {len(runs)}. Each run: the main job's federation (packaged
+`fed_omc.yaml` / `fed_fp32.yaml`: 8 clients of 3 training speakers, 4 per round,
+2 local epochs of SGD) for {settings.rounds} rounds, validation only after the
+last round, test on the held-out test speakers; seeds {list(settings.seeds)}
+(the same for every configuration). Further overrides for every run:
+`{json.dumps(dict(settings.overrides))}`.
+
+Commands: {"; ".join(f"`{c}`" for c in commands) or "-"}
+
+Machine: {state.get("machine", "?")}. Wall time of the grid (all
+invocations): {_wall(state)}.
+{chr(10).join(loads)}
+
+Ratios are to the float32 row of this grid. Test WER: mean over seeds with a
+95 % Student-t interval over the seeds; the difference to float32 is paired
+by seed (same initial model, client sampling and data order). Parameter
+memory is counted exactly from storage at the end of the run; peak RSS is the
+high-water mark of the training steps (reset before each client's local
+training); bytes are `len()` of the messages.
+"""
+    sections = [
+        header,
+        "## Table\n\n" + report.format_table(rows),
+        "![test WER against bytes per round](paper_table.png)",
+        *extra_sections,
+        "## Every run\n\nTest WER with its 95 % bootstrap interval over the test "
+        "utterances (10,000 resamples).\n\n" + report.format_runs(per_run),
+    ]
+    report.write_markdown(output / "paper_table.md", sections)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or resume) the grid and write the report.
+
+    Arguments
+    ---------
+    argv : sequence of str, optional
+
+    Returns
+    -------
+    int
+        0, or 1 when a run failed.
+    """
+    args, overrides = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cells, settings = grid_from_args(args, overrides)
+    output = Path(
+        args.output
+        or ("results/paper_table_quick" if args.quick else "results/paper_table")
+    ).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    runs = plan_runs(cells, settings, output)
+    try:
+        for run in runs:
+            run.check_spec()
+    except GridMismatch as error:
+        raise SystemExit(f"paper_table: {error}") from None
+    state_path = output / STATE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state["machine"] = _machine()
+    invocation = {
+        "command": shlex.join(
+            ["python", "-m", "speechbrain_omc.experiments.paper_table"]
+            + list(sys.argv[1:] if argv is None else argv)
+        ),
+        "started": time.strftime("%Y-%m-%d %H:%M"),
+        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+    def save_state():
+        tmp = state_path.with_name(STATE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, state_path)
+
+    def refresh(_run=None):
+        write_report(output, runs, settings, state)
+
+    outcome = {"failed": {}}
+    if not args.report_only:
+        state.setdefault("invocations", []).append(invocation)
+        start = time.perf_counter()
+        try:
+            outcome = run_grid(
+                runs,
+                jobs=args.jobs,
+                progress=not args.noprogressbar,
+                on_finish=refresh,
+            )
+        finally:
+            invocation["seconds"] = round(time.perf_counter() - start, 1)
+            invocation["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            save_state()
+        logger.info(
+            "%d runs skipped (finished before), %d run now, %d failed",
+            len(outcome["skipped"]),
+            len(outcome["ran"]),
+            len(outcome["failed"]),
+        )
+    rows = write_report(output, runs, settings, state)
+    print(report.format_table(rows))
+    print(f"\nreport: {output / 'paper_table.md'}")
+    return 1 if outcome["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Run a grid of federated configurations over seeds, resumably.
+
+Each run (a cell and a seed) is one process of the embedded federated
+simulation (``python -m speechbrain_omc.asr.federation``) in its own folder,
+``<output>/runs/<cell>/<seed>/``, with one PyTorch thread; ``jobs`` of them
+run at once. A run whose folder holds ``summary.json`` is finished and is
+skipped when the grid is started again; a run that was interrupted resumes
+from its server checkpoint (the federation's own resume: the same final
+model as an uninterrupted run). A fresh process per run also makes its peak
+RSS the run's own.
+
+Every run folder records what it was started with (``run.json``): started
+again with other settings (rounds, overrides), the grid refuses to mix the
+two and names the difference.
+
+Example
+-------
+>>> from speechbrain_omc.experiments.grid import GridSettings, quick_grid
+>>> runs = plan_runs(quick_grid(), GridSettings(2, (1, 2)), Path("/tmp/grid"))
+>>> [(r.cell.name, r.seed) for r in runs]
+[('float32', 1), ('default', 1), ('float32', 2), ('default', 2)]
+>>> command_line(runs[1])[1:3]
+['-m', 'speechbrain_omc.asr.federation']
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from speechbrain_omc.asr import hparams_file
+from speechbrain_omc.experiments.grid import Cell, GridSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GridMismatch", "Run", "command_line", "plan_runs", "run_grid"]
+
+SUMMARY = "summary.json"
+SPEC = "run.json"
+
+
+class GridMismatch(RuntimeError):
+    """A run folder holds a run started with other settings."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One federated run of the grid: a cell with a seed.
+
+    Arguments
+    ---------
+    cell : Cell
+    seed : int
+    folder : Path
+        Its output folder.
+    overrides : dict
+        Every hyperparameter override of the run.
+    """
+
+    cell: Cell
+    seed: int
+    folder: Path
+    overrides: Mapping[str, object]
+
+    def __hash__(self) -> int:
+        return hash((self.cell.name, self.seed, str(self.folder)))
+
+    @property
+    def spec(self) -> dict:
+        """What the run is: its hparams file and overrides (``run.json``)."""
+        return {
+            "cell": self.cell.name,
+            "hparams": self.cell.hparams,
+            "overrides": json.loads(json.dumps(dict(self.overrides))),
+        }
+
+    @property
+    def done(self) -> bool:
+        """Whether the run finished (its summary is written)."""
+        return (self.folder / SUMMARY).is_file()
+
+    def summary(self) -> dict:
+        """The finished run's ``summary.json``.
+
+        Returns
+        -------
+        dict
+        """
+        return json.loads((self.folder / SUMMARY).read_text(encoding="utf-8"))
+
+    def check_spec(self) -> None:
+        """Refuse a folder that holds a run with other settings.
+
+        Raises
+        ------
+        GridMismatch
+            Naming the differing overrides.
+        """
+        path = self.folder / SPEC
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved == self.spec:
+            return
+        mine, theirs = self.spec["overrides"], saved.get("overrides", {})
+        diffs = [
+            f"{k}: folder {theirs.get(k)!r}, this grid {mine.get(k)!r}"
+            for k in sorted(set(mine) | set(theirs))
+            if mine.get(k) != theirs.get(k)
+        ]
+        if saved.get("hparams") != self.spec["hparams"]:
+            diffs.insert(0, f"hparams: {saved.get('hparams')} vs {self.cell.hparams}")
+        raise GridMismatch(
+            f"{self.folder} holds a run with other settings ("
+            + "; ".join(diffs)
+            + "): use another --output, or delete the folder"
+        )
+
+
+def plan_runs(cells: Sequence[Cell], settings: GridSettings, output: Path) -> list[Run]:
+    """Every run of the grid, seed-major (all cells of a seed, then the next).
+
+    Seed-major order finishes complete seeds early: an interrupted grid then
+    has comparable cells rather than many seeds of the first cells.
+
+    Arguments
+    ---------
+    cells : sequence of Cell
+    settings : GridSettings
+    output : Path
+        The grid's folder.
+
+    Returns
+    -------
+    list of Run
+    """
+    return [
+        Run(
+            cell,
+            seed,
+            Path(output) / "runs" / cell.name / str(seed),
+            settings.run_overrides(cell, seed),
+        )
+        for seed in settings.seeds
+        for cell in cells
+    ]
+
+
+def _cli_value(value: object) -> str:
+    # SpeechBrain reads each override as YAML: JSON is YAML, plain strings
+    # stay plain (e3m7, random).
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def command_line(run: Run) -> list[str]:
+    """The command of one run.
+
+    Arguments
+    ---------
+    run : Run
+
+    Returns
+    -------
+    list of str
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "speechbrain_omc.asr.federation",
+        str(hparams_file(run.cell.hparams)),
+        "--output_folder",
+        str(run.folder),
+        "--noprogressbar",
+    ]
+    for key, value in run.overrides.items():
+        command += [f"--{key}", _cli_value(value)]
+    return command
+
+
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
+    # A run must not outlive the grid that started it: killed, the grid
+    # would otherwise leave it running, and a restarted grid would start a
+    # second process on the same folder.
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _start(run: Run) -> subprocess.Popen:
+    run.folder.mkdir(parents=True, exist_ok=True)
+    (run.folder / SPEC).write_text(json.dumps(run.spec, indent=2) + "\n")
+    log = open(run.folder / "stderr.txt", "ab")  # noqa: SIM115 (closed on exit)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command_line(run),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env=env,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+    process.log = log  # type: ignore[attr-defined]
+    return process
+
+
+def run_grid(
+    runs: Sequence[Run],
+    jobs: int = 2,
+    progress: bool = True,
+    on_finish: Callable[[Run], None] | None = None,
+) -> dict[str, object]:
+    """Run every unfinished run, ``jobs`` at a time; skip the finished ones.
+
+    Arguments
+    ---------
+    runs : sequence of Run
+    jobs : int
+        Processes at once (one PyTorch thread each).
+    progress : bool
+        A progress bar over the runs.
+    on_finish : callable, optional
+        Called with each run that finishes here (e.g. to redraw the table).
+
+    Returns
+    -------
+    dict
+        ``skipped`` and ``ran`` (lists of run folders), ``failed`` (folder
+        to the tail of its log) and ``seconds``.
+
+    Raises
+    ------
+    GridMismatch
+        A run folder holds a run with other settings (checked before
+        anything starts).
+    """
+    from tqdm import tqdm
+
+    for run in runs:
+        run.check_spec()
+    start = time.perf_counter()
+    skipped = [run for run in runs if run.done]
+    todo = [run for run in runs if not run.done]
+    for run in skipped:
+        logger.info("finished already, skipped: %s", run.folder)
+    bar = tqdm(
+        total=len(runs),
+        initial=len(skipped),
+        desc="paper table runs",
+        dynamic_ncols=True,
+        disable=not progress,
+    )
+    active: dict[Run, subprocess.Popen] = {}
+    ran: list[str] = []
+    failed: dict[str, str] = {}
+    try:
+        while todo or active:
+            while todo and len(active) < max(1, jobs):
+                run = todo.pop(0)
+                logger.info("starting %s seed %d", run.cell.name, run.seed)
+                active[run] = _start(run)
+            bar.set_postfix_str(
+                ", ".join(f"{r.cell.name}/{r.seed}" for r in active), refresh=True
+            )
+            time.sleep(0.5)
+            for run, process in list(active.items()):
+                if process.poll() is None:
+                    continue
+                process.log.close()
+                del active[run]
+                if process.returncode == 0 and run.done:
+                    ran.append(str(run.folder))
+                    if on_finish is not None:
+                        on_finish(run)
+                else:
+                    tail = (run.folder / "stderr.txt").read_text(errors="replace")
+                    failed[str(run.folder)] = tail[-3000:]
+                    logger.error(
+                        "%s seed %d failed (%s):\n%s",
+                        run.cell.name,
+                        run.seed,
+                        process.returncode,
+                        tail[-3000:],
+                    )
+                bar.update(1)
+    finally:
+        for process in active.values():
+            process.terminate()
+        for process in active.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            process.log.close()
+        bar.close()
+    return {
+        "skipped": [str(r.folder) for r in skipped],
+        "ran": ran,
+        "failed": failed,
+        "seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,560 @@
+"""Update rules of fused mode: SGD, Adam and AdamW, one parameter at a time.
+
+Fused mode updates each compressed parameter inside backward, as soon as its
+gradient is complete, so it cannot call a torch optimizer's ``step()``; it
+calls :func:`fused_step_` with the settings read from that optimizer
+(:func:`settings_from_optimizer`). Each rule follows its torch optimizer's
+single-tensor path operation by operation, so that fused mode and simple mode
+(the torch optimizer itself) give the same result:
+
+* **SGD** (momentum, dampening, weight decay, Nesterov): the native kernel
+  decodes the weight, checks the gradient, steps and measures the new range
+  in one pass (:func:`sgd_step_`); the torch fallback is :func:`sgd_update_`.
+* **Adam / AdamW**: the weight and the moments are decoded into workspace
+  buffers, ``torch.optim``'s own functional Adam steps them, and they are
+  encoded again.
+
+Optimizer state (SGD's momentum, Adam's moments) lives in float32, or in a
+low-bit format with one scale per block of values
+(:class:`~speechbrain_omc.blockwise.BlockwiseTensor`; Adam's second moment
+as its square root): see :class:`StateStorage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim.adam import adam as functional_adam
+
+from speechbrain_omc import kernels
+from speechbrain_omc.blockwise import BlockwiseTensor
+from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.formats import _finite_minmax, affine_plan
+
+__all__ = [
+    "AdamSettings",
+    "SGDSettings",
+    "StateStorage",
+    "StepResult",
+    "fused_step_",
+    "settings_from_optimizer",
+    "sgd_step_",
+    "sgd_update_",
+]
+
+
+@dataclass
+class SGDSettings:
+    """Hyperparameters of the fused SGD update (as in ``torch.optim.SGD``).
+
+    Arguments
+    ---------
+    lr : float, optional
+        Learning rate; ``None`` until set (an update without it is an error).
+    momentum : float
+        Momentum factor.
+    dampening : float
+        Dampening of the momentum.
+    weight_decay : float
+        L2 penalty.
+    nesterov : bool
+        Nesterov momentum.
+    """
+
+    lr: float | None = None
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> SGDSettings:
+        """Read the settings of the first group of a ``torch.optim.SGD``.
+
+        Arguments
+        ---------
+        optimizer : torch.optim.Optimizer
+            Must be plain SGD: fused mode implements no other rule.
+
+        Returns
+        -------
+        SGDSettings
+
+        Example
+        -------
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> SGDSettings.from_optimizer(opt).lr
+        0.1
+        >>> SGDSettings.from_optimizer(torch.optim.Adam([torch.zeros(1)]))
+        Traceback (most recent call last):
+        ...
+        ValueError: SGDSettings reads torch.optim.SGD, got Adam
+        """
+        if type(optimizer) is not torch.optim.SGD:
+            raise ValueError(
+                f"SGDSettings reads torch.optim.SGD, got {type(optimizer).__name__}"
+            )
+        group = optimizer.param_groups[0]
+        if group.get("maximize", False):
+            raise ValueError("fused OMC updates do not support SGD(maximize=True)")
+        _same_groups(
+            optimizer, ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+        )
+        return cls(
+            lr=float(group["lr"]),
+            momentum=float(group["momentum"]),
+            dampening=float(group["dampening"]),
+            weight_decay=float(group["weight_decay"]),
+            nesterov=bool(group["nesterov"]),
+        )
+
+
+def sgd_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    settings: SGDSettings,
+) -> torch.Tensor | None:
+    """Apply one SGD step to ``param`` in place.
+
+    Arguments
+    ---------
+    param : torch.Tensor
+        The (decompressed) value, updated in place.
+    grad : torch.Tensor
+        Its gradient.
+    momentum_buffer : torch.Tensor or None
+        The momentum state (``None`` before the first step), updated in place.
+    settings : SGDSettings
+        Hyperparameters.
+
+    Returns
+    -------
+    torch.Tensor or None
+        The momentum buffer to keep (``None`` without momentum).
+
+    Example
+    -------
+    >>> p = torch.ones(2)
+    >>> sgd_update_(p, torch.ones(2), None, SGDSettings(lr=0.5))
+    >>> p
+    tensor([0.5000, 0.5000])
+    """
+    if settings.lr is None:
+        raise RuntimeError(
+            "fused OMC update without a learning rate: call "
+            "handle.set_sgd(lr=...) (OMCBrain does this from its optimizer)"
+        )
+    d_p = grad
+    if settings.weight_decay != 0:
+        d_p = d_p.add(param, alpha=settings.weight_decay)
+    if settings.momentum != 0:
+        if momentum_buffer is None:
+            momentum_buffer = torch.clone(d_p).detach()
+        else:
+            momentum_buffer.mul_(settings.momentum).add_(
+                d_p, alpha=1 - settings.dampening
+            )
+        if settings.nesterov:
+            d_p = d_p.add(momentum_buffer, alpha=settings.momentum)
+        else:
+            d_p = momentum_buffer
+    param.add_(d_p, alpha=-settings.lr)
+    return momentum_buffer
+
+
+@dataclass
+class SGDResult:
+    """What one fused SGD step did.
+
+    Arguments
+    ---------
+    nonfinite_grad : int
+        Non-finite gradient values; when not zero, nothing was updated (the
+        value is left undefined: it is a scratch copy).
+    momentum_buffer : torch.Tensor or None
+        The momentum state to keep.
+    minmax : tuple of float, optional
+        ``(min, max)`` of the updated value when the step measured it.
+    """
+
+    nonfinite_grad: int
+    momentum_buffer: torch.Tensor | None
+    minmax: tuple[float, float] | None = None
+
+
+def sgd_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    settings: SGDSettings,
+    codes: CompressedTensor | None = None,
+) -> SGDResult:
+    """One checked SGD step on a scratch float32 value, in place.
+
+    Arguments
+    ---------
+    param : torch.Tensor
+        The decompressed value, updated in place; with ``codes``, a scratch
+        buffer that receives their decoding first (one pass with the native
+        kernels).
+    grad : torch.Tensor
+        Its gradient.
+    momentum_buffer : torch.Tensor or None
+        The momentum state (``None`` before the first step); untouched when
+        the gradient is not finite.
+    settings : SGDSettings
+        Hyperparameters.
+    codes : CompressedTensor, optional
+        The compressed value to start from.
+
+    Returns
+    -------
+    SGDResult
+
+    Example
+    -------
+    >>> p = torch.ones(3)
+    >>> result = sgd_step_(p, torch.tensor([1.0, 2.0, 3.0]), None, SGDSettings(lr=0.5))
+    >>> p.tolist(), result.nonfinite_grad
+    ([0.5, 0.0, -0.5], 0)
+    >>> sgd_step_(p, torch.tensor([1.0, float("nan"), 0.0]), None,
+    ...           SGDSettings(lr=0.5)).nonfinite_grad
+    1
+    """
+    if settings.lr is None:
+        raise RuntimeError(
+            "fused OMC update without a learning rate: call "
+            "handle.set_sgd(lr=...) (OMCBrain does this from its optimizer)"
+        )
+    grad = grad.reshape(param.shape)
+    use_momentum = settings.momentum != 0
+    first = use_momentum and momentum_buffer is None
+    buffer = torch.empty_like(param) if first else momentum_buffer
+    scratch = [param, grad.contiguous(), buffer] if use_momentum else [param, grad]
+    if codes is not None:
+        scratch.append(codes.packed)
+    if param.dtype == grad.dtype == torch.float32 and kernels.native_for(*scratch):
+        decode = {}
+        if codes is not None:
+            factors, add = affine_plan(1.0, *codes.transform.decode_args)
+            decode = dict(
+                codes=codes.packed,
+                fmt=codes.format.spec,
+                multipliers=factors,
+                shift=add,
+            )
+        bad, lo, hi, overflowed = kernels.sgd_step(
+            param,
+            scratch[1],
+            buffer if use_momentum else None,
+            settings.lr,
+            settings.momentum,
+            settings.dampening,
+            settings.weight_decay,
+            settings.nesterov,
+            first,
+            **decode,
+        )
+        if bad:
+            return SGDResult(bad, momentum_buffer)
+        # An update that overflowed leaves the range unmeasured, so that
+        # re-compression finds the non-finite values and says so.
+        minmax = None if overflowed else (lo, hi)
+        return SGDResult(0, buffer if use_momentum else None, minmax)
+    finite = torch.isfinite(grad)
+    if not bool(finite.all()):
+        return SGDResult(int((~finite).sum()), momentum_buffer)
+    if codes is not None:
+        codes.decompress(out=param)
+    buffer = sgd_update_(param, grad, momentum_buffer, settings)
+    return SGDResult(0, buffer)
+
+
+def _same_groups(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:
+    group = optimizer.param_groups[0]
+    for other in optimizer.param_groups[1:]:
+        differ = [k for k in keys if other[k] != group[k]]
+        if differ:
+            raise ValueError(
+                "fused OMC updates apply one setting to every compressed "
+                f"parameter, but the optimizer's param groups differ in {differ} "
+                "(SpeechBrain's remove_vector_weight_decay does this); use one "
+                "group or update_mode='simple'"
+            )
+
+
+@dataclass
+class AdamSettings:
+    """Hyperparameters of the fused Adam/AdamW update (as in ``torch.optim``).
+
+    Arguments
+    ---------
+    lr : float
+        Learning rate.
+    betas : tuple of float
+        Decays of the first and second moment.
+    eps : float
+        Added to the denominator.
+    weight_decay : float
+        L2 penalty (Adam) or decoupled decay (AdamW).
+    decoupled : bool
+        AdamW's decoupled weight decay.
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> AdamSettings:
+        """Read the first group of a ``torch.optim.Adam`` or ``AdamW``.
+
+        Arguments
+        ---------
+        optimizer : torch.optim.Optimizer
+
+        Returns
+        -------
+        AdamSettings
+
+        Example
+        -------
+        >>> opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=0.01)
+        >>> settings = AdamSettings.from_optimizer(opt)
+        >>> settings.lr, settings.weight_decay, settings.decoupled
+        (0.01, 0.01, True)
+        """
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            name = type(optimizer).__name__
+            raise ValueError(f"AdamSettings reads torch.optim.Adam(W), got {name}")
+        group = optimizer.param_groups[0]
+        for flag in ("amsgrad", "maximize"):
+            if group.get(flag, False):
+                raise ValueError(f"fused OMC updates do not support {flag}=True")
+        _same_groups(optimizer, ("lr", "betas", "eps", "weight_decay"))
+        decoupled = type(optimizer) is torch.optim.AdamW or bool(
+            group.get("decoupled_weight_decay", False)
+        )
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return cls(
+            lr=float(group["lr"]),
+            betas=(beta1, beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            decoupled=decoupled,
+        )
+
+
+def settings_from_optimizer(
+    optimizer: torch.optim.Optimizer,
+) -> SGDSettings | AdamSettings:
+    """The fused rule's settings from the optimizer a recipe built.
+
+    Arguments
+    ---------
+    optimizer : torch.optim.Optimizer
+        ``torch.optim.SGD``, ``Adam`` or ``AdamW``; any other is a clear
+        error (simple mode runs any optimizer).
+
+    Returns
+    -------
+    SGDSettings or AdamSettings
+
+    Example
+    -------
+    >>> p = [torch.zeros(1, requires_grad=True)]
+    >>> type(settings_from_optimizer(torch.optim.Adam(p))).__name__
+    'AdamSettings'
+    >>> settings_from_optimizer(torch.optim.RMSprop(p))
+    Traceback (most recent call last):
+    ...
+    ValueError: fused OMC updates implement SGD, Adam and AdamW, got RMSprop; ...
+    """
+    if type(optimizer) is torch.optim.SGD:
+        return SGDSettings.from_optimizer(optimizer)
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        return AdamSettings.from_optimizer(optimizer)
+    raise ValueError(
+        "fused OMC updates implement SGD, Adam and AdamW, got "
+        f"{type(optimizer).__name__}; use update_mode='simple' for other optimizers"
+    )
+
+
+@dataclass(frozen=True)
+class StateStorage:
+    """How optimizer state is stored between steps.
+
+    Arguments
+    ---------
+    formats : mapping, optional
+        ``{buffer name: format}`` (``"momentum_buffer"``, ``"exp_avg"``,
+        ``"exp_avg_sq"``); a buffer not named stays float32.
+    block : int
+        Values per scale of the low-bit buffers.
+    sqrt_second_moment : bool
+        Store Adam's second moment as its square root.
+    rounding : str
+        Rounding of the buffers' encoding.
+    """
+
+    formats: Mapping[str, str] = field(default_factory=dict)
+    block: int = 256
+    sqrt_second_moment: bool = True
+    rounding: str = "nearest"
+
+    def compressed(self, name: str) -> bool:
+        """Whether buffer ``name`` is kept in a low-bit format."""
+        return self.formats.get(name) is not None
+
+    def store(self, name: str, value: torch.Tensor, key: int | None = None):
+        """The buffer to keep: ``value`` itself, or its block-wise codes."""
+        fmt = self.formats.get(name)
+        if fmt is None:
+            return value
+        return BlockwiseTensor.compress(
+            value,
+            fmt,
+            block=self.block,
+            sqrt=self.sqrt_second_moment and name == "exp_avg_sq",
+            rounding=self.rounding,
+            generator=key if self.rounding == "stochastic" else None,
+        )
+
+    @staticmethod
+    def nbytes(buffer) -> int:
+        """Exact bytes of a stored buffer."""
+        if buffer is None:
+            return 0
+        if isinstance(buffer, BlockwiseTensor):
+            return buffer.nbytes
+        return buffer.numel() * buffer.element_size()
+
+
+def _load(buffer, out: torch.Tensor) -> torch.Tensor:
+    """A stored buffer's float32 values, decoded into ``out`` when compressed."""
+    if isinstance(buffer, BlockwiseTensor):
+        return buffer.decompress(out=out)
+    if isinstance(buffer, CompressedTensor):  # older checkpoints' momentum
+        return buffer.decompress(out=out)
+    return buffer
+
+
+@dataclass
+class StepResult:
+    """What one fused step did.
+
+    Arguments
+    ---------
+    nonfinite_grad : int
+        Non-finite gradient values; when not zero nothing was updated.
+    minmax : tuple of float, optional
+        ``(min, max)`` of the updated weight, when measured.
+    """
+
+    nonfinite_grad: int
+    minmax: tuple[float, float] | None = None
+
+
+def fused_step_(
+    value: torch.Tensor,
+    codes: CompressedTensor,
+    grad: torch.Tensor,
+    state: dict,
+    settings: SGDSettings | AdamSettings,
+    storage: StateStorage,
+    scratch: Callable[[], torch.Tensor],
+    keys: Callable[[str], int],
+) -> StepResult:
+    """One fused update: ``value`` receives the updated weight.
+
+    Arguments
+    ---------
+    value : torch.Tensor
+        Float32 scratch of the weight's shape; the weight is decoded into it
+        from ``codes`` and updated there (the caller encodes it again).
+    codes : CompressedTensor
+        The weight's codes.
+    grad : torch.Tensor
+        Its gradient (float32).
+    state : dict
+        The parameter's optimizer state (``{}`` before the first step),
+        updated in place when the gradient is finite.
+    settings : SGDSettings or AdamSettings
+        Which rule, and its hyperparameters.
+    storage : StateStorage
+        How state buffers are kept.
+    scratch : callable
+        Returns float32 scratch buffers of the weight's shape.
+    keys : callable
+        ``keys(buffer name)``: the stochastic rounding key of a buffer.
+
+    Returns
+    -------
+    StepResult
+    """
+    if isinstance(settings, AdamSettings):
+        return _adam_step_(value, codes, grad, state, settings, storage, scratch, keys)
+    momentum = state.get("momentum_buffer")
+    if momentum is not None and not isinstance(momentum, torch.Tensor):
+        momentum = _load(momentum, scratch())
+    result = sgd_step_(value, grad, momentum, settings, codes=codes)
+    if result.nonfinite_grad:
+        return StepResult(result.nonfinite_grad)
+    if result.momentum_buffer is not None:
+        state["momentum_buffer"] = storage.store(
+            "momentum_buffer", result.momentum_buffer, keys("momentum_buffer")
+        )
+    return StepResult(0, result.minmax)
+
+
+def _adam_step_(value, codes, grad, state, settings, storage, scratch, keys):
+    if kernels.native_for(grad):
+        bad = kernels.minmax(grad)[2]
+    else:
+        finite = torch.isfinite(grad)
+        bad = int((~finite).sum())
+    if bad:
+        return StepResult(bad)  # nothing decoded, nothing written
+    codes.decompress(out=value.view(-1))
+    moments = {}
+    for name in ("exp_avg", "exp_avg_sq"):
+        if name in state:
+            moments[name] = _load(state[name], scratch())
+        elif storage.compressed(name):  # decoded each step: a scratch buffer
+            moments[name] = scratch().zero_()
+        else:  # kept float32 between steps: its own memory
+            moments[name] = torch.zeros_like(value)
+    exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
+    step = state.get("step", 0)
+    step_t = torch.tensor(float(step))
+    beta1, beta2 = settings.betas
+    # torch.optim's own single-tensor Adam: the same operations, the same bits.
+    functional_adam(
+        [value],
+        [grad.view(value.shape)],
+        [exp_avg.view(value.shape)],
+        [exp_avg_sq.view(value.shape)],
+        [],
+        [step_t],
+        foreach=False,
+        decoupled_weight_decay=settings.decoupled,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        eps=settings.eps,
+        maximize=False,
+    )
+    state["exp_avg"] = storage.store("exp_avg", exp_avg, keys("exp_avg"))
+    state["exp_avg_sq"] = storage.store("exp_avg_sq", exp_avg_sq, keys("exp_avg_sq"))
+    state["step"] = step + 1
+    try:
+        return StepResult(0, _finite_minmax(value))
+    except ValueError:
+        return StepResult(0)  # an overflow: the caller's encoding says so

@@ -1,0 +1,150 @@
+"""The paper-table runner: ``--quick`` end to end, skip on rerun, resume.
+
+The runner is started as a user starts it (``python -m
+speechbrain_omc.experiments.paper_table --quick``) with a tiny model (the
+grid's machinery at test speed), killed with SIGKILL while its second run is
+between rounds, and started again: the finished run is skipped (its files
+untouched), the interrupted one resumes from its checkpoint, the others run,
+and the report holds every cell and seed. A third start runs nothing; a
+start with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = [
+    "--d_model", "16", "--nhead", "2", "--num_encoder_layers", "1",
+    "--d_ffn", "32", "--cnn_channels", "4", "--cnn_out_channels", "4",
+    "--n_mels", "20", "--max_local_steps", "12",
+]  # fmt: skip
+
+
+def _command(output: Path, *more: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "speechbrain_omc.experiments.paper_table",
+        "--quick",
+        "--jobs",
+        "1",
+        "--noprogressbar",
+        "--output",
+        str(output),
+        *TINY,
+        *more,
+    ]
+
+
+def _round_of(folder: Path) -> int:
+    path = folder / "save" / "server.ckpt"
+    if not path.is_file():
+        return 0
+    try:
+        return int(torch.load(path, weights_only=True)["server"]["round"])
+    except Exception:  # being replaced right now
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_quick_grid_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path):
+    out = tmp_path / "grid"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first, second = out / "runs/float32/1986", out / "runs/default/1986"
+    grid = subprocess.Popen(
+        _command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    deadline = time.monotonic() + 300
+    children = []
+    # Killed while the second run (OMC, seed 1986) is between rounds 1 and 2.
+    while _round_of(second) < 1:
+        assert grid.poll() is None, grid.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the second run never completed a round"
+        children = _children(grid.pid) or children
+        time.sleep(0.05)
+    children = _children(grid.pid) or children
+    os.kill(grid.pid, signal.SIGKILL)
+    grid.wait()
+    assert (first / "summary.json").is_file()
+    assert not (second / "summary.json").is_file(), "finished before the kill"
+    # The run does not outlive the grid (it would race a restarted grid).
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in children):
+        assert time.monotonic() < deadline, "a run outlived the killed grid"
+        time.sleep(0.2)
+    stamp = (first / "summary.json").stat().st_mtime_ns
+    done = _round_of(second)
+
+    again = subprocess.run(
+        _command(out), capture_output=True, text=True, env=env, timeout=600
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert f"finished already, skipped: {first}" in log
+    assert "1 runs skipped (finished before), 3 run now, 0 failed" in log
+    assert (first / "summary.json").stat().st_mtime_ns == stamp
+    # The interrupted run went on from its checkpoint, not from round 0.
+    assert f"after round {done}" in (second / "log.txt").read_text()
+    for cell in ("float32", "default"):
+        for seed in (1986, 1987):
+            summary = json.loads((out / f"runs/{cell}/{seed}/summary.json").read_text())
+            assert summary["rounds"] == 2 and summary["seed"] == seed
+            assert summary["test_utterances"] == 816
+
+    with open(out / "paper_table.csv", newline="") as f:
+        rows = {r["cell"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"float32", "default"}
+    assert rows["float32"]["seeds"] == rows["default"]["seeds"] == "2"
+    assert float(rows["float32"]["parameter_ratio"]) == 1.0
+    assert 0.3 < float(rows["default"]["parameter_ratio"]) < 0.6
+    assert 0.3 < float(rows["default"]["bytes_down_ratio"]) < 0.7
+    assert float(rows["default"]["peak_train_rss_bytes"]) > 100e6
+    report = (out / "paper_table.md").read_text()
+    assert "| OMC default" in report and "Runs finished:\n4 of 4" in report
+    assert (out / "paper_table.png").stat().st_size > 10_000
+    with open(out / "runs.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+    # Started again: nothing to run.
+    third = subprocess.run(
+        _command(out), capture_output=True, text=True, env=env, timeout=300
+    )
+    assert third.returncode == 0
+    assert "4 runs skipped (finished before), 0 run now" in third.stdout + third.stderr
+    # Other settings in the same folder: refused, naming the difference.
+    other = subprocess.run(
+        _command(out, "--rounds", "3"), capture_output=True, text=True, env=env
+    )
+    assert other.returncode != 0
+    assert "rounds: folder 2, this grid 3" in other.stderr
