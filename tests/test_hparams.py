@@ -150,7 +150,7 @@ def test_command_line_override_through_speechbrain(tmp_path):
     with open(hparams_file, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     assert hparams["omc"].format == "e4m7"
-    assert hparams["omc"].update_mode == "simple"  # the recipe's own value
+    assert hparams["omc"].update_mode == "fused"  # the recipe's own value (fused Adam)
     # A misspelt key is an error, as for any SpeechBrain hyperparameter.
     _, _, overrides = sb.parse_arguments(
         [str(path), "--omc_fromat=e4m7", f"--output_folder={tmp_path}"]
