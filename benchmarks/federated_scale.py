@@ -7,7 +7,8 @@
     PYTHONPATH=. python benchmarks/federated_scale.py --render-only    # the .md again
 
 Parts (each recorded in ``benchmarks/results/federated_scale.json`` under its
-name, with the command, the machine and the load average before and after;
+name, the measured part under ``measured_<runner>``, with the command, the
+machine and the load average before and after;
 ``benchmarks/results/federated_scale.md`` is rendered from it):
 
 ``measured``
@@ -527,6 +528,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", default="results/benchmark_federated_scale")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument(
+        "--wrapper",
+        default="",
+        help="how the command was wrapped (e.g. 'flock LOCK nice -n -10'), "
+        "recorded in front of it",
+    )
     parser.add_argument("--worker", choices=["embedded", "flower", "deployment"])
     args = parser.parse_args(argv)
     workdir = Path(args.workdir).resolve()
@@ -545,10 +552,24 @@ def main(argv: list[str] | None = None) -> None:
 
     record = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
     if not args.render_only:
+        given = list(argv if argv is not None else sys.argv[1:])
+        if "--wrapper" in given:  # recorded in front instead
+            at = given.index("--wrapper")
+            del given[at : at + 2]
+        given = [a for a in given if not a.startswith("--wrapper=")]
         command = "PYTHONPATH=. python benchmarks/federated_scale.py " + shlex.join(
-            argv if argv is not None else sys.argv[1:]
+            given
         )
-        for part in args.parts:
+        if args.wrapper:
+            command = f"{args.wrapper} {command}"
+        # One record entry per runner of the measured part: each can be run
+        # (and re-run) in its own invocation, as the shared machine allows.
+        jobs = [
+            (f"measured_{runner}", runner) if part == "measured" else (part, None)
+            for part in args.parts
+            for runner in (args.runners if part == "measured" else [None])
+        ]
+        for name, runner in jobs:
             entry = {
                 "command": command.strip(),
                 "machine": _machine(),
@@ -556,20 +577,19 @@ def main(argv: list[str] | None = None) -> None:
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
             begin = time.perf_counter()
-            if part == "analytic":
+            if name == "analytic":
                 entry["result"] = run_analytic()
-            elif part == "measured":
+            elif runner is not None:
                 results = []
-                for runner in args.runners:
-                    for k in args.clients_per_round:
-                        print(f"{runner}, {k} clients per round ...", flush=True)
-                        results.append(
-                            _child(
-                                ["--worker", runner, "--clients-per-round", str(k)]
-                                + ["--rounds", str(args.rounds)]
-                                + ["--workdir", str(workdir)]
-                            )
+                for k in args.clients_per_round:
+                    print(f"{runner}, {k} clients per round ...", flush=True)
+                    results.append(
+                        _child(
+                            ["--worker", runner, "--clients-per-round", str(k)]
+                            + ["--rounds", str(args.rounds)]
+                            + ["--workdir", str(workdir)]
                         )
+                    )
                 entry["result"] = results
             else:
                 entry["result"] = _child(
@@ -577,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             entry["minutes"] = round((time.perf_counter() - begin) / 60, 1)
             entry["load_after"] = _load()
-            record[part] = entry
+            record[name] = entry
             _save(record)
     from federated_scale_report import render  # benchmarks/, next to this file
 
