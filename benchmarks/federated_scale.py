@@ -7,8 +7,8 @@
     PYTHONPATH=. python benchmarks/federated_scale.py --render-only    # the .md again
 
 Parts (each recorded in ``benchmarks/results/federated_scale.json`` under its
-name, the measured part under ``measured_<runner>``, with the command, the
-machine and the load average before and after;
+name, the measured part under ``measured_<runner>_<clients per round>``, with
+the command, the machine and the load average before and after;
 ``benchmarks/results/federated_scale.md`` is rendered from it):
 
 ``measured``
@@ -48,7 +48,10 @@ machine and the load average before and after;
     three utterances), bytes from the server's report, seconds, and the peak
     RSS of every Flower process (``VmHWM``, sampled every 0.1 s).
 
-Needs about 20 minutes on two cores (most of it the Flower runs).
+Needs about an hour on two shared cores (most of it the 1,000-client rounds);
+run the parts, runners and settings in separate invocations (``--parts``,
+``--runners``, ``--clients-per-round``, ``--rounds``): each is recorded on its
+own.
 """
 
 from __future__ import annotations
@@ -562,14 +565,18 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.wrapper:
             command = f"{args.wrapper} {command}"
-        # One record entry per runner of the measured part: each can be run
-        # (and re-run) in its own invocation, as the shared machine allows.
-        jobs = [
-            (f"measured_{runner}", runner) if part == "measured" else (part, None)
-            for part in args.parts
-            for runner in (args.runners if part == "measured" else [None])
-        ]
-        for name, runner in jobs:
+        # One record entry per runner and clients per round of the measured
+        # part: each can be run (and re-run) in its own invocation, as the
+        # shared machine allows.
+        jobs = []
+        for part in args.parts:
+            if part != "measured":
+                jobs.append((part, None, None))
+                continue
+            for runner in args.runners:
+                for k in args.clients_per_round:
+                    jobs.append((f"measured_{runner}_{k}", runner, k))
+        for name, runner, k in jobs:
             entry = {
                 "command": command.strip(),
                 "machine": _machine(),
@@ -580,17 +587,12 @@ def main(argv: list[str] | None = None) -> None:
             if name == "analytic":
                 entry["result"] = run_analytic()
             elif runner is not None:
-                results = []
-                for k in args.clients_per_round:
-                    print(f"{runner}, {k} clients per round ...", flush=True)
-                    results.append(
-                        _child(
-                            ["--worker", runner, "--clients-per-round", str(k)]
-                            + ["--rounds", str(args.rounds)]
-                            + ["--workdir", str(workdir)]
-                        )
-                    )
-                entry["result"] = results
+                print(f"{runner}, {k} clients per round ...", flush=True)
+                entry["result"] = _child(
+                    ["--worker", runner, "--clients-per-round", str(k)]
+                    + ["--rounds", str(args.rounds)]
+                    + ["--workdir", str(workdir)]
+                )
             else:
                 entry["result"] = _child(
                     ["--worker", "deployment", "--workdir", str(workdir)]

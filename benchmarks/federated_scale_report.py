@@ -39,8 +39,9 @@ def _meta(entry: dict) -> list[str]:
 def _measured(entries: list[dict]) -> list[str]:
     lines = ["## Streaming aggregation, measured", ""]
     for entry in entries:
-        runner = entry["result"][0]["runner"] if entry["result"] else "?"
-        lines += [f"*{runner}*: "] + _meta(entry)
+        result = entry["result"]
+        lines += [f"*{result['runner']}, {result['clients_per_round']}*: "]
+        lines += _meta(entry)
     lines += [
         "`fed_scale.yaml`: 1,000 utterance-level clients (SynthSpeech's 480",
         "training utterances, each serving 2 or 3 clients), a 6M-parameter",
@@ -59,7 +60,7 @@ def _measured(entries: list[dict]) -> list[str]:
         "",
     ]
     rows, linear = [], {}
-    results = [r for entry in entries for r in entry["result"]]
+    results = [entry["result"] for entry in entries]
     for result in results:
         rounds = result["rounds"]
         k = result["clients_per_round"]
@@ -284,7 +285,10 @@ def render(record: dict) -> str:
         "any part with `--parts`). Issue 13.",
         "",
     ]
-    measured = [record[k] for k in sorted(record) if k.startswith("measured_")]
+    measured = sorted(
+        (record[k] for k in record if k.startswith("measured_")),
+        key=lambda e: (e["result"]["runner"], e["result"]["clients_per_round"]),
+    )
     if measured:
         lines += _measured(measured)
     if "analytic" in record:
