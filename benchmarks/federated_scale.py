@@ -21,7 +21,8 @@ the command, the machine and the load average before and after;
       (:func:`speechbrain_omc.federated.simulation.run_round`, the server
       built by :func:`speechbrain_omc.asr.build_server`) in this process, with
       its client (one Brain, every client's data) in a worker process
-      that answers each message over a pipe: the embedded runner with its
+      that answers each message (bytes through files, orders over a pipe): the
+      embedded runner with its
       client moved out, so that the process's RSS is the server's own;
     * ``flower``: the Flower app in Flower's Simulation Engine (a local
       SuperLink with ``--simulation``, 1,000 virtual SuperNodes, Ray with one
@@ -163,17 +164,21 @@ def _client_process(conn, overrides: dict) -> None:
     )
     busy = 0.0
     while True:
-        message = conn.recv_bytes()
-        if not message:
+        order = conn.recv()
+        if order is None:
             conn.send({"busy": busy})
             return
+        message = Path(order).read_bytes()
         start = time.perf_counter()
         try:
             reply = client.train(message)
+            status = "ok"
         except Exception as error:  # reported to the server as the client's
-            reply = b"ERROR " + repr(error).encode()[:500]
+            reply, status = b"", "ERROR " + repr(error)[:500]
         busy += time.perf_counter() - start
-        conn.send_bytes(reply)
+        del message
+        Path(order).with_suffix(".reply").write_bytes(reply)
+        conn.send(status)
 
 
 def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
@@ -183,6 +188,7 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
 
     from speechbrain_omc import asr
     from speechbrain_omc.federated.simulation import run_round
+    from speechbrain_omc.memory import trim_heap
 
     torch.set_num_threads(1)
     overrides = {
@@ -206,13 +212,27 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
     del model, init
     gc.collect()
 
+    # The bytes travel through files (the page cache, not this process's
+    # memory): writing a message copies nothing, and a reply is read into
+    # one buffer of its exact size, as a server would take it from a socket.
+    # A pipe's receive grows a buffer chunk by chunk and copies it, which
+    # the server's RSS would count.
+    wire_dir = workdir / "wire"
+    wire_dir.mkdir(parents=True, exist_ok=True)
+
     def train(client: str, message: bytes) -> bytes:
-        mine.send_bytes(message)
+        path = wire_dir / "message.bin"
+        path.write_bytes(message)
         del message  # sent: the server holds one message at a time
-        reply = mine.recv_bytes()
-        if reply.startswith(b"ERROR "):
-            raise RuntimeError(reply[6:].decode(errors="replace"))
-        return reply
+        mine.send(str(path))
+        status = mine.recv()
+        if status != "ok":
+            raise RuntimeError(status[6:])
+        return path.with_suffix(".reply").read_bytes()
+
+    # Round 1 starts, as later rounds do, from a trimmed heap: memory freed
+    # while building the server would otherwise be reused unseen.
+    trim_heap()
 
     out, sampled = [], None
     for _ in range(rounds):
@@ -220,7 +240,7 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
         report = run_round(server, train, hparams["dropout"])
         out.append(_round_record(report, time.perf_counter() - start))
         sampled = sampled or report.sampled
-    mine.send_bytes(b"")
+    mine.send(None)
     client_seconds = mine.recv()["busy"]
     worker.join(60)
     shapes = server._shapes()

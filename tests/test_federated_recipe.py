@@ -280,7 +280,7 @@ def test_main_job_runs_both_federations_and_prints_the_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     for row in (
-        "test WER, held-out speakers",
+        "test WER [95 % CI], held-out speakers",
         "parameter memory",
         "bytes communicated",
     ):

@@ -328,7 +328,8 @@ def _float32_shape(payload: memoryview) -> tuple[int, ...]:
 
 def _entry_parts(value: Entry) -> tuple[int, tuple]:
     if isinstance(value, CompressedTensor):
-        return COMPRESSED, (value.to_bytes(),)
+        # Views of the codes: joined once, into the message.
+        return COMPRESSED, value.to_bytes_parts()
     return FLOAT32, _float32_parts(value)
 
 
