@@ -2,18 +2,22 @@
 
 ::
 
-    python benchmarks/synthspeech_asr.py \
-        --record benchmarks/results/synthspeech_asr.md
+    python benchmarks/synthspeech_asr.py --seeds 1986 1987 1988 --jobs 2 \
+        --record benchmarks/results/synthspeech_asr_runs.md
 
-runs ``recipes/SynthSpeech/ASR/train.py`` with ``hparams/conformer_ctc.yaml``
-and then ``hparams/conformer_ctc_omc.yaml`` (one after the other, each in a
-fresh process, same seed), measures each run's wall-clock minutes and the
-machine's load average while it ran (sampled every few seconds: the
-machines here are shared, and a loaded machine stretches the minutes), and
-parses the recipe's ``train_log.txt`` for the test WER and CER and the
-per-epoch dev WER. The report is printed and, with ``--record``, written as
-Markdown. Extra arguments after ``--`` go to both runs (``-- --number_of_epochs
-2``).
+runs ``recipes/SynthSpeech/ASR/train.py`` for every variant and seed, each in
+a fresh process with one PyTorch thread, ``--jobs`` at a time: float32 Adam
+(``hparams/conformer_ctc.yaml``), the OMC twin with fused Adam
+(``hparams/conformer_ctc_omc.yaml``) and, with ``--variants``, the twin with
+the other ``max_grad_norm`` choices or in simple mode. It measures each run's
+wall-clock minutes and the machine's load average while it ran (sampled
+every few seconds: the machines here are shared, and a loaded machine
+stretches the minutes), and parses the recipe's ``train_log.txt`` for the
+test WER and CER and the per-epoch dev WER. The report gives every run and,
+per variant, the mean test WER over seeds with its 95 % Student-t interval
+and the paired difference to float32 (same seeds). It is printed and, with
+``--record``, written as Markdown. Extra arguments after ``--`` go to every
+run (``-- --number_of_epochs 2``).
 """
 
 from __future__ import annotations
@@ -31,10 +35,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "SynthSpeech" / "ASR"
+#: name -> (hparams file, overrides of that file)
 VARIANTS = {
-    "float32": "conformer_ctc.yaml",
-    "OMC e3m7": "conformer_ctc_omc.yaml",
+    "float32": ("conformer_ctc.yaml", []),
+    "OMC fused Adam": ("conformer_ctc_omc.yaml", []),
+    "OMC fused Adam, per_parameter clipping": (
+        "conformer_ctc_omc.yaml",
+        ["--omc_fused_clipping=per_parameter"],
+    ),
+    "OMC fused Adam, two_pass clipping": (
+        "conformer_ctc_omc.yaml",
+        ["--omc_fused_clipping=two_pass"],
+    ),
+    "OMC simple Adam": (
+        "conformer_ctc_omc.yaml",
+        ["--omc_update_mode=simple", "--omc_state_format=null"],
+    ),
 }
+DEFAULT_VARIANTS = ["float32", "OMC fused Adam"]
 _NUMBER = r"([0-9.e+-]+)"
 
 
@@ -115,16 +133,16 @@ def parse_train_log(path: Path) -> dict:
 
 
 def run_variant(
-    name: str, hparams: str, output: Path, threads: int, extra: list[str]
+    name: str, seed: int, output: Path, threads: int, extra: list[str]
 ) -> dict:
-    """Train and test one variant in a fresh process.
+    """Train and test one variant with one seed in a fresh process.
 
     Arguments
     ---------
     name : str
-        Label of the variant.
-    hparams : str
-        Hparams file name under the recipe's ``hparams/``.
+        A key of :data:`VARIANTS`.
+    seed : int
+        The recipe's ``--seed``.
     output : Path
         Output folder of the run (must not hold checkpoints of another run).
     threads : int
@@ -137,6 +155,7 @@ def run_variant(
     dict
         The command, minutes, load statistics, parsed log and parameter bytes.
     """
+    hparams, overrides = VARIANTS[name]
     if (output / "save").is_dir() and any((output / "save").glob("CKPT+*")):
         raise FileExistsError(f"{output} holds checkpoints; pick a fresh --output")
     cmd = [
@@ -146,6 +165,9 @@ def run_variant(
         "--output_folder",
         str(output.relative_to(ROOT) if output.is_relative_to(ROOT) else output),
         "--noprogressbar",
+        "--seed",
+        str(seed),
+        *overrides,
         *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -165,6 +187,7 @@ def run_variant(
     m = re.search(r"Parameter bytes: (\d+) \(float32: (\d+)\)", text)
     return {
         "name": name,
+        "seed": seed,
         "command": f"OMP_NUM_THREADS={threads} " + shlex.join(cmd),
         "minutes": minutes,
         "load": load,
@@ -187,9 +210,9 @@ def report(runs: list[dict]) -> str:
     str
     """
     lines = [
-        "| run | test WER % | test CER % | best dev epoch | minutes | load avg "
+        "| run | seed | test WER % | test CER % | best dev epoch | minutes | load avg "
         "(start / mean / max) | parameter bytes |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         ld = r["load"]
@@ -199,20 +222,66 @@ def report(runs: list[dict]) -> str:
             else "?"
         )
         lines.append(
-            f"| {r['name']} | {r['wer']:.2f} | {r['cer']:.2f} | {r['epoch_loaded']} | "
+            f"| {r['name']} | {r['seed']} | {r['wer']:.2f} | {r['cer']:.2f} | "
+            f"{r['epoch_loaded']} | "
             f"{r['minutes']:.1f} | {ld['start']:.1f} / {ld['mean']:.1f} / "
             f"{ld['max']:.1f} | {nbytes} |"
         )
     lines += ["", "Commands (from the repository root):", ""]
-    lines += [f"- {r['name']}: `{r['command']}`" for r in runs]
+    lines += [f"- {r['name']}, seed {r['seed']}: `{r['command']}`" for r in runs]
     lines += ["", "Dev WER % per epoch:", ""]
-    header = "| epoch | " + " | ".join(r["name"] for r in runs) + " |"
+    header = (
+        "| epoch | " + " | ".join(f"{r['name']} ({r['seed']})" for r in runs) + " |"
+    )
     lines += [header, "|---" * (len(runs) + 1) + "|"]
     for i in range(max(len(r["epochs"]) for r in runs)):
         cells = [
             f"{r['epochs'][i][2]:.2f}" if i < len(r["epochs"]) else "" for r in runs
         ]
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(runs: list[dict]) -> str:
+    """Per variant: mean test WER over seeds, and the paired difference.
+
+    Arguments
+    ---------
+    runs : list of dict
+        As returned by :func:`run_variant`.
+
+    Returns
+    -------
+    str
+        A Markdown table: seeds, mean test WER and CER with the 95 % Student-t
+        interval over seeds, min-max, and the mean of (variant - float32) over
+        the seeds both ran, with its interval.
+    """
+    from speechbrain_omc.asr.stats import mean_ci
+
+    by_name: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        by_name.setdefault(r["name"], {})[r["seed"]] = r
+    reference = by_name.get("float32", {})
+    lines = [
+        "| variant | seeds | test WER % (mean, 95 % CI) | min-max | test CER % "
+        "(mean) | WER - float32, paired (mean, 95 % CI) | minutes (mean) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, seeds in by_name.items():
+        wers = [seeds[s]["wer"] for s in sorted(seeds)]
+        common = sorted(set(seeds) & set(reference))
+        paired = (
+            mean_ci([seeds[s]["wer"] - reference[s]["wer"] for s in common]).format()
+            if name != "float32" and common
+            else "-"
+        )
+        lines.append(
+            f"| {name} | {', '.join(map(str, sorted(seeds)))} | "
+            f"{mean_ci(wers).format()} | {min(wers):.2f}-{max(wers):.2f} | "
+            f"{sum(seeds[s]['cer'] for s in seeds) / len(seeds):.2f} | {paired} | "
+            f"{sum(seeds[s]['minutes'] for s in seeds) / len(seeds):.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -242,6 +311,8 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; see the module docstring."""
+    from concurrent.futures import ThreadPoolExecutor
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--output",
@@ -251,21 +322,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS")
     parser.add_argument(
-        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS)
+        "--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS)
     )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1986])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--record", type=Path, help="write the report here")
     parser.add_argument("extra", nargs="*", help="arguments for train.py (after --)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    runs = []
-    for name in args.variants:
-        folder = args.output / stamp / VARIANTS[name].removesuffix(".yaml")
-        print(f"running {name} -> {folder}", flush=True)
-        runs.append(run_variant(name, VARIANTS[name], folder, args.threads, args.extra))
-        print(report(runs[-1:]).splitlines()[2], flush=True)
-    runs.sort(key=lambda r: list(VARIANTS).index(r["name"]))
+    started = time.time()
+
+    def one(job: tuple[str, int]) -> dict:
+        name, seed = job
+        folder = args.output / stamp / re.sub(r"\W+", "_", name).strip("_") / str(seed)
+        print(f"running {name}, seed {seed} -> {folder}", flush=True)
+        run = run_variant(name, seed, folder, args.threads, args.extra)
+        print(report([run]).splitlines()[2], flush=True)
+        return run
+
+    # Seeds outermost: with fewer jobs than runs, every variant has its
+    # first seed done before any variant's second.
+    jobs = [(name, seed) for seed in args.seeds for name in args.variants]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(one, jobs))
+    runs.sort(key=lambda r: (list(VARIANTS).index(r["name"]), r["seed"]))
     text = (
-        f"Recorded {time.strftime('%Y-%m-%d %H:%M')} on {machine()}.\n\n"
+        f"Recorded {time.strftime('%Y-%m-%d %H:%M')} on {machine()}; "
+        f"{len(runs)} runs, {args.jobs} at a time, "
+        f"{(time.time() - started) / 60:.0f} minutes in all.\n\n"
+        + summary(runs)
+        + "\n\n"
         + report(runs)
         + "\n"
     )

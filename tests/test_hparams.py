@@ -20,7 +20,6 @@ OMC_FILES = {
     "example_brain.yaml": (HPARAMS / "example_brain.yaml", {}),
     "conformer_ctc_omc.yaml": (RECIPES / "ASR/hparams/conformer_ctc_omc.yaml", {}),
     "fed_omc.yaml": (RECIPES / "federated/hparams/fed_omc.yaml", {}),
-    "fed_scale.yaml": (RECIPES / "federated/hparams/fed_scale.yaml", {}),
     "fed_librispeech_omc.yaml": (
         RECIPES / "federated/hparams/fed_librispeech_omc.yaml",
         {"data_folder": "/data/LibriSpeech"},
@@ -150,7 +149,8 @@ def test_command_line_override_through_speechbrain(tmp_path):
     with open(hparams_file, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     assert hparams["omc"].format == "e4m7"
-    assert hparams["omc"].update_mode == "fused"  # the recipe's own value (fused Adam)
+    assert hparams["omc"].update_mode == "fused"  # the recipe's own value
+    assert hparams["omc"].state_format == "e4m3"
     # A misspelt key is an error, as for any SpeechBrain hyperparameter.
     _, _, overrides = sb.parse_arguments(
         [str(path), "--omc_fromat=e4m7", f"--output_folder={tmp_path}"]
