@@ -274,16 +274,24 @@ def build_node(
 
 
 class _ClientDatasets(Mapping):
-    """Client id to its training dataset, built when first asked for."""
+    """Client id to its training dataset, built when first asked for.
+
+    Read under the output folder's lock: another process's
+    ``prepare_federation`` rewrites every client manifest (old ones removed
+    first), and an unlocked read could meet a missing or half-written file.
+    """
 
     def __init__(self, task, hparams, label_encoder, manifests):
         self._make = lambda path: task.dataset_from_csv(path, hparams, label_encoder)
         self._manifests = manifests
+        self._folder = Path(hparams["output_folder"])
         self._built: dict[str, Any] = {}
 
     def __getitem__(self, client):
         if client not in self._built:
-            self._built[client] = self._make(self._manifests[client])
+            path = self._manifests[client]
+            with _folder_lock(self._folder):
+                self._built[client] = self._make(path)
         return self._built[client]
 
     def __iter__(self):
@@ -321,10 +329,13 @@ def _shared_partition(run_config, task) -> _SharedPartition:
             Path(hparams["save_folder"]) / "label_encoder.txt",
             blank_index=hparams["blank_index"],
         )
-    eval_data = {
-        name: task.dataset_from_csv(csvs[split], hparams, label_encoder, "ascending")
-        for name, split in splits.items()
-    }
+        # Read while no other process rewrites the manifests.
+        eval_data = {
+            name: task.dataset_from_csv(
+                csvs[split], hparams, label_encoder, "ascending"
+            )
+            for name, split in splits.items()
+        }
     brain = task.build_brain(hparams)
     brain.tokenizer = label_encoder
     # The same arguments as the embedded run_federation.
