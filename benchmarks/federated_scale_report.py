@@ -56,7 +56,10 @@ def _measured(entries: list[dict]) -> list[str]:
         "the library's round in the server process, its client in a worker",
         "process. Flower: the Simulation Engine; the ServerApp process also holds",
         "Flower's in-memory state (a window of 64 messages in flight) and Ray's",
-        "driver. Means over the rounds; RSS rise is the larger round's.",
+        "driver: its rise grows with the messages in flight (up to 64 of about",
+        "10 MB each, their replies and Flower's copies) until the window is full,",
+        "and is Flower's, not the aggregation's. Means over the rounds; RSS rise",
+        "is the larger round's.",
         "",
     ]
     rows, linear = [], {}
