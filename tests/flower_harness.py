@@ -540,9 +540,14 @@ class FakeGrid:
 
     Delivers each message to ``handler(node, message)`` and wraps what it
     returns as the reply's content; ``None`` is no reply (a node that timed
-    out), an ``Error`` an error reply. Each call's message types and
-    ``timeout`` are recorded in :attr:`calls` (no time passes here: a test
-    checks that the configured timeout reaches the grid).
+    out), an ``Error`` an error reply. Each ``send_and_receive`` call's
+    message types and ``timeout`` are recorded in :attr:`calls` (no time
+    passes here: a test checks that the configured timeout reaches the
+    grid). ``push_messages`` / ``pull_messages`` (what a
+    :class:`~speechbrain_omc.federated.flower.streaming.StreamingGrid` uses)
+    deliver at push time and hand the replies out at the next pull, in the
+    order ``reply_order`` gives (default: as pushed); :attr:`most_open` is
+    the largest number of messages pushed and not yet pulled.
 
     Arguments
     ---------
@@ -552,11 +557,14 @@ class FakeGrid:
         ``(node id, Message) -> RecordDict | Error | None``.
     """
 
-    def __init__(self, nodes, handler):
+    def __init__(self, nodes, handler, reply_order=None):
         self.nodes = list(nodes)
         self.handler = handler
+        self.reply_order = reply_order
         self.sent: list = []
         self.calls: list[tuple[list[str], float | None]] = []
+        self._open: dict[str, Any] = {}  # message id -> reply (None: silent)
+        self.most_open = 0
 
     def get_node_ids(self):
         """The connected nodes."""
@@ -577,6 +585,37 @@ class FakeGrid:
                 replies.append(Message(answer, reply_to=message))
             elif answer is not None:
                 replies.append(Message(content=answer, reply_to=message))
+        return replies
+
+    def _answer(self, message):
+        from flwr.app import Error, Message
+
+        self.sent.append(message)
+        answer = self.handler(message.metadata.dst_node_id, message)
+        if isinstance(answer, Error):
+            return Message(answer, reply_to=message)
+        if answer is not None:
+            return Message(content=answer, reply_to=message)
+        return None
+
+    def push_messages(self, messages):
+        """Deliver now; the replies wait for :meth:`pull_messages`."""
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self._open[message.metadata.message_id] = self._answer(message)
+            ids.append(message.metadata.message_id)
+        self.most_open = max(self.most_open, len(self._open))
+        return ids
+
+    def pull_messages(self, message_ids):
+        """The replies that are there for these ids (a silent node's never)."""
+        ready = [
+            i for i in message_ids if i in self._open and self._open[i] is not None
+        ]
+        replies = [self._open.pop(i) for i in ready]
+        if self.reply_order is not None:
+            replies = self.reply_order(replies)
         return replies
 
 

@@ -51,7 +51,7 @@ def test_recipe_hparams_are_the_packaged_ones():
     files; the recipe's hparams folder holds the same ones."""
     from speechbrain_omc.asr import HPARAMS_DIR
 
-    for name in ("fed_omc.yaml", "fed_fp32.yaml"):
+    for name in ("fed_omc.yaml", "fed_fp32.yaml", "fed_scale.yaml"):
         recipe = (RECIPE / "hparams" / name).read_text(encoding="utf-8")
         assert recipe == (HPARAMS_DIR / name).read_text(encoding="utf-8"), name
 
@@ -84,6 +84,7 @@ def test_fp32_twin_differs_only_by_omc():
         ("fed_omc.yaml", {}),
         ("fed_fp32.yaml", {}),
         ("fed_librispeech_omc.yaml", {"data_folder": "/data/LibriSpeech"}),
+        ("fed_scale.yaml", {}),
     ],
 )
 def test_hparams_load(name, overrides, tmp_path):
@@ -97,6 +98,9 @@ def test_hparams_load(name, overrides, tmp_path):
     else:
         assert (omc.format, omc.transform, omc.weights_only) == ("e3m7", "scale", True)
         assert omc.fp32_fraction == 0.1 and omc.fp32_policy == "random"
+    if name == "fed_scale.yaml":
+        assert hparams["partition_mode"] == "utterance"
+        assert hparams["num_clients"] == 1000 and hparams["dropout"] == 0.1
     if "librispeech" in name:
         assert hparams["partition_mode"] == "speaker"
         assert hparams["train_split"] == "train-clean-100"
@@ -294,3 +298,35 @@ def test_main_job_runs_both_federations_and_prints_the_table(tmp_path):
     assert "within noise" in out or "beyond the test noise" in out
     assert "benchmarks/results/paper_table.md" in out
     assert "another machine" in out
+
+
+def test_the_scale_configuration_runs_utterance_clients_with_dropouts(tmp_path):
+    """fed_scale.yaml at test size: utterance-level clients, seeded dropouts,
+    the server's time and memory logged per round."""
+    from speechbrain_omc.asr import HPARAMS_DIR, run_federation
+
+    overrides = {
+        **{k: v for k, v in TINY.items() if k not in ("batch_size",)},
+        "output_folder": str(tmp_path),
+        "num_clients": 600,
+        "clients_per_round": 10,
+        "rounds": 2,
+        "max_local_steps": 1,
+        "eval_every": 1000,
+        "measure_server_memory": True,
+    }
+    with open(HPARAMS_DIR / "fed_scale.yaml", encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    hparams["noprogressbar"] = True
+    summary = run_federation(hparams)
+    assert summary["num_clients"] == 600  # more than the 480 utterances
+    rows = _rows(tmp_path / "rounds.csv")
+    for row in rows:
+        assert int(row["sampled"]) == 10 and int(row["clients"]) == 9  # 10 % out
+        assert "dropped out (simulated unavailability)" in row["rejected"]
+        assert float(row["server_encode_s"]) > 0 and float(row["server_decode_s"]) > 0
+        assert float(row["server_rss_peak_mb"]) >= float(row["server_rss_before_mb"])
+    assert rows[0]["rejected"] != rows[1]["rejected"]  # drawn per round
+    manifests = sorted((tmp_path / "partition").glob("client_*.csv"))
+    assert len(manifests) == 600
+    assert all(len(_rows(path)) == 1 for path in manifests[:20])

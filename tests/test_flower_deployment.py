@@ -88,15 +88,15 @@ def embedded(tmp_path_factory):
     hparams = load_hparams(_run_config(out, out))
     hparams["noprogressbar"] = True
     reports = []
-    original = FedAvgServer.aggregate
+    original = FedAvgServer.close_round
 
-    def recording_aggregate(self, replies, failures=None):
-        report = original(self, replies, failures)
+    def recording_close_round(self, failures=None):
+        report = original(self, failures)
         reports.append(report.to_dict())
         return report
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(FedAvgServer, "aggregate", recording_aggregate)
+        patch.setattr(FedAvgServer, "close_round", recording_close_round)
         summary = load_task().run_federation(hparams)
     logging.getLogger().handlers.clear()  # run_federation's SpeechBrain logging
     return {

@@ -250,14 +250,19 @@ ROWS = {
 
 
 def _expected_average(replies: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    # The server's fold, pinned: a running weighted mean in sorted client
+    # order, m <- m * (1 - w / W) + x * (w / W) with W the weights so far.
     decoded = [wire.decode(replies[c]) for c in sorted(replies)]
-    total = sum(m.meta["num_examples"] for m in decoded)
-    out = {}
-    for name in decoded[0].entries:
-        acc = torch.zeros_like(decoded[0].decompressed()[name])
-        for m in decoded:
-            acc.add_(m.decompressed()[name], alpha=m.meta["num_examples"] / total)
-        out[name] = acc
+    out, total = {}, 0
+    for m in decoded:
+        weight = m.meta["num_examples"]
+        total += weight
+        share = weight / total
+        for name, value in m.decompressed().items():
+            if name not in out:
+                out[name] = value.clone()
+            else:
+                out[name].mul_(1.0 - share).add_(value, alpha=share)
     return out
 
 
@@ -465,7 +470,7 @@ def test_validation_failures_never_escape(monkeypatch, caplog):
     def broken(data, expected):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server_module, "check_reply", broken)
+    monkeypatch.setattr(server_module, "open_reply", broken)
     client = next(iter(messages))
     with pytest.raises(UpdateRejected, match="internal error while validating"):
         server.validate(client, replies[client])

@@ -20,6 +20,7 @@ OMC_FILES = {
     "example_brain.yaml": (HPARAMS / "example_brain.yaml", {}),
     "conformer_ctc_omc.yaml": (RECIPES / "ASR/hparams/conformer_ctc_omc.yaml", {}),
     "fed_omc.yaml": (RECIPES / "federated/hparams/fed_omc.yaml", {}),
+    "fed_scale.yaml": (RECIPES / "federated/hparams/fed_scale.yaml", {}),
     "fed_librispeech_omc.yaml": (
         RECIPES / "federated/hparams/fed_librispeech_omc.yaml",
         {"data_folder": "/data/LibriSpeech"},

@@ -16,15 +16,16 @@ no file of the repository:
 * :mod:`.stats`: WER confidence intervals (bootstrap over utterances, and
   over seeds);
 * ``hparams/``: the federated SynthSpeech hyperparameters (``fed_omc.yaml``,
-  ``fed_fp32.yaml``), shipped with the package; the federated recipe's
-  ``hparams/`` holds the same files.
+  ``fed_fp32.yaml``, and ``fed_scale.yaml``: 1,000 utterance-level clients),
+  shipped with the package; the federated recipe's ``hparams/`` holds the
+  same files.
 
 Example
 -------
 >>> hparams_file("fed_omc.yaml").name
 'fed_omc.yaml'
 >>> sorted(p.name for p in HPARAMS_DIR.glob("*.yaml"))
-['fed_fp32.yaml', 'fed_omc.yaml']
+['fed_fp32.yaml', 'fed_omc.yaml', 'fed_scale.yaml']
 """
 
 from __future__ import annotations

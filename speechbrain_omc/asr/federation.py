@@ -11,6 +11,14 @@ deployment sends (the Flower app sends them over the network, built by the
 same :func:`prepare_federation`, :func:`build_brain` and
 :func:`build_server`).
 
+Each round streams: the clients train one after another, and each reply is
+validated and folded into the server's running sums before the next client
+starts (:func:`speechbrain_omc.federated.simulation.run_round`), so the
+server's memory does not grow with ``clients_per_round``. ``dropout`` makes
+a seeded fraction of each round's sampled clients unavailable; a client that
+raises is logged and left out of its round (``fail_clients`` makes chosen
+clients raise, for testing).
+
 Run a hparams file (the packaged SynthSpeech ones by name, see
 :func:`speechbrain_omc.asr.hparams_file`)::
 
@@ -58,6 +66,7 @@ from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.checkpoint import CheckpointStore, atomic_save
 from speechbrain_omc.federated.client import OMCClient
 from speechbrain_omc.federated.server import FedAvgServer
+from speechbrain_omc.federated.simulation import run_round
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +143,7 @@ def run_settings(hparams: dict) -> dict:
         "momentum",
         "weight_decay",
         "max_grad_norm",
+        "dropout",
     )
     return {key: hparams.get(key) for key in keys}
 
@@ -187,6 +197,8 @@ def build_server(
         ),
         run_settings=run_settings(hparams),
         roles=roles,
+        memory_budget=int(hparams.get("aggregation_memory_mb", 1024) * 2**20),
+        measure_memory=bool(hparams.get("measure_server_memory", False)),
     )
 
 
@@ -341,34 +353,39 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
     )
     # Peak RSS of the training steps only: the high-water mark is reset
     # before each client's local training and read after it, so imports,
-    # validation and the final test do not count.
+    # validation and the final test do not count. Not with
+    # measure_server_memory: the server's round peak uses the same mark.
+    measure_train_rss = not hparams.get("measure_server_memory", False)
     peak_train_rss = 0
     train_cpu = 0.0
-    while server.round < rounds:
-        round_start = time.perf_counter()
-        messages = server.configure_round()
-        replies, failures = {}, {}
-        for cid, message in tqdm(
-            messages.items(),
-            desc=f"round {server.round + 1} clients",
+
+    def train(cid: str, message: bytes) -> bytes:
+        nonlocal peak_train_rss, train_cpu
+        if cid in fail:
+            raise RuntimeError(f"injected failure of {cid} (fail_clients)")
+        if measure_train_rss:
+            reset_peak_rss()
+        cpu = time.process_time()
+        reply = client.train(message)
+        train_cpu += time.process_time() - cpu
+        if measure_train_rss:
+            peak_train_rss = max(peak_train_rss, peak_rss_since_reset())
+        return reply
+
+    def progress(clients):
+        return tqdm(
+            clients,
+            desc=f"round {server.round + 1} clients",  # the round being run
             leave=False,
             dynamic_ncols=True,
             disable=hparams.get("noprogressbar", False),
-        ):
-            try:
-                if cid in fail:
-                    raise RuntimeError(f"injected failure of {cid} (fail_clients)")
-                reset_peak_rss()
-                cpu = time.process_time()
-                replies[cid] = client.train(message)
-                train_cpu += time.process_time() - cpu
-                peak_train_rss = max(peak_train_rss, peak_rss_since_reset())
-            except Exception as error:  # a client's failure must not end the run
-                logger.error(
-                    "client %s raised; left out of this round", cid, exc_info=True
-                )
-                failures[cid] = f"{type(error).__name__}: {error}"
-        report = server.aggregate(replies, failures)
+        )
+
+    while server.round < rounds:
+        round_start = time.perf_counter()
+        # One client at a time, each reply folded in as it comes (the
+        # server's memory does not grow with the clients per round).
+        report = run_round(server, train, hparams.get("dropout", 0.0), progress)
         stats = None
         if report.round % eval_every == 0 or report.round == rounds:
             stats = client.evaluate(server.message_for("eval"), valid_data, valid_opts)

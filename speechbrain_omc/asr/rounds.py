@@ -42,6 +42,12 @@ CSV_FIELDS = [
     "valid_CER",
     "seconds",
     "load1",
+    "server_encode_s",
+    "server_decode_s",
+    "server_validate_s",
+    "server_aggregate_s",
+    "server_rss_before_mb",
+    "server_rss_peak_mb",
 ]
 
 
@@ -70,6 +76,14 @@ def round_row(
         Keys :data:`CSV_FIELDS`.
     """
     evaluation = evaluation or {}
+    memory = report.rss or {}
+    server = {f"server_{k}_s": round(v, 4) for k, v in report.seconds.items()}
+    server.update(
+        {
+            f"server_rss_{k}_mb": round(memory[k] / 2**20, 2) if k in memory else None
+            for k in ("before", "peak")
+        }
+    )
     return {
         "round": report.round,
         "sampled": len(report.sampled),
@@ -87,6 +101,7 @@ def round_row(
         "valid_CER": evaluation.get("CER"),
         "seconds": round(seconds, 2),
         "load1": round(os.getloadavg()[0], 2),
+        **server,
     }
 
 

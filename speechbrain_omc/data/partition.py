@@ -21,6 +21,14 @@ Modes
     size (within one utterance). ``num_clients`` defaults to the number of
     speakers, so the IID run has as many clients as the one-speaker-per-client
     run.
+``utterance``
+    One utterance per client, for federations of many small clients (a
+    device that recorded one sentence). ``num_clients`` defaults to the
+    number of utterances; more clients than utterances reuse them: the
+    clients take the utterances of one seeded permutation after another, so
+    every utterance serves ``num_clients // utterances`` or one more clients
+    (1,000 clients of SynthSpeech's 480 training utterances: each serves 2
+    or 3). ``min_utterances`` must be 1.
 
 ``min_utterances`` is the least number of utterances a client may hold. In
 speaker mode, speakers with fewer are handled by ``small_speakers``:
@@ -58,6 +66,12 @@ Example
 [5, 5]
 >>> [len(c.rows) for c in partition_rows(rows, mode="iid", num_clients=3)]
 [4, 3, 3]
+>>> clients = partition_rows(rows, mode="utterance", num_clients=25)
+>>> len(clients), {len(c.rows) for c in clients}
+(25, {1})
+>>> from collections import Counter
+>>> sorted(set(Counter(c.rows[0]["ID"] for c in clients).values()))  # 10 utterances
+[2, 3]
 """
 
 from __future__ import annotations
@@ -75,7 +89,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("speaker", "iid")
+MODES = ("speaker", "iid", "utterance")
 SMALL_SPEAKER_POLICIES = ("drop", "merge")
 DEFAULT_SEED = 1234
 SUMMARY_JSON = "summary.json"
@@ -215,7 +229,7 @@ def partition_rows(
         Manifest rows with ``ID`` (``<speaker>-<chapter>-<utt>``) and
         ``duration`` (seconds).
     mode : str
-        ``"speaker"`` or ``"iid"``.
+        ``"speaker"``, ``"iid"`` or ``"utterance"``.
     num_clients : int, optional
         Number of clients. Speaker mode: ``None`` gives one client per
         speaker. IID mode: ``None`` gives as many clients as speakers.
@@ -276,6 +290,8 @@ def partition_rows(
     def by_position(row):
         return position[id(row)]
 
+    if mode == "utterance":
+        return _utterance_clients(rows, num_clients, min_utterances, rng)
     if mode == "iid":
         n = len(speakers) if num_clients is None else num_clients
         if n > len(rows):
@@ -362,6 +378,20 @@ def partition_rows(
                 f"min_utterances={min_utterances}; use fewer clients"
             )
     return _clients_in_order(groups, by_speaker, by_position)
+
+
+def _utterance_clients(rows, num_clients, min_utterances, rng) -> list[Client]:
+    """One utterance per client, in seeded permutations of all of them."""
+    if min_utterances != 1:
+        raise ValueError("utterance mode: one utterance per client, min_utterances=1")
+    n = len(rows) if num_clients is None else num_clients
+    order: list[int] = []
+    while len(order) < n:
+        order.extend(int(i) for i in rng.permutation(len(rows)))
+    return [
+        Client(f"client_{index:03d}", [speaker_of(rows[i]["ID"])], [rows[i]])
+        for index, i in enumerate(order[:n])
+    ]
 
 
 def _clients_in_order(groups, by_speaker, by_position) -> list[Client]:

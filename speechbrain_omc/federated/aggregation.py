@@ -4,6 +4,28 @@ Each rule takes the decoded float32 models of the accepted clients, their
 number of examples and the current global model, and returns the combined
 model (the server's learning rate and momentum apply afterwards).
 
+Streaming and memory
+--------------------
+``fedavg``, and ``norm_clip`` with a fixed ``clip_norm``, fold each reply
+into running float32 values as it arrives and drop it
+(:class:`StreamingAggregator`): the server's extra memory is one model
+whatever the number of clients per round. The fold is a running weighted
+mean, ``m <- m * (1 - a) + x * a`` with ``a = w / (w_1 + ... + w_k)``: every
+intermediate is a convex combination of the values received, so no client
+can overflow it with large finite values, and the result equals the FedAvg
+of :func:`combine` within float32 rounding (summation order). It depends on
+the order of the replies: the server folds them in a fixed order (sorted
+client ids), whatever order they arrive in, so that runs and resumed runs
+are reproducible bit for bit.
+
+``median``, ``trimmed_mean`` and ``norm_clip`` without ``clip_norm`` (whose
+limit is the median of all the round's update norms) need every update
+before they can combine any (:class:`BufferedAggregator`): clients per round
+times the float32 model. That is bounded by a memory budget
+(:func:`check_memory_budget`, default :data:`DEFAULT_MEMORY_BUDGET`),
+checked when the server is built: a configuration over it is refused with
+:class:`MemoryBudgetExceeded` rather than run out of memory in round one.
+
 =============== ============================================ =====================
 rule            what it does                                 cost per round
 =============== ============================================ =====================
@@ -54,14 +76,31 @@ tensor([2.])
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AGGREGATIONS", "Aggregation", "combine"]
+from speechbrain_omc.memory import MAPPED_MIN_BYTES, mapped_empty
+
+__all__ = [
+    "AGGREGATIONS",
+    "DEFAULT_MEMORY_BUDGET",
+    "Aggregation",
+    "BufferedAggregator",
+    "MemoryBudgetExceeded",
+    "StreamingAggregator",
+    "buffered_nbytes",
+    "check_memory_budget",
+    "combine",
+    "make_aggregator",
+    "streams",
+]
 
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "norm_clip")
+#: Default bound of the decoded updates a rule that needs all of them may
+#: hold (clients per round x float32 model), in bytes: 1 GiB.
+DEFAULT_MEMORY_BUDGET = 2**30
 
 
 @dataclass(frozen=True)
@@ -191,3 +230,329 @@ def combine(
         else:
             out[name] = _trimmed_mean(models, name, aggregation.trim_fraction)
     return out
+
+
+# ------------------------------------------------------------------ streaming
+class MemoryBudgetExceeded(ValueError):
+    """A rule that keeps every update would need more than its budget."""
+
+
+def streams(aggregation: Aggregation) -> bool:
+    """Whether ``aggregation`` folds each reply as it arrives (O(model) memory).
+
+    Arguments
+    ---------
+    aggregation : Aggregation
+
+    Returns
+    -------
+    bool
+        ``fedavg``, and ``norm_clip`` with a fixed ``clip_norm``.
+
+    Example
+    -------
+    >>> streams(Aggregation("fedavg")), streams(Aggregation("median"))
+    (True, False)
+    >>> streams(Aggregation("norm_clip"))  # the limit is the median of all norms
+    False
+    >>> streams(Aggregation("norm_clip", clip_norm=1.0))
+    True
+    """
+    rule = aggregation.rule
+    return rule == "fedavg" or (
+        rule == "norm_clip" and aggregation.clip_norm is not None
+    )
+
+
+def buffered_nbytes(
+    aggregation: Aggregation, clients_per_round: int, model_nbytes: int
+) -> int:
+    """Bytes of decoded updates ``aggregation`` holds at most in one round.
+
+    Arguments
+    ---------
+    aggregation : Aggregation
+    clients_per_round : int
+    model_nbytes : int
+        The float32 model's bytes.
+
+    Returns
+    -------
+    int
+        0 for a streaming rule (its one running model is not counted here).
+
+    Example
+    -------
+    >>> buffered_nbytes(Aggregation("median"), 100, 4 * 10**6)
+    400000000
+    >>> buffered_nbytes(Aggregation("fedavg"), 100, 4 * 10**6)
+    0
+    """
+    if streams(aggregation):
+        return 0
+    return int(clients_per_round) * int(model_nbytes)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
+
+
+def check_memory_budget(
+    aggregation: Aggregation,
+    clients_per_round: int,
+    model_nbytes: int,
+    budget: int = DEFAULT_MEMORY_BUDGET,
+) -> None:
+    """Refuse a rule that would keep more decoded updates than ``budget``.
+
+    Arguments
+    ---------
+    aggregation : Aggregation
+    clients_per_round : int
+    model_nbytes : int
+        The float32 model's bytes.
+    budget : int
+        Bytes the decoded updates may take.
+
+    Raises
+    ------
+    MemoryBudgetExceeded
+        With the sizes and the ways out.
+
+    Example
+    -------
+    >>> try:
+    ...     check_memory_budget(Aggregation("median"), 100, 520 * 10**6)
+    ... except MemoryBudgetExceeded as error:
+    ...     print(error)
+    aggregation 'median' keeps every accepted update in float32 until the round
+    closes: 100 clients per round x 495.9 MiB = 49,591.1 MiB, over the memory
+    budget of 1,024.0 MiB. Use fedavg, ...
+    """
+    need = buffered_nbytes(aggregation, clients_per_round, model_nbytes)
+    if need > budget:
+        raise MemoryBudgetExceeded(
+            f"aggregation {aggregation.rule!r} keeps every accepted update in "
+            f"float32 until the round closes: {clients_per_round} clients per "
+            f"round x {_mib(model_nbytes)} = {_mib(need)}, over the memory "
+            f"budget of {_mib(budget)}. Use fedavg, or norm_clip with a "
+            "clip_norm (they fold each reply as it arrives: one model in memory "
+            "whatever the clients per round), fewer clients per round, or a "
+            "larger budget."
+        )
+
+
+def _owned(value: torch.Tensor) -> torch.Tensor:
+    # Running values on pages of their own: freed, they go back to the system
+    # at once instead of leaving holes in the heap (see memory.py).
+    if value.numel() * 4 < MAPPED_MIN_BYTES:
+        return value.clone()
+    out = mapped_empty(value.numel(), torch.float32).view(value.shape)
+    return out.copy_(value)
+
+
+class StreamingAggregator:
+    """FedAvg (or clipped FedAvg) folded one reply at a time.
+
+    Holds one float32 model: the running weighted mean of the replies (of
+    the updates, clipped, for ``norm_clip``), see the module docstring.
+
+    Arguments
+    ---------
+    master : mapping
+        The current global model (not modified).
+    aggregation : Aggregation
+        ``fedavg``, or ``norm_clip`` with ``clip_norm``.
+
+    Example
+    -------
+    >>> master = {"w": torch.zeros(2)}
+    >>> agg = StreamingAggregator(master, Aggregation("fedavg"))
+    >>> agg.add([("w", torch.tensor([1.0, 2.0]))], weight=1)
+    >>> agg.add([("w", torch.tensor([4.0, 8.0]))], weight=2)
+    >>> agg.result()["w"], agg.count, agg.total
+    (tensor([3., 6.]), 2, 3)
+    """
+
+    def __init__(self, master: Mapping[str, torch.Tensor], aggregation: Aggregation):
+        if not streams(aggregation):
+            raise ValueError(f"aggregation {aggregation.rule!r} does not stream")
+        self.master = master
+        self.aggregation = aggregation
+        self.values: dict[str, torch.Tensor] = {}
+        self.total = 0  # Python int: exact however large
+        self.count = 0
+
+    @property
+    def needs_norm(self) -> bool:
+        """Whether :meth:`add` needs the update's norm (``norm_clip``)."""
+        return self.aggregation.rule == "norm_clip"
+
+    def add(
+        self,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        weight: int,
+        norm: float | None = None,
+    ) -> None:
+        """Fold one reply in.
+
+        Arguments
+        ---------
+        tensors : iterable of (name, tensor)
+            Every entry of the model, float32, each a tensor the caller no
+            longer needs (it may be changed in place).
+        weight : int
+            The reply's ``num_examples``.
+        norm : float, optional
+            ``norm_clip``: the L2 norm of the update (reply minus master).
+        """
+        total = self.total + int(weight)
+        share = int(weight) / total
+        scale = 1.0
+        if self.needs_norm:
+            if norm is None:
+                raise ValueError("norm_clip: the update's norm is needed")
+            limit = float(self.aggregation.clip_norm)
+            scale = min(1.0, limit / norm) if norm > 0 else 1.0
+        for name, value in tensors:
+            if self.needs_norm:
+                value = value.sub_(self.master[name])
+                if scale != 1.0:
+                    value.mul_(scale)
+            if self.count == 0:
+                self.values[name] = _owned(value)
+            else:
+                self.values[name].mul_(1.0 - share).add_(value, alpha=share)
+        self.total, self.count = total, self.count + 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The combined model (the aggregator's own tensors; call once).
+
+        Returns
+        -------
+        dict
+        """
+        if not self.count:
+            raise ValueError("no reply was folded in")
+        if self.needs_norm:
+            for name, value in self.values.items():
+                value.add_(self.master[name])
+        return self.values
+
+
+class BufferedAggregator:
+    """Rules that need every update: the decoded replies are kept, then
+    :func:`combine` runs once the round closes.
+
+    Arguments
+    ---------
+    master : mapping
+        The current global model.
+    aggregation : Aggregation
+        Any rule.
+    budget : int, optional
+        Most bytes of decoded updates held; a reply beyond it is refused
+        with :class:`MemoryBudgetExceeded` before it is decoded.
+
+    Example
+    -------
+    >>> master = {"w": torch.zeros(1)}
+    >>> agg = BufferedAggregator(master, Aggregation("median"), budget=8)
+    >>> for x in (1.0, 2.0):
+    ...     agg.add([("w", torch.tensor([x]))], weight=1)
+    >>> try:
+    ...     agg.add([("w", torch.tensor([9.0]))], weight=1)
+    ... except MemoryBudgetExceeded as error:
+    ...     print(error)
+    aggregation 'median' would hold 12 bytes of updates, over its budget of 8
+    >>> agg.result()["w"]
+    tensor([1.5000])
+    """
+
+    needs_norm = False
+
+    def __init__(
+        self,
+        master: Mapping[str, torch.Tensor],
+        aggregation: Aggregation,
+        budget: int | None = None,
+    ):
+        self.master = master
+        self.aggregation = aggregation
+        self.budget = budget
+        self.model_nbytes = sum(4 * v.numel() for v in master.values())
+        self.models: list[dict[str, torch.Tensor]] = []
+        self.weights: list[int] = []
+
+    @property
+    def count(self) -> int:
+        """Replies held."""
+        return len(self.models)
+
+    @property
+    def total(self) -> int:
+        """Sum of their weights."""
+        return sum(self.weights)
+
+    def add(
+        self,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        weight: int,
+        norm: float | None = None,
+    ) -> None:
+        """Keep one reply (see :meth:`StreamingAggregator.add`).
+
+        Raises
+        ------
+        MemoryBudgetExceeded
+            Before anything is decoded, when one more model would exceed
+            the budget.
+        """
+        need = (len(self.models) + 1) * self.model_nbytes
+        if self.budget is not None and need > self.budget:
+            raise MemoryBudgetExceeded(
+                f"aggregation {self.aggregation.rule!r} would hold {need} bytes "
+                f"of updates, over its budget of {self.budget}"
+            )
+        self.models.append(dict(tensors))
+        self.weights.append(int(weight))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The combined model (see :func:`combine`).
+
+        Returns
+        -------
+        dict
+        """
+        out = combine(self.models, self.weights, self.master, self.aggregation)
+        self.models.clear()
+        return out
+
+
+def make_aggregator(
+    aggregation: Aggregation,
+    master: Mapping[str, torch.Tensor],
+    budget: int | None = DEFAULT_MEMORY_BUDGET,
+) -> StreamingAggregator | BufferedAggregator:
+    """The aggregator of one round: streaming when the rule allows it.
+
+    Arguments
+    ---------
+    aggregation : Aggregation
+    master : mapping
+        The current global model.
+    budget : int, optional
+        Bytes a buffered rule may hold.
+
+    Returns
+    -------
+    StreamingAggregator or BufferedAggregator
+
+    Example
+    -------
+    >>> type(make_aggregator(Aggregation(), {"w": torch.zeros(1)})).__name__
+    'StreamingAggregator'
+    """
+    if streams(aggregation):
+        return StreamingAggregator(master, aggregation)
+    return BufferedAggregator(master, aggregation, budget)

@@ -29,6 +29,32 @@ over rounds). A round goes:
    learning rate and server momentum (FedAvgM) apply the change. The new
    model is committed only if it is finite.
 
+Streaming: the same round, one client at a time
+-----------------------------------------------
+:meth:`~FedAvgServer.configure_round` returns every client's message and
+:meth:`~FedAvgServer.aggregate` takes every reply: clients per round times a
+message. At scale a runner uses the streaming form instead, which both
+runners (the embedded recipe and the Flower strategy) do:
+:meth:`~FedAvgServer.open_round` samples, :meth:`~FedAvgServer.broadcast`
+encodes one client's message when it is sent, :meth:`~FedAvgServer.receive`
+validates one reply and folds it into running float32 sums (FedAvg, FedAvgM,
+``norm_clip`` with a fixed limit; the reply is dropped at once), and
+:meth:`~FedAvgServer.close_round` combines and commits. The server's extra
+memory is then one float32 model, the compressed broadcast of the round
+(each variable compressed once per round and format, shared by all
+clients), the message in hand and one decoded entry, whatever the number of
+clients. Rules that need every update (``median``, ``trimmed_mean``,
+``norm_clip`` without ``clip_norm``) keep the decoded updates until the
+round closes, within ``memory_budget`` (checked when the server is built).
+
+The fold order is fixed: sorted client ids. A reply that arrives before
+those of smaller ids waits (as the bytes the runner handed over, nothing
+decoded) until they have arrived, failed or the round closes, so that the
+result does not depend on arrival order and a resumed or re-run round gives
+the same bits. ``max_held_bytes`` bounds what waits: beyond it the oldest
+waiting reply is folded out of order (logged; the round's bits then depend
+on timing, as they already do when a straggler misses the round).
+
 What a reply must be, and in which order it is checked (cheapest first, the
 binding before any payload is parsed, each reply decoded once), is
 :mod:`~speechbrain_omc.federated.validation`'s.
@@ -65,6 +91,17 @@ Example
 (['a', 'b'], 1)
 >>> server.model["lin.bias"]
 tensor([1., 1., 1., 1.])
+
+The same, streaming (the embedded recipe's loop):
+
+>>> sampled = server.open_round()
+>>> for client in server.fold_order():  # sorted ids: no reply waits
+...     server.receive(client, train(server.broadcast(client)))
+>>> report = server.close_round()
+>>> report.accepted, sorted(report.seconds)
+(['a', 'b'], ['aggregate', 'decode', 'encode', 'validate'])
+>>> server.model["lin.bias"]
+tensor([2., 2., 2., 2.])
 """
 
 from __future__ import annotations
@@ -74,6 +111,7 @@ import hmac
 import logging
 import random
 import secrets
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,8 +121,14 @@ import torch
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.federated import wire
-from speechbrain_omc.federated.aggregation import Aggregation, combine
+from speechbrain_omc.federated import rss, wire
+from speechbrain_omc.federated.aggregation import (
+    DEFAULT_MEMORY_BUDGET,
+    Aggregation,
+    MemoryBudgetExceeded,
+    check_memory_budget,
+    make_aggregator,
+)
 from speechbrain_omc.federated.checkpoint import (
     CheckpointMismatch,
     CheckpointStore,
@@ -97,10 +141,11 @@ from speechbrain_omc.federated.validation import (
     Update,
     UpdateRejected,
     check_metrics,
-    check_reply,
     is_int,
+    open_reply,
     reply_nbytes,
 )
+from speechbrain_omc.memory import trim_heap
 from speechbrain_omc.selection import make_plan, resolve_roles, role_of, round_seed
 
 logger = logging.getLogger(__name__)
@@ -116,6 +161,10 @@ __all__ = [
 ]
 
 _STATE_VERSION = 2
+#: Default bound of the replies waiting for their turn in the fold order.
+DEFAULT_MAX_HELD_BYTES = 2**30
+#: The server's time in a round, by kind (see :class:`RoundReport`).
+SECONDS = ("encode", "decode", "validate", "aggregate")
 
 
 @dataclass
@@ -144,6 +193,14 @@ class RoundReport:
     model_updated : bool
         Whether the global model changed (no update accepted, or a combined
         model that was not finite, leaves it as it was).
+    seconds : dict
+        The server's own time in the round: ``encode`` (compressing and
+        encoding broadcasts), ``decode`` (checksums, parsing, decompressing
+        replies), ``validate`` (binding, metadata, finiteness) and
+        ``aggregate`` (folding, combining, the server step, committing).
+    rss : dict, optional
+        With ``measure_memory``: the process's resident bytes when the round
+        opened (``before``) and its peak until it closed (``peak``).
     """
 
     round: int
@@ -157,6 +214,10 @@ class RoundReport:
     num_examples: int = 0
     client_metrics: dict[str, dict] = field(default_factory=dict)
     model_updated: bool = False
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(SECONDS, 0.0)
+    )
+    rss: dict[str, int] | None = None
 
     def to_dict(self) -> dict:
         """Plain-data copy (JSON-serialisable).
@@ -170,11 +231,26 @@ class RoundReport:
 
 @dataclass
 class _Pending:
-    round: int
-    sampled: list[str]
-    expect: dict[str, ReplyExpectation] = field(default_factory=dict)
-    bytes_down: int = 0
-    float32_bytes_down: int = 0
+    """An open round: its report so far and what the fold is waiting for."""
+
+    report: RoundReport
+    order: list[str]  # the fold order: sorted client ids
+    aggregator: Any
+    sampled: frozenset[str] = frozenset()
+    done: set[str] = field(default_factory=set)  # folded, rejected or failed
+    held: dict[str, Any] = field(default_factory=dict)  # waiting replies
+    held_bytes: int = 0
+    position: int = 0  # index in order of the next client to fold
+    out_of_order: bool = False
+    broken: bool = False  # a fold failed half-way: nothing may be committed
+    rank: dict[str, int] = field(default_factory=dict)  # client -> fold position
+
+    def __post_init__(self) -> None:
+        self.rank = {client: i for i, client in enumerate(self.order)}
+
+    @property
+    def round(self) -> int:
+        return self.report.round
 
 
 class FedAvgServer:
@@ -243,6 +319,9 @@ class FedAvgServer:
         run_id: str | None = None,
         run_settings: Mapping | None = None,
         roles: Mapping[str, str] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+        measure_memory: bool = False,
     ) -> None:
         if not clients:
             raise ValueError("FedAvgServer: no clients")
@@ -283,6 +362,13 @@ class FedAvgServer:
         if isinstance(aggregation, str):
             aggregation = Aggregation(aggregation)
         self.aggregation = aggregation
+        self.memory_budget = int(memory_budget)
+        # Refused now, not by running out of memory in round one.
+        check_memory_budget(
+            aggregation, self.clients_per_round, self.model_nbytes(), self.memory_budget
+        )
+        self.max_held_bytes = int(max_held_bytes)
+        self.measure_memory = bool(measure_memory)
         self.run_id = str(run_id) if run_id is not None else secrets.token_hex(16)
         self.run_settings = plain(dict(run_settings or {}))
         self._nonce_key = secrets.token_bytes(32)
@@ -291,6 +377,16 @@ class FedAvgServer:
         self._pending: _Pending | None = None
         # (round, name, format) -> the compressed broadcast and its expectation
         self._cache: dict[tuple, tuple[CompressedTensor, wire.Expected]] = {}
+        self._float32_expected = wire.expect_like(self.model)
+
+    def model_nbytes(self) -> int:
+        """Bytes of the float32 global model (parameters and buffers).
+
+        Returns
+        -------
+        int
+        """
+        return sum(4 * value.numel() for value in self.model.values())
 
     def _bounds(self, max_examples) -> dict[str, int]:
         if isinstance(max_examples, Mapping):
@@ -412,13 +508,12 @@ class FedAvgServer:
         return self._cache[key]
 
     def _broadcast(self, client: str, round: int):
-        entries, expect = {}, {}
+        entries = {}
         for name, fmt in self.formats(round, client).items():
             if fmt == "float32":
                 entries[name] = self.model[name]
-                expect.update(wire.expect_like({name: self.model[name]}))
             else:
-                entries[name], expect[name] = self._compressed(round, name, fmt)
+                entries[name] = self._compressed(round, name, fmt)[0]
         meta = {
             "type": "global",
             "round": round,
@@ -428,7 +523,25 @@ class FedAvgServer:
             "run": self.run_id,
             "nonce": self.nonce(round, client),
         }
-        return wire.encode(entries, meta), entries, expect, meta
+        return wire.encode(entries, meta), entries, meta
+
+    def _expectation(self, round: int, client: str) -> ReplyExpectation:
+        # Rebuilt when a reply comes (the plan is a function of round and
+        # client): a round of a thousand clients keeps no per-client tables.
+        expect = {}
+        for name, fmt in self.formats(round, client).items():
+            if fmt == "float32":
+                expect[name] = self._float32_expected[name]
+            else:
+                expect[name] = self._compressed(round, name, fmt)[1]
+        return ReplyExpectation(
+            self.run_id,
+            round,
+            client,
+            self.nonce(round, client),
+            self.max_examples[client],
+            expect,
+        )
 
     def message_for(self, client: str, round: int | None = None) -> bytes:
         """Encode the global model for one client under its plan.
@@ -450,8 +563,9 @@ class FedAvgServer:
         round = self.round + 1 if round is None else int(round)
         return self._broadcast(str(client), round)[0]
 
-    def configure_round(self, round: int | None = None) -> dict[str, bytes]:
-        """Sample the round's clients and encode each one's message.
+    # ---------------------------------------------------------------- rounds
+    def open_round(self, round: int | None = None) -> list[str]:
+        """Sample the next round's clients and open it (nothing is encoded).
 
         Arguments
         ---------
@@ -461,37 +575,108 @@ class FedAvgServer:
 
         Returns
         -------
-        dict
-            Client id to its message, in sampled order.
+        list of str
+            The sampled clients, in sampled order; :meth:`fold_order` is the
+            order their replies are combined in.
         """
         expected = self.round + 1
         round = expected if round is None else int(round)
         if round != expected:
-            raise ValueError(f"configure_round: next round is {expected}, got {round}")
-        self._cache = {k: v for k, v in self._cache.items() if k[0] == round}
-        sampled = self.sample_clients(round)
-        pending = _Pending(round, sampled)
-        messages = {}
-        for client in sampled:
-            data, entries, expect, meta = self._broadcast(client, round)
-            pending.expect[client] = ReplyExpectation(
-                self.run_id,
-                round,
-                client,
-                meta["nonce"],
-                self.max_examples[client],
-                expect,
+            raise ValueError(f"open_round: next round is {expected}, got {round}")
+        if self._pending is not None:
+            logger.warning(
+                "round %d opened again; its replies so far are dropped", round
             )
-            pending.bytes_down += len(data)
-            shapes = {name: tuple(value.shape) for name, value in entries.items()}
-            pending.float32_bytes_down += wire.encoded_nbytes(shapes, meta)
-            messages[client] = data
-        self._pending = pending
-        return messages
+        self._pending = None
+        self._cache = {k: v for k, v in self._cache.items() if k[0] == round}
+        before = None
+        if self.measure_memory and rss.reset_peak_rss():
+            before = rss.rss_bytes()
+        sampled = self.sample_clients(round)
+        report = RoundReport(round, list(sampled))
+        if before is not None:
+            report.rss = {"before": before, "peak": before}
+        self._pending = _Pending(
+            report,
+            sorted(sampled),
+            make_aggregator(self.aggregation, self.model, self.memory_budget),
+            frozenset(sampled),
+        )
+        return list(sampled)
+
+    def fold_order(self) -> list[str]:
+        """The open round's clients in the order their replies are combined.
+
+        A runner that sends in this order never makes a reply wait.
+
+        Returns
+        -------
+        list of str
+        """
+        return list(self._open("fold_order").order)
+
+    def _open(self, what: str) -> _Pending:
+        if self._pending is None:
+            raise RuntimeError(f"{what}: no round is open (open_round first)")
+        return self._pending
+
+    def broadcast(self, client: str) -> bytes:
+        """Encode the open round's message for one of its clients.
+
+        Counted in the round's bytes down each time it is called.
+
+        Arguments
+        ---------
+        client : str
+            A client sampled in the open round.
+
+        Returns
+        -------
+        bytes
+            See :meth:`message_for`.
+        """
+        pending, client = self._open("broadcast"), str(client)
+        if client not in pending.sampled:
+            raise ValueError(
+                f"broadcast: {client!r} is not sampled in round {pending.round}"
+            )
+        # A runner that drops each message once sent and each reply once
+        # received leaves their memory free but held by malloc: messages are
+        # larger than its mmap threshold only until the first is freed (glibc
+        # then raises the threshold), so they come from the heap and stay
+        # resident. Returned here (about 0.3 ms), the round's RSS holds one
+        # message or reply at a time, not the holes of all the previous ones.
+        trim_heap()
+        start = time.perf_counter()
+        data, entries, meta = self._broadcast(client, pending.round)
+        report = pending.report
+        report.bytes_down += len(data)
+        shapes = {name: tuple(value.shape) for name, value in entries.items()}
+        report.float32_bytes_down += wire.encoded_nbytes(shapes, meta)
+        report.seconds["encode"] += time.perf_counter() - start
+        return data
+
+    def configure_round(self, round: int | None = None) -> dict[str, bytes]:
+        """Open the round and encode every sampled client's message.
+
+        Holds clients per round times a message: at scale, use
+        :meth:`open_round` and :meth:`broadcast` (see the module docstring).
+
+        Arguments
+        ---------
+        round : int, optional
+            Must be the next round (the default).
+
+        Returns
+        -------
+        dict
+            Client id to its message, in sampled order.
+        """
+        return {client: self.broadcast(client) for client in self.open_round(round)}
 
     # ------------------------------------------------------------ validation
     def validate(self, client: str, data: bytes) -> Update:
-        """Decode and check one reply of the pending round.
+        """Decode and check one reply of the open round (nothing is combined).
 
         Arguments
         ---------
@@ -503,6 +688,7 @@ class FedAvgServer:
         Returns
         -------
         Update
+            Every entry decoded.
 
         Raises
         ------
@@ -512,35 +698,226 @@ class FedAvgServer:
             failure of the validation itself is logged with its traceback and
             reported as a rejection.
         """
-        update, reason, _ = self._check(str(client), data)
-        if update is None:
-            raise UpdateRejected(reason)
-        return update
-
-    def _check(self, client: str, data: Any) -> tuple[Update | None, str, int]:
-        """``(update, "", float32 bytes)`` or ``(None, reason, float32 bytes)``."""
-        size = reply_nbytes(data)
+        client = str(client)
         pending = self._pending
         try:
             if pending is None:
                 raise UpdateRejected("no round is open")
-            if client not in pending.expect:
+            if client not in pending.sampled:
                 raise UpdateRejected(f"not sampled in round {pending.round}")
-            update = check_reply(data, pending.expect[client])
-        except UpdateRejected as error:
-            counted = error.float32_nbytes
-            return None, str(error), size if counted is None else counted
+            reply = open_reply(data, self._expectation(pending.round, client))
+            values = dict(reply.tensors())
+        except UpdateRejected:
+            raise
         except Exception as error:  # noqa: BLE001 - a bug must not end the run
-            logger.exception(
-                "round %s: validating %s failed",
-                "-" if pending is None else pending.round,
-                client,
-            )
-            reason = f"internal error while validating: {type(error).__name__}"
-            return None, reason, size
-        return update, "", update.float32_nbytes
+            logger.exception("validating a reply of %s failed", client)
+            raise UpdateRejected(
+                f"internal error while validating: {type(error).__name__}"
+            ) from None
+        return Update(
+            client,
+            reply.num_examples,
+            values,
+            reply.metrics,
+            reply.nbytes,
+            reply.float32_nbytes,
+        )
 
     # ----------------------------------------------------------- aggregation
+    def receive(self, client: str, data: Any) -> None:
+        """Take one reply of the open round: validate it and fold it in.
+
+        Never raises for what a client sends: a bad reply is left out of the
+        round with its reason (see :class:`RoundReport`). The reply is folded
+        when its turn in :meth:`fold_order` comes (at once, if the runner
+        follows that order) and then dropped.
+
+        Arguments
+        ---------
+        client : str
+            Who sent it.
+        data : bytes-like
+            The reply message (kept, not copied, while it waits its turn).
+        """
+        pending, client = self._open("receive"), str(client)
+        trim_heap()  # the message sent to this client, dropped (see broadcast)
+        report, size = pending.report, reply_nbytes(data)
+        report.bytes_up += size
+        if client not in pending.sampled:
+            self._reject(pending, client, f"not sampled in round {pending.round}", size)
+            return
+        if client in pending.done or client in pending.held:
+            report.float32_bytes_up += size
+            logger.warning(
+                "round %d: a second reply of client %s ignored", pending.round, client
+            )
+            return
+        pending.held[client] = data
+        pending.held_bytes += size
+        self._drain(pending)
+
+    def fail(self, client: str, reason: str) -> None:
+        """Record that a client of the open round will not reply.
+
+        Its successors in the fold order need not wait for it.
+
+        Arguments
+        ---------
+        client : str
+            The client.
+        reason : str
+            Why (an exception, a timeout, a simulated dropout).
+        """
+        pending, client = self._open("fail"), str(client)
+        if client in pending.done or client in pending.held:
+            return
+        pending.report.rejected[client] = f"failed: {reason}"
+        pending.done.add(client)
+        self._drain(pending)
+
+    def _drain(self, pending: _Pending) -> None:
+        # Fold the waiting replies whose turn has come, in order.
+        order = pending.order
+        while pending.position < len(order):
+            client = order[pending.position]
+            if client in pending.held:
+                self._fold(pending, client)
+            elif client not in pending.done:
+                break
+            pending.position += 1
+        # Too much waiting: fold the earliest waiting reply out of order.
+        while pending.held and pending.held_bytes > self.max_held_bytes:
+            if not pending.out_of_order:
+                logger.warning(
+                    "round %d: over %d bytes of replies wait for client %s; "
+                    "folding out of order (this round's result now depends on "
+                    "arrival order)",
+                    pending.round,
+                    self.max_held_bytes,
+                    order[pending.position],
+                )
+                pending.out_of_order = True
+            self._fold(pending, min(pending.held, key=pending.rank.__getitem__))
+
+    def _reject(self, pending: _Pending, client: str, reason: str, f32: int) -> None:
+        pending.report.rejected[client] = reason
+        pending.report.float32_bytes_up += f32
+        logger.warning(
+            "round %d: update of client %s rejected: %s", pending.round, client, reason
+        )
+
+    def _fold(self, pending: _Pending, client: str) -> None:
+        """Validate one waiting reply and fold it in; nothing escapes."""
+        data = pending.held.pop(client)
+        size = reply_nbytes(data)
+        pending.held_bytes -= size
+        pending.done.add(client)
+        report, aggregator = pending.report, pending.aggregator
+        reply = None
+        try:
+            reply = open_reply(data, self._expectation(pending.round, client))
+            master = self.model if aggregator.needs_norm else None
+            norm = reply.check(master)  # every entry decoded and checked once
+        except UpdateRejected as error:
+            counted = error.float32_nbytes
+            self._reject(
+                pending, client, str(error), size if counted is None else counted
+            )
+            return
+        except Exception as error:  # noqa: BLE001 - a bug must not end the run
+            logger.exception("round %d: validating %s failed", pending.round, client)
+            reason = f"internal error while validating: {type(error).__name__}"
+            self._reject(pending, client, reason, size)
+            return
+        finally:
+            if reply is not None:
+                for key in ("decode", "validate"):
+                    report.seconds[key] += reply.seconds[key]
+                    reply.seconds[key] = 0.0
+        report.float32_bytes_up += reply.float32_nbytes
+        start = time.perf_counter()
+        try:
+            # Decoded again entry by entry: the reply passed every check, so
+            # none of it can be half folded when one of its entries is bad.
+            aggregator.add(reply.tensors(), reply.num_examples, norm)
+        except MemoryBudgetExceeded as error:
+            self._reject(pending, client, str(error), 0)
+            return
+        except Exception:  # noqa: BLE001 - a bug must not end the run
+            logger.exception("round %d: folding in %s failed", pending.round, client)
+            pending.broken = True
+            report.rejected[client] = "internal error while aggregating"
+            return
+        finally:
+            report.seconds["aggregate"] += time.perf_counter() - start
+            # tensors() timed its own decoding and checks
+            report.seconds["decode"] += reply.seconds["decode"]
+            report.seconds["validate"] += reply.seconds["validate"]
+            report.seconds["aggregate"] -= (
+                reply.seconds["decode"] + reply.seconds["validate"]
+            )
+        report.accepted.append(client)
+        report.num_examples += reply.num_examples
+        report.client_metrics[client] = reply.metrics
+
+    def close_round(self, failures: Mapping[str, str] | None = None) -> RoundReport:
+        """Fold what still waits, combine, commit and close the round.
+
+        Arguments
+        ---------
+        failures : mapping, optional
+            Client id to why it did not reply (as :meth:`fail`).
+
+        Returns
+        -------
+        RoundReport
+            The model is unchanged when no reply was accepted or the
+            combined model is not finite.
+        """
+        pending = self._open("close_round")
+        for client, reason in (failures or {}).items():
+            self.fail(client, reason)
+        for client in list(pending.order):  # the rest, in order
+            if client in pending.held:
+                self._fold(pending, client)
+        report = pending.report
+        for client in pending.order:
+            if client not in pending.done:
+                report.rejected[client] = "no reply"
+        for client, reason in report.rejected.items():
+            if reason.startswith(("failed", "no reply")):
+                logger.warning(
+                    "round %d: client %s left out: %s", pending.round, client, reason
+                )
+        # Accepted in fold order, whatever order they were folded in.
+        report.accepted.sort(key=pending.rank.__getitem__)
+        report.client_metrics = {c: report.client_metrics[c] for c in report.accepted}
+        start = time.perf_counter()
+        if pending.broken:
+            logger.error(
+                "round %d: a fold failed half-way; the model is unchanged",
+                pending.round,
+            )
+        elif report.accepted:
+            report.model_updated = self._apply(
+                pending.aggregator.result(), pending.round
+            )
+        else:
+            logger.warning(
+                "round %d: no update accepted; the model is unchanged", pending.round
+            )
+        pending.aggregator = None  # its running sums go now, not at the next round
+        report.seconds["aggregate"] += time.perf_counter() - start
+        self.round = pending.round
+        self._pending = None
+        self._cache.clear()
+        trim_heap()  # freed decoded entries and messages back to the system
+        if report.rss is not None:
+            # The kernel updates the mark lazily: it can lag the current RSS.
+            marks = [rss.peak_rss_bytes(), rss.rss_bytes(), report.rss["before"]]
+            report.rss["peak"] = max(m for m in marks if m is not None)
+        return report
+
     def aggregate(
         self,
         replies: Mapping[str, Any],
@@ -549,7 +926,8 @@ class FedAvgServer:
         """Validate the replies, combine the good ones, close the round.
 
         Whatever the replies hold, this returns a report: a bad reply is left
-        out with its reason.
+        out with its reason. The same as :meth:`receive` for each reply and
+        :meth:`close_round`.
 
         Arguments
         ---------
@@ -565,86 +943,50 @@ class FedAvgServer:
             The model is unchanged when no reply was accepted or the
             combined model is not finite.
         """
-        pending = self._pending
-        if pending is None:
+        if self._pending is None:
             raise RuntimeError("aggregate: configure_round first")
-        report = RoundReport(
-            pending.round,
-            list(pending.sampled),
-            bytes_down=pending.bytes_down,
-            float32_bytes_down=pending.float32_bytes_down,
-        )
         for client, reason in (failures or {}).items():
-            report.rejected[str(client)] = f"failed: {reason}"
-        updates = []
-        # Sorted: the result does not depend on the order replies arrived.
+            self.fail(client, reason)
         for client in sorted(replies, key=str):
-            data = replies[client]
-            update, reason, float32_nbytes = self._check(str(client), data)
-            report.bytes_up += reply_nbytes(data)
-            report.float32_bytes_up += float32_nbytes
-            if update is None:
-                report.rejected[str(client)] = reason
-                logger.warning(
-                    "round %d: update of client %s rejected: %s",
-                    pending.round,
-                    client,
-                    reason,
-                )
-                continue
-            updates.append(update)
-        for client in pending.sampled:
-            if client not in replies and client not in report.rejected:
-                report.rejected[client] = "no reply"
-        for client, reason in report.rejected.items():
-            if reason.startswith(("failed", "no reply")):
-                logger.warning(
-                    "round %d: client %s left out: %s", pending.round, client, reason
-                )
-        if updates:
-            report.accepted = [u.client for u in updates]
-            report.num_examples = sum(u.num_examples for u in updates)
-            report.client_metrics = {u.client: u.metrics for u in updates}
-            report.model_updated = self._apply(updates, pending.round)
-        else:
-            logger.warning(
-                "round %d: no update accepted; the model is unchanged", pending.round
-            )
-        self.round = pending.round
-        self._pending = None
-        self._cache.clear()
-        return report
+            self.receive(client, replies[client])
+        return self.close_round()
 
-    def _apply(self, updates: list[Update], round: int) -> bool:
-        combined = combine(
-            [u.values for u in updates],
-            [u.num_examples for u in updates],
-            self.model,
-            self.aggregation,
-        )
-        model, momentum = {}, dict(self.momentum)
-        plain_fedavg = self.server_lr == 1.0 and self.server_momentum == 0.0
+    def _apply(self, combined: dict[str, torch.Tensor], round: int) -> bool:
+        """Apply the server step to the combination and commit if finite.
+
+        Works entry by entry in the combination's own tensors, so that no
+        second model is ever allocated: a new model entry is computed to
+        check it (and dropped) and computed again, the same way, to commit.
+        """
+        lr, beta = self.server_lr, self.server_momentum
+        plain_fedavg = lr == 1.0 and beta == 0.0
+        momentum: dict[str, torch.Tensor] = {}
+        bad = []
         for name, master in self.model.items():
+            value = combined[name]
             if name in self.buffers or plain_fedavg:
-                model[name] = combined[name]
+                if not bool(torch.isfinite(value).all()):
+                    bad.append(name)
                 continue
-            delta = combined[name] - master
-            if self.server_momentum > 0:
-                previous = momentum.get(name)
-                delta = (
-                    delta
-                    if previous is None
-                    else previous * self.server_momentum + delta
-                )
-                momentum[name] = delta
-            model[name] = master + self.server_lr * delta
+            delta = value.sub_(master)  # combined - master, in place
+            if beta > 0:
+                previous = self.momentum.get(name)
+                if previous is not None:
+                    delta = previous * beta + delta
+                momentum[name] = combined[name] = delta
+                new = master + lr * delta  # checked, then dropped
+                finite = bool(torch.isfinite(new).all())
+                del new
+                if not finite or not bool(torch.isfinite(delta).all()):
+                    bad.append(name)
+            else:
+                # lr * delta + master: the same bits as master + lr * delta
+                # (float addition commutes), in the tensor at hand.
+                combined[name] = delta.mul_(lr).add_(master)
+                if not bool(torch.isfinite(combined[name]).all()):
+                    bad.append(name)
         # Nothing is committed unless all of it is finite (values near the
         # float32 limit can overflow in the sum or the server step).
-        bad = [
-            name
-            for name, value in [*model.items(), *momentum.items()]
-            if not bool(torch.isfinite(value).all())
-        ]
         if bad:
             logger.error(
                 "round %d: the combined model is not finite (%s); the model is "
@@ -653,7 +995,13 @@ class FedAvgServer:
                 ", ".join(bad[:5]),
             )
             return False
-        self.model, self.momentum = model, momentum
+        for name in list(self.model):
+            if beta > 0 and name in momentum:
+                self.model[name] = self.model[name] + lr * momentum[name]
+            else:
+                self.model[name] = combined[name]
+        if beta > 0:
+            self.momentum = {**self.momentum, **momentum}
         return True
 
     # ---------------------------------------------------------- checkpoints

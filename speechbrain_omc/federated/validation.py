@@ -21,6 +21,15 @@ little as possible (each reply is decoded once):
    in (checked on the entry headers, before any payload is parsed);
 5. finite values.
 
+:func:`check_reply` does all five and returns every entry decoded (a float32
+model per reply). A server that aggregates as replies arrive uses
+:func:`open_reply` instead: steps 1-4 and a :class:`Reply` whose entries are
+parsed and decompressed one at a time; :meth:`Reply.check` runs step 5 over
+all of them (one decoded entry alive at a time) and :meth:`Reply.tensors`
+decodes them again for the fold. Decompressing twice costs time, not memory:
+a reply found non-finite in its last entry must not have moved the running
+sums with its first ones.
+
 Example
 -------
 >>> import torch
@@ -44,7 +53,9 @@ wrong nonce: not a reply to this round's broadcast
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +70,7 @@ __all__ = [
     "MAX_METRIC_KEY",
     "METRIC_BOUND",
     "UPDATE_KEYS",
+    "Reply",
     "ReplyExpectation",
     "Update",
     "UpdateRejected",
@@ -67,6 +79,7 @@ __all__ = [
     "check_reply",
     "check_update_meta",
     "is_int",
+    "open_reply",
     "reply_nbytes",
 ]
 
@@ -354,6 +367,178 @@ def check_update_meta(meta: Mapping, expected: ReplyExpectation) -> tuple[int, d
     return examples, metrics
 
 
+class Reply:
+    """A reply whose binding, metadata and entry headers passed (steps 1-4).
+
+    Its entries are decoded one at a time, so that the server holds one
+    decoded entry of a reply at a time; see the module docstring.
+
+    Arguments
+    ---------
+    client : str
+        Client id.
+    num_examples : int
+        The client's FedAvg weight, bounded.
+    metrics : dict
+        The client's metrics (checked).
+    message : wire.LazyMessage
+        The checked message.
+    nbytes : int
+        Length of the reply message.
+    seconds : dict
+        Time spent so far: ``decode`` (checksum, parsing, decompression) and
+        ``validate`` (binding, metadata, finiteness); the methods add to it.
+    """
+
+    def __init__(
+        self,
+        client: str,
+        num_examples: int,
+        metrics: dict,
+        message: wire.LazyMessage,
+        nbytes: int,
+        seconds: dict[str, float],
+    ) -> None:
+        self.client = client
+        self.num_examples = num_examples
+        self.metrics = metrics
+        self.message = message
+        self.nbytes = nbytes
+        self.seconds = seconds
+        self.float32_nbytes = message.float32_nbytes()
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Decode the entries one by one, each checked to be finite.
+
+        Yields
+        ------
+        tuple
+            ``(name, float32 tensor)`` in wire order; a new tensor each time.
+
+        Raises
+        ------
+        UpdateRejected
+            A malformed payload or non-finite values (the entry named).
+        """
+        for name in self.message.names():
+            start = time.perf_counter()
+            try:
+                entry = self.message.entry(name)
+                value = (
+                    entry.decompress() if isinstance(entry, CompressedTensor) else entry
+                )
+            except ValueError as error:
+                raise UpdateRejected(
+                    f"malformed message: {error}", self.float32_nbytes
+                ) from None
+            middle = time.perf_counter()
+            finite = bool(torch.isfinite(value).all())
+            self.seconds["decode"] += middle - start
+            self.seconds["validate"] += time.perf_counter() - middle
+            if not finite:
+                bad = int((~torch.isfinite(value)).sum())
+                raise UpdateRejected(
+                    f"{name} has {bad} non-finite values", self.float32_nbytes
+                )
+            yield name, value
+
+    def check(self, master: Mapping[str, torch.Tensor] | None = None) -> float | None:
+        """Step 5: decode every entry and check it is finite (then drop it).
+
+        Arguments
+        ---------
+        master : mapping, optional
+            The global model: the L2 norm of the update (reply minus master)
+            is computed on the way, in float64.
+
+        Returns
+        -------
+        float or None
+            The update's norm with ``master``, else ``None``.
+
+        Raises
+        ------
+        UpdateRejected
+            As :meth:`tensors`.
+        """
+        squares = 0.0
+        for name, value in self.tensors():
+            if master is not None:
+                squares += float(
+                    (value.double() - master[name].double()).square().sum()
+                )
+        if master is None:
+            return None
+        # An update of finite values can still have an infinite norm.
+        return math.sqrt(squares) if math.isfinite(squares) else math.inf
+
+
+def open_reply(data: Any, expected: ReplyExpectation) -> Reply:
+    """Steps 1-4 of the checks; the entries are left for :class:`Reply`.
+
+    Arguments
+    ---------
+    data : bytes-like
+        The reply message (anything else is refused).
+    expected : ReplyExpectation
+        What it must be.
+
+    Returns
+    -------
+    Reply
+
+    Raises
+    ------
+    UpdateRejected
+        With the reason; no other exception for any ``data`` (a bug aside).
+
+    Example
+    -------
+    >>> expected = ReplyExpectation(
+    ...     run="r1", round=1, client="a", nonce="n1", max_examples=10,
+    ...     entries=wire.expect_like({"w": torch.zeros(2)}),
+    ... )
+    >>> meta = {"type": "update", "round": 1, "client": "a", "run": "r1",
+    ...         "nonce": "n1", "num_examples": 4}
+    >>> reply = open_reply(wire.encode({"w": torch.ones(2)}, meta), expected)
+    >>> reply.check(master={"w": torch.zeros(2)})  # the update's norm
+    1.4142135623730951
+    >>> [(name, value.tolist()) for name, value in reply.tensors()]
+    [('w', [1.0, 1.0])]
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UpdateRejected(f"reply is {type(data).__name__}, not bytes")
+    checked: list[tuple[int, dict]] = []
+    seconds = {"decode": 0.0, "validate": 0.0}
+
+    def check_meta(meta):
+        start = time.perf_counter()
+        try:
+            checked.append(check_update_meta(meta, expected))
+        finally:
+            seconds["validate"] += time.perf_counter() - start
+
+    start = time.perf_counter()
+    try:
+        message = wire.decode(
+            data,
+            expect=expected.entries,
+            max_nbytes=expected.max_nbytes,
+            check_meta=check_meta,
+            lazy=True,
+        )
+    except UpdateRejected:
+        raise
+    except ValueError as error:
+        raise UpdateRejected(f"malformed message: {error}") from None
+    finally:
+        seconds["decode"] += time.perf_counter() - start - seconds["validate"]
+    examples, metrics = checked[0]
+    return Reply(
+        expected.client, examples, metrics, message, reply_nbytes(data), seconds
+    )
+
+
 def check_reply(data: Any, expected: ReplyExpectation) -> Update:
     """Decode and check one reply (see the module docstring for the order).
 
@@ -367,34 +552,20 @@ def check_reply(data: Any, expected: ReplyExpectation) -> Update:
     Returns
     -------
     Update
+        Every entry decoded (a float32 model).
 
     Raises
     ------
     UpdateRejected
         With the reason; no other exception for any ``data`` (a bug aside).
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise UpdateRejected(f"reply is {type(data).__name__}, not bytes")
-    checked: list[tuple[int, dict]] = []
-    try:
-        message = wire.decode(
-            data,
-            expect=expected.entries,
-            max_nbytes=expected.max_nbytes,
-            check_meta=lambda meta: checked.append(check_update_meta(meta, expected)),
-        )
-    except UpdateRejected:
-        raise
-    except ValueError as error:
-        raise UpdateRejected(f"malformed message: {error}") from None
-    (examples, metrics), float32_nbytes = checked[0], message.float32_nbytes()
-    values = {}
-    for name, entry in message.entries.items():
-        value = entry.decompress() if isinstance(entry, CompressedTensor) else entry
-        if not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise UpdateRejected(f"{name} has {bad} non-finite values", float32_nbytes)
-        values[name] = value
+    reply = open_reply(data, expected)
+    values = dict(reply.tensors())
     return Update(
-        expected.client, examples, values, metrics, reply_nbytes(data), float32_nbytes
+        expected.client,
+        reply.num_examples,
+        values,
+        reply.metrics,
+        reply.nbytes,
+        reply.float32_nbytes,
     )

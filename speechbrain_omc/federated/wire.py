@@ -47,6 +47,11 @@ no memory; it then checks each compressed entry's shape and format. A
 a reply bound to another run or round is refused before its payloads are
 parsed (copied).
 
+``decode(..., lazy=True)`` stops after those checks and returns a
+:class:`LazyMessage`, whose entries are parsed one at a time when asked for:
+a server that folds a reply into running sums never holds more than one
+parsed entry of it (see :mod:`~speechbrain_omc.federated.validation`).
+
 Example
 -------
 >>> import torch
@@ -74,7 +79,7 @@ import math
 import re
 import struct
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -91,10 +96,12 @@ __all__ = [
     "WIRE_VERSION",
     "Entry",
     "Expected",
+    "LazyMessage",
     "Message",
     "decode",
     "encode",
     "encoded_nbytes",
+    "entry_head_nbytes",
     "entry_nbytes",
     "expect_like",
     "float32_payload",
@@ -321,8 +328,29 @@ def _float32_shape(payload: memoryview) -> tuple[int, ...]:
 
 def _entry_parts(value: Entry) -> tuple[int, tuple]:
     if isinstance(value, CompressedTensor):
-        return COMPRESSED, (value.to_bytes(),)
+        # Views of the codes: joined once, into the message.
+        return COMPRESSED, value.to_bytes_parts()
     return FLOAT32, _float32_parts(value)
+
+
+def entry_head_nbytes(name: str) -> int:
+    """Bytes of one entry's header in a message (name, kind, payload length).
+
+    Arguments
+    ---------
+    name : str
+        Entry name.
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> entry_head_nbytes("b")  # name length 2 + name 1 + kind 1 + length 8
+    12
+    """
+    return _NAME_LEN.size + len(name.encode("utf-8")) + _ENTRY_HEAD.size
 
 
 def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
@@ -344,7 +372,7 @@ def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
     >>> entry_nbytes("b", torch.zeros(4))  # name 2+1, head 9, payload 1+8+16
     37
     """
-    head = _NAME_LEN.size + len(name.encode("utf-8")) + _ENTRY_HEAD.size
+    head = entry_head_nbytes(name)
     if isinstance(value, CompressedTensor):
         # The payload's own layout belongs to CompressedTensor: ask it.
         return head + len(value.to_bytes())
@@ -589,7 +617,8 @@ def decode(
     expect: Mapping[str, Expected] | None = None,
     max_nbytes: int | None = None,
     check_meta: Callable[[dict], object] | None = None,
-) -> Message:
+    lazy: bool = False,
+) -> Message | LazyMessage:
     """Parse and validate a message written by :func:`encode`.
 
     Arguments
@@ -607,10 +636,14 @@ def decode(
         Called with the metadata once the checksum and the metadata limits
         have passed, before any entry is read; what it raises propagates
         unchanged (the caller's own rejection, not a malformed message).
+    lazy : bool
+        Stop once the entry headers are checked and return a
+        :class:`LazyMessage` that parses each entry when it is asked for
+        (a malformed payload then raises ``ValueError`` at that point).
 
     Returns
     -------
-    Message
+    Message or LazyMessage
 
     Raises
     ------
@@ -688,7 +721,13 @@ def decode(
     if check_meta is not None:
         check_meta(meta)
     try:
-        entries = _read_entries(view, pos, end, expect)
+        heads = _read_heads(view, pos, end, expect)
+        if lazy:
+            return LazyMessage(meta, total, heads, expect)
+        entries = {
+            name: _parse_entry(name, kind, payload, expect)
+            for name, kind, payload in heads
+        }
     except (ValueError, struct.error) as error:
         raise ValueError(f"malformed OMC wire message: {error}") from None
     return Message(entries, meta, nbytes=total)
@@ -775,33 +814,174 @@ def _read_meta(view: memoryview, end: int) -> tuple[dict, int]:
     return meta, pos + meta_len
 
 
-def _read_entries(
+def _read_heads(
     view: memoryview, pos: int, end: int, expect: Mapping[str, Expected] | None
-) -> dict[str, Entry]:
-    """The entries from ``pos``: headers walked and checked, then parsed."""
+) -> list[tuple[str, int, memoryview]]:
+    """The entry headers from ``pos``, walked and checked (nothing parsed)."""
     (count,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "entry count"))
     pos += _U32.size
     heads = _walk(view, pos, end, count, expect)
     if expect is not None:
         _check_heads(heads, expect)
-    entries: dict[str, Entry] = {}
-    for name, kind, payload in heads:
-        try:
-            if kind == COMPRESSED:
-                entries[name] = CompressedTensor.from_bytes(payload)
+    return heads
+
+
+def _parse_entry(
+    name: str, kind: int, payload: memoryview, expect: Mapping[str, Expected] | None
+) -> Entry:
+    """One entry's payload parsed (a copy), compressed ones checked against
+    ``expect``."""
+    try:
+        if kind == COMPRESSED:
+            value = CompressedTensor.from_bytes(payload)
+        else:
+            value = parse_float32_payload(payload)
+    except Exception as error:  # noqa: BLE001 - any failure is a bad payload
+        raise ValueError(f"entry {name!r}: {error}") from None
+    if expect is not None and kind == COMPRESSED:
+        want = expect[name]
+        if tuple(value.shape) != tuple(want.shape):
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)}, expected {tuple(want.shape)}"
+            )
+        if value.format.name != want.format:
+            raise ValueError(
+                f"{name} arrived as {value.format.name}, expected {want.format}"
+            )
+    return value
+
+
+class LazyMessage:
+    """A checked message whose entries are parsed one at a time.
+
+    What :func:`decode` returns with ``lazy=True``: the checksum, the
+    metadata and every entry header have been checked (against ``expect``
+    when given); a payload is parsed (copied) only when :meth:`entry` or
+    :meth:`items` asks for it, so that a reader holds one parsed entry at a
+    time. It keeps a view of the message's bytes.
+
+    Arguments
+    ---------
+    meta : dict
+        The metadata.
+    nbytes : int
+        Length of the message.
+    heads : list
+        ``(name, kind, payload view)`` per entry, in wire order.
+    expect : mapping, optional
+        The expectations the headers were checked against.
+
+    Example
+    -------
+    >>> data = encode({"w": torch.ones(2), "b": torch.zeros(1)}, {"round": 3})
+    >>> lazy = decode(data, lazy=True)
+    >>> lazy.meta, lazy.names(), lazy.formats()
+    ({'round': 3}, ['w', 'b'], {'w': 'float32', 'b': 'float32'})
+    >>> [(name, value.tolist()) for name, value in lazy.items()]
+    [('w', [1.0, 1.0]), ('b', [0.0])]
+    >>> lazy.float32_nbytes() == len(data)
+    True
+    """
+
+    def __init__(
+        self,
+        meta: dict,
+        nbytes: int,
+        heads: list[tuple[str, int, memoryview]],
+        expect: Mapping[str, Expected] | None = None,
+    ) -> None:
+        self.meta = meta
+        self.nbytes = nbytes
+        self._heads = {name: (kind, payload) for name, kind, payload in heads}
+        self._expect = expect
+
+    def __len__(self) -> int:
+        return len(self._heads)
+
+    def names(self) -> list[str]:
+        """Entry names in wire order.
+
+        Returns
+        -------
+        list of str
+        """
+        return list(self._heads)
+
+    def formats(self) -> dict[str, str]:
+        """Each entry's format name, from the headers (compressed entries
+        are named by ``expect``, or parsed to find out).
+
+        Returns
+        -------
+        dict
+        """
+        out = {}
+        for name, (kind, _) in self._heads.items():
+            if kind == FLOAT32:
+                out[name] = "float32"
+            elif self._expect is not None:
+                out[name] = self._expect[name].format
             else:
-                entries[name] = parse_float32_payload(payload)
-        except Exception as error:  # noqa: BLE001 - any failure is a bad payload
-            raise ValueError(f"entry {name!r}: {error}") from None
-        if expect is not None and kind == COMPRESSED:
-            value, want = entries[name], expect[name]
-            if tuple(value.shape) != tuple(want.shape):
-                raise ValueError(
-                    f"{name} has shape {tuple(value.shape)}, expected "
-                    f"{tuple(want.shape)}"
-                )
-            if value.format.name != want.format:
-                raise ValueError(
-                    f"{name} arrived as {value.format.name}, expected {want.format}"
-                )
-    return entries
+                out[name] = self.entry(name).format.name
+        return out
+
+    def entry(self, name: str) -> Entry:
+        """Parse one entry (a new object each call).
+
+        Arguments
+        ---------
+        name : str
+
+        Returns
+        -------
+        CompressedTensor or torch.Tensor
+
+        Raises
+        ------
+        ValueError
+            A malformed payload, or a compressed entry of another shape or
+            format than expected.
+        """
+        kind, payload = self._heads[name]
+        try:
+            return _parse_entry(name, kind, payload, self._expect)
+        except (ValueError, struct.error) as error:
+            raise ValueError(f"malformed OMC wire message: {error}") from None
+
+    def items(self) -> Iterator[tuple[str, Entry]]:
+        """Parse the entries one by one, in wire order.
+
+        Yields
+        ------
+        tuple
+            ``(name, entry)``.
+        """
+        for name in self._heads:
+            yield name, self.entry(name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each entry's shape (from ``expect`` when given: the headers were
+        checked against it; else from the payloads).
+
+        Returns
+        -------
+        dict
+        """
+        out = {}
+        for name, (kind, payload) in self._heads.items():
+            if self._expect is not None:
+                out[name] = tuple(self._expect[name].shape)
+            elif kind == FLOAT32:
+                out[name] = tuple(_float32_shape(payload))
+            else:
+                out[name] = tuple(self.entry(name).shape)
+        return out
+
+    def float32_nbytes(self) -> int:
+        """Length of the same message with every entry sent as float32.
+
+        Returns
+        -------
+        int
+        """
+        return encoded_nbytes(self.shapes(), self.meta)

@@ -23,6 +23,13 @@ differences named; ``fresh-start = true`` sets it aside instead.
    checkpoint and begins the run again. Pass it once (``flwr run
    --run-config "fresh-start=true"``) and not in ``pyproject.toml``.
 
+Rounds stream (:class:`~speechbrain_omc.federated.flower.streaming.
+StreamingGrid`): at most ``max-in-flight`` train messages are unanswered at
+once, each built when it is sent, and each reply is folded into the
+server's running float32 sums as it comes, so that the ServerApp's memory
+does not grow with the clients per round. The hparams' ``dropout`` makes a
+seeded fraction of each round's sampled clients unavailable.
+
 Outputs in ``result-dir`` (default ``<output_folder>/flower``): ``rounds.csv``
 and ``rounds.png`` (the embedded simulation's per-round log, written by the
 same functions), ``flower_history.json`` (the server's reports and evaluations),
@@ -49,6 +56,7 @@ from speechbrain_omc.federated.flower.strategy import (
     check_evaluation,
     discover_clients,
 )
+from speechbrain_omc.federated.flower.streaming import DEFAULT_WINDOW, StreamingGrid
 from speechbrain_omc.federated.flower.task import (
     initial_model,
     load_task,
@@ -157,9 +165,14 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         evaluate_nodes=int(run_config.get("evaluate-nodes", 1)),
         max_eval_examples=int(run_config.get("max-eval-examples") or 10**6),
         on_round=on_round,
+        dropout=float(hparams.get("dropout", 0.0)),
     )
+    # Rounds stream: a window of messages in flight, each reply folded into
+    # the server's running sums as it comes (see StreamingGrid).
+    window = run_config.get("max-in-flight")
+    stream = StreamingGrid(grid, DEFAULT_WINDOW if window is None else int(window))
     strategy.start(
-        grid=grid,
+        grid=stream,
         initial_arrays=payload_to_record(server.message_for(strategy.evaluate_client)),
         num_rounds=max(0, rounds - server.round),
         timeout=timeout,

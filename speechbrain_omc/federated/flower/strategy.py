@@ -6,15 +6,26 @@ compressed payloads it would average packed bit codes as if they were numbers.
 FedAvg's weighted mean of evaluation metrics, and overrides what it must:
 
 * ``configure_train``: the server (:class:`~speechbrain_omc.federated.server.
-  FedAvgServer`, the embedded simulation's) samples the clients and encodes
-  each one's model; they go to the nodes serving those clients.
-* ``aggregate_train``: the replies' bytes go to the server, which validates
-  them (a bad reply is left out with its reason, nothing a node sends can
-  raise), combines the good ones in float32 and compresses the result; the
-  "arrays" Flower passes on is that compressed broadcast, which
-  ``configure_evaluate`` sends to the evaluating nodes. The round is over for
-  the server here: ``on_round`` (e.g. a checkpoint) is called at once, so
-  that an evaluation that never ends loses no training.
+  FedAvgServer`, the embedded simulation's) samples the clients; each one's
+  model is encoded when its message is about to be sent (lazily, in the
+  server's fold order) and goes to the node serving that client. Simulated
+  dropouts (``dropout``) and clients without a node are not contacted.
+* ``aggregate_train``: each reply's bytes go to the server as the reply
+  comes (:meth:`~speechbrain_omc.federated.server.FedAvgServer.receive`),
+  which validates it (a bad reply is left out with its reason, nothing a
+  node sends can raise) and folds it into running float32 sums; then the
+  round is closed and the result compressed; the "arrays" Flower passes on
+  is that compressed broadcast, which ``configure_evaluate`` sends to the
+  evaluating nodes. The round is over for the server here: ``on_round``
+  (e.g. a checkpoint) is called at once, so that an evaluation that never
+  ends loses no training.
+
+With a :class:`~speechbrain_omc.federated.flower.streaming.StreamingGrid`
+(as the app's ServerApp uses) messages are built and pushed a few at a time
+and replies handed over one by one: the ServerApp holds a window of
+messages, not clients-per-round of them. With any other grid the messages
+are built as a list, as Flower's ``send_and_receive`` wants them, and the
+replies come all at once (they are still folded one by one).
 * ``configure_evaluate``: only every ``evaluate_every`` rounds and after the
   last one, as the embedded simulation does, and only on nodes that serve the
   run's clients.
@@ -43,10 +54,12 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from speechbrain_omc.federated.availability import DROPOUT_REASON, simulated_dropouts
 from speechbrain_omc.federated.flower.records import (
     payload_from_record,
     payload_to_record,
 )
+from speechbrain_omc.federated.flower.streaming import StreamingGrid
 from speechbrain_omc.federated.server import FedAvgServer, RoundReport
 from speechbrain_omc.federated.validation import (
     MAX_METRICS,
@@ -239,6 +252,10 @@ class OMCFedAvg(FedAvg):
         Called with each round's :class:`RoundReport` and ``None`` as soon as
         the round is aggregated (e.g. to checkpoint), and once more with the
         round's evaluation (a dict) when one comes back.
+    dropout : float
+        Fraction of each round's sampled clients that drop out (a seeded
+        draw, see :mod:`~speechbrain_omc.federated.availability`): not
+        contacted, recorded as failed.
 
     Example
     -------
@@ -258,6 +275,7 @@ class OMCFedAvg(FedAvg):
         evaluate_client: str = "eval",
         max_eval_examples: int = 10**6,
         on_round: Callable[[RoundReport, dict | None], None] | None = None,
+        dropout: float = 0.0,
     ) -> None:
         # min_evaluate_nodes is the number configure_evaluate asks: never
         # more than the nodes that serve clients (FedAvg's fraction is set to
@@ -275,15 +293,16 @@ class OMCFedAvg(FedAvg):
         self.evaluate_client = str(evaluate_client)
         self.max_eval_examples = int(max_eval_examples)
         self.on_round = on_round
+        self.dropout = float(dropout)
+        simulated_dropouts([], self.dropout, 0, 0)  # a bad fraction fails now
         self.reports: list[RoundReport] = []
         self.evaluations: dict[int, dict[str, float]] = {}
-        self._unreachable: dict[str, str] = {}
         self._sent: dict[int, str] = {}  # node id -> client id, current round
 
     def configure_train(
         self, server_round: int, arrays: Any, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Encode the global model for the server's sampled clients.
+        """Open the server's round; one message per sampled client with a node.
 
         Arguments
         ---------
@@ -298,45 +317,56 @@ class OMCFedAvg(FedAvg):
 
         Returns
         -------
-        list of Message
-            One train message per sampled client that has a node.
+        iterable of Message
+            In the server's fold order; lazy (each message encoded when it
+            is taken) for a :class:`StreamingGrid`, else a list.
         """
-        round_ = self.server.round + 1
-        payloads = self.server.configure_round(round_)
-        self._unreachable, self._sent, messages = {}, {}, []
-        for client, data in payloads.items():
+        server = self.server
+        round_ = server.round + 1
+        sampled = server.open_round(round_)
+        dropped = simulated_dropouts(sampled, self.dropout, server.seed, round_)
+        self._sent, targets = {}, []
+        for client in server.fold_order():
             node = self.node_of.get(client)
-            if node is None:
-                self._unreachable[client] = "no SuperNode serves this client"
-                continue
-            settings = ConfigRecord(
-                {**config, "server-round": round_, "client-id": client}
-            )
-            content = RecordDict(
-                {
-                    self.arrayrecord_key: payload_to_record(data),
-                    self.configrecord_key: settings,
-                }
-            )
-            self._sent[node] = client
-            messages.append(
-                Message(
+            if client in dropped:
+                server.fail(client, DROPOUT_REASON)
+            elif node is None:
+                server.fail(client, "no SuperNode serves this client")
+            else:
+                targets.append((client, node))
+
+        def messages():
+            for client, node in targets:
+                settings = ConfigRecord(
+                    {**config, "server-round": round_, "client-id": client}
+                )
+                content = RecordDict(
+                    {
+                        self.arrayrecord_key: payload_to_record(
+                            server.broadcast(client)
+                        ),
+                        self.configrecord_key: settings,
+                    }
+                )
+                self._sent[node] = client
+                yield Message(
                     content=content, message_type=MessageType.TRAIN, dst_node_id=node
                 )
-            )
-        return messages
+
+        return messages() if isinstance(grid, StreamingGrid) else list(messages())
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[Any, MetricRecord]:
-        """Validate and combine the replies via the server.
+        """Hand each reply to the server as it comes, then close the round.
 
         Arguments
         ---------
         server_round : int
             Flower's round number.
         replies : iterable of Message
-            The nodes' replies (errors included).
+            The nodes' replies (errors included); an iterator with a
+            :class:`StreamingGrid`.
 
         Returns
         -------
@@ -345,24 +375,26 @@ class OMCFedAvg(FedAvg):
             (``None`` when this round does not evaluate) and the round's
             counts as a ``MetricRecord``.
         """
-        payloads: dict[str, Any] = {}
-        failures = dict(self._unreachable)
+        server, seen = self.server, set()
         for reply in replies:
-            client = self._sent.get(reply.metadata.src_node_id)
-            if client is None or client in payloads or client in failures:
-                logger.warning("reply from node %d ignored", reply.metadata.src_node_id)
+            node = reply.metadata.src_node_id
+            client = self._sent.get(node)
+            if client is None or client in seen:
+                logger.warning("reply from node %d ignored", node)
                 continue
+            seen.add(client)
             if reply.has_error():
-                failures[client] = f"client error: {str(reply.error.reason)[:200]}"
+                server.fail(client, f"client error: {str(reply.error.reason)[:200]}")
                 continue
             try:
                 # A view, not a copy: the server checks the size first.
-                payloads[client] = payload_from_record(
-                    reply.content, self.arrayrecord_key
-                )
+                payload = payload_from_record(reply.content, self.arrayrecord_key)
             except ValueError as error:
-                failures[client] = f"not an OMC reply: {error}"
-        report = self.server.aggregate(payloads, failures)
+                server.fail(client, f"not an OMC reply: {error}")
+                continue
+            server.receive(client, payload)
+            del payload, reply  # folded (or waiting its turn, held by the server)
+        report = server.close_round()
         self.reports.append(report)
         if self.on_round is not None:
             # Now, not after the evaluation: the model of this round is final,

@@ -198,7 +198,10 @@ def build_node(
     encoder and ``valid-csv`` / ``test-csv`` its evaluation data. Otherwise
     the task prepares its manifests and partition under its
     ``output_folder`` (as the embedded run does; locked, so SuperNodes on one
-    machine take turns) and the client is ``client_<partition-id>``.
+    machine take turns) and the client is ``client_<partition-id>``; the
+    nodes a process serves then share one Brain and one prepared partition
+    (as the embedded run's clients share its Brain): the Simulation Engine
+    runs a thousand virtual nodes in a couple of workers.
 
     Arguments
     ---------
@@ -214,44 +217,41 @@ def build_node(
     from speechbrain_omc.federated.client import OMCClient
 
     task = load_task(run_config.get("task"))
-    hparams = load_hparams(run_config)
     client_id = node_client_id(node_config)
+    if not node_config.get("manifest"):
+        shared = _shared_partition(run_config, task)
+        if client_id not in shared.client.train_data:
+            raise ValueError(
+                f"node serves {client_id!r}, but the partition has "
+                f"{len(shared.client.train_data)} other clients"
+            )
+        return NodeSetup(
+            shared.client,
+            client_id,
+            len(shared.client.train_data[client_id]),
+            shared.eval_data,
+            dict(shared.hparams["valid_dataloader_opts"]),
+        )
+    hparams = load_hparams(run_config)
     splits = {"valid": hparams["valid_split"], "test": hparams["test_split"]}
     eval_csvs: dict[str, Path] = {}
-    if node_config.get("manifest"):
-        manifest = resolve_path(str(node_config["manifest"]))
-        encoder_path = resolve_path(str(node_config.get("label-encoder") or ""))
-        if not node_config.get("label-encoder") or not encoder_path.is_file():
-            # Built from one client's transcripts the labels would differ
-            # between clients: every node must load the federation's encoder.
-            raise FileNotFoundError(
-                "a node config with manifest needs label-encoder: the federation's "
-                f"saved label_encoder.txt (got {node_config.get('label-encoder')!r})"
-            )
-        label_encoder = task.build_label_encoder(
-            manifest, encoder_path, hparams["blank_index"]
+    # A node with its own data (a deployment's device).
+    manifest = resolve_path(str(node_config["manifest"]))
+    encoder_path = resolve_path(str(node_config.get("label-encoder") or ""))
+    if not node_config.get("label-encoder") or not encoder_path.is_file():
+        # Built from one client's transcripts the labels would differ
+        # between clients: every node must load the federation's encoder.
+        raise FileNotFoundError(
+            "a node config with manifest needs label-encoder: the federation's "
+            f"saved label_encoder.txt (got {node_config.get('label-encoder')!r})"
         )
-        for split in splits:
-            if node_config.get(f"{split}-csv"):
-                eval_csvs[split] = resolve_path(str(node_config[f"{split}-csv"]))
-        data = _datasets(task, hparams, label_encoder, manifest, eval_csvs)
-    else:
-        with _folder_lock(Path(hparams["output_folder"])):
-            Path(hparams["save_folder"]).mkdir(parents=True, exist_ok=True)
-            clients, csvs = task.prepare_federation(hparams)
-            if client_id not in clients:
-                raise ValueError(
-                    f"node serves {client_id!r}, but the partition has "
-                    f"{sorted(clients)}"
-                )
-            label_encoder = task.build_label_encoder(
-                csvs[hparams["train_split"]],
-                Path(hparams["save_folder"]) / "label_encoder.txt",
-                blank_index=hparams["blank_index"],
-            )
-            eval_csvs = {name: csvs[split] for name, split in splits.items()}
-            manifest = clients[client_id]
-            data = _datasets(task, hparams, label_encoder, manifest, eval_csvs)
+    label_encoder = task.build_label_encoder(
+        manifest, encoder_path, hparams["blank_index"]
+    )
+    for split in splits:
+        if node_config.get(f"{split}-csv"):
+            eval_csvs[split] = resolve_path(str(node_config[f"{split}-csv"]))
+    data = _datasets(task, hparams, label_encoder, manifest, eval_csvs)
     train_data, eval_data = data
     brain = task.build_brain(hparams)
     brain.tokenizer = label_encoder
@@ -271,6 +271,84 @@ def build_node(
         eval_data,
         dict(hparams["valid_dataloader_opts"]),
     )
+
+
+class _ClientDatasets(Mapping):
+    """Client id to its training dataset, built when first asked for.
+
+    Read under the output folder's lock: another process's
+    ``prepare_federation`` rewrites every client manifest (old ones removed
+    first), and an unlocked read could meet a missing or half-written file.
+    """
+
+    def __init__(self, task, hparams, label_encoder, manifests):
+        self._make = lambda path: task.dataset_from_csv(path, hparams, label_encoder)
+        self._manifests = manifests
+        self._folder = Path(hparams["output_folder"])
+        self._built: dict[str, Any] = {}
+
+    def __getitem__(self, client):
+        if client not in self._built:
+            path = self._manifests[client]
+            with _folder_lock(self._folder):
+                self._built[client] = self._make(path)
+        return self._built[client]
+
+    def __iter__(self):
+        return iter(self._manifests)
+
+    def __len__(self):
+        return len(self._manifests)
+
+
+@dataclass
+class _SharedPartition:
+    client: Any  # an OMCClient over every client of the partition
+    eval_data: dict
+    hparams: dict
+
+
+_SHARED: dict[str, _SharedPartition] = {}
+
+
+def _shared_partition(run_config, task) -> _SharedPartition:
+    # Once per process and run config: load the hparams, prepare (or read)
+    # the partition and build the Brain that all the process's nodes use.
+    key = repr(sorted((str(k), str(v)) for k, v in dict(run_config).items()))
+    if key in _SHARED:
+        return _SHARED[key]
+    from speechbrain_omc.federated.client import OMCClient
+
+    hparams = load_hparams(run_config)
+    splits = {"valid": hparams["valid_split"], "test": hparams["test_split"]}
+    with _folder_lock(Path(hparams["output_folder"])):
+        Path(hparams["save_folder"]).mkdir(parents=True, exist_ok=True)
+        clients, csvs = task.prepare_federation(hparams)
+        label_encoder = task.build_label_encoder(
+            csvs[hparams["train_split"]],
+            Path(hparams["save_folder"]) / "label_encoder.txt",
+            blank_index=hparams["blank_index"],
+        )
+        # Read while no other process rewrites the manifests.
+        eval_data = {
+            name: task.dataset_from_csv(
+                csvs[split], hparams, label_encoder, "ascending"
+            )
+            for name, split in splits.items()
+        }
+    brain = task.build_brain(hparams)
+    brain.tokenizer = label_encoder
+    # The same arguments as the embedded run_federation.
+    client = OMCClient(
+        brain,
+        _ClientDatasets(task, hparams, label_encoder, clients),
+        local_epochs=hparams["local_epochs"],
+        max_steps=hparams.get("max_local_steps"),
+        train_loader_kwargs=hparams["train_dataloader_opts"],
+        progressbar=False,
+    )
+    _SHARED[key] = _SharedPartition(client, eval_data, hparams)
+    return _SHARED[key]
 
 
 def _datasets(task, hparams, label_encoder, manifest, eval_csvs):

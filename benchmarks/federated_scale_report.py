@@ -1,0 +1,301 @@
+"""Render ``benchmarks/results/federated_scale.json`` as Markdown.
+
+Used by ``benchmarks/federated_scale.py`` (``--render-only`` renders again
+without running anything).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+MIB = 2**20
+PAPER = "up to 59 %"
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / MIB:,.2f}"
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:,.2f}"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _meta(entry: dict) -> list[str]:
+    return [
+        f"Command: `{entry['command']}`; started {entry['started']}, "
+        f"{entry['minutes']} minutes; load average (1, 5, 15 min) before "
+        f"{entry['load_before']}, after {entry['load_after']}.",
+        f"Machine: {entry['machine']}.",
+        "",
+    ]
+
+
+def _measured(entries: list[dict]) -> list[str]:
+    lines = ["## Streaming aggregation, measured", ""]
+    for entry in entries:
+        result = entry["result"]
+        lines += [f"*{result['runner']}, {result['clients_per_round']}*: "]
+        lines += _meta(entry)
+    lines += [
+        "`fed_scale.yaml`: 1,000 utterance-level clients (SynthSpeech's 480",
+        "training utterances, each serving 2 or 3 clients), a 6M-parameter",
+        "Conformer-CTC, one local SGD step per client, e3m7 with 10 % of the weight",
+        "values float32 re-drawn per client, 10 % of each round's sampled clients",
+        "dropping out (seeded). Each configuration in fresh processes. *Server s*:",
+        "the server's own time per round (encode + decode + validate + aggregate,",
+        "from its report); *wall s*: the whole round, clients' training included.",
+        "*RSS*: the server process's resident memory when the round opened and its",
+        "peak until it closed; *bound*: 1.5 x the float32 model plus the largest",
+        "single message of the round (the issue's limit for the rise). Embedded:",
+        "the library's round in the server process, its client in a worker",
+        "process. Flower: the Simulation Engine; the ServerApp process also holds",
+        "Flower's in-memory state (a window of 64 messages in flight) and Ray's",
+        "driver: its rise grows with the messages in flight (up to 64 of about",
+        "10 MB each, their replies and Flower's copies) until the window is full,",
+        "and is Flower's, not the aggregation's. Means over the rounds; RSS rise",
+        "is the larger round's.",
+        "",
+    ]
+    rows, linear = [], {}
+    results = [entry["result"] for entry in entries]
+    for result in results:
+        rounds = result["rounds"]
+        k = result["clients_per_round"]
+
+        def mean(key, sub=None, rounds=rounds):
+            values = [(r[key] if sub is None else r[key][sub]) for r in rounds]
+            return statistics.fmean(values)
+
+        server = statistics.fmean(sum(r["server_seconds"].values()) for r in rounds)
+        accepted = mean("accepted")
+        rise = max(r["rss_peak"] - r["rss_before"] for r in rounds)
+        bound = 1.5 * result["model_float32_bytes"] + result["largest_message"]
+        linear.setdefault(result["runner"], {})[k] = server / max(accepted, 1)
+        rows.append(
+            [
+                result["runner"],
+                k,
+                f"{mean('sampled'):.0f} / {accepted:.0f}",
+                f"{server:.2f}",
+                " / ".join(
+                    f"{mean('server_seconds', s):.2f}"
+                    for s in ("encode", "decode", "validate", "aggregate")
+                ),
+                f"{1000 * server / max(accepted, 1):.2f}",
+                f"{mean('wall_seconds'):.1f}",
+                f"{mean('bytes_down') / MIB:.1f} / {mean('bytes_up') / MIB:.1f}",
+                _mib(max(r["rss_before"] for r in rounds)),
+                f"{rise / MIB:.2f}",
+                f"{bound / MIB:.2f}",
+                f"{rise / bound:.2f}",
+            ]
+        )
+    lines += _table(
+        [
+            "runner",
+            "clients per round",
+            "sampled / accepted",
+            "server s",
+            "encode / decode / validate / aggregate s",
+            "server ms per client",
+            "wall s",
+            "MiB down / up",
+            "RSS before MiB",
+            "RSS rise MiB",
+            "bound MiB",
+            "rise / bound",
+        ],
+        rows,
+    )
+    first = results[0]
+    lines += [
+        "",
+        f"Model: {first['model_float32_bytes']:,} bytes in float32; largest "
+        f"message {first['largest_message']:,} bytes. Predicted by "
+        "`speechbrain_omc.sizes.round_sizes` for the rise (running sums + the "
+        "round's compressed broadcast + one message + one decoded entry): "
+        f"{_mib(first['predicted_rise'])} MiB.",
+        "",
+    ]
+    for runner, per_client in linear.items():
+        ks = sorted(per_client)
+        lines.append(
+            f"- {runner}: server milliseconds per accepted client "
+            + ", ".join(f"{1000 * per_client[k]:.2f} at {k}" for k in ks)
+            + f" (ratio {ks[-1]} to {ks[0]} clients: "
+            f"{per_client[ks[-1]] / per_client[ks[0]]:.2f}; 1.00 is linear)."
+        )
+    lines.append("")
+    return lines
+
+
+def _analytic(entry: dict) -> list[str]:
+    lines = ["## The 130M Conformer and conformer_large, from the plan alone", ""]
+    lines += _meta(entry)
+    lines += [
+        "`speechbrain_omc.sizes` (models built with SpeechBrain's lobes on the",
+        "`meta` device, plans by `make_plan`; weights-only quantization, per-variable",
+        "scale, partial quantization with the random policy re-drawn per client).",
+        "Bytes per round are the exact lengths of every client's broadcast (down)",
+        "and reply (up). *Server, streaming*: the float32 master, the running sums,",
+        "the round's compressed broadcast (each variable compressed once and shared",
+        "by the clients), one message and one decoded entry; the same for 100 and",
+        "1,000 clients. *Server, before*: the master, every reply decoded to float32",
+        "and every message of the round held at once (issue 13's starting point).",
+        "*Client*: a client's parameter memory under its plan. *Saving*: of the",
+        f"float32 parameter memory and communication; the paper reports {PAPER}.",
+        "",
+    ]
+    for preset, data in entry["result"].items():
+        shape = data["shape"]
+        lines += [
+            f"### {preset}: {data['parameters']:,} parameters "
+            f"({data['parameters'] * 4 / 2**20:,.0f} MiB in float32)",
+            "",
+            f"d_model {shape['d_model']}, {shape['nhead']} heads, {shape['layers']} "
+            f"conformer layers, FFN {shape['d_ffn']}, kernel {shape['kernel_size']}, "
+            f"CTC head of {shape['vocab']} outputs.",
+            "",
+        ]
+        rows = []
+        for row in data["rows"]:
+            a, b = row["100"], row["1000"]
+            client = a["client_parameter_bytes"]
+            saving = 1 - client / a["client_float32_bytes"]
+            bits = 32 * client / a["client_float32_bytes"]
+            mark = (
+                " **(paper's setting)**"
+                if (row["format"] == "e3m7" and row["fp32_fraction"] == 0.1)
+                else ""
+            )
+            rows.append(
+                [
+                    row["format"] + mark,
+                    f"{100 * row['fp32_fraction']:.0f} %",
+                    f"{bits:.2f}",
+                    f"{100 * saving:.1f} %",
+                    _mib(a["largest_message"]),
+                    f"{_gib(a['bytes_down'])} / {_gib(a['bytes_up'])}",
+                    f"{_gib(b['bytes_down'])} / {_gib(b['bytes_up'])}",
+                    _mib(sum(a["server_streaming"].values())),
+                    f"{_gib(sum(a['server_before'].values()))} / "
+                    f"{_gib(sum(b['server_before'].values()))}",
+                    _mib(client),
+                ]
+            )
+        lines += _table(
+            [
+                "format",
+                "float32 fraction",
+                "bits per value",
+                "saving",
+                "message MiB",
+                "GiB per round down / up, 100 clients",
+                "GiB per round down / up, 1,000 clients",
+                "server, streaming MiB",
+                "server, before GiB (100 / 1,000)",
+                "client MiB",
+            ],
+            rows,
+        )
+        e3m7 = next(
+            r
+            for r in data["rows"]
+            if r["format"] == "e3m7" and r["fp32_fraction"] == 0.1
+        )
+        parts = e3m7["100"]["server_streaming"]
+        ours = (
+            1
+            - e3m7["100"]["client_parameter_bytes"]
+            / (e3m7["100"]["client_float32_bytes"])
+        )
+        down = 1 - e3m7["100"]["bytes_down"] / e3m7["100"]["float32_bytes_down"]
+        lines += [
+            "",
+            f"Beside the paper: its setting (e3m7, 10 % of the weight values float32)"
+            f" saves {100 * ours:.1f} % of a client's parameter memory and "
+            f"{100 * down:.1f} % of the bytes down for this model; the paper "
+            f"reports {PAPER}.",
+            "Server with streaming aggregation, e3m7 with 10 % float32, in MiB: "
+            + ", ".join(f"{k} {_mib(v)}" for k, v in parts.items())
+            + " (add one model for FedAvgM's momentum).",
+            "",
+        ]
+    return lines
+
+
+def _deployment(entry: dict) -> list[str]:
+    data = entry["result"]
+    lines = [
+        "## Flower Deployment Engine: one round of a conformer_large-sized model",
+        "",
+    ]
+    lines += _meta(entry)
+    lines += [
+        "`fed_omc.yaml` with conformer_large's shape (d_model 512, 8 heads, 12",
+        "layers, FFN 2048, kernel 31, 80 mel bins), a SuperLink and two SuperNodes",
+        "on 127.0.0.1 (each one client of three utterances, one SGD step), one",
+        "round, no federated evaluation. Peak RSS: each process's `VmHWM`, sampled",
+        "every 0.1 s (several values: one per process of that program).",
+        "",
+        f"- Parameters: {data['parameters']:,} ({_mib(data['model_float32_bytes'])} "
+        "MiB in float32).",
+        f"- Bytes down {data['bytes_down']:,} ({_mib(data['bytes_down'])} MiB, "
+        f"float32 {_mib(data['float32_bytes_down'])} MiB), up {data['bytes_up']:,} "
+        f"({_mib(data['bytes_up'])} MiB, float32 {_mib(data['float32_bytes_up'])} "
+        "MiB), for two clients.",
+        f"- Accepted {data['accepted']}; rejected {data['rejected'] or 'none'}.",
+        f"- Round {data['round_seconds']:.1f} s (server: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in data["server_seconds"].items())
+        + f"); the whole run {data['run_seconds']:.0f} s (processes started, "
+        "nodes connected, ServerApp built its model, final test).",
+        "- Server process RSS during the round: before "
+        f"{_mib(data['server_rss']['before'])} MiB, peak "
+        f"{_mib(data['server_rss']['peak'])} MiB.",
+        "",
+    ]
+    rows = [
+        [program, ", ".join(_mib(p) for p in peaks)]
+        for program, peaks in sorted(data["peak_rss"].items())
+    ]
+    lines += _table(["process", "peak RSS MiB"], rows)
+    lines.append("")
+    return lines
+
+
+def render(record: dict) -> str:
+    """The Markdown record.
+
+    Arguments
+    ---------
+    record : dict
+        ``benchmarks/results/federated_scale.json``.
+
+    Returns
+    -------
+    str
+    """
+    lines = [
+        "# Federation at scale: streaming aggregation, a thousand clients, 130M",
+        "",
+        "Recorded by `benchmarks/federated_scale.py` (see its docstring; rerun",
+        "any part with `--parts`). Issue 13.",
+        "",
+    ]
+    measured = sorted(
+        (record[k] for k in record if k.startswith("measured_")),
+        key=lambda e: (e["result"]["runner"], e["result"]["clients_per_round"]),
+    )
+    if measured:
+        lines += _measured(measured)
+    if "analytic" in record:
+        lines += _analytic(record["analytic"])
+    if "deployment" in record:
+        lines += _deployment(record["deployment"])
+    return "\n".join(lines).rstrip() + "\n"

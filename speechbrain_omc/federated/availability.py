@@ -1,0 +1,72 @@
+"""Simulated client availability: which sampled clients drop out of a round.
+
+Real federations lose clients: devices go offline, run out of battery, or
+are busy. A simulation reproduces this with a seeded draw per round: of the
+clients the server sampled, a fixed fraction is unavailable. Both runners
+(the embedded recipe and the Flower strategy) call :func:`simulated_dropouts`
+and contact only the others; the server records the dropped clients as
+failed (``dropped out``) and combines the rest, exactly as it does for a
+client that crashed or timed out. Nothing is sent to a dropped client (no
+bytes are counted for it).
+
+Example
+-------
+>>> clients = [f"c{i}" for i in range(10)]
+>>> sorted(simulated_dropouts(clients, 0.3, seed=1, round=1))
+['c4', 'c6', 'c9']
+>>> simulated_dropouts(clients, 0.3, seed=1, round=1) == simulated_dropouts(
+...     list(reversed(clients)), 0.3, seed=1, round=1)  # order does not matter
+True
+>>> len(simulated_dropouts(clients, 0.0, seed=1, round=1))
+0
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+
+from speechbrain_omc.selection import round_seed
+
+__all__ = ["DROPOUT_REASON", "simulated_dropouts"]
+
+#: What the round's report says about a dropped client.
+DROPOUT_REASON = "dropped out (simulated unavailability)"
+
+
+def simulated_dropouts(
+    clients: Iterable[str], fraction: float, seed: int, round: int
+) -> set[str]:
+    """The clients of a round that are unavailable: a seeded draw.
+
+    Arguments
+    ---------
+    clients : iterable of str
+        The round's sampled clients (their order does not matter).
+    fraction : float
+        Fraction in ``[0, 1)`` that drops out, rounded to the nearest count
+        (half up): 10 % of 1,000 is 100 clients, of 4 none.
+    seed : int
+        The run's seed.
+    round : int
+        The round.
+
+    Returns
+    -------
+    set of str
+
+    Raises
+    ------
+    ValueError
+        A fraction outside ``[0, 1)``: someone must remain.
+    """
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"dropout fraction must be in [0, 1), got {fraction}")
+    ordered = sorted(str(c) for c in clients)
+    count = math.floor(fraction * len(ordered) + 0.5)
+    if not count:
+        return set()
+    rng = random.Random(round_seed(seed, round, "dropout"))
+    return set(rng.sample(ordered, count))
