@@ -247,12 +247,8 @@ def run_one(spec: dict, steps: int) -> dict:
         return run_one_adam(spec, steps)
     from speechbrain_omc import OMCConfig, compress_module, kernels, parameter_bytes
 
-    torch.set_num_threads(int(os.environ.get("OMC_BENCH_THREADS", "2")))
-    torch.manual_seed(0)
     shape = SETTINGS[spec["setting"]]
-    model = build_model(
-        shape["d_model"], shape["nhead"], shape["layers"], shape["d_ffn"], spec["ckpt"]
-    )
+    model = _seeded_model(spec)
     numel = sum(p.numel() for p in model.parameters())
     lr = 1e-3
     handle = optimizer = None
@@ -336,17 +332,23 @@ def _timed_steps(step, steps: int) -> dict:
     }
 
 
+def _seeded_model(spec: dict) -> torch.nn.Module:
+    """The configuration's model, same threads and seed in every run."""
+    torch.set_num_threads(int(os.environ.get("OMC_BENCH_THREADS", "2")))
+    torch.manual_seed(0)
+    shape = SETTINGS[spec["setting"]]
+    return build_model(
+        shape["d_model"], shape["nhead"], shape["layers"], shape["d_ffn"], spec["ckpt"]
+    )
+
+
 def run_one_adam(spec: dict, steps: int) -> dict:
     """The Adam configurations (see the module docstring); in the subprocess."""
     from speechbrain_omc import OMCConfig, compress_module, kernels, parameter_bytes
     from speechbrain_omc.rules import settings_from_optimizer
 
-    torch.set_num_threads(int(os.environ.get("OMC_BENCH_THREADS", "2")))
-    torch.manual_seed(0)
     shape = SETTINGS[spec["setting"]]
-    model = build_model(
-        shape["d_model"], shape["nhead"], shape["layers"], shape["d_ffn"], spec["ckpt"]
-    )
+    model = _seeded_model(spec)
     numel = sum(p.numel() for p in model.parameters())
     lr = 1e-3
     handle = optimizer = None
