@@ -229,3 +229,74 @@ def test_max_grad_norm_bounds_fused_updates(clipping):
     before, after = _fit(clipping, 1e-9, sgd)
     # Updates of at most 5e-10 vanish under nearest rounding.
     assert all(torch.equal(after[n], before[n]) for n in before), clipping
+
+
+def _clipped_steps(clipping: str, max_norm: float, steps: int = 3) -> list[dict]:
+    """Per step: the update of every parameter, and the compressed gradients'
+    norm the engine measured (SGD, lr 1, so an update is minus the clipped
+    gradient, up to the e5m10 rounding of the new weight). The first record
+    is the compressing step's: its norm only."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
+    )
+    config = OMCConfig(
+        format="e5m10", update_rounding="nearest", fused_clipping=clipping
+    )
+    brain = Regressor(
+        modules={"net": net},
+        opt_class=lambda params: torch.optim.SGD(params, lr=1.0),
+        hparams={"omc": config},
+        run_opts={"max_grad_norm": max_norm, "device": "cpu"},
+    )
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(4, 8, generator=generator) * 10, torch.randn(4, 4) * 10)
+        for _ in range(steps + 1)
+    ]
+    brain.fit(range(1), batches[:1])  # compress, build the optimizer: a step
+    brain.modules.train()
+    records = [
+        {"delta": None, "grad_norm": brain.omc.optimizer_state_dict()["previous_norm"]}
+    ]
+    for batch in batches[1:]:
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        brain.fit_batch(batch)
+        delta = {
+            n: float((p.detach() - before[n]).norm()) for n, p in net.named_parameters()
+        }
+        norm = brain.omc.optimizer_state_dict()["previous_norm"]
+        records.append({"delta": delta, "grad_norm": norm})
+    return records
+
+
+COMPRESSED = ("0.weight", "2.weight")
+TOL = 2e-3  # e5m10 rounding of ~200 updated weights, in norm
+
+
+def _norm(values) -> float:
+    return sum(v * v for v in values) ** 0.5
+
+
+def test_per_parameter_clipping_bounds_each_compressed_update():
+    for step in _clipped_steps("per_parameter", 0.05)[1:]:
+        for name in COMPRESSED:
+            assert step["delta"][name] == pytest.approx(0.05, abs=TOL)
+        # Each is clipped on its own: together they exceed the global bound.
+        assert _norm(step["delta"][n] for n in COMPRESSED) > 0.05 * 1.3
+
+
+def test_two_pass_clipping_is_speechbrains_global_clipping():
+    for step in _clipped_steps("two_pass", 0.05)[1:]:
+        # One coefficient for every parameter, float32 ones included.
+        assert _norm(step["delta"].values()) == pytest.approx(0.05, abs=TOL)
+
+
+def test_previous_norm_clipping_scales_by_the_last_steps_norm():
+    # Not a bound on each step: a step whose gradient outgrows the last
+    # one's moves further than max_grad_norm (the choice's documented cost).
+    steps = _clipped_steps("previous_norm", 0.05)
+    for previous, step in zip(steps, steps[1:]):
+        expected = 0.05 * step["grad_norm"] / previous["grad_norm"]
+        got = _norm(step["delta"][n] for n in COMPRESSED)
+        assert got == pytest.approx(expected, rel=0.02, abs=TOL)
