@@ -248,6 +248,13 @@ class OMCMixin:
         """Compress the modules, then let SpeechBrain build and recover."""
         self._omc_compress()
         super().on_fit_start()
+        if self.omc is not None:
+            # Before any step: the optimizer state that does not exist yet
+            # is predicted from the state format.
+            logger.info(
+                "OMC training state at the start of training:\n%s",
+                self.omc.memory_table(),
+            )
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Compress the modules before the best checkpoint is recovered."""
@@ -323,7 +330,10 @@ class OMCMixin:
             # After the first step: the optimizer state now exists, so the
             # table reports stored bytes, not predictions.
             self._omc_state_logged = True
-            logger.info("OMC training state:\n%s", self.omc.memory_table())
+            logger.info(
+                "OMC training state after the first step:\n%s",
+                self.omc.memory_table(),
+            )
 
 
 class OMCBrain(OMCMixin, sb.Brain):

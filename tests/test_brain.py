@@ -74,7 +74,7 @@ def test_fit_trains_and_keeps_parameters_compressed(mode):
     assert all(state.steps == 15 for state in brain.omc.state.values())
 
 
-def test_training_state_is_logged_once_after_the_first_step(caplog):
+def test_training_state_is_predicted_before_training_and_measured_after(caplog):
     brain = make_brain(
         OMCConfig(format="e3m7", state_format="e4m3", state_block=32),
         opt_class=lambda params: torch.optim.Adam(params, lr=1e-3),
@@ -82,8 +82,11 @@ def test_training_state_is_logged_once_after_the_first_step(caplog):
     with caplog.at_level("INFO", logger="speechbrain_omc.brain"):
         brain.fit(range(1, 3), data())
     logged = [r.getMessage() for r in caplog.records if "training state" in r.message]
-    assert len(logged) == 1
-    assert logged[0].endswith(brain.omc.memory_table())
+    assert len(logged) == 2
+    assert "start of training" in logged[0] and "first step" in logged[1]
+    assert logged[1].endswith(brain.omc.memory_table())
+    # The prediction before training is the bytes stored after the first step.
+    assert logged[0].splitlines()[1:] == logged[1].splitlines()[1:]
     report = brain.omc.memory_report()
     # Adam's two moments of the compressed weights are stored, not predicted:
     # one e4m3 code per value plus a float32 scale per block of 32.
@@ -92,7 +95,7 @@ def test_training_state_is_logged_once_after_the_first_step(caplog):
     dense = 4 * 2 * (32 + 4)  # both moments of the float32 biases
     compressed, blocks = sum(sizes), sum(-(-n // 32) for n in sizes)
     assert report["omc"]["optimizer_state"] == dense + 2 * (compressed + 4 * blocks)
-    assert f"{report['omc']['total']:,}" in logged[0]
+    assert f"{report['omc']['total']:,}" in logged[1]
 
 
 def test_fused_and_simple_brains_agree():
