@@ -197,7 +197,9 @@ class Regressor(__import__("speechbrain_omc").OMCBrain):
         return torch.nn.functional.mse_loss(predictions, batch[1])
 
 
-def _fit(clipping: str, max_grad_norm: float, optimizer) -> tuple[dict, dict]:
+def _clipping_brain(clipping: str, max_grad_norm: float, optimizer) -> Regressor:
+    """A small regressor whose two weight matrices are compressed (e5m10,
+    nearest rounding of updates), clipped in fused mode by ``clipping``."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
@@ -205,12 +207,16 @@ def _fit(clipping: str, max_grad_norm: float, optimizer) -> tuple[dict, dict]:
     config = OMCConfig(
         format="e5m10", update_rounding="nearest", fused_clipping=clipping
     )
-    brain = Regressor(
+    return Regressor(
         modules={"net": net},
         opt_class=optimizer,
         hparams={"omc": config},
         run_opts={"max_grad_norm": max_grad_norm, "device": "cpu"},
     )
+
+
+def _fit(clipping: str, max_grad_norm: float, optimizer) -> tuple[dict, dict]:
+    brain = _clipping_brain(clipping, max_grad_norm, optimizer)
     data = [(torch.randn(4, 8) * 10, torch.randn(4, 4) * 10) for _ in range(3)]
     brain.fit(range(1), data[:1])  # compress, build the optimizer
     before = {n: s.codes.decompress() for n, s in brain.omc.slots.items()}
@@ -236,19 +242,10 @@ def _clipped_steps(clipping: str, max_norm: float, steps: int = 3) -> list[dict]
     norm the engine measured (SGD, lr 1, so an update is minus the clipped
     gradient, up to the e5m10 rounding of the new weight). The first record
     is the compressing step's: its norm only."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
+    brain = _clipping_brain(
+        clipping, max_norm, lambda params: torch.optim.SGD(params, lr=1.0)
     )
-    config = OMCConfig(
-        format="e5m10", update_rounding="nearest", fused_clipping=clipping
-    )
-    brain = Regressor(
-        modules={"net": net},
-        opt_class=lambda params: torch.optim.SGD(params, lr=1.0),
-        hparams={"omc": config},
-        run_opts={"max_grad_norm": max_norm, "device": "cpu"},
-    )
+    net = brain.modules.net
     generator = torch.Generator().manual_seed(1)
     batches = [
         (torch.randn(4, 8, generator=generator) * 10, torch.randn(4, 4) * 10)
