@@ -13,7 +13,13 @@ would peak above a float32 one. Hence:
 * decompressed copies come from a :class:`Workspace` of mapped buffers that
   is reused from step to step: no allocation, no page fault, no heap;
 * after compression, :func:`trim_heap` returns the freed float32 parameters
-  to the system (``malloc_trim``, glibc only; a no-op elsewhere).
+  to the system (``malloc_trim``, glibc only; a no-op elsewhere);
+* a federated server decodes each reply's entries, one at a time, into a
+  :class:`Workspace` of its own (``exact=False``: one buffer of the largest
+  entry per type). A trim gives back the pages of the heap's free chunks,
+  but they stay in the heap: entries decoded there would land in one free
+  chunk after another and make their pages resident again, reply after
+  reply, until the next trim.
 
 Nothing here changes the allocator's settings for the rest of the process.
 

@@ -41,11 +41,16 @@ validates one reply and folds it into running float32 sums (FedAvg, FedAvgM,
 ``norm_clip`` with a fixed limit; the reply is dropped at once), and
 :meth:`~FedAvgServer.close_round` combines and commits. The server's extra
 memory is then one float32 model, the compressed broadcast of the round
-(each variable compressed once per round and format, shared by all
-clients), the message in hand and one decoded entry, whatever the number of
-clients. Rules that need every update (``median``, ``trimmed_mean``,
-``norm_clip`` without ``clip_norm``) keep the decoded updates until the
-round closes, within ``memory_budget`` (checked when the server is built).
+(each variable compressed once per round and format, shared by all clients),
+the message in hand and one decoded entry, whatever the number of clients.
+Each entry is decoded into the same reused buffers (a
+:class:`~speechbrain_omc.memory.Workspace`, outside malloc's heap) and the
+heap is trimmed before each message and reply: decoded into the heap, the
+temporaries of a thousand replies would each land in another free chunk and
+keep its pages resident until the next trim. Rules that need every update
+(``median``, ``trimmed_mean``, ``norm_clip`` without ``clip_norm``) keep the
+decoded updates until the round closes, within ``memory_budget`` (checked
+when the server is built).
 
 The fold order is fixed: sorted client ids. A reply that arrives before
 those of smaller ids waits (as the bytes the runner handed over, nothing

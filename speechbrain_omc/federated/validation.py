@@ -26,9 +26,10 @@ model per reply). A server that aggregates as replies arrive uses
 :func:`open_reply` instead: steps 1-4 and a :class:`Reply` whose entries are
 parsed and decompressed one at a time; :meth:`Reply.check` runs step 5 over
 all of them (one decoded entry alive at a time) and :meth:`Reply.tensors`
-decodes them again for the fold. Decompressing twice costs time, not memory:
-a reply found non-finite in its last entry must not have moved the running
-sums with its first ones.
+decodes them again for the fold, both into the server's reused buffers (a
+:class:`~speechbrain_omc.memory.Workspace`) when it passes them.
+Decompressing twice costs time, not memory: a reply found non-finite in its
+last entry must not have moved the running sums with its first ones.
 
 Example
 -------
