@@ -95,6 +95,49 @@ def test_the_graph_saves_compressed_weights_never_float_copies():
     assert 0 < handle.peak_live_bytes <= 2 * 32 * 16 * 4
 
 
+@pytest.mark.parametrize("batch_shape", [(), (5,), (3, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_decodes_once_each_way_and_matches_float32(batch_shape, bias):
+    """F.linear with a compressed weight: one decode in forward, one in
+    backward (no view dispatch), outputs and gradients of float32's."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8, bias=bias)
+    handle = compress_module(
+        layer, OMCConfig(format="e3m7", update_mode="simple", fp32_fraction=0.0)
+    )
+    twin = float_twin(lambda: torch.nn.Linear(16, 8, bias=bias), handle)
+    slot = handle.slots["weight"]
+    decode, calls = slot.decode, []
+    slot.decode = lambda s: calls.append(1) or decode(s)
+    x = torch.randn(*batch_shape, 16, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    expected = twin(x_twin)
+    assert len(calls) == 1
+    # The parameter itself is saved, not a transposed view of it.
+    assert any(t is layer.weight for t in saved)
+    assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)
+    out.masked_fill_(out > 1.0, 0.0)  # in place on the output, as Conformer does
+    expected.masked_fill_(expected > 1.0, 0.0)
+    (out * torch.arange(8.0)).sum().backward()
+    (expected * torch.arange(8.0)).sum().backward()
+    assert len(calls) == 2
+    assert torch.allclose(x.grad, x_twin.grad, atol=1e-6)
+    assert torch.allclose(layer.weight.grad, twin.weight.grad, atol=1e-5)
+    if bias:
+        assert torch.allclose(layer.bias.grad, twin.bias.grad, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(layer(x), twin(x))
+    assert len(calls) == 3
+
+
 def test_fused_step_equals_decompress_sgd_compress():
     torch.manual_seed(0)
     model = TwoLayer()
