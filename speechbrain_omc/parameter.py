@@ -12,7 +12,11 @@ operation that reads it decodes it on the fly (``__torch_dispatch__``):
   ``copy_``, assigning ``.data``) decode, apply the op, and encode again;
 * a **cast** to another float dtype (autocast, ``.half()``) is a view that
   decodes to that dtype; a move to another device copies the codes there;
-* **any other op** runs on the decoded values and returns plain tensors.
+* **any other op** runs on the decoded values and returns plain tensors;
+* ``F.linear`` of a whole weight (``nn.Linear``, SpeechBrain's attention
+  projections), the commonest op, skips the per-op dispatch: one autograd
+  function decodes the weight once in forward and once in backward
+  (``__torch_function__``).
 
 The decoded copy of a weight therefore lives only while one operation runs.
 Gradients are ordinary float tensors, accumulated by autograd as for any
