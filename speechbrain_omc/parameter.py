@@ -334,6 +334,7 @@ def _linear(input, weight, bias=None):
         or weight._slot.codes.device != input.device
         or torch.is_autocast_enabled(input.device.type)
         or torch.compiler.is_compiling()
+        or not _folds_like_torch(input, bias)
     ):
         return NotImplemented
     if not torch.is_grad_enabled() or not (
@@ -348,6 +349,21 @@ def _linear(input, weight, bias=None):
     # batch dimensions are folded and unfolded outside it.
     rows = _DecodedLinear.apply(input.reshape(-1, input.shape[-1]), weight, bias)
     return rows.view(*input.shape[:-1], rows.shape[-1])
+
+
+def _folds_like_torch(input: torch.Tensor, bias) -> bool:
+    """Whether ``F.linear`` itself computes one matrix product of rows.
+
+    ATen folds the batch dimensions into rows (one ``addmm`` with the bias,
+    one ``mm`` without) except for a vector input and, with a bias, an input
+    that is not a contiguous 2-D or 3-D tensor (a product, then the bias
+    added). Only the folding cases are taken here, so that outputs and
+    gradients are bit for bit those of float32 ``F.linear``.
+    """
+    dim = input.dim()
+    if dim < 2:
+        return False
+    return bias is None or dim == 2 or (dim == 3 and input.is_contiguous())
 
 
 class _DecodedLinear(torch.autograd.Function):
