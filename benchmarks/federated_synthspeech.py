@@ -251,9 +251,12 @@ Raw numbers: `benchmarks/results/federated_synthspeech.json`.
   checksums. Constant buffers (positional encodings) are not sent.
 - Parameter memory counts parameter storage only, not activations,
   gradients or optimizer state.
-- OMC costs time on this CPU (decompression in forward and backward,
-  stochastic rounding in every update): compare its minutes with float32's
-  in the table; both ran at once on the same cores.
+- Time: OMC took {omc["minutes"] / f32["minutes"]:.2f}x float32's wall minutes
+  and {omc["cpu_minutes_this_process"] / f32["cpu_minutes_this_process"]:.2f}x its
+  CPU minutes in this run (decompression in forward and backward, stochastic
+  rounding in every update); both ran at once on the same cores, so other
+  jobs on the machine slow both. The step alone, without federation:
+  `benchmarks/results/main_job_step.md`.
 
 ## Per-round logs
 

@@ -48,7 +48,6 @@ from .formats import (
     _check_rounding,
     _chunk,
     _finite_minmax,
-    affine_plan,
     get_format,
     rounding_key,
 )
@@ -112,7 +111,7 @@ class CompressedTensor:
     tensor([[ 0.5000, -2.0000]])
     """
 
-    __slots__ = ("_packed", "_format", "_shape", "_transform", "_clip")
+    __slots__ = ("_packed", "_format", "_shape", "_transform", "_clip", "_decode_call")
 
     def __init__(
         self,
@@ -143,6 +142,8 @@ class CompressedTensor:
         self._shape = shape
         self._transform = transform
         self._clip = clip
+        # The decode kernel's arguments, prepared for one transform.
+        self._decode_call: tuple[Transform, int, kernels.DecodeCall] | None = None
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -365,8 +366,7 @@ class CompressedTensor:
             )
         out = out.view(-1)
         if kernels.native_for(packed, out):  # one pass, straight into out
-            factors, add = affine_plan(1.0, scale, shift)  # exact values
-            kernels.decode(packed, out, fmt.spec, factors, add)
+            kernels.decode_prepared(self._prepared_decode(), out)
         elif fmt == _BF16:
             # The code space is bfloat16's: one native widening cast.
             try:
@@ -400,6 +400,21 @@ class CompressedTensor:
                 fmt._decode_(buf, scale, shift, aligned=True)
         out = out.view(self._shape)
         return out if dtype == torch.float32 else out.to(dtype)
+
+    def _prepared_decode(self) -> kernels.DecodeCall:
+        # Weights are decoded in every forward and backward and written once
+        # a step: the arguments are prepared once per transform.
+        cached, ptr = self._decode_call, self._packed.data_ptr()
+        if cached is None or cached[0] is not self._transform or cached[1] != ptr:
+            factors, add = self._transform.decode_plan  # exact values
+            call = kernels.prepare_decode(self._packed, self._format.spec, factors, add)
+            cached = self._decode_call = (self._transform, ptr, call)
+        return cached[2]
+
+    def __getstate__(self) -> tuple[None, dict]:
+        # Copies and pickles get their own buffer: the prepared pointer stays.
+        slots = {name: getattr(self, name) for name in self.__slots__}
+        return None, {**slots, "_decode_call": None}
 
     # ------------------------------------------------------------ properties
     @property

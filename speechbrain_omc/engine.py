@@ -104,6 +104,8 @@ class OMCHandle:
         self._previous_norm: float | None = None
         self._measuring = False
         self.aliases: dict[str, tuple[str, ...]] = {}
+        # Where each compressed parameter lives: (owning module, attribute).
+        self._holders: dict[str, tuple[torch.nn.Module, str]] = {}
         self.skipped_updates = 0
         self.live_bytes = 0
         self.peak_live_bytes = 0
@@ -169,11 +171,14 @@ class OMCHandle:
         -------
         dict
         """
-        return {
-            param.slot.name: param
-            for param in self.module.parameters()
-            if isinstance(param, CompressedParameter)
-        }
+        # The attributes that hold them, not a walk of the module tree: this
+        # runs every step, and a SpeechBrain model has hundreds of modules.
+        params = {}
+        for owner, attr in self._holders.values():
+            param = owner._parameters.get(attr)
+            if isinstance(param, CompressedParameter):
+                params[param.slot.name] = param
+        return params
 
     @property
     def slots(self) -> dict[str, Slot]:
@@ -685,6 +690,7 @@ class OMCHandle:
             if isinstance(module, torch.nn.RNNBase):
                 module._init_flat_weights()
         self.state.clear()
+        self._holders.clear()
         self.module.__dict__.pop("_omc_handle", None)
 
 
@@ -829,6 +835,7 @@ def compress_module(
             owner._parameters[attr] = compressed
         handle.state[entry.name] = UpdateState()
         handle.aliases[entry.name] = tuple(q for q, _, _ in holders)
+        handle._holders[entry.name] = holders[0][1:]
         del param
 
     for owner in touched.values():

@@ -326,22 +326,57 @@ def decode(
     """
     if out.dtype != torch.float32:
         raise TypeError(f"out must be float32, got {out.dtype}")
+    return decode_prepared(prepare_decode(codes, fmt, multipliers, shift, packed), out)
+
+
+#: The arguments of one :func:`decode` but its output, fixed while the codes'
+#: buffer and transform are: what a compressed weight decoded at every
+#: forward and backward prepares once.
+DecodeCall = tuple[tuple[int, int, int], tuple]
+
+
+def prepare_decode(
+    codes: torch.Tensor,
+    fmt: FormatSpec,
+    multipliers: tuple[float, ...] = (),
+    shift: float | None = None,
+    packed: bool = True,
+) -> DecodeCall:
+    """The arguments of :func:`decode` for these codes (see :data:`DecodeCall`).
+
+    Arguments are as for :func:`decode`; the codes must stay where they are
+    (their pointer is taken).
+
+    Returns
+    -------
+    DecodeCall
+    """
     ptr, nbytes = _codes_args(codes, packed)
     m = (*multipliers, 1.0, 1.0)
     flags = (len(multipliers) >= 1) | (len(multipliers) >= 2) << 1
     flags |= (shift is not None) << 2
+    tail = (*fmt, m[0], m[1], 0.0 if shift is None else shift, flags)
+    return (ptr, nbytes, int(packed)), tail
+
+
+def decode_prepared(call: DecodeCall, out: torch.Tensor) -> torch.Tensor:
+    """:func:`decode` with prepared arguments into ``out`` (contiguous float32).
+
+    Arguments
+    ---------
+    call : DecodeCall
+        From :func:`prepare_decode`.
+    out : torch.Tensor
+        Where the values go; as many as the codes hold.
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``.
+    """
+    head, tail = call
     _library().omc_decode(
-        ptr,
-        nbytes,
-        int(packed),
-        out.data_ptr(),
-        out.numel(),
-        *fmt,
-        m[0],
-        m[1],
-        0.0 if shift is None else shift,
-        flags,
-        torch.get_num_threads(),
+        *head, out.data_ptr(), out.numel(), *tail, torch.get_num_threads()
     )
     return out
 

@@ -12,7 +12,11 @@ operation that reads it decodes it on the fly (``__torch_dispatch__``):
   ``copy_``, assigning ``.data``) decode, apply the op, and encode again;
 * a **cast** to another float dtype (autocast, ``.half()``) is a view that
   decodes to that dtype; a move to another device copies the codes there;
-* **any other op** runs on the decoded values and returns plain tensors.
+* **any other op** runs on the decoded values and returns plain tensors;
+* ``F.linear`` of a whole weight (``nn.Linear``, SpeechBrain's attention
+  projections), the commonest op, skips the per-op dispatch: one autograd
+  function decodes the weight once in forward and once in backward
+  (``__torch_function__``).
 
 The decoded copy of a weight therefore lives only while one operation runs.
 Gradients are ordinary float tensors, accumulated by autograd as for any
@@ -168,6 +172,18 @@ class CompressedParameter(torch.Tensor):
         self, slot, size, stride, offset=0, dtype=torch.float32, requires_grad=False
     ):
         self._slot = slot
+        self._note_geometry(size, stride, offset, dtype)
+
+    def _note_geometry(self, size, stride, offset, dtype) -> None:
+        # Plain attributes: reading shape or dtype of a subclass goes through
+        # __torch_function__, too slow for checks made at every operation.
+        shape = self._slot.codes.shape
+        self._whole = (
+            tuple(size) == tuple(shape)
+            and tuple(stride) == _contiguous_strides(shape)
+            and offset == 0
+            and dtype == torch.float32
+        )
 
     @classmethod
     def wrap(cls, slot: Slot, requires_grad: bool = True) -> CompressedParameter:
@@ -209,6 +225,8 @@ class CompressedParameter(torch.Tensor):
             A view of the slot's decoded values (cast when this is a dtype
             view), valid until the next write.
         """
+        if self._whole:
+            return self._slot.value()
         full = self._slot.value().reshape(-1)
         out = full.as_strided(self.shape, self.stride(), self.storage_offset())
         return out if self.dtype == torch.float32 else out.to(self.dtype)
@@ -238,7 +256,7 @@ class CompressedParameter(torch.Tensor):
             # Module._apply after .to()/.half(): take on the moved or cast
             # tensor's codes and geometry; identity and hooks are kept.
             _SET_DATA(self, value)
-            self._slot = value._slot
+            self._slot, self._whole = value._slot, value._whole
             return
         if tuple(value.shape) != tuple(self.shape):
             raise ValueError(
@@ -275,11 +293,101 @@ class CompressedParameter(torch.Tensor):
         return copy
 
     # ------------------------------------------------------------ dispatch
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is _LINEAR:
+            out = _linear(*args, **(kwargs or {}))
+            if out is not NotImplemented:
+                return out
+        with _NO_SUBCLASS_FUNCTION():
+            return func(*args, **(kwargs or {}))
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return _dispatch(func, args, kwargs or {})
+
+
+_LINEAR = torch.nn.functional.linear
+_NO_SUBCLASS_FUNCTION = torch._C.DisableTorchFunctionSubclass
+# Devices whose autocast state can be asked (others take the generic path).
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_PLAIN_BIAS = (type(None), torch.Tensor, torch.nn.Parameter)
+
+
+def _linear(input, weight, bias=None):
+    """``F.linear`` on a whole compressed weight, without per-op dispatch.
+
+    Decomposed, a linear layer costs a ``t`` view and an ``addmm`` through
+    :meth:`CompressedParameter.__torch_dispatch__` in forward, and again in
+    backward: a fixed Python cost that dominates small layers. Here the
+    weight is decoded once for forward and once for backward, and the
+    gradients are those of ``F.linear``. ``NotImplemented`` leaves the rare
+    cases (a view or cast of the weight, a compressed input or bias,
+    autocast, tracing) to the generic dispatch.
+    """
+    if (
+        type(input) is not torch.Tensor
+        or not isinstance(weight, CompressedParameter)
+        or not weight._whole
+        or type(bias) not in _PLAIN_BIAS
+        or input.device.type not in _AUTOCAST_DEVICES
+        or weight._slot.codes.device != input.device
+        or torch.is_autocast_enabled(input.device.type)
+        or torch.compiler.is_compiling()
+        or not _folds_like_torch(input, bias)
+    ):
+        return NotImplemented
+    if not torch.is_grad_enabled() or not (
+        input.requires_grad
+        or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+    ):
+        with _NO_SUBCLASS_FUNCTION():
+            return _LINEAR(input, weight.decoded(), bias)
+    # The function sees rows: its output must not be a view (autograd
+    # forbids in-place ops on a custom function's view outputs), so the
+    # batch dimensions are folded and unfolded outside it.
+    rows = _DecodedLinear.apply(input.reshape(-1, input.shape[-1]), weight, bias)
+    return rows.view(*input.shape[:-1], rows.shape[-1])
+
+
+def _folds_like_torch(input: torch.Tensor, bias) -> bool:
+    """Whether ``F.linear`` itself computes one matrix product of rows.
+
+    ATen folds the batch dimensions into rows (one ``addmm`` with the bias,
+    one ``mm`` without) except for a vector input and, with a bias, an input
+    that is not a contiguous 2-D or 3-D tensor (a product, then the bias
+    added). Only the folding cases are taken here, so that outputs and
+    gradients are bit for bit those of float32 ``F.linear``.
+    """
+    dim = input.dim()
+    if dim < 2:
+        return False
+    return bias is None or dim == 2 or (dim == 3 and input.is_contiguous())
+
+
+class _DecodedLinear(torch.autograd.Function):
+    """``F.linear`` of rows, saving the compressed weight for backward."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias):
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias = bias is not None
+        with _NO_SUBCLASS_FUNCTION():
+            return _LINEAR(rows, weight.decoded(), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        grad_rows = grad_weight = grad_bias = None
+        with _NO_SUBCLASS_FUNCTION():
+            if ctx.needs_input_grad[0]:
+                grad_rows = grad.mm(weight.decoded())
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad.t().mm(rows)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = grad.sum(0)
+        return grad_rows, grad_weight, grad_bias
 
 
 @torch._dynamo.disable

@@ -31,7 +31,7 @@ from torch.optim.adam import adam as functional_adam
 from speechbrain_omc import kernels
 from speechbrain_omc.blockwise import BlockwiseTensor
 from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.formats import _finite_minmax, affine_plan
+from speechbrain_omc.formats import _finite_minmax
 
 __all__ = [
     "AdamSettings",
@@ -239,7 +239,7 @@ def sgd_step_(
     if param.dtype == grad.dtype == torch.float32 and kernels.native_for(*scratch):
         decode = {}
         if codes is not None:
-            factors, add = affine_plan(1.0, *codes.transform.decode_args)
+            factors, add = codes.transform.decode_plan
             decode = dict(
                 codes=codes.packed,
                 fmt=codes.format.spec,
@@ -411,18 +411,29 @@ class StateStorage:
         """Whether buffer ``name`` is kept in a low-bit format."""
         return self.formats.get(name) is not None
 
-    def store(self, name: str, value: torch.Tensor, key: int | None = None):
-        """The buffer to keep: ``value`` itself, or its block-wise codes."""
+    def store(
+        self,
+        name: str,
+        value: torch.Tensor,
+        keys: Callable[[str], int] | None = None,
+    ):
+        """The buffer to keep: ``value`` itself, or its block-wise codes.
+
+        ``keys(name)`` gives the stochastic rounding key; it is asked only
+        when the buffer is compressed with stochastic rounding (deriving a
+        key is a hash, paid at every step otherwise).
+        """
         fmt = self.formats.get(name)
         if fmt is None:
             return value
+        stochastic = self.rounding == "stochastic" and keys is not None
         return BlockwiseTensor.compress(
             value,
             fmt,
             block=self.block,
             sqrt=self.sqrt_second_moment and name == "exp_avg_sq",
             rounding=self.rounding,
-            generator=key if self.rounding == "stochastic" else None,
+            generator=keys(name) if stochastic else None,
         )
 
     @staticmethod
@@ -507,7 +518,7 @@ def fused_step_(
         return StepResult(result.nonfinite_grad)
     if result.momentum_buffer is not None:
         state["momentum_buffer"] = storage.store(
-            "momentum_buffer", result.momentum_buffer, keys("momentum_buffer")
+            "momentum_buffer", result.momentum_buffer, keys
         )
     return StepResult(0, result.minmax)
 
@@ -563,8 +574,8 @@ def _adam_step_(value, codes, grad, state, settings, storage, scratch, keys):
             eps=settings.eps,
             maximize=False,
         )
-    state["exp_avg"] = storage.store("exp_avg", exp_avg, keys("exp_avg"))
-    state["exp_avg_sq"] = storage.store("exp_avg_sq", exp_avg_sq, keys("exp_avg_sq"))
+    state["exp_avg"] = storage.store("exp_avg", exp_avg, keys)
+    state["exp_avg_sq"] = storage.store("exp_avg_sq", exp_avg_sq, keys)
     state["step"] = step + 1
     try:
         return StepResult(0, _finite_minmax(value))

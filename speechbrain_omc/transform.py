@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -37,6 +38,7 @@ from .formats import (
     _as_float32,
     _finite_minmax,
     _to_f32,
+    affine_plan,
     get_format,
 )
 
@@ -156,6 +158,15 @@ class Transform:
             None if self.kind == "none" else self.scale,
             self.shift if self.kind == "affine" else None,
         )
+
+    @cached_property
+    def decode_plan(self) -> tuple[tuple[float, ...], float | None]:
+        """:attr:`decode_args` as the kernels apply them: ``(factors, shift)``.
+
+        See :func:`~speechbrain_omc.formats.affine_plan`; computed once per
+        transform, which every decode of a weight reuses until it is written.
+        """
+        return affine_plan(1.0, *self.decode_args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map values into the format's domain: ``(x - shift) / scale``.
@@ -289,7 +300,9 @@ def fit_transform(
     fmt = get_format(fmt)
     if kind == "none":
         return Transform()
-    x32 = _as_float32(x)
+    # With the extremes given, absmax never reads the values (a fused
+    # update measured them in its own pass).
+    x32 = _as_float32(x) if minmax is None or clip == "mse" else None
     lo, hi = _finite_minmax(x32) if minmax is None else minmax
     if kind == "scale":
         shift = 0.0
