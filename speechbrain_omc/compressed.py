@@ -51,6 +51,7 @@ from .formats import (
     get_format,
     rounding_key,
 )
+from .memory import Workspace
 from .packing import _pack, _unpack, packed_nbytes
 from .transform import CLIP_METHODS, TRANSFORM_KINDS, Transform, fit_transform
 
@@ -543,8 +544,14 @@ class CompressedTensor:
         cls,
         data: bytes | bytearray | memoryview,
         device: str | torch.device | None = None,
+        *,
+        workspace: Workspace | None = None,
     ) -> CompressedTensor:
         """Rebuild a tensor serialised by :meth:`to_bytes`.
+
+        The codes are copied once, into the new tensor's buffer; nothing
+        else of ``data`` is (a server decoding thousands of replies must not
+        leave copies of every payload in its heap).
 
         Arguments
         ---------
@@ -552,6 +559,10 @@ class CompressedTensor:
             The serialised payload.
         device : str or torch.device, optional
             Where to put the packed buffer (CPU by default).
+        workspace : Workspace, optional
+            Where the codes go: a buffer of the workspace, reused once this
+            tensor and its decompressions are gone (a reader that decodes an
+            entry and drops it). By default a buffer of their own.
 
         Returns
         -------
@@ -576,11 +587,14 @@ class CompressedTensor:
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
-        data = bytes(data)
-        if data[:4] != _MAGIC:
+        try:
+            data = memoryview(data).cast("B")  # slices of it copy nothing
+        except TypeError:  # a non-contiguous view: one copy, as before
+            data = memoryview(bytes(data))
+        if bytes(data[:4]) != _MAGIC:
             raise ValueError(
                 f"not a CompressedTensor payload: expected magic {_MAGIC!r}, "
-                f"got {data[:4]!r}"
+                f"got {bytes(data[:4])!r}"
             )
         if len(data) < _PREFIX.size:
             raise ValueError(
@@ -612,14 +626,17 @@ class CompressedTensor:
                 "(the bytes were altered or mis-assembled)"
             )
         try:
-            return cls._parse_body(data, device)
+            return cls._parse_body(data, device, workspace)
         except (struct.error, ValueError, TypeError) as err:
             # Only a payload written by a broken encoder gets here.
             raise ValueError(f"malformed CompressedTensor payload: {err}") from err
 
     @classmethod
     def _parse_body(
-        cls, data: bytes, device: str | torch.device | None
+        cls,
+        data: memoryview,
+        device: str | torch.device | None,
+        workspace: Workspace | None = None,
     ) -> CompressedTensor:
         end = len(data) - _CRC.size
         pos = _PREFIX.size
@@ -644,7 +661,10 @@ class CompressedTensor:
                 f"{end - pos} code bytes for shape {shape} in {fmt.name}, "
                 f"expected {nbytes}"
             )
-        if nbytes:
+        if workspace is not None:
+            packed = workspace.take(nbytes, dtype=torch.uint8)
+            packed.numpy()[:] = data[pos:end]
+        elif nbytes:
             packed = torch.frombuffer(bytearray(data[pos:end]), dtype=torch.uint8)
         else:
             packed = torch.empty(0, dtype=torch.uint8)

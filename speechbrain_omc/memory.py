@@ -13,7 +13,13 @@ would peak above a float32 one. Hence:
 * decompressed copies come from a :class:`Workspace` of mapped buffers that
   is reused from step to step: no allocation, no page fault, no heap;
 * after compression, :func:`trim_heap` returns the freed float32 parameters
-  to the system (``malloc_trim``, glibc only; a no-op elsewhere).
+  to the system (``malloc_trim``, glibc only; a no-op elsewhere);
+* a federated server decodes each reply's entries, one at a time, into a
+  :class:`Workspace` of its own (``exact=False``: one buffer of the largest
+  entry per type). A trim gives back the pages of the heap's free chunks,
+  but they stay in the heap: entries decoded there would land in one free
+  chunk after another and make their pages resident again, reply after
+  reply, until the next trim.
 
 Nothing here changes the allocator's settings for the rest of the process.
 
@@ -75,7 +81,8 @@ def mapped_empty(numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
 
 
 class Workspace:
-    """Reusable float32 buffers for the transient decompressed copies.
+    """Reusable buffers for the transient decompressed copies (float32 by
+    default).
 
     A buffer is free again once every tensor made from it has died: the
     tensor's storage holds a reference to the buffer's mapping, so the
@@ -87,11 +94,28 @@ class Workspace:
     ---------
     idle_bytes : int
         Idle buffers kept beyond this total are unmapped by :meth:`trim`.
+    exact : bool
+        Reuse a buffer only for tensors of its size in bytes, of any type
+        (the training step's use: the same sizes every step). ``False``: any
+        idle buffer of the same type at least as large serves (the tensor is
+        its first bytes), and a buffer mapped for a larger request replaces
+        the idle smaller ones of its type, so that a reader of entries of
+        many sizes, one at a time, holds one buffer of the largest size per
+        type rather than one per size.
+
+    Example
+    -------
+    >>> ws = Workspace(exact=False)
+    >>> big = ws.take(1 << 16); ptr = big.data_ptr(); del big
+    >>> ws.take(1 << 15).data_ptr() == ptr  # the idle larger buffer serves
+    True
     """
 
-    def __init__(self, idle_bytes: int = 64 << 20):
+    def __init__(self, idle_bytes: int = 64 << 20, exact: bool = True):
         self.idle_bytes = idle_bytes
-        self._buffers: dict[int, list[mmap.mmap]] = {}
+        self.exact = exact
+        # (type, size in bytes) -> buffers; the type is None when exact.
+        self._buffers: dict[tuple[torch.dtype | None, int], list[mmap.mmap]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -100,8 +124,13 @@ class Workspace:
         # parameter and getrefcount's argument; a live tensor adds one.
         return sys.getrefcount(buffer) <= 4
 
-    def take(self, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A float32 tensor of ``numel`` values, uninitialised.
+    def take(
+        self,
+        numel: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """A tensor of ``numel`` values, uninitialised.
 
         Arguments
         ---------
@@ -109,23 +138,48 @@ class Workspace:
             Number of values.
         device : torch.device or str
             Where the tensor lives.
+        dtype : torch.dtype
+            Element type.
 
         Returns
         -------
         torch.Tensor
-            1-D float32 tensor.
+            1-D tensor.
         """
-        if torch.device(device).type != "cpu" or 4 * numel < MAPPED_MIN_BYTES:
-            return torch.empty(numel, dtype=torch.float32, device=device)
+        nbytes = numel * dtype.itemsize
+        if nbytes < MAPPED_MIN_BYTES or torch.device(device).type != "cpu":
+            return torch.empty(numel, dtype=dtype, device=device)
         with self._lock:
-            pool = self._buffers.setdefault(numel, [])
-            for buffer in pool:
-                if self._idle(buffer):
-                    break
+            if self.exact:
+                buffer = self._same_size((None, nbytes))
             else:
-                buffer = mmap.mmap(-1, 4 * numel)
-                pool.append(buffer)
-            return torch.frombuffer(buffer, dtype=torch.float32, count=numel)
+                buffer = self._fitting(dtype, nbytes)
+            return torch.frombuffer(buffer, dtype=dtype, count=numel)
+
+    def _same_size(self, key: tuple[torch.dtype | None, int]) -> mmap.mmap:
+        pool = self._buffers.setdefault(key, [])
+        for buffer in pool:
+            if self._idle(buffer):
+                return buffer
+        buffer = mmap.mmap(-1, key[1])
+        pool.append(buffer)
+        return buffer
+
+    def _fitting(self, dtype: torch.dtype, nbytes: int) -> mmap.mmap:
+        # The smallest idle buffer of this type that holds nbytes.
+        sizes = sorted(n for t, n in self._buffers if t == dtype and n >= nbytes)
+        for key in [(dtype, n) for n in sizes]:
+            for buffer in self._buffers[key]:
+                if self._idle(buffer):
+                    return buffer
+        # None: the idle buffers of this type are smaller; a new one replaces
+        # them.
+        for key in [key for key in self._buffers if key[0] == dtype]:
+            pool = self._buffers[key]
+            pool[:] = [b for b in pool if not self._idle(b)]
+            if not pool:
+                del self._buffers[key]
+        return self._same_size((dtype, nbytes))
 
     @property
     def nbytes(self) -> int:
@@ -136,16 +190,16 @@ class Workspace:
         """Unmap idle buffers beyond ``idle_bytes`` (largest first)."""
         with self._lock:
             idle = [
-                (len(b), size, b)
-                for size, pool in self._buffers.items()
+                (len(b), key, b)
+                for key, pool in self._buffers.items()
                 for b in pool
                 if self._idle(b)
             ]
             kept = sum(n for n, _, _ in idle)
-            for n, size, buffer in sorted(idle, key=lambda e: -e[0]):
+            for n, key, buffer in sorted(idle, key=lambda e: -e[0]):
                 if kept <= self.idle_bytes:
                     break
-                self._buffers[size].remove(buffer)
+                self._buffers[key].remove(buffer)
                 kept -= n
 
 

@@ -427,7 +427,10 @@ class RoundSizes:
         ``momentum`` (FedAvgM's, if any), ``broadcast`` (the round's
         compressed variables, compressed once and shared by its clients),
         ``message`` (the reply in hand), ``decoding`` (one decoded entry:
-        float32 values, finiteness mask, two copies of its payload).
+        float32 values, finiteness mask, two copies of its payload; an upper
+        bound of the server's decoding buffers, which hold the largest
+        entry's values and one copy of its payload, and need a mask only
+        for a non-finite entry).
         The Python runtime, Flower's state and per-client bookkeeping are not
         included.
     server_before : dict

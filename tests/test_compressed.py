@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from speechbrain_omc import formats as formats_module
 from speechbrain_omc.compressed import SERIAL_VERSION, CompressedTensor
 from speechbrain_omc.formats import FloatFormat, IntFormat, get_format
+from speechbrain_omc.memory import Workspace
 from speechbrain_omc.packing import unpack_bits
 from speechbrain_omc.transform import Transform
 
@@ -235,6 +236,21 @@ def test_bytes_roundtrip(x, fmt, kind):
     assert torch.equal(back.decompress(), ct.decompress())
     assert CompressedTensor.from_bytes(bytearray(data)).nbytes == ct.nbytes
     assert CompressedTensor.from_bytes(memoryview(data)).nbytes == ct.nbytes
+
+
+def test_bytes_into_a_workspace():
+    """The codes copied into a reused buffer: the same tensor, and the
+    buffer serves again once the tensor is gone."""
+    ct = CompressedTensor.compress(torch.randn(300, 400), "e3m7")
+    data = ct.to_bytes()
+    ws = Workspace()
+    back = CompressedTensor.from_bytes(memoryview(data), workspace=ws)
+    assert torch.equal(back.packed, ct.packed)
+    assert torch.equal(back.decompress(), ct.decompress())
+    ptr = back.packed.data_ptr()
+    assert ws.nbytes == ct.packed.numel()  # the codes, in a mapping of their own
+    del back
+    assert CompressedTensor.from_bytes(data, workspace=ws).packed.data_ptr() == ptr
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,31 @@ def test_workspace_trim_keeps_at_most_the_idle_budget():
     assert float(live.sum()) == 1 << 18
 
 
+def test_workspace_of_any_size_holds_one_buffer_per_type():
+    """exact=False: a reader of entries of many sizes, one at a time, ends
+    with one buffer of the largest size per type; a tensor still held is
+    never handed out again."""
+    ws = Workspace(exact=False)
+    for numel in (1 << 16, 1 << 18, 1 << 17, 1 << 18, 1 << 16):
+        codes = ws.take(numel, dtype=torch.uint8)
+        values = ws.take(numel)
+        assert values.dtype == torch.float32 and codes.dtype == torch.uint8
+        del codes, values
+    assert ws.nbytes == (1 << 18) + 4 * (1 << 18)
+    held = ws.take(1 << 16)
+    other = ws.take(1 << 16)  # the largest buffer is in use: a new one
+    assert held.data_ptr() != other.data_ptr()
+    del held, other
+    assert ws.take(1 << 17).numel() == 1 << 17
+
+
+def test_an_exact_workspace_pools_by_size_in_bytes():
+    ws = Workspace()
+    ptr = ws.take(1 << 16).data_ptr()  # float32: 256 KiB
+    codes = ws.take(1 << 18, dtype=torch.uint8)  # the same 256 KiB
+    assert codes.data_ptr() == ptr and ws.nbytes == 1 << 18
+
+
 def test_small_requests_and_other_devices_use_torch_empty():
     ws = Workspace()
     assert ws.take(10).numel() == 10 and ws.nbytes == 0

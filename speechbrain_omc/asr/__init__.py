@@ -34,17 +34,30 @@ from pathlib import Path
 
 from .brain import ASR, FedASR, utterance_errors
 from .data import build_label_encoder, dataio_prepare, dataset_from_csv, prepare_data
-from .federation import (
-    build_brain,
-    build_server,
-    prepare_federation,
-    read_test_errors,
-    run_federation,
-    run_settings,
-    write_test_errors,
-)
 from .rounds import CSV_FIELDS, plot_rounds, round_row, write_csv
 from .stats import Interval, bootstrap_wer, mean_ci, paired_difference
+
+#: Names of :mod:`.federation`, imported on first use: importing it with the
+#: package would make ``python -m speechbrain_omc.asr.federation`` run a
+#: module already in ``sys.modules`` (runpy warns of unpredictable behaviour).
+_FEDERATION = (
+    "build_brain",
+    "build_server",
+    "prepare_federation",
+    "read_test_errors",
+    "run_federation",
+    "run_settings",
+    "write_test_errors",
+)
+
+
+def __getattr__(name: str):
+    if name in _FEDERATION:
+        from . import federation
+
+        return getattr(federation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: The packaged hyperparameter files.
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"

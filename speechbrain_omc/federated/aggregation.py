@@ -400,7 +400,9 @@ class StreamingAggregator:
         ---------
         tensors : iterable of (name, tensor)
             Every entry of the model, float32, each a tensor the caller no
-            longer needs (it may be changed in place).
+            longer needs (it may be changed in place). None is kept: each
+            may be a reused buffer (see
+            :meth:`~speechbrain_omc.federated.validation.Reply.tensors`).
         weight : int
             The reply's ``num_examples``.
         norm : float, optional
@@ -423,6 +425,7 @@ class StreamingAggregator:
                 self.values[name] = _owned(value)
             else:
                 self.values[name].mul_(1.0 - share).add_(value, alpha=share)
+            del value  # its buffer is free for the next entry
         self.total, self.count = total, self.count + 1
 
     def result(self) -> dict[str, torch.Tensor]:

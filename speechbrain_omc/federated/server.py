@@ -41,11 +41,16 @@ validates one reply and folds it into running float32 sums (FedAvg, FedAvgM,
 ``norm_clip`` with a fixed limit; the reply is dropped at once), and
 :meth:`~FedAvgServer.close_round` combines and commits. The server's extra
 memory is then one float32 model, the compressed broadcast of the round
-(each variable compressed once per round and format, shared by all
-clients), the message in hand and one decoded entry, whatever the number of
-clients. Rules that need every update (``median``, ``trimmed_mean``,
-``norm_clip`` without ``clip_norm``) keep the decoded updates until the
-round closes, within ``memory_budget`` (checked when the server is built).
+(each variable compressed once per round and format, shared by all clients),
+the message in hand and one decoded entry, whatever the number of clients.
+Each entry is decoded into the same reused buffers (a
+:class:`~speechbrain_omc.memory.Workspace`, outside malloc's heap) and the
+heap is trimmed before each message and reply: decoded into the heap, the
+temporaries of a thousand replies would each land in another free chunk and
+keep its pages resident until the next trim. Rules that need every update
+(``median``, ``trimmed_mean``, ``norm_clip`` without ``clip_norm``) keep the
+decoded updates until the round closes, within ``memory_budget`` (checked
+when the server is built).
 
 The fold order is fixed: sorted client ids. A reply that arrives before
 those of smaller ids waits (as the bytes the runner handed over, nothing
@@ -126,6 +131,7 @@ from speechbrain_omc.federated.aggregation import (
     DEFAULT_MEMORY_BUDGET,
     Aggregation,
     MemoryBudgetExceeded,
+    StreamingAggregator,
     check_memory_budget,
     make_aggregator,
 )
@@ -142,10 +148,11 @@ from speechbrain_omc.federated.validation import (
     UpdateRejected,
     check_metrics,
     is_int,
+    nonfinite,
     open_reply,
     reply_nbytes,
 )
-from speechbrain_omc.memory import trim_heap
+from speechbrain_omc.memory import Workspace, trim_heap
 from speechbrain_omc.selection import make_plan, resolve_roles, role_of, round_seed
 
 logger = logging.getLogger(__name__)
@@ -378,6 +385,10 @@ class FedAvgServer:
         # (round, name, format) -> the compressed broadcast and its expectation
         self._cache: dict[tuple, tuple[CompressedTensor, wire.Expected]] = {}
         self._float32_expected = wire.expect_like(self.model)
+        # The replies' entries are decoded into these reused buffers, one
+        # entry at a time, not into the heap (see _fold): one buffer of the
+        # largest entry's values and one of its codes.
+        self._workspace = Workspace(exact=False)
 
     def model_nbytes(self) -> int:
         """Bytes of the float32 global model (parameters and buffers).
@@ -817,7 +828,11 @@ class FedAvgServer:
         try:
             reply = open_reply(data, self._expectation(pending.round, client))
             master = self.model if aggregator.needs_norm else None
-            norm = reply.check(master)  # every entry decoded and checked once
+            # Every entry decoded and checked once, each into the workspace:
+            # decoded in the heap, a thousand replies' entries would each
+            # land in another free chunk (whose pages the last trim gave
+            # back) and leave it resident until the next trim.
+            norm = reply.check(master, self._workspace)
         except UpdateRejected as error:
             counted = error.float32_nbytes
             self._reject(
@@ -839,7 +854,11 @@ class FedAvgServer:
         try:
             # Decoded again entry by entry: the reply passed every check, so
             # none of it can be half folded when one of its entries is bad.
-            aggregator.add(reply.tensors(), reply.num_examples, norm)
+            # A streaming rule drops each entry once folded (its buffer is
+            # reused); a buffered one keeps them all, in tensors of their own.
+            streaming = isinstance(aggregator, StreamingAggregator)
+            workspace = self._workspace if streaming else None
+            aggregator.add(reply.tensors(workspace), reply.num_examples, norm)
         except MemoryBudgetExceeded as error:
             self._reject(pending, client, str(error), 0)
             return
@@ -875,6 +894,7 @@ class FedAvgServer:
             combined model is not finite.
         """
         pending = self._open("close_round")
+        trim_heap()  # the last reply, dropped (see broadcast)
         for client, reason in (failures or {}).items():
             self.fail(client, reason)
         for client in list(pending.order):  # the rest, in order
@@ -965,7 +985,7 @@ class FedAvgServer:
         for name, master in self.model.items():
             value = combined[name]
             if name in self.buffers or plain_fedavg:
-                if not bool(torch.isfinite(value).all()):
+                if nonfinite(value):
                     bad.append(name)
                 continue
             delta = value.sub_(master)  # combined - master, in place
@@ -975,15 +995,15 @@ class FedAvgServer:
                     delta = previous * beta + delta
                 momentum[name] = combined[name] = delta
                 new = master + lr * delta  # checked, then dropped
-                finite = bool(torch.isfinite(new).all())
+                finite = not nonfinite(new)
                 del new
-                if not finite or not bool(torch.isfinite(delta).all()):
+                if not finite or nonfinite(delta):
                     bad.append(name)
             else:
                 # lr * delta + master: the same bits as master + lr * delta
                 # (float addition commutes), in the tensor at hand.
                 combined[name] = delta.mul_(lr).add_(master)
-                if not bool(torch.isfinite(combined[name]).all()):
+                if nonfinite(combined[name]):
                     bad.append(name)
         # Nothing is committed unless all of it is finite (values near the
         # float32 limit can overflow in the sum or the server step).

@@ -26,9 +26,10 @@ model per reply). A server that aggregates as replies arrive uses
 :func:`open_reply` instead: steps 1-4 and a :class:`Reply` whose entries are
 parsed and decompressed one at a time; :meth:`Reply.check` runs step 5 over
 all of them (one decoded entry alive at a time) and :meth:`Reply.tensors`
-decodes them again for the fold. Decompressing twice costs time, not memory:
-a reply found non-finite in its last entry must not have moved the running
-sums with its first ones.
+decodes them again for the fold, both into the server's reused buffers (a
+:class:`~speechbrain_omc.memory.Workspace`) when it passes them.
+Decompressing twice costs time, not memory: a reply found non-finite in its
+last entry must not have moved the running sums with its first ones.
 
 Example
 -------
@@ -61,8 +62,10 @@ from typing import Any
 
 import torch
 
+from speechbrain_omc import kernels
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.federated import wire
+from speechbrain_omc.memory import Workspace
 
 __all__ = [
     "MAX_EXAMPLES",
@@ -79,6 +82,7 @@ __all__ = [
     "check_reply",
     "check_update_meta",
     "is_int",
+    "nonfinite",
     "open_reply",
     "reply_nbytes",
 ]
@@ -367,6 +371,38 @@ def check_update_meta(meta: Mapping, expected: ReplyExpectation) -> tuple[int, d
     return examples, metrics
 
 
+def nonfinite(value: torch.Tensor) -> int:
+    """Number of NaN and infinite values of a float32 tensor.
+
+    One pass without a temporary: the native kernel counts them; the torch
+    fallback reads the extremes (``aminmax``, into which NaN and infinities
+    propagate) and counts with a mask only when one is not finite. A mask
+    for every entry would be a temporary that a server decoding a thousand
+    replies leaves in its heap.
+
+    Arguments
+    ---------
+    value : torch.Tensor
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> nonfinite(torch.tensor([1.0, float("nan"), float("-inf")]))
+    2
+    """
+    if not value.numel():
+        return 0
+    if value.dtype == torch.float32 and kernels.native_for(value):
+        return kernels.minmax(value.reshape(-1))[2]
+    lo, hi = (float(v) for v in torch.aminmax(value))
+    if math.isfinite(lo) and math.isfinite(hi):
+        return 0
+    return int((~torch.isfinite(value)).sum())
+
+
 class Reply:
     """A reply whose binding, metadata and entry headers passed (steps 1-4).
 
@@ -407,13 +443,24 @@ class Reply:
         self.seconds = seconds
         self.float32_nbytes = message.float32_nbytes()
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(
+        self, workspace: Workspace | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Decode the entries one by one, each checked to be finite.
+
+        Arguments
+        ---------
+        workspace : Workspace, optional
+            Decode into its reused buffers (codes and values), outside
+            malloc's heap: for a caller that drops each tensor before asking
+            for the next (one that keeps it only makes the workspace map
+            another buffer). See :meth:`~.wire.LazyMessage.entry`.
 
         Yields
         ------
         tuple
-            ``(name, float32 tensor)`` in wire order; a new tensor each time.
+            ``(name, float32 tensor)`` in wire order; a new tensor each time
+            (a reused buffer with ``workspace``).
 
         Raises
         ------
@@ -423,26 +470,37 @@ class Reply:
         for name in self.message.names():
             start = time.perf_counter()
             try:
-                entry = self.message.entry(name)
-                value = (
-                    entry.decompress() if isinstance(entry, CompressedTensor) else entry
-                )
+                value = self._decoded(name, workspace)
             except ValueError as error:
                 raise UpdateRejected(
                     f"malformed message: {error}", self.float32_nbytes
                 ) from None
             middle = time.perf_counter()
-            finite = bool(torch.isfinite(value).all())
+            bad = nonfinite(value)
             self.seconds["decode"] += middle - start
             self.seconds["validate"] += time.perf_counter() - middle
-            if not finite:
-                bad = int((~torch.isfinite(value)).sum())
+            if bad:
                 raise UpdateRejected(
                     f"{name} has {bad} non-finite values", self.float32_nbytes
                 )
             yield name, value
+            # Its buffer serves the next entry once the caller's copy is gone.
+            del value
 
-    def check(self, master: Mapping[str, torch.Tensor] | None = None) -> float | None:
+    def _decoded(self, name: str, workspace: Workspace | None) -> torch.Tensor:
+        # A function of its own: the parsed entry (its codes' buffer) and
+        # the output buffer are dropped on return, free for the next entry.
+        entry = self.message.entry(name, workspace)
+        if not isinstance(entry, CompressedTensor):
+            return entry
+        out = None if workspace is None else workspace.take(entry.numel())
+        return entry.decompress(out=out)
+
+    def check(
+        self,
+        master: Mapping[str, torch.Tensor] | None = None,
+        workspace: Workspace | None = None,
+    ) -> float | None:
         """Step 5: decode every entry and check it is finite (then drop it).
 
         Arguments
@@ -450,6 +508,8 @@ class Reply:
         master : mapping, optional
             The global model: the L2 norm of the update (reply minus master)
             is computed on the way, in float64.
+        workspace : Workspace, optional
+            Decode into its reused buffers (see :meth:`tensors`).
 
         Returns
         -------
@@ -462,11 +522,12 @@ class Reply:
             As :meth:`tensors`.
         """
         squares = 0.0
-        for name, value in self.tensors():
+        for name, value in self.tensors(workspace):
             if master is not None:
                 squares += float(
                     (value.double() - master[name].double()).square().sum()
                 )
+            del value  # its buffer is free for the next entry
         if master is None:
             return None
         # An update of finite values can still have an infinite norm.

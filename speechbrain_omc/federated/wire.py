@@ -87,6 +87,7 @@ import numpy as np
 import torch
 
 from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.memory import MAPPED_MIN_BYTES, Workspace
 
 __all__ = [
     "COMPRESSED",
@@ -275,18 +276,24 @@ def _float32_parts(value) -> tuple[bytes, memoryview]:
     return head, memoryview(values).cast("B")
 
 
-def parse_float32_payload(payload: bytes | memoryview) -> torch.Tensor:
+def parse_float32_payload(
+    payload: bytes | memoryview, workspace: Workspace | None = None
+) -> torch.Tensor:
     """Inverse of :func:`float32_payload`, with strict length checks.
 
     Arguments
     ---------
     payload : bytes-like
         A float32 entry payload.
+    workspace : Workspace, optional
+        Where the values go: a buffer of the workspace, reused once the
+        tensor is gone (see :meth:`LazyMessage.entry`). By default a new
+        tensor.
 
     Returns
     -------
     torch.Tensor
-        A new float32 tensor.
+        A float32 tensor of the payload's values (a copy).
 
     Raises
     ------
@@ -308,7 +315,11 @@ def parse_float32_payload(payload: bytes | memoryview) -> torch.Tensor:
             f"expected {expected}"
         )
     values = np.frombuffer(payload, dtype="<f4", count=numel, offset=1 + 8 * len(shape))
-    return torch.from_numpy(values.astype(np.float32)).reshape(shape)
+    if workspace is None:
+        return torch.from_numpy(values.astype(np.float32)).reshape(shape)
+    out = workspace.take(numel)
+    np.copyto(out.numpy(), values, casting="equiv")  # byte order only
+    return out.reshape(shape)
 
 
 def _float32_shape(payload: memoryview) -> tuple[int, ...]:
@@ -331,6 +342,11 @@ def _entry_parts(value: Entry) -> tuple[int, tuple]:
         # Views of the codes: joined once, into the message.
         return COMPRESSED, value.to_bytes_parts()
     return FLOAT32, _float32_parts(value)
+
+
+def _compressed_nbytes(value: CompressedTensor) -> int:
+    # The length of to_bytes() without joining it (a copy of the codes).
+    return sum(len(part) for part in value.to_bytes_parts())
 
 
 def entry_head_nbytes(name: str) -> int:
@@ -375,7 +391,7 @@ def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
     head = entry_head_nbytes(name)
     if isinstance(value, CompressedTensor):
         # The payload's own layout belongs to CompressedTensor: ask it.
-        return head + len(value.to_bytes())
+        return head + _compressed_nbytes(value)
     if isinstance(value, (torch.Tensor, np.ndarray)):
         shape = tuple(value.shape)
     else:
@@ -577,7 +593,7 @@ def expect_like(entries: Mapping[str, Entry]) -> dict[str, Expected]:
             out[name] = Expected(
                 value.format.name,
                 tuple(value.shape),
-                len(value.to_bytes()) + COMPRESSED_SLACK,
+                _compressed_nbytes(value) + COMPRESSED_SLACK,
             )
         else:
             shape = tuple(value.shape)
@@ -827,15 +843,28 @@ def _read_heads(
 
 
 def _parse_entry(
-    name: str, kind: int, payload: memoryview, expect: Mapping[str, Expected] | None
+    name: str,
+    kind: int,
+    payload: memoryview,
+    expect: Mapping[str, Expected] | None,
+    workspace: Workspace | None = None,
 ) -> Entry:
-    """One entry's payload parsed (a copy), compressed ones checked against
-    ``expect``."""
+    """One entry's payload parsed (a copy, into ``workspace`` when given),
+    compressed ones checked against ``expect``."""
+    if workspace is not None and len(payload) < MAPPED_MIN_BYTES:
+        # Small: from the heap either way (see Workspace.take), and quicker
+        # without the workspace's bookkeeping.
+        workspace = None
     try:
-        if kind == COMPRESSED:
+        # Without a workspace, called as they always were (tests count them).
+        if kind == COMPRESSED and workspace is None:
             value = CompressedTensor.from_bytes(payload)
-        else:
+        elif kind == COMPRESSED:
+            value = CompressedTensor.from_bytes(payload, workspace=workspace)
+        elif workspace is None:
             value = parse_float32_payload(payload)
+        else:
+            value = parse_float32_payload(payload, workspace)
     except Exception as error:  # noqa: BLE001 - any failure is a bad payload
         raise ValueError(f"entry {name!r}: {error}") from None
     if expect is not None and kind == COMPRESSED:
@@ -925,12 +954,19 @@ class LazyMessage:
                 out[name] = self.entry(name).format.name
         return out
 
-    def entry(self, name: str) -> Entry:
+    def entry(self, name: str, workspace: Workspace | None = None) -> Entry:
         """Parse one entry (a new object each call).
 
         Arguments
         ---------
         name : str
+        workspace : Workspace, optional
+            Where the entry's values or codes go: buffers of the workspace
+            that are reused once the entry is dropped, for a reader that
+            parses an entry, uses it and drops it before the next. Entries of
+            a thousand replies then come and go outside malloc's heap, where
+            each would touch a free chunk (whose pages a trim had given
+            back) and leave it resident until the next trim.
 
         Returns
         -------
@@ -944,7 +980,7 @@ class LazyMessage:
         """
         kind, payload = self._heads[name]
         try:
-            return _parse_entry(name, kind, payload, self._expect)
+            return _parse_entry(name, kind, payload, self._expect, workspace)
         except (ValueError, struct.error) as error:
             raise ValueError(f"malformed OMC wire message: {error}") from None
 
