@@ -123,6 +123,26 @@ def _percentile_interval(
     )
 
 
+def _per_utterance(*columns: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """Per-utterance counts as float64 arrays; the last column is the words."""
+    arrays = tuple(np.asarray(c, dtype=np.float64) for c in columns)
+    shape, words = arrays[0].shape, arrays[-1]
+    if any(a.shape != shape for a in arrays) or words.size == 0 or words.sum() <= 0:
+        raise ValueError("need matching, non-empty errors and words with words > 0")
+    return arrays
+
+
+def _wer_interval(
+    edits: np.ndarray, words: np.ndarray, confidence: float, resamples: int, seed: int
+) -> Interval:
+    """``100 * sum(edits) / sum(words)`` with a percentile bootstrap interval,
+    utterances resampled with replacement."""
+    counts = _resample_counts(edits.size, resamples, seed)
+    replicates = 100 * (counts @ edits) / np.maximum(counts @ words, 1)
+    estimate = 100 * edits.sum() / words.sum()
+    return _percentile_interval(estimate, replicates, confidence, edits.size)
+
+
 def bootstrap_wer(
     errors: Sequence[int],
     words: Sequence[int],
@@ -155,13 +175,8 @@ def bootstrap_wer(
     >>> bootstrap_wer([1] * 10, [10] * 10).format()
     '10.00 % [10.00, 10.00]'
     """
-    e = np.asarray(errors, dtype=np.float64)
-    w = np.asarray(words, dtype=np.float64)
-    if e.shape != w.shape or e.size == 0 or w.sum() <= 0:
-        raise ValueError("need matching, non-empty errors and words with words > 0")
-    counts = _resample_counts(e.size, resamples, seed)
-    replicates = 100 * (counts @ e) / np.maximum(counts @ w, 1)
-    return _percentile_interval(100 * e.sum() / w.sum(), replicates, confidence, e.size)
+    e, w = _per_utterance(errors, words)
+    return _wer_interval(e, w, confidence, resamples, seed)
 
 
 def paired_difference(
@@ -198,16 +213,8 @@ def paired_difference(
     >>> d.value, d.contains(0.0)
     (0.0, True)
     """
-    a = np.asarray(errors_a, dtype=np.float64)
-    b = np.asarray(errors_b, dtype=np.float64)
-    w = np.asarray(words, dtype=np.float64)
-    if not (a.shape == b.shape == w.shape) or a.size == 0 or w.sum() <= 0:
-        raise ValueError("need matching, non-empty errors and words with words > 0")
-    counts = _resample_counts(a.size, resamples, seed)
-    replicates = 100 * (counts @ (b - a)) / np.maximum(counts @ w, 1)
-    return _percentile_interval(
-        100 * (b - a).sum() / w.sum(), replicates, confidence, a.size
-    )
+    a, b, w = _per_utterance(errors_a, errors_b, words)
+    return _wer_interval(b - a, w, confidence, resamples, seed)
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
