@@ -52,6 +52,27 @@ def reference_step(handle, twin, twin_opt, batch, config):
     return expected
 
 
+def assert_steps_equal_torch(
+    model, handle, optimizer, twin, twin_opt, batch, config, steps=3
+):
+    """After each fused step, every weight's codes and moments are, byte for
+    byte, what the float32 twin's torch step leaves (``reference_step``)."""
+    for _ in range(steps):
+        expected = reference_step(handle, twin, twin_opt, batch, config)
+        model.loss(*batch).backward()
+        handle.step()
+        optimizer.step()
+        optimizer.zero_grad()
+        for name, slot in handle.slots.items():
+            state = handle.state[name].optimizer
+            got = (
+                slot.codes.to_bytes(),
+                as_bytes(state["exp_avg"]),
+                as_bytes(state["exp_avg_sq"]),
+            )
+            assert got == expected[name], name
+
+
 @pytest.mark.parametrize("adam", ["Adam", "AdamW"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_fused_adam_equals_torch_adam_on_the_same_codes(name, adam):
@@ -69,20 +90,7 @@ def test_fused_adam_equals_torch_adam_on_the_same_codes(name, adam):
     twin_opt = optim(twin.parameters(), **kwargs)
     handle.set_rule(settings_from_optimizer(optimizer))
     batch = (torch.randn(2, 16, FEATS), torch.ones(2), torch.randint(1, VOCAB, (2, 5)))
-    for _ in range(3):
-        expected = reference_step(handle, twin, twin_opt, batch, config)
-        model.loss(*batch).backward()
-        handle.step()
-        optimizer.step()
-        optimizer.zero_grad()
-        for pname, slot in handle.slots.items():
-            state = handle.state[pname].optimizer
-            got = (
-                slot.codes.to_bytes(),
-                state["exp_avg"].to_bytes(),
-                state["exp_avg_sq"].to_bytes(),
-            )
-            assert got == expected[pname], pname
+    assert_steps_equal_torch(model, handle, optimizer, twin, twin_opt, batch, config)
     assert all(s.optimizer["step"] == 3 for s in handle.state.values())
 
 
@@ -114,19 +122,7 @@ def test_fused_adam_in_slices_equals_torch_adam_on_a_large_weight(state_format):
     twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
     handle.set_rule(settings_from_optimizer(optimizer))
     batch = (torch.randn(8, 300),)
-    for _ in range(3):
-        expected = reference_step(handle, twin, twin_opt, batch, config)
-        model.loss(*batch).backward()
-        handle.step()
-        optimizer.step()
-        optimizer.zero_grad()
-        state = handle.state["proj.weight"].optimizer
-        got = (
-            handle.slots["proj.weight"].codes.to_bytes(),
-            as_bytes(state["exp_avg"]),
-            as_bytes(state["exp_avg_sq"]),
-        )
-        assert got == expected["proj.weight"]
+    assert_steps_equal_torch(model, handle, optimizer, twin, twin_opt, batch, config)
 
 
 def test_adam_settings_follow_the_optimizer_and_refuse_what_they_cannot_do():
