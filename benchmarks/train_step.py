@@ -479,24 +479,37 @@ def table(results: list[dict]) -> str:
         "| first/last loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base = {(r["setting"], r["ckpt"], r["mode"]): r for r in rows}
-    for r in rows:
-        fp32 = base.get((r["setting"], r["ckpt"], "fp32"), r)
-        hook = base.get((r["setting"], r["ckpt"], "fp32-hook"), r)
-        lo, hi = r["peak_rss_range"]
-        slo, shi = r["sec_range"]
+    for r, fp32, hook in _with_baselines(rows):
+        rss, seconds, losses = _measured_cells(r)
         lines.append(
             f"| {r['setting']} | {'yes' if r['ckpt'] else 'no'} | {r['mode']} "
-            f"| {r['bits']} | {r['param_bytes'] / 1e6:.1f} "
-            f"| {r['peak_rss'] / 1e6:.0f} ({lo / 1e6:.0f}-{hi / 1e6:.0f}) "
+            f"| {r['bits']} | {r['param_bytes'] / 1e6:.1f} | {rss} "
             f"| {r['peak_rss'] / fp32['peak_rss']:.3f} "
-            f"| {r['peak_rss'] / hook['peak_rss']:.3f} "
-            f"| {r['sec_per_step']:.3f} ({slo:.3f}-{shi:.3f}) "
+            f"| {r['peak_rss'] / hook['peak_rss']:.3f} | {seconds} "
             f"| {r['sec_per_step'] / fp32['sec_per_step']:.2f} "
-            f"| {r['sec_per_step'] / hook['sec_per_step']:.2f} "
-            f"| {r['losses'][0]:.2f} / {r['losses'][-1]:.2f} |"
+            f"| {r['sec_per_step'] / hook['sec_per_step']:.2f} | {losses} |"
         )
     return "\n".join(lines)
+
+
+def _with_baselines(rows: list[dict]):
+    """Each row with the float32 and float32-in-backward rows of its group
+    (setting and checkpointing); the row itself where one is missing."""
+    base = {(r["setting"], r["ckpt"], r["mode"]): r for r in rows}
+    for r in rows:
+        group = (r["setting"], r["ckpt"])
+        yield r, base.get((*group, "fp32"), r), base.get((*group, "fp32-hook"), r)
+
+
+def _measured_cells(r: dict) -> tuple[str, str, str]:
+    """Peak RSS and seconds per step with their ranges, and the losses."""
+    lo, hi = r["peak_rss_range"]
+    slo, shi = r["sec_range"]
+    return (
+        f"{r['peak_rss'] / 1e6:.0f} ({lo / 1e6:.0f}-{hi / 1e6:.0f})",
+        f"{r['sec_per_step']:.3f} ({slo:.3f}-{shi:.3f})",
+        f"{r['losses'][0]:.2f} / {r['losses'][-1]:.2f}",
+    )
 
 
 def _adam_label(r: dict) -> tuple[str, str, str]:
@@ -527,28 +540,21 @@ def adam_table(results: list[dict]) -> str:
         "| vs fp32 Adam | vs in-backward | first/last loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base = {(r["setting"], r["ckpt"], r["mode"]): r for r in rows}
-    for r in rows:
-        fp32 = base.get((r["setting"], r["ckpt"], "fp32"), r)
-        hook = base.get((r["setting"], r["ckpt"], "fp32-hook"), r)
+    for r, fp32, hook in _with_baselines(rows):
         name, weights, moments = _adam_label(r)
         per_param = r["training_state_bytes"] / r["numel"]
         state_saving = FLOAT32_ADAM_BYTES * r["numel"] - r["training_state_bytes"]
         rss_saving = fp32["peak_rss"] - r["peak_rss"]
         share = f"{rss_saving / state_saving:.0%}" if r is not fp32 else "-"
-        lo, hi = r["peak_rss_range"]
-        slo, shi = r["sec_range"]
+        rss, seconds, losses = _measured_cells(r)
         lines.append(
             f"| {r['setting']} | {'yes' if r['ckpt'] else 'no'} | {name} "
             f"| {weights} | {moments} | {per_param:.2f} "
-            f"| {per_param / FLOAT32_ADAM_BYTES:.1%} "
-            f"| {r['peak_rss'] / 1e6:.0f} ({lo / 1e6:.0f}-{hi / 1e6:.0f}) "
+            f"| {per_param / FLOAT32_ADAM_BYTES:.1%} | {rss} "
             f"| {r['peak_rss'] / fp32['peak_rss']:.3f} | {share} "
-            f"| {r['steady_peak_rss'] / 1e6:.0f} "
-            f"| {r['sec_per_step']:.3f} ({slo:.3f}-{shi:.3f}) "
+            f"| {r['steady_peak_rss'] / 1e6:.0f} | {seconds} "
             f"| {r['sec_per_step'] / fp32['sec_per_step']:.2f} "
-            f"| {r['sec_per_step'] / hook['sec_per_step']:.2f} "
-            f"| {r['losses'][0]:.2f} / {r['losses'][-1]:.2f} |"
+            f"| {r['sec_per_step'] / hook['sec_per_step']:.2f} | {losses} |"
         )
     failed = {}
     for r in results:
