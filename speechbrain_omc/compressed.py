@@ -403,18 +403,14 @@ class CompressedTensor:
 
     def _prepared_decode(self) -> kernels.DecodeCall:
         # Weights are decoded in every forward and backward and written once
-        # a step: the arguments are prepared once per transform.
+        # a step: the arguments are prepared once per transform. The pointer
+        # is checked too: a copy (deepcopy, pickle) has its own buffer.
         cached, ptr = self._decode_call, self._packed.data_ptr()
         if cached is None or cached[0] is not self._transform or cached[1] != ptr:
             factors, add = self._transform.decode_plan  # exact values
             call = kernels.prepare_decode(self._packed, self._format.spec, factors, add)
             cached = self._decode_call = (self._transform, ptr, call)
         return cached[2]
-
-    def __getstate__(self) -> tuple[None, dict]:
-        # Copies and pickles get their own buffer: the prepared pointer stays.
-        slots = {name: getattr(self, name) for name in self.__slots__}
-        return None, {**slots, "_decode_call": None}
 
     # ------------------------------------------------------------ properties
     @property
