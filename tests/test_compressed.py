@@ -1,5 +1,6 @@
 """Property tests of CompressedTensor (speechbrain_omc.compressed)."""
 
+import copy
 import io
 import math
 import pickle
@@ -400,3 +401,14 @@ def test_cuda_matches_cpu_bit_for_bit(name):
     assert torch.equal(runs[0], runs[1])
     back = CompressedTensor.from_bytes(ct.to_bytes(), device="cuda")
     assert torch.equal(back.decompress(), ct.decompress())
+
+
+def test_a_copy_decodes_its_own_buffer_after_the_original_is_rewritten():
+    # Decoding prepares the kernel's arguments (the buffer's pointer) once per
+    # transform; a deepcopy keeps the transform's identity, not the buffer.
+    original = CompressedTensor.compress(torch.randn(70_000), "e3m7", "none")
+    before = original.decompress(out=torch.empty(70_000)).clone()
+    copied = copy.deepcopy(original)
+    original.assign_(torch.ones(70_000))
+    assert torch.equal(copied.decompress(out=torch.empty(70_000)), before)
+    assert torch.equal(original.decompress(out=torch.empty(70_000)), torch.ones(70_000))
