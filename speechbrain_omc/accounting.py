@@ -8,6 +8,7 @@ training step (run each configuration in a fresh process).
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 
@@ -105,15 +106,36 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _status_kib(field: str) -> int | None:
+def _status_bytes(*fields: str) -> dict[str, int]:
+    """Fields of ``/proc/self/status`` in bytes, from one read (two reads
+    race: the resident size can grow past a mark read a moment before)."""
+    found = {}
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+                key, _, rest = line.partition(":")
+                if key in fields:
+                    found[key] = int(rest.split()[0]) * 1024
     except OSError:
         pass
-    return None
+    return found
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size now, in bytes (Linux: ``VmRSS``).
+
+    Returns
+    -------
+    int or None
+        None where ``/proc/self/status`` is not available.
+
+    Example
+    -------
+    >>> import sys
+    >>> rss_bytes() > 0 if sys.platform.startswith("linux") else True
+    True
+    """
+    return _status_bytes("VmRSS").get("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -137,12 +159,13 @@ def reset_peak_rss() -> bool:
     ...     del block
     ...     assert peak_rss_since_reset() >= before + (60 << 20)
     """
+    gc.collect()  # garbage from before must not count against what follows
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
     except OSError:
         return False
-    return _status_kib("VmHWM") is not None
+    return "VmHWM" in _status_bytes("VmHWM")
 
 
 def peak_rss_since_reset() -> int:
@@ -160,8 +183,10 @@ def peak_rss_since_reset() -> int:
     >>> peak_rss_since_reset() > 0
     True
     """
-    kib = _status_kib("VmHWM")
-    return kib * 1024 if kib is not None else peak_rss_bytes()
+    # The kernel raises the mark lazily; the current size read in the same
+    # snapshot bounds it from below.
+    marks = _status_bytes("VmHWM", "VmRSS")
+    return max(marks.values()) if "VmHWM" in marks else peak_rss_bytes()
 
 
 def training_state_bytes(

@@ -124,9 +124,10 @@ from typing import Any
 
 import torch
 
+from speechbrain_omc.accounting import peak_rss_since_reset, reset_peak_rss, rss_bytes
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.federated import rss, wire
+from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import (
     DEFAULT_MEMORY_BUDGET,
     Aggregation,
@@ -601,8 +602,8 @@ class FedAvgServer:
         self._pending = None
         self._cache = {k: v for k, v in self._cache.items() if k[0] == round}
         before = None
-        if self.measure_memory and rss.reset_peak_rss():
-            before = rss.rss_bytes()
+        if self.measure_memory and reset_peak_rss():
+            before = rss_bytes()
         sampled = self.sample_clients(round)
         report = RoundReport(round, list(sampled))
         if before is not None:
@@ -933,9 +934,7 @@ class FedAvgServer:
         self._cache.clear()
         trim_heap()  # freed decoded entries and messages back to the system
         if report.rss is not None:
-            # The kernel updates the mark lazily: it can lag the current RSS.
-            marks = [rss.peak_rss_bytes(), rss.rss_bytes(), report.rss["before"]]
-            report.rss["peak"] = max(m for m in marks if m is not None)
+            report.rss["peak"] = max(peak_rss_since_reset(), report.rss["before"])
         return report
 
     def aggregate(

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from speechbrain_omc.accounting import peak_rss_since_reset, reset_peak_rss, rss_bytes
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.federated import rss, wire
+from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.server import FedAvgServer
 from speechbrain_omc.memory import trim_heap
 
@@ -88,14 +89,14 @@ def main() -> None:
     # otherwise be reused unseen (a rise measured from an untrimmed heap
     # reads low, and by chance).
     trim_heap()
-    rss.reset_peak_rss()
-    before = rss.rss_bytes()
+    reset_peak_rss()
+    before = rss_bytes()
     for client in server.fold_order():
         data = (folder / f"{client}.reply").read_bytes()
         server.receive(client, data)
         del data
     report = server.close_round()
-    peak = max(rss.peak_rss_bytes(), rss.rss_bytes())
+    peak = peak_rss_since_reset()
     shutil.rmtree(folder)
     assert len(report.accepted) == n, report.rejected
     print(
