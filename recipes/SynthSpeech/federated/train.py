@@ -10,9 +10,11 @@ float32, and checkpoints. No server process, no network: the messages are the
 same bytes a deployment would send (the Flower app in ``flower/`` sends them
 over the network).
 
-The Brain, the data pipeline, the server and the round loop come from the
-library (:mod:`speechbrain_omc.asr`, shared with the centralized recipe, the
-Flower app and the paper-table runner); this file wires them to the hparams.
+The Brain, the data pipeline, the server, the round loop and the command
+line come from the library (:mod:`speechbrain_omc.asr`, shared with the
+centralized recipe, the Flower app and the paper-table runner, and run as
+``python -m speechbrain_omc.asr.federation``); this file is that entry point
+beside its hparams.
 
 To run (from the repository root)::
 
@@ -34,29 +36,10 @@ Authors
 * speechbrain-omc contributors
 """
 
-import json
-import sys
-
-import speechbrain as sb
-import torch
-from hyperpyyaml import load_hyperpyyaml
-
-from speechbrain_omc.asr import run_federation
+from speechbrain_omc.asr.federation import main
 
 if __name__ == "__main__":
-    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"],
-        hyperparams_to_save=hparams_file,
-        overrides=overrides,
-    )
-    hparams["noprogressbar"] = bool(run_opts.get("noprogressbar", False))
-    if hparams.get("num_threads"):
-        # One intra-op thread by default: on a small shared CPU, more threads
-        # than free cores slow every step down several times.
-        torch.set_num_threads(int(hparams["num_threads"]))
-    # Prepares manifests and the client partition, then runs (or resumes) it.
-    summary = run_federation(hparams, run_opts)
-    print(json.dumps(summary, indent=2))
+    # Parses the hparams file and overrides, creates the experiment folder,
+    # prepares manifests and the client partition, then runs (or resumes)
+    # the federation and prints its summary.
+    main()
