@@ -525,7 +525,9 @@ def test_a_stream_ends_at_the_round_timeout(task_identity):
     strategy = OMCFedAvg(server, nodes, evaluate_nodes=0)
     stream = StreamingGrid(grid, window=2, poll_interval=0.01)
     messages = strategy.configure_train(1, None, ConfigRecord(), stream)
-    strategy.aggregate_train(1, stream.send_and_receive(messages, timeout=0.3))
+    # The timeout leaves room for a busy machine to fold the one reply and push
+    # the third message before it (the deadline is checked after each pull).
+    strategy.aggregate_train(1, stream.send_and_receive(messages, timeout=2.0))
     report = strategy.reports[-1]
     # Two silent nodes fill the window: the three others were never sent
     # (no bytes down for them), and the round closed at the timeout with
