@@ -86,6 +86,8 @@ def test_installed_package_runs_the_flower_app(venv):
     site = str(python.parent.parent)
     assert report["package"].startswith(site), report["package"]
     assert report["hparams"].startswith(site), report["hparams"]
+    outside = [f for f in report["modules"] if not f.startswith(site)]
+    assert len(report["modules"]) > 10 and not outside, outside
     summary = report["summary"]
     assert summary["rounds"] == 2 and summary["left_out"] == 0
     assert summary["clients"] == ["client_000", "client_001"]

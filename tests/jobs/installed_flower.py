@@ -80,6 +80,14 @@ print(
     json.dumps(
         {
             "package": speechbrain_omc.__file__,
+            # Every module of the package the run loaded: one missing from the
+            # wheel would otherwise be found in the clone (CI's editable
+            # install leaves its finder in the system site-packages).
+            "modules": sorted(
+                getattr(module, "__file__", None) or name
+                for name, module in list(sys.modules.items())
+                if name.split(".")[0] == "speechbrain_omc"
+            ),
             "hparams": str(hparams_file("fed_omc.yaml")),
             "summary": summary,
         }
