@@ -67,6 +67,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -290,10 +291,14 @@ def _round_record(report, wall: float | None) -> dict:
 
 
 # -------------------------------------------------------------------- flower
-def run_flower(k: int, rounds: int, workdir: Path) -> dict:
-    """One configuration in Flower's Simulation Engine (1,000 virtual nodes)."""
+def run_flower(k: int, rounds: int, workdir: Path, window: int | None = None) -> dict:
+    """One configuration in Flower's Simulation Engine (1,000 virtual nodes);
+    ``window``: the ServerApp's messages in flight (``max-in-flight``; None:
+    the app's default)."""
     import yaml
     from flower_harness import LocalDeployment
+
+    from speechbrain_omc.federated.flower.streaming import DEFAULT_WINDOW
 
     num_clients = 1000
     overrides = {
@@ -310,6 +315,8 @@ def run_flower(k: int, rounds: int, workdir: Path) -> dict:
         "min-nodes": num_clients,
         "round-timeout": 3600,
     }
+    if window is not None:
+        run_config["max-in-flight"] = window
     nodes = [{"partition-id": i} for i in range(num_clients)]
     federation = {"num-supernodes": num_clients, "client-resources-num-cpus": 1}
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -343,6 +350,7 @@ def run_flower(k: int, rounds: int, workdir: Path) -> dict:
     return {
         "runner": "flower",
         "clients_per_round": k,
+        "window": DEFAULT_WINDOW if window is None else window,
         "rounds": out,
         "model_float32_bytes": model_bytes,
         "run_seconds": round(wall, 1),
@@ -549,6 +557,11 @@ def main(argv: list[str] | None = None) -> None:
         "--clients-per-round", nargs="+", type=int, default=[10, 100, 1000]
     )
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="flower runner: messages in flight (the app's default otherwise)",
+    )
     parser.add_argument("--workdir", default="results/benchmark_federated_scale")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument(
@@ -564,10 +577,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:  # one configuration, in this fresh process
         k = args.clients_per_round[0]
         folder = workdir / f"{args.worker}-{k}"
+        if args.worker == "flower" and args.max_in_flight is not None:
+            folder = folder.with_name(f"{folder.name}-window{args.max_in_flight}")
+        # A fresh run: the apps resume from a checkpoint they find.
+        shutil.rmtree(folder, ignore_errors=True)
         if args.worker == "embedded":
             result = run_embedded(k, args.rounds, folder)
         elif args.worker == "flower":
-            result = run_flower(k, args.rounds, folder)
+            result = run_flower(k, args.rounds, folder, args.max_in_flight)
         else:
             result = run_deployment(workdir / "deployment")
         print(json.dumps(result))
@@ -593,9 +610,13 @@ def main(argv: list[str] | None = None) -> None:
             if part != "measured":
                 jobs.append((part, None, None))
                 continue
+            window = args.max_in_flight
             for runner in args.runners:
                 for k in args.clients_per_round:
-                    jobs.append((f"measured_{runner}_{k}", runner, k))
+                    name = f"measured_{runner}_{k}"
+                    if runner == "flower" and window is not None:
+                        name += f"_window{window}"
+                    jobs.append((name, runner, k))
         for name, runner, k in jobs:
             entry = {
                 "command": command.strip(),
@@ -608,10 +629,16 @@ def main(argv: list[str] | None = None) -> None:
                 entry["result"] = run_analytic()
             elif runner is not None:
                 print(f"{runner}, {k} clients per round ...", flush=True)
+                window = (
+                    []
+                    if args.max_in_flight is None
+                    else ["--max-in-flight", str(args.max_in_flight)]
+                )
                 entry["result"] = _child(
                     ["--worker", runner, "--clients-per-round", str(k)]
                     + ["--rounds", str(args.rounds)]
                     + ["--workdir", str(workdir)]
+                    + window
                 )
             else:
                 entry["result"] = _child(
