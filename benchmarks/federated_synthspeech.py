@@ -41,6 +41,34 @@ def _uptime() -> str:
         return "load average: {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
 
 
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def _time_entry(record: dict) -> dict:
+    """One run's minutes and WERs, for the record's list of runs."""
+    omc, f32 = record["OMC"], record["float32"]
+    return {
+        "started": record["uptime_before"].split()[0],
+        "commit": record.get("commit"),
+        "float32_minutes": round(f32["minutes"], 3),
+        "OMC_minutes": round(omc["minutes"], 3),
+        "wall_ratio": round(omc["minutes"] / f32["minutes"], 3),
+        "cpu_ratio": round(
+            omc["cpu_minutes_this_process"] / f32["cpu_minutes_this_process"], 3
+        ),
+        "test_WER": [f32["test_WER"], omc["test_WER"]],
+    }
+
+
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
@@ -103,6 +131,7 @@ def run(args) -> dict:
     )
     record = {
         "command": command,
+        "commit": _commit(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}",
         "uptime_before": before,
@@ -118,8 +147,16 @@ def run(args) -> dict:
         "parameter_memory_reduction": 1
         - omc["parameter_bytes"] / f32["parameter_bytes"],
     }
+    # Minutes vary from run to run on a shared machine: every recorded run's
+    # are kept (the previous record's too, when it predates the list).
+    path = OUT / "federated_synthspeech.json"
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    history = []
+    if previous is not None:
+        history = previous.get("time_history") or [_time_entry(previous)]
+    record["time_history"] = [*history, _time_entry(record)]
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "federated_synthspeech.json").write_text(json.dumps(record, indent=2) + "\n")
+    path.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -153,6 +190,21 @@ def render(record: dict, output: Path) -> None:
         for name in ("OMC", "float32")
     }
     output = os.path.relpath(output, REPO)
+
+    def time_table(history: list[dict]) -> str:
+        lines = [
+            "| started | commit | float32 min | OMC min | wall ratio | CPU ratio "
+            "| test WER % float32 / OMC |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for h in history:
+            lines.append(
+                f"| {h['started']} | {h.get('commit') or '-'} "
+                f"| {h['float32_minutes']:.2f} | {h['OMC_minutes']:.2f} "
+                f"| {h['wall_ratio']:.3f} | {h['cpu_ratio']:.3f} "
+                f"| {h['test_WER'][0]:.2f} / {h['test_WER'][1]:.2f} |"
+            )
+        return "\n".join(lines)
 
     def log_table(rows: list[dict]) -> str:
         keys = [
@@ -251,12 +303,14 @@ Raw numbers: `benchmarks/results/federated_synthspeech.json`.
   checksums. Constant buffers (positional encodings) are not sent.
 - Parameter memory counts parameter storage only, not activations,
   gradients or optimizer state.
-- Time: OMC took {omc["minutes"] / f32["minutes"]:.2f}x float32's wall minutes
-  and {omc["cpu_minutes_this_process"] / f32["cpu_minutes_this_process"]:.2f}x its
+- Time: OMC took {omc["minutes"] / f32["minutes"]:.3f}x float32's wall minutes
+  and {omc["cpu_minutes_this_process"] / f32["cpu_minutes_this_process"]:.3f}x its
   CPU minutes in this run (decompression in forward and backward, stochastic
   rounding in every update); both ran at once on the same cores, so other
   jobs on the machine slow both. The step alone, without federation:
-  `benchmarks/results/main_job_step.md`.
+  `benchmarks/results/main_job_step.md`. Every recorded run of this command:
+
+{time_table(record.get("time_history") or [])}
 
 ## Per-round logs
 
