@@ -8,7 +8,6 @@ training step (run each configuration in a fresh process).
 
 from __future__ import annotations
 
-import gc
 import resource
 import sys
 
@@ -159,7 +158,6 @@ def reset_peak_rss() -> bool:
     ...     del block
     ...     assert peak_rss_since_reset() >= before + (60 << 20)
     """
-    gc.collect()  # garbage from before must not count against what follows
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")

@@ -111,6 +111,7 @@ tensor([2., 2., 2., 2.])
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import logging
@@ -602,8 +603,10 @@ class FedAvgServer:
         self._pending = None
         self._cache = {k: v for k, v in self._cache.items() if k[0] == round}
         before = None
-        if self.measure_memory and reset_peak_rss():
-            before = rss_bytes()
+        if self.measure_memory:
+            gc.collect()  # the previous round's garbage is not this round's peak
+            if reset_peak_rss():
+                before = rss_bytes()
         sampled = self.sample_clients(round)
         report = RoundReport(round, list(sampled))
         if before is not None:

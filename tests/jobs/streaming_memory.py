@@ -13,6 +13,7 @@ Prints one JSON line (bytes): the RSS before aggregating, the peak while
 aggregating, the model's float32 size and the largest reply.
 """
 
+import gc
 import json
 import shutil
 import subprocess
@@ -88,6 +89,7 @@ def main() -> None:
     # From a trimmed heap: free memory left by making the broadcasts would
     # otherwise be reused unseen (a rise measured from an untrimmed heap
     # reads low, and by chance).
+    gc.collect()  # before the trim, so that what it frees is given back too
     trim_heap()
     reset_peak_rss()
     before = rss_bytes()
