@@ -28,6 +28,8 @@ the command, the machine and the load average before and after;
       SuperLink with ``--simulation``, 1,000 virtual SuperNodes, Ray with one
       CPU per actor): the ServerApp's process holds the server, Flower's
       in-memory state and Ray's driver; the clients run in Ray's actors.
+      ``--max-in-flight`` sets the app's window of messages in flight
+      (recorded under ``measured_flower_<clients per round>_window<n>``).
 
     Per round, from the server's own report: its seconds (encode, decode,
     validate, aggregate), bytes down and up (``len()`` of the messages), and
@@ -77,6 +79,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # flower_harness: the loopback deployment
+
+from speechbrain_omc.federated.flower.streaming import DEFAULT_WINDOW  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results"
 RECORD = OUT / "federated_scale.json"
@@ -291,14 +295,27 @@ def _round_record(report, wall: float | None) -> dict:
 
 
 # -------------------------------------------------------------------- flower
-def run_flower(k: int, rounds: int, workdir: Path, window: int | None = None) -> dict:
-    """One configuration in Flower's Simulation Engine (1,000 virtual nodes);
-    ``window``: the ServerApp's messages in flight (``max-in-flight``; None:
-    the app's default)."""
+def run_flower(k: int, rounds: int, workdir: Path, window: int) -> dict:
+    """One configuration in Flower's Simulation Engine (1,000 virtual nodes).
+
+    Arguments
+    ---------
+    k : int
+        Clients per round.
+    rounds : int
+        Rounds to run.
+    workdir : Path
+        A fresh folder for the run.
+    window : int
+        The ServerApp's ``max-in-flight``: train messages unanswered at once.
+
+    Returns
+    -------
+    dict
+        The run's rounds, sizes and predicted rise.
+    """
     import yaml
     from flower_harness import LocalDeployment
-
-    from speechbrain_omc.federated.flower.streaming import DEFAULT_WINDOW
 
     num_clients = 1000
     overrides = {
@@ -314,9 +331,8 @@ def run_flower(k: int, rounds: int, workdir: Path, window: int | None = None) ->
         "evaluate-nodes": 0,
         "min-nodes": num_clients,
         "round-timeout": 3600,
+        "max-in-flight": window,
     }
-    if window is not None:
-        run_config["max-in-flight"] = window
     nodes = [{"partition-id": i} for i in range(num_clients)]
     federation = {"num-supernodes": num_clients, "client-resources-num-cpus": 1}
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -350,7 +366,7 @@ def run_flower(k: int, rounds: int, workdir: Path, window: int | None = None) ->
     return {
         "runner": "flower",
         "clients_per_round": k,
-        "window": DEFAULT_WINDOW if window is None else window,
+        "window": window,
         "rounds": out,
         "model_float32_bytes": model_bytes,
         "run_seconds": round(wall, 1),
@@ -560,7 +576,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-in-flight",
         type=int,
-        help="flower runner: messages in flight (the app's default otherwise)",
+        default=DEFAULT_WINDOW,
+        help="flower runner: train messages unanswered at once (the app's "
+        "max-in-flight; default %(default)s, the app's own)",
     )
     parser.add_argument("--workdir", default="results/benchmark_federated_scale")
     parser.add_argument("--render-only", action="store_true")
@@ -576,9 +594,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:  # one configuration, in this fresh process
         k = args.clients_per_round[0]
-        folder = workdir / f"{args.worker}-{k}"
-        if args.worker == "flower" and args.max_in_flight is not None:
-            folder = folder.with_name(f"{folder.name}-window{args.max_in_flight}")
+        folder = {
+            "embedded": workdir / f"embedded-{k}",
+            "flower": workdir / f"flower-{k}-window{args.max_in_flight}",
+            "deployment": workdir / "deployment",
+        }[args.worker]
         # A fresh run: the apps resume from a checkpoint they find.
         shutil.rmtree(folder, ignore_errors=True)
         if args.worker == "embedded":
@@ -586,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.worker == "flower":
             result = run_flower(k, args.rounds, folder, args.max_in_flight)
         else:
-            result = run_deployment(workdir / "deployment")
+            result = run_deployment(folder)
         print(json.dumps(result))
         return
 
@@ -610,12 +630,11 @@ def main(argv: list[str] | None = None) -> None:
             if part != "measured":
                 jobs.append((part, None, None))
                 continue
-            window = args.max_in_flight
             for runner in args.runners:
                 for k in args.clients_per_round:
                     name = f"measured_{runner}_{k}"
-                    if runner == "flower" and window is not None:
-                        name += f"_window{window}"
+                    if runner == "flower":
+                        name += f"_window{args.max_in_flight}"
                     jobs.append((name, runner, k))
         for name, runner, k in jobs:
             entry = {
@@ -629,16 +648,12 @@ def main(argv: list[str] | None = None) -> None:
                 entry["result"] = run_analytic()
             elif runner is not None:
                 print(f"{runner}, {k} clients per round ...", flush=True)
-                window = (
-                    []
-                    if args.max_in_flight is None
-                    else ["--max-in-flight", str(args.max_in_flight)]
-                )
+                flower = ["--max-in-flight", str(args.max_in_flight)]
                 entry["result"] = _child(
                     ["--worker", runner, "--clients-per-round", str(k)]
                     + ["--rounds", str(args.rounds)]
                     + ["--workdir", str(workdir)]
-                    + window
+                    + (flower if runner == "flower" else [])
                 )
             else:
                 entry["result"] = _child(

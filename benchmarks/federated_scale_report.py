@@ -215,35 +215,55 @@ def _flower_parts(results: list[dict]) -> list[str]:
         if r["runner"] == "flower"
     }
     at_100 = sorted((w, r) for (w, k), r in flower.items() if k == 100)
-    at_4 = sorted((k, r) for (w, k), r in flower.items() if w == 4)
-    if not at_100 or not at_4:
+    if len(at_100) < 2:
         return []
 
     def wall(result):
         return statistics.fmean(r["wall_seconds"] for r in result["rounds"])
 
+    def per_client(result):
+        rounds = result["rounds"]
+        server = statistics.fmean(sum(r["server_seconds"].values()) for r in rounds)
+        accepted = statistics.fmean(r["accepted"] for r in rounds)
+        return 1000 * server / max(accepted, 1)
+
+    def bound(result):
+        return 1.5 * result["model_float32_bytes"] + result["largest_message"]
+
     windows = "; ".join(
         f"window {w}: {_mib(_rise(r))} MiB, {wall(r):.1f} s" for w, r in at_100
     )
-    clients = ", ".join(f"{_mib(_rise(r))} MiB at {k}" for k, r in at_4)
+    (smallest, first), (largest, last) = at_100[0], at_100[-1]
+    fastest = min(at_100, key=lambda item: wall(item[1]))[0]
     text = (
         "Flower's rows, and the window. In Flower's Simulation Engine the "
-        "ServerApp's process also holds Flower's in-memory state (every message "
-        "and reply in flight, as Flower's records) and Ray's driver, so its "
-        "rise is the library's (the embedded rows: the same server code) plus "
-        "Flower's copies of the messages in flight, which only the window "
-        "bounds. At 100 clients per round (RSS rise, round wall time): "
-        f"{windows}. At a fixed window the rise hardly follows the clients per "
-        f"round (window 4: {clients} clients per round, while 100 times more "
-        "messages pass), and the server's seconds per client stay flat. Even "
-        "one message in flight leaves Flower's process well above the bound "
-        "that the embedded server meets: what Flower keeps of a 10 MB message "
-        "and its reply (its records, their serialized copies, Ray's) is "
-        "Flower's, not the aggregation's. With two cores the engine trains two "
-        "clients at once, so a small window is as fast as a large one and "
-        "holds a fraction of the memory; the recipe's default (`max-in-flight "
-        "= 64`) is for deployments, where as many devices as the window may "
-        'train at once (FLOWER.md, "Rounds at scale").'
+        "ServerApp's process also holds Flower's in-memory state (its records "
+        "of the messages and replies in flight) and Ray's driver: its rise is "
+        "the library's (the embedded rows run the same server code) plus what "
+        "Flower keeps. At 100 clients per round (RSS rise, round wall time): "
+        f"{windows}. Even at window {smallest} the rise is "
+        f"{_rise(first) / bound(first):.1f} times the bound that the embedded "
+        "server meets; the window does not remove Flower's part, it limits it "
+        f"({_mib(_rise(first))} MiB at window {smallest}, {_mib(_rise(last))} "
+        f"MiB at {largest})."
+    )
+    for w in sorted({w for w, _ in flower}):
+        series = sorted((k, r) for (v, k), r in flower.items() if v == w)
+        if len(series) < 2:
+            continue
+        (k0, r0), (k1, r1) = series[0], series[-1]
+        text += (
+            f" At window {w}, from {k0} to {k1:,} clients per round, the rise "
+            f"goes from {_mib(_rise(r0))} to {_mib(_rise(r1))} MiB and the "
+            f"server's milliseconds per client from {per_client(r0):.1f} to "
+            f"{per_client(r1):.1f}."
+        )
+    text += (
+        f" Window {smallest} trains one client at a time; of the windows run "
+        f"(one run each), window {fastest} was the fastest here, where the "
+        "engine trains two clients at once on two cores. The recipe's default "
+        "(`max-in-flight = 64`) is for deployments, where as many devices as "
+        'the window may train at once (FLOWER.md, "Rounds at scale").'
     )
     return [_fill(text), ""]
 
@@ -403,7 +423,11 @@ def render(record: dict) -> str:
     ]
     measured = sorted(
         (record[k] for k in record if k.startswith("measured_")),
-        key=lambda e: (_runner(e["result"]), e["result"]["clients_per_round"]),
+        key=lambda e: (
+            e["result"]["runner"],
+            e["result"].get("window", 0),
+            e["result"]["clients_per_round"],
+        ),
     )
     if measured:
         lines += _measured(measured)
