@@ -53,20 +53,36 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _time_entry(record: dict) -> dict:
-    """One run's minutes and WERs, for the record's list of runs."""
-    omc, f32 = record["OMC"], record["float32"]
-    return {
-        "started": record["uptime_before"].split()[0],
-        "commit": record.get("commit"),
-        "float32_minutes": round(f32["minutes"], 3),
-        "OMC_minutes": round(omc["minutes"], 3),
-        "wall_ratio": round(omc["minutes"] / f32["minutes"], 3),
-        "cpu_ratio": round(
-            omc["cpu_minutes_this_process"] / f32["cpu_minutes_this_process"], 3
-        ),
-        "test_WER": [f32["test_WER"], omc["test_WER"]],
-    }
+def _time_entry(record: dict) -> dict | None:
+    """One run's minutes and WERs, for the record's list of runs (None for a
+    record from before these were kept)."""
+    omc, f32 = record.get("OMC", {}), record.get("float32", {})
+    cpu = "cpu_minutes_this_process"
+    try:
+        return {
+            "started": record.get("started") or record["uptime_before"].split()[0],
+            "command": record["command"],
+            "commit": record.get("commit"),
+            "float32_minutes": round(f32["minutes"], 3),
+            "OMC_minutes": round(omc["minutes"], 3),
+            "wall_ratio": round(omc["minutes"] / f32["minutes"], 3),
+            "cpu_ratio": round(omc[cpu] / f32[cpu], 3),
+            "test_WER": [f32["test_WER"], omc["test_WER"]],
+        }
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def _history(path: Path) -> list[dict]:
+    """The runs recorded so far in ``path`` (empty without a record)."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    history = previous.get("time_history")
+    if history is None:  # a record from before the list: its own run
+        history = [_time_entry(previous)]
+    return [h for h in history if h]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -115,6 +131,11 @@ def run(args) -> dict:
     command = f"python benchmarks/federated_synthspeech.py --output {args.output}"
     if args.rounds:
         command += f" --rounds {args.rounds}"
+    # Minutes vary from run to run on a shared machine: every recorded run of
+    # the same command is kept (read now: a broken record fails before the run).
+    path = OUT / "federated_synthspeech.json"
+    history = [h for h in _history(path) if h.get("command") == command]
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
     before = _uptime()
     start = time.perf_counter()
     demo_argv = ["--output", args.output]
@@ -131,6 +152,7 @@ def run(args) -> dict:
     )
     record = {
         "command": command,
+        "started": started,
         "commit": _commit(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}",
@@ -147,13 +169,6 @@ def run(args) -> dict:
         "parameter_memory_reduction": 1
         - omc["parameter_bytes"] / f32["parameter_bytes"],
     }
-    # Minutes vary from run to run on a shared machine: every recorded run's
-    # are kept (the previous record's too, when it predates the list).
-    path = OUT / "federated_synthspeech.json"
-    previous = json.loads(path.read_text()) if path.is_file() else None
-    history = []
-    if previous is not None:
-        history = previous.get("time_history") or [_time_entry(previous)]
     record["time_history"] = [*history, _time_entry(record)]
     OUT.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -193,7 +208,7 @@ def render(record: dict, output: Path) -> None:
 
     def time_table(history: list[dict]) -> str:
         lines = [
-            "| started | commit | float32 min | OMC min | wall ratio | CPU ratio "
+            "| started | code at | float32 min | OMC min | wall ratio | CPU ratio "
             "| test WER % float32 / OMC |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -308,7 +323,8 @@ Raw numbers: `benchmarks/results/federated_synthspeech.json`.
   CPU minutes in this run (decompression in forward and backward, stochastic
   rounding in every update); both ran at once on the same cores, so other
   jobs on the machine slow both. The step alone, without federation:
-  `benchmarks/results/main_job_step.md`. Every recorded run of this command:
+  `benchmarks/results/main_job_step.md`. Every recorded run of this command
+  (*code at*: the commit the run's code was at):
 
 {time_table(record.get("time_history") or [])}
 
