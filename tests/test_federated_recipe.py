@@ -56,6 +56,22 @@ def test_recipe_hparams_are_the_packaged_ones():
         assert recipe == (HPARAMS_DIR / name).read_text(encoding="utf-8"), name
 
 
+def test_hparams_file_resolves_bare_names_only(tmp_path, monkeypatch):
+    from speechbrain_omc.asr import HPARAMS_DIR, hparams_file
+
+    monkeypatch.chdir(tmp_path)  # no fed_omc.yaml here
+    assert hparams_file("fed_omc") == hparams_file("fed_omc.yaml")
+    assert hparams_file("fed_omc.yaml") == HPARAMS_DIR / "fed_omc.yaml"
+    mine = tmp_path / "fed_omc.yaml"
+    mine.write_text("rounds: 1\n")
+    assert hparams_file("fed_omc.yaml") == mine.resolve()  # a file here wins
+    # A mistyped path is an error, not the packaged file of the same name.
+    with pytest.raises(FileNotFoundError, match="no hparams file"):
+        hparams_file("recipes/typo/fed_omc.yaml")
+    with pytest.raises(FileNotFoundError, match="packaged: fed_fp32.yaml"):
+        hparams_file("fed_nothing")
+
+
 def test_fp32_twin_differs_only_by_omc():
     omc = (RECIPE / "hparams" / "fed_omc.yaml").read_text().splitlines()
     fp32 = (RECIPE / "hparams" / "fed_fp32.yaml").read_text().splitlines()

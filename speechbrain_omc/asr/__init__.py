@@ -69,8 +69,9 @@ def hparams_file(name: str | Path) -> Path:
     Arguments
     ---------
     name : str or Path
-        A path to a YAML file, or the name of one in :data:`HPARAMS_DIR`
-        (``fed_omc.yaml``, ``fed_omc``).
+        A path to a YAML file, or the bare name of one in :data:`HPARAMS_DIR`
+        (``fed_omc.yaml``, ``fed_omc``). A path with a folder must exist: a
+        mistyped one is an error, not the packaged file of the same name.
 
     Returns
     -------
@@ -84,6 +85,8 @@ def hparams_file(name: str | Path) -> Path:
     path = Path(name).expanduser()
     if path.is_file():
         return path.resolve()
+    if path.parent != Path("."):
+        raise FileNotFoundError(f"no hparams file {str(name)!r}")
     packaged = HPARAMS_DIR / (path.name if path.suffix else f"{path.name}.yaml")
     if packaged.is_file():
         return packaged
