@@ -433,13 +433,13 @@ def test_the_binding_is_checked_before_any_payload_is_parsed(
     parsed = []
     float32, compressed = wire.parse_float32_payload, CompressedTensor.from_bytes
 
-    def count_float32(payload):
+    def count_float32(payload, *args, **kwargs):
         parsed.append("float32")
-        return float32(payload)
+        return float32(payload, *args, **kwargs)
 
-    def count_compressed(payload):
+    def count_compressed(payload, *args, **kwargs):
         parsed.append("compressed")
-        return compressed(payload)
+        return compressed(payload, *args, **kwargs)
 
     monkeypatch.setattr(wire, "parse_float32_payload", count_float32)
     monkeypatch.setattr(CompressedTensor, "from_bytes", count_compressed)

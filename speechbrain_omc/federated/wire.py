@@ -856,13 +856,8 @@ def _parse_entry(
         # without the workspace's bookkeeping.
         workspace = None
     try:
-        # Without a workspace, called as they always were (tests count them).
-        if kind == COMPRESSED and workspace is None:
-            value = CompressedTensor.from_bytes(payload)
-        elif kind == COMPRESSED:
+        if kind == COMPRESSED:
             value = CompressedTensor.from_bytes(payload, workspace=workspace)
-        elif workspace is None:
-            value = parse_float32_payload(payload)
         else:
             value = parse_float32_payload(payload, workspace)
     except Exception as error:  # noqa: BLE001 - any failure is a bad payload
