@@ -37,12 +37,39 @@ def _meta(entry: dict) -> list[str]:
     ]
 
 
+def _window(result: dict) -> int:
+    # Records from before the window was an option ran the app's default.
+    return result.get("window", 64)
+
+
 def _runner(result: dict) -> str:
     """The runner, with the Flower app's window of messages in flight."""
     if result["runner"] != "flower":
         return result["runner"]
-    # Records from before the window was an option ran the app's default.
-    return f"flower, window {result.get('window', 64)}"
+    return f"flower, window {_window(result)}"
+
+
+def _rise(result: dict) -> int:
+    return max(r["rss_peak"] - r["rss_before"] for r in result["rounds"])
+
+
+def _bound(result: dict) -> float:
+    """The issue's limit for the rise: 1.5 x the model plus the largest message."""
+    return 1.5 * result["model_float32_bytes"] + result["largest_message"]
+
+
+def _server_seconds(result: dict) -> float:
+    """The server's own seconds per round, mean over the rounds."""
+    return statistics.fmean(sum(r["server_seconds"].values()) for r in result["rounds"])
+
+
+def _ms_per_client(result: dict) -> float:
+    accepted = statistics.fmean(r["accepted"] for r in result["rounds"])
+    return 1000 * _server_seconds(result) / max(accepted, 1)
+
+
+def _wall(result: dict) -> float:
+    return statistics.fmean(r["wall_seconds"] for r in result["rounds"])
 
 
 def _measured(entries: list[dict]) -> list[str]:
@@ -79,23 +106,21 @@ def _measured(entries: list[dict]) -> list[str]:
             values = [(r[key] if sub is None else r[key][sub]) for r in rounds]
             return statistics.fmean(values)
 
-        server = statistics.fmean(sum(r["server_seconds"].values()) for r in rounds)
-        accepted = mean("accepted")
-        rise = _rise(result)
-        bound = 1.5 * result["model_float32_bytes"] + result["largest_message"]
-        linear.setdefault(_runner(result), {})[k] = server / max(accepted, 1)
+        server = _server_seconds(result)
+        rise, bound = _rise(result), _bound(result)
+        linear.setdefault(_runner(result), {})[k] = _ms_per_client(result)
         rows.append(
             [
                 _runner(result),
                 k,
-                f"{mean('sampled'):.0f} / {accepted:.0f}",
+                f"{mean('sampled'):.0f} / {mean('accepted'):.0f}",
                 f"{server:.2f}",
                 " / ".join(
                     f"{mean('server_seconds', s):.2f}"
                     for s in ("encode", "decode", "validate", "aggregate")
                 ),
-                f"{1000 * server / max(accepted, 1):.2f}",
-                f"{mean('wall_seconds'):.1f}",
+                f"{_ms_per_client(result):.2f}",
+                f"{_wall(result):.1f}",
                 f"{mean('bytes_down') / MIB:.1f} / {mean('bytes_up') / MIB:.1f}",
                 _mib(max(r["rss_before"] for r in rounds)),
                 f"{rise / MIB:.2f}",
@@ -138,7 +163,7 @@ def _measured(entries: list[dict]) -> list[str]:
             continue
         lines.append(
             f"- {runner}: server milliseconds per accepted client "
-            + ", ".join(f"{1000 * per_client[k]:.2f} at {k}" for k in ks)
+            + ", ".join(f"{per_client[k]:.2f} at {k}" for k in ks)
             + f" (ratio {ks[-1]} to {ks[0]} clients: "
             f"{per_client[ks[-1]] / per_client[ks[0]]:.2f}; 1.00 is linear)."
         )
@@ -148,10 +173,6 @@ def _measured(entries: list[dict]) -> list[str]:
 
 def _fill(text: str) -> str:
     return textwrap.fill(text, 76, break_on_hyphens=False)
-
-
-def _rise(result: dict) -> int:
-    return max(r["rss_peak"] - r["rss_before"] for r in result["rounds"])
 
 
 def _embedded_parts(results: list[dict]) -> list[str]:
@@ -210,31 +231,18 @@ def _embedded_parts(results: list[dict]) -> list[str]:
 def _flower_parts(results: list[dict]) -> list[str]:
     """What the Flower rows say about the window of messages in flight."""
     flower = {
-        (r.get("window", 64), r["clients_per_round"]): r
+        (_window(r), r["clients_per_round"]): r
         for r in results
         if r["runner"] == "flower"
     }
     at_100 = sorted((w, r) for (w, k), r in flower.items() if k == 100)
     if len(at_100) < 2:
         return []
-
-    def wall(result):
-        return statistics.fmean(r["wall_seconds"] for r in result["rounds"])
-
-    def per_client(result):
-        rounds = result["rounds"]
-        server = statistics.fmean(sum(r["server_seconds"].values()) for r in rounds)
-        accepted = statistics.fmean(r["accepted"] for r in rounds)
-        return 1000 * server / max(accepted, 1)
-
-    def bound(result):
-        return 1.5 * result["model_float32_bytes"] + result["largest_message"]
-
     windows = "; ".join(
-        f"window {w}: {_mib(_rise(r))} MiB, {wall(r):.1f} s" for w, r in at_100
+        f"window {w}: {_mib(_rise(r))} MiB, {_wall(r):.1f} s" for w, r in at_100
     )
     (smallest, first), (largest, last) = at_100[0], at_100[-1]
-    fastest = min(at_100, key=lambda item: wall(item[1]))[0]
+    fastest = min(at_100, key=lambda item: _wall(item[1]))[0]
     text = (
         "Flower's rows, and the window. In Flower's Simulation Engine the "
         "ServerApp's process also holds Flower's in-memory state (its records "
@@ -242,7 +250,7 @@ def _flower_parts(results: list[dict]) -> list[str]:
         "the library's (the embedded rows run the same server code) plus what "
         "Flower keeps. At 100 clients per round (RSS rise, round wall time): "
         f"{windows}. Even at window {smallest} the rise is "
-        f"{_rise(first) / bound(first):.1f} times the bound that the embedded "
+        f"{_rise(first) / _bound(first):.1f} times the bound that the embedded "
         "server meets; the window does not remove Flower's part, it limits it "
         f"({_mib(_rise(first))} MiB at window {smallest}, {_mib(_rise(last))} "
         f"MiB at {largest})."
@@ -255,8 +263,8 @@ def _flower_parts(results: list[dict]) -> list[str]:
         text += (
             f" At window {w}, from {k0} to {k1:,} clients per round, the rise "
             f"goes from {_mib(_rise(r0))} to {_mib(_rise(r1))} MiB and the "
-            f"server's milliseconds per client from {per_client(r0):.1f} to "
-            f"{per_client(r1):.1f}."
+            f"server's milliseconds per client from {_ms_per_client(r0):.1f} to "
+            f"{_ms_per_client(r1):.1f}."
         )
     text += (
         f" Window {smallest} trains one client at a time; of the windows run "
@@ -425,7 +433,7 @@ def render(record: dict) -> str:
         (record[k] for k in record if k.startswith("measured_")),
         key=lambda e: (
             e["result"]["runner"],
-            e["result"].get("window", 0),
+            _window(e["result"]),
             e["result"]["clients_per_round"],
         ),
     )
