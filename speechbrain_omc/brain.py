@@ -313,27 +313,54 @@ class OMCMixin:
     def optimizers_step(self):
         """Fused mode finishes the OMC step first; then SpeechBrain's step.
 
-        Under DDP the fused updates wait for the all-reduced gradients and
-        run here, so that the optimizer then finds no gradient on the
-        compressed parameters (in one process backward consumed them). With
-        two-pass clipping the float32 gradients take the same coefficient.
+        With deferred clipping (the default) SpeechBrain's clipping runs here
+        over every gradient, the held compressed ones included (per
+        optimizer, over its first parameter group, as ``sb.Brain`` does);
+        the fused updates then apply, and SpeechBrain's own step finds only
+        float32 gradients, already clipped. Under DDP the fused updates wait
+        for the all-reduced gradients and run here too. With two-pass
+        clipping the float32 gradients take the measured coefficient.
         """
-        if self.omc is not None:
-            coef = self.omc.clip_coef
-            self.omc.step()
+        omc = self.omc
+        if omc is not None and omc.holds_gradients:
+            for optimizer in self._omc_valid_optimizers():
+                omc.clip_grad_norm_(
+                    optimizer.param_groups[0]["params"], self.max_grad_norm
+                )
+            omc.step()
+            # Clipped once already: torch's clipping with an infinite limit
+            # multiplies by exactly 1.
+            limit, self.max_grad_norm = self.max_grad_norm, float("inf")
+            try:
+                super().optimizers_step()
+            finally:
+                self.max_grad_norm = limit
+        elif omc is not None:
+            coef = omc.clip_coef
+            omc.step()
             if coef is not None and coef < 1.0:
                 for param in self.modules.parameters():
                     if param.grad is not None:
                         param.grad.mul_(coef)
-        super().optimizers_step()
-        if self.omc is not None and not self._omc_state_logged:
+            super().optimizers_step()
+        else:
+            super().optimizers_step()
+        if omc is not None and not self._omc_state_logged:
             # After the first step: the optimizer state now exists, so the
             # table reports stored bytes, not predictions.
             self._omc_state_logged = True
             logger.info(
                 "OMC training state after the first step:\n%s",
-                self.omc.memory_table(),
+                omc.memory_table(),
             )
+
+    def _omc_valid_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers SpeechBrain steps now (not frozen), as it finds them."""
+        if self.optimizers_dict is not None:
+            return list(self.freeze_optimizers(self.optimizers_dict).values())
+        if self.opt_class is not None:
+            return [self.optimizer]
+        return []
 
 
 class OMCBrain(OMCMixin, sb.Brain):

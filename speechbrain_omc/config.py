@@ -29,7 +29,8 @@ FP32_POLICIES = ("fixed", "largest", "smallest", "random")
 UPDATE_MODES = ("fused", "simple")
 NONFINITE_ACTIONS = ("skip", "raise")
 PLAN_CHANGE_ACTIONS = ("error", "recompress")
-CLIPPINGS = ("previous_norm", "per_parameter", "two_pass")
+CLIPPINGS = ("deferred", "previous_norm", "per_parameter", "two_pass")
+HELD_GRAD_FORMATS = ("auto", "bf16", "fp32")
 STATE_BUFFERS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 
 
@@ -116,11 +117,19 @@ class OMCConfig:
         Store Adam's second moment as its square root (half the range).
     fused_clipping : str
         How fused mode honours the Brain's ``max_grad_norm``:
-        ``"previous_norm"`` scales each update by the previous step's
-        gradient norm (no extra cost; the first step clips per parameter),
+        ``"deferred"`` (default) holds each compressed gradient until
+        backward ends and clips them all by the step's global norm, as
+        SpeechBrain does (bit for bit with lossless weights; costs the held
+        gradients' memory, see ``held_grad_format``); ``"previous_norm"``
+        scales each update by the previous step's gradient norm (no extra
+        cost; the first step clips per parameter),
         ``"per_parameter"`` clips each parameter's gradient on its own,
         ``"two_pass"`` runs forward and backward twice (the first measures
         the global norm), as LOMO does.
+    held_grad_format : str
+        Storage of the gradients deferred clipping holds: ``"auto"``
+        (bfloat16, float32 for lossless ``fp32`` weights), ``"bf16"`` or
+        ``"fp32"``.
     nonfinite_grad : str
         What a non-finite gradient of a compressed parameter does: ``"skip"``
         the update with a warning, or ``"raise"``.
@@ -158,7 +167,8 @@ class OMCConfig:
     state_format: str | Mapping[str, str] | None = None
     state_block: int = 256
     state_sqrt: bool = True
-    fused_clipping: str = "previous_norm"
+    fused_clipping: str = "deferred"
+    held_grad_format: str = "auto"
     nonfinite_grad: str = "skip"
     on_plan_change: str = "error"
 
@@ -216,6 +226,7 @@ class OMCConfig:
                 f"OMCConfig: state_block must be a power of two >= 16, got {block!r}"
             )
         _check_choice("fused_clipping", self.fused_clipping, CLIPPINGS)
+        _check_choice("held_grad_format", self.held_grad_format, HELD_GRAD_FORMATS)
         if self.fp32_policy == "fixed" and not self.fp32_patterns:
             if self.fp32_fraction > 0:
                 raise ValueError(

@@ -41,6 +41,7 @@ import torch
 
 from speechbrain_omc.accounting import format_training_state, training_state_bytes
 from speechbrain_omc.blockwise import BlockwiseTensor
+from speechbrain_omc.clipping import HeldGradients, clip_grad_norm_
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.formats import _finite_minmax, get_format
@@ -103,6 +104,10 @@ class OMCHandle:
         self._norm_sq = 0.0  # this step's squared gradient norms
         self._previous_norm: float | None = None
         self._measuring = False
+        # Deferred clipping: gradients held until backward ends, and the
+        # coefficient clip_grad_norm_ found for each.
+        self.held = HeldGradients(self._take)
+        self._coefs: dict[str, torch.Tensor] = {}
         self.aliases: dict[str, tuple[str, ...]] = {}
         # Where each compressed parameter lives: (owning module, attribute).
         self._holders: dict[str, tuple[torch.nn.Module, str]] = {}
@@ -210,6 +215,11 @@ class OMCHandle:
         return params
 
     # ------------------------------------------------------ decode and write
+    def _take(
+        self, numel: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        return self.workspace.take(numel, device, dtype)
+
     def _decode(self, slot: Slot) -> torch.Tensor:
         codes = slot.codes
         buffer = self.workspace.take(codes.numel(), codes.device)
@@ -270,6 +280,27 @@ class OMCHandle:
         self.skipped_updates += 1
 
     # ---------------------------------------------------------------- updates
+    @property
+    def holds_gradients(self) -> bool:
+        """Whether backward holds compressed gradients for global clipping.
+
+        True in fused mode with ``fused_clipping="deferred"`` and a finite
+        :attr:`max_grad_norm`.
+        """
+        limit = self.max_grad_norm
+        return (
+            self.mode == "fused"
+            and self.config.fused_clipping == "deferred"
+            and limit is not None
+            and limit < float("inf")
+        )
+
+    def _held_dtype(self, slot: Slot) -> torch.dtype:
+        """Storage type of a held gradient (``OMCConfig.held_grad_format``)."""
+        # Lossless weights keep float32's arithmetic: a float32 copy.
+        itemsize = self._held_itemsize(slot.codes.format.name)
+        return torch.float32 if itemsize == 4 else torch.bfloat16
+
     def _on_grad(self, param: CompressedParameter) -> None:
         if self.mode != "fused":
             return
@@ -280,10 +311,49 @@ class OMCHandle:
         if _distributed():  # DDP all-reduces the gradient after this hook
             self._deferred.add(param.slot.name)
             return
+        if self.holds_gradients:
+            slot = param.slot
+            grad, param.grad = param.grad, None
+            self.held.hold(slot.name, grad.float(), self._held_dtype(slot))
+            return
         self._fused_update(param)
 
-    def _fused_update(self, param: CompressedParameter) -> None:
-        grad, param.grad = param.grad, None
+    def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` that also covers held gradients.
+
+        Float32 gradients are scaled in place; held ones are scaled by the
+        same coefficient when :meth:`step` applies them. With deferred
+        clipping this is the whole step's global clipping, as SpeechBrain's
+        ``max_grad_norm`` does it.
+
+        Arguments
+        ---------
+        parameters : iterable of torch.nn.Parameter
+            Parameters clipped together (compressed ones included).
+        max_norm : float
+            Largest norm after clipping.
+
+        Returns
+        -------
+        torch.Tensor
+            The total norm before clipping.
+        """
+        parameters = list(parameters)
+        names = {
+            id(p): p.slot.name for p in parameters if isinstance(p, CompressedParameter)
+        }
+        total, coef = clip_grad_norm_(parameters, max_norm, self.held, names)
+        if coef is not None:
+            for name in names.values():
+                if name in self.held:
+                    self._coefs[name] = coef
+        return total
+
+    def _fused_update(
+        self, param: CompressedParameter, grad: torch.Tensor | None = None
+    ) -> None:
+        if grad is None:
+            grad, param.grad = param.grad, None
         self._deferred.discard(param.slot.name)
         if grad is None:
             return
@@ -318,13 +388,14 @@ class OMCHandle:
 
         Compressed parameters are clipped here, by the rule chosen; float32
         parameters by the Brain's optimizer step, as SpeechBrain does.
+        Deferred clipping scaled the gradient already (:meth:`clip_grad_norm_`).
         """
         limit = self.max_grad_norm
-        if limit is None or not limit < float("inf"):
+        mode = self.config.fused_clipping
+        if limit is None or not limit < float("inf") or mode == "deferred":
             return grad
         norm_sq = float(torch.linalg.vector_norm(grad)) ** 2
         self._norm_sq += norm_sq
-        mode = self.config.fused_clipping
         if mode == "two_pass" and self.clip_coef is not None:
             coef = self.clip_coef
         elif mode == "previous_norm" and self._previous_norm is not None:
@@ -366,19 +437,29 @@ class OMCHandle:
         """Finish a training step.
 
         Fused mode: apply the updates that backward did not (gradients under
-        DDP, parameters moved to a new device since the last step); call it
-        before the optimizer's step, which then finds no gradient on the
-        compressed parameters. Simple mode: nothing, the optimizer updates
-        the parameters.
+        DDP, parameters moved to a new device since the last step, gradients
+        held for deferred clipping); call it before the optimizer's step,
+        which then finds no gradient on the compressed parameters. Held
+        gradients take the coefficient of :meth:`clip_grad_norm_`; without
+        that call they are clipped by their own global norm. Simple mode:
+        nothing, the optimizer updates the parameters.
         """
         params = self._bound()
         if self.mode == "fused":
             for param in params.values():
                 if param.grad is not None:
                     self._fused_update(param)
+            if len(self.held):
+                if not self._coefs:  # no clip_grad_norm_: the held ones alone
+                    self.clip_grad_norm_(params.values(), self.max_grad_norm)
+                for name, param in params.items():
+                    if name in self.held:
+                        grad = self.held.release(name, self._coefs.get(name))
+                        self._fused_update(param, grad)
         # previous_norm clipping: this step's norm scales the next step.
         self._previous_norm = self._norm_sq**0.5 if self._norm_sq else None
         self._norm_sq, self.clip_coef = 0.0, None
+        self._coefs.clear()
         self.workspace.trim()
 
     def zero_grad(self) -> None:
@@ -386,6 +467,8 @@ class OMCHandle:
         for param in self.parameters().values():
             param.grad = None
         self._deferred.clear()
+        self.held.clear()
+        self._coefs.clear()
 
     def reset_state(self, seed: int | None = None) -> None:
         """Restart the update state (step counts, momentum), as a new run.
@@ -650,8 +733,18 @@ class OMCHandle:
                 if k != "step"
             )
             omc["optimizer_state"] = predicted - compressed_float32 + measured
+        if self.holds_gradients:  # held from backward to the step
+            omc["gradients"] += sum(
+                e.numel * self._held_itemsize(e.format) for e in self.plan.compressed
+            )
         omc["total"] = omc["parameters"] + omc["gradients"] + omc["optimizer_state"]
         return report
+
+    def _held_itemsize(self, fmt: str) -> int:
+        choice = self.config.held_grad_format
+        if choice == "auto":
+            return 4 if get_format(fmt).bits >= 32 else 2
+        return 4 if choice == "fp32" else 2
 
     def memory_table(self) -> str:
         """:meth:`memory_report` as a table.

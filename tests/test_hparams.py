@@ -126,6 +126,7 @@ def test_every_omc_config_argument_is_a_flat_key(name, tmp_path):
         "state_block": 64,
         "state_sqrt": False,
         "fused_clipping": "two_pass",
+        "held_grad_format": "fp32",
         "nonfinite_grad": "raise",
         "on_plan_change": "recompress",
     }

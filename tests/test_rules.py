@@ -221,7 +221,9 @@ def _fit(clipping: str, max_grad_norm: float, optimizer) -> tuple[dict, dict]:
     return before, after
 
 
-@pytest.mark.parametrize("clipping", ["previous_norm", "per_parameter", "two_pass"])
+@pytest.mark.parametrize(
+    "clipping", ["deferred", "previous_norm", "per_parameter", "two_pass"]
+)
 def test_max_grad_norm_bounds_fused_updates(clipping):
     def sgd(params):
         return torch.optim.SGD(params, lr=0.5)
@@ -279,8 +281,9 @@ def test_per_parameter_clipping_bounds_each_compressed_update():
         assert _norm(step["delta"][n] for n in COMPRESSED) > 0.05 * 1.3
 
 
-def test_two_pass_clipping_is_speechbrains_global_clipping():
-    for step in _clipped_steps("two_pass", 0.05)[1:]:
+@pytest.mark.parametrize("clipping", ["deferred", "two_pass"])
+def test_global_clipping_modes_bound_the_whole_update(clipping):
+    for step in _clipped_steps(clipping, 0.05)[1:]:
         # One coefficient for every parameter, float32 ones included.
         assert _norm(step["delta"].values()) == pytest.approx(0.05, abs=TOL)
 

@@ -1,0 +1,162 @@
+"""Global gradient clipping for fused updates: hold, measure, then clip.
+
+A fused update consumes a compressed weight's gradient inside backward, before
+the gradients of the other layers exist, so the global norm that
+``torch.nn.utils.clip_grad_norm_`` (and SpeechBrain's ``max_grad_norm``) needs
+is unknown at that moment. :class:`HeldGradients` keeps each such gradient
+until backward ends, in bfloat16 (in float32 for lossless weights, so that the
+result is float32 training's bit for bit), with its norm measured on the
+float32 gradient; :func:`clip_grad_norm_` then computes the coefficient exactly
+as torch does, over held and ordinary gradients in parameter order, and the
+fused updates run with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+__all__ = ["HeldGradients", "clip_grad_norm_"]
+
+
+class HeldGradients:
+    """Gradients of compressed weights waiting for the step's clipping.
+
+    Arguments
+    ---------
+    take : callable
+        ``take(numel, device, dtype)`` returns an uninitialised 1-D buffer
+        (the engine's workspace, so that held gradients stay off the heap).
+
+    Example
+    -------
+    >>> held = HeldGradients(lambda n, device, dtype: torch.empty(n, dtype=dtype))
+    >>> held.hold("w", torch.tensor([3.0, 4.0]), torch.bfloat16)
+    >>> float(held.norms["w"]), held.nbytes
+    (5.0, 4)
+    >>> held.release("w", coef=torch.tensor(0.5))
+    tensor([1.5000, 2.0000])
+    """
+
+    def __init__(self, take: Callable[..., torch.Tensor]):
+        self._take = take
+        self._grads: dict[str, torch.Tensor] = {}
+        self.norms: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._grads
+
+    def __len__(self) -> int:
+        return len(self._grads)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the gradients held now."""
+        return sum(g.numel() * g.element_size() for g in self._grads.values())
+
+    def hold(self, name: str, grad: torch.Tensor, dtype: torch.dtype) -> None:
+        """Keep ``grad`` (cast to ``dtype``) and its float32 norm.
+
+        Arguments
+        ---------
+        name : str
+            The parameter's name.
+        grad : torch.Tensor
+            Its complete gradient of this backward.
+        dtype : torch.dtype
+            Storage type of the held copy.
+        """
+        # The norm torch's clipping would take: of the float32 gradient.
+        self.norms[name] = torch.linalg.vector_norm(grad)
+        buffer = self._take(grad.numel(), grad.device, dtype).view(grad.shape)
+        buffer.copy_(grad)
+        self._grads[name] = buffer
+
+    def release(
+        self, name: str, coef: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Hand back a held gradient as float32, times ``coef``; forget it.
+
+        Arguments
+        ---------
+        name : str
+            The parameter's name.
+        coef : torch.Tensor, optional
+            The clipping coefficient (a 0-dim float32 tensor).
+
+        Returns
+        -------
+        torch.Tensor or None
+            ``None`` when nothing is held under ``name``.
+        """
+        held = self._grads.pop(name, None)
+        self.norms.pop(name, None)
+        if held is None:
+            return None
+        grad = held if held.dtype == torch.float32 else held.float()
+        if coef is not None:
+            grad = grad.mul_(coef) if grad is not held else grad * coef
+        return grad
+
+    def clear(self) -> None:
+        """Drop every held gradient."""
+        self._grads.clear()
+        self.norms.clear()
+
+
+def clip_grad_norm_(
+    parameters: Iterable[torch.nn.Parameter],
+    max_norm: float,
+    held: HeldGradients | None = None,
+    names: dict[int, str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``torch.nn.utils.clip_grad_norm_`` over ordinary and held gradients.
+
+    The total is the 2-norm of the per-parameter norms in the order of
+    ``parameters`` (a held gradient counts by the norm measured when it was
+    held); ordinary gradients are scaled in place, held ones later by the
+    returned coefficient. With float32 held gradients this is torch's
+    arithmetic bit for bit.
+
+    Arguments
+    ---------
+    parameters : iterable of torch.nn.Parameter
+        The parameters to clip together (SpeechBrain: an optimizer's first
+        parameter group).
+    max_norm : float
+        Largest norm of the clipped gradients.
+    held : HeldGradients, optional
+        Gradients held by fused updates.
+    names : dict, optional
+        ``id(parameter) -> name`` of the parameters that may be held.
+
+    Returns
+    -------
+    total_norm : torch.Tensor
+        The norm before clipping.
+    coef : torch.Tensor or None
+        The clamped coefficient (``None`` when there was no gradient).
+
+    Example
+    -------
+    >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+    >>> total, coef = clip_grad_norm_([p], 1.0)
+    >>> float(total), p.grad
+    (5.0, tensor([0.6000, 0.8000]))
+    """
+    names = names or {}
+    norms, grads = [], []
+    for param in parameters:
+        if param.grad is not None:
+            grads.append(param.grad)
+            norms.append(torch.linalg.vector_norm(param.grad))
+        elif held is not None and names.get(id(param)) in held:
+            norms.append(held.norms[names[id(param)]])
+    if not norms:
+        return torch.tensor(0.0), None
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grad in grads:
+        grad.mul_(coef)
+    return total, coef
