@@ -63,6 +63,8 @@ DEFAULT_OMC: dict[str, object] = {
     "omc_fp32_patterns": [],
     "omc_rounding": "nearest",
     "omc_update_rounding": "stochastic",
+    "omc_fused_clipping": "deferred",
+    "omc_held_grad_format": "auto",
 }
 
 #: The fixed PPQ policy's float32 variables: the first and last layers (the
@@ -109,7 +111,9 @@ def _omc(name: str, factor: str, label: str, **changes) -> Cell:
 
 
 FLOAT32 = Cell("float32", "baseline", "float32", hparams="fed_fp32.yaml")
-DEFAULT = _omc("default", "default", "OMC default: e3m7, scale, WMOQ, PPQ 10 % random")
+DEFAULT = _omc(
+    "default", "default", "OMC default: e3m7, scale, WMOQ, PPQ 10 % random, deferred"
+)
 
 
 def paper_grid() -> list[Cell]:

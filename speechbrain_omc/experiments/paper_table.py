@@ -42,8 +42,8 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from speechbrain_omc.experiments import report
@@ -60,6 +60,38 @@ from speechbrain_omc.experiments.runner import GridMismatch, Run, plan_runs, run
 logger = logging.getLogger(__name__)
 
 STATE = "grid_state.json"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A grid of cells over seeds, run and reported by :func:`main`.
+
+    Arguments
+    ---------
+    name : str
+        Module name under ``speechbrain_omc.experiments`` and report stem.
+    title : str
+        The report's heading.
+    cells : callable
+        The full grid's cells.
+    settings : GridSettings
+        The full grid's rounds and seeds.
+    """
+
+    name: str
+    title: str
+    cells: Callable[[], list[Cell]]
+    settings: GridSettings
+
+    @property
+    def prog(self) -> str:
+        """The command that runs it."""
+        return f"python -m speechbrain_omc.experiments.{self.name}"
+
+
+PAPER_TABLE = Experiment(
+    "paper_table", "Paper table: OMC against float32", paper_grid, FULL_SETTINGS
+)
 
 
 def _machine() -> str:
@@ -89,12 +121,14 @@ def _parse_value(text: str):
     return yaml.safe_load(text)
 
 
-def parse_args(argv: Sequence[str] | None = None):
+def parse_args(argv: Sequence[str] | None = None, prog: str = PAPER_TABLE.prog):
     """The command line (known options, and hparams overrides for every run).
 
     Arguments
     ---------
     argv : sequence of str, optional
+    prog : str
+        The command's name in its help.
 
     Returns
     -------
@@ -108,8 +142,8 @@ def parse_args(argv: Sequence[str] | None = None):
     (True, {'d_model': 16})
     """
     parser = argparse.ArgumentParser(
-        prog="python -m speechbrain_omc.experiments.paper_table",
-        description=__doc__.splitlines()[0],
+        prog=prog,
+        description="Run a grid of federated configurations over seeds, resumably.",
     )
     parser.add_argument("--output", default=None, help="grid folder")
     parser.add_argument("--quick", action="store_true", help="2 cells, 2 rounds (CI)")
@@ -141,23 +175,26 @@ def parse_args(argv: Sequence[str] | None = None):
     return args, overrides
 
 
-def grid_from_args(args, overrides: dict) -> tuple[list[Cell], GridSettings]:
+def grid_from_args(
+    args, overrides: dict, experiment: Experiment = PAPER_TABLE
+) -> tuple[list[Cell], GridSettings]:
     """The cells and settings the command line asks for.
 
     Arguments
     ---------
     args : argparse.Namespace
     overrides : dict
+    experiment : Experiment
 
     Returns
     -------
     tuple
         ``(cells, settings)``.
     """
-    cells = quick_grid() if args.quick else paper_grid()
-    settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
+    cells = quick_grid() if args.quick else experiment.cells()
+    settings = QUICK_SETTINGS if args.quick else experiment.settings
     if args.cells:
-        known = {c.name: c for c in paper_grid()}
+        known = {c.name: c for c in experiment.cells()}
         unknown = [n for n in args.cells if n not in known]
         if unknown:
             raise SystemExit(f"unknown cells {unknown}; known: {sorted(known)}")
@@ -203,8 +240,9 @@ def write_report(
     settings: GridSettings,
     state: dict,
     extra_sections: Sequence[str] = (),
+    experiment: Experiment = PAPER_TABLE,
 ) -> list[dict]:
-    """Write ``paper_table.{md,csv,png}`` and ``runs.csv`` from finished runs.
+    """Write ``<name>.{md,csv,png}`` and ``runs.csv`` from finished runs.
 
     Arguments
     ---------
@@ -215,16 +253,19 @@ def write_report(
         The grid's invocations (command, times, load averages).
     extra_sections : sequence of str
         More Markdown sections (the analytic columns).
+    experiment : Experiment
+        Which grid (names the files and the heading).
 
     Returns
     -------
     list of dict
         The table's rows.
     """
+    name = experiment.name
     results = collect(runs)
     rows = report.cell_rows(results)
     per_run = report.run_rows(results)
-    report.write_csv(rows, output / "paper_table.csv")
+    report.write_csv(rows, output / f"{name}.csv")
     report.write_csv(
         per_run, output / "runs.csv", list(per_run[0]) if per_run else ["cell"]
     )
@@ -232,7 +273,7 @@ def write_report(
     if finished:
         report.plot_table(
             rows,
-            output / "paper_table.png",
+            output / f"{name}.png",
             f"SynthSpeech federated, {settings.rounds} rounds, "
             f"{len(settings.seeds)} seeds: test WER against bytes",
         )
@@ -243,9 +284,9 @@ def write_report(
         f"{i.get('load_after', '?')} at the end ({i.get('seconds', 0) / 60:.0f} min)"
         for i in invocations
     ]
-    header = f"""# Paper table: OMC against float32, federated SynthSpeech
+    header = f"""# {experiment.title}, federated SynthSpeech
 
-Written by `python -m speechbrain_omc.experiments.paper_table`. Runs finished:
+Written by `{experiment.prog}`. Runs finished:
 {finished} of {len(runs)}. Each run: the main job's federation (packaged
 `fed_omc.yaml` / `fed_fp32.yaml`: 8 clients of 3 training speakers, 4 per round,
 2 local epochs of SGD) for {settings.rounds} rounds, validation only after the
@@ -269,33 +310,37 @@ training); bytes are `len()` of the messages.
     sections = [
         header,
         "## Table\n\n" + report.format_table(rows),
-        "![test WER against bytes per round](paper_table.png)",
+        f"![test WER against bytes per round]({name}.png)",
         *extra_sections,
         "## Every run\n\nTest WER with its 95 % bootstrap interval over the test "
         "utterances (10,000 resamples).\n\n" + report.format_runs(per_run),
     ]
-    report.write_markdown(output / "paper_table.md", sections)
+    report.write_markdown(output / f"{name}.md", sections)
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, experiment: Experiment = PAPER_TABLE
+) -> int:
     """Run (or resume) the grid and write the report.
 
     Arguments
     ---------
     argv : sequence of str, optional
+    experiment : Experiment
+        Which grid.
 
     Returns
     -------
     int
         0, or 1 when a run failed.
     """
-    args, overrides = parse_args(argv)
+    name = experiment.name
+    args, overrides = parse_args(argv, experiment.prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cells, settings = grid_from_args(args, overrides)
+    cells, settings = grid_from_args(args, overrides, experiment)
     output = Path(
-        args.output
-        or ("results/paper_table_quick" if args.quick else "results/paper_table")
+        args.output or (f"results/{name}_quick" if args.quick else f"results/{name}")
     ).resolve()
     output.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(cells, settings, output)
@@ -303,14 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run in runs:
             run.check_spec()
     except GridMismatch as error:
-        raise SystemExit(f"paper_table: {error}") from None
+        raise SystemExit(f"{name}: {error}") from None
     state_path = output / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     state["machine"] = _machine()
     invocation = {
         "command": shlex.join(
-            ["python", "-m", "speechbrain_omc.experiments.paper_table"]
-            + list(sys.argv[1:] if argv is None else argv)
+            experiment.prog.split() + list(sys.argv[1:] if argv is None else argv)
         ),
         "started": time.strftime("%Y-%m-%d %H:%M"),
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -322,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.replace(tmp, state_path)
 
     def refresh(_run=None):
-        write_report(output, runs, settings, state)
+        write_report(output, runs, settings, state, experiment=experiment)
 
     outcome = {"failed": {}}
     if not args.report_only:
@@ -345,9 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             len(outcome["ran"]),
             len(outcome["failed"]),
         )
-    rows = write_report(output, runs, settings, state)
+    rows = write_report(output, runs, settings, state, experiment=experiment)
     print(report.format_table(rows))
-    print(f"\nreport: {output / 'paper_table.md'}")
+    print(f"\nreport: {output / (name + '.md')}")
     return 1 if outcome["failed"] else 0
 
 
