@@ -94,9 +94,12 @@ class HeldGradients:
         self.norms.pop(name, None)
         if held is None:
             return None
-        grad = held if held.dtype == torch.float32 else held.float()
+        grad = held
+        if held.dtype != torch.float32:
+            grad = self._take(held.numel(), held.device, torch.float32)
+            grad = grad.view(held.shape).copy_(held)
         if coef is not None:
-            grad = grad.mul_(coef) if grad is not held else grad * coef
+            grad.mul_(coef)
         return grad
 
     def clear(self) -> None:

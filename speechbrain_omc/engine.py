@@ -450,7 +450,8 @@ class OMCHandle:
                 if param.grad is not None:
                     self._fused_update(param)
             if len(self.held):
-                if not self._coefs:  # no clip_grad_norm_: the held ones alone
+                if not self._coefs and self.holds_gradients:
+                    # No clip_grad_norm_ call: the held ones are clipped alone.
                     self.clip_grad_norm_(params.values(), self.max_grad_norm)
                 for name, param in params.items():
                     if name in self.held:
