@@ -148,3 +148,38 @@ def test_quick_grid_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path)
     )
     assert other.returncode != 0
     assert "rounds: folder 2, this grid 3" in other.stderr
+
+
+def _summary(wer: float, parameter_bytes: int) -> dict:
+    return {
+        "test_WER": wer,
+        "parameter_bytes": parameter_bytes,
+        "bytes_down": 2 * parameter_bytes,
+        "bytes_up": 2 * parameter_bytes,
+        "rounds": 2,
+        "train_minutes": 1.0,
+    }
+
+
+def test_the_ablation_ladder_reports_paired_differences(tmp_path):
+    from speechbrain_omc.experiments import ablation, report
+
+    cells = {c.name: c for c in ablation.ablation_ladder()}
+    # Every rung but float32 is an OMC run of the packaged hparams, and the
+    # rungs differ from the default in one setting each (the lossless
+    # clippings: in two, format and clipping).
+    default = dict(cells["default"].overrides)
+    for name, cell in cells.items():
+        if name in ("float32", "default"):
+            continue
+        changed = {k for k, v in cell.overrides.items() if default.get(k) != v}
+        assert 1 <= len(changed) <= (2 if name.startswith("lossless_") else 1), name
+    results = {
+        cells["float32"]: {1: _summary(20.0, 100), 2: _summary(22.0, 100)},
+        cells["default"]: {1: _summary(21.0, 40), 2: _summary(24.0, 40)},
+    }
+    rows = report.cell_rows(results)
+    assert rows[1]["wer_delta"] == 1.5  # paired by seed: (1 + 2) / 2
+    assert rows[1]["wer_delta_ci_low"] < 1.5 < rows[1]["wer_delta_ci_high"]
+    report.plot_differences(rows, tmp_path / "ablation.png", "ladder")
+    assert (tmp_path / "ablation.png").stat().st_size > 5_000

@@ -40,6 +40,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from speechbrain_omc.experiments import report
 from speechbrain_omc.experiments.grid import (
     DEFAULT,
     DEFAULT_OMC,
@@ -118,6 +119,7 @@ ABLATION = Experiment(
     "Ablation ladder: float32 to OMC's default, one mechanism at a time",
     ablation_ladder,
     GridSettings(rounds=40, seeds=(1986, 1987, 1988, 1989, 1990)),
+    plot=report.plot_differences,
 )
 
 

@@ -76,12 +76,15 @@ class Experiment:
         The full grid's cells.
     settings : GridSettings
         The full grid's rounds and seeds.
+    plot : callable
+        ``plot(rows, path, title)`` draws the report's figure.
     """
 
     name: str
     title: str
     cells: Callable[[], list[Cell]]
     settings: GridSettings
+    plot: Callable[..., None] = report.plot_table
 
     @property
     def prog(self) -> str:
@@ -271,7 +274,7 @@ def write_report(
     )
     finished = sum(len(v) for v in results.values())
     if finished:
-        report.plot_table(
+        experiment.plot(
             rows,
             output / f"{name}.png",
             f"SynthSpeech federated, {settings.rounds} rounds, "

@@ -47,7 +47,14 @@ from pathlib import Path
 from speechbrain_omc.asr.stats import Interval, mean_ci
 from speechbrain_omc.experiments.grid import Cell
 
-__all__ = ["cell_rows", "plot_table", "run_rows", "write_csv", "write_markdown"]
+__all__ = [
+    "cell_rows",
+    "plot_differences",
+    "plot_table",
+    "run_rows",
+    "write_csv",
+    "write_markdown",
+]
 
 CSV_FIELDS = [
     "cell",
@@ -405,6 +412,52 @@ def plot_table(rows: Sequence[dict], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_differences(rows: Sequence[dict], path: Path, title: str = "") -> None:
+    """Paired test WER difference to float32, one row per configuration.
+
+    Each configuration's mean difference over seeds (same seed, same initial
+    model, clients and data order) with its 95 % Student-t interval; the
+    line at 0 is float32.
+
+    Arguments
+    ---------
+    rows : sequence of dict
+        :func:`cell_rows`' output.
+    path : Path
+        Destination PNG.
+    title : str
+        Figure title.
+    """
+    import logging
+
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["wer_delta"] is not None]
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.38 * max(len(shown), 1)))
+    for y, r in enumerate(shown):
+        low, high = r["wer_delta_ci_low"], r["wer_delta_ci_high"]
+        err = None
+        if low is not None and not math.isnan(low):
+            err = [[r["wer_delta"] - low], [high - r["wer_delta"]]]
+        ax.errorbar(r["wer_delta"], y, xerr=err, fmt="o", capsize=3, color="C0")
+    ax.axvline(0.0, color="0.4", linewidth=1)
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([f"{r['label']} ({r['seeds']} seeds)" for r in shown])
+    ax.invert_yaxis()
+    ax.set_xlabel("test WER minus float32's, points (paired by seed, 95 % CI)")
+    ax.grid(axis="x", alpha=0.3)
     ax.set_title(title)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
