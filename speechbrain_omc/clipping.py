@@ -149,17 +149,23 @@ def clip_grad_norm_(
     (5.0, tensor([0.6000, 0.8000]))
     """
     names = names or {}
-    norms, grads = [], []
+    held_norms = held.norms if held is not None else {}
+    slots: list[torch.Tensor | None] = []  # a held norm, or None: the next grad's
+    grads = []
     for param in parameters:
-        if param.grad is not None:
+        name = names.get(id(param))
+        if name in held_norms:
+            slots.append(held_norms[name])
+        elif param.grad is not None:
+            slots.append(None)
             grads.append(param.grad)
-            norms.append(torch.linalg.vector_norm(param.grad))
-        elif held is not None and names.get(id(param)) in held:
-            norms.append(held.norms[names[id(param)]])
-    if not norms:
+    if not slots:
         return torch.tensor(0.0), None
+    # torch's own calls (one for every ordinary gradient), stacked in order.
+    computed = iter(torch._foreach_norm(grads) if grads else [])
+    norms = [next(computed) if norm is None else norm for norm in slots]
     total = torch.linalg.vector_norm(torch.stack(norms))
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for grad in grads:
-        grad.mul_(coef)
+    if grads:
+        torch._foreach_mul_(grads, coef)
     return total, coef

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -298,7 +299,7 @@ class OMCHandle:
     def _held_dtype(self, slot: Slot) -> torch.dtype:
         """Storage type of a held gradient (``OMCConfig.held_grad_format``)."""
         # Lossless weights keep float32's arithmetic: a float32 copy.
-        itemsize = self._held_itemsize(slot.codes.format.name)
+        itemsize = self._held_itemsize(slot.codes.format.bits)
         return torch.float32 if itemsize == 4 else torch.bfloat16
 
     def _on_grad(self, param: CompressedParameter) -> None:
@@ -318,7 +319,9 @@ class OMCHandle:
             return
         self._fused_update(param)
 
-    def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(
+        self, parameters: Iterable[torch.nn.Parameter], max_norm: float
+    ) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` that also covers held gradients.
 
         Float32 gradients are scaled in place; held ones are scaled by the
@@ -339,15 +342,22 @@ class OMCHandle:
             The total norm before clipping.
         """
         parameters = list(parameters)
-        names = {
-            id(p): p.slot.name for p in parameters if isinstance(p, CompressedParameter)
-        }
+        names = self._held_names()
         total, coef = clip_grad_norm_(parameters, max_norm, self.held, names)
         if coef is not None:
-            for name in names.values():
-                if name in self.held:
+            for param in parameters:
+                name = names.get(id(param))
+                if name is not None:
                     self._coefs[name] = coef
         return total
+
+    def _held_names(self) -> dict[int, str]:
+        """``id(parameter) -> name`` of the parameters whose gradient is held."""
+        return {
+            id(owner._parameters[attr]): name
+            for name, (owner, attr) in self._holders.items()
+            if name in self.held
+        }
 
     def _fused_update(
         self, param: CompressedParameter, grad: torch.Tensor | None = None
@@ -736,15 +746,17 @@ class OMCHandle:
             omc["optimizer_state"] = predicted - compressed_float32 + measured
         if self.holds_gradients:  # held from backward to the step
             omc["gradients"] += sum(
-                e.numel * self._held_itemsize(e.format) for e in self.plan.compressed
+                e.numel * self._held_itemsize(get_format(e.format).bits)
+                for e in self.plan.compressed
             )
         omc["total"] = omc["parameters"] + omc["gradients"] + omc["optimizer_state"]
         return report
 
-    def _held_itemsize(self, fmt: str) -> int:
+    def _held_itemsize(self, bits: int) -> int:
+        """Bytes per held gradient value of weights ``bits`` wide."""
         choice = self.config.held_grad_format
         if choice == "auto":
-            return 4 if get_format(fmt).bits >= 32 else 2
+            return 4 if bits >= 32 else 2
         return 4 if choice == "fp32" else 2
 
     def memory_table(self) -> str:
