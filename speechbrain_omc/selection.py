@@ -163,11 +163,11 @@ class Plan:
         -------
         >>> plan = make_plan([("w", (4, 3)), ("b", (4,))], OMCConfig())
         >>> print(plan.table())  # doctest: +NORMALIZE_WHITESPACE
-        parameter  shape  values  format  bytes  why
-        w          4x3        12  e3m7       21  matrix
-        b          4           4  float32    16  WMOQ: vector
-        --------------------------------------------------------
-        total                 16                37
+        parameter  shape  values  format   bytes  why
+        w          4x3        12  e3m7        21  matrix
+        b          4           4  float32     16  WMOQ: vector
+        ------------------------------------------------------
+        total                 16              37
         1/2 parameters (75.0% of values) compressed; 37 bytes against 64 in
         float32 (57.8%, 42.2% saved, 18.50 bits per value)
         float32 because: WMOQ: vector 1

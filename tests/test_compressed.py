@@ -352,7 +352,7 @@ def test_foreign_payloads_are_rejected():
         ({"x": torch.tensor([1.0, math.nan])}, ValueError),
         ({"x": torch.arange(3)}, TypeError),
         ({"x": torch.ones(2, dtype=torch.bool)}, TypeError),
-        ({"fmt": "fp32"}, ValueError),
+        ({"fmt": "float32"}, ValueError),
         ({"fmt": "e4m12"}, ValueError),
         ({"transform": "log"}, ValueError),
         ({"rounding": "up"}, ValueError),

@@ -589,13 +589,13 @@ void omc_encode(const float* x, int64_t n, uint8_t* dst, int64_t nbytes,
     uint32_t codes[kTile];
     float y[kTile];
     const int64_t end = std::min(n, (c + 1) * kChunk);
+    if (kind == 2 && tkind == 0) {  // lossless: the chunk's bytes are its codes
+      std::memcpy(dst + 4 * c * kChunk, x + c * kChunk, sizeof(float) * (end - c * kChunk));
+      continue;
+    }
     const int64_t limit = std::min(nbytes, end / 8 * bits + (end % 8 ? bits : 0));
     for (int64_t s = c * kChunk; s < end; s += kTile) {
       const int count = static_cast<int>(std::min<int64_t>(kTile, end - s));
-      if (kind == 2 && tkind == 0) {  // lossless: one copy into the codes
-        std::memcpy(dst + 4 * s, x + s, sizeof(float) * count);
-        continue;
-      }
       forward_transform(x + s, count, tkind, scale, shift, y);
       quant(y, count, static_cast<uint64_t>(index_offset + s), codes);
 #ifdef OMC_AVX512
