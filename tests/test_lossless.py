@@ -81,9 +81,7 @@ def test_codes_are_the_float32_bits_and_decode_to_them():
 
 @pytest.mark.parametrize("transform", ["none", "scale", "affine"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_compressed_tensor_round_trips_exactly_without_a_transform(
-    transform, rounding
-):
+def test_compressed_tensor_round_trips_exactly_without_a_transform(transform, rounding):
     """Whatever transform is asked, none is applied (``x / s * s`` rounds)."""
     x = hard_values(97 * 41).view(97, 41)
     ct = CompressedTensor.compress(x, "fp32", transform, rounding, generator=3)
@@ -324,9 +322,8 @@ def test_fused_steps_equal_torch_optim_in_float32(name, step, state_format):
         assert_same_bits(loss, expected, i)
         for pname, slot in handle.slots.items():
             assert_same_bits(slot.codes.decompress(), params[pname], (i, pname))
-            state, twin_state = handle.state[pname].optimizer, twin_opt.state[
-                params[pname]
-            ]
+            state = handle.state[pname].optimizer
+            twin_state = twin_opt.state[params[pname]]
             for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
                 if key in twin_state:
                     got = stored(state[key])
