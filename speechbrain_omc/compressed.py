@@ -236,11 +236,11 @@ class CompressedTensor:
         if kernels.native_for(flat, out):  # one pass, straight into the codes
             scale, shift = transform.decode_args
             return kernels.encode(flat, out, fmt.spec, scale, shift, key)
-        # Reference: transform, quantize and pack chunk by chunk, so that
-        # temporaries stay in cache and no full-size copy of the tensor exists.
         if fmt.lossless:  # the codes are the bytes: one copy
             _pack(flat.view(torch.int32), bits, out)
             return out
+        # Reference: transform, quantize and pack chunk by chunk, so that
+        # temporaries stay in cache and no full-size copy of the tensor exists.
         native = fmt == _BF16 and rounding == "nearest"
         step = _chunk(flat.device, n)  # a multiple of 32: word-aligned bytes
         for start in range(0, n, step):
