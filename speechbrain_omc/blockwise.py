@@ -7,7 +7,8 @@ consecutive values gets its own float32 scale (absmax onto the format's
 largest value). The second moment may be stored as its square root
 (``sqrt=True``), which halves its range in the exponent; it is squared back
 when decoded. Storage is the packed codes plus ``4 * ceil(n / block)`` bytes
-of scales.
+of scales. A lossless format (``"fp32"``) keeps the values themselves: unit
+scales and no square root (which would round), so its state equals float32's.
 
 Example
 -------
@@ -33,8 +34,10 @@ from speechbrain_omc.formats import (
     Format,
     _as_float32,
     _to_f32,
+    format_from_spec,
     get_format,
     rounding_key,
+    serial_spec,
 )
 from speechbrain_omc.packing import _pack, _unpack, packed_nbytes
 
@@ -66,7 +69,8 @@ class BlockwiseTensor:
     block : int
         Values per scale (a power of two, at least 16).
     sqrt : bool
-        Whether the codes hold square roots (non-negative values only).
+        Whether the codes hold square roots (non-negative values only; never
+        with a lossless format, whose scales are all 1).
     """
 
     __slots__ = ("packed", "scales", "format", "shape", "block", "sqrt")
@@ -82,6 +86,11 @@ class BlockwiseTensor:
             raise ValueError("packed codes do not match the shape and format")
         if scales.dtype != torch.float32 or scales.numel() != -(-n // block):
             raise ValueError(f"expected {-(-n // block)} float32 scales")
+        if self.format.lossless and (sqrt or bool((scales != 1.0).any())):
+            raise ValueError(
+                f"the lossless format {self.format.name} keeps the values "
+                "themselves: unit scales, no square roots"
+            )
         self.packed, self.scales, self.sqrt = packed, scales, bool(sqrt)
 
     # ------------------------------------------------------------- encode
@@ -125,7 +134,8 @@ class BlockwiseTensor:
         block : int
             Values per scale.
         sqrt : bool
-            Store square roots.
+            Store square roots (ignored by a lossless format, which stores
+            the values).
         rounding : str
             ``"nearest"`` or ``"stochastic"``.
         generator : torch.Generator or int, optional
@@ -137,6 +147,7 @@ class BlockwiseTensor:
         """
         fmt = get_format(fmt)
         _check_block(block)
+        sqrt = sqrt and not fmt.lossless  # a square root would round
         x32 = _as_float32(x).reshape(-1)
         n = x32.numel()
         key = rounding_key(generator) if rounding == "stochastic" else None
@@ -144,6 +155,9 @@ class BlockwiseTensor:
         scales = torch.empty(-(-n // block), dtype=torch.float32)
         if kernels.native_for(x32):
             kernels.encode_blocks(x32, packed, scales, fmt.spec, block, sqrt, key)
+        elif fmt.lossless:  # the values' bytes, unit scales
+            scales.fill_(1.0)
+            _pack(x32.view(torch.int32), fmt.bits, packed)
         else:
             codes = torch.empty(n, dtype=torch.int32)
             for b, start in enumerate(range(0, n, block)):
@@ -185,6 +199,8 @@ class BlockwiseTensor:
             kernels.decode_blocks(
                 self.packed, flat, self.scales, self.format.spec, self.block, self.sqrt
             )
+        elif self.format.lossless:  # unit scales: the bytes are the values
+            flat.view(torch.uint8).copy_(self.packed)
         else:
             codes = torch.empty(n, dtype=torch.int32)
             _unpack(self.packed, self.format.bits, n, codes, mask=True)
@@ -225,8 +241,7 @@ class BlockwiseTensor:
         -------
         bytes
         """
-        spec = self.format.spec
-        kind, p1, p2 = spec[0], spec[2] or spec[1], spec[3]
+        kind, p1, p2 = serial_spec(self.format)
         head = _HEAD.pack(
             _MAGIC,
             kind,
@@ -264,7 +279,7 @@ class BlockwiseTensor:
         if zlib.crc32(data[:-4]) != crc:
             raise ValueError("corrupted BlockwiseTensor payload (CRC32 mismatch)")
         _, kind, p1, p2, sqrt, ndim, block, n = _HEAD.unpack_from(data)
-        fmt = get_format(f"e{p1}m{p2}" if kind == 0 else f"int{p1}")
+        fmt = format_from_spec(kind, p1, p2)
         pos = _HEAD.size
         shape = struct.unpack_from(f"<{ndim}Q", data, pos)
         pos += 8 * ndim

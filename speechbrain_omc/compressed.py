@@ -12,6 +12,7 @@ Serialised form (:meth:`CompressedTensor.to_bytes`, all little-endian)::
     version (uint16, currently 1)       2 bytes
     total length in bytes (uint64)      8 bytes
     format kind, p1, p2 (uint8 x 3)     float: 0, E, M   int: 1, bits, 0
+                                        fp32 (lossless): 2, 32, 0
     transform kind, clip (uint8 x 2)    kind: 0 none, 1 scale, 2 affine
     ndim (uint8), shape (uint64 each)
     transform parameters (float32 each: none 0, scale 1, affine 2)
@@ -48,8 +49,10 @@ from .formats import (
     _check_rounding,
     _chunk,
     _finite_minmax,
+    format_from_spec,
     get_format,
     rounding_key,
+    serial_spec,
 )
 from .memory import Workspace
 from .packing import _pack, _unpack, packed_nbytes
@@ -65,22 +68,6 @@ _META = struct.Struct("<BBBBBB")  # fmt kind, p1, p2, transform kind, clip, ndim
 _CRC = struct.Struct("<I")
 
 _BF16 = FloatFormat(8, 7)
-
-
-def _format_spec(fmt: Format) -> tuple[int, int, int]:
-    if isinstance(fmt, FloatFormat):
-        return 0, fmt.exponent_bits, fmt.mantissa_bits
-    if isinstance(fmt, IntFormat):
-        return 1, fmt.bits, 0
-    raise TypeError(f"cannot serialise format of type {type(fmt).__name__}")
-
-
-def _format_from_spec(kind: int, p1: int, p2: int) -> Format:
-    if kind == 0:
-        return FloatFormat(p1, p2)
-    if kind == 1 and p2 == 0:
-        return IntFormat(p1)
-    raise ValueError(f"unknown format spec ({kind}, {p1}, {p2})")
 
 
 class CompressedTensor:
@@ -135,6 +122,12 @@ class CompressedTensor:
             )
         if not isinstance(transform, Transform):
             raise TypeError("transform must be a Transform")
+        if fmt.lossless and transform.kind != "none":
+            # A scale would round values the format keeps exactly.
+            raise ValueError(
+                f"the lossless format {fmt.name} takes no transform, got "
+                f"{transform.kind!r}"
+            )
         if clip not in CLIP_METHODS:
             raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
         self._packed = packed
@@ -167,8 +160,9 @@ class CompressedTensor:
         fmt : str or Format
             Format or preset name (``"e3m7"``, ``"bf16"``, ``"int8"``...).
         transform : str or Transform
-            ``"none"``, ``"scale"`` or ``"affine"`` (fitted to ``x``), or a
-            fixed :class:`Transform` to use as given.
+            ``"none"``, ``"scale"`` or ``"affine"`` (fitted to ``x``; a
+            lossless format always gets ``"none"``), or a fixed
+            :class:`Transform` to use as given.
         rounding : str
             ``"nearest"`` or ``"stochastic"``.
         generator : torch.Generator or int, optional
@@ -242,6 +236,9 @@ class CompressedTensor:
         if kernels.native_for(flat, out):  # one pass, straight into the codes
             scale, shift = transform.decode_args
             return kernels.encode(flat, out, fmt.spec, scale, shift, key)
+        if fmt.lossless:  # the codes are the bytes: one copy
+            _pack(flat.view(torch.int32), bits, out)
+            return out
         # Reference: transform, quantize and pack chunk by chunk, so that
         # temporaries stay in cache and no full-size copy of the tensor exists.
         native = fmt == _BF16 and rounding == "nearest"
@@ -367,6 +364,8 @@ class CompressedTensor:
         out = out.view(-1)
         if kernels.native_for(packed, out):  # one pass, straight into out
             kernels.decode_prepared(self._prepared_decode(), out)
+        elif fmt.lossless:  # the bytes are the values: one copy
+            out.view(torch.uint8).copy_(packed)
         elif fmt == _BF16:
             # The code space is bfloat16's: one native widening cast.
             try:
@@ -514,7 +513,7 @@ class CompressedTensor:
         ndim = len(self._shape)
         if ndim > 255:
             raise ValueError("cannot serialise more than 255 dimensions")
-        kind, p1, p2 = _format_spec(self._format)
+        kind, p1, p2 = serial_spec(self._format)
         params = self._transform.params
         meta = _META.pack(
             kind,
@@ -638,7 +637,7 @@ class CompressedTensor:
         pos = _PREFIX.size
         kind, p1, p2, t_kind, clip, ndim = _META.unpack_from(data, pos)
         pos += _META.size
-        fmt = _format_from_spec(kind, p1, p2)
+        fmt = format_from_spec(kind, p1, p2)
         if t_kind >= len(TRANSFORM_KINDS) or clip >= len(CLIP_METHODS):
             raise ValueError(f"unknown transform ({t_kind}) or clip ({clip}) code")
         t_name = TRANSFORM_KINDS[t_kind]

@@ -66,7 +66,9 @@ class OMCConfig:
     ---------
     format : str
         Default number format of compressed parameters, a preset name such as
-        ``"e3m7"`` (11 bits), ``"bf16"``, ``"e4m3"`` or ``"int8"``.
+        ``"e3m7"`` (11 bits), ``"bf16"``, ``"e4m3"`` or ``"int8"``. ``"fp32"``
+        is the lossless format (32-bit codes that are the float32 bits; no
+        transform, no rounding): a twin that must train what float32 trains.
     rounding : str
         Rounding of the first compression of a value: ``"nearest"`` or
         ``"stochastic"``.
@@ -110,7 +112,8 @@ class OMCConfig:
         Format of fused mode's optimizer state (SGD's ``momentum_buffer``,
         Adam's ``exp_avg`` and ``exp_avg_sq``): one format for every
         buffer, or ``{buffer: format}``; ``None`` keeps float32. Stored with
-        one float32 scale per ``state_block`` values.
+        one float32 scale per ``state_block`` values (all 1, and no square
+        root, in the lossless ``"fp32"``).
     state_block : int
         Values per scale of the compressed state (a power of two >= 16).
     state_sqrt : bool

@@ -1,6 +1,6 @@
 """Low-bit number formats: quantize float tensors to integer codes and back.
 
-Two families are provided:
+Two families are provided, and a lossless instrument:
 
 * :class:`FloatFormat` ``(exponent_bits, mantissa_bits)``: a sign bit, a biased
   exponent and a mantissa with subnormals, like IEEE 754 but with **no inf/NaN
@@ -10,9 +10,13 @@ Two families are provided:
   native type represents as a finite number.
 * :class:`IntFormat` ``(bits)``: symmetric signed integers, meant to be used with
   a per-variable scale (see :mod:`speechbrain_omc.transform`).
+* :class:`Float32Format` (``"fp32"``): 32-bit codes that are the float32 bits
+  themselves. It loses nothing, so that every mechanism of OMC can be checked
+  against float32 training (a lossless twin), at the cost of its bytes.
 
 Codes are ``torch.int32`` tensors holding non-negative integers below
-``2**bits``; :mod:`speechbrain_omc.packing` turns them into bytes.
+``2**bits`` (32-bit codes: any int32, the bit pattern);
+:mod:`speechbrain_omc.packing` turns them into bytes.
 
 All arithmetic is exact and vectorised: rounding works on the bits of the
 float32 input, so there is no double rounding. Inputs of other floating dtypes
@@ -51,6 +55,7 @@ from speechbrain_omc import kernels
 __all__ = [
     "Format",
     "FloatFormat",
+    "Float32Format",
     "IntFormat",
     "FORMAT_PRESETS",
     "get_format",
@@ -292,22 +297,44 @@ def _affine_(
     return out
 
 
+def code_range(bits: int) -> tuple[int, int]:
+    """``[low, high)`` of the int32 codes of a ``bits``-bit format.
+
+    Arguments
+    ---------
+    bits : int
+        Code width.
+
+    Returns
+    -------
+    tuple of int
+        ``(0, 2**bits)``; for 32 bits every int32, the bit pattern.
+
+    Example
+    -------
+    >>> code_range(11), code_range(32)
+    ((0, 2048), (-2147483648, 2147483648))
+    """
+    return (_INT32_MIN, 2**31) if bits == 32 else (0, 2**bits)
+
+
 def _check_codes(codes: torch.Tensor, bits: int) -> None:
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor, got dtype {codes.dtype}")
     if codes.numel():
+        low, high = code_range(bits)
         lo, hi = torch.aminmax(codes.reshape(-1))
-        if int(lo) < 0 or int(hi) >= 2**bits:
+        if int(lo) < low or int(hi) >= high:
             raise ValueError(
-                f"codes must lie in [0, {2**bits}) for a {bits}-bit format, "
+                f"codes must lie in [{low}, {high}) for a {bits}-bit format, "
                 f"got values in [{int(lo)}, {int(hi)}]"
             )
 
 
 class Format(ABC):
-    """A low-bit number format (base class of :class:`FloatFormat`, :class:`IntFormat`).
+    """A number format (base of :class:`FloatFormat`, :class:`IntFormat`...).
 
     Every format has ``bits`` (code width), ``name`` (its preset spelling, e.g.
     ``"e4m3"`` or ``"int8"``) and ``max_value`` (the largest finite value; the
@@ -315,15 +342,19 @@ class Format(ABC):
     the torch reference of the exact per-element rounding (``_quantize``) and
     of the in-place decoding of an int32 code buffer (``_decode_``), and
     describe themselves to the native kernels (``spec``, ``pow2``).
+    ``lossless`` formats represent every float32 value exactly: they take no
+    per-variable transform and round nothing.
 
     Example
     -------
     >>> fmt = get_format("int4")
-    >>> isinstance(fmt, Format), fmt.bits, fmt.name, fmt.max_value
-    (True, 4, 'int4', 7.0)
+    >>> isinstance(fmt, Format), fmt.bits, fmt.name, fmt.max_value, fmt.lossless
+    (True, 4, 'int4', 7.0, False)
     """
 
     bits: int
+    #: Whether every float32 value is a code (decoding gives its bits back).
+    lossless = False
 
     @property
     @abstractmethod
@@ -338,7 +369,12 @@ class Format(ABC):
     @property
     @abstractmethod
     def spec(self) -> kernels.FormatSpec:
-        """``(kind, bits, exponent_bits, mantissa_bits)`` for the kernels."""
+        """``(kind, bits, exponent_bits, mantissa_bits)`` for the kernels.
+
+        ``kind`` is 0 for floats, 1 for integers, 2 for float32 itself; it
+        and ``bits`` (or the exponent and mantissa widths of a float) name
+        the format in serialised payloads (:func:`format_from_spec`).
+        """
 
     @property
     @abstractmethod
@@ -352,7 +388,7 @@ class Format(ABC):
         """Reference codes of a contiguous, finite float32 tensor (no checks).
 
         ``key`` is the stochastic rounding key and ``offset`` the index of
-        ``x[0]`` in its random stream.
+        ``x[0]`` in its random stream. The result may be a view of ``x``.
         """
 
     @abstractmethod
@@ -399,7 +435,8 @@ class Format(ABC):
         Returns
         -------
         torch.Tensor
-            ``torch.int32`` codes in ``[0, 2**bits)``, same shape as ``x``.
+            ``torch.int32`` codes in ``[0, 2**bits)`` (32-bit codes: the
+            float32 bit patterns), same shape as ``x``.
 
         Example
         -------
@@ -449,7 +486,8 @@ class Format(ABC):
         Arguments
         ---------
         codes : torch.Tensor
-            Integer tensor with values in ``[0, 2**bits)``.
+            Integer tensor with values in ``[0, 2**bits)`` (any int32 for
+            32-bit codes).
         scale : float, optional
             Multiplier applied to the decoded values.
         shift : float, optional
@@ -740,6 +778,129 @@ class IntFormat(Format):
         return _affine_(out, 1.0, scale, shift)
 
 
+@dataclass(frozen=True)
+class Float32Format(Format):
+    """The lossless format: 32-bit codes that are the float32 bits themselves.
+
+    A measuring instrument rather than a compression: with it, OMC's machinery
+    (compressed parameters, fused updates, optimizer state, the wire, the
+    server) runs on values that lose nothing, so any difference from float32
+    training is a mechanism's, not rounding's. Every float32 value is a code,
+    so rounding (nearest or stochastic) changes nothing and no per-variable
+    transform is applied (:func:`~speechbrain_omc.transform.fit_transform`
+    gives ``"none"``). Encoding and decoding are copies. Non-finite input is
+    an error, as for every format.
+
+    Example
+    -------
+    >>> fmt = get_format("fp32")
+    >>> fmt.name, fmt.bits, fmt.lossless
+    ('fp32', 32, True)
+    >>> x = torch.tensor([0.1, -0.0, 1e-45, 3e38])
+    >>> codes = fmt.quantize(x, "stochastic")
+    >>> bool((codes == x.view(torch.int32)).all())
+    True
+    >>> fmt.dequantize(codes).view(torch.int32).equal(x.view(torch.int32))
+    True
+    """
+
+    lossless = True
+
+    @property
+    def bits(self) -> int:  # type: ignore[override]
+        """Code width: 32."""
+        return 32
+
+    @property
+    def name(self) -> str:
+        """Preset name ``"fp32"``."""
+        return "fp32"
+
+    @property
+    def max_value(self) -> float:
+        """float32's largest finite value."""
+        return _F32_MAX
+
+    @property
+    def spec(self) -> kernels.FormatSpec:
+        """``(2, 32, 8, 23)``."""
+        return 2, 32, 8, 23
+
+    @property
+    def pow2(self) -> float:
+        """1: codes are the values' bits."""
+        return 1.0
+
+    def _quantize(
+        self, x: torch.Tensor, rounding: str, key: int | None, offset: int = 0
+    ) -> torch.Tensor:
+        return x.view(torch.int32)  # every float32 is a code: nothing rounds
+
+    def _decode_(
+        self,
+        buf: torch.Tensor,
+        scale: float | None = None,
+        shift: float | None = None,
+        aligned: bool = False,
+    ) -> torch.Tensor:
+        return _affine_(buf.view(torch.float32), 1.0, scale, shift)
+
+
+def format_from_spec(kind: int, p1: int, p2: int) -> Format:
+    """The format a serialised ``(kind, p1, p2)`` names (see :func:`serial_spec`).
+
+    Arguments
+    ---------
+    kind : int
+        0 float, 1 integer, 2 float32 itself.
+    p1, p2 : int
+        Exponent and mantissa widths of a float; the width and 0 of an
+        integer; 32 and 0 for float32.
+
+    Returns
+    -------
+    Format
+
+    Example
+    -------
+    >>> format_from_spec(0, 3, 7), format_from_spec(2, 32, 0)
+    (FloatFormat(exponent_bits=3, mantissa_bits=7), Float32Format())
+    """
+    if kind == 0:
+        return FloatFormat(p1, p2)
+    if kind == 1 and p2 == 0:
+        return IntFormat(p1)
+    if kind == 2 and (p1, p2) == (32, 0):
+        return Float32Format()
+    raise ValueError(f"unknown format spec ({kind}, {p1}, {p2})")
+
+
+def serial_spec(fmt: Format) -> tuple[int, int, int]:
+    """The ``(kind, p1, p2)`` bytes that name ``fmt`` in serialised payloads.
+
+    Arguments
+    ---------
+    fmt : Format
+
+    Returns
+    -------
+    tuple of int
+        Inverse of :func:`format_from_spec`.
+
+    Example
+    -------
+    >>> serial_spec(get_format("int8")), serial_spec(get_format("fp32"))
+    ((1, 8, 0), (2, 32, 0))
+    """
+    if isinstance(fmt, FloatFormat):
+        return 0, fmt.exponent_bits, fmt.mantissa_bits
+    if isinstance(fmt, IntFormat):
+        return 1, fmt.bits, 0
+    if isinstance(fmt, Float32Format):
+        return 2, 32, 0
+    raise TypeError(f"cannot serialise format of type {type(fmt).__name__}")
+
+
 _ALIASES = {
     "fp16": (5, 10),
     "float16": (5, 10),
@@ -772,8 +933,10 @@ def get_format(fmt: str | Format) -> Format:
 
     Accepted names (case-insensitive): ``"fp16"``/``"float16"``/``"half"``
     (E5M10), ``"bf16"``/``"bfloat16"`` (E8M7), any ``"e<E>m<M>"`` such as
-    ``"e4m3"``, ``"e5m2"``, ``"e3m7"``, ``"e4m7"``, and any ``"int<N>"`` such
-    as ``"int8"``. Only compressed formats exist: ``"fp32"`` is not one.
+    ``"e4m3"``, ``"e5m2"``, ``"e3m7"``, ``"e4m7"``, any ``"int<N>"`` such
+    as ``"int8"``, and ``"fp32"`` (or ``"e8m23"``), the lossless
+    :class:`Float32Format`. ``"float32"`` is not a format: it names what is
+    not compressed at all.
 
     Arguments
     ---------
@@ -791,12 +954,16 @@ def get_format(fmt: str | Format) -> Format:
     FloatFormat(exponent_bits=8, mantissa_bits=7)
     >>> get_format("INT4")
     IntFormat(bits=4)
+    >>> get_format("fp32")
+    Float32Format()
     """
     if isinstance(fmt, Format):
         return fmt
     if not isinstance(fmt, str):
         raise TypeError(f"format must be a str or Format, got {type(fmt).__name__}")
     key = fmt.strip().lower()
+    if key in ("fp32", "e8m23"):
+        return Float32Format()
     if key in _ALIASES:
         return FloatFormat(*_ALIASES[key])
     match = _FLOAT_RE.fullmatch(key)
@@ -807,5 +974,6 @@ def get_format(fmt: str | Format) -> Format:
         return IntFormat(int(match.group(1)))
     raise ValueError(
         f"unknown format {fmt!r}; use 'fp16', 'bf16', 'e<E>m<M>' (e.g. 'e4m3', "
-        "'e3m7') or 'int<N>' (e.g. 'int8'), with 2 to 16 bits in total"
+        "'e3m7') or 'int<N>' (e.g. 'int8'), with 2 to 16 bits in total, or "
+        "'fp32' (lossless)"
     )

@@ -278,7 +278,8 @@ def native_for(*tensors: torch.Tensor) -> bool:
 
 
 #: A format as the kernels see it: ``(kind, bits, exponent_bits,
-#: mantissa_bits)``, kind 0 for floats and 1 for integers (``Format.spec``).
+#: mantissa_bits)``, kind 0 for floats, 1 for integers and 2 for float32
+#: itself, whose 32-bit codes are copied (``Format.spec``).
 FormatSpec = tuple[int, int, int, int]
 
 

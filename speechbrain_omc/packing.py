@@ -1,4 +1,4 @@
-"""Bit packing: ``b``-bit integer codes to bytes and back, for any ``b`` in 1..16.
+"""Bit packing: ``b``-bit integer codes to bytes and back, ``b`` in 1..16 or 32.
 
 The byte stream is little-endian and LSB first: value ``i`` occupies stream
 bits ``[i*b, (i+1)*b)``, where stream bit ``k`` is bit ``k % 8`` of byte
@@ -6,8 +6,10 @@ bits ``[i*b, (i+1)*b)``, where stream bit ``k`` is bit ``k % 8`` of byte
 high bits of the last byte are zero.
 
 Everything is vectorised, with a fixed number of tensor operations per call
-(no Python loop over values, bytes or bit positions). Widths 8 and 16 are
-plain casts/views. Other widths work on *octets*: 8 consecutive values fill
+(no Python loop over values, bytes or bit positions). Widths 8, 16 and 32
+are plain casts/views (32-bit codes are any int32, their bytes the raw
+little-endian words: the lossless format's float32 bits). Other widths work
+on *octets*: 8 consecutive values fill
 exactly ``b`` bytes, so value ``8i + j`` always starts at byte ``i*b + j*b//8``
 and bit ``j*b % 8``, a pattern that broadcasting handles:
 
@@ -44,8 +46,12 @@ _UNPACK_VALUES = 1 << 22
 
 
 def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
+    if (
+        not isinstance(bits, int)
+        or isinstance(bits, bool)
+        or not (1 <= bits <= 16 or bits == 32)
+    ):
+        raise ValueError(f"bits must be an int in 1..16 or 32, got {bits!r}")
 
 
 def _check_byteorder() -> None:
@@ -62,7 +68,7 @@ def packed_nbytes(numel: int, bits: int) -> int:
     numel : int
         Number of codes.
     bits : int
-        Code width, 1 to 16.
+        Code width, 1 to 16 or 32.
 
     Returns
     -------
@@ -140,11 +146,13 @@ def _check_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise TypeError(f"codes must be an integer tensor, got dtype {codes.dtype}")
     flat = codes.reshape(-1)
     if flat.numel():
+        # 32-bit codes are any int32: a bit pattern, not a count.
+        low, high = (-(1 << 31), 1 << 31) if bits == 32 else (0, 1 << bits)
         lo, hi = torch.aminmax(flat)
-        if int(lo) < 0 or int(hi) >= 1 << bits:
-            bad = int(((flat < 0) | (flat >= 1 << bits)).sum())
+        if int(lo) < low or int(hi) >= high:
+            bad = int(((flat < low) | (flat >= high)).sum())
             raise ValueError(
-                f"{bad} code(s) lie outside [0, {1 << bits}) for bits={bits} "
+                f"{bad} code(s) lie outside [{low}, {high}) for bits={bits} "
                 f"(min {int(lo)}, max {int(hi)})"
             )
     return flat
@@ -159,9 +167,9 @@ def pack_bits(
     ---------
     codes : torch.Tensor
         Integer tensor (any shape, flattened in row-major order) with values
-        in ``[0, 2**bits)``.
+        in ``[0, 2**bits)`` (for 32 bits: any int32).
     bits : int
-        Code width, 1 to 16.
+        Code width, 1 to 16 or 32.
     out : torch.Tensor, optional
         Contiguous ``torch.uint8`` tensor of ``ceil(numel * bits / 8)``
         elements to write into (reused buffers avoid an allocation).
@@ -177,6 +185,8 @@ def pack_bits(
     tensor([13], dtype=torch.uint8)
     >>> pack_bits(torch.tensor([0x123, 0xABC]), 12)
     tensor([ 35, 193, 171], dtype=torch.uint8)
+    >>> pack_bits(torch.tensor([-1.0]).view(torch.int32), 32)  # float32 bits
+    tensor([  0,   0, 128, 191], dtype=torch.uint8)
     """
     _check_bits(bits)
     flat = _check_codes(codes, bits)
@@ -206,12 +216,13 @@ def _pack(
     if bits == 8:
         out.copy_(flat)
         return out
-    if bits == 16:
+    if bits in (16, 32):
         # Truncating int -> int16 keeps the low 16 bits; little-endian bytes.
+        word = torch.int16 if bits == 16 else torch.int32
         try:
-            out.view(torch.int16).copy_(flat)
+            out.view(word).copy_(flat)
         except RuntimeError:  # misaligned out: go through a temporary
-            out.copy_(flat.to(torch.int16).view(torch.uint8))
+            out.copy_(flat.to(word).view(torch.uint8))
         return out
     rows, rem = divmod(n, 8)
     step = _PACK_ROWS if flat.device.type == "cpu" else max(rows, 1)
@@ -244,7 +255,7 @@ def unpack_bits(
         ``torch.uint8`` tensor of exactly ``ceil(numel * bits / 8)`` bytes, as
         made by :func:`pack_bits`.
     bits : int
-        Code width, 1 to 16.
+        Code width, 1 to 16 or 32.
     numel : int
         Number of codes to read.
     out : torch.Tensor, optional
@@ -253,7 +264,8 @@ def unpack_bits(
     Returns
     -------
     torch.Tensor
-        1-D ``torch.int32`` tensor of ``numel`` codes in ``[0, 2**bits)``.
+        1-D ``torch.int32`` tensor of ``numel`` codes in ``[0, 2**bits)``
+        (32 bits: the int32 words).
 
     Example
     -------
@@ -305,13 +317,14 @@ def _unpack(
     if bits == 8:
         out.copy_(flat)
         return out
-    if bits == 16:
+    if bits in (16, 32):
+        word = torch.int16 if bits == 16 else torch.int32
         try:
-            src = flat.view(torch.int16)
+            src = flat.view(word)
         except RuntimeError:  # misaligned storage offset: copy once
-            src = flat.clone().view(torch.int16)
-        out.copy_(src)  # sign-extends
-        if mask:
+            src = flat.clone().view(word)
+        out.copy_(src)  # 16 bits: sign-extends
+        if mask and bits == 16:
             out &= 0xFFFF
         return out
     if n > _UNPACK_VALUES and flat.device.type == "cpu":  # start on octets

@@ -29,7 +29,7 @@ import torch
 
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.formats import get_format
-from speechbrain_omc.transform import Transform
+from speechbrain_omc.transform import Transform, kind_for
 
 #: What a parameter is for; under ``weights_only`` only ``"matrix"`` is
 #: compressed.
@@ -85,8 +85,10 @@ class PlanEntry:
         was not made by :func:`make_plan`).
     reason : str
         Why it is compressed or not, as :meth:`Plan.table` shows it: its role
-        when compressed, else the rule that kept it float32 (for example
-        ``"WMOQ: normalisation"``, ``"PPQ: float32 fraction (largest)"``).
+        when compressed (and what else applies, such as an override or a
+        lossless format's missing transform), else the rule that kept it
+        float32 (for example ``"WMOQ: normalisation"``,
+        ``"PPQ: float32 fraction (largest)"``).
     """
 
     name: str
@@ -150,6 +152,8 @@ class Plan:
 
         The last column says why each parameter is compressed (its role) or
         stays float32 (the rule that kept it), and a line counts the reasons.
+        Uncompressed parameters show format ``float32``; ``fp32`` is the
+        lossless compressed format.
 
         Returns
         -------
@@ -159,11 +163,11 @@ class Plan:
         -------
         >>> plan = make_plan([("w", (4, 3)), ("b", (4,))], OMCConfig())
         >>> print(plan.table())  # doctest: +NORMALIZE_WHITESPACE
-        parameter  shape  values  format  bytes  why
-        w          4x3        12  e3m7       21  matrix
-        b          4           4  fp32       16  WMOQ: vector
-        -----------------------------------------------------
-        total                 16             37
+        parameter  shape  values  format   bytes  why
+        w          4x3        12  e3m7        21  matrix
+        b          4           4  float32     16  WMOQ: vector
+        ------------------------------------------------------
+        total                 16              37
         1/2 parameters (75.0% of values) compressed; 37 bytes against 64 in
         float32 (57.8%, 42.2% saved, 18.50 bits per value)
         float32 because: WMOQ: vector 1
@@ -177,7 +181,7 @@ class Plan:
                     e.name,
                     shape,
                     f"{e.numel:,}",
-                    e.format or "fp32",
+                    e.format or "float32",
                     f"{e.nbytes:,}",
                     e.reason,
                 )
@@ -226,7 +230,8 @@ def compressed_nbytes(numel: int, fmt: str, transform: str) -> int:
     fmt : str
         Format name.
     transform : str
-        Transform kind.
+        Transform kind (a lossless format takes none, see
+        :func:`~speechbrain_omc.transform.kind_for`).
 
     Returns
     -------
@@ -236,8 +241,11 @@ def compressed_nbytes(numel: int, fmt: str, transform: str) -> int:
     -------
     >>> compressed_nbytes(10, "e3m7", "scale")  # ceil(110 / 8) + 4
     18
+    >>> compressed_nbytes(10, "fp32", "scale")  # the float32 bytes
+    40
     """
-    return math.ceil(numel * get_format(fmt).bits / 8) + Transform(transform).nbytes
+    kind = kind_for(fmt, transform)
+    return math.ceil(numel * get_format(fmt).bits / 8) + Transform(kind).nbytes
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -659,6 +667,8 @@ def make_plan(
             (p for p in config.format_overrides if fnmatchcase(name, p)), None
         )
         reason = role if override is None else f"{role}; override {override!r}"
+        if kind_for(fmt, config.transform) != config.transform:
+            reason += f"; lossless: no {config.transform}"
         entries.append(
             PlanEntry(name, shape, get_format(fmt).name, nbytes, role, reason)
         )

@@ -13,6 +13,10 @@ variable therefore gets its own affine map, whose few numbers stay float32:
 
 Decoding computes ``y * scale + shift`` in float32, in that order.
 
+A lossless format (``"fp32"``) gets no transform whatever kind is asked
+(:func:`kind_for`): ``x / scale * scale`` rounds, and the format needs no
+range moved.
+
 Example
 -------
 >>> import torch
@@ -42,7 +46,13 @@ from .formats import (
     get_format,
 )
 
-__all__ = ["Transform", "fit_transform", "TRANSFORM_KINDS", "CLIP_METHODS"]
+__all__ = [
+    "Transform",
+    "fit_transform",
+    "kind_for",
+    "TRANSFORM_KINDS",
+    "CLIP_METHODS",
+]
 
 TRANSFORM_KINDS = ("none", "scale", "affine")
 CLIP_METHODS = ("absmax", "mse")
@@ -220,6 +230,34 @@ class Transform:
         return out
 
 
+def kind_for(fmt: str | Format, kind: str) -> str:
+    """The transform a variable in ``fmt`` gets when ``kind`` is asked for.
+
+    Arguments
+    ---------
+    fmt : str or Format
+        The format.
+    kind : str
+        The configured kind.
+
+    Returns
+    -------
+    str
+        ``kind``, except ``"none"`` for a lossless format (a scale would round
+        what the format keeps exactly).
+
+    Example
+    -------
+    >>> kind_for("e3m7", "scale"), kind_for("fp32", "scale")
+    ('scale', 'none')
+    """
+    if kind not in TRANSFORM_KINDS:
+        raise ValueError(
+            f"transform kind must be one of {TRANSFORM_KINDS}, got {kind!r}"
+        )
+    return "none" if get_format(fmt).lossless else kind
+
+
 def _scale_for(extent: float, fmt: Format) -> float:
     """float32 scale mapping ``extent`` onto ``fmt.max_value`` (never zero)."""
     if extent <= 0.0:
@@ -277,7 +315,8 @@ def fit_transform(
     Returns
     -------
     Transform
-        The fitted transform. An all-zero (or, for ``"affine"``, constant)
+        The fitted transform (``"none"`` for a lossless format, see
+        :func:`kind_for`). An all-zero (or, for ``"affine"``, constant)
         variable gets scale 1. The scale never drops below float32's smallest
         normal number, ``2**-126``: only formats with 8 exponent bits, whose
         range covers float32's anyway, can ask for less, and there the
@@ -299,6 +338,10 @@ def fit_transform(
         raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
     fmt = get_format(fmt)
     if kind == "none":
+        return Transform()
+    if fmt.lossless:
+        if minmax is None:  # non-finite input is an error, as for a scale
+            _finite_minmax(_as_float32(x))
         return Transform()
     # With the extremes given, absmax never reads the values (a fused
     # update measured them in its own pass).

@@ -352,7 +352,7 @@ def test_foreign_payloads_are_rejected():
         ({"x": torch.tensor([1.0, math.nan])}, ValueError),
         ({"x": torch.arange(3)}, TypeError),
         ({"x": torch.ones(2, dtype=torch.bool)}, TypeError),
-        ({"fmt": "fp32"}, ValueError),
+        ({"fmt": "float32"}, ValueError),
         ({"fmt": "e4m12"}, ValueError),
         ({"transform": "log"}, ValueError),
         ({"rounding": "up"}, ValueError),
@@ -379,7 +379,8 @@ def test_constructor_checks():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
-    "name", ["e8m7", "e5m10", "e4m3", "e5m2", "e3m7", "e4m7", "e2m3", "int8", "int5"]
+    "name",
+    ["e8m7", "e5m10", "e4m3", "e5m2", "e3m7", "e4m7", "e2m3", "int8", "int5", "fp32"],
 )
 def test_cuda_matches_cpu_bit_for_bit(name):
     x = torch.randn(100_003, generator=torch.Generator().manual_seed(6)) * 2

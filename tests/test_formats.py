@@ -347,7 +347,7 @@ def test_shapes_are_kept():
         lambda: FloatFormat(2.0, 3),
         lambda: IntFormat(1),
         lambda: IntFormat(17),
-        lambda: get_format("fp32"),
+        lambda: get_format("float32"),  # the uncompressed, not a format
         lambda: get_format("e9m2"),
         lambda: get_format("e1m15"),
         lambda: get_format("int1"),

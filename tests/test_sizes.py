@@ -25,7 +25,10 @@ CONFIGS = [
     OMCConfig(format="int8", fp32_fraction=0.0),
     OMCConfig(format="bf16", fp32_fraction=0.25, fp32_policy="largest"),
     None,
+    # The lossless format: no transform bytes, whatever the config asks.
+    OMCConfig(format="fp32", fp32_fraction=0.1, fp32_policy="random", seed=4),
 ]
+IDS = ["e3m7", "int8", "bf16", "float32", "lossless fp32"]
 
 
 def _server(model, config, clients, per_round):
@@ -43,7 +46,7 @@ def _server(model, config, clients, per_round):
     )
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["e3m7", "int8", "bf16", "fp32"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_message_bytes_are_exact(config):
     """Every broadcast and reply of a real round of a real Conformer-CTC (tiny,
     on the CPU) has the analytic length to the byte."""
@@ -62,7 +65,11 @@ def test_message_bytes_are_exact(config):
         assert reply_sizes.message_bytes == len(reply)
 
 
-@pytest.mark.parametrize("config", CONFIGS[:3], ids=["e3m7", "int8", "bf16"])
+@pytest.mark.parametrize(
+    "config",
+    [c for c in CONFIGS if c is not None],
+    ids=[i for i, c in zip(IDS, CONFIGS) if c is not None],
+)
 def test_plan_bytes_are_the_clients_parameter_memory(config):
     model = conformer_ctc(TINY, device="cpu")
     sizes = plan_sizes(model, config, round=3, client="client_007")

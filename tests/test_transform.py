@@ -163,7 +163,7 @@ def test_minmax_shortcut_matches():
         lambda: fit_transform(torch.ones(3), "e4m3", "log"),
         lambda: fit_transform(torch.ones(3), "e4m3", "scale", "p99"),
         lambda: fit_transform(torch.tensor([1.0, math.nan]), "e4m3", "scale"),
-        lambda: fit_transform(torch.ones(3), "fp32", "scale"),
+        lambda: fit_transform(torch.ones(3), "float32", "scale"),
     ],
 )
 def test_bad_arguments(make):

@@ -9,9 +9,11 @@
 // no torch headers, a compile of a second or two.
 //
 // Formats: kind 0 = float (sign | exponent | mantissa, no inf/NaN codes,
-// saturating), kind 1 = symmetric int in offset binary. Codes live either
-// bit-packed (LSB first, value i at stream bits [i*bits, (i+1)*bits)) or, with
-// packed == 0, as one int32 per value.
+// saturating), kind 1 = symmetric int in offset binary, kind 2 = float32
+// itself (lossless: 32-bit codes are the float bits, so encoding and decoding
+// are copies). Codes live either bit-packed (LSB first, value i at stream bits
+// [i*bits, (i+1)*bits)) or, with packed == 0, as one int32 per value; for
+// 32-bit codes both layouts are the same bytes.
 //
 // Stochastic rounding draws 31 random bits per value from a counter-based
 // hash of a 64-bit key and the value's index (see random31), so the draws are
@@ -74,7 +76,7 @@ struct Format {
 // Reads count codes starting at value `start` (a multiple of 8).
 void read_codes(const uint8_t* src, int64_t nbytes, int packed, int bits,
                 int64_t start, int count, uint32_t* codes) {
-  if (!packed) {
+  if (!packed || bits == 32) {
     std::memcpy(codes, reinterpret_cast<const uint32_t*>(src) + start,
                 sizeof(uint32_t) * count);
     return;
@@ -121,7 +123,7 @@ void read_codes(const uint8_t* src, int64_t nbytes, int packed, int bits,
 // of the last, partial octet of the tensor are written whole, zero padded.
 void write_codes(uint8_t* dst, int64_t nbytes, int packed, int bits,
                  int64_t start, int count, const uint32_t* codes) {
-  if (!packed) {
+  if (!packed || bits == 32) {
     std::memcpy(reinterpret_cast<uint32_t*>(dst) + start, codes,
                 sizeof(uint32_t) * count);
     return;
@@ -186,7 +188,7 @@ struct Quantizer {
         sub_mul1 = std::ldexp(1.0f, bias - 1 + m + frac);
         sub_mul2 = 1.0f;
       }
-    } else {
+    } else if (f.kind == 1) {
       top = static_cast<float>((1 << (f.bits - 1)) - 1);
       frac = 31 - f.bits;
       int_mul = std::ldexp(1.0f, frac);
@@ -199,6 +201,10 @@ struct Quantizer {
     // 32-bit words of the index (the carry keeps the loops in 32-bit lanes).
     const uint32_t lo0 = static_cast<uint32_t>(first);
     const uint32_t hi0 = static_cast<uint32_t>(first >> 32);
+    if (f.kind == 2) {  // every float32 is a code: nothing rounds
+      std::memcpy(codes, y, sizeof(float) * count);
+      return;
+    }
     if (f.kind == 0) {
       const int m = f.mbits, bits = f.bits;
       const uint32_t sign_bit = 1u << (bits - 1);
@@ -293,20 +299,27 @@ struct Decoder {
     return as_float(sign | ((mag << up) + rebias));
   }
 
-  void operator()(const uint32_t* codes, int count, float* out) const {
-    if (f.kind == 0) {
-      for (int j = 0; j < count; ++j) out[j] = value(codes[j]);
-    } else {
-      const int32_t zero = 1 << (f.bits - 1);
-      for (int j = 0; j < count; ++j)
-        out[j] = static_cast<float>(static_cast<int32_t>(codes[j]) - zero);
-    }
+  // The transform's multipliers and shift on out[0..count), per flags.
+  void affine(int count, float* out) const {
     if (flags & 1)
       for (int j = 0; j < count; ++j) out[j] = out[j] * mul1;
     if (flags & 2)
       for (int j = 0; j < count; ++j) out[j] = out[j] * mul2;
     if (flags & 4)
       for (int j = 0; j < count; ++j) out[j] = out[j] + shift;
+  }
+
+  void operator()(const uint32_t* codes, int count, float* out) const {
+    if (f.kind == 2) {
+      std::memcpy(out, codes, sizeof(float) * count);
+    } else if (f.kind == 0) {
+      for (int j = 0; j < count; ++j) out[j] = value(codes[j]);
+    } else {
+      const int32_t zero = 1 << (f.bits - 1);
+      for (int j = 0; j < count; ++j)
+        out[j] = static_cast<float>(static_cast<int32_t>(codes[j]) - zero);
+    }
+    affine(count, out);
   }
 };
 
@@ -332,7 +345,7 @@ struct Group16 {
       cmp[i] = static_cast<uint8_t>(i < b ? i : std::min(63, 16 + i - b));
     window = _mm512_load_si512(idx);
     right = _mm512_load_si512(sh);
-    mask = _mm512_set1_epi32(static_cast<int>((1u << b) - 1u));
+    mask = _mm512_set1_epi32(static_cast<int>(b >= 32 ? ~0u : (1u << b) - 1u));
     s1 = _mm512_set1_epi64(b);
     next = _mm512_set_epi64(7, 7, 5, 5, 3, 3, 1, 1);
     s2 = _mm512_set_epi64(64, 2 * b, 64, 2 * b, 64, 2 * b, 64, 2 * b);
@@ -516,6 +529,11 @@ struct MinMax {
 // Decodes values [start, end) (start a multiple of 16) into out.
 void decode_range(const uint8_t* src, int64_t nbytes, int packed,
                   const Decoder& dec, int64_t start, int64_t end, float* out) {
+  if (dec.f.kind == 2) {  // the bytes are the values, in either layout
+    std::memcpy(out + start, src + 4 * start, sizeof(float) * (end - start));
+    dec.affine(static_cast<int>(end - start), out + start);
+    return;
+  }
 #ifdef OMC_AVX512
   decode_avx512(src, nbytes, packed, dec, start, end, out);
 #else
@@ -571,13 +589,17 @@ void omc_encode(const float* x, int64_t n, uint8_t* dst, int64_t nbytes,
     uint32_t codes[kTile];
     float y[kTile];
     const int64_t end = std::min(n, (c + 1) * kChunk);
+    if (kind == 2 && tkind == 0) {  // lossless: the chunk's bytes are its codes
+      std::memcpy(dst + 4 * c * kChunk, x + c * kChunk, sizeof(float) * (end - c * kChunk));
+      continue;
+    }
     const int64_t limit = std::min(nbytes, end / 8 * bits + (end % 8 ? bits : 0));
     for (int64_t s = c * kChunk; s < end; s += kTile) {
       const int count = static_cast<int>(std::min<int64_t>(kTile, end - s));
       forward_transform(x + s, count, tkind, scale, shift, y);
       quant(y, count, static_cast<uint64_t>(index_offset + s), codes);
 #ifdef OMC_AVX512
-      if (packed && bits != 8 && bits != 16) {  // those two are plain stores
+      if (packed && bits != 8 && bits != 16 && bits != 32) {  // plain stores
         pack_avx512(group, codes, count, dst, limit, s);
         continue;
       }
@@ -698,7 +720,8 @@ void encode_block(const float* x, int64_t start, int count, bool sqrt_values,
     tmp[j] = v;
     absmax = std::max(absmax, std::fabs(v));
   }
-  const float s = block_scale(absmax, format_max(f));
+  // A lossless format keeps the values: dividing by 1 is exact.
+  const float s = f.kind == 2 ? 1.0f : block_scale(absmax, format_max(f));
   *scale = s;
   for (int j = 0; j < count; ++j) tmp[j] = tmp[j] / s;
   quant(tmp, count, static_cast<uint64_t>(start), codes);
