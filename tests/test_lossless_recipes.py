@@ -16,16 +16,13 @@ are compressed changes nothing when nothing is lost), the wire, the server's
 decoding and float32 aggregation, dropout and data order (OMC draws from no
 global generator: stochastic rounding has its own counter-based keys).
 
-One difference is kept out, not removed: fused clipping
-(``omc_fused_clipping: previous_norm``) is not SpeechBrain's global-norm
-clipping, so both runs take ``max_grad_norm: 1e9``, which SpeechBrain's
-``clip_grad_norm_`` and fused mode both leave as a no-op (a coefficient
-clamped to 1). The default clipping is being replaced by an exact one; this
-test will then run with clipping on. Note for that change: in the tiny
-federation the recipe's ``max_grad_norm: 5`` never clips, so a value that
-bites is needed (0.1 does: under ``previous_norm`` every entry of the final
-model then differs from float32's, which shows that the twin detects a
-mechanism).
+Clipping runs as SpeechBrain's: the default fused clipping (``deferred``:
+compressed gradients held until backward ends, float32 ones for lossless
+weights, then one global norm) with a ``max_grad_norm`` that bites (0.1;
+the recipes' 5 never clips in these tiny runs). The previous default,
+``previous_norm``, is not SpeechBrain's clipping: under it every entry of the
+federated final model differs from float32's, so the twin detects that
+mechanism.
 """
 
 import csv
@@ -42,7 +39,7 @@ from speechbrain_omc.blockwise import BlockwiseTensor
 from speechbrain_omc.checkpoints import is_payload
 from speechbrain_omc.compressed import CompressedTensor
 
-NO_CLIPPING = 1e9  # see the module docstring
+MAX_GRAD_NORM = 0.1  # clips in these runs (see the module docstring)
 
 
 def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what="") -> None:
@@ -68,7 +65,7 @@ def test_federated_recipe_under_fp32_trains_what_float32_trains(tmp_path):
         "rounds": 3,
         "eval_every": 1000,  # validation after the last round only
         "test_split": "dev",  # a short final evaluation
-        "max_grad_norm": NO_CLIPPING,
+        "max_grad_norm": MAX_GRAD_NORM,
     }
     runs = {}
     for name, extra in (
@@ -115,7 +112,7 @@ def test_centralized_recipe_under_fp32_trains_what_float32_trains(
     # The recipe runs in a subprocess: let it import this checkout.
     path = os.environ.get("PYTHONPATH")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), path])))
-    common = ("--debug_batches", "4", "--max_grad_norm", str(NO_CLIPPING))
+    common = ("--debug_batches", "4", "--max_grad_norm", str(MAX_GRAD_NORM))
     run_recipe(HPARAMS / "conformer_ctc.yaml", tmp_path / "f32", *common)
     run_recipe(
         HPARAMS / "conformer_ctc_omc.yaml",
