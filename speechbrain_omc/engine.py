@@ -299,7 +299,7 @@ class OMCHandle:
     def _held_dtype(self, slot: Slot) -> torch.dtype:
         """Storage type of a held gradient (``OMCConfig.held_grad_format``)."""
         # Lossless weights keep float32's arithmetic: a float32 copy.
-        itemsize = self._held_itemsize(slot.codes.format.bits)
+        itemsize = self._held_itemsize(slot.codes.format.lossless)
         return torch.float32 if itemsize == 4 else torch.bfloat16
 
     def _on_grad(self, param: CompressedParameter) -> None:
@@ -746,17 +746,17 @@ class OMCHandle:
             omc["optimizer_state"] = predicted - compressed_float32 + measured
         if self.holds_gradients:  # held from backward to the step
             omc["gradients"] += sum(
-                e.numel * self._held_itemsize(get_format(e.format).bits)
+                e.numel * self._held_itemsize(get_format(e.format).lossless)
                 for e in self.plan.compressed
             )
         omc["total"] = omc["parameters"] + omc["gradients"] + omc["optimizer_state"]
         return report
 
-    def _held_itemsize(self, bits: int) -> int:
-        """Bytes per held gradient value of weights ``bits`` wide."""
+    def _held_itemsize(self, lossless: bool) -> int:
+        """Bytes per held gradient value (of lossless weights, or not)."""
         choice = self.config.held_grad_format
         if choice == "auto":
-            return 4 if bits >= 32 else 2
+            return 4 if lossless else 2
         return 4 if choice == "fp32" else 2
 
     def memory_table(self) -> str:
