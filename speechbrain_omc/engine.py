@@ -116,9 +116,20 @@ class OMCHandle:
         self.peak_live_bytes = 0
         # Transient decompressed copies reuse mapped buffers: no heap churn.
         self.workspace = Workspace()
+        # The modules' state-dict hooks (a parameter holds its fused-update
+        # hook itself: CompressedParameter.attach).
         self._hooks: list = []
         # Fused mode under DDP: parameters whose reduced gradient awaits step().
         self._deferred: set[str] = set()
+
+    # A copy of the module (copy.deepcopy, torch.save and torch.load) copies
+    # its handle with it: the module's hooks, the parameters' slots and
+    # fused-update hooks all reach it, and copy or pickle map them to the
+    # copy's. Decoded-value accounting starts again; the workspace is fresh.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["live_bytes"] = state["peak_live_bytes"] = 0
+        return state
 
     # ------------------------------------------------------------------ setup
     @property
@@ -207,11 +218,8 @@ class OMCHandle:
             if slot.decode is None:
                 slot.decode, slot.write = self._decode, self._write
             # A new parameter object (after a device move) has no mark yet.
-            if self.mode == "fused" and param.__dict__.get("_omc_engine") is not self:
-                self._hooks.append(
-                    param.register_post_accumulate_grad_hook(self._on_grad)
-                )
-                param.__dict__["_omc_engine"] = self
+            if self.mode == "fused" and param.engine is not self:
+                param.attach(self)
         return params
 
     # ------------------------------------------------------ decode and write
@@ -601,7 +609,7 @@ class OMCHandle:
                 clip=self.config.clip,
             )
         with slot.lock:
-            slot.codes = _in_mapped_storage(codes)
+            slot.codes = codes.in_own_pages()
 
     def decompressed_state_dict(self) -> dict[str, torch.Tensor]:
         """The module's state dict with every compressed entry in float32.
@@ -770,6 +778,8 @@ class OMCHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for param in self.parameters().values():
+            param.detach_engine()
         replaced: dict[int, torch.nn.Parameter] = {}
         for module in self.module.modules():
             for attr, param in list(module._parameters.items()):
@@ -826,17 +836,6 @@ def _averaged_payload_hint(value, slot: Slot) -> str:
             "checkpoints with speechbrain_omc.checkpoints.average_checkpoints"
         )
     return ""
-
-
-def _in_mapped_storage(codes: CompressedTensor) -> CompressedTensor:
-    """The same codes in pages of their own (see :mod:`speechbrain_omc.memory`)."""
-    if codes.device.type != "cpu":
-        return codes
-    packed = mapped_empty(codes.packed.numel())
-    packed.copy_(codes.packed)
-    return CompressedTensor(
-        packed, codes.format, codes.shape, codes.transform, codes.clip
-    )
 
 
 def _owners(
