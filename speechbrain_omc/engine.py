@@ -57,7 +57,7 @@ from speechbrain_omc.selection import Plan, make_plan, round_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OMCHandle", "compress_module", "CompressedParameter"]
+__all__ = ["OMCHandle", "compress_module", "CompressedParameter", "handle_of"]
 
 
 @dataclass
@@ -125,11 +125,23 @@ class OMCHandle:
     # A copy of the module (copy.deepcopy, torch.save and torch.load) copies
     # its handle with it: the module's hooks, the parameters' slots and
     # fused-update hooks all reach it, and copy or pickle map them to the
-    # copy's. Decoded-value accounting starts again; the workspace is fresh.
+    # copy's. Like torch's copy of a parameter, the copy has no gradients:
+    # nothing of the step in progress is copied. The workspace is fresh.
+    _STEP_IN_PROGRESS = ("held", "_deferred", "_coefs", "_norm_sq", "clip_coef")
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
+        for key in self._STEP_IN_PROGRESS:
+            del state[key]
         state["live_bytes"] = state["peak_live_bytes"] = 0
+        state["_measuring"] = False
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.held = HeldGradients(self._take)
+        self._deferred, self._coefs = set(), {}
+        self._norm_sq, self.clip_coef = 0.0, None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -795,6 +807,36 @@ class OMCHandle:
         self.state.clear()
         self._holders.clear()
         self.module.__dict__.pop("_omc_handle", None)
+
+
+def handle_of(module: torch.nn.Module) -> OMCHandle | None:
+    """The handle of a module under OMC, ``None`` for any other module.
+
+    The module is the one given to :func:`compress_module`, or a copy of it
+    (``copy.deepcopy``, ``torch.save`` and ``torch.load``), which has a
+    handle of its own.
+
+    Arguments
+    ---------
+    module : torch.nn.Module
+        The module that was put under OMC.
+
+    Returns
+    -------
+    OMCHandle or None
+
+    Example
+    -------
+    >>> import copy
+    >>> model = torch.nn.Linear(4, 4)
+    >>> handle = compress_module(model, OMCConfig(format="e3m7"))
+    >>> handle_of(model) is handle
+    True
+    >>> twin = copy.deepcopy(model)
+    >>> handle_of(twin) not in (None, handle), handle_of(twin).module is twin
+    (True, True)
+    """
+    return module.__dict__.get("_omc_handle")
 
 
 def _payload(value) -> CompressedTensor | None:

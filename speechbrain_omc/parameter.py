@@ -353,9 +353,7 @@ class CompressedParameter(torch.Tensor):
         new.__dict__.update(copy.deepcopy(extra, memo))
         if engine is not None:
             new.attach(copy.deepcopy(engine, memo))
-        if self.grad is not None:  # as torch's deepcopy of a tensor does
-            new.grad = copy.deepcopy(self.grad, memo)
-        return new
+        return new  # without .grad, as torch's copy of a parameter
 
     # ------------------------------------------------------------ dispatch
     @classmethod
