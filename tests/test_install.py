@@ -1,9 +1,10 @@
 """The package installed without the repository runs the Flower app.
 
-``pip install <repo>`` (not editable) into a fresh virtual environment
-(``--system-site-packages``, so that torch and the other pinned dependencies
-are not downloaded again), then, from a working directory outside the
-repository and without ``PYTHONPATH``:
+``pip install <repo>`` (not editable) into a fresh virtual environment that
+sees the packages of the interpreter running the tests (so that torch and the
+other pinned dependencies are not downloaded again, whether the suite runs
+from a plain interpreter or from a virtual environment of its own), then,
+from a working directory outside the repository and without ``PYTHONPATH``:
 
 * the package and its packaged hparams are the environment's copy;
 * the Flower app's server and client code runs a two-round federation
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -26,15 +28,48 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "SynthSpeech"
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("install")
-    env_dir = folder / "venv"
+def make_venv(env_dir: Path) -> Path:
+    """A virtual environment that sees the running interpreter's packages.
+
+    ``--system-site-packages`` gives it the base interpreter's packages
+    only: made from inside a virtual environment, it would miss that
+    environment's (torch, wheel...). A ``.pth`` file lists the running
+    interpreter's site directories after the new environment's own, so
+    that what is installed into it comes first. Their own ``.pth`` files
+    are not run: an editable install of this repository stays out of it.
+
+    Arguments
+    ---------
+    env_dir : Path
+        Where the environment is made.
+
+    Returns
+    -------
+    Path
+        Its Python interpreter.
+    """
     subprocess.run(
         [sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)],
         check=True,
     )
     python = env_dir / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    outer = [d for d in site.getsitepackages() if Path(d).is_dir()]
+    (Path(purelib) / "_running_interpreter.pth").write_text(
+        "".join(f"{d}\n" for d in outer)
+    )
+    return python
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("install")
+    python = make_venv(folder / "venv")
     # No build isolation and no dependencies: nothing is downloaded.
     result = subprocess.run(
         [
