@@ -356,7 +356,12 @@ class CompressedParameter(torch.Tensor):
         return new  # without .grad, as torch's copy of a parameter
 
     # ------------------------------------------------------------ dispatch
+    # Both run eagerly under torch.compile: dynamo would otherwise compile
+    # them as frames of their own, guarded on each weight's codes, and
+    # recompile for every weight until its recompile limit. Compiled graphs
+    # break around them instead (our codes are read by eager kernels only).
     @classmethod
+    @torch.compiler.disable
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is _LINEAR:
             out = _linear(*args, **(kwargs or {}))
@@ -366,6 +371,7 @@ class CompressedParameter(torch.Tensor):
             return func(*args, **(kwargs or {}))
 
     @classmethod
+    @torch.compiler.disable
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return _dispatch(func, args, kwargs or {})
 
@@ -453,7 +459,6 @@ class _DecodedLinear(torch.autograd.Function):
         return grad_rows, grad_weight, grad_bias
 
 
-@torch._dynamo.disable
 def _dispatch(func, args, kwargs):
     """What an operation on compressed parameters does (see the module doc)."""
     if torch.compiler.is_compiling() or _tracing(args):
