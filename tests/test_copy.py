@@ -289,3 +289,17 @@ def test_torch_averaged_model_tracks_a_model_under_omc():
         # Compressed averages are encoded again: on the e3m7 grid.
         rtol = 2**-7 if isinstance(param, CompressedParameter) else 1e-6
         assert torch.allclose(param.detach(), expected, rtol=rtol, atol=1e-6), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("clone", CLONES)
+def test_a_copy_of_a_model_on_cuda(clone):
+    trainer = trained("fused")
+    model = trainer.model.to("cuda")
+    twin = clone(model)
+    x = torch.randn(5, 16, device="cuda")
+    assert torch.equal(twin(x), model(x))
+    assert twin.a.weight.slot.codes.device.type == "cuda"
+    before = codes(model)
+    Trainer(twin).train([(x, torch.randn(5, 4, device="cuda"))])
+    assert codes(model) == before != codes(twin)
