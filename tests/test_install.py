@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "SynthSpeech"
@@ -96,6 +97,24 @@ def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONNOUSERSITE"] = "1"
     return env
+
+
+@pytest.mark.slow
+def test_the_environment_sees_the_running_interpreters_packages(venv):
+    # Made from inside a virtual environment, --system-site-packages alone
+    # would show the base interpreter's packages instead (or none).
+    wheel = pytest.importorskip("wheel")
+    python, folder = venv
+    code = "import torch, wheel; print(torch.__file__); print(wheel.__file__)"
+    seen = subprocess.run(
+        [str(python), "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env=_env(),
+        check=True,
+    ).stdout.split()
+    assert seen == [torch.__file__, wheel.__file__]
 
 
 @pytest.mark.slow
