@@ -644,6 +644,7 @@ _OWN = {"_slot", "_whole", _ENGINE, _HOOK}
 def _rebuild(slot, size, stride, offset, dtype, requires_grad, extra, engine=None):
     """A compressed parameter from :meth:`CompressedParameter.__reduce_ex__`.
 
+    Saved whole models name this function and its arguments: keep both.
     ``engine`` may not be unpickled in full yet (the parameter is reached
     through it): only its bound ``_on_grad`` is taken here.
     """
