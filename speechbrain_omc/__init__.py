@@ -9,7 +9,7 @@ from .accounting import parameter_bytes, peak_rss_bytes
 from .brain import OMCBrain, OMCMixin
 from .compressed import CompressedTensor
 from .config import OMCConfig
-from .engine import OMCHandle, compress_module
+from .engine import OMCHandle, compress_module, handle_of
 from .formats import FORMAT_PRESETS, FloatFormat, Format, IntFormat, get_format
 from .packing import pack_bits, packed_nbytes, unpack_bits
 from .selection import Plan, PlanEntry, make_plan, parameter_roles
@@ -38,6 +38,7 @@ __all__ = [
     "Plan",
     "PlanEntry",
     "compress_module",
+    "handle_of",
     "make_plan",
     "parameter_bytes",
     "parameter_roles",

@@ -54,7 +54,7 @@ from .formats import (
     rounding_key,
     serial_spec,
 )
-from .memory import Workspace
+from .memory import Workspace, mapped_empty
 from .packing import _pack, _unpack, packed_nbytes
 from .transform import CLIP_METHODS, TRANSFORM_KINDS, Transform, fit_transform
 
@@ -466,6 +466,32 @@ class CompressedTensor:
     def nbytes(self) -> int:
         """Exact storage: packed code bytes plus transform parameter bytes."""
         return self._packed.numel() + self._transform.nbytes
+
+    def in_own_pages(self) -> CompressedTensor:
+        """The same codes, on the CPU in pages of their own.
+
+        Long-lived codes kept off the heap let freed transients go back to
+        the system (see :mod:`speechbrain_omc.memory`); codes on other
+        devices are returned as they are.
+
+        Returns
+        -------
+        CompressedTensor
+            ``self`` when not on the CPU, else a copy in an anonymous mapping.
+
+        Example
+        -------
+        >>> ct = CompressedTensor.compress(torch.ones(4), "e3m7")
+        >>> torch.equal(ct.in_own_pages().decompress(), ct.decompress())
+        True
+        """
+        if self.device.type != "cpu":
+            return self
+        packed = mapped_empty(self._packed.numel())
+        packed.copy_(self._packed)
+        return CompressedTensor(
+            packed, self._format, self._shape, self._transform, self._clip
+        )
 
     def __repr__(self) -> str:
         return (

@@ -58,7 +58,7 @@ from speechbrain_omc.selection import Plan, make_plan, round_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OMCHandle", "compress_module", "CompressedParameter"]
+__all__ = ["OMCHandle", "compress_module", "CompressedParameter", "handle_of"]
 
 
 @dataclass
@@ -117,9 +117,32 @@ class OMCHandle:
         self.peak_live_bytes = 0
         # Transient decompressed copies reuse mapped buffers: no heap churn.
         self.workspace = Workspace()
+        # The modules' state-dict hooks (a parameter holds its fused-update
+        # hook itself: CompressedParameter.attach).
         self._hooks: list = []
         # Fused mode under DDP: parameters whose reduced gradient awaits step().
         self._deferred: set[str] = set()
+
+    # A copy of the module (copy.deepcopy, torch.save and torch.load) copies
+    # its handle with it: the module's hooks, the parameters' slots and
+    # fused-update hooks all reach it, and copy or pickle map them to the
+    # copy's. Like torch's copy of a parameter, the copy has no gradients:
+    # nothing of the step in progress is copied. The workspace is fresh.
+    _STEP_IN_PROGRESS = ("held", "_deferred", "_coefs", "_norm_sq", "clip_coef")
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in self._STEP_IN_PROGRESS:
+            del state[key]
+        state["live_bytes"] = state["peak_live_bytes"] = 0
+        state["_measuring"] = False
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.held = HeldGradients(self._take)
+        self._deferred, self._coefs = set(), {}
+        self._norm_sq, self.clip_coef = 0.0, None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -208,11 +231,8 @@ class OMCHandle:
             if slot.decode is None:
                 slot.decode, slot.write = self._decode, self._write
             # A new parameter object (after a device move) has no mark yet.
-            if self.mode == "fused" and param.__dict__.get("_omc_engine") is not self:
-                self._hooks.append(
-                    param.register_post_accumulate_grad_hook(self._on_grad)
-                )
-                param.__dict__["_omc_engine"] = self
+            if self.mode == "fused" and param.engine is not self:
+                param.attach(self)
         return params
 
     # ------------------------------------------------------ decode and write
@@ -612,7 +632,7 @@ class OMCHandle:
                 clip=self.config.clip,
             )
         with slot.lock:
-            slot.codes = _in_mapped_storage(codes)
+            slot.codes = codes.in_own_pages()
 
     def decompressed_state_dict(self) -> dict[str, torch.Tensor]:
         """The module's state dict with every compressed entry in float32.
@@ -783,6 +803,8 @@ class OMCHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for param in self.parameters().values():
+            param.detach_engine()
         replaced: dict[int, torch.nn.Parameter] = {}
         for module in self.module.modules():
             for attr, param in list(module._parameters.items()):
@@ -798,6 +820,36 @@ class OMCHandle:
         self.state.clear()
         self._holders.clear()
         self.module.__dict__.pop("_omc_handle", None)
+
+
+def handle_of(module: torch.nn.Module) -> OMCHandle | None:
+    """The handle of a module under OMC, ``None`` for any other module.
+
+    The module is the one given to :func:`compress_module`, or a copy of it
+    (``copy.deepcopy``, ``torch.save`` and ``torch.load``), which has a
+    handle of its own.
+
+    Arguments
+    ---------
+    module : torch.nn.Module
+        The module that was put under OMC.
+
+    Returns
+    -------
+    OMCHandle or None
+
+    Example
+    -------
+    >>> import copy
+    >>> model = torch.nn.Linear(4, 4)
+    >>> handle = compress_module(model, OMCConfig(format="e3m7"))
+    >>> handle_of(model) is handle
+    True
+    >>> twin = copy.deepcopy(model)
+    >>> handle_of(twin) not in (None, handle), handle_of(twin).module is twin
+    (True, True)
+    """
+    return module.__dict__.get("_omc_handle")
 
 
 def _payload(value) -> CompressedTensor | None:
@@ -839,17 +891,6 @@ def _averaged_payload_hint(value, slot: Slot) -> str:
             "checkpoints with speechbrain_omc.checkpoints.average_checkpoints"
         )
     return ""
-
-
-def _in_mapped_storage(codes: CompressedTensor) -> CompressedTensor:
-    """The same codes in pages of their own (see :mod:`speechbrain_omc.memory`)."""
-    if codes.device.type != "cpu":
-        return codes
-    packed = mapped_empty(codes.packed.numel())
-    packed.copy_(codes.packed)
-    return CompressedTensor(
-        packed, codes.format, codes.shape, codes.transform, codes.clip
-    )
 
 
 def _owners(

@@ -118,6 +118,10 @@ class Workspace:
         self._buffers: dict[tuple[torch.dtype | None, int], list[mmap.mmap]] = {}
         self._lock = threading.Lock()
 
+    def __reduce__(self):
+        # A copy (of a module under OMC) starts with an empty pool of its own.
+        return (Workspace, (self.idle_bytes, self.exact))
+
     @staticmethod
     def _idle(buffer: mmap.mmap) -> bool:
         # References: the pool's list, the caller's loop variable, this

@@ -40,6 +40,7 @@ Example
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,6 +129,18 @@ class Slot:
             self.write(self, value)
         else:
             self.codes.assign_(value)
+
+    # A copy (deepcopy, pickle) gets its own lock and its codes in pages of
+    # their own; decode and write follow their owner (a copied engine).
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.codes = self.codes.in_own_pages()
+        self.lock = threading.RLock()
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -267,33 +280,88 @@ class CompressedParameter(torch.Tensor):
         with torch.no_grad():
             self.copy_(value)
 
+    # ------------------------------------------------------------ engine
+    @property
+    def engine(self):
+        """The engine whose ``_on_grad`` runs when the gradient is complete.
+
+        ``None`` unless an engine in fused mode attached itself
+        (:meth:`attach`).
+        """
+        return self.__dict__.get(_ENGINE)
+
+    def attach(self, engine) -> None:
+        """Call ``engine._on_grad(self)`` once each backward's gradient is complete.
+
+        The hook and the engine are remembered on the parameter, so that a
+        copy of it (``copy.deepcopy``, pickling) hooks the copy of the engine.
+
+        Arguments
+        ---------
+        engine : object
+            Has an ``_on_grad(param)`` method (the fused update).
+        """
+        self.detach_engine()
+        # torch refuses hooks on a tensor that needs no gradient; a frozen
+        # parameter keeps its hook for when it is trained again.
+        requires_grad = self.requires_grad
+        self.requires_grad_(True)
+        hook = self.register_post_accumulate_grad_hook(engine._on_grad)
+        self.requires_grad_(requires_grad)
+        self.__dict__[_ENGINE], self.__dict__[_HOOK] = engine, hook
+
+    def detach_engine(self) -> None:
+        """Remove the hook of :meth:`attach`, if any."""
+        hook = self.__dict__.pop(_HOOK, None)
+        if hook is not None:
+            hook.remove()
+        self.__dict__.pop(_ENGINE, None)
+
     # -------------------------------------------------------- serialisation
     def __reduce_ex__(self, protocol):
-        # Pickled (torch.save of a whole module, deepcopy) as a standalone
-        # parameter on its own copy of the codes.
-        payload = self._slot.codes.to_bytes()
+        # Pickled (torch.save of a whole module) with its slot, whose decoder
+        # and writer bring their engine, and with the engine of its fused
+        # updates: the loaded parameter is wired to the loaded engine. The
+        # engine reaches this parameter again through its module: pickle
+        # then keeps the first rebuilt object (a recursive reduce).
+        return (_rebuild, self._rebuild_args())
+
+    def _rebuild_args(self) -> tuple:
+        extra = {k: v for k, v in self.__dict__.items() if k not in _OWN}
         return (
-            _rebuild,
-            (
-                self._slot.name,
-                payload,
-                tuple(self.shape),
-                self.stride(),
-                self.storage_offset(),
-                self.dtype,
-                self.requires_grad,
-            ),
+            self._slot,
+            tuple(self.shape),
+            self.stride(),
+            self.storage_offset(),
+            self.dtype,
+            self.requires_grad,
+            extra,
+            self.engine,
         )
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
             return memo[id(self)]
-        copy = _rebuild(*self.__reduce_ex__(2)[1])
-        memo[id(self)] = copy
-        return copy
+        slot, *geometry, extra, engine = self._rebuild_args()
+        # The slot's engine holds the module, which holds this parameter:
+        # copying the slot may have copied this parameter already.
+        slot = copy.deepcopy(slot, memo)
+        if id(self) in memo:
+            return memo[id(self)]
+        new = _rebuild(slot, *geometry, {})
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(extra, memo))
+        if engine is not None:
+            new.attach(copy.deepcopy(engine, memo))
+        return new  # without .grad, as torch's copy of a parameter
 
     # ------------------------------------------------------------ dispatch
+    # Both run eagerly under torch.compile: dynamo would otherwise compile
+    # them as frames of their own, guarded on each weight's codes, and
+    # recompile for every weight until its recompile limit. Compiled graphs
+    # break around them instead (our codes are read by eager kernels only).
     @classmethod
+    @torch.compiler.disable
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is _LINEAR:
             out = _linear(*args, **(kwargs or {}))
@@ -303,6 +371,7 @@ class CompressedParameter(torch.Tensor):
             return func(*args, **(kwargs or {}))
 
     @classmethod
+    @torch.compiler.disable
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return _dispatch(func, args, kwargs or {})
 
@@ -390,7 +459,6 @@ class _DecodedLinear(torch.autograd.Function):
         return grad_rows, grad_weight, grad_bias
 
 
-@torch._dynamo.disable
 def _dispatch(func, args, kwargs):
     """What an operation on compressed parameters does (see the module doc)."""
     if torch.compiler.is_compiling() or _tracing(args):
@@ -568,6 +636,20 @@ def _mutate(func, args, kwargs):
     return out
 
 
-def _rebuild(name, payload, size, stride, offset, dtype, requires_grad):
-    slot = Slot(name, CompressedTensor.from_bytes(payload))
-    return CompressedParameter(slot, size, stride, offset, dtype, requires_grad)
+# Entries of a compressed parameter's __dict__ that a copy rebuilds itself.
+_ENGINE, _HOOK = "_omc_engine", "_omc_hook"
+_OWN = {"_slot", "_whole", _ENGINE, _HOOK}
+
+
+def _rebuild(slot, size, stride, offset, dtype, requires_grad, extra, engine=None):
+    """A compressed parameter from :meth:`CompressedParameter.__reduce_ex__`.
+
+    Saved whole models name this function and its arguments: keep both.
+    ``engine`` may not be unpickled in full yet (the parameter is reached
+    through it): only its bound ``_on_grad`` is taken here.
+    """
+    param = CompressedParameter(slot, size, stride, offset, dtype, requires_grad)
+    param.__dict__.update(extra)  # _is_param (an nn.Parameter), user attributes
+    if engine is not None:
+        param.attach(engine)
+    return param

@@ -146,6 +146,51 @@ def test_torch_compile_trains_like_eager():
         assert torch.allclose(compiled[name], eager[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("mode", ["fused", "simple"])
+def test_a_compiled_step_does_not_recompile_per_weight_and_equals_eager(mode):
+    # Compiled as frames of their own, the compressed weights' operations
+    # recompiled for each weight, up to dynamo's limit (8).
+    layers = 12
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        blocks = [(torch.nn.Linear(16, 16), Tanh()) for _ in range(layers)]
+        model = torch.nn.Sequential(*sum(blocks, ()), torch.nn.Linear(16, 4))
+        handle = compress_module(model, OMCConfig(format="e3m7", update_mode=mode))
+        handle.set_sgd(lr=0.05)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        torch.manual_seed(1)
+        losses = []
+        for _ in range(4):
+            x, y = torch.randn(8, 16), torch.randn(8, 4)
+            loss = torch.nn.functional.mse_loss(forward(x), y)
+            loss.backward()
+            handle.step()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        torch._dynamo.reset()
+        return losses, {n: s.codes.to_bytes() for n, s in handle.slots.items()}
+
+    # Any recompilation is an error: each frame compiles once, whatever the
+    # number of weights.
+    once = torch._dynamo.config.patch(
+        recompile_limit=1, fail_on_recompile_limit_hit=True
+    )
+    with warnings.catch_warnings(), once:
+        warnings.simplefilter("ignore")  # dynamo's graph-break notices
+        compiled = run(compiled=True)
+    assert compiled == run(compiled=False)  # losses and codes, bit for bit
+
+
+class Tanh(torch.nn.Module):
+    """Work between the compressed layers that dynamo compiles."""
+
+    def forward(self, x):
+        return torch.tanh(x) * 0.5 + x
+
+
 # --------------------------------------------------- in-place and max_norm
 def test_in_place_initialisation_and_speechbrain_max_norm():
     torch.manual_seed(0)

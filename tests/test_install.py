@@ -1,9 +1,10 @@
 """The package installed without the repository runs the Flower app.
 
-``pip install <repo>`` (not editable) into a fresh virtual environment
-(``--system-site-packages``, so that torch and the other pinned dependencies
-are not downloaded again), then, from a working directory outside the
-repository and without ``PYTHONPATH``:
+``pip install <repo>`` (not editable) into a fresh virtual environment that
+sees the packages of the interpreter running the tests (so that torch and the
+other pinned dependencies are not downloaded again, whether the suite runs
+from a plain interpreter or from a virtual environment of its own), then,
+from a working directory outside the repository and without ``PYTHONPATH``:
 
 * the package and its packaged hparams are the environment's copy;
 * the Flower app's server and client code runs a two-round federation
@@ -16,25 +17,60 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "SynthSpeech"
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("install")
-    env_dir = folder / "venv"
+def make_venv(env_dir: Path) -> Path:
+    """A virtual environment that sees the running interpreter's packages.
+
+    ``--system-site-packages`` gives it the base interpreter's packages
+    only: made from inside a virtual environment, it would miss that
+    environment's (torch, wheel...). A ``.pth`` file lists the running
+    interpreter's site directories after the new environment's own, so
+    that what is installed into it comes first. Their own ``.pth`` files
+    are not run: an editable install of this repository stays out of it.
+
+    Arguments
+    ---------
+    env_dir : Path
+        Where the environment is made.
+
+    Returns
+    -------
+    Path
+        Its Python interpreter.
+    """
     subprocess.run(
         [sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)],
         check=True,
     )
     python = env_dir / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    outer = [d for d in site.getsitepackages() if Path(d).is_dir()]
+    (Path(purelib) / "_running_interpreter.pth").write_text(
+        "".join(f"{d}\n" for d in outer)
+    )
+    return python
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("install")
+    python = make_venv(folder / "venv")
     # No build isolation and no dependencies: nothing is downloaded.
     result = subprocess.run(
         [
@@ -61,6 +97,24 @@ def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONNOUSERSITE"] = "1"
     return env
+
+
+@pytest.mark.slow
+def test_the_environment_sees_the_running_interpreters_packages(venv):
+    # Made from inside a virtual environment, --system-site-packages alone
+    # would show the base interpreter's packages instead (or none).
+    wheel = pytest.importorskip("wheel")
+    python, folder = venv
+    code = "import torch, wheel; print(torch.__file__); print(wheel.__file__)"
+    seen = subprocess.run(
+        [str(python), "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env=_env(),
+        check=True,
+    ).stdout.split()
+    assert seen == [torch.__file__, wheel.__file__]
 
 
 @pytest.mark.slow
