@@ -6,7 +6,8 @@ two logs have the same columns.
 
 Example
 -------
->>> from speechbrain_omc.federated.server import RoundReport
+>>> from speechbrain_omc.federated.defence import clean_text
+from speechbrain_omc.federated.server import RoundReport
 >>> report = RoundReport(round=1, sampled=["a", "b"], accepted=["a"],
 ...     rejected={"b": "no reply"}, bytes_down=10, bytes_up=5,
 ...     float32_bytes_down=40, float32_bytes_up=20,
@@ -23,9 +24,13 @@ import logging
 import os
 from pathlib import Path
 
+from speechbrain_omc.federated.defence import clean_text
 from speechbrain_omc.federated.server import RoundReport
 
 __all__ = ["CSV_FIELDS", "plot_rounds", "round_row", "write_csv"]
+
+#: Longest text cell written (a round's rejection reasons, joined).
+MAX_CELL = 100_000
 
 CSV_FIELDS = [
     "round",
@@ -108,6 +113,12 @@ def round_row(
 def write_csv(rows: list[dict], path: Path) -> None:
     """Write the per-round log atomically.
 
+    Text cells are escaped (see
+    :func:`~speechbrain_omc.federated.defence.clean_text`): a row resumed
+    from the checkpoint of an older run may hold a client's raw text (a lone
+    surrogate cannot be written as UTF-8, an escape sequence would drive the
+    terminal of whoever reads the file).
+
     Arguments
     ---------
     rows : list of dict
@@ -120,10 +131,14 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow(
-                {k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS}
-            )
+            writer.writerow({k: _cell(row.get(k)) for k in CSV_FIELDS})
     os.replace(tmp, path)
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    return clean_text(value, MAX_CELL) if isinstance(value, str) else value
 
 
 def plot_rounds(rows: list[dict], path: Path, title: str = "") -> None:

@@ -115,6 +115,7 @@ import gc
 import hashlib
 import hmac
 import logging
+import math
 import random
 import secrets
 import time
@@ -142,6 +143,12 @@ from speechbrain_omc.federated.checkpoint import (
     CheckpointStore,
     diff_settings,
     plain,
+)
+from speechbrain_omc.federated.defence import (
+    MAX_REASONS,
+    clean_text,
+    clip_limit,
+    clip_scale,
 )
 from speechbrain_omc.federated.validation import (
     MAX_EXAMPLES,
@@ -189,7 +196,12 @@ class RoundReport:
     accepted : list of str
         Clients whose update was combined.
     rejected : dict
-        Client to the reason it was left out (failure, no reply, invalid).
+        Client to the reason it was left out (failure, no reply, invalid),
+        escaped and bounded (see
+        :func:`~speechbrain_omc.federated.defence.clean_text`): every
+        sampled client's, and those of the first
+        :data:`~speechbrain_omc.federated.defence.MAX_REASONS` replies from
+        clients that were not sampled.
     bytes_down, bytes_up : int
         Bytes of the broadcasts and of the replies (rejected ones included).
     float32_bytes_down, float32_bytes_up : int
@@ -202,6 +214,12 @@ class RoundReport:
     model_updated : bool
         Whether the global model changed (no update accepted, or a combined
         model that was not finite, leaves it as it was).
+    clipped : dict
+        Client to the factor its update was scaled by to keep within the
+        round's update-norm limit (only those scaled).
+    ignored : int
+        Replies not taken: from clients not sampled in the round, and
+        second replies.
     seconds : dict
         The server's own time in the round: ``encode`` (compressing and
         encoding broadcasts), ``decode`` (checksums, parsing, decompressing
@@ -223,6 +241,8 @@ class RoundReport:
     num_examples: int = 0
     client_metrics: dict[str, dict] = field(default_factory=dict)
     model_updated: bool = False
+    clipped: dict[str, float] = field(default_factory=dict)
+    ignored: int = 0
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(SECONDS, 0.0)
     )
@@ -253,6 +273,13 @@ class _Pending:
     out_of_order: bool = False
     broken: bool = False  # a fold failed half-way: nothing may be committed
     rank: dict[str, int] = field(default_factory=dict)  # client -> fold position
+    # The update-norm bound: whether the reference replies' norms are known
+    # (folding waits for them), the norms counted so far (the reference's,
+    # then each folded reply's) and the replies checked before their fold.
+    ready: bool = False
+    norms: list[float] = field(default_factory=list)
+    counted: set[str] = field(default_factory=set)
+    checked: dict[str, tuple[Any, float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rank = {client: i for i, client in enumerate(self.order)}
@@ -290,13 +317,17 @@ class FedAvgServer:
     client_config : mapping, optional
         Local-training settings sent to every client in the metadata
         (for example ``{"local_epochs": 1}``).
-    max_examples : int or mapping
+    max_examples : int or mapping, optional
         Largest ``num_examples`` a client may claim: one bound for all, or
         client id to its own (its partition size). A reply claiming more is
-        rejected. The default only keeps weights exact; set it.
+        rejected. Without it (``None``) the server cannot know what a claim
+        is worth: every accepted client weighs the same (claims up to
+        ``2**53`` are accepted, and reported, but weigh nothing more).
     aggregation : str or Aggregation
         How accepted models are combined (``fedavg``, ``median``,
-        ``trimmed_mean``, ``norm_clip``).
+        ``trimmed_mean``, ``norm_clip``), and the update-norm bound applied
+        before any of them (on by default, see
+        :class:`~speechbrain_omc.federated.aggregation.Aggregation`).
     run_id : str, optional
         Id of this run, sent in every broadcast and required in every reply;
         random by default (a checkpoint restores it).
@@ -323,7 +354,7 @@ class FedAvgServer:
         server_momentum: float = 0.0,
         buffers: Iterable[str] = (),
         client_config: Mapping | None = None,
-        max_examples: int | Mapping[str, int] = MAX_EXAMPLES,
+        max_examples: int | Mapping[str, int] | None = None,
         aggregation: str | Aggregation = "fedavg",
         run_id: str | None = None,
         run_settings: Mapping | None = None,
@@ -401,7 +432,9 @@ class FedAvgServer:
         """
         return sum(4 * value.numel() for value in self.model.values())
 
-    def _bounds(self, max_examples) -> dict[str, int]:
+    def _bounds(self, max_examples) -> dict[str, int] | None:
+        if max_examples is None:
+            return None  # every client weighs the same
         if isinstance(max_examples, Mapping):
             bounds = {str(c): max_examples.get(c) for c in self.clients}
             missing = [c for c, b in bounds.items() if b is None]
@@ -541,19 +574,20 @@ class FedAvgServer:
     def _expectation(self, round: int, client: str) -> ReplyExpectation:
         # Rebuilt when a reply comes (the plan is a function of round and
         # client): a round of a thousand clients keeps no per-client tables.
-        expect = {}
+        expect, sent = {}, {}
         for name, fmt in self.formats(round, client).items():
             if fmt == "float32":
                 expect[name] = self._float32_expected[name]
             else:
-                expect[name] = self._compressed(round, name, fmt)[1]
+                sent[name], expect[name] = self._compressed(round, name, fmt)
         return ReplyExpectation(
             self.run_id,
             round,
             client,
             self.nonce(round, client),
-            self.max_examples[client],
+            MAX_EXAMPLES if self.max_examples is None else self.max_examples[client],
             expect,
+            sent=sent,
         )
 
     def message_for(self, client: str, round: int | None = None) -> bytes:
@@ -745,7 +779,8 @@ class FedAvgServer:
         Never raises for what a client sends: a bad reply is left out of the
         round with its reason (see :class:`RoundReport`). The reply is folded
         when its turn in :meth:`fold_order` comes (at once, if the runner
-        follows that order) and then dropped.
+        follows that order and the round's update-norm limit is known) and
+        then dropped.
 
         Arguments
         ---------
@@ -759,13 +794,10 @@ class FedAvgServer:
         report, size = pending.report, reply_nbytes(data)
         report.bytes_up += size
         if client not in pending.sampled:
-            self._reject(pending, client, f"not sampled in round {pending.round}", size)
+            self._ignore(pending, client, f"not sampled in round {pending.round}", size)
             return
         if client in pending.done or client in pending.held:
-            report.float32_bytes_up += size
-            logger.warning(
-                "round %d: a second reply of client %s ignored", pending.round, client
-            )
+            self._ignore(pending, client, None, size)
             return
         pending.held[client] = data
         pending.held_bytes += size
@@ -781,19 +813,42 @@ class FedAvgServer:
         client : str
             The client.
         reason : str
-            Why (an exception, a timeout, a simulated dropout).
+            Why (an exception, a timeout, a simulated dropout); escaped and
+            cut to a bounded length (it may hold a client's text).
         """
         pending, client = self._open("fail"), str(client)
         if client in pending.done or client in pending.held:
             return
-        pending.report.rejected[client] = f"failed: {reason}"
+        pending.report.rejected[client] = clean_text(f"failed: {reason}")
         pending.done.add(client)
         self._drain(pending)
 
+    def _ignore(self, pending: _Pending, client: str, reason, size: int) -> None:
+        # A stranger's reply (reason given) or a second one (None): counted;
+        # only the first few are kept and logged, so that a flood of them
+        # cannot grow the report or the log.
+        report = pending.report
+        report.float32_bytes_up += size
+        report.ignored += 1
+        if report.ignored > MAX_REASONS:
+            return
+        client = clean_text(client, 80)
+        if reason is not None:
+            report.rejected[client] = reason
+        logger.warning(
+            "round %d: reply of client %s ignored: %s",
+            pending.round,
+            client,
+            reason or "a second reply",
+        )
+
     def _drain(self, pending: _Pending) -> None:
-        # Fold the waiting replies whose turn has come, in order.
+        # Fold the waiting replies whose turn has come, in order, once the
+        # norms the update-norm limit starts from are known.
+        if not pending.ready:
+            pending.ready = self._reference(pending, final=False)
         order = pending.order
-        while pending.position < len(order):
+        while pending.ready and pending.position < len(order):
             client = order[pending.position]
             if client in pending.held:
                 self._fold(pending, client)
@@ -812,26 +867,68 @@ class FedAvgServer:
                     order[pending.position],
                 )
                 pending.out_of_order = True
+            if not pending.ready:  # from the replies at hand
+                pending.ready = self._reference(pending, final=True)
+                logger.warning(
+                    "round %d: the update-norm limit starts from the replies at "
+                    "hand, not its reference replies",
+                    pending.round,
+                )
             self._fold(pending, min(pending.held, key=pending.rank.__getitem__))
 
+    def _reference(self, pending: _Pending, final: bool) -> bool:
+        """Count the norms of the round's reference replies; whether they are known.
+
+        The reference replies are the first ``norm_reference`` in fold order
+        that pass the checks (each checked once, kept for its fold). A reply
+        is folded with the limit of the norms counted by then: the
+        reference's and those of the replies folded before it and its own,
+        which does not depend on the order replies arrive in. ``final``:
+        the replies still missing will not come.
+        """
+        if self.aggregation.norm_bound is None:
+            return True
+        found = []
+        for client in pending.order:
+            if len(found) >= self.aggregation.norm_reference:
+                break
+            if client in pending.held and client not in pending.checked:
+                self._check(pending, client)
+            if client in pending.checked:
+                found.append(client)
+            elif client not in pending.done and not final:
+                return False  # its reply may still come
+        for client in found:
+            self._count(pending, client)
+        return True
+
+    def _count(self, pending: _Pending, client: str) -> None:
+        if client not in pending.counted:
+            pending.counted.add(client)
+            pending.norms.append(pending.checked[client][1])
+
     def _reject(self, pending: _Pending, client: str, reason: str, f32: int) -> None:
+        reason = clean_text(reason)
         pending.report.rejected[client] = reason
         pending.report.float32_bytes_up += f32
         logger.warning(
             "round %d: update of client %s rejected: %s", pending.round, client, reason
         )
 
-    def _fold(self, pending: _Pending, client: str) -> None:
-        """Validate one waiting reply and fold it in; nothing escapes."""
-        data = pending.held.pop(client)
+    def _check(self, pending: _Pending, client: str) -> bool:
+        """Validate one waiting reply (it stays held); nothing escapes.
+
+        A good reply is kept in ``pending.checked`` with its update norm; a
+        bad one is dropped with its reason.
+        """
+        data = pending.held[client]
         size = reply_nbytes(data)
-        pending.held_bytes -= size
-        pending.done.add(client)
         report, aggregator = pending.report, pending.aggregator
         reply = None
         try:
             reply = open_reply(data, self._expectation(pending.round, client))
-            master = self.model if aggregator.needs_norm else None
+            bounded = self.aggregation.norm_bound is not None
+            master = self.model if aggregator.needs_norm or bounded else None
             # Every entry decoded and checked once, each into the workspace:
             # decoded in the heap, a thousand replies' entries would each
             # land in another free chunk (whose pages the last trim gave
@@ -839,21 +936,54 @@ class FedAvgServer:
             norm = reply.check(master, self._workspace)
         except UpdateRejected as error:
             counted = error.float32_nbytes
-            self._reject(
-                pending, client, str(error), size if counted is None else counted
-            )
-            return
+            reason, f32 = str(error), size if counted is None else counted
         except Exception as error:  # noqa: BLE001 - a bug must not end the run
             logger.exception("round %d: validating %s failed", pending.round, client)
             reason = f"internal error while validating: {type(error).__name__}"
-            self._reject(pending, client, reason, size)
-            return
+            f32 = size
+        else:
+            pending.checked[client] = (reply, norm)
+            return True
         finally:
             if reply is not None:
                 for key in ("decode", "validate"):
                     report.seconds[key] += reply.seconds[key]
                     reply.seconds[key] = 0.0
+        del pending.held[client]
+        pending.held_bytes -= size
+        pending.done.add(client)
+        self._reject(pending, client, reason, f32)
+        return False
+
+    def _fold(self, pending: _Pending, client: str) -> None:
+        """Validate one waiting reply (unless done) and fold it in; nothing
+        escapes."""
+        if client not in pending.checked and not self._check(pending, client):
+            return
+        limit = math.inf
+        if self.aggregation.norm_bound is not None:
+            self._count(pending, client)
+            limit = clip_limit(pending.norms, self.aggregation.norm_bound)
+        reply, norm = pending.checked.pop(client)
+        data = pending.held.pop(client)
+        pending.held_bytes -= reply_nbytes(data)
+        del data
+        pending.done.add(client)
+        report, aggregator = pending.report, pending.aggregator
         report.float32_bytes_up += reply.float32_nbytes
+        scale = clip_scale(norm, limit)
+        if scale < 1.0:
+            report.clipped[client] = scale
+            logger.warning(
+                "round %d: update of client %s scaled by %.3g (norm %.3g, "
+                "over the round's limit %.3g)",
+                pending.round,
+                client,
+                scale,
+                norm,
+                limit,
+            )
+        weight = reply.num_examples if self.max_examples is not None else 1
         start = time.perf_counter()
         try:
             # Decoded again entry by entry: the reply passed every check, so
@@ -862,7 +992,7 @@ class FedAvgServer:
             # reused); a buffered one keeps them all, in tensors of their own.
             streaming = isinstance(aggregator, StreamingAggregator)
             workspace = self._workspace if streaming else None
-            aggregator.add(reply.tensors(workspace), reply.num_examples, norm)
+            aggregator.add(reply.tensors(workspace), weight, norm, scale)
         except MemoryBudgetExceeded as error:
             self._reject(pending, client, str(error), 0)
             return
@@ -901,10 +1031,18 @@ class FedAvgServer:
         trim_heap()  # the last reply, dropped (see broadcast)
         for client, reason in (failures or {}).items():
             self.fail(client, reason)
+        if not pending.ready:  # the replies still missing will not come
+            pending.ready = self._reference(pending, final=True)
         for client in list(pending.order):  # the rest, in order
             if client in pending.held:
                 self._fold(pending, client)
         report = pending.report
+        if report.ignored > MAX_REASONS:
+            logger.warning(
+                "round %d: %d more replies ignored (not logged)",
+                pending.round,
+                report.ignored - MAX_REASONS,
+            )
         for client in pending.order:
             if client not in pending.done:
                 report.rejected[client] = "no reply"
@@ -1012,10 +1150,13 @@ class FedAvgServer:
         if bad:
             logger.error(
                 "round %d: the combined model is not finite (%s); the model is "
-                "unchanged",
+                "unchanged%s",
                 round,
                 ", ".join(bad[:5]),
+                "; the server momentum is reset" if self.momentum else "",
             )
+            # Momentum that led here would lead here again every round.
+            self.momentum = {}
             return False
         for name in list(self.model):
             if beta > 0 and name in momentum:
