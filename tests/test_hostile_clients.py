@@ -362,9 +362,7 @@ def test_influence_is_bounded_by_the_clients_weight(shift):
 
 
 @pytest.mark.parametrize("shift, hostile_share", [(100.0, 4.0), (0.0, 0.0)])
-def test_the_default_bound_clips_an_update_to_4x_the_upper_median(
-    shift, hostile_share
-):
+def test_the_default_bound_clips_an_update_to_4x_the_upper_median(shift, hostile_share):
     """By default the shifted model's update is scaled to 4x the upper median
     of the round's update norms (here the honest clients'): its third of
     the move is 4, not 100; an unchanged model is not scaled."""
