@@ -276,6 +276,10 @@ def read_test_errors(path: str | Path) -> dict[str, tuple[int, int]]:
 def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
     """Run (or resume) the federation described by ``hparams``.
 
+    The run holds its save folder's lock from start to end (see
+    :meth:`~speechbrain_omc.federated.checkpoint.CheckpointStore.lock`): a
+    second run on the same folder is refused before it changes anything.
+
     Arguments
     ---------
     hparams : dict
@@ -287,13 +291,25 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
     -------
     dict
         The summary also written to ``summary.json``.
+
+    Raises
+    ------
+    CheckpointLocked
+        Another server runs on the same save folder.
     """
+    save = Path(hparams["save_folder"])
+    save.mkdir(parents=True, exist_ok=True)
+    with CheckpointStore(save / "server.ckpt") as store:
+        return _federate(hparams, run_opts, store)
+
+
+def _federate(hparams: dict, run_opts: dict | None, store: CheckpointStore) -> dict:
+    """:func:`run_federation`'s run, its checkpoint folder locked."""
     from tqdm import tqdm
 
     start = time.perf_counter()
     out = Path(hparams["output_folder"])
-    save = Path(hparams["save_folder"])
-    save.mkdir(parents=True, exist_ok=True)
+    save = store.path.parent
     client_csvs, csvs = prepare_federation(hparams)
     valid_csv, test_csv = csvs[hparams["valid_split"]], csvs[hparams["test_split"]]
     label_encoder = build_label_encoder(
@@ -329,7 +345,6 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
         sizes,
         roles=client.parameter_roles(),
     )
-    store = CheckpointStore(save / "server.ckpt")
     if hparams.get("fresh_start"):
         store.discard()
     extra = server.load(store)
