@@ -65,6 +65,10 @@ from speechbrain_omc.data.partition import client_manifests, partition_manifest
 from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.checkpoint import CheckpointStore, atomic_save
 from speechbrain_omc.federated.client import OMCClient
+from speechbrain_omc.federated.defence import (
+    DEFAULT_NORM_BOUND,
+    DEFAULT_NORM_REFERENCE,
+)
 from speechbrain_omc.federated.server import FedAvgServer
 from speechbrain_omc.federated.simulation import run_round
 
@@ -194,6 +198,9 @@ def build_server(
             hparams.get("aggregation", "fedavg"),
             trim_fraction=hparams.get("trim_fraction", 0.2),
             clip_norm=hparams.get("clip_norm"),
+            # Absent keys: the defaults (bounded); null: off.
+            norm_bound=hparams.get("norm_bound", DEFAULT_NORM_BOUND),
+            norm_reference=hparams.get("norm_reference", DEFAULT_NORM_REFERENCE),
         ),
         run_settings=run_settings(hparams),
         roles=roles,

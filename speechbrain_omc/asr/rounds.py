@@ -37,6 +37,7 @@ CSV_FIELDS = [
     "sampled",
     "clients",
     "rejected",
+    "clipped",
     "bytes_down",
     "bytes_up",
     "float32_bytes_down",
@@ -94,6 +95,8 @@ def round_row(
         "sampled": len(report.sampled),
         "clients": len(report.accepted),
         "rejected": "; ".join(f"{c}: {r}" for c, r in report.rejected.items()),
+        # Updates scaled down to the round's norm limit (see defence.py).
+        "clipped": len(report.clipped),
         "bytes_down": report.bytes_down,
         "bytes_up": report.bytes_up,
         "float32_bytes_down": report.float32_bytes_down,

@@ -23,11 +23,15 @@ over rounds). A round goes:
 2. Clients train and reply (see :mod:`speechbrain_omc.federated.client`).
 3. :meth:`FedAvgServer.aggregate` validates every reply; a bad one is left
    out with its reason, never averaged, and nothing a client sends can raise
-   out of :meth:`~FedAvgServer.aggregate`. The accepted ones are combined in
+   out of :meth:`~FedAvgServer.aggregate`. Each accepted update is scaled
+   down to the round's update-norm limit (on by default: 4 x the upper
+   median of the round's update norms, see
+   :mod:`~speechbrain_omc.federated.defence`), then they are combined in
    float32 (FedAvg weighted by examples, or a robust rule, see
    :mod:`~speechbrain_omc.federated.aggregation`); optionally a server
    learning rate and server momentum (FedAvgM) apply the change. The new
-   model is committed only if it is finite.
+   model is committed only if it is finite; a round that is not committed
+   also resets the server momentum.
 
 Streaming: the same round, one client at a time
 -----------------------------------------------
@@ -56,9 +60,17 @@ The fold order is fixed: sorted client ids. A reply that arrives before
 those of smaller ids waits (as the bytes the runner handed over, nothing
 decoded) until they have arrived, failed or the round closes, so that the
 result does not depend on arrival order and a resumed or re-run round gives
-the same bits. ``max_held_bytes`` bounds what waits: beyond it the oldest
-waiting reply is folded out of order (logged; the round's bits then depend
-on timing, as they already do when a straggler misses the round).
+the same bits. With the update-norm bound, nothing is folded before the
+norms of the round's first ``norm_reference`` (8) good replies in fold
+order are known: those replies are checked as they come and wait, as
+bytes, for the rest of them; each reply is then folded with the limit of
+the norms counted so far (those 8, the replies folded before it and its
+own), which again does not depend on arrival order. The server's extra
+memory grows by those 8 replies, whatever the number of clients. Without
+the bound (``norm_bound: None``) a reply is folded as soon as its turn
+comes. ``max_held_bytes`` bounds what waits: beyond it the oldest waiting
+reply is folded out of order (logged; the round's bits then depend on
+timing, as they already do when a straggler misses the round).
 
 What a reply must be, and in which order it is checked (cheapest first, the
 binding before any payload is parsed, each reply decoded once), is

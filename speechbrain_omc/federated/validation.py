@@ -18,8 +18,15 @@ little as possible (each reply is decoded once):
    Checked before any entry is read: a reply bound to another run or round
    is refused without parsing (copying) its payloads;
 4. exactly the broadcast's entries, each in the format and shape it was sent
-   in (checked on the entry headers, before any payload is parsed);
+   in (checked on the entry headers, before any payload is parsed), and a
+   compressed entry's transform of the broadcast's kind and within
+   :data:`~speechbrain_omc.federated.defence.MAX_REACH_GROWTH` times its
+   reach (checked as the entry is parsed, before it is decoded);
 5. finite values.
+
+Reasons quote what a client sent escaped and cut short (see
+:func:`~speechbrain_omc.federated.defence.shown`); metric names must be
+printable ASCII.
 
 :func:`check_reply` does all five and returns every entry decoded (a float32
 model per reply). A server that aggregates as replies arrive uses
