@@ -384,7 +384,7 @@ def test_server_memory_does_not_grow_with_the_number_of_replies():
 
     That is the fold without the update-norm bound. With it (the default)
     the round's first ``norm_reference`` (8) replies wait as bytes until
-    their norms are all known: at 64 replies the rise was 69.2 MiB, the same
+    their norms are all known: at 64 replies the rise was 68.0 MiB, the same
     plus 8 replies (44 MiB), and it stays so whatever the number of
     replies."""
     # The torch fallback decodes with model-sized temporaries that glibc's heap

@@ -59,6 +59,7 @@ __all__ = [
     "MAX_REACH_GROWTH",
     "MAX_REASONS",
     "MAX_TEXT",
+    "NormLimit",
     "check_transform",
     "clean_text",
     "clip_limit",
@@ -244,6 +245,59 @@ def clip_scale(norm: float | None, limit: float) -> float:
     if norm is None or not norm > limit:
         return 1.0
     return limit / norm if math.isfinite(norm) else 0.0
+
+
+class NormLimit:
+    """The update-norm limit of one round, from the norms counted so far.
+
+    A server counts the norms of the round's first ``reference`` good
+    replies in fold order (:meth:`start`), then each reply's own norm just
+    before it folds it (:meth:`count`); the reply is scaled to
+    :meth:`value`. What a reply is folded with then depends on the replies
+    before it in fold order, never on the order they arrived in.
+
+    Arguments
+    ---------
+    bound : float, optional
+        The multiple of the upper median (``None``: no limit).
+    reference : int
+        How many norms the limit starts from.
+
+    Example
+    -------
+    >>> limit = NormLimit(4.0, reference=2)
+    >>> limit.ready
+    False
+    >>> limit.start({"a": 1.0, "b": 3.0})
+    >>> limit.ready, limit.value()
+    (True, 12.0)
+    >>> limit.count("c", 1e30)  # the next reply, counted before its fold
+    >>> limit.value(), clip_scale(1e30, limit.value()) < 1e-28
+    (12.0, True)
+    >>> NormLimit(None, 8).ready, NormLimit(None, 8).value()
+    (True, inf)
+    """
+
+    def __init__(self, bound: float | None, reference: int) -> None:
+        self.bound = bound
+        self.reference = int(reference)
+        self.ready = bound is None  # no bound: nothing to wait for
+        self.norms: dict[str, float] = {}
+
+    def start(self, norms: dict[str, float]) -> None:
+        """Count the reference replies' norms (client to norm); folding may begin."""
+        for client, norm in norms.items():
+            self.count(client, norm)
+        self.ready = True
+
+    def count(self, client: str, norm: float | None) -> None:
+        """Count one reply's norm (once per client)."""
+        if self.bound is not None and norm is not None:
+            self.norms.setdefault(client, norm)
+
+    def value(self) -> float:
+        """The largest update norm allowed now (see :func:`clip_limit`)."""
+        return clip_limit(self.norms.values(), self.bound)
 
 
 def reach(value: CompressedTensor) -> float:

@@ -127,7 +127,6 @@ import gc
 import hashlib
 import hmac
 import logging
-import math
 import random
 import secrets
 import time
@@ -158,8 +157,8 @@ from speechbrain_omc.federated.checkpoint import (
 )
 from speechbrain_omc.federated.defence import (
     MAX_REASONS,
+    NormLimit,
     clean_text,
-    clip_limit,
     clip_scale,
 )
 from speechbrain_omc.federated.validation import (
@@ -285,12 +284,8 @@ class _Pending:
     out_of_order: bool = False
     broken: bool = False  # a fold failed half-way: nothing may be committed
     rank: dict[str, int] = field(default_factory=dict)  # client -> fold position
-    # The update-norm bound: whether the reference replies' norms are known
-    # (folding waits for them), the norms counted so far (the reference's,
-    # then each folded reply's) and the replies checked before their fold.
-    ready: bool = False
-    norms: list[float] = field(default_factory=list)
-    counted: set[str] = field(default_factory=set)
+    limit: NormLimit | None = None  # the update-norm bound's, this round
+    # Replies checked before their fold (the limit's reference), with norms.
     checked: dict[str, tuple[Any, float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -662,6 +657,9 @@ class FedAvgServer:
             sorted(sampled),
             make_aggregator(self.aggregation, self.model, self.memory_budget),
             frozenset(sampled),
+            limit=NormLimit(
+                self.aggregation.norm_bound, self.aggregation.norm_reference
+            ),
         )
         return list(sampled)
 
@@ -857,10 +855,10 @@ class FedAvgServer:
     def _drain(self, pending: _Pending) -> None:
         # Fold the waiting replies whose turn has come, in order, once the
         # norms the update-norm limit starts from are known.
-        if not pending.ready:
-            pending.ready = self._reference(pending, final=False)
+        if not pending.limit.ready:
+            self._reference(pending, final=False)
         order = pending.order
-        while pending.ready and pending.position < len(order):
+        while pending.limit.ready and pending.position < len(order):
             client = order[pending.position]
             if client in pending.held:
                 self._fold(pending, client)
@@ -879,8 +877,8 @@ class FedAvgServer:
                     order[pending.position],
                 )
                 pending.out_of_order = True
-            if not pending.ready:  # from the replies at hand
-                pending.ready = self._reference(pending, final=True)
+            if not pending.limit.ready:  # from the replies at hand
+                self._reference(pending, final=True)
                 logger.warning(
                     "round %d: the update-norm limit starts from the replies at "
                     "hand, not its reference replies",
@@ -888,36 +886,25 @@ class FedAvgServer:
                 )
             self._fold(pending, min(pending.held, key=pending.rank.__getitem__))
 
-    def _reference(self, pending: _Pending, final: bool) -> bool:
-        """Count the norms of the round's reference replies; whether they are known.
+    def _reference(self, pending: _Pending, final: bool) -> None:
+        """Start the round's norm limit once its reference replies are known.
 
-        The reference replies are the first ``norm_reference`` in fold order
-        that pass the checks (each checked once, kept for its fold). A reply
-        is folded with the limit of the norms counted by then: the
-        reference's and those of the replies folded before it and its own,
-        which does not depend on the order replies arrive in. ``final``:
+        They are the first ``norm_reference`` replies in fold order that
+        pass the checks (each checked once, kept for its fold); see
+        :class:`~speechbrain_omc.federated.defence.NormLimit`. ``final``:
         the replies still missing will not come.
         """
-        if self.aggregation.norm_bound is None:
-            return True
-        found = []
+        limit, found = pending.limit, {}
         for client in pending.order:
-            if len(found) >= self.aggregation.norm_reference:
+            if len(found) >= limit.reference:
                 break
             if client in pending.held and client not in pending.checked:
                 self._check(pending, client)
             if client in pending.checked:
-                found.append(client)
+                found[client] = pending.checked[client][1]
             elif client not in pending.done and not final:
-                return False  # its reply may still come
-        for client in found:
-            self._count(pending, client)
-        return True
-
-    def _count(self, pending: _Pending, client: str) -> None:
-        if client not in pending.counted:
-            pending.counted.add(client)
-            pending.norms.append(pending.checked[client][1])
+                return  # its reply may still come
+        limit.start(found)
 
     def _reject(self, pending: _Pending, client: str, reason: str, f32: int) -> None:
         reason = clean_text(reason)
@@ -972,11 +959,9 @@ class FedAvgServer:
         escapes."""
         if client not in pending.checked and not self._check(pending, client):
             return
-        limit = math.inf
-        if self.aggregation.norm_bound is not None:
-            self._count(pending, client)
-            limit = clip_limit(pending.norms, self.aggregation.norm_bound)
         reply, norm = pending.checked.pop(client)
+        pending.limit.count(client, norm)
+        limit = pending.limit.value()
         data = pending.held.pop(client)
         pending.held_bytes -= reply_nbytes(data)
         del data
@@ -1043,8 +1028,8 @@ class FedAvgServer:
         trim_heap()  # the last reply, dropped (see broadcast)
         for client, reason in (failures or {}).items():
             self.fail(client, reason)
-        if not pending.ready:  # the replies still missing will not come
-            pending.ready = self._reference(pending, final=True)
+        if not pending.limit.ready:  # the replies still missing will not come
+            self._reference(pending, final=True)
         for client in list(pending.order):  # the rest, in order
             if client in pending.held:
                 self._fold(pending, client)

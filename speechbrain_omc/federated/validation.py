@@ -93,6 +93,7 @@ __all__ = [
     "nonfinite",
     "open_reply",
     "reply_nbytes",
+    "squared_distance",
 ]
 
 #: Default bound of ``num_examples`` when the server knows nothing better: the
@@ -417,6 +418,44 @@ def nonfinite(value: torch.Tensor) -> int:
     return int((~torch.isfinite(value)).sum())
 
 
+#: Values per float64 chunk of :func:`squared_distance` (512 KiB).
+_CHUNK = 2**16
+
+
+def squared_distance(value: torch.Tensor, master: torch.Tensor) -> float:
+    """``sum((value - master) ** 2)`` in float64, a chunk at a time.
+
+    float64: the difference and the squares of large finite float32 values
+    overflow float32. In chunks: float64 copies of a whole entry would be
+    the largest temporaries of a server checking replies (three of 4 MiB
+    for an entry of 2 MiB), left behind in its heap.
+
+    Arguments
+    ---------
+    value, master : torch.Tensor
+        Float32 tensors of one shape.
+
+    Returns
+    -------
+    float
+        Possibly ``inf`` (values near the float32 limit, many of them).
+
+    Example
+    -------
+    >>> big = torch.finfo(torch.float32).max
+    >>> squared_distance(torch.tensor([big, 1.0]), torch.tensor([0.0, 0.0])) > 1e76
+    True
+    """
+    a, b = value.reshape(-1), master.reshape(-1)
+    total = 0.0
+    for start in range(0, a.numel(), _CHUNK):
+        part = a[start : start + _CHUNK].double()
+        part.sub_(b[start : start + _CHUNK])
+        total += float(part.square_().sum())
+        del part
+    return total
+
+
 class Reply:
     """A reply whose binding, metadata and entry headers passed (steps 1-4).
 
@@ -550,9 +589,7 @@ class Reply:
         squares = 0.0
         for name, value in self.tensors(workspace):
             if master is not None:
-                squares += float(
-                    (value.double() - master[name].double()).square().sum()
-                )
+                squares += squared_distance(value, master[name])
             del value  # its buffer is free for the next entry
         if master is None:
             return None
