@@ -6,8 +6,7 @@ two logs have the same columns.
 
 Example
 -------
->>> from speechbrain_omc.federated.defence import clean_text
-from speechbrain_omc.federated.server import RoundReport
+>>> from speechbrain_omc.federated.server import RoundReport
 >>> report = RoundReport(round=1, sampled=["a", "b"], accepted=["a"],
 ...     rejected={"b": "no reply"}, bytes_down=10, bytes_up=5,
 ...     float32_bytes_down=40, float32_bytes_up=20,
