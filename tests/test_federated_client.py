@@ -214,3 +214,72 @@ def test_constant_buffers_stay_home():
     assert make_client(brain, buffers="none").buffer_names() == []
     with pytest.raises(ValueError, match="buffers"):
         make_client(brain, buffers="some")
+
+
+def _compressing(server, name="net.0.weight"):
+    """A client of round 1 whose plan compresses ``name``."""
+    sampled = server.sample_clients(1)
+    return next(c for c in sampled if server.formats(1, c)[name] != "float32")
+
+
+def test_a_message_with_non_finite_values_is_refused_before_loading():
+    client = make_client()
+    server = make_server(client)
+    entries, meta = _float32_round(server)
+    entries["net.0.weight"] = torch.full_like(entries["net.0.weight"], float("nan"))
+    before = client.get_model()
+    with pytest.raises(ValueError, match="net.0.weight has 72 non-finite"):
+        client.train(wire.encode(entries, meta))
+    after = client.get_model()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("failure", ["diverged weights", "failing compression"])
+def test_a_worker_recovers_after_an_exception(failure, monkeypatch):
+    """An exception while handling one message (here while the client puts
+    its modules under the message's plan) leaves the Brain usable: the next
+    message trains and evaluates as on a fresh worker (before: every later
+    message raised 'holds compressed parameters of another handle')."""
+    from speechbrain_omc.federated import client as client_module
+
+    client = make_client()
+    server = make_server(client)
+    messages = server.configure_round()
+    name = _compressing(server)
+    if failure == "diverged weights":
+        # The Brain's own float32 weight went non-finite (a diverged local
+        # training): compressing it under the next plan must not fail.
+        client.train(wire.encode(*_float32_round(server)))
+        with torch.no_grad():
+            client.brain.modules.net[0].weight.fill_(float("nan"))
+    else:
+        client.train(wire.encode(*_float32_round(server)))  # an empty plan
+        calls = []
+        original = client_module.compress_module
+
+        def failing(module, config, plan):
+            calls.append(1)
+            if len(calls) == 1:
+                # Half-way, as a compression error leaves it: some parameters
+                # compressed, no handle returned.
+                original(module, config, plan)
+                module.__dict__.pop("_omc_handle")
+                raise ValueError("x has 512 non-finite value(s)")
+            return original(module, config, plan)
+
+        monkeypatch.setattr(client_module, "compress_module", failing)
+        with pytest.raises(ValueError, match="non-finite"):
+            client.train(messages[name])
+    reply = client.train(messages[name])
+    fresh = make_client(make_brain(seed=123))
+    assert reply == fresh.train(messages[name])
+    test = make_data()["c"]
+    got = client.evaluate(server.message_for("eval"), test, {"batch_size": 10})
+    want = fresh.evaluate(server.message_for("eval"), test, {"batch_size": 10})
+    assert got == want
+
+
+def _float32_round(server):
+    """A float32 broadcast of the server's model (an empty OMC plan)."""
+    sent = wire.decode(server.message_for("a"))
+    return sent.decompressed(), sent.meta

@@ -28,7 +28,13 @@ def _model():
 
 
 def _server(**kwargs):
-    settings = dict(clients_per_round=3, omc=OMC, seed=7, buffers=["norm.running_mean"])
+    settings = dict(
+        clients_per_round=3,
+        omc=OMC,
+        seed=7,
+        buffers=["norm.running_mean"],
+        max_examples=10,
+    )
     settings.update(kwargs)
     return FedAvgServer(_model(), CLIENTS, **settings)
 

@@ -8,6 +8,8 @@ hostile nodes in test_hostile_clients.py.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -513,3 +515,117 @@ def test_the_run_config_reaches_the_grid_and_the_checks(
             assert timeout == 7, kinds
     assert (summary["valid_WER"] is not None) is evaluated
     assert (summary["test_WER"] == 20.0) is evaluated
+
+
+# ------------------------------------------------------- hostile app runs
+def _surrogate_round(data: bytes) -> RecordDict:
+    """An honest reply whose ``round`` is a lone surrogate (JSON ``"\\udcff"``)."""
+    from flower_harness import honest_reply as shifted
+
+    reply = wire.decode(shifted(data, shift=0.02, num_examples=5))
+    return RecordDict(
+        {
+            "arrays": payload_to_record(
+                wire.encode(reply.entries, {**reply.meta, "round": "\udcff"})
+            )
+        }
+    )
+
+
+def _poisoned(data: bytes) -> RecordDict:
+    """FLT_MAX in every value, in the form received."""
+    sent = wire.decode(data)
+    big = torch.finfo(torch.float32).max
+    entries = {}
+    for name, value in sent.entries.items():
+        if isinstance(value, CompressedTensor):
+            entries[name] = CompressedTensor.compress(
+                torch.full(tuple(value.shape), big), value.format
+            )
+        else:
+            entries[name] = torch.full_like(value, big)
+    meta = {k: sent.meta[k] for k in ("round", "client", "run", "nonce")}
+    meta.update(type="update", num_examples=5)
+    return RecordDict({"arrays": payload_to_record(wire.encode(entries, meta))})
+
+
+def _app_with(replies):
+    """The app's nodes; ``replies[node](data)`` answers its train messages."""
+    honest = app_handler(NODES_OF)
+
+    def handler(node, message):
+        if message.metadata.message_type == MessageType.TRAIN and node in replies:
+            return replies[node](payload_from_record(message.content))
+        return honest(node, message)
+
+    return handler
+
+
+def _error(data):
+    return Error(code=0, reason="left out")
+
+
+def test_a_surrogate_and_a_poisoned_reply_leave_the_honest_run(
+    tmp_path, server_app, task_identity
+):
+    """One node answers with a lone surrogate as ``round``, another with
+    FLT_MAX everywhere, every round: the ServerApp finishes, writes
+    rounds.csv (ASCII, the reason escaped) and final_model.pt, and the model
+    is the one the honest node alone makes (the hostile nodes as failed)."""
+    hostile = {202: _surrogate_round, 203: _poisoned}
+    summary = server_app.run_server(
+        FakeGrid(NODES_OF, _app_with(hostile)), app_run_config(tmp_path / "hostile")
+    )
+    assert summary["rounds"] == 3
+    result = tmp_path / "hostile" / "result"
+    text = (result / "rounds.csv").read_text(encoding="ascii")
+    assert "update for round '\\udcff'" in text
+    history = json.loads((result / "flower_history.json").read_text())
+    rejected = {c: r for h in history for c, r in h["rejected"].items()}
+    assert "transform reaches" in rejected["client_002"]
+    silent = {202: _error, 203: _error}
+    server_app.run_server(
+        FakeGrid(NODES_OF, _app_with(silent)), app_run_config(tmp_path / "silent")
+    )
+    a = torch.load(result / "final_model.pt")
+    b = torch.load(tmp_path / "silent" / "result" / "final_model.pt")
+    assert list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_checkpoint_with_raw_client_text_resumes(tmp_path, server_app, task_identity):
+    """Rows an older version saved with a client's raw text (a lone
+    surrogate, an ANSI escape): the resumed run writes them escaped and
+    finishes."""
+    from speechbrain_omc.federated.checkpoint import CheckpointStore
+
+    config = app_run_config(tmp_path)
+    handler = app_handler(NODES_OF)
+    with pytest.raises(ConnectionError):
+        server_app.run_server(CrashingGrid(NODES_OF, handler, 2), config)
+    store = CheckpointStore(tmp_path / "result" / "server.ckpt")
+    state = torch.load(store.path, weights_only=True)
+    state["extra"]["rows"][0]["rejected"] = "client_001: round \udcff \x1b[31m"
+    state["extra"]["history"][0]["rejected"] = {"client_001": "round \udcff"}
+    store.save(state)
+    assert server_app.run_server(FakeGrid(NODES_OF, handler), config)["rounds"] == 3
+    text = (tmp_path / "result" / "rounds.csv").read_text(encoding="ascii")
+    assert "round \\udcff \\x1b[31m" in text
+
+
+def test_a_second_server_app_on_one_folder_is_refused(
+    tmp_path, server_app, task_identity
+):
+    """Before it discards or reads anything (here with fresh-start)."""
+    from speechbrain_omc.federated.checkpoint import CheckpointLocked, CheckpointStore
+
+    config = app_run_config(tmp_path, **{"num-server-rounds": 1})
+    server_app.run_server(FakeGrid(NODES_OF, app_handler(NODES_OF)), config)
+    result = tmp_path / "result"
+    with CheckpointStore(result / "server.ckpt"):
+        with pytest.raises(CheckpointLocked, match="another server"):
+            server_app.run_server(
+                FakeGrid(NODES_OF, app_handler(NODES_OF)),
+                {**config, "fresh-start": True},
+            )
+    assert (result / "server.ckpt").is_file()
+    assert not (result / "server.ckpt.discarded").exists()

@@ -311,3 +311,73 @@ def test_deployment_engine_resumes_after_kills(tmp_path, embedded):
     summary = json.loads((result_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["test_WER"] is not None
     print(f"kill, kill, resume: {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.slow
+def test_simulation_engine_with_hostile_nodes(tmp_path):
+    """Three virtual SuperNodes, two of them hostile (``hostile_task``: one
+    answers a lone surrogate as ``round``, one FLT_MAX everywhere), every
+    round: the run finishes, final_model.pt is written, both are refused
+    every round with their reasons, and the model is the honest node's
+    (the embedded run in which the other two fail), up to the order of
+    float sums in simulation."""
+    config = {**TINY, "num_clients": 3, "clients_per_round": 3}
+    out = tmp_path / "embedded"
+    embedded_hparams = load_hparams(
+        {
+            "hparams": str(HPARAMS),
+            "overrides": yaml.safe_dump(
+                {
+                    **config,
+                    "output_folder": str(out),
+                    "fail_clients": ["client_001", "client_002"],
+                },
+                default_flow_style=True,
+            ).strip(),
+        }
+    )
+    embedded_hparams["noprogressbar"] = True
+    load_task().run_federation(embedded_hparams)
+    logging.getLogger().handlers.clear()
+    reference = torch.load(out / "final_model.pt")
+
+    result_dir = tmp_path / "result"
+    run_config = {
+        "hparams": str(HPARAMS),
+        "overrides": yaml.safe_dump(
+            {**config, "output_folder": str(tmp_path / "flower")},
+            default_flow_style=True,
+        ).strip(),
+        "result-dir": str(result_dir),
+        "task": "hostile_task",
+    }
+    # The app's processes import the hostile task, and this tree's package.
+    path = f"{REPO}:{REPO / 'tests'}"
+    simulation = LocalDeployment(
+        tmp_path / "simulation", [{}, {}, {}], simulation=True,
+        env={"PYTHONPATH": path},
+    )  # fmt: skip
+    try:
+        simulation.start()
+        simulation.run(APP_DIR, run_config, timeout=RUN_TIMEOUT)
+    except BaseException:
+        print(simulation.logs())
+        raise
+    finally:
+        simulation.stop()
+    assert simulation.leftover_pids() == []
+    history = json.loads((result_dir / "flower_history.json").read_text())
+    assert len(history) == config["rounds"]
+    for entry in history:
+        assert entry["accepted"] == ["client_000"]
+        assert "round '\\udcff'" in entry["rejected"]["client_001"]
+        assert "transform reaches" in entry["rejected"]["client_002"]
+    (result_dir / "rounds.csv").read_text(encoding="ascii")
+    model = torch.load(result_dir / "final_model.pt")
+    # Not the hostile task here: importing it would change this process's client.
+    honest = {k: v for k, v in run_config.items() if k != "task"}
+    start, _, _, _ = initial_model(honest)
+    change = max((reference[n] - start[n]).abs().max().item() for n in start)
+    gap = max((model[n] - reference[n]).abs().max().item() for n in start)
+    print(f"largest change {change:.4g}, largest gap to embedded {gap:.3g}")
+    assert change > 0 and gap <= 0.05 * change

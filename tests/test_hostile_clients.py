@@ -344,8 +344,9 @@ def test_generic_decode_raises_only_value_error():
 
 @pytest.mark.parametrize("shift", [100.0, 0.0])
 def test_influence_is_bounded_by_the_clients_weight(shift):
-    """At its bound, a shifted (or unchanged) model counts as its bounded share."""
-    server = _server(omc=None)
+    """At its bound, a shifted (or unchanged) model counts as its bounded share
+    (without the update-norm bound, which the next test adds)."""
+    server = _server(omc=None, aggregation=Aggregation(norm_bound=None))
     messages = server.configure_round()
     bad, *good = list(messages)
     replies = {
@@ -358,6 +359,25 @@ def test_influence_is_bounded_by_the_clients_weight(shift):
     # Three clients at weight 10 each: the hostile one moves a third.
     moved = server.model["layer1.weight"] - start["layer1.weight"]
     assert torch.allclose(moved, torch.full_like(moved, (2.0 + shift) / 3), atol=1e-5)
+
+
+@pytest.mark.parametrize("shift, hostile_share", [(100.0, 4.0), (0.0, 0.0)])
+def test_the_default_bound_clips_an_update_to_4x_the_upper_median(shift, hostile_share):
+    """By default the shifted model's update is scaled to 4x the upper median
+    of the round's update norms (here the honest clients'): its third of
+    the move is 4, not 100; an unchanged model is not scaled."""
+    server = _server(omc=None)
+    messages = server.configure_round()
+    bad, *good = list(messages)
+    replies = {c: honest_reply(messages[c], shift=1.0) for c in good}
+    replies[bad] = honest_reply(messages[bad], shift=shift)
+    start = {n: v.clone() for n, v in server.model.items()}
+    report = server.aggregate(replies)
+    assert sorted(report.accepted) == sorted(messages)
+    assert list(report.clipped) == ([bad] if shift else [])
+    moved = server.model["layer1.weight"] - start["layer1.weight"]
+    expected = (2.0 + hostile_share) / 3
+    assert torch.allclose(moved, torch.full_like(moved, expected), atol=1e-5)
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean", "norm_clip"])

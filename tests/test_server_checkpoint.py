@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.checkpoint import (
     CheckpointCorrupt,
+    CheckpointLocked,
     CheckpointMismatch,
     CheckpointStore,
 )
@@ -353,3 +356,63 @@ def test_a_crash_during_save_leaves_the_last_checkpoint_whole(tmp_path):
     assert loaded == (2, store.path)
     assert not list(tmp_path.glob(".server.ckpt.tmp-*"))
     assert stale, "the crash should have left a temporary file to clean"
+
+
+# A second process that holds a folder's lock (a server running there).
+_HOLDER = """
+import sys, time
+from speechbrain_omc.federated.checkpoint import CheckpointStore
+store = CheckpointStore(sys.argv[1]).lock()
+open(sys.argv[2], "w").write("locked")
+time.sleep(120)
+"""
+
+
+def _hold_lock(path):
+    ready = path.parent / "ready"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path), str(ready)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert holder.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    return holder
+
+
+def test_a_second_server_on_one_folder_is_refused(tmp_path):
+    """Another process runs a server on the folder: this one is refused with
+    its process id named, and nothing of the folder is touched (its save in
+    progress, a temporary file, stays); once it is gone the folder is free."""
+    store = CheckpointStore(tmp_path / "server.ckpt")
+    _trained(1).save(store)
+    holder = _hold_lock(store.path)
+    try:
+        live = tmp_path / ".server.ckpt.tmp-live"
+        live.write_bytes(b"a save in progress")
+        second = CheckpointStore(tmp_path / "server.ckpt")
+        with pytest.raises(CheckpointLocked, match=f"process {holder.pid}"):
+            second.lock()
+        # Reading alone (saved_clients, a resume check) leaves it too.
+        assert _server().load(second) is not None
+        assert live.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with CheckpointStore(tmp_path / "server.ckpt") as third:
+        assert third.locked
+        assert _server().load(third) is not None
+        assert not live.exists()  # stale now: removed
+    assert not third.locked
+
+
+def test_two_stores_of_one_process_exclude_each_other(tmp_path):
+    first = CheckpointStore(tmp_path / "server.ckpt").lock()
+    with pytest.raises(CheckpointLocked, match="another server"):
+        CheckpointStore(tmp_path / "server.ckpt").lock()
+    first.unlock()
+    CheckpointStore(tmp_path / "server.ckpt").lock().unlock()
+    # A store that only reads creates no lock file.
+    CheckpointStore(tmp_path / "other.ckpt").load(lambda state: state)
+    assert not (tmp_path / "other.ckpt.lock").exists()

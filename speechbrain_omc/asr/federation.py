@@ -65,6 +65,10 @@ from speechbrain_omc.data.partition import client_manifests, partition_manifest
 from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.checkpoint import CheckpointStore, atomic_save
 from speechbrain_omc.federated.client import OMCClient
+from speechbrain_omc.federated.defence import (
+    DEFAULT_NORM_BOUND,
+    DEFAULT_NORM_REFERENCE,
+)
 from speechbrain_omc.federated.server import FedAvgServer
 from speechbrain_omc.federated.simulation import run_round
 
@@ -194,6 +198,9 @@ def build_server(
             hparams.get("aggregation", "fedavg"),
             trim_fraction=hparams.get("trim_fraction", 0.2),
             clip_norm=hparams.get("clip_norm"),
+            # Absent keys: the defaults (bounded); null: off.
+            norm_bound=hparams.get("norm_bound", DEFAULT_NORM_BOUND),
+            norm_reference=hparams.get("norm_reference", DEFAULT_NORM_REFERENCE),
         ),
         run_settings=run_settings(hparams),
         roles=roles,
@@ -276,6 +283,10 @@ def read_test_errors(path: str | Path) -> dict[str, tuple[int, int]]:
 def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
     """Run (or resume) the federation described by ``hparams``.
 
+    The run holds its save folder's lock from start to end (see
+    :meth:`~speechbrain_omc.federated.checkpoint.CheckpointStore.lock`): a
+    second run on the same folder is refused before it changes anything.
+
     Arguments
     ---------
     hparams : dict
@@ -287,13 +298,25 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
     -------
     dict
         The summary also written to ``summary.json``.
+
+    Raises
+    ------
+    CheckpointLocked
+        Another server runs on the same save folder.
     """
+    save = Path(hparams["save_folder"])
+    save.mkdir(parents=True, exist_ok=True)
+    with CheckpointStore(save / "server.ckpt") as store:
+        return _federate(hparams, run_opts, store)
+
+
+def _federate(hparams: dict, run_opts: dict | None, store: CheckpointStore) -> dict:
+    """:func:`run_federation`'s run, its checkpoint folder locked."""
     from tqdm import tqdm
 
     start = time.perf_counter()
     out = Path(hparams["output_folder"])
-    save = Path(hparams["save_folder"])
-    save.mkdir(parents=True, exist_ok=True)
+    save = store.path.parent
     client_csvs, csvs = prepare_federation(hparams)
     valid_csv, test_csv = csvs[hparams["valid_split"]], csvs[hparams["test_split"]]
     label_encoder = build_label_encoder(
@@ -329,7 +352,6 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
         sizes,
         roles=client.parameter_roles(),
     )
-    store = CheckpointStore(save / "server.ckpt")
     if hparams.get("fresh_start"):
         store.discard()
     extra = server.load(store)

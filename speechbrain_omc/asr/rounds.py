@@ -23,15 +23,20 @@ import logging
 import os
 from pathlib import Path
 
+from speechbrain_omc.federated.defence import clean_text
 from speechbrain_omc.federated.server import RoundReport
 
 __all__ = ["CSV_FIELDS", "plot_rounds", "round_row", "write_csv"]
+
+#: Longest text cell written (a round's rejection reasons, joined).
+MAX_CELL = 100_000
 
 CSV_FIELDS = [
     "round",
     "sampled",
     "clients",
     "rejected",
+    "clipped",
     "bytes_down",
     "bytes_up",
     "float32_bytes_down",
@@ -89,6 +94,8 @@ def round_row(
         "sampled": len(report.sampled),
         "clients": len(report.accepted),
         "rejected": "; ".join(f"{c}: {r}" for c, r in report.rejected.items()),
+        # Updates scaled down to the round's norm limit (see defence.py).
+        "clipped": len(report.clipped),
         "bytes_down": report.bytes_down,
         "bytes_up": report.bytes_up,
         "float32_bytes_down": report.float32_bytes_down,
@@ -108,6 +115,12 @@ def round_row(
 def write_csv(rows: list[dict], path: Path) -> None:
     """Write the per-round log atomically.
 
+    Text cells are escaped (see
+    :func:`~speechbrain_omc.federated.defence.clean_text`): a row resumed
+    from the checkpoint of an older run may hold a client's raw text (a lone
+    surrogate cannot be written as UTF-8, an escape sequence would drive the
+    terminal of whoever reads the file).
+
     Arguments
     ---------
     rows : list of dict
@@ -120,10 +133,14 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow(
-                {k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS}
-            )
+            writer.writerow({k: _cell(row.get(k)) for k in CSV_FIELDS})
     os.replace(tmp, path)
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    return clean_text(value, MAX_CELL) if isinstance(value, str) else value
 
 
 def plot_rounds(rows: list[dict], path: Path, title: str = "") -> None:

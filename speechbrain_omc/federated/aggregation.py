@@ -34,7 +34,8 @@ rule            what it does                                 cost per round
                                                              variable stacked and
                                                              sorted (K clients)
 ``trimmed_mean`` coordinate-wise mean after dropping the     as ``median``
-                ``trim_fraction`` largest and smallest;
+                ``trim_fraction`` largest and smallest (at
+                least one of each from three clients on);
                 unweighted
 ``norm_clip``   FedAvg of the updates (model minus global)   two passes; one
                 each scaled down to an L2 norm of at most    norm per client
@@ -42,21 +43,37 @@ rule            what it does                                 cost per round
                 of the round's update norms)
 =============== ============================================ =====================
 
-Bounded ``num_examples`` limits a client's weight in ``fedavg`` and
-``norm_clip``; ``median`` and ``trimmed_mean`` ignore it (each client counts
-once), so they also resist a client that lies about its data, as long as
-fewer than half (``median``) or fewer than ``trim_fraction`` of the clients
-(``trimmed_mean``) are hostile. ``norm_clip`` bounds how far any one client
-moves the model.
+What each rule withstands, and from how many clients a round on:
 
-Few clients per round weaken the rules: with two, ``median`` is their mean
-and ``trimmed_mean`` trims nothing, so one hostile client of two moves the
-model as far as it likes. ``norm_clip``'s default limit is the *lower*
-median of the norms (of two, the smaller), so that one client of two cannot
-move the model further than the other: its update is clipped to the honest
-client's norm, though it still points where the hostile client wants (set
-``clip_norm`` to bound it absolutely). The plain median of two norms would
-be their mean, which a hostile client doubles by doubling its own.
+* ``fedavg``: nothing by itself. A client's weight is bounded by
+  ``max_examples``; without the update-norm bound (below) one client of any
+  number moves the model as far as it likes.
+* ``median``: fewer than half the round hostile, from three clients on
+  (of two it is their mean). Ignores ``num_examples``, so a client that
+  lies about its data gains nothing.
+* ``trimmed_mean``: fewer hostile clients than it trims at each end,
+  ``max(1, floor(trim_fraction * K))`` from three clients on (one of four
+  at the default 0.2; of two it trims nothing; ``trim_fraction: 0`` is the
+  plain mean). Ignores ``num_examples``.
+* ``norm_clip``: bounds each client's move by the limit. Its default limit
+  is the *lower* median of the norms (of two, the smaller), so that one
+  client of two cannot move the model further than the other (its update
+  is clipped to the honest client's norm, though it still points where the
+  hostile client wants; set ``clip_norm`` to bound it absolutely): fewer
+  than half the round hostile. Half the round sending zero updates sets
+  that limit to zero and stops training; the update-norm bound below uses
+  the *upper* median for that reason.
+
+On top of any rule, ``norm_bound`` (on by default, see
+:mod:`~speechbrain_omc.federated.defence`) scales each accepted update down
+to at most ``norm_bound`` times the upper median of the round's update
+norms before the rule combines them: fewer than half the round hostile,
+from three clients on (of one or two the upper median is the largest norm).
+
+No rule overflows on large finite values: ``median`` halves before adding,
+``trimmed_mean`` sums in float64, every step of the fedavg fold is a convex
+combination of the values received, and updates (model minus global) are
+taken in float64 wherever they are scaled.
 
 Example
 -------
@@ -81,6 +98,7 @@ from dataclasses import dataclass
 
 import torch
 
+from speechbrain_omc.federated.defence import DEFAULT_NORM_BOUND, DEFAULT_NORM_REFERENCE
 from speechbrain_omc.memory import MAPPED_MIN_BYTES, mapped_empty
 
 __all__ = [
@@ -94,6 +112,7 @@ __all__ = [
     "check_memory_budget",
     "combine",
     "make_aggregator",
+    "scale_update",
     "streams",
 ]
 
@@ -117,6 +136,16 @@ class Aggregation:
     clip_norm : float, optional
         ``norm_clip``: largest L2 norm of one client's update; ``None`` takes
         the lower median of the round's update norms (the smaller of two).
+    norm_bound : float, optional
+        Any rule: each accepted update is scaled down to an L2 norm of at
+        most this many times the upper median of the round's update norms
+        (see :mod:`~speechbrain_omc.federated.defence`); ``None`` disables
+        it. At least 1 (below it, the median client would be clipped).
+    norm_reference : int
+        The limit starts from the norms of the first ``norm_reference``
+        replies in fold order that pass the checks (held as bytes until they
+        are all in); each later reply adds its own norm before it is folded.
+        Up to that many clients per round, the limit is the whole round's.
 
     Example
     -------
@@ -124,11 +153,15 @@ class Aggregation:
     Traceback (most recent call last):
     ...
     ValueError: aggregation 'mean' is not one of fedavg, median, trimmed_mean, norm_clip
+    >>> Aggregation().norm_bound, Aggregation(norm_bound=None).norm_bound
+    (4.0, None)
     """
 
     rule: str = "fedavg"
     trim_fraction: float = 0.2
     clip_norm: float | None = None
+    norm_bound: float | None = DEFAULT_NORM_BOUND
+    norm_reference: int = DEFAULT_NORM_REFERENCE
 
     def __post_init__(self) -> None:
         if self.rule not in AGGREGATIONS:
@@ -139,6 +172,10 @@ class Aggregation:
             raise ValueError("trim_fraction must be in [0, 0.5)")
         if self.clip_norm is not None and not float(self.clip_norm) > 0:
             raise ValueError("clip_norm must be positive (or None)")
+        if self.norm_bound is not None and not float(self.norm_bound) >= 1:
+            raise ValueError("norm_bound must be at least 1 (or None)")
+        if isinstance(self.norm_reference, bool) or int(self.norm_reference) < 1:
+            raise ValueError("norm_reference must be a positive integer")
 
 
 def _fedavg(models, weights, name, master):
@@ -165,8 +202,12 @@ def _median(models, name):
 
 def _trimmed_mean(models, name, fraction):
     values, k = _sorted(models, name), len(models)
-    cut = min(int(fraction * k), (k - 1) // 2)
-    return values[cut : k - cut].mean(dim=0)
+    # At least one per side whenever one can go (k >= 3): at four clients a
+    # round, 0.2 * 4 rounds down to nothing.
+    cut = max(1, int(fraction * k)) if fraction > 0 else 0
+    cut = min(cut, (k - 1) // 2)
+    # float64: the float32 sum of large finite values overflows.
+    return values[cut : k - cut].double().mean(dim=0).float()
 
 
 def _update_norms(models, master) -> list[float]:
@@ -216,10 +257,12 @@ def combine(
         total = sum(weights)
         out = {}
         for name, value in master.items():
-            delta = torch.zeros_like(value)
+            # float64: a model minus the master can overflow float32.
+            delta = torch.zeros_like(value, dtype=torch.float64)
             for model, weight, scale in zip(models, weights, scales):
-                delta.add_(model[name] - value, alpha=scale * weight / total)
-            out[name] = value + delta
+                update = model[name].double() - value.double()
+                delta.add_(update, alpha=scale * weight / total)
+            out[name] = (value.double() + delta).float()
         return out
     out = {}
     for name in master:
@@ -342,6 +385,38 @@ def check_memory_budget(
         )
 
 
+def scale_update(
+    value: torch.Tensor, master: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``master + scale * (value - master)``, in place in ``value``.
+
+    Computed in float64: the update of a value near the float32 limit (or
+    the master's) can overflow float32.
+
+    Arguments
+    ---------
+    value : torch.Tensor
+        A client's float32 entry (overwritten).
+    master : torch.Tensor
+        The global model's.
+    scale : float
+        In ``[0, 1]``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``value``.
+
+    Example
+    -------
+    >>> big = torch.finfo(torch.float32).max
+    >>> scale_update(torch.tensor([big, 3.0]), torch.tensor([-big, 1.0]), 0.25)
+    tensor([-1.7014e+38,  1.5000e+00])
+    """
+    base = master.double()
+    return value.copy_(base.add_(value.double().sub_(base), alpha=scale))
+
+
 def _owned(value: torch.Tensor) -> torch.Tensor:
     # Running values on pages of their own: freed, they go back to the system
     # at once instead of leaving holes in the heap (see memory.py).
@@ -393,6 +468,7 @@ class StreamingAggregator:
         tensors: Iterable[tuple[str, torch.Tensor]],
         weight: int,
         norm: float | None = None,
+        scale: float = 1.0,
     ) -> None:
         """Fold one reply in.
 
@@ -407,20 +483,29 @@ class StreamingAggregator:
             The reply's ``num_examples``.
         norm : float, optional
             ``norm_clip``: the L2 norm of the update (reply minus master).
+        scale : float
+            The update (reply minus master) is scaled by this first (the
+            server's update-norm bound); 1 leaves the reply's bits as they
+            are.
         """
         total = self.total + int(weight)
         share = int(weight) / total
-        scale = 1.0
         if self.needs_norm:
             if norm is None:
                 raise ValueError("norm_clip: the update's norm is needed")
             limit = float(self.aggregation.clip_norm)
-            scale = min(1.0, limit / norm) if norm > 0 else 1.0
+            scale = min(scale, limit / norm if norm > 0 else 1.0)
         for name, value in tensors:
-            if self.needs_norm:
-                value = value.sub_(self.master[name])
-                if scale != 1.0:
-                    value.mul_(scale)
+            master = self.master[name]
+            if self.needs_norm:  # the update is folded, not the model
+                if scale != 1.0:  # in float64: see scale_update
+                    delta = value.double().sub_(master.double()).mul_(scale)
+                    value = value.copy_(delta)
+                    del delta
+                else:
+                    value = value.sub_(master)
+            elif scale != 1.0:
+                value = scale_update(value, master, scale)
             if self.count == 0:
                 self.values[name] = _owned(value)
             else:
@@ -502,6 +587,7 @@ class BufferedAggregator:
         tensors: Iterable[tuple[str, torch.Tensor]],
         weight: int,
         norm: float | None = None,
+        scale: float = 1.0,
     ) -> None:
         """Keep one reply (see :meth:`StreamingAggregator.add`).
 
@@ -516,6 +602,11 @@ class BufferedAggregator:
             raise MemoryBudgetExceeded(
                 f"aggregation {self.aggregation.rule!r} would hold {need} bytes "
                 f"of updates, over its budget of {self.budget}"
+            )
+        if scale != 1.0:
+            tensors = (
+                (name, scale_update(value, self.master[name], scale))
+                for name, value in tensors
             )
         self.models.append(dict(tensors))
         self.weights.append(int(weight))

@@ -20,6 +20,14 @@ and the one before it (``server.ckpt.prev``):
   :class:`CheckpointMismatch` naming every difference (see
   :func:`diff_settings`); resuming would not reproduce the run. The caller
   may :meth:`CheckpointStore.discard` the old checkpoints and start fresh.
+* **One server per folder.** A run holds an exclusive lock
+  (:meth:`CheckpointStore.lock`: ``fcntl.flock`` on ``server.ckpt.lock``)
+  from before it reads its checkpoint until it ends; a second server on the
+  same folder is refused with :class:`CheckpointLocked` before it touches
+  anything (two servers would overwrite each other's checkpoints, and the
+  second's cleaning would delete the first's save in progress). The kernel
+  drops the lock when the process dies, however it dies. The temporary
+  files of a folder whose lock another process holds are never removed.
 
 Example
 -------
@@ -39,6 +47,7 @@ Example
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -53,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointCorrupt",
+    "CheckpointLocked",
     "CheckpointMismatch",
     "CheckpointStore",
     "atomic_save",
@@ -71,6 +81,10 @@ class CheckpointMismatch(ValueError):
 
 class CheckpointCorrupt(ValueError):
     """A checkpoint that cannot be read or holds invalid content."""
+
+
+class CheckpointLocked(RuntimeError):
+    """Another server holds the checkpoint folder's lock."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -219,6 +233,92 @@ class CheckpointStore:
         self.path = Path(path)
         self.previous = self.path.with_name(self.path.name + ".prev")
         self.corrupt = self.path.with_name(self.path.name + ".corrupt")
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock = None  # the open lock file while this store holds it
+
+    # ---------------------------------------------------------------- lock
+    def lock(self) -> CheckpointStore:
+        """Take the folder's exclusive lock for this run (until :meth:`unlock`,
+        or the process ends).
+
+        Returns
+        -------
+        CheckpointStore
+            ``self``.
+
+        Raises
+        ------
+        CheckpointLocked
+            Another server (any process, this one included) holds it: the
+            message names its process id.
+
+        Example
+        -------
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "server.ckpt"
+        >>> first = CheckpointStore(path).lock()
+        >>> try:
+        ...     CheckpointStore(path).lock()
+        ... except CheckpointLocked as error:
+        ...     print(str(error).split(";")[0])
+        another server (process ...) is running on .../server.ckpt
+        >>> first.unlock()
+        >>> CheckpointStore(path).lock().locked
+        True
+        """
+        if self._lock is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.lock_path, "a+", encoding="utf-8")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(32).strip() or "unknown"
+            handle.close()
+            raise CheckpointLocked(
+                f"another server (process {holder}) is running on {self.path}; "
+                f"two servers on one folder would overwrite each other's "
+                f"checkpoints. Stop it, or give this run another output folder "
+                f"(the lock is {self.lock_path})"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+        return self
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (nothing if not held)."""
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
+
+    @property
+    def locked(self) -> bool:
+        """Whether this store holds the folder's lock."""
+        return self._lock is not None
+
+    def __enter__(self) -> CheckpointStore:
+        return self.lock()
+
+    def __exit__(self, *exc_info) -> None:
+        self.unlock()
+
+    def _held_elsewhere(self) -> bool:
+        # Whether another store or process holds the lock now. Without a
+        # lock file no server of this version ever ran here (and none is
+        # created: a store that is only read leaves the folder as it was).
+        if self._lock is not None or not self.lock_path.is_file():
+            return False
+        with open(self.lock_path, encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
     def exists(self) -> bool:
         """Whether any checkpoint is there.
@@ -250,11 +350,19 @@ class CheckpointStore:
     def clean_temporary(self) -> list[Path]:
         """Remove the temporary files of saves that a crash interrupted.
 
+        Not while another server holds the folder's lock: its temporary file
+        may be a save in progress.
+
         Returns
         -------
         list of Path
             The files removed.
         """
+        if self._held_elsewhere():
+            logger.info(
+                "a live server holds %s: its temporary files are left", self.lock_path
+            )
+            return []
         removed = []
         for path in self.path.parent.glob(f".{self.path.name}{_TMP_MARK}*"):
             path.unlink(missing_ok=True)

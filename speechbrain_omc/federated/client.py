@@ -41,6 +41,19 @@ What the client does with a received global model
 The Brain's metrics: if its ``on_stage_end`` sets ``self.stage_stats`` (a
 dict), :meth:`OMCClient.evaluate` returns it along with the loss.
 
+One bad message does not break the worker
+-----------------------------------------
+A received model with non-finite values is refused before anything is
+loaded. An exception while a message is handled (a failed compression, a
+training that raises) leaves the Brain as it was, or, when its modules
+were left half under OMC (a plan change that failed part-way), takes them
+out of OMC altogether: every parameter float32 again, no handle, the hooks
+of the failed attempt removed. Either way the next message puts the modules
+under its own plan and trains as on a fresh worker (its reply depends only
+on the message, as always). Parameters about to be compressed that hold
+non-finite values (a local training that diverged) are zeroed first: the
+message's payload replaces them at once, and compression refuses them.
+
 Example
 -------
 >>> import torch
@@ -78,7 +91,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -89,8 +102,9 @@ from speechbrain.dataio.sampler import ReproducibleRandomSampler
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.engine import compress_module
+from speechbrain_omc.engine import OMCHandle, compress_module
 from speechbrain_omc.federated import wire
+from speechbrain_omc.parameter import CompressedParameter
 from speechbrain_omc.selection import Plan, PlanEntry, parameter_roles
 
 logger = logging.getLogger(__name__)
@@ -112,6 +126,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed % 2**63)
+
+
+def _hook_keys(modules: torch.nn.Module) -> set[tuple[int, int]]:
+    # The state-dict hooks there are now (an OMC handle registers them).
+    return {
+        (id(module), key)
+        for module in modules.modules()
+        for table in (module._state_dict_hooks, module._load_state_dict_pre_hooks)
+        for key in table
+    }
 
 
 def _finite_or_none(value):
@@ -303,7 +327,8 @@ class OMCClient:
         Raises
         ------
         ValueError
-            When the message's entries do not match the model.
+            When the message's entries do not match the model, or a float32
+            entry holds non-finite values (nothing is loaded).
         """
         names = self.entry_names()
         missing = [n for n in names if n not in message.entries]
@@ -313,6 +338,13 @@ class OMCClient:
                 "the message does not match the Brain's model: missing "
                 f"{missing[:5]}, unexpected {extra[:5]}"
             )
+        for name, value in message.entries.items():
+            if isinstance(value, torch.Tensor):
+                bad = int((~torch.isfinite(value)).sum())
+                if bad:
+                    raise ValueError(
+                        f"{name} has {bad} non-finite values: the message is refused"
+                    )
         buffer_names = set(self.buffer_names())
         wanted = {
             name: value.format.name
@@ -354,6 +386,12 @@ class OMCClient:
         if base is None:
             return  # float32 federation, float32 Brain
         params = self._params()
+        with torch.no_grad():
+            for name in wanted:
+                # Replaced by the message's payload right after; compression
+                # refuses non-finite values (a diverged local training).
+                if not bool(torch.isfinite(params[name]).all()):
+                    params[name].zero_()
         roles = self.parameter_roles()
         entries = []
         for name, param in params.items():
@@ -405,8 +443,61 @@ class OMCClient:
             else:
                 brain.on_stage_end = own
 
+    @contextmanager
+    def _recovering(self) -> Iterator[None]:
+        """Undo what a failed message left half done (see the module docstring)."""
+        brain = self.brain
+        sampler, limit = brain.train_sampler, brain.optimizer_step_limit
+        hooks = _hook_keys(brain.modules)
+        try:
+            yield
+        except BaseException:
+            brain.train_sampler, brain.optimizer_step_limit = sampler, limit
+            if not self._omc_consistent():
+                logger.warning(
+                    "the message failed with the modules half under OMC; they "
+                    "are taken out of it (the next message installs its plan)"
+                )
+                self._out_of_omc(hooks)
+            raise
+
+    def _omc_consistent(self) -> bool:
+        # Every compressed parameter is the current handle's, which owns the
+        # modules (or there is neither).
+        modules, handle = self.brain.modules, self.brain.omc
+        owner = modules.__dict__.get("_omc_handle")
+        found = {
+            id(p): p
+            for m in modules.modules()
+            for p in m._parameters.values()
+            if isinstance(p, CompressedParameter)
+        }
+        if handle is None:
+            return owner is None and not found
+        ours = {id(p) for p in handle.parameters().values()}
+        return owner is handle and set(found) == ours
+
+    def _out_of_omc(self, hooks: set) -> None:
+        brain, modules = self.brain, self.brain.modules
+        owner = modules.__dict__.get("_omc_handle")
+        for handle in (brain.omc, owner if owner is not brain.omc else None):
+            if handle is not None:
+                handle.restore()
+        # Compressed parameters of a handle that was never returned: a blank
+        # handle's restore() brings every one back to float32.
+        OMCHandle(modules, brain.omc_config or OMCConfig(), Plan(())).restore()
+        brain.omc = None
+        for module in modules.modules():  # hooks the failed attempt added
+            for table in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+                for key in list(table):
+                    if (id(module), key) not in hooks:
+                        del table[key]
+
     def train(self, data: bytes) -> bytes:
         """One round: load the global model, train locally, encode the reply.
+
+        An exception leaves the Brain usable for the next message (see the
+        module docstring).
 
         Arguments
         ---------
@@ -418,6 +509,10 @@ class OMCClient:
         bytes
             The reply (``type: "update"``).
         """
+        with self._recovering():
+            return self._train(data)
+
+    def _train(self, data: bytes) -> bytes:
         message = wire.decode(data)
         meta = message.meta
         if meta.get("type") != "global":
@@ -493,6 +588,10 @@ class OMCClient:
         dict
             ``loss`` plus whatever the Brain left in ``stage_stats``.
         """
+        with self._recovering():
+            return self._evaluate(data, dataset, loader_kwargs)
+
+    def _evaluate(self, data: bytes, dataset, loader_kwargs: Mapping | None) -> dict:
         message = wire.decode(data)
         self.load(message, seed=int(message.meta.get("seed", 0)))
         self.brain.stage_stats = {}

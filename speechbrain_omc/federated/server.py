@@ -23,11 +23,15 @@ over rounds). A round goes:
 2. Clients train and reply (see :mod:`speechbrain_omc.federated.client`).
 3. :meth:`FedAvgServer.aggregate` validates every reply; a bad one is left
    out with its reason, never averaged, and nothing a client sends can raise
-   out of :meth:`~FedAvgServer.aggregate`. The accepted ones are combined in
+   out of :meth:`~FedAvgServer.aggregate`. Each accepted update is scaled
+   down to the round's update-norm limit (on by default: 4 x the upper
+   median of the round's update norms, see
+   :mod:`~speechbrain_omc.federated.defence`), then they are combined in
    float32 (FedAvg weighted by examples, or a robust rule, see
    :mod:`~speechbrain_omc.federated.aggregation`); optionally a server
    learning rate and server momentum (FedAvgM) apply the change. The new
-   model is committed only if it is finite.
+   model is committed only if it is finite; a round that is not committed
+   also resets the server momentum.
 
 Streaming: the same round, one client at a time
 -----------------------------------------------
@@ -56,9 +60,17 @@ The fold order is fixed: sorted client ids. A reply that arrives before
 those of smaller ids waits (as the bytes the runner handed over, nothing
 decoded) until they have arrived, failed or the round closes, so that the
 result does not depend on arrival order and a resumed or re-run round gives
-the same bits. ``max_held_bytes`` bounds what waits: beyond it the oldest
-waiting reply is folded out of order (logged; the round's bits then depend
-on timing, as they already do when a straggler misses the round).
+the same bits. With the update-norm bound, nothing is folded before the
+norms of the round's first ``norm_reference`` (8) good replies in fold
+order are known: those replies are checked as they come and wait, as
+bytes, for the rest of them; each reply is then folded with the limit of
+the norms counted so far (those 8, the replies folded before it and its
+own), which again does not depend on arrival order. The server's extra
+memory grows by those 8 replies, whatever the number of clients. Without
+the bound (``norm_bound: None``) a reply is folded as soon as its turn
+comes. ``max_held_bytes`` bounds what waits: beyond it the oldest waiting
+reply is folded out of order (logged; the round's bits then depend on
+timing, as they already do when a straggler misses the round).
 
 What a reply must be, and in which order it is checked (cheapest first, the
 binding before any payload is parsed, each reply decoded once), is
@@ -143,6 +155,12 @@ from speechbrain_omc.federated.checkpoint import (
     diff_settings,
     plain,
 )
+from speechbrain_omc.federated.defence import (
+    MAX_REASONS,
+    NormLimit,
+    clean_text,
+    clip_scale,
+)
 from speechbrain_omc.federated.validation import (
     MAX_EXAMPLES,
     ReplyExpectation,
@@ -189,7 +207,12 @@ class RoundReport:
     accepted : list of str
         Clients whose update was combined.
     rejected : dict
-        Client to the reason it was left out (failure, no reply, invalid).
+        Client to the reason it was left out (failure, no reply, invalid),
+        escaped and bounded (see
+        :func:`~speechbrain_omc.federated.defence.clean_text`): every
+        sampled client's, and those of the first
+        :data:`~speechbrain_omc.federated.defence.MAX_REASONS` replies from
+        clients that were not sampled.
     bytes_down, bytes_up : int
         Bytes of the broadcasts and of the replies (rejected ones included).
     float32_bytes_down, float32_bytes_up : int
@@ -202,6 +225,12 @@ class RoundReport:
     model_updated : bool
         Whether the global model changed (no update accepted, or a combined
         model that was not finite, leaves it as it was).
+    clipped : dict
+        Client to the factor its update was scaled by to keep within the
+        round's update-norm limit (only those scaled).
+    ignored : int
+        Replies not taken: from clients not sampled in the round, and
+        second replies.
     seconds : dict
         The server's own time in the round: ``encode`` (compressing and
         encoding broadcasts), ``decode`` (checksums, parsing, decompressing
@@ -223,6 +252,8 @@ class RoundReport:
     num_examples: int = 0
     client_metrics: dict[str, dict] = field(default_factory=dict)
     model_updated: bool = False
+    clipped: dict[str, float] = field(default_factory=dict)
+    ignored: int = 0
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(SECONDS, 0.0)
     )
@@ -253,6 +284,9 @@ class _Pending:
     out_of_order: bool = False
     broken: bool = False  # a fold failed half-way: nothing may be committed
     rank: dict[str, int] = field(default_factory=dict)  # client -> fold position
+    limit: NormLimit | None = None  # the update-norm bound's, this round
+    # Replies checked before their fold (the limit's reference), with norms.
+    checked: dict[str, tuple[Any, float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rank = {client: i for i, client in enumerate(self.order)}
@@ -290,13 +324,17 @@ class FedAvgServer:
     client_config : mapping, optional
         Local-training settings sent to every client in the metadata
         (for example ``{"local_epochs": 1}``).
-    max_examples : int or mapping
+    max_examples : int or mapping, optional
         Largest ``num_examples`` a client may claim: one bound for all, or
         client id to its own (its partition size). A reply claiming more is
-        rejected. The default only keeps weights exact; set it.
+        rejected. Without it (``None``) the server cannot know what a claim
+        is worth: every accepted client weighs the same (claims up to
+        ``2**53`` are accepted, and reported, but weigh nothing more).
     aggregation : str or Aggregation
         How accepted models are combined (``fedavg``, ``median``,
-        ``trimmed_mean``, ``norm_clip``).
+        ``trimmed_mean``, ``norm_clip``), and the update-norm bound applied
+        before any of them (on by default, see
+        :class:`~speechbrain_omc.federated.aggregation.Aggregation`).
     run_id : str, optional
         Id of this run, sent in every broadcast and required in every reply;
         random by default (a checkpoint restores it).
@@ -323,7 +361,7 @@ class FedAvgServer:
         server_momentum: float = 0.0,
         buffers: Iterable[str] = (),
         client_config: Mapping | None = None,
-        max_examples: int | Mapping[str, int] = MAX_EXAMPLES,
+        max_examples: int | Mapping[str, int] | None = None,
         aggregation: str | Aggregation = "fedavg",
         run_id: str | None = None,
         run_settings: Mapping | None = None,
@@ -401,7 +439,9 @@ class FedAvgServer:
         """
         return sum(4 * value.numel() for value in self.model.values())
 
-    def _bounds(self, max_examples) -> dict[str, int]:
+    def _bounds(self, max_examples) -> dict[str, int] | None:
+        if max_examples is None:
+            return None  # every client weighs the same
         if isinstance(max_examples, Mapping):
             bounds = {str(c): max_examples.get(c) for c in self.clients}
             missing = [c for c, b in bounds.items() if b is None]
@@ -541,19 +581,20 @@ class FedAvgServer:
     def _expectation(self, round: int, client: str) -> ReplyExpectation:
         # Rebuilt when a reply comes (the plan is a function of round and
         # client): a round of a thousand clients keeps no per-client tables.
-        expect = {}
+        expect, sent = {}, {}
         for name, fmt in self.formats(round, client).items():
             if fmt == "float32":
                 expect[name] = self._float32_expected[name]
             else:
-                expect[name] = self._compressed(round, name, fmt)[1]
+                sent[name], expect[name] = self._compressed(round, name, fmt)
         return ReplyExpectation(
             self.run_id,
             round,
             client,
             self.nonce(round, client),
-            self.max_examples[client],
+            MAX_EXAMPLES if self.max_examples is None else self.max_examples[client],
             expect,
+            sent=sent,
         )
 
     def message_for(self, client: str, round: int | None = None) -> bytes:
@@ -616,6 +657,9 @@ class FedAvgServer:
             sorted(sampled),
             make_aggregator(self.aggregation, self.model, self.memory_budget),
             frozenset(sampled),
+            limit=NormLimit(
+                self.aggregation.norm_bound, self.aggregation.norm_reference
+            ),
         )
         return list(sampled)
 
@@ -745,7 +789,8 @@ class FedAvgServer:
         Never raises for what a client sends: a bad reply is left out of the
         round with its reason (see :class:`RoundReport`). The reply is folded
         when its turn in :meth:`fold_order` comes (at once, if the runner
-        follows that order) and then dropped.
+        follows that order and the round's update-norm limit is known) and
+        then dropped.
 
         Arguments
         ---------
@@ -759,13 +804,10 @@ class FedAvgServer:
         report, size = pending.report, reply_nbytes(data)
         report.bytes_up += size
         if client not in pending.sampled:
-            self._reject(pending, client, f"not sampled in round {pending.round}", size)
+            self._ignore(pending, client, f"not sampled in round {pending.round}", size)
             return
         if client in pending.done or client in pending.held:
-            report.float32_bytes_up += size
-            logger.warning(
-                "round %d: a second reply of client %s ignored", pending.round, client
-            )
+            self._ignore(pending, client, None, size)
             return
         pending.held[client] = data
         pending.held_bytes += size
@@ -781,19 +823,42 @@ class FedAvgServer:
         client : str
             The client.
         reason : str
-            Why (an exception, a timeout, a simulated dropout).
+            Why (an exception, a timeout, a simulated dropout); escaped and
+            cut to a bounded length (it may hold a client's text).
         """
         pending, client = self._open("fail"), str(client)
         if client in pending.done or client in pending.held:
             return
-        pending.report.rejected[client] = f"failed: {reason}"
+        pending.report.rejected[client] = clean_text(f"failed: {reason}")
         pending.done.add(client)
         self._drain(pending)
 
+    def _ignore(self, pending: _Pending, client: str, reason, size: int) -> None:
+        # A stranger's reply (reason given) or a second one (None): counted;
+        # only the first few are kept and logged, so that a flood of them
+        # cannot grow the report or the log.
+        report = pending.report
+        report.float32_bytes_up += size
+        report.ignored += 1
+        if report.ignored > MAX_REASONS:
+            return
+        client = clean_text(client, 80)
+        if reason is not None:
+            report.rejected[client] = reason
+        logger.warning(
+            "round %d: reply of client %s ignored: %s",
+            pending.round,
+            client,
+            reason or "a second reply",
+        )
+
     def _drain(self, pending: _Pending) -> None:
-        # Fold the waiting replies whose turn has come, in order.
+        # Fold the waiting replies whose turn has come, in order, once the
+        # norms the update-norm limit starts from are known.
+        if not pending.limit.ready:
+            self._reference(pending, final=False)
         order = pending.order
-        while pending.position < len(order):
+        while pending.limit.ready and pending.position < len(order):
             client = order[pending.position]
             if client in pending.held:
                 self._fold(pending, client)
@@ -812,26 +877,57 @@ class FedAvgServer:
                     order[pending.position],
                 )
                 pending.out_of_order = True
+            if not pending.limit.ready:  # from the replies at hand
+                self._reference(pending, final=True)
+                logger.warning(
+                    "round %d: the update-norm limit starts from the replies at "
+                    "hand, not its reference replies",
+                    pending.round,
+                )
             self._fold(pending, min(pending.held, key=pending.rank.__getitem__))
 
+    def _reference(self, pending: _Pending, final: bool) -> None:
+        """Start the round's norm limit once its reference replies are known.
+
+        They are the first ``norm_reference`` replies in fold order that
+        pass the checks (each checked once, kept for its fold); see
+        :class:`~speechbrain_omc.federated.defence.NormLimit`. ``final``:
+        the replies still missing will not come.
+        """
+        limit, found = pending.limit, {}
+        for client in pending.order:
+            if len(found) >= limit.reference:
+                break
+            if client in pending.held and client not in pending.checked:
+                self._check(pending, client)
+            if client in pending.checked:
+                found[client] = pending.checked[client][1]
+            elif client not in pending.done and not final:
+                return  # its reply may still come
+        limit.start(found)
+
     def _reject(self, pending: _Pending, client: str, reason: str, f32: int) -> None:
+        reason = clean_text(reason)
         pending.report.rejected[client] = reason
         pending.report.float32_bytes_up += f32
         logger.warning(
             "round %d: update of client %s rejected: %s", pending.round, client, reason
         )
 
-    def _fold(self, pending: _Pending, client: str) -> None:
-        """Validate one waiting reply and fold it in; nothing escapes."""
-        data = pending.held.pop(client)
+    def _check(self, pending: _Pending, client: str) -> bool:
+        """Validate one waiting reply (it stays held); nothing escapes.
+
+        A good reply is kept in ``pending.checked`` with its update norm; a
+        bad one is dropped with its reason.
+        """
+        data = pending.held[client]
         size = reply_nbytes(data)
-        pending.held_bytes -= size
-        pending.done.add(client)
         report, aggregator = pending.report, pending.aggregator
         reply = None
         try:
             reply = open_reply(data, self._expectation(pending.round, client))
-            master = self.model if aggregator.needs_norm else None
+            bounded = self.aggregation.norm_bound is not None
+            master = self.model if aggregator.needs_norm or bounded else None
             # Every entry decoded and checked once, each into the workspace:
             # decoded in the heap, a thousand replies' entries would each
             # land in another free chunk (whose pages the last trim gave
@@ -839,21 +935,52 @@ class FedAvgServer:
             norm = reply.check(master, self._workspace)
         except UpdateRejected as error:
             counted = error.float32_nbytes
-            self._reject(
-                pending, client, str(error), size if counted is None else counted
-            )
-            return
+            reason, f32 = str(error), size if counted is None else counted
         except Exception as error:  # noqa: BLE001 - a bug must not end the run
             logger.exception("round %d: validating %s failed", pending.round, client)
             reason = f"internal error while validating: {type(error).__name__}"
-            self._reject(pending, client, reason, size)
-            return
+            f32 = size
+        else:
+            pending.checked[client] = (reply, norm)
+            return True
         finally:
             if reply is not None:
                 for key in ("decode", "validate"):
                     report.seconds[key] += reply.seconds[key]
                     reply.seconds[key] = 0.0
+        del pending.held[client]
+        pending.held_bytes -= size
+        pending.done.add(client)
+        self._reject(pending, client, reason, f32)
+        return False
+
+    def _fold(self, pending: _Pending, client: str) -> None:
+        """Validate one waiting reply (unless done) and fold it in; nothing
+        escapes."""
+        if client not in pending.checked and not self._check(pending, client):
+            return
+        reply, norm = pending.checked.pop(client)
+        pending.limit.count(client, norm)
+        limit = pending.limit.value()
+        data = pending.held.pop(client)
+        pending.held_bytes -= reply_nbytes(data)
+        del data
+        pending.done.add(client)
+        report, aggregator = pending.report, pending.aggregator
         report.float32_bytes_up += reply.float32_nbytes
+        scale = clip_scale(norm, limit)
+        if scale < 1.0:
+            report.clipped[client] = scale
+            logger.warning(
+                "round %d: update of client %s scaled by %.3g (norm %.3g, "
+                "over the round's limit %.3g)",
+                pending.round,
+                client,
+                scale,
+                norm,
+                limit,
+            )
+        weight = reply.num_examples if self.max_examples is not None else 1
         start = time.perf_counter()
         try:
             # Decoded again entry by entry: the reply passed every check, so
@@ -862,7 +989,7 @@ class FedAvgServer:
             # reused); a buffered one keeps them all, in tensors of their own.
             streaming = isinstance(aggregator, StreamingAggregator)
             workspace = self._workspace if streaming else None
-            aggregator.add(reply.tensors(workspace), reply.num_examples, norm)
+            aggregator.add(reply.tensors(workspace), weight, norm, scale)
         except MemoryBudgetExceeded as error:
             self._reject(pending, client, str(error), 0)
             return
@@ -901,10 +1028,18 @@ class FedAvgServer:
         trim_heap()  # the last reply, dropped (see broadcast)
         for client, reason in (failures or {}).items():
             self.fail(client, reason)
+        if not pending.limit.ready:  # the replies still missing will not come
+            self._reference(pending, final=True)
         for client in list(pending.order):  # the rest, in order
             if client in pending.held:
                 self._fold(pending, client)
         report = pending.report
+        if report.ignored > MAX_REASONS:
+            logger.warning(
+                "round %d: %d more replies ignored (not logged)",
+                pending.round,
+                report.ignored - MAX_REASONS,
+            )
         for client in pending.order:
             if client not in pending.done:
                 report.rejected[client] = "no reply"
@@ -1012,10 +1147,13 @@ class FedAvgServer:
         if bad:
             logger.error(
                 "round %d: the combined model is not finite (%s); the model is "
-                "unchanged",
+                "unchanged%s",
                 round,
                 ", ".join(bad[:5]),
+                "; the server momentum is reset" if self.momentum else "",
             )
+            # Momentum that led here would lead here again every round.
+            self.momentum = {}
             return False
         for name in list(self.model):
             if beta > 0 and name in momentum:

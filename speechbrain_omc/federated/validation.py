@@ -18,8 +18,15 @@ little as possible (each reply is decoded once):
    Checked before any entry is read: a reply bound to another run or round
    is refused without parsing (copying) its payloads;
 4. exactly the broadcast's entries, each in the format and shape it was sent
-   in (checked on the entry headers, before any payload is parsed);
+   in (checked on the entry headers, before any payload is parsed), and a
+   compressed entry's transform of the broadcast's kind and within
+   :data:`~speechbrain_omc.federated.defence.MAX_REACH_GROWTH` times its
+   reach (checked as the entry is parsed, before it is decoded);
 5. finite values.
+
+Reasons quote what a client sent escaped and cut short (see
+:func:`~speechbrain_omc.federated.defence.shown`); metric names must be
+printable ASCII.
 
 :func:`check_reply` does all five and returns every entry decoded (a float32
 model per reply). A server that aggregates as replies arrive uses
@@ -65,6 +72,7 @@ import torch
 from speechbrain_omc import kernels
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.federated import wire
+from speechbrain_omc.federated.defence import check_transform, is_clean, shown
 from speechbrain_omc.memory import Workspace
 
 __all__ = [
@@ -85,6 +93,7 @@ __all__ = [
     "nonfinite",
     "open_reply",
     "reply_nbytes",
+    "squared_distance",
 ]
 
 #: Default bound of ``num_examples`` when the server knows nothing better: the
@@ -194,10 +203,12 @@ def check_number(name: str, value: Any, low: float, high: float) -> int | float:
     ValueError: metric 'WER' = nan is not a number in [0, 1e+09]
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"metric {name!r} is {type(value).__name__}, not a number")
+        raise ValueError(
+            f"metric {shown(name)} is {type(value).__name__}, not a number"
+        )
     if not low <= value <= high:
         raise ValueError(
-            f"metric {name!r} = {str(value)[:40]} is not a number in "
+            f"metric {shown(name)} = {shown(value)} is not a number in "
             f"[{low:.4g}, {high:.4g}]"
         )
     return value
@@ -222,8 +233,9 @@ def check_metrics(metrics: Any, low: float = -METRIC_BOUND) -> dict:
     Raises
     ------
     ValueError
-        Not a mapping, too many or too long names, or a value that is not a
-        number within ``[low, METRIC_BOUND]`` (see :func:`check_number`).
+        Not a mapping, too many names, a name that is not a short string of
+        printable ASCII (names reach logs and files), or a value that is not
+        a number within ``[low, METRIC_BOUND]`` (see :func:`check_number`).
 
     Example
     -------
@@ -240,8 +252,10 @@ def check_metrics(metrics: Any, low: float = -METRIC_BOUND) -> dict:
         raise ValueError(f"{len(metrics)} metrics, at most {MAX_METRICS} allowed")
     out = {}
     for key, value in metrics.items():
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_KEY:
-            raise ValueError(f"metric name {str(key)[:80]!r} is not a short string")
+        if not (key and is_clean(key, MAX_METRIC_KEY)):
+            raise ValueError(
+                f"metric name {shown(key, 80)} is not a short string of printable ASCII"
+            )
         if value is not None:  # a metric the client could not compute
             value = check_number(key, value, low, METRIC_BOUND)
         out[key] = value
@@ -299,6 +313,10 @@ class ReplyExpectation:
         Longest acceptable reply; by default
         :func:`~speechbrain_omc.federated.wire.max_message_nbytes` of
         ``entries``.
+    sent : dict, optional
+        Entry name to the compressed tensor the broadcast held: a reply
+        entry's transform must be of its kind and within its reach (see
+        :func:`~speechbrain_omc.federated.defence.check_transform`).
     """
 
     run: str
@@ -308,6 +326,7 @@ class ReplyExpectation:
     max_examples: int
     entries: dict[str, wire.Expected] = field(default_factory=dict)
     max_nbytes: int | None = None
+    sent: dict[str, CompressedTensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_nbytes is None:
@@ -338,23 +357,19 @@ def check_update_meta(meta: Mapping, expected: ReplyExpectation) -> tuple[int, d
     """
     if meta.get("type") != "update":
         raise UpdateRejected(
-            f"message type {str(meta.get('type'))[:40]!r}, expected 'update'"
+            f"message type {shown(meta.get('type'))}, expected 'update'"
         )
     extra = sorted(set(meta) - UPDATE_KEYS)
     if extra:
-        raise UpdateRejected(f"unexpected metadata keys: {extra[:5]}")
+        raise UpdateRejected(f"unexpected metadata keys: {shown(extra[:5], 120)}")
     if meta.get("run") != expected.run:
-        raise UpdateRejected(
-            f"reply of run {str(meta.get('run'))[:40]!r}, not this run"
-        )
+        raise UpdateRejected(f"reply of run {shown(meta.get('run'))}, not this run")
     if meta.get("round") != expected.round:
         raise UpdateRejected(
-            f"update for round {str(meta.get('round'))[:40]}, expected {expected.round}"
+            f"update for round {shown(meta.get('round'))}, expected {expected.round}"
         )
     if meta.get("client") != expected.client:
-        raise UpdateRejected(
-            f"update signed by client {str(meta.get('client'))[:40]!r}"
-        )
+        raise UpdateRejected(f"update signed by client {shown(meta.get('client'))}")
     nonce = meta.get("nonce")
     # Constant time: the comparison must not tell a client how much it guessed.
     if not isinstance(nonce, str) or not hmac.compare_digest(nonce, expected.nonce):
@@ -362,7 +377,7 @@ def check_update_meta(meta: Mapping, expected: ReplyExpectation) -> tuple[int, d
     examples, bound = meta.get("num_examples"), expected.max_examples
     if not is_int(examples) or not 1 <= examples <= bound:
         raise UpdateRejected(
-            f"num_examples must be an integer in [1, {bound}], got {str(examples)[:40]}"
+            f"num_examples must be an integer in [1, {bound}], got {shown(examples)}"
         )
     try:
         metrics = check_metrics(meta.get("metrics", {}))
@@ -403,6 +418,44 @@ def nonfinite(value: torch.Tensor) -> int:
     return int((~torch.isfinite(value)).sum())
 
 
+#: Values per float64 chunk of :func:`squared_distance` (512 KiB).
+_CHUNK = 2**16
+
+
+def squared_distance(value: torch.Tensor, master: torch.Tensor) -> float:
+    """``sum((value - master) ** 2)`` in float64, a chunk at a time.
+
+    float64: the difference and the squares of large finite float32 values
+    overflow float32. In chunks: float64 copies of a whole entry would be
+    the largest temporaries of a server checking replies (three of 4 MiB
+    for an entry of 2 MiB), left behind in its heap.
+
+    Arguments
+    ---------
+    value, master : torch.Tensor
+        Float32 tensors of one shape.
+
+    Returns
+    -------
+    float
+        Possibly ``inf`` (values near the float32 limit, many of them).
+
+    Example
+    -------
+    >>> big = torch.finfo(torch.float32).max
+    >>> squared_distance(torch.tensor([big, 1.0]), torch.tensor([0.0, 0.0])) > 1e76
+    True
+    """
+    a, b = value.reshape(-1), master.reshape(-1)
+    total = 0.0
+    for start in range(0, a.numel(), _CHUNK):
+        part = a[start : start + _CHUNK].double()
+        part.sub_(b[start : start + _CHUNK])
+        total += float(part.square_().sum())
+        del part
+    return total
+
+
 class Reply:
     """A reply whose binding, metadata and entry headers passed (steps 1-4).
 
@@ -424,6 +477,8 @@ class Reply:
     seconds : dict
         Time spent so far: ``decode`` (checksum, parsing, decompression) and
         ``validate`` (binding, metadata, finiteness); the methods add to it.
+    sent : mapping, optional
+        The broadcast's compressed entries (see :class:`ReplyExpectation`).
     """
 
     def __init__(
@@ -434,6 +489,7 @@ class Reply:
         message: wire.LazyMessage,
         nbytes: int,
         seconds: dict[str, float],
+        sent: Mapping[str, CompressedTensor] | None = None,
     ) -> None:
         self.client = client
         self.num_examples = num_examples
@@ -441,6 +497,7 @@ class Reply:
         self.message = message
         self.nbytes = nbytes
         self.seconds = seconds
+        self.sent = dict(sent or {})
         self.float32_nbytes = message.float32_nbytes()
 
     def tensors(
@@ -465,12 +522,15 @@ class Reply:
         Raises
         ------
         UpdateRejected
-            A malformed payload or non-finite values (the entry named).
+            A malformed payload, a transform other than the broadcast's kind
+            or far beyond its reach, or non-finite values (the entry named).
         """
         for name in self.message.names():
             start = time.perf_counter()
             try:
                 value = self._decoded(name, workspace)
+            except UpdateRejected:
+                raise
             except ValueError as error:
                 raise UpdateRejected(
                     f"malformed message: {error}", self.float32_nbytes
@@ -493,6 +553,11 @@ class Reply:
         entry = self.message.entry(name, workspace)
         if not isinstance(entry, CompressedTensor):
             return entry
+        if name in self.sent:  # before a value is decoded
+            try:
+                check_transform(name, entry, self.sent[name])
+            except ValueError as error:
+                raise UpdateRejected(str(error), self.float32_nbytes) from None
         out = None if workspace is None else workspace.take(entry.numel())
         return entry.decompress(out=out)
 
@@ -524,9 +589,7 @@ class Reply:
         squares = 0.0
         for name, value in self.tensors(workspace):
             if master is not None:
-                squares += float(
-                    (value.double() - master[name].double()).square().sum()
-                )
+                squares += squared_distance(value, master[name])
             del value  # its buffer is free for the next entry
         if master is None:
             return None
@@ -596,7 +659,13 @@ def open_reply(data: Any, expected: ReplyExpectation) -> Reply:
         seconds["decode"] += time.perf_counter() - start - seconds["validate"]
     examples, metrics = checked[0]
     return Reply(
-        expected.client, examples, metrics, message, reply_nbytes(data), seconds
+        expected.client,
+        examples,
+        metrics,
+        message,
+        reply_nbytes(data),
+        seconds,
+        expected.sent,
     )
 
 

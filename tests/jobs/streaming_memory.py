@@ -1,6 +1,7 @@
 """Peak memory of aggregating N replies (run by tests/test_streaming_aggregation.py).
 
-Usage: ``python streaming_memory.py N RULE``. In this fresh process: a server
+Usage: ``python streaming_memory.py N RULE [unbounded]``. In this fresh
+process: a server
 with a 4M-parameter model (16 MiB in float32) under OMC (e3m7, 10 % of the
 values float32, re-drawn per client) opens a round of N clients and
 writes every client's broadcast to a file; a child process makes each
@@ -27,6 +28,7 @@ from speechbrain_omc.accounting import peak_rss_since_reset, reset_peak_rss, rss
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.federated import wire
+from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.server import FedAvgServer
 from speechbrain_omc.memory import trim_heap
 
@@ -67,6 +69,8 @@ def main() -> None:
         make_replies(Path(sys.argv[2]))
         return
     n, rule = int(sys.argv[1]), sys.argv[2]
+    unbounded = sys.argv[3:] == ["unbounded"]  # without the update-norm bound
+    aggregation = Aggregation(rule, norm_bound=None) if unbounded else rule
     torch.set_num_threads(1)
     clients = [f"client_{i:03d}" for i in range(n)]
     omc = OMCConfig(format="e3m7", fp32_fraction=0.1, fp32_policy="random", seed=1)
@@ -77,7 +81,7 @@ def main() -> None:
         omc=omc,
         seed=3,
         max_examples=10,
-        aggregation=rule,
+        aggregation=aggregation,
         memory_budget=2**31,
     )
     folder = Path(tempfile.mkdtemp())
@@ -106,6 +110,7 @@ def main() -> None:
             {
                 "n": n,
                 "rule": rule,
+                "unbounded": unbounded,
                 "before": before,
                 "peak": peak,
                 "model_float32": server.model_nbytes(),

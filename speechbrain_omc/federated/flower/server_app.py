@@ -15,7 +15,9 @@ the final model an uninterrupted run ends with, bit for bit. A resumed run
 serves the clients of its checkpoint: a node answering for another client
 id is ignored, and a client whose node is gone is left out of the rounds
 that sample it. A checkpoint saved with other settings is refused with the
-differences named; ``fresh-start = true`` sets it aside instead.
+differences named; ``fresh-start = true`` sets it aside instead. The app
+holds the result folder's lock while it runs: a second ServerApp on the
+same folder is refused before it reads or writes anything there.
 
 .. warning::
    ``fresh-start = true`` applies at *every* start of the ServerApp: left in
@@ -50,6 +52,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from speechbrain_omc.federated.checkpoint import CheckpointStore, atomic_save, plain
+from speechbrain_omc.federated.defence import clean_text
 from speechbrain_omc.federated.flower.records import payload_to_record
 from speechbrain_omc.federated.flower.strategy import (
     OMCFedAvg,
@@ -92,7 +95,7 @@ def _final_test(grid: Grid, strategy: OMCFedAvg, timeout: float) -> dict[str, An
                 reply.content, max_examples=strategy.max_eval_examples
             )
         except ValueError as error:
-            logger.warning("final test evaluation rejected: %s", error)
+            logger.warning("final test evaluation rejected: %s", clean_text(error))
             return {}
     logger.warning("final test evaluation: no reply within %.0f s", timeout)
     return {}
@@ -124,91 +127,98 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         else Path(hparams["output_folder"]) / "flower"
     )
     result_dir.mkdir(parents=True, exist_ok=True)
-    store = CheckpointStore(result_dir / "server.ckpt")
-    if run_config.get("fresh-start"):
-        store.discard()
-    # One SuperNode per client: wait for the task's num_clients unless told.
-    min_nodes = int(run_config.get("min-nodes") or hparams.get("num_clients") or 1)
-    # Resumed: the checkpoint's clients, whichever nodes answer (a changed
-    # list would be a settings mismatch, and a node could claim a new id).
-    known = saved_clients(store)
-    node_of = discover_clients(grid, min_nodes, timeout, clients=known)
-    clients = known if known is not None else sorted(node_of, key=_natural)
-    bound = int(run_config.get("max-examples-per-client") or 1000)
-    server = task.build_server(hparams, model, clients, buffers, bound, roles=roles)
-    extra = server.load(store) or {}
-    rows, history = list(extra.get("rows", [])), list(extra.get("history", []))
-    last = [time.perf_counter()]  # when the previous call below returned
-    started: dict[int, float] = {}
+    # One server per result folder, from before the checkpoint is read.
+    with CheckpointStore(result_dir / "server.ckpt") as store:
+        if run_config.get("fresh-start"):
+            store.discard()
+        # One SuperNode per client: wait for the task's num_clients unless told.
+        min_nodes = int(run_config.get("min-nodes") or hparams.get("num_clients") or 1)
+        # Resumed: the checkpoint's clients, whichever nodes answer (a changed
+        # list would be a settings mismatch, and a node could claim a new id).
+        known = saved_clients(store)
+        node_of = discover_clients(grid, min_nodes, timeout, clients=known)
+        clients = known if known is not None else sorted(node_of, key=_natural)
+        bound = int(run_config.get("max-examples-per-client") or 1000)
+        server = task.build_server(hparams, model, clients, buffers, bound, roles=roles)
+        extra = server.load(store) or {}
+        rows, history = list(extra.get("rows", [])), list(extra.get("history", []))
+        last = [time.perf_counter()]  # when the previous call below returned
+        started: dict[int, float] = {}
 
-    def on_round(report, evaluation):
-        # Called once the round is aggregated, and again with its evaluation:
-        # the second call completes the round's row and saves again.
-        now = time.perf_counter()
-        seconds = now - started.setdefault(report.round, last[0])
-        row = task.round_row(report, evaluation, seconds)
-        entry = {**report.to_dict(), "evaluation": evaluation}
-        if rows and rows[-1]["round"] == report.round:
-            rows[-1], history[-1] = row, entry
-        else:
-            rows.append(row)
-            history.append(entry)
-        last[0] = now
-        server.save(store, extra={"rows": rows, "history": history})
+        def on_round(report, evaluation):
+            # Called once the round is aggregated, and again with its evaluation:
+            # the second call completes the round's row and saves again.
+            now = time.perf_counter()
+            seconds = now - started.setdefault(report.round, last[0])
+            row = task.round_row(report, evaluation, seconds)
+            entry = {**report.to_dict(), "evaluation": evaluation}
+            if rows and rows[-1]["round"] == report.round:
+                rows[-1], history[-1] = row, entry
+            else:
+                rows.append(row)
+                history.append(entry)
+            last[0] = now
+            server.save(store, extra={"rows": rows, "history": history})
+            task.write_csv(rows, result_dir / "rounds.csv")
+
+        strategy = OMCFedAvg(
+            server,
+            node_of,
+            evaluate_every=int(hparams.get("eval_every", 1)),
+            num_rounds=rounds,
+            evaluate_nodes=int(run_config.get("evaluate-nodes", 1)),
+            max_eval_examples=int(run_config.get("max-eval-examples") or 10**6),
+            on_round=on_round,
+            dropout=float(hparams.get("dropout", 0.0)),
+        )
+        # Rounds stream: a window of messages in flight, each reply folded into
+        # the server's running sums as it comes (see StreamingGrid).
+        window = run_config.get("max-in-flight")
+        stream = StreamingGrid(grid, DEFAULT_WINDOW if window is None else int(window))
+        strategy.start(
+            grid=stream,
+            initial_arrays=payload_to_record(
+                server.message_for(strategy.evaluate_client)
+            ),
+            num_rounds=max(0, rounds - server.round),
+            timeout=timeout,
+            evaluate_config=ConfigRecord({"split": "valid"}),
+        )
         task.write_csv(rows, result_dir / "rounds.csv")
-
-    strategy = OMCFedAvg(
-        server,
-        node_of,
-        evaluate_every=int(hparams.get("eval_every", 1)),
-        num_rounds=rounds,
-        evaluate_nodes=int(run_config.get("evaluate-nodes", 1)),
-        max_eval_examples=int(run_config.get("max-eval-examples") or 10**6),
-        on_round=on_round,
-        dropout=float(hparams.get("dropout", 0.0)),
-    )
-    # Rounds stream: a window of messages in flight, each reply folded into
-    # the server's running sums as it comes (see StreamingGrid).
-    window = run_config.get("max-in-flight")
-    stream = StreamingGrid(grid, DEFAULT_WINDOW if window is None else int(window))
-    strategy.start(
-        grid=stream,
-        initial_arrays=payload_to_record(server.message_for(strategy.evaluate_client)),
-        num_rounds=max(0, rounds - server.round),
-        timeout=timeout,
-        evaluate_config=ConfigRecord({"split": "valid"}),
-    )
-    task.write_csv(rows, result_dir / "rounds.csv")
-    if rows:
-        task.plot_rounds(rows, result_dir / "rounds.png", "Flower: federated OMC")
-    (result_dir / "flower_history.json").write_text(
-        json.dumps(plain(history), indent=2) + "\n", encoding="utf-8"
-    )
-    # Saved before the final test: a node failing there must not lose it.
-    atomic_save(dict(server.model), result_dir / "final_model.pt")
-    test = _final_test(grid, strategy, timeout)
-    summary = {
-        "engine": "flower",
-        "rounds": server.round,
-        "clients": clients,
-        "test_WER": test.get("WER"),
-        "test_CER": test.get("CER"),
-        "test_loss": test.get("loss"),
-        "valid_WER": next(
-            (r["valid_WER"] for r in reversed(rows) if r.get("valid_WER") is not None),
-            None,
-        ),
-        "left_out": sum(r["sampled"] - r["clients"] for r in rows),
-        "minutes_this_process": round((time.perf_counter() - start) / 60, 2),
-    }
-    for key in ("bytes_down", "bytes_up", "float32_bytes_down", "float32_bytes_up"):
-        summary[key] = sum(r[key] for r in rows)
-    summary["bytes_total"] = summary["bytes_down"] + summary["bytes_up"]
-    (result_dir / "summary.json").write_text(
-        json.dumps(plain(summary), indent=2) + "\n", encoding="utf-8"
-    )
-    logger.info("Flower federated OMC summary: %s", json.dumps(plain(summary)))
-    return summary
+        if rows:
+            task.plot_rounds(rows, result_dir / "rounds.png", "Flower: federated OMC")
+        (result_dir / "flower_history.json").write_text(
+            json.dumps(plain(history), indent=2) + "\n", encoding="utf-8"
+        )
+        # Saved before the final test: a node failing there must not lose it.
+        atomic_save(dict(server.model), result_dir / "final_model.pt")
+        test = _final_test(grid, strategy, timeout)
+        summary = {
+            "engine": "flower",
+            "rounds": server.round,
+            "clients": clients,
+            "test_WER": test.get("WER"),
+            "test_CER": test.get("CER"),
+            "test_loss": test.get("loss"),
+            "valid_WER": next(
+                (
+                    r["valid_WER"]
+                    for r in reversed(rows)
+                    if r.get("valid_WER") is not None
+                ),
+                None,
+            ),
+            "left_out": sum(r["sampled"] - r["clients"] for r in rows),
+            "minutes_this_process": round((time.perf_counter() - start) / 60, 2),
+        }
+        for key in ("bytes_down", "bytes_up", "float32_bytes_down", "float32_bytes_up"):
+            summary[key] = sum(r[key] for r in rows)
+        summary["bytes_total"] = summary["bytes_down"] + summary["bytes_up"]
+        (result_dir / "summary.json").write_text(
+            json.dumps(plain(summary), indent=2) + "\n", encoding="utf-8"
+        )
+        logger.info("Flower federated OMC summary: %s", json.dumps(plain(summary)))
+        return summary
 
 
 @app.main()

@@ -55,6 +55,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from speechbrain_omc.federated.availability import DROPOUT_REASON, simulated_dropouts
+from speechbrain_omc.federated.defence import clean_text, is_clean
 from speechbrain_omc.federated.flower.records import (
     payload_from_record,
     payload_to_record,
@@ -162,8 +163,10 @@ def discover_clients(
 
     Waits until ``min_nodes`` nodes are connected, sends each a ``query``
     message and maps the client ids of the answers to node ids. A client
-    announced by two nodes keeps the first; failed queries, and answers
-    naming a client that is not one of ``clients``, are logged and ignored.
+    announced by two nodes keeps the first; failed queries, answers that are
+    not an id of printable ASCII (ids reach logs, files and checkpoints),
+    and answers naming a client that is not one of ``clients``, are logged
+    and ignored.
 
     Arguments
     ---------
@@ -203,7 +206,7 @@ def discover_clients(
         node = reply.metadata.src_node_id
         try:
             client = reply.content[QUERY_KEY][CLIENT_ID_KEY]
-            if not isinstance(client, str) or not 0 < len(client) <= 256:
+            if not (client and is_clean(client, 256)):
                 raise TypeError(client)
         except Exception:  # noqa: BLE001 - an error reply or a malformed one
             logger.warning("node %d: no usable answer to the query", node)
@@ -212,7 +215,7 @@ def discover_clients(
             logger.warning(
                 "node %d serves %r, which is not a client of this run; ignored",
                 node,
-                client[:80],
+                client[:80],  # clean, checked above
             )
             continue
         if client in node_of:
@@ -384,7 +387,8 @@ class OMCFedAvg(FedAvg):
                 continue
             seen.add(client)
             if reply.has_error():
-                server.fail(client, f"client error: {str(reply.error.reason)[:200]}")
+                # The server escapes and bounds it (a client's text).
+                server.fail(client, f"client error: {reply.error.reason}")
                 continue
             try:
                 # A view, not a copy: the server checks the size first.
@@ -489,7 +493,7 @@ class OMCFedAvg(FedAvg):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                reason = str(reply.error.reason)[:200]
+                reason = clean_text(reply.error.reason)
                 logger.warning("evaluation of node %d failed: %s", node, reason)
                 continue
             try:
@@ -499,7 +503,8 @@ class OMCFedAvg(FedAvg):
                     weight_key=self.weighted_by_key,
                 )
             except ValueError as error:
-                logger.warning("evaluation of node %d rejected: %s", node, error)
+                reason = clean_text(error)
+                logger.warning("evaluation of node %d rejected: %s", node, reason)
                 continue
             except Exception:  # noqa: BLE001 - a bug must not end the run
                 logger.exception("checking the evaluation of node %d failed", node)

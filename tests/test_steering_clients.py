@@ -1,0 +1,383 @@
+"""Clients whose replies are valid on the wire but try to steer, freeze or wedge
+the server (the embedded server; the Flower app's runs are in test_flower.py,
+the client's recovery in test_federated_client.py, the folder lock in
+test_server_checkpoint.py).
+
+* Client text (a lone surrogate as ``round``, ANSI escapes in an exception,
+  odd metric names) reaches reports, logs and CSV rows only escaped and
+  bounded: a round row can always be written.
+* With default settings one client of four moves no weight by more than 10x
+  an honest round's move, whatever it sends (1e30, FLT_MAX, a 60x
+  sign-flipped update, a relabelled or inflated transform).
+* A round whose combination is not finite leaves no trace in the server
+  momentum; honest rounds after it move the model again.
+* The robust rules keep their promise at four clients a round, without
+  overflow; a server without ``max_examples`` weighs every client the same;
+  a flood of strangers' replies leaves a small report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+
+import pytest
+import torch
+
+from speechbrain_omc.asr.rounds import round_row, write_csv
+from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.federated import wire
+from speechbrain_omc.federated.aggregation import Aggregation, combine
+from speechbrain_omc.federated.defence import MAX_REASONS, MAX_TEXT, is_clean
+from speechbrain_omc.federated.server import FedAvgServer
+from speechbrain_omc.transform import Transform
+
+CLIENTS = ["c0", "c1", "c2", "c3"]
+OMC = OMCConfig(format="e3m7", fp32_fraction=0.4, fp32_policy="random", seed=3)
+FLT_MAX = torch.finfo(torch.float32).max
+BOUND = 10
+
+
+def _model():
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "layer1.weight": torch.randn(16, 8, generator=gen),
+        "layer1.bias": torch.randn(16, generator=gen),
+        "layer2.weight": torch.randn(16, 16, generator=gen),
+        "layer3.weight": torch.randn(4, 16, generator=gen),
+        "norm.running_mean": torch.zeros(4),
+    }
+
+
+def _server(**kwargs) -> FedAvgServer:
+    settings = dict(
+        clients_per_round=4,
+        omc=OMC,
+        seed=7,
+        buffers=["norm.running_mean"],
+        max_examples=BOUND,
+        run_id="run",
+    )
+    settings.update(kwargs)
+    return FedAvgServer(_model(), CLIENTS, **settings)
+
+
+def _delta(client: str, round_: int, name: str, shape) -> torch.Tensor:
+    """An honest client's update: a shared direction plus its own noise."""
+    common = torch.Generator().manual_seed(1000 * round_ + len(name))
+    own = torch.Generator().manual_seed(
+        zlib.crc32(f"{client}/{round_}/{name}".encode())
+    )
+    return 0.01 * torch.randn(shape, generator=common) + 0.005 * torch.randn(
+        shape, generator=own
+    )
+
+
+def _meta(received: wire.Message, **overrides) -> dict:
+    meta = {k: received.meta[k] for k in ("round", "client", "run", "nonce")}
+    meta.update(type="update", num_examples=BOUND)
+    meta["metrics"] = {"train_loss": 1.0, "steps": 3}
+    meta.update(overrides)
+    return meta
+
+
+def _encode_like(received: wire.Message, values: dict, **meta) -> bytes:
+    """``values`` (float32) in the form each entry was received."""
+    entries = {}
+    for name, value in values.items():
+        sent = received.entries[name]
+        if isinstance(sent, CompressedTensor):
+            entries[name] = CompressedTensor.compress(value, sent.format)
+        else:
+            entries[name] = value
+    return wire.encode(entries, _meta(received, **meta))
+
+
+def honest(data: bytes, scale: float = 1.0, **meta) -> bytes:
+    """The broadcast plus ``scale`` times this client's honest update."""
+    received = wire.decode(data)
+    client, round_ = received.meta["client"], received.meta["round"]
+    values = {
+        name: value + scale * _delta(client, round_, name, value.shape)
+        for name, value in received.decompressed().items()
+    }
+    return _encode_like(received, values, **meta)
+
+
+def everything(value: float):
+    def reply(data: bytes) -> bytes:
+        received = wire.decode(data)
+        values = {
+            n: torch.full_like(v, value) for n, v in received.decompressed().items()
+        }
+        return _encode_like(received, values)
+
+    return reply
+
+
+def sign_flipped(data: bytes) -> bytes:
+    return honest(data, scale=-60.0)
+
+
+def _with_transforms(data: bytes, make) -> bytes:
+    """The honest reply with each compressed entry's transform replaced."""
+    received = wire.decode(honest(data))
+    entries = dict(received.entries)
+    for name, value in entries.items():
+        if isinstance(value, CompressedTensor):
+            entries[name] = CompressedTensor(
+                value.packed, value.format, value.shape, make(value.transform)
+            )
+    return wire.encode(entries, received.meta)
+
+
+def relabelled(data: bytes) -> bytes:
+    return _with_transforms(data, lambda t: Transform("affine", t.scale, 1e30))
+
+
+def inflated(data: bytes) -> bytes:
+    return _with_transforms(data, lambda t: Transform(t.kind, 1e30, t.shift))
+
+
+ATTACKS = {
+    "1e30": everything(1e30),
+    "FLT_MAX": everything(FLT_MAX),
+    "60x sign-flipped": sign_flipped,
+    "relabelled transform": relabelled,
+    "scale 1e30": inflated,
+}
+
+
+def _move(server, hostile=None, attacker="c2"):
+    """Largest change of any weight in one round (``hostile`` sent by one)."""
+    start = {n: v.clone() for n, v in server.model.items()}
+    messages = server.configure_round()
+    replies = {
+        c: hostile(m) if hostile and c == attacker else honest(m)
+        for c, m in messages.items()
+    }
+    report = server.aggregate(replies)
+    moved = max(float((server.model[n] - start[n]).abs().max()) for n in start)
+    return moved, report
+
+
+@pytest.mark.parametrize("omc", [OMC, None], ids=["e3m7", "float32"])
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_one_client_of_four_moves_the_model_at_most_10x_an_honest_round(attack, omc):
+    if omc is None and attack in ("relabelled transform", "scale 1e30"):
+        pytest.skip("no compressed entry to relabel")
+    honest_move, _ = _move(_server(omc=omc))
+    attacked, report = _move(_server(omc=omc), ATTACKS[attack])
+    ratio = attacked / honest_move
+    print(f"{attack}, {'e3m7' if omc else 'float32'}: {ratio:.3f}x an honest round")
+    assert math.isfinite(attacked) and ratio <= 10, ratio
+    assert report.model_updated and len(report.accepted) >= 3
+    # Undefended, the same reply steers the model (the test has teeth).
+    if attack in ("1e30", "FLT_MAX", "60x sign-flipped") and omc is None:
+        off = _server(omc=omc, aggregation=Aggregation(norm_bound=None))
+        undefended, _ = _move(off, ATTACKS[attack])
+        assert undefended / honest_move > 10
+
+
+def test_a_clipped_update_is_reported_and_the_rest_is_unchanged():
+    """Honest rounds keep their bits: the same model with the bound as
+    without it while no update reaches it; a clipped one is named."""
+    defended, undefended = _server(), _server(aggregation=Aggregation(norm_bound=None))
+    for _ in range(2):
+        for server in (defended, undefended):
+            _, report = _move(server)
+            assert report.clipped == {}
+    for name, value in undefended.model.items():
+        assert torch.equal(defended.model[name], value), name
+    _, report = _move(defended, sign_flipped)
+    assert list(report.clipped) == ["c2"] and 0 < report.clipped["c2"] < 1
+
+
+def test_colluding_zero_updates_do_not_throttle_training():
+    """Two of four clients echo the broadcast: the limit is the *upper*
+    median of the norms, so the honest updates pass unclipped."""
+    server = _server(omc=None)
+    messages = server.configure_round()
+    zero = sorted(messages)[:2]
+    replies = {
+        c: honest(m, scale=0.0 if c in zero else 1.0) for c, m in messages.items()
+    }
+    assert server.aggregate(replies).clipped == {}
+
+
+@pytest.mark.parametrize("hostile", [1, 2], ids=["one FLT_MAX", "two FLT_MAX"])
+def test_momentum_recovers_from_a_poisoned_round(hostile, caplog):
+    """FedAvgM at 0.9: a poisoned round, then three honest rounds: the model
+    is finite, bounded and moves in each (two colluders of four are half the
+    round, beyond what the bound promises: their round may commit garbage,
+    but never freezes the server)."""
+    server = _server(omc=None, server_momentum=0.9)
+    start = {n: v.clone() for n, v in server.model.items()}
+    messages = server.configure_round()
+    bad = sorted(messages)[:hostile]
+    replies = {
+        c: everything(FLT_MAX)(m) if c in bad else honest(m)
+        for c, m in messages.items()
+    }
+    server.aggregate(replies)
+    moved = []
+    for _ in range(3):
+        before = {n: v.clone() for n, v in server.model.items()}
+        _, report = _move(server)
+        moved.append(report.model_updated)
+        assert all(bool(torch.isfinite(v).all()) for v in server.model.values())
+        assert all(bool(torch.isfinite(v).all()) for v in server.momentum.values())
+        if report.model_updated and hostile == 1:
+            assert any(not torch.equal(before[n], server.model[n]) for n in before)
+    if hostile == 1:
+        assert moved == [True, True, True]
+        drift = max(float((server.model[n] - start[n]).abs().max()) for n in start)
+        assert drift < 1.0  # four rounds of updates of about 0.03
+    else:
+        # Not frozen: a discarded round resets the momentum (updates of 0.03
+        # on weights near 1e38 change no bit, though: garbage stays).
+        assert moved[-1], moved
+
+
+def test_a_discarded_round_resets_the_momentum(caplog):
+    """Undefended, two FLT_MAX replies are committed (finite) and the next
+    step overflows: that round is discarded, the momentum reset, and the
+    honest round after it moves the model."""
+    server = _server(
+        omc=None, server_momentum=0.9, aggregation=Aggregation(norm_bound=None)
+    )
+    messages = server.configure_round()
+    bad = sorted(messages)[:2]
+    server.aggregate(
+        {
+            c: everything(FLT_MAX)(m) if c in bad else honest(m)
+            for c, m in messages.items()
+        }
+    )
+    updated = [_move(server)[1].model_updated for _ in range(3)]
+    assert False in updated and updated[-1], updated
+    assert "momentum is reset" in caplog.text
+
+
+# ------------------------------------------------------------ robust rules
+def test_trimmed_mean_trims_one_of_four_by_default():
+    models = [{"w": torch.tensor([1.0])} for _ in range(3)] + [
+        {"w": torch.tensor([1e30])}
+    ]
+    master = {"w": torch.tensor([0.0])}
+    out = combine(models, [1] * 4, master, Aggregation("trimmed_mean"))
+    assert out["w"].item() == 1.0
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "norm_clip"])
+def test_robust_rules_do_not_overflow(rule):
+    big = {"w": torch.full((3,), FLT_MAX)}
+    models = [big, big, big, big, {"w": torch.ones(3)}]
+    master = {"w": -torch.full((3,), FLT_MAX)}
+    out = combine(models, [1] * 5, master, Aggregation(rule, norm_bound=None))
+    assert bool(torch.isfinite(out["w"]).all()), out
+
+
+# ------------------------------------------------------------------ weights
+def test_without_max_examples_every_client_weighs_the_same():
+    server = FedAvgServer(
+        _model(), CLIENTS, 3, seed=7, aggregation=Aggregation(norm_bound=None)
+    )
+    start = server.model["layer1.bias"].clone()
+    messages = server.configure_round()
+    liar, *others = sorted(messages)
+    replies = {c: _shifted(m, 1.0, num_examples=1) for c, m in messages.items()}
+    replies[liar] = _shifted(messages[liar], 100.0, num_examples=2**53)
+    report = server.aggregate(replies)
+    assert report.accepted == sorted(messages)
+    moved = server.model["layer1.bias"] - start
+    assert torch.allclose(moved, torch.full_like(moved, 102.0 / 3), atol=1e-4)
+
+
+def _shifted(data, shift, **meta):
+    received = wire.decode(data)
+    values = {n: v + shift for n, v in received.decompressed().items()}
+    return _encode_like(received, values, **meta)
+
+
+# -------------------------------------------------------------------- text
+def _raw(data: bytes, meta_text: str) -> bytes:
+    """The honest reply with its metadata replaced by raw JSON text."""
+    from test_hostile_clients import raw_message
+
+    entries = []
+    for name, value in wire.decode(honest(data)).entries.items():
+        if isinstance(value, CompressedTensor):
+            entries.append((name, wire.COMPRESSED, value.to_bytes()))
+        else:
+            entries.append((name, wire.FLOAT32, wire.float32_payload(value)))
+    return raw_message(entries, meta_text.encode())
+
+
+def _meta_text(data: bytes, **raw: str) -> str:
+    meta = _meta(wire.decode(data))
+    text = json.dumps({k: v for k, v in meta.items() if k not in raw})
+    fields = ", ".join(f'"{k}": {v}' for k, v in raw.items())
+    return text[:-1] + ", " + fields + "}"
+
+
+SURROGATE = '"\\udcff"'  # JSON for a lone surrogate, in ASCII bytes
+TEXT_ROWS = {
+    "round is a lone surrogate": {"round": SURROGATE},
+    "num_examples is a lone surrogate": {"num_examples": SURROGATE},
+    "client is an ANSI escape": {"client": '"\\u001b[31mc0"'},
+    "metric named with a control character": {"metrics": '{"loss\\u0007\\udcff": 1.0}'},
+}
+
+
+@pytest.mark.parametrize("row", list(TEXT_ROWS))
+def test_client_text_is_escaped_and_the_round_row_is_written(row, tmp_path, caplog):
+    server = _server()
+    messages = server.configure_round()
+    bad = sorted(messages)[0]
+    replies = {c: honest(m) for c, m in messages.items()}
+    replies[bad] = _raw(messages[bad], _meta_text(messages[bad], **TEXT_ROWS[row]))
+    report = server.aggregate(replies)
+    assert list(report.rejected) == [bad]
+    reason = report.rejected[bad]
+    assert is_clean(reason), reason
+    write_csv([round_row(report, None, 1.0)], tmp_path / "rounds.csv")
+    text = (tmp_path / "rounds.csv").read_text(encoding="ascii")
+    assert "\x1b" not in text and "\x07" not in text
+    logged = [r.getMessage() for r in caplog.records]
+    assert all(is_clean(m, limit=10**6) for m in logged if bad in m)
+
+
+def test_failure_reasons_are_escaped_and_bounded():
+    server = _server()
+    server.open_round()
+    client = server.fold_order()[0]
+    server.fail(client, "\x1b[2J\x1b[31mboom\udcff" + "x" * 10_000)
+    report = server.close_round()
+    reason = report.rejected[client]
+    assert is_clean(reason) and len(reason) <= MAX_TEXT, reason
+    assert reason.startswith("failed: \\x1b[2J")
+
+
+def test_poisoned_rows_of_an_older_run_are_written(tmp_path):
+    """Rows resumed from a checkpoint that an older version wrote with raw
+    client text: written escaped rather than raising UnicodeEncodeError."""
+    row = {"round": 1, "rejected": "c0: update for round \udcff, \x1b[31m"}
+    write_csv([row], tmp_path / "rounds.csv")
+    text = (tmp_path / "rounds.csv").read_text(encoding="ascii")
+    assert "\\udcff" in text and "\\x1b[31m" in text
+
+
+def test_a_flood_of_strangers_leaves_a_small_report(caplog):
+    server = _server()
+    messages = server.configure_round()
+    for i in range(20_000):
+        server.receive(f"stranger-{i}", b"x")
+    report = server.aggregate({c: honest(m) for c, m in messages.items()})
+    assert report.accepted == sorted(messages)
+    assert report.ignored == 20_000
+    assert len(report.rejected) == MAX_REASONS
+    assert len(json.dumps(report.to_dict())) < 20_000
+    assert len(caplog.records) < 2 * MAX_REASONS + 10
