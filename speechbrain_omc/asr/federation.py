@@ -206,6 +206,7 @@ def build_server(
         roles=roles,
         memory_budget=int(hparams.get("aggregation_memory_mb", 1024) * 2**20),
         measure_memory=bool(hparams.get("measure_server_memory", False)),
+        wire_mode=hparams.get("omc_wire", "both"),
     )
 
 
@@ -340,6 +341,7 @@ def _federate(hparams: dict, run_opts: dict | None, store: CheckpointStore) -> d
         max_steps=hparams.get("max_local_steps"),
         train_loader_kwargs=hparams["train_dataloader_opts"],
         progressbar=hparams.get("client_progressbar", False),
+        wire_mode=hparams.get("omc_wire", "both"),
     )
     omc = hparams.get("omc")
     # A client's weight is bounded by what the server knows: its partition.
@@ -454,6 +456,7 @@ def _federate(hparams: dict, run_opts: dict | None, store: CheckpointStore) -> d
     summary = {
         "experiment": hparams["experiment_name"],
         "omc": _omc_summary(omc),
+        "omc_wire": hparams.get("omc_wire", "both") if omc else None,
         "seed": hparams["seed"],
         "rounds": rounds,
         "num_clients": len(client_data),

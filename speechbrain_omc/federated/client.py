@@ -104,6 +104,12 @@ from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.engine import OMCHandle, compress_module
 from speechbrain_omc.federated import wire
+from speechbrain_omc.federated.directions import (
+    check_wire_mode,
+    compress_entries,
+    decompressed_message,
+    module_formats,
+)
 from speechbrain_omc.parameter import CompressedParameter
 from speechbrain_omc.selection import Plan, PlanEntry, parameter_roles
 
@@ -174,6 +180,12 @@ class OMCClient:
         which training changes), ``"all"``, or ``"none"``. Constant buffers
         such as positional encodings are the same on every client; sending
         them would only inflate the messages.
+    wire_mode : str
+        The server's: ``"both"`` (train under OMC as received), or, training
+        in float32, ``"download"`` (compressed entries decoded on arrival,
+        reply float32) or ``"upload"`` (reply compressed under the round's
+        plan, drawn from ``hparams["omc"]``); see
+        :mod:`~speechbrain_omc.federated.directions`.
     """
 
     def __init__(
@@ -185,6 +197,7 @@ class OMCClient:
         train_loader_kwargs: Mapping | None = None,
         progressbar: bool = False,
         buffers: str = "running_stats",
+        wire_mode: str = "both",
     ) -> None:
         if buffers not in ("running_stats", "all", "none"):
             raise ValueError(f"buffers must be running_stats, all or none: {buffers!r}")
@@ -203,6 +216,7 @@ class OMCClient:
         self.train_loader_kwargs = dict(train_loader_kwargs or {})
         self.progressbar = progressbar
         self.buffers = buffers
+        self.wire_mode = check_wire_mode(wire_mode, brain.omc_config)
         self._names: list[str] | None = None
         self._buffer_names: set[str] | None = None
 
@@ -413,6 +427,21 @@ class OMCClient:
             brain.modules, replace(base, seed=seed), plan=Plan(tuple(entries))
         )
 
+    # ------------------------------------------------- one-direction modes
+    def _arrived(self, message: wire.Message) -> wire.Message:
+        # Outside the default, training is float32: nothing goes under OMC.
+        if self.wire_mode == "both":
+            return message
+        return decompressed_message(message)
+
+    def _reply_entries(self, round: int, client: str) -> dict[str, wire.Entry]:
+        entries = self.entries()
+        if self.wire_mode != "upload":
+            return entries
+        config = self.brain.omc_config
+        plan = module_formats(self.brain.modules, entries, config, round, client)
+        return compress_entries(entries, plan, config)
+
     # ------------------------------------------------------------ training
     def _dataset(self, client: str):
         data = self.train_data
@@ -520,7 +549,7 @@ class OMCClient:
         client, round_, seed = str(meta["client"]), meta["round"], int(meta["seed"])
         config = meta.get("config", {})
         seed_everything(seed)
-        self.load(message, seed=seed)
+        self.load(self._arrived(message), seed=seed)
         dataset = self._dataset(client)
         epochs = int(config.get("local_epochs", self.local_epochs))
         max_steps = config.get("max_steps", self.max_steps)
@@ -564,7 +593,7 @@ class OMCClient:
         for key in ("run", "nonce"):
             if key in meta:
                 reply[key] = meta[key]
-        return wire.encode(self.entries(), reply)
+        return wire.encode(self._reply_entries(round_, client), reply)
 
     def evaluate(
         self,
@@ -592,7 +621,7 @@ class OMCClient:
             return self._evaluate(data, dataset, loader_kwargs)
 
     def _evaluate(self, data: bytes, dataset, loader_kwargs: Mapping | None) -> dict:
-        message = wire.decode(data)
+        message = self._arrived(wire.decode(data))
         self.load(message, seed=int(message.meta.get("seed", 0)))
         self.brain.stage_stats = {}
         loss = self.brain.evaluate(

@@ -161,6 +161,11 @@ from speechbrain_omc.federated.defence import (
     clean_text,
     clip_scale,
 )
+from speechbrain_omc.federated.directions import (
+    check_wire_mode,
+    first_compression,
+    wire_formats,
+)
 from speechbrain_omc.federated.validation import (
     MAX_EXAMPLES,
     ReplyExpectation,
@@ -348,6 +353,10 @@ class FedAvgServer:
         model; names left out are inferred from name and shape, which cannot
         tell a 2-D normalisation gain from a matrix. Never sent (the message
         is the plan); a checkpoint must match them.
+    wire_mode : str
+        Which directions travel in the plan's formats: ``"both"`` (OMC),
+        ``"download"`` (replies float32) or ``"upload"`` (broadcasts
+        float32); see :mod:`~speechbrain_omc.federated.directions`.
     """
 
     def __init__(
@@ -369,6 +378,7 @@ class FedAvgServer:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
         measure_memory: bool = False,
+        wire_mode: str = "both",
     ) -> None:
         if not clients:
             raise ValueError("FedAvgServer: no clients")
@@ -401,6 +411,7 @@ class FedAvgServer:
         self.clients = clients
         self.clients_per_round = int(clients_per_round)
         self.omc = omc
+        self.wire_mode = check_wire_mode(wire_mode, omc)
         self.seed = int(seed)
         self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
@@ -549,20 +560,17 @@ class FedAvgServer:
         # round: compress it (and size its expected reply) once.
         key = (round, name, fmt)
         if key not in self._cache:
-            config = self.omc or OMCConfig()
-            value = CompressedTensor.compress(
-                self.model[name],
-                fmt,
-                transform=config.transform,
-                rounding=config.rounding,
-                clip=config.clip,
-            )
+            value = first_compression(self.model[name], fmt, self.omc or OMCConfig())
             self._cache[key] = (value, wire.expect_like({name: value})[name])
         return self._cache[key]
 
+    def _wire_formats(self, round: int, client: str, way: str) -> dict[str, str]:
+        # The plan, or float32 where the wire mode leaves that way float32.
+        return wire_formats(self.formats(round, client), self.wire_mode, way)
+
     def _broadcast(self, client: str, round: int):
         entries = {}
-        for name, fmt in self.formats(round, client).items():
+        for name, fmt in self._wire_formats(round, client, "down").items():
             if fmt == "float32":
                 entries[name] = self.model[name]
             else:
@@ -582,7 +590,7 @@ class FedAvgServer:
         # Rebuilt when a reply comes (the plan is a function of round and
         # client): a round of a thousand clients keeps no per-client tables.
         expect, sent = {}, {}
-        for name, fmt in self.formats(round, client).items():
+        for name, fmt in self._wire_formats(round, client, "up").items():
             if fmt == "float32":
                 expect[name] = self._float32_expected[name]
             else:
@@ -1200,6 +1208,8 @@ class FedAvgServer:
         }
         if roles:
             settings["roles"] = roles
+        if self.wire_mode != "both":  # absent by default: older checkpoints match
+            settings["wire_mode"] = self.wire_mode
         return plain(settings)
 
     def state_dict(self) -> dict:

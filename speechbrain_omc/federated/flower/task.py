@@ -263,6 +263,7 @@ def build_node(
         max_steps=hparams.get("max_local_steps"),
         train_loader_kwargs=hparams["train_dataloader_opts"],
         progressbar=False,
+        wire_mode=hparams.get("omc_wire", "both"),
     )
     return NodeSetup(
         client,
@@ -346,6 +347,7 @@ def _shared_partition(run_config, task) -> _SharedPartition:
         max_steps=hparams.get("max_local_steps"),
         train_loader_kwargs=hparams["train_dataloader_opts"],
         progressbar=False,
+        wire_mode=hparams.get("omc_wire", "both"),
     )
     _SHARED[key] = _SharedPartition(client, eval_data, hparams)
     return _SHARED[key]
