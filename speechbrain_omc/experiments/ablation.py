@@ -15,6 +15,10 @@ pinned on a mechanism:
 factor              rungs
 ==================  ==========================================================
 baseline            float32
+wire                float32 training with the default's plan (e3m7...) on
+                    one direction of the wire only: compressed download
+                    (replies float32), compressed upload (broadcasts
+                    float32)
 lossless            the fused update path with ``fp32`` weights (codes are
                     the float32 bits): float32 training bit for bit, with
                     SpeechBrain's clipping (deferred) or each other clipping
@@ -33,6 +37,8 @@ Example
 ('float32', True)
 >>> [c.name for c in cells if c.factor == "clipping"]
 ['clip_previous_norm', 'clip_per_parameter', 'clip_two_pass']
+>>> [c.name for c in cells if c.factor == "wire"]
+['wire_download', 'wire_upload']
 """
 
 from __future__ import annotations
@@ -70,6 +76,10 @@ def ablation_ladder() -> list[Cell]:
     lossless = {"omc_format": "fp32"}
     return [
         FLOAT32,
+        *(
+            _rung(f"wire_{w}", "wire", f"compressed {w} only", omc_wire=w)
+            for w in ("download", "upload")
+        ),
         _rung("lossless", "lossless", "fp32 weights, deferred clipping", **lossless),
         *(
             _rung(
