@@ -174,6 +174,9 @@ def test_the_ablation_ladder_reports_paired_differences(tmp_path):
             continue
         changed = {k for k, v in cell.overrides.items() if default.get(k) != v}
         assert 1 <= len(changed) <= (2 if name.startswith("lossless_") else 1), name
+    # The wire rungs: the default's plan on one direction only.
+    for way in ("download", "upload"):
+        assert cells[f"wire_{way}"].overrides["omc_wire"] == way
     results = {
         cells["float32"]: {1: _summary(20.0, 100), 2: _summary(22.0, 100)},
         cells["default"]: {1: _summary(21.0, 40), 2: _summary(24.0, 40)},

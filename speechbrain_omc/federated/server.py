@@ -15,7 +15,9 @@ over rounds). A round goes:
    :func:`~speechbrain_omc.selection.parameter_roles`), so that its plans
    equal the ones :func:`~speechbrain_omc.selection.make_plan` gives on the
    model itself. The message itself is the plan: the client trains each
-   variable in the form it received and must send it back in the same form.
+   variable in the form it received and must send it back in the same form
+   (unless ``wire_mode`` compresses one direction only: see
+   :mod:`~speechbrain_omc.federated.directions`).
    The metadata tells the client its round, id, RNG seed and local-training
    settings, and binds the reply: the run's id and a nonce of this round and
    client, which the reply must echo (a reply from another run or round is
