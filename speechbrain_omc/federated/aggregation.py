@@ -110,6 +110,7 @@ __all__ = [
     "StreamingAggregator",
     "buffered_nbytes",
     "check_memory_budget",
+    "clamp_update",
     "combine",
     "make_aggregator",
     "scale_update",
@@ -117,6 +118,8 @@ __all__ = [
 ]
 
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "norm_clip")
+# Values per float64 chunk of clamp_update (512 KiB).
+_CHUNK = 2**16
 #: Default bound of the decoded updates a rule that needs all of them may
 #: hold (clients per round x float32 model), in bytes: 1 GiB.
 DEFAULT_MEMORY_BUDGET = 2**30
@@ -206,8 +209,13 @@ def _trimmed_mean(models, name, fraction):
     # round, 0.2 * 4 rounds down to nothing.
     cut = max(1, int(fraction * k)) if fraction > 0 else 0
     cut = min(cut, (k - 1) // 2)
-    # float64: the float32 sum of large finite values overflows.
-    return values[cut : k - cut].double().mean(dim=0).float()
+    # Summed in float64 (the float32 sum of large finite values overflows),
+    # one client's values at a time: a float64 copy of the kept slice would
+    # be twice the stacked values the memory budget counts.
+    total = torch.zeros(values.shape[1:], dtype=torch.float64)
+    for row in values[cut : k - cut]:
+        total.add_(row)
+    return total.div_(k - 2 * cut).float()
 
 
 def _update_norms(models, master) -> list[float]:
@@ -415,6 +423,42 @@ def scale_update(
     """
     base = master.double()
     return value.copy_(base.add_(value.double().sub_(base), alpha=scale))
+
+
+def clamp_update(
+    value: torch.Tensor, master: torch.Tensor, limit: float
+) -> torch.Tensor:
+    """``master + clamp(value - master, -limit, limit)``, in place in ``value``.
+
+    In float64 (as :func:`scale_update`), a chunk of the entry at a time.
+
+    Arguments
+    ---------
+    value : torch.Tensor
+        A reply's entry (float32), changed in place.
+    master : torch.Tensor
+        The global model's entry.
+    limit : float
+        The largest update value kept.
+
+    Returns
+    -------
+    torch.Tensor
+        ``value``.
+
+    Example
+    -------
+    >>> clamp_update(torch.tensor([1e30, 1.5, -9.0]), torch.ones(3), 2.0)
+    tensor([ 3.0000,  1.5000, -1.0000])
+    """
+    flat, base = value.reshape(-1), master.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        anchor = base[start : start + _CHUNK].double()
+        update = part.double().sub_(anchor).clamp_(-limit, limit)
+        part.copy_(update.add_(anchor))
+        del update, anchor
+    return value
 
 
 def _owned(value: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,7 @@ from speechbrain_omc.federated.aggregation import (
     MemoryBudgetExceeded,
     StreamingAggregator,
     check_memory_budget,
+    clamp_update,
     make_aggregator,
 )
 from speechbrain_omc.federated.checkpoint import (
@@ -160,6 +161,7 @@ from speechbrain_omc.federated.defence import (
     NormLimit,
     clean_text,
     clip_scale,
+    reference_order,
 )
 from speechbrain_omc.federated.validation import (
     MAX_EXAMPLES,
@@ -274,7 +276,7 @@ class _Pending:
     """An open round: its report so far and what the fold is waiting for."""
 
     report: RoundReport
-    order: list[str]  # the fold order: sorted client ids
+    order: list[str]  # the fold order: see defence.reference_order
     aggregator: Any
     sampled: frozenset[str] = frozenset()
     done: set[str] = field(default_factory=set)  # folded, rejected or failed
@@ -285,7 +287,7 @@ class _Pending:
     broken: bool = False  # a fold failed half-way: nothing may be committed
     rank: dict[str, int] = field(default_factory=dict)  # client -> fold position
     limit: NormLimit | None = None  # the update-norm bound's, this round
-    # Replies checked before their fold (the limit's reference), with norms.
+    # Replies checked before their fold (the limits' reference), with norms.
     checked: dict[str, tuple[Any, float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -578,13 +580,24 @@ class FedAvgServer:
         }
         return wire.encode(entries, meta), entries, meta
 
+    def _reach(self, round: int, name: str) -> float:
+        # The largest magnitude of a float32 entry as broadcast this round
+        # (what a reply's values are checked against), once per round.
+        key = (round, name, "reach")
+        if key not in self._cache:
+            value = self.model[name]
+            low, high = torch.aminmax(value) if value.numel() else (0.0, 0.0)
+            self._cache[key] = max(-float(low), float(high))
+        return self._cache[key]
+
     def _expectation(self, round: int, client: str) -> ReplyExpectation:
         # Rebuilt when a reply comes (the plan is a function of round and
         # client): a round of a thousand clients keeps no per-client tables.
-        expect, sent = {}, {}
+        expect, sent, reaches = {}, {}, {}
         for name, fmt in self.formats(round, client).items():
             if fmt == "float32":
                 expect[name] = self._float32_expected[name]
+                reaches[name] = self._reach(round, name)
             else:
                 sent[name], expect[name] = self._compressed(round, name, fmt)
         return ReplyExpectation(
@@ -595,6 +608,7 @@ class FedAvgServer:
             MAX_EXAMPLES if self.max_examples is None else self.max_examples[client],
             expect,
             sent=sent,
+            reaches=reaches,
         )
 
     def message_for(self, client: str, round: int | None = None) -> bytes:
@@ -654,7 +668,9 @@ class FedAvgServer:
             report.rss = {"before": before, "peak": before}
         self._pending = _Pending(
             report,
-            sorted(sampled),
+            reference_order(
+                self.seed, round, sampled, self.aggregation.norm_reference
+            ),
             make_aggregator(self.aggregation, self.model, self.memory_budget),
             frozenset(sampled),
             limit=NormLimit(
@@ -901,7 +917,8 @@ class FedAvgServer:
             if client in pending.held and client not in pending.checked:
                 self._check(pending, client)
             if client in pending.checked:
-                found[client] = pending.checked[client][1]
+                reply, norm = pending.checked[client]
+                found[client] = (norm, reply.peaks)
             elif client not in pending.done and not final:
                 return  # its reply may still come
         limit.start(found)
@@ -960,7 +977,6 @@ class FedAvgServer:
         if client not in pending.checked and not self._check(pending, client):
             return
         reply, norm = pending.checked.pop(client)
-        pending.limit.count(client, norm)
         limit = pending.limit.value()
         data = pending.held.pop(client)
         pending.held_bytes -= reply_nbytes(data)
@@ -969,8 +985,10 @@ class FedAvgServer:
         report, aggregator = pending.report, pending.aggregator
         report.float32_bytes_up += reply.float32_nbytes
         scale = clip_scale(norm, limit)
-        if scale < 1.0:
+        clamped = self._clamped(pending, client, reply)
+        if scale < 1.0 or clamped:
             report.clipped[client] = scale
+        if scale < 1.0:
             logger.warning(
                 "round %d: update of client %s scaled by %.3g (norm %.3g, "
                 "over the round's limit %.3g)",
@@ -989,7 +1007,10 @@ class FedAvgServer:
             # reused); a buffered one keeps them all, in tensors of their own.
             streaming = isinstance(aggregator, StreamingAggregator)
             workspace = self._workspace if streaming else None
-            aggregator.add(reply.tensors(workspace), weight, norm, scale)
+            tensors = reply.tensors(workspace)
+            if clamped:
+                tensors = self._clamp(tensors, pending.limit, clamped)
+            aggregator.add(tensors, weight, norm, scale)
         except MemoryBudgetExceeded as error:
             self._reject(pending, client, str(error), 0)
             return
@@ -1009,6 +1030,44 @@ class FedAvgServer:
         report.accepted.append(client)
         report.num_examples += reply.num_examples
         report.client_metrics[client] = reply.metrics
+
+    def _clamped(self, pending: _Pending, client: str, reply: Any) -> set[str]:
+        """The entries of a reply with update values beyond their limit.
+
+        Arguments
+        ---------
+        pending : _Pending
+            The open round.
+        client : str
+            Who sent the reply.
+        reply : Reply
+            Checked (its :attr:`~.validation.Reply.peaks` measured).
+
+        Returns
+        -------
+        set of str
+            Empty when nothing is over (the reply is folded bit for bit).
+        """
+        limit = pending.limit
+        over = {n for n, peak in reply.peaks.items() if peak > limit.peak(n)}
+        if over:
+            logger.warning(
+                "round %d: update of client %s clamped in %d entries (%s) to "
+                "the round's largest update values",
+                pending.round,
+                client,
+                len(over),
+                ", ".join(sorted(over)[:3]),
+            )
+        return over
+
+    def _clamp(self, tensors, limit: NormLimit, names: set[str]):
+        # Each update value of the named entries within [-peak, peak].
+        for name, value in tensors:
+            if name in names:
+                value = clamp_update(value, self.model[name], limit.peak(name))
+            yield name, value
+            del value
 
     def close_round(self, failures: Mapping[str, str] | None = None) -> RoundReport:
         """Fold what still waits, combine, commit and close the round.
