@@ -1299,11 +1299,18 @@ class FedAvgServer:
             raise ValueError(f"unsupported server state version {version!r}")
         if not isinstance(state["settings"], Mapping):
             raise ValueError("server state: settings is not a mapping")
-        differences = diff_settings(state["settings"], self.settings())
+        saved = self._undefended_if_older(state["settings"])
+        differences = diff_settings(saved, self.settings())
         if differences:
+            hint = ""
+            if any(d.startswith("aggregation.norm_") for d in differences):
+                hint = (
+                    "\n(a run saved without the update-norm bound resumes with "
+                    "--norm_bound null; --fresh_start True starts over)"
+                )
             raise CheckpointMismatch(
                 "the checkpoint was saved with other settings; resuming would "
-                "not reproduce the run:\n  " + "\n  ".join(differences)
+                "not reproduce the run:\n  " + "\n  ".join(differences) + hint
             )
         round_ = state["round"]
         if not is_int(round_) or round_ < 0:
@@ -1317,6 +1324,28 @@ class FedAvgServer:
         self.model, self.momentum, self.round = model, momentum, round_
         self._pending = None
         self._cache.clear()
+
+    def _undefended_if_older(self, saved: Mapping) -> Mapping:
+        """Saved settings of a run from before the update-norm bound, read as
+        the undefended setting it ran with (``norm_bound: None``).
+
+        Arguments
+        ---------
+        saved : mapping
+            The checkpoint's settings.
+
+        Returns
+        -------
+        mapping
+            ``saved``, its ``aggregation`` completed when the bound's keys
+            are absent (``norm_reference`` does nothing without the bound:
+            this run's is taken).
+        """
+        aggregation = saved.get("aggregation")
+        if not isinstance(aggregation, Mapping) or "norm_bound" in aggregation:
+            return saved
+        older = {"norm_bound": None, "norm_reference": self.aggregation.norm_reference}
+        return {**saved, "aggregation": {**older, **aggregation}}
 
     def _checked(self, tensors: Mapping, what: str, complete: bool) -> dict:
         if not isinstance(tensors, Mapping):
