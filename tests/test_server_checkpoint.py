@@ -22,13 +22,13 @@ import torch
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.federated import wire
+from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.checkpoint import (
     CheckpointCorrupt,
     CheckpointLocked,
     CheckpointMismatch,
     CheckpointStore,
 )
-from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.server import FedAvgServer
 
 CLIENTS = ["c0", "c1", "c2", "c3"]

@@ -14,23 +14,32 @@ module bounds what is well formed but hostile:
   drive the terminal that shows the log.
 * **Bounded influence.** Each accepted update (reply minus broadcast) is
   scaled down to an L2 norm of at most ``norm_bound`` times the *upper*
-  median of the round's update norms (:func:`clip_limit`,
-  :func:`clip_scale`). A client sending 1e30, FLT_MAX or a 60x update then
-  moves the model about as far as an honest client does. The *upper* median
-  (of four norms the third smallest): clients that collude by sending zero
-  updates cannot pull the limit down and throttle training, as long as they
-  are fewer than half the round; hostile clients that are half the round or
-  more can raise it. Of one or two replies the upper median is the largest
-  norm: no bound. The norm bounds how far an update moves the model in L2,
-  not how it spreads that move: an update that puts its whole norm on a few
-  weights moves those further than an honest update (spread over all of
-  them) does.
-* **A compressed entry is what the server sent, re-fitted.** Its transform
-  must be of the kind the broadcast's was, and its reach (the largest
-  magnitude it can decode to) at most :data:`MAX_REACH_GROWTH` times the
-  broadcast's (:func:`check_transform`): training re-fits the scale, it does
-  not multiply a variable's range a thousandfold in one round. A relabelled
-  transform or a scale of 1e30 is refused before a value is decoded.
+  median of the update norms of the round's reference replies
+  (:func:`clip_limit`, :func:`clip_scale`), and each of its values clamped
+  to ``norm_bound`` times their upper median largest ``|update|`` in its
+  entry (:func:`value_limits`): an L2 bound alone lets an update put its
+  whole norm on one weight. The reference replies are ``norm_reference``
+  replies the server's seed draws among the round's sampled clients
+  (:func:`reference_order`: a client's id decides nothing); the limits are
+  frozen once they are in (:class:`NormLimit`), so the replies folded later
+  cannot raise them. The guarantee: the bounds hold while fewer than half
+  of the reference replies are hostile. A client sending 1e30, FLT_MAX, a
+  60x update or one huge weight then moves the model about as far as an
+  honest client does. The *upper* median (of four values the third
+  smallest): clients that collude by sending zero updates cannot pull the
+  limits down and throttle training, as long as they are fewer than half
+  the reference replies; half of them or more can raise the limits. Of one
+  or two replies the upper median is the largest value: no bound.
+* **A reply entry stays near the broadcast's range.** A compressed entry's
+  transform must be of the kind the broadcast's was, and its reach (the
+  largest magnitude it can decode to) at most :data:`MAX_REACH_GROWTH`
+  times the broadcast's (:func:`check_transform`), a float32 entry's
+  largest magnitude the same (:func:`check_range`); both floored at
+  :data:`REACH_FLOOR` (:func:`allowed_reach`), so that an entry broadcast
+  near zero can be re-fitted. Training re-fits the scale, it does not
+  multiply a variable's range a thousandfold in one round. A relabelled
+  transform or a scale of 1e30 is refused before a value is decoded;
+  FLT_MAX in a float32 entry is refused whole.
 
 Example
 -------
@@ -47,8 +56,8 @@ Example
 from __future__ import annotations
 
 import math
-import re
 import random
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -86,7 +95,7 @@ MAX_TEXT = 200
 MAX_REASONS = 16
 #: Default multiple of the upper median update norm an update may reach.
 DEFAULT_NORM_BOUND = 4.0
-#: Replies, first in fold order, whose norms make the round's limit.
+#: Reference replies (drawn by the seed) whose measures make a round's limits.
 DEFAULT_NORM_REFERENCE = 8
 #: How much larger a reply entry's reach may be than the broadcast's.
 MAX_REACH_GROWTH = 1024.0
@@ -260,7 +269,9 @@ def clip_scale(norm: float | None, limit: float) -> float:
     return limit / norm if math.isfinite(norm) else 0.0
 
 
-def reference_order(seed: int, round: int, clients: Iterable[str], size: int) -> list[str]:
+def reference_order(
+    seed: int, round: int, clients: Iterable[str], size: int
+) -> list[str]:
     """The fold order of a round: its reference clients first, drawn by seed.
 
     A seeded permutation of the sampled clients (sorted first, so that the
@@ -449,7 +460,8 @@ def check_transform(
     name: str, received: CompressedTensor, sent: CompressedTensor
 ) -> None:
     """Refuse a compressed reply entry whose transform is not the broadcast's kind
-    or reaches far beyond it.
+    or reaches far beyond it (beyond :func:`allowed_reach` of the broadcast's
+    reach).
 
     The parameters are finite and positive already (a
     :class:`~speechbrain_omc.transform.Transform` is built only so).

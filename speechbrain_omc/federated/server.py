@@ -24,8 +24,9 @@ over rounds). A round goes:
 3. :meth:`FedAvgServer.aggregate` validates every reply; a bad one is left
    out with its reason, never averaged, and nothing a client sends can raise
    out of :meth:`~FedAvgServer.aggregate`. Each accepted update is scaled
-   down to the round's update-norm limit (on by default: 4 x the upper
-   median of the round's update norms, see
+   down to the round's update-norm limit and its values clamped to the
+   round's value limits (on by default: 4 x the upper median of the
+   reference replies' update norms and largest values, see
    :mod:`~speechbrain_omc.federated.defence`), then they are combined in
    float32 (FedAvg weighted by examples, or a robust rule, see
    :mod:`~speechbrain_omc.federated.aggregation`); optionally a server
@@ -56,16 +57,19 @@ keep its pages resident until the next trim. Rules that need every update
 decoded updates until the round closes, within ``memory_budget`` (checked
 when the server is built).
 
-The fold order is fixed: sorted client ids. A reply that arrives before
-those of smaller ids waits (as the bytes the runner handed over, nothing
-decoded) until they have arrived, failed or the round closes, so that the
-result does not depend on arrival order and a resumed or re-run round gives
-the same bits. With the update-norm bound, nothing is folded before the
-norms of the round's first ``norm_reference`` (8) good replies in fold
-order are known: those replies are checked as they come and wait, as
-bytes, for the rest of them; each reply is then folded with the limit of
-the norms counted so far (those 8, the replies folded before it and its
-own), which again does not depend on arrival order. The server's extra
+The fold order is fixed for a seed (see
+:func:`~speechbrain_omc.federated.defence.reference_order`): up to
+``norm_reference`` (8) clients a round, sorted client ids; beyond, the 8
+reference clients the seed draws (sorted), then the rest in the draw's
+order. A reply that arrives before those earlier in the order waits (as the
+bytes the runner handed over, nothing decoded) until they have arrived,
+failed or the round closes, so that the result does not depend on arrival
+order and a resumed or re-run round gives the same bits. With the
+update-norm bound, nothing is folded before the round's first
+``norm_reference`` good replies in fold order (the reference replies) are
+measured: those replies are checked as they come and wait, as bytes, for
+the rest of them; the limits are then frozen and every reply is folded
+with them, which again does not depend on arrival order. The server's extra
 memory grows by those 8 replies, whatever the number of clients. Without
 the bound (``norm_bound: None``) a reply is folded as soon as its turn
 comes. ``max_held_bytes`` bounds what waits: beyond it the oldest waiting
@@ -668,9 +672,7 @@ class FedAvgServer:
             report.rss = {"before": before, "peak": before}
         self._pending = _Pending(
             report,
-            reference_order(
-                self.seed, round, sampled, self.aggregation.norm_reference
-            ),
+            reference_order(self.seed, round, sampled, self.aggregation.norm_reference),
             make_aggregator(self.aggregation, self.model, self.memory_budget),
             frozenset(sampled),
             limit=NormLimit(
@@ -905,8 +907,9 @@ class FedAvgServer:
     def _reference(self, pending: _Pending, final: bool) -> None:
         """Start the round's norm limit once its reference replies are known.
 
-        They are the first ``norm_reference`` replies in fold order that
-        pass the checks (each checked once, kept for its fold); see
+        They are the first ``norm_reference`` replies in fold order (drawn
+        by the seed) that pass the checks (each checked once, kept for its
+        fold); see
         :class:`~speechbrain_omc.federated.defence.NormLimit`. ``final``:
         the replies still missing will not come.
         """
