@@ -851,10 +851,25 @@ class FedAvgServer:
         pending.done.add(client)
         self._drain(pending)
 
-    def _ignore(self, pending: _Pending, client: str, reason, size: int) -> None:
-        # A stranger's reply (reason given) or a second one (None): counted;
-        # only the first few are kept and logged, so that a flood of them
-        # cannot grow the report or the log.
+    def _ignore(
+        self, pending: _Pending, client: str, reason: str | None, size: int
+    ) -> None:
+        """Count a stranger's reply (``reason`` given) or a second one (``None``).
+
+        Only the first :data:`~.defence.MAX_REASONS` are kept and logged, so
+        that a flood of them cannot grow the report or the log.
+
+        Arguments
+        ---------
+        pending : _Pending
+            The open round.
+        client : str
+            Who sent it (as sent: escaped here).
+        reason : str, optional
+            Why it is ignored (clean already).
+        size : int
+            Its length in bytes.
+        """
         report = pending.report
         report.float32_bytes_up += size
         report.ignored += 1
@@ -905,13 +920,19 @@ class FedAvgServer:
             self._fold(pending, min(pending.held, key=pending.rank.__getitem__))
 
     def _reference(self, pending: _Pending, final: bool) -> None:
-        """Start the round's norm limit once its reference replies are known.
+        """Start the round's limits once its reference replies are known.
 
         They are the first ``norm_reference`` replies in fold order (drawn
         by the seed) that pass the checks (each checked once, kept for its
-        fold); see
-        :class:`~speechbrain_omc.federated.defence.NormLimit`. ``final``:
-        the replies still missing will not come.
+        fold); see :class:`~speechbrain_omc.federated.defence.NormLimit`.
+
+        Arguments
+        ---------
+        pending : _Pending
+            The open round.
+        final : bool
+            The replies still missing will not come: start from those at
+            hand (else wait for them).
         """
         limit, found = pending.limit, {}
         for client in pending.order:
@@ -937,8 +958,21 @@ class FedAvgServer:
     def _check(self, pending: _Pending, client: str) -> bool:
         """Validate one waiting reply (it stays held); nothing escapes.
 
-        A good reply is kept in ``pending.checked`` with its update norm; a
+        A good reply is kept in ``pending.checked`` with its update norm
+        (and its largest values, see :attr:`~.validation.Reply.peaks`); a
         bad one is dropped with its reason.
+
+        Arguments
+        ---------
+        pending : _Pending
+            The open round.
+        client : str
+            Whose held reply.
+
+        Returns
+        -------
+        bool
+            Whether it passed.
         """
         data = pending.held[client]
         size = reply_nbytes(data)
