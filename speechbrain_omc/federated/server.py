@@ -131,6 +131,7 @@ import gc
 import hashlib
 import hmac
 import logging
+import math
 import random
 import secrets
 import time
@@ -177,6 +178,7 @@ from speechbrain_omc.federated.validation import (
     nonfinite,
     open_reply,
     reply_nbytes,
+    squared_distance,
 )
 from speechbrain_omc.memory import Workspace, trim_heap
 from speechbrain_omc.selection import make_plan, resolve_roles, role_of, round_seed
@@ -1021,8 +1023,10 @@ class FedAvgServer:
         pending.done.add(client)
         report, aggregator = pending.report, pending.aggregator
         report.float32_bytes_up += reply.float32_nbytes
-        scale = clip_scale(norm, limit)
         clamped = self._clamped(pending, client, reply)
+        if clamped:  # its norm once clamped: the L2 bound does not count twice
+            norm = self._clamped_norm(reply, pending.limit, clamped)
+        scale = clip_scale(norm, limit)
         if scale < 1.0 or clamped:
             report.clipped[client] = scale
         if scale < 1.0:
@@ -1097,6 +1101,30 @@ class FedAvgServer:
                 ", ".join(sorted(over)[:3]),
             )
         return over
+
+    def _clamped_norm(self, reply: Any, limit: NormLimit, names: set[str]) -> float:
+        """The L2 norm of a reply's update once its values are clamped.
+
+        Decodes the reply once more (only a clamped reply pays for it).
+
+        Arguments
+        ---------
+        reply : Reply
+            A checked reply.
+        limit : NormLimit
+            The round's limits.
+        names : set of str
+            Its entries to clamp.
+
+        Returns
+        -------
+        float
+        """
+        squares = 0.0
+        for name, value in self._clamp(reply.tensors(self._workspace), limit, names):
+            squares += squared_distance(value, self.model[name])
+            del value
+        return math.sqrt(squares) if math.isfinite(squares) else math.inf
 
     def _clamp(self, tensors, limit: NormLimit, names: set[str]):
         # Each update value of the named entries within [-peak, peak].
