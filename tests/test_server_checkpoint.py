@@ -22,6 +22,7 @@ import torch
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.federated import wire
+from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.checkpoint import (
     CheckpointCorrupt,
     CheckpointLocked,
@@ -152,6 +153,27 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_them(tmp_path, change,
     # Refused: nothing changed, and no fallback to the previous file either.
     assert other.round == 0
     assert all(torch.equal(before[n], other.model[n]) for n in before)
+
+
+def _older(state: dict) -> dict:
+    """A state as a version without the update-norm bound saved it."""
+    aggregation = dict(state["settings"]["aggregation"])
+    del aggregation["norm_bound"], aggregation["norm_reference"]
+    return {**state, "settings": {**state["settings"], "aggregation": aggregation}}
+
+
+def test_an_older_checkpoint_resumes_as_the_undefended_run():
+    """Saved before the bound existed: the run was undefended, and resumes
+    as such; with the bound on, the refusal says how to go on."""
+    state = _older(_trained(1, aggregation=Aggregation(norm_bound=None)).state_dict())
+    undefended = _server(aggregation=Aggregation(norm_bound=None))
+    undefended.load_state_dict(state)
+    assert undefended.round == 1
+    with pytest.raises(CheckpointMismatch) as error:
+        _server().load_state_dict(state)
+    message = str(error.value)
+    assert "aggregation.norm_bound: checkpoint None, this run 4.0" in message
+    assert "--norm_bound null" in message and "--fresh_start True" in message
 
 
 def test_a_checkpoint_with_other_roles_is_refused(tmp_path):

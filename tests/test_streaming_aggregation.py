@@ -32,6 +32,7 @@ from speechbrain_omc.federated.aggregation import (
     StreamingAggregator,
 )
 from speechbrain_omc.federated.availability import simulated_dropouts
+from speechbrain_omc.federated.defence import reference_order
 from speechbrain_omc.federated.flower.records import (
     payload_from_record,
     payload_to_record,
@@ -163,11 +164,19 @@ def test_norm_clip_with_a_fixed_limit_streams_and_matches_combine():
     assert moved <= 0.05 * (1 + 1e-4)  # every update clipped to 0.05
 
 
-def _pinned(replies):
-    """The server's fold, pinned: a running weighted mean in sorted client
-    order, m <- m * (1 - w / W) + x * (w / W), W the weights so far."""
+def _fold_order(server, clients, round_=1):
+    """The documented fold order: the seed's reference clients first."""
+    return reference_order(
+        server.seed, round_, clients, server.aggregation.norm_reference
+    )
+
+
+def _pinned(replies, order=None):
+    """The server's fold, pinned: a running weighted mean in fold order
+    (sorted client ids by default), m <- m * (1 - w / W) + x * (w / W), W
+    the weights so far."""
     out, total = {}, 0
-    for client in sorted(replies):
+    for client in order or sorted(replies):
         message = wire.decode(replies[client])
         weight = message.meta["num_examples"]
         total += weight
@@ -181,8 +190,9 @@ def _pinned(replies):
 
 
 def test_the_fold_order_is_pinned_whatever_the_arrival_order():
-    """Bit for bit: any arrival order gives the sorted order's fold, which is
-    the pinned formula (what a resumed or re-run round must reproduce)."""
+    """Bit for bit: any arrival order gives the fold order's fold (12
+    clients: the seed's 8 reference clients first), which is the pinned
+    formula (what a resumed or re-run round must reproduce)."""
     results = []
     for seed in range(4):
         server = _server(n=12, run_id="same-run")
@@ -193,9 +203,10 @@ def test_the_fold_order_is_pinned_whatever_the_arrival_order():
         for client in order:
             server.receive(client, replies[client])
         report = server.close_round()
-        assert report.accepted == sorted(replies)  # reported in fold order
+        fold_order = _fold_order(server, replies)
+        assert report.accepted == fold_order  # reported in fold order
         results.append(server.model)
-    expected = _pinned(replies)
+    expected = _pinned(replies, fold_order)
     for model in results:
         for name, value in expected.items():
             assert torch.equal(model[name], value), name
@@ -466,7 +477,8 @@ def test_the_embedded_round_streams_with_seeded_dropouts():
     assert len(dropped) == 6
     assert set(report.rejected) == dropped
     assert all(r.startswith("failed: dropped out") for r in report.rejected.values())
-    assert report.accepted == sorted(set(report.sampled) - dropped)
+    order = _fold_order(server, report.sampled)
+    assert report.accepted == [c for c in order if c not in dropped]
     # No message for a dropped client: bytes down are the others' only.
     other = _server(n=40, per_round=30, run_id=server.run_id)
     other.open_round()

@@ -22,6 +22,7 @@ import csv
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from speechbrain_omc.federated.defence import clean_text
 from speechbrain_omc.federated.server import RoundReport
@@ -137,7 +138,24 @@ def write_csv(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _cell(value):
+def _cell(value: Any) -> Any:
+    """One CSV cell: empty for ``None``, text escaped and bounded.
+
+    Arguments
+    ---------
+    value : object
+        A row's value.
+
+    Returns
+    -------
+    object
+        ``""``, the cleaned text, or ``value`` itself.
+
+    Example
+    -------
+    >>> _cell(None), _cell(3), _cell("ok")
+    ('', 3, 'ok')
+    """
     if value is None:
         return ""
     return clean_text(value, MAX_CELL) if isinstance(value, str) else value

@@ -14,9 +14,10 @@ mean, ``m <- m * (1 - a) + x * a`` with ``a = w / (w_1 + ... + w_k)``: every
 intermediate is a convex combination of the values received, so no client
 can overflow it with large finite values, and the result equals the FedAvg
 of :func:`combine` within float32 rounding (summation order). It depends on
-the order of the replies: the server folds them in a fixed order (sorted
-client ids), whatever order they arrive in, so that runs and resumed runs
-are reproducible bit for bit.
+the order of the replies: the server folds them in a fixed order (a
+function of the seed and the sampled ids, see
+:func:`~speechbrain_omc.federated.defence.reference_order`), whatever order
+they arrive in, so that runs and resumed runs are reproducible bit for bit.
 
 ``median``, ``trimmed_mean`` and ``norm_clip`` without ``clip_norm`` (whose
 limit is the median of all the round's update norms) need every update
@@ -66,9 +67,11 @@ What each rule withstands, and from how many clients a round on:
 
 On top of any rule, ``norm_bound`` (on by default, see
 :mod:`~speechbrain_omc.federated.defence`) scales each accepted update down
-to at most ``norm_bound`` times the upper median of the round's update
-norms before the rule combines them: fewer than half the round hostile,
-from three clients on (of one or two the upper median is the largest norm).
+to at most ``norm_bound`` times the upper median of the reference replies'
+update norms, and clamps each of its values to ``norm_bound`` times their
+upper median largest value in its entry, before the rule combines them:
+fewer than half the reference replies hostile, from three clients on (of
+one or two the upper median is the largest).
 
 No rule overflows on large finite values: ``median`` halves before adding,
 ``trimmed_mean`` sums in float64, every step of the fedavg fold is a convex
@@ -110,6 +113,7 @@ __all__ = [
     "StreamingAggregator",
     "buffered_nbytes",
     "check_memory_budget",
+    "clamp_update",
     "combine",
     "make_aggregator",
     "scale_update",
@@ -117,6 +121,8 @@ __all__ = [
 ]
 
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "norm_clip")
+# Values per float64 chunk of clamp_update (512 KiB).
+_CHUNK = 2**16
 #: Default bound of the decoded updates a rule that needs all of them may
 #: hold (clients per round x float32 model), in bytes: 1 GiB.
 DEFAULT_MEMORY_BUDGET = 2**30
@@ -138,14 +144,18 @@ class Aggregation:
         the lower median of the round's update norms (the smaller of two).
     norm_bound : float, optional
         Any rule: each accepted update is scaled down to an L2 norm of at
-        most this many times the upper median of the round's update norms
-        (see :mod:`~speechbrain_omc.federated.defence`); ``None`` disables
-        it. At least 1 (below it, the median client would be clipped).
+        most this many times the upper median of the reference replies'
+        update norms, and each of its values clamped to this many times
+        their upper median largest ``|update|`` in its entry (see
+        :mod:`~speechbrain_omc.federated.defence`); ``None`` disables both.
+        At least 1 (below it, the median client would be clipped).
     norm_reference : int
-        The limit starts from the norms of the first ``norm_reference``
-        replies in fold order that pass the checks (held as bytes until they
-        are all in); each later reply adds its own norm before it is folded.
-        Up to that many clients per round, the limit is the whole round's.
+        How many reference replies the limits come from: the first that
+        pass the checks in fold order, which the seed draws among the
+        sampled clients (held as bytes until they are all in); then the
+        limits are frozen. Up to that many clients per round, the reference
+        is the whole round. The bounds hold while fewer than half of the
+        reference replies are hostile.
 
     Example
     -------
@@ -206,8 +216,13 @@ def _trimmed_mean(models, name, fraction):
     # round, 0.2 * 4 rounds down to nothing.
     cut = max(1, int(fraction * k)) if fraction > 0 else 0
     cut = min(cut, (k - 1) // 2)
-    # float64: the float32 sum of large finite values overflows.
-    return values[cut : k - cut].double().mean(dim=0).float()
+    # Summed in float64 (the float32 sum of large finite values overflows),
+    # one client's values at a time: a float64 copy of the kept slice would
+    # be twice the stacked values the memory budget counts.
+    total = torch.zeros(values.shape[1:], dtype=torch.float64)
+    for row in values[cut : k - cut]:
+        total.add_(row)
+    return total.div_(k - 2 * cut).float()
 
 
 def _update_norms(models, master) -> list[float]:
@@ -415,6 +430,42 @@ def scale_update(
     """
     base = master.double()
     return value.copy_(base.add_(value.double().sub_(base), alpha=scale))
+
+
+def clamp_update(
+    value: torch.Tensor, master: torch.Tensor, limit: float
+) -> torch.Tensor:
+    """``master + clamp(value - master, -limit, limit)``, in place in ``value``.
+
+    In float64 (as :func:`scale_update`), a chunk of the entry at a time.
+
+    Arguments
+    ---------
+    value : torch.Tensor
+        A reply's entry (float32), changed in place.
+    master : torch.Tensor
+        The global model's entry.
+    limit : float
+        The largest update value kept.
+
+    Returns
+    -------
+    torch.Tensor
+        ``value``.
+
+    Example
+    -------
+    >>> clamp_update(torch.tensor([1e30, 1.5, -9.0]), torch.ones(3), 2.0)
+    tensor([ 3.0000,  1.5000, -1.0000])
+    """
+    flat, base = value.reshape(-1), master.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        anchor = base[start : start + _CHUNK].double()
+        update = part.double().sub_(anchor).clamp_(-limit, limit)
+        part.copy_(update.add_(anchor))
+        del update, anchor
+    return value
 
 
 def _owned(value: torch.Tensor) -> torch.Tensor:

@@ -14,23 +14,32 @@ module bounds what is well formed but hostile:
   drive the terminal that shows the log.
 * **Bounded influence.** Each accepted update (reply minus broadcast) is
   scaled down to an L2 norm of at most ``norm_bound`` times the *upper*
-  median of the round's update norms (:func:`clip_limit`,
-  :func:`clip_scale`). A client sending 1e30, FLT_MAX or a 60x update then
-  moves the model about as far as an honest client does. The *upper* median
-  (of four norms the third smallest): clients that collude by sending zero
-  updates cannot pull the limit down and throttle training, as long as they
-  are fewer than half the round; hostile clients that are half the round or
-  more can raise it. Of one or two replies the upper median is the largest
-  norm: no bound. The norm bounds how far an update moves the model in L2,
-  not how it spreads that move: an update that puts its whole norm on a few
-  weights moves those further than an honest update (spread over all of
-  them) does.
-* **A compressed entry is what the server sent, re-fitted.** Its transform
-  must be of the kind the broadcast's was, and its reach (the largest
-  magnitude it can decode to) at most :data:`MAX_REACH_GROWTH` times the
-  broadcast's (:func:`check_transform`): training re-fits the scale, it does
-  not multiply a variable's range a thousandfold in one round. A relabelled
-  transform or a scale of 1e30 is refused before a value is decoded.
+  median of the update norms of the round's reference replies
+  (:func:`clip_limit`, :func:`clip_scale`), and each of its values clamped
+  to ``norm_bound`` times their upper median largest ``|update|`` in its
+  entry (:func:`value_limits`): an L2 bound alone lets an update put its
+  whole norm on one weight. The reference replies are ``norm_reference``
+  replies the server's seed draws among the round's sampled clients
+  (:func:`reference_order`: a client's id decides nothing); the limits are
+  frozen once they are in (:class:`NormLimit`), so the replies folded later
+  cannot raise them. The guarantee: the bounds hold while fewer than half
+  of the reference replies are hostile. A client sending 1e30, FLT_MAX, a
+  60x update or one huge weight then moves the model about as far as an
+  honest client does. The *upper* median (of four values the third
+  smallest): clients that collude by sending zero updates cannot pull the
+  limits down and throttle training, as long as they are fewer than half
+  the reference replies; half of them or more can raise the limits. Of one
+  or two replies the upper median is the largest value: no bound.
+* **A reply entry stays near the broadcast's range.** A compressed entry's
+  transform must be of the kind the broadcast's was, and its reach (the
+  largest magnitude it can decode to) at most :data:`MAX_REACH_GROWTH`
+  times the broadcast's (:func:`check_transform`), a float32 entry's
+  largest magnitude the same (:func:`check_range`); both floored at
+  :data:`REACH_FLOOR` (:func:`allowed_reach`), so that an entry broadcast
+  near zero can be re-fitted. Training re-fits the scale, it does not
+  multiply a variable's range a thousandfold in one round. A relabelled
+  transform or a scale of 1e30 is refused before a value is decoded;
+  FLT_MAX in a float32 entry is refused whole.
 
 Example
 -------
@@ -47,11 +56,15 @@ Example
 from __future__ import annotations
 
 import math
+import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
+
 from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.selection import round_seed
 
 __all__ = [
     "DEFAULT_NORM_BOUND",
@@ -60,14 +73,19 @@ __all__ = [
     "MAX_REASONS",
     "MAX_TEXT",
     "NormLimit",
+    "REACH_FLOOR",
+    "allowed_reach",
+    "check_range",
     "check_transform",
     "clean_text",
     "clip_limit",
     "clip_scale",
     "is_clean",
     "reach",
+    "reference_order",
     "shown",
     "upper_median",
+    "value_limits",
 ]
 
 #: Longest client-derived text kept (a reason, an error message), in characters.
@@ -77,10 +95,14 @@ MAX_TEXT = 200
 MAX_REASONS = 16
 #: Default multiple of the upper median update norm an update may reach.
 DEFAULT_NORM_BOUND = 4.0
-#: Replies, first in fold order, whose norms make the round's limit.
+#: Reference replies (drawn by the seed) whose measures make a round's limits.
 DEFAULT_NORM_REFERENCE = 8
-#: How much larger a compressed reply entry's reach may be than the broadcast's.
+#: How much larger a reply entry's reach may be than the broadcast's.
 MAX_REACH_GROWTH = 1024.0
+#: The reach a reply entry may always grow to ``MAX_REACH_GROWTH`` times of,
+#: however small the broadcast's: an entry broadcast near zero (a layer
+#: initialised to zero) is re-fitted by training to values of its own.
+REACH_FLOOR = 1.0
 
 # ASCII control characters (C0 and DEL): escaped like repr() does.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -247,33 +269,115 @@ def clip_scale(norm: float | None, limit: float) -> float:
     return limit / norm if math.isfinite(norm) else 0.0
 
 
-class NormLimit:
-    """The update-norm limit of one round, from the norms counted so far.
+def reference_order(
+    seed: int, round: int, clients: Iterable[str], size: int
+) -> list[str]:
+    """The fold order of a round: its reference clients first, drawn by seed.
 
-    A server counts the norms of the round's first ``reference`` good
-    replies in fold order (:meth:`start`), then each reply's own norm just
-    before it folds it (:meth:`count`); the reply is scaled to
-    :meth:`value`. What a reply is folded with then depends on the replies
-    before it in fold order, never on the order they arrived in.
+    A seeded permutation of the sampled clients (sorted first, so that the
+    sampled order does not matter) chooses which replies the round's limits
+    come from: the first ``size`` of it, sorted by id, then the rest in the
+    permutation's order (from which replacements for reference clients that
+    fail are taken). A client's id decides nothing: one that picks an id
+    that sorts first is no likelier to be a reference than any other. Up to
+    ``size`` clients the order is the sorted ids. The draw is as secret as
+    the seed: clients that know it could choose ids the permutation favours.
+
+    Arguments
+    ---------
+    seed : int
+        The server's seed (the same seed gives the same order).
+    round : int
+        Round number.
+    clients : iterable of str
+        The round's sampled clients.
+    size : int
+        How many reference clients lead the order.
+
+    Returns
+    -------
+    list of str
+
+    Example
+    -------
+    >>> reference_order(7, 1, ["c2", "c0", "c1"], 8)
+    ['c0', 'c1', 'c2']
+    >>> order = reference_order(7, 1, [f"c{i:02d}" for i in range(20)], 8)
+    >>> order == reference_order(7, 1, sorted(order, reverse=True), 8)
+    True
+    >>> order[:8] == sorted(order[:8]), sorted(order) == sorted(set(order))
+    (True, True)
+    """
+    clients = sorted(clients)
+    if len(clients) <= size:
+        return clients
+    rng = random.Random(round_seed(seed, round, "reference"))
+    drawn = rng.sample(clients, len(clients))
+    return sorted(drawn[:size]) + drawn[size:]
+
+
+def value_limits(
+    peaks: Iterable[Mapping[str, float]], bound: float | None
+) -> dict[str, float]:
+    """Each entry's largest update value allowed: ``bound`` x the upper median
+    of the reference replies' largest ``|update|`` in it.
+
+    Arguments
+    ---------
+    peaks : iterable of mapping
+        One mapping per reference reply: entry name to its largest
+        ``|reply - broadcast|``.
+    bound : float, optional
+        The multiple; ``None`` allows any value (an empty result).
+
+    Returns
+    -------
+    dict
+        Entry name to the limit.
+
+    Example
+    -------
+    >>> value_limits([{"w": 0.1}, {"w": 0.0}, {"w": 1e30}, {"w": 0.2}], 4.0)
+    {'w': 0.8}
+    """
+    by_name: dict[str, list[float]] = {}
+    for reply in peaks:
+        for name, peak in reply.items():
+            by_name.setdefault(name, []).append(peak)
+    return {
+        name: limit
+        for name, values in by_name.items()
+        if (limit := clip_limit(values, bound)) != math.inf
+    }
+
+
+class NormLimit:
+    """The limits of one round, from its reference replies; then frozen.
+
+    A server checks the round's first ``reference`` good replies in fold
+    order (see :func:`reference_order`) and starts the limits from them
+    (:meth:`start`): an update's L2 norm at most ``bound`` x the upper
+    median of their update norms (:meth:`value`), and each entry's update
+    values at most ``bound`` x the upper median of their largest
+    ``|update|`` in that entry (:meth:`peak`). Later replies do not move
+    them: the limits hold while fewer than half the reference replies are
+    hostile, whatever the rest of the round sends.
 
     Arguments
     ---------
     bound : float, optional
         The multiple of the upper median (``None``: no limit).
     reference : int
-        How many norms the limit starts from.
+        How many replies the limits come from.
 
     Example
     -------
     >>> limit = NormLimit(4.0, reference=2)
     >>> limit.ready
     False
-    >>> limit.start({"a": 1.0, "b": 3.0})
-    >>> limit.ready, limit.value()
-    (True, 12.0)
-    >>> limit.count("c", 1e30)  # the next reply, counted before its fold
-    >>> limit.value(), clip_scale(1e30, limit.value()) < 1e-28
-    (12.0, True)
+    >>> limit.start({"a": (1.0, {"w": 0.5}), "b": (3.0, {"w": 0.1})})
+    >>> limit.ready, limit.value(), limit.peak("w")
+    (True, 12.0, 2.0)
     >>> NormLimit(None, 8).ready, NormLimit(None, 8).value()
     (True, inf)
     """
@@ -283,21 +387,51 @@ class NormLimit:
         self.reference = int(reference)
         self.ready = bound is None  # no bound: nothing to wait for
         self.norms: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}
+        self._limit = math.inf
 
-    def start(self, norms: dict[str, float]) -> None:
-        """Count the reference replies' norms (client to norm); folding may begin."""
-        for client, norm in norms.items():
-            self.count(client, norm)
+    def start(
+        self, replies: Mapping[str, tuple[float | None, Mapping[str, float] | None]]
+    ) -> None:
+        """Start (and freeze) the limits from the reference replies.
+
+        Arguments
+        ---------
+        replies : mapping
+            Client id to its update norm and its largest ``|update|`` per
+            entry (either ``None`` when not measured).
+        """
+        if self.bound is not None:
+            self.norms = {c: n for c, (n, _) in replies.items() if n is not None}
+            self._limit = clip_limit(self.norms.values(), self.bound)
+            peaks = [p for _, p in replies.values() if p is not None]
+            self.peaks = value_limits(peaks, self.bound)
         self.ready = True
 
-    def count(self, client: str, norm: float | None) -> None:
-        """Count one reply's norm (once per client)."""
-        if self.bound is not None and norm is not None:
-            self.norms.setdefault(client, norm)
-
     def value(self) -> float:
-        """The largest update norm allowed now (see :func:`clip_limit`)."""
-        return clip_limit(self.norms.values(), self.bound)
+        """The largest update norm allowed.
+
+        Returns
+        -------
+        float
+            ``math.inf`` without a bound or before :meth:`start`.
+        """
+        return self._limit
+
+    def peak(self, name: str) -> float:
+        """The largest ``|update|`` value allowed in one entry.
+
+        Arguments
+        ---------
+        name : str
+            The entry.
+
+        Returns
+        -------
+        float
+            ``math.inf`` without a bound or a measure for it.
+        """
+        return self.peaks.get(name, math.inf)
 
 
 def reach(value: CompressedTensor) -> float:
@@ -326,7 +460,8 @@ def check_transform(
     name: str, received: CompressedTensor, sent: CompressedTensor
 ) -> None:
     """Refuse a compressed reply entry whose transform is not the broadcast's kind
-    or reaches far beyond it.
+    or reaches far beyond it (beyond :func:`allowed_reach` of the broadcast's
+    reach).
 
     The parameters are finite and positive already (a
     :class:`~speechbrain_omc.transform.Transform` is built only so).
@@ -361,9 +496,67 @@ def check_transform(
     kind, expected = received.transform.kind, sent.transform.kind
     if kind != expected:
         raise ValueError(f"{name}: transform {kind!r}, the broadcast's is {expected!r}")
-    allowed = MAX_REACH_GROWTH * reach(sent)
-    if not reach(received) <= allowed:
+    _check_reach(name, "transform reaches", reach(received), reach(sent))
+
+
+def allowed_reach(sent: float) -> float:
+    """The largest magnitude a reply entry may reach, given the broadcast's.
+
+    Arguments
+    ---------
+    sent : float
+        The broadcast entry's reach (largest magnitude).
+
+    Returns
+    -------
+    float
+        ``MAX_REACH_GROWTH * max(sent, REACH_FLOOR)``.
+
+    Example
+    -------
+    >>> allowed_reach(1e-6), allowed_reach(4.0)
+    (1024.0, 4096.0)
+    """
+    return MAX_REACH_GROWTH * max(sent, REACH_FLOOR)
+
+
+def _check_reach(name: str, what: str, received: float, sent: float) -> None:
+    if not received <= allowed_reach(sent):
         raise ValueError(
-            f"{name}: transform reaches {reach(received):.3g}, over "
-            f"{MAX_REACH_GROWTH:g} x the broadcast's {reach(sent):.3g}"
+            f"{name}: {what} {received:.3g}, over {MAX_REACH_GROWTH:g} x "
+            f"max(the broadcast's {sent:.3g}, {REACH_FLOOR:g})"
         )
+
+
+def check_range(name: str, received: torch.Tensor, sent: float) -> None:
+    """Refuse a float32 reply entry whose values reach far beyond the broadcast's.
+
+    The same bound as :func:`check_transform` puts on a compressed entry's
+    reach: ``max|received|`` at most :func:`allowed_reach` of the
+    broadcast's ``max|value|``.
+
+    Arguments
+    ---------
+    name : str
+        The entry (for the message).
+    received : torch.Tensor
+        The reply's entry (finite).
+    sent : float
+        The broadcast entry's largest magnitude.
+
+    Raises
+    ------
+    ValueError
+        With the reason.
+
+    Example
+    -------
+    >>> check_range("b", torch.full((3,), 0.01), 0.0)  # zero-initialised
+    >>> check_range("w", torch.tensor([1.0, 3e38]), 2.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: w: values reach 3e+38, over 1024 x max(the broadcast's 2, 1)
+    """
+    if received.numel():
+        low, high = (float(v) for v in torch.aminmax(received))
+        _check_reach(name, "values reach", max(-low, high), sent)

@@ -26,8 +26,9 @@ over rounds). A round goes:
 3. :meth:`FedAvgServer.aggregate` validates every reply; a bad one is left
    out with its reason, never averaged, and nothing a client sends can raise
    out of :meth:`~FedAvgServer.aggregate`. Each accepted update is scaled
-   down to the round's update-norm limit (on by default: 4 x the upper
-   median of the round's update norms, see
+   down to the round's update-norm limit and its values clamped to the
+   round's value limits (on by default: 4 x the upper median of the
+   reference replies' update norms and largest values, see
    :mod:`~speechbrain_omc.federated.defence`), then they are combined in
    float32 (FedAvg weighted by examples, or a robust rule, see
    :mod:`~speechbrain_omc.federated.aggregation`); optionally a server
@@ -58,16 +59,19 @@ keep its pages resident until the next trim. Rules that need every update
 decoded updates until the round closes, within ``memory_budget`` (checked
 when the server is built).
 
-The fold order is fixed: sorted client ids. A reply that arrives before
-those of smaller ids waits (as the bytes the runner handed over, nothing
-decoded) until they have arrived, failed or the round closes, so that the
-result does not depend on arrival order and a resumed or re-run round gives
-the same bits. With the update-norm bound, nothing is folded before the
-norms of the round's first ``norm_reference`` (8) good replies in fold
-order are known: those replies are checked as they come and wait, as
-bytes, for the rest of them; each reply is then folded with the limit of
-the norms counted so far (those 8, the replies folded before it and its
-own), which again does not depend on arrival order. The server's extra
+The fold order is fixed for a seed (see
+:func:`~speechbrain_omc.federated.defence.reference_order`): up to
+``norm_reference`` (8) clients a round, sorted client ids; beyond, the 8
+reference clients the seed draws (sorted), then the rest in the draw's
+order. A reply that arrives before those earlier in the order waits (as the
+bytes the runner handed over, nothing decoded) until they have arrived,
+failed or the round closes, so that the result does not depend on arrival
+order and a resumed or re-run round gives the same bits. With the
+update-norm bound, nothing is folded before the round's first
+``norm_reference`` good replies in fold order (the reference replies) are
+measured: those replies are checked as they come and wait, as bytes, for
+the rest of them; the limits are then frozen and every reply is folded
+with them, which again does not depend on arrival order. The server's extra
 memory grows by those 8 replies, whatever the number of clients. Without
 the bound (``norm_bound: None``) a reply is folded as soon as its turn
 comes. ``max_held_bytes`` bounds what waits: beyond it the oldest waiting
@@ -129,6 +133,7 @@ import gc
 import hashlib
 import hmac
 import logging
+import math
 import random
 import secrets
 import time
@@ -149,6 +154,7 @@ from speechbrain_omc.federated.aggregation import (
     MemoryBudgetExceeded,
     StreamingAggregator,
     check_memory_budget,
+    clamp_update,
     make_aggregator,
 )
 from speechbrain_omc.federated.checkpoint import (
@@ -162,6 +168,7 @@ from speechbrain_omc.federated.defence import (
     NormLimit,
     clean_text,
     clip_scale,
+    reference_order,
 )
 from speechbrain_omc.federated.directions import (
     check_wire_mode,
@@ -178,6 +185,7 @@ from speechbrain_omc.federated.validation import (
     nonfinite,
     open_reply,
     reply_nbytes,
+    squared_distance,
 )
 from speechbrain_omc.memory import Workspace, trim_heap
 from speechbrain_omc.selection import make_plan, resolve_roles, role_of, round_seed
@@ -281,7 +289,7 @@ class _Pending:
     """An open round: its report so far and what the fold is waiting for."""
 
     report: RoundReport
-    order: list[str]  # the fold order: sorted client ids
+    order: list[str]  # the fold order: see defence.reference_order
     aggregator: Any
     sampled: frozenset[str] = frozenset()
     done: set[str] = field(default_factory=set)  # folded, rejected or failed
@@ -292,7 +300,7 @@ class _Pending:
     broken: bool = False  # a fold failed half-way: nothing may be committed
     rank: dict[str, int] = field(default_factory=dict)  # client -> fold position
     limit: NormLimit | None = None  # the update-norm bound's, this round
-    # Replies checked before their fold (the limit's reference), with norms.
+    # Replies checked before their fold (the limits' reference), with norms.
     checked: dict[str, tuple[Any, float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -588,13 +596,24 @@ class FedAvgServer:
         }
         return wire.encode(entries, meta), entries, meta
 
+    def _reach(self, round: int, name: str) -> float:
+        # The largest magnitude of a float32 entry as broadcast this round
+        # (what a reply's values are checked against), once per round.
+        key = (round, name, "reach")
+        if key not in self._cache:
+            value = self.model[name]
+            low, high = torch.aminmax(value) if value.numel() else (0.0, 0.0)
+            self._cache[key] = max(-float(low), float(high))
+        return self._cache[key]
+
     def _expectation(self, round: int, client: str) -> ReplyExpectation:
         # Rebuilt when a reply comes (the plan is a function of round and
         # client): a round of a thousand clients keeps no per-client tables.
-        expect, sent = {}, {}
+        expect, sent, reaches = {}, {}, {}
         for name, fmt in self._wire_formats(round, client, "up").items():
             if fmt == "float32":
                 expect[name] = self._float32_expected[name]
+                reaches[name] = self._reach(round, name)
             else:
                 sent[name], expect[name] = self._compressed(round, name, fmt)
         return ReplyExpectation(
@@ -605,6 +624,7 @@ class FedAvgServer:
             MAX_EXAMPLES if self.max_examples is None else self.max_examples[client],
             expect,
             sent=sent,
+            reaches=reaches,
         )
 
     def message_for(self, client: str, round: int | None = None) -> bytes:
@@ -664,7 +684,7 @@ class FedAvgServer:
             report.rss = {"before": before, "peak": before}
         self._pending = _Pending(
             report,
-            sorted(sampled),
+            reference_order(self.seed, round, sampled, self.aggregation.norm_reference),
             make_aggregator(self.aggregation, self.model, self.memory_budget),
             frozenset(sampled),
             limit=NormLimit(
@@ -843,10 +863,25 @@ class FedAvgServer:
         pending.done.add(client)
         self._drain(pending)
 
-    def _ignore(self, pending: _Pending, client: str, reason, size: int) -> None:
-        # A stranger's reply (reason given) or a second one (None): counted;
-        # only the first few are kept and logged, so that a flood of them
-        # cannot grow the report or the log.
+    def _ignore(
+        self, pending: _Pending, client: str, reason: str | None, size: int
+    ) -> None:
+        """Count a stranger's reply (``reason`` given) or a second one (``None``).
+
+        Only the first :data:`~.defence.MAX_REASONS` are kept and logged, so
+        that a flood of them cannot grow the report or the log.
+
+        Arguments
+        ---------
+        pending : _Pending
+            The open round.
+        client : str
+            Who sent it (as sent: escaped here).
+        reason : str, optional
+            Why it is ignored (clean already).
+        size : int
+            Its length in bytes.
+        """
         report = pending.report
         report.float32_bytes_up += size
         report.ignored += 1
@@ -897,12 +932,19 @@ class FedAvgServer:
             self._fold(pending, min(pending.held, key=pending.rank.__getitem__))
 
     def _reference(self, pending: _Pending, final: bool) -> None:
-        """Start the round's norm limit once its reference replies are known.
+        """Start the round's limits once its reference replies are known.
 
-        They are the first ``norm_reference`` replies in fold order that
-        pass the checks (each checked once, kept for its fold); see
-        :class:`~speechbrain_omc.federated.defence.NormLimit`. ``final``:
-        the replies still missing will not come.
+        They are the first ``norm_reference`` replies in fold order (drawn
+        by the seed) that pass the checks (each checked once, kept for its
+        fold); see :class:`~speechbrain_omc.federated.defence.NormLimit`.
+
+        Arguments
+        ---------
+        pending : _Pending
+            The open round.
+        final : bool
+            The replies still missing will not come: start from those at
+            hand (else wait for them).
         """
         limit, found = pending.limit, {}
         for client in pending.order:
@@ -911,7 +953,8 @@ class FedAvgServer:
             if client in pending.held and client not in pending.checked:
                 self._check(pending, client)
             if client in pending.checked:
-                found[client] = pending.checked[client][1]
+                reply, norm = pending.checked[client]
+                found[client] = (norm, reply.peaks)
             elif client not in pending.done and not final:
                 return  # its reply may still come
         limit.start(found)
@@ -927,8 +970,21 @@ class FedAvgServer:
     def _check(self, pending: _Pending, client: str) -> bool:
         """Validate one waiting reply (it stays held); nothing escapes.
 
-        A good reply is kept in ``pending.checked`` with its update norm; a
+        A good reply is kept in ``pending.checked`` with its update norm
+        (and its largest values, see :attr:`~.validation.Reply.peaks`); a
         bad one is dropped with its reason.
+
+        Arguments
+        ---------
+        pending : _Pending
+            The open round.
+        client : str
+            Whose held reply.
+
+        Returns
+        -------
+        bool
+            Whether it passed.
         """
         data = pending.held[client]
         size = reply_nbytes(data)
@@ -970,7 +1026,6 @@ class FedAvgServer:
         if client not in pending.checked and not self._check(pending, client):
             return
         reply, norm = pending.checked.pop(client)
-        pending.limit.count(client, norm)
         limit = pending.limit.value()
         data = pending.held.pop(client)
         pending.held_bytes -= reply_nbytes(data)
@@ -978,9 +1033,13 @@ class FedAvgServer:
         pending.done.add(client)
         report, aggregator = pending.report, pending.aggregator
         report.float32_bytes_up += reply.float32_nbytes
+        clamped = self._clamped(pending, client, reply)
+        if clamped:  # its norm once clamped: the L2 bound does not count twice
+            norm = self._clamped_norm(reply, pending.limit, clamped)
         scale = clip_scale(norm, limit)
-        if scale < 1.0:
+        if scale < 1.0 or clamped:
             report.clipped[client] = scale
+        if scale < 1.0:
             logger.warning(
                 "round %d: update of client %s scaled by %.3g (norm %.3g, "
                 "over the round's limit %.3g)",
@@ -999,7 +1058,10 @@ class FedAvgServer:
             # reused); a buffered one keeps them all, in tensors of their own.
             streaming = isinstance(aggregator, StreamingAggregator)
             workspace = self._workspace if streaming else None
-            aggregator.add(reply.tensors(workspace), weight, norm, scale)
+            tensors = reply.tensors(workspace)
+            if clamped:
+                tensors = self._clamp(tensors, pending.limit, clamped)
+            aggregator.add(tensors, weight, norm, scale)
         except MemoryBudgetExceeded as error:
             self._reject(pending, client, str(error), 0)
             return
@@ -1019,6 +1081,68 @@ class FedAvgServer:
         report.accepted.append(client)
         report.num_examples += reply.num_examples
         report.client_metrics[client] = reply.metrics
+
+    def _clamped(self, pending: _Pending, client: str, reply: Any) -> set[str]:
+        """The entries of a reply with update values beyond their limit.
+
+        Arguments
+        ---------
+        pending : _Pending
+            The open round.
+        client : str
+            Who sent the reply.
+        reply : Reply
+            Checked (its :attr:`~.validation.Reply.peaks` measured).
+
+        Returns
+        -------
+        set of str
+            Empty when nothing is over (the reply is folded bit for bit).
+        """
+        limit = pending.limit
+        over = {n for n, peak in reply.peaks.items() if peak > limit.peak(n)}
+        if over:
+            logger.warning(
+                "round %d: update of client %s clamped in %d entries (%s) to "
+                "the round's largest update values",
+                pending.round,
+                client,
+                len(over),
+                ", ".join(sorted(over)[:3]),
+            )
+        return over
+
+    def _clamped_norm(self, reply: Any, limit: NormLimit, names: set[str]) -> float:
+        """The L2 norm of a reply's update once its values are clamped.
+
+        Decodes the reply once more (only a clamped reply pays for it).
+
+        Arguments
+        ---------
+        reply : Reply
+            A checked reply.
+        limit : NormLimit
+            The round's limits.
+        names : set of str
+            Its entries to clamp.
+
+        Returns
+        -------
+        float
+        """
+        squares = 0.0
+        for name, value in self._clamp(reply.tensors(self._workspace), limit, names):
+            squares += squared_distance(value, self.model[name])
+            del value
+        return math.sqrt(squares) if math.isfinite(squares) else math.inf
+
+    def _clamp(self, tensors, limit: NormLimit, names: set[str]):
+        # Each update value of the named entries within [-peak, peak].
+        for name, value in tensors:
+            if name in names:
+                value = clamp_update(value, self.model[name], limit.peak(name))
+            yield name, value
+            del value
 
     def close_round(self, failures: Mapping[str, str] | None = None) -> RoundReport:
         """Fold what still waits, combine, commit and close the round.
@@ -1252,11 +1376,18 @@ class FedAvgServer:
             raise ValueError(f"unsupported server state version {version!r}")
         if not isinstance(state["settings"], Mapping):
             raise ValueError("server state: settings is not a mapping")
-        differences = diff_settings(state["settings"], self.settings())
+        saved = self._undefended_if_older(state["settings"])
+        differences = diff_settings(saved, self.settings())
         if differences:
+            hint = ""
+            if any(d.startswith("aggregation.norm_") for d in differences):
+                hint = (
+                    "\n(a run saved without the update-norm bound resumes with "
+                    "--norm_bound null; --fresh_start True starts over)"
+                )
             raise CheckpointMismatch(
                 "the checkpoint was saved with other settings; resuming would "
-                "not reproduce the run:\n  " + "\n  ".join(differences)
+                "not reproduce the run:\n  " + "\n  ".join(differences) + hint
             )
         round_ = state["round"]
         if not is_int(round_) or round_ < 0:
@@ -1270,6 +1401,28 @@ class FedAvgServer:
         self.model, self.momentum, self.round = model, momentum, round_
         self._pending = None
         self._cache.clear()
+
+    def _undefended_if_older(self, saved: Mapping) -> Mapping:
+        """Saved settings of a run from before the update-norm bound, read as
+        the undefended setting it ran with (``norm_bound: None``).
+
+        Arguments
+        ---------
+        saved : mapping
+            The checkpoint's settings.
+
+        Returns
+        -------
+        mapping
+            ``saved``, its ``aggregation`` completed when the bound's keys
+            are absent (``norm_reference`` does nothing without the bound:
+            this run's is taken).
+        """
+        aggregation = saved.get("aggregation")
+        if not isinstance(aggregation, Mapping) or "norm_bound" in aggregation:
+            return saved
+        older = {"norm_bound": None, "norm_reference": self.aggregation.norm_reference}
+        return {**saved, "aggregation": {**older, **aggregation}}
 
     def _checked(self, tensors: Mapping, what: str, complete: bool) -> dict:
         if not isinstance(tensors, Mapping):

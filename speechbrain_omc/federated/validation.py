@@ -21,8 +21,12 @@ little as possible (each reply is decoded once):
    in (checked on the entry headers, before any payload is parsed), and a
    compressed entry's transform of the broadcast's kind and within
    :data:`~speechbrain_omc.federated.defence.MAX_REACH_GROWTH` times its
-   reach (checked as the entry is parsed, before it is decoded);
-5. finite values.
+   reach (floored at
+   :data:`~speechbrain_omc.federated.defence.REACH_FLOOR`; checked as the
+   entry is parsed, before it is decoded);
+5. finite values, and a float32 entry's within the same multiple of the
+   broadcast's largest magnitude (see
+   :func:`~speechbrain_omc.federated.defence.check_range`).
 
 Reasons quote what a client sent escaped and cut short (see
 :func:`~speechbrain_omc.federated.defence.shown`); metric names must be
@@ -72,7 +76,12 @@ import torch
 from speechbrain_omc import kernels
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.federated import wire
-from speechbrain_omc.federated.defence import check_transform, is_clean, shown
+from speechbrain_omc.federated.defence import (
+    check_range,
+    check_transform,
+    is_clean,
+    shown,
+)
 from speechbrain_omc.memory import Workspace
 
 __all__ = [
@@ -89,6 +98,7 @@ __all__ = [
     "check_number",
     "check_reply",
     "check_update_meta",
+    "distance_stats",
     "is_int",
     "nonfinite",
     "open_reply",
@@ -317,6 +327,10 @@ class ReplyExpectation:
         Entry name to the compressed tensor the broadcast held: a reply
         entry's transform must be of its kind and within its reach (see
         :func:`~speechbrain_omc.federated.defence.check_transform`).
+    reaches : dict, optional
+        Float32 entry name to the broadcast's largest magnitude in it: the
+        reply's values must stay within its reach (see
+        :func:`~speechbrain_omc.federated.defence.check_range`).
     """
 
     run: str
@@ -327,6 +341,7 @@ class ReplyExpectation:
     entries: dict[str, wire.Expected] = field(default_factory=dict)
     max_nbytes: int | None = None
     sent: dict[str, CompressedTensor] = field(default_factory=dict)
+    reaches: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_nbytes is None:
@@ -422,6 +437,37 @@ def nonfinite(value: torch.Tensor) -> int:
 _CHUNK = 2**16
 
 
+def distance_stats(value: torch.Tensor, master: torch.Tensor) -> tuple[float, float]:
+    """``sum((value - master) ** 2)`` and ``max|value - master|``, in float64.
+
+    A chunk at a time, as :func:`squared_distance`.
+
+    Arguments
+    ---------
+    value, master : torch.Tensor
+        Float32 tensors of one shape.
+
+    Returns
+    -------
+    tuple of float
+        The squared distance (possibly ``inf``) and the largest difference.
+
+    Example
+    -------
+    >>> distance_stats(torch.tensor([3.0, -1.0]), torch.tensor([0.0, 1.0]))
+    (13.0, 3.0)
+    """
+    a, b = value.reshape(-1), master.reshape(-1)
+    total, peak = 0.0, 0.0
+    for start in range(0, a.numel(), _CHUNK):
+        part = a[start : start + _CHUNK].double()
+        part.sub_(b[start : start + _CHUNK])
+        peak = max(peak, float(part.abs_().max()))
+        total += float(part.square_().sum())
+        del part
+    return total, peak
+
+
 def squared_distance(value: torch.Tensor, master: torch.Tensor) -> float:
     """``sum((value - master) ** 2)`` in float64, a chunk at a time.
 
@@ -479,6 +525,15 @@ class Reply:
         ``validate`` (binding, metadata, finiteness); the methods add to it.
     sent : mapping, optional
         The broadcast's compressed entries (see :class:`ReplyExpectation`).
+    reaches : mapping, optional
+        The broadcast's float32 entries' largest magnitudes (see
+        :class:`ReplyExpectation`).
+
+    Attributes
+    ----------
+    peaks : dict
+        After :meth:`check` with ``master``: entry name to the largest
+        ``|reply - master|`` in it.
     """
 
     def __init__(
@@ -490,6 +545,7 @@ class Reply:
         nbytes: int,
         seconds: dict[str, float],
         sent: Mapping[str, CompressedTensor] | None = None,
+        reaches: Mapping[str, float] | None = None,
     ) -> None:
         self.client = client
         self.num_examples = num_examples
@@ -498,6 +554,8 @@ class Reply:
         self.nbytes = nbytes
         self.seconds = seconds
         self.sent = dict(sent or {})
+        self.reaches = dict(reaches or {})
+        self.peaks: dict[str, float] = {}
         self.float32_nbytes = message.float32_nbytes()
 
     def tensors(
@@ -523,7 +581,8 @@ class Reply:
         ------
         UpdateRejected
             A malformed payload, a transform other than the broadcast's kind
-            or far beyond its reach, or non-finite values (the entry named).
+            or far beyond its reach, non-finite values, or float32 values far
+            beyond the broadcast's (the entry named).
         """
         for name in self.message.names():
             start = time.perf_counter()
@@ -536,16 +595,40 @@ class Reply:
                     f"malformed message: {error}", self.float32_nbytes
                 ) from None
             middle = time.perf_counter()
-            bad = nonfinite(value)
-            self.seconds["decode"] += middle - start
-            self.seconds["validate"] += time.perf_counter() - middle
-            if bad:
-                raise UpdateRejected(
-                    f"{name} has {bad} non-finite values", self.float32_nbytes
-                )
+            try:
+                self._check_values(name, value)
+            finally:
+                self.seconds["decode"] += middle - start
+                self.seconds["validate"] += time.perf_counter() - middle
             yield name, value
             # Its buffer serves the next entry once the caller's copy is gone.
             del value
+
+    def _check_values(self, name: str, value: torch.Tensor) -> None:
+        """Refuse non-finite values, and float32 values beyond the reach.
+
+        Arguments
+        ---------
+        name : str
+            The entry.
+        value : torch.Tensor
+            Its decoded values.
+
+        Raises
+        ------
+        UpdateRejected
+            With the reason.
+        """
+        bad = nonfinite(value)
+        if bad:
+            raise UpdateRejected(
+                f"{name} has {bad} non-finite values", self.float32_nbytes
+            )
+        if name in self.reaches:
+            try:
+                check_range(name, value, self.reaches[name])
+            except ValueError as error:
+                raise UpdateRejected(str(error), self.float32_nbytes) from None
 
     def _decoded(self, name: str, workspace: Workspace | None) -> torch.Tensor:
         # A function of its own: the parsed entry (its codes' buffer) and
@@ -572,7 +655,8 @@ class Reply:
         ---------
         master : mapping, optional
             The global model: the L2 norm of the update (reply minus master)
-            is computed on the way, in float64.
+            is computed on the way, in float64, and each entry's largest
+            ``|update|`` kept in :attr:`peaks`.
         workspace : Workspace, optional
             Decode into its reused buffers (see :meth:`tensors`).
 
@@ -589,7 +673,8 @@ class Reply:
         squares = 0.0
         for name, value in self.tensors(workspace):
             if master is not None:
-                squares += squared_distance(value, master[name])
+                square, self.peaks[name] = distance_stats(value, master[name])
+                squares += square
             del value  # its buffer is free for the next entry
         if master is None:
             return None
@@ -666,6 +751,7 @@ def open_reply(data: Any, expected: ReplyExpectation) -> Reply:
         reply_nbytes(data),
         seconds,
         expected.sent,
+        expected.reaches,
     )
 
 
