@@ -168,7 +168,8 @@ def cell_rows(results: Mapping[Cell, Mapping[int, dict]]) -> list[dict]:
             ("cpu_seconds_per_round", "cpu_ratio"),
         ):
             row[ratio] = _ratio(row[key], reference.get(key))
-        if reference and row["wer_ci_low"] is not None:
+        low = row["wer_ci_low"]
+        if reference and low is not None and not math.isnan(low):  # >= 2 seeds
             ref_low = reference.get("wer_ci_low")
             ref_high = reference.get("wer_ci_high")
             if ref_low is not None and not math.isnan(ref_low):
