@@ -278,7 +278,7 @@ def write_report(
             rows,
             output / f"{name}.png",
             f"SynthSpeech federated, {settings.rounds} rounds, "
-            f"{len(settings.seeds)} seeds: test WER against bytes",
+            f"{len(settings.seeds)} seeds",
         )
     invocations = state.get("invocations", [])
     commands = sorted({i["command"] for i in invocations})

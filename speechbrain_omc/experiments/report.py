@@ -446,7 +446,7 @@ def plot_differences(rows: Sequence[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r["wer_delta"] is not None]
-    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.38 * max(len(shown), 1)))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.38 * max(len(shown), 1)))
     for y, r in enumerate(shown):
         low, high = r["wer_delta_ci_low"], r["wer_delta_ci_high"]
         err = None
@@ -455,11 +455,13 @@ def plot_differences(rows: Sequence[dict], path: Path, title: str = "") -> None:
         ax.errorbar(r["wer_delta"], y, xerr=err, fmt="o", capsize=3, color="C0")
     ax.axvline(0.0, color="0.4", linewidth=1)
     ax.set_yticks(range(len(shown)))
-    ax.set_yticklabels([f"{r['label']} ({r['seeds']} seeds)" for r in shown])
+    ax.set_yticklabels(
+        [f"{r['label']} ({r['seeds']} seed{'s' * (r['seeds'] != 1)})" for r in shown]
+    )
     ax.invert_yaxis()
-    ax.set_xlabel("test WER minus float32's, points (paired by seed, 95 % CI)")
+    ax.set_xlabel("test WER - float32's, points (paired by seed, 95 % CI)")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(title)
+    fig.suptitle(title)  # over the figure: the labels take its left half
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
