@@ -352,6 +352,30 @@ def write_markdown(path: Path, sections: Sequence[str]) -> None:
     _atomic_text(path, "\n\n".join(s.strip() for s in sections) + "\n")
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, its log quiet."""
+    import logging
+
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_table(rows: Sequence[dict], path: Path, title: str = "") -> None:
     """Test WER against bytes per round: one point per configuration.
 
@@ -368,14 +392,7 @@ def plot_table(rows: Sequence[dict], path: Path, title: str = "") -> None:
     title : str
         Figure title.
     """
-    import logging
-
-    import matplotlib
-
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 6.5))
     reference = next((r for r in rows if r["cell"] == "float32"), None)
     if reference and reference["wer_ci_low"] is not None:
@@ -414,11 +431,7 @@ def plot_table(rows: Sequence[dict], path: Path, title: str = "") -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left")
     ax.set_title(title)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
 
 
 def plot_differences(rows: Sequence[dict], path: Path, title: str = "") -> None:
@@ -437,14 +450,7 @@ def plot_differences(rows: Sequence[dict], path: Path, title: str = "") -> None:
     title : str
         Figure title.
     """
-    import logging
-
-    import matplotlib
-
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     shown = [r for r in rows if r["wer_delta"] is not None]
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.38 * max(len(shown), 1)))
     for y, r in enumerate(shown):
@@ -462,8 +468,4 @@ def plot_differences(rows: Sequence[dict], path: Path, title: str = "") -> None:
     ax.set_xlabel("test WER - float32's, points (paired by seed, 95 % CI)")
     ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)  # over the figure: the labels take its left half
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
