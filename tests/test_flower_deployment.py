@@ -371,7 +371,10 @@ def test_simulation_engine_with_hostile_nodes(tmp_path):
     for entry in history:
         assert entry["accepted"] == ["client_000"]
         assert "round '\\udcff'" in entry["rejected"]["client_001"]
-        assert "transform reaches" in entry["rejected"]["client_002"]
+        # FLT_MAX in every value: refused by the range check of the first
+        # entry on the wire, compressed (transform) or float32 (values).
+        reason = entry["rejected"]["client_002"]
+        assert "transform reaches" in reason or "values reach" in reason
     (result_dir / "rounds.csv").read_text(encoding="ascii")
     model = torch.load(result_dir / "final_model.pt")
     # Not the hostile task here: importing it would change this process's client.
