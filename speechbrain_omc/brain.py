@@ -298,8 +298,13 @@ class OMCMixin:
         return super().fit_batch(batch)
 
     def _omc_measure_gradient_norm(self, batch) -> None:
-        """Two-pass clipping's first pass: forward and backward, no update."""
-        with self.omc.measuring():
+        """Two-pass clipping's first pass: forward and backward, no update.
+
+        The random state is restored afterwards, so that the training pass
+        draws the same dropout masks: the norm is its gradient's.
+        """
+        devices = [self.device] if torch.device(self.device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.omc.measuring():
             outputs = self.compute_forward(batch, sb.Stage.TRAIN)
             loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
             loss.backward()

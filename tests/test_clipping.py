@@ -148,3 +148,33 @@ def test_held_gradients_are_counted_until_the_step():
     assert handle.held.nbytes == after - before
     handle.step()  # no clip_grad_norm_ call: the held ones clipped alone
     assert handle.held.nbytes == 0
+
+
+def test_two_pass_measures_the_gradient_it_clips():
+    # With dropout, the measuring pass must draw the training pass's masks:
+    # then two-pass clipping with lossless weights is SpeechBrain's, up to
+    # the order of the norm's sum (Python floats there, torch's here).
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 4)
+        )
+
+    trained = []
+    for brain_class, hparams in (
+        (Float32Regressor, {}),
+        (OMCRegressor, {"omc": OMCConfig(format="fp32", fused_clipping="two_pass")}),
+    ):
+        torch.manual_seed(3)
+        brain = brain_class(
+            modules={"net": net()},
+            opt_class=OPTIMIZERS["sgd"],
+            hparams=hparams,
+            run_opts={"max_grad_norm": 0.05, "device": "cpu"},
+        )
+        brain.fit(range(1, 3), _batches())
+        trained.append(_weights(brain.modules.net))
+    for name in trained[0]:
+        torch.testing.assert_close(
+            trained[1][name], trained[0][name], rtol=1e-5, atol=1e-6
+        )
