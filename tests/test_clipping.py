@@ -65,48 +65,44 @@ def _assert_bitwise_equal(ours: dict, theirs: dict) -> None:
         assert torch.equal(ours[name], theirs[name]), name
 
 
+def _float32_and_omc(
+    config: OMCConfig, optimizer: str, max_grad_norm: float, epochs: int, net=None
+) -> tuple[dict, dict]:
+    """The weights ``sb.Brain`` and ``OMCBrain`` (under ``config``) train from
+    the same initial network, batches and optimizer."""
+    trained = []
+    pairs = ((Float32Regressor, {}), (OMCRegressor, {"omc": config}))
+    for brain_class, hparams in pairs:
+        torch.manual_seed(3)  # the same dropout draws for both
+        brain = brain_class(
+            modules={"net": (net or _net)()},
+            opt_class=OPTIMIZERS[optimizer],
+            hparams=hparams,
+            run_opts={"max_grad_norm": max_grad_norm, "device": "cpu"},
+        )
+        brain.fit(range(1, epochs + 1), _batches())
+        trained.append(_weights(brain.modules.net))
+    return trained[0], trained[1]
+
+
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("max_grad_norm", [0.05, 1e9])  # clipped, and not
 def test_default_clipping_is_speechbrains_with_lossless_weights(
     optimizer, max_grad_norm
 ):
-    trained = []
-    for brain_class, hparams in (
-        (Float32Regressor, {}),
-        (OMCRegressor, {"omc": OMCConfig(format="fp32")}),
-    ):
-        brain = brain_class(
-            modules={"net": _net()},
-            opt_class=OPTIMIZERS[optimizer],
-            hparams=hparams,
-            run_opts={"max_grad_norm": max_grad_norm, "device": "cpu"},
-        )
-        brain.fit(range(1, 3), _batches())
-        trained.append(_weights(brain.modules.net))
+    float32, omc = _float32_and_omc(
+        OMCConfig(format="fp32"), optimizer, max_grad_norm, epochs=2
+    )
     assert OMCConfig().fused_clipping == "deferred"
-    _assert_bitwise_equal(trained[1], trained[0])
+    _assert_bitwise_equal(omc, float32)
 
 
 def test_previous_norm_clipping_is_not_speechbrains():
     # Why the default changed: the old default clips the first step per
     # parameter and later ones by the last step's norm.
-    trained = []
-    for brain_class, hparams in (
-        (Float32Regressor, {}),
-        (
-            OMCRegressor,
-            {"omc": OMCConfig(format="fp32", fused_clipping="previous_norm")},
-        ),
-    ):
-        brain = brain_class(
-            modules={"net": _net()},
-            opt_class=OPTIMIZERS["sgd"],
-            hparams=hparams,
-            run_opts={"max_grad_norm": 0.05, "device": "cpu"},
-        )
-        brain.fit(range(1, 2), _batches())
-        trained.append(_weights(brain.modules.net))
-    assert any(not torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
+    config = OMCConfig(format="fp32", fused_clipping="previous_norm")
+    float32, omc = _float32_and_omc(config, "sgd", 0.05, epochs=1)
+    assert any(not torch.equal(float32[n], omc[n]) for n in float32)
 
 
 def test_plain_loop_clipping_equals_torch():
@@ -160,21 +156,7 @@ def test_two_pass_measures_the_gradient_it_clips():
             torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 4)
         )
 
-    trained = []
-    for brain_class, hparams in (
-        (Float32Regressor, {}),
-        (OMCRegressor, {"omc": OMCConfig(format="fp32", fused_clipping="two_pass")}),
-    ):
-        torch.manual_seed(3)
-        brain = brain_class(
-            modules={"net": net()},
-            opt_class=OPTIMIZERS["sgd"],
-            hparams=hparams,
-            run_opts={"max_grad_norm": 0.05, "device": "cpu"},
-        )
-        brain.fit(range(1, 3), _batches())
-        trained.append(_weights(brain.modules.net))
-    for name in trained[0]:
-        torch.testing.assert_close(
-            trained[1][name], trained[0][name], rtol=1e-5, atol=1e-6
-        )
+    config = OMCConfig(format="fp32", fused_clipping="two_pass")
+    float32, omc = _float32_and_omc(config, "sgd", 0.05, epochs=2, net=net)
+    for name in float32:
+        torch.testing.assert_close(omc[name], float32[name], rtol=1e-5, atol=1e-6)
