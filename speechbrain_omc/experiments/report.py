@@ -365,6 +365,13 @@ def _pyplot():
     return plt
 
 
+def _error_bar(value: float, low, high) -> list | None:
+    """matplotlib's asymmetric error of an interval; ``None`` without one."""
+    if low is None or math.isnan(low):
+        return None
+    return [[value - low], [high - value]]
+
+
 def _save(fig, path: Path) -> None:
     """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG)."""
     import matplotlib.pyplot as plt
@@ -408,12 +415,7 @@ def plot_table(rows: Sequence[dict], path: Path, title: str = "") -> None:
         if r["wer_mean"] is None or r["bytes_down_ratio"] is None:
             continue
         x = 100 * (r["bytes_down_ratio"] + r["bytes_up_ratio"]) / 2
-        low, high = r["wer_ci_low"], r["wer_ci_high"]
-        err = (
-            None
-            if low is None or math.isnan(low)
-            else [[r["wer_mean"] - low], [high - r["wer_mean"]]]
-        )
+        err = _error_bar(r["wer_mean"], r["wer_ci_low"], r["wer_ci_high"])
         ax.errorbar(
             x,
             r["wer_mean"],
@@ -454,10 +456,7 @@ def plot_differences(rows: Sequence[dict], path: Path, title: str = "") -> None:
     shown = [r for r in rows if r["wer_delta"] is not None]
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.38 * max(len(shown), 1)))
     for y, r in enumerate(shown):
-        low, high = r["wer_delta_ci_low"], r["wer_delta_ci_high"]
-        err = None
-        if low is not None and not math.isnan(low):
-            err = [[r["wer_delta"] - low], [high - r["wer_delta"]]]
+        err = _error_bar(r["wer_delta"], r["wer_delta_ci_low"], r["wer_delta_ci_high"])
         ax.errorbar(r["wer_delta"], y, xerr=err, fmt="o", capsize=3, color="C0")
     ax.axvline(0.0, color="0.4", linewidth=1)
     ax.set_yticks(range(len(shown)))
