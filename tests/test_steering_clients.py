@@ -306,6 +306,7 @@ def test_a_discarded_round_resets_the_momentum(caplog):
 
 # ------------------------------------------------------- rounds of twenty
 MANY = [f"c{i:02d}" for i in range(20)]
+KEY = bytes(32)  # a fixed reference key: the draws below are pinned
 
 
 def _large_round(attackers, attack, seed=7, **kwargs):
@@ -318,6 +319,7 @@ def _large_round(attackers, attack, seed=7, **kwargs):
         seed=seed,
         buffers=["norm.running_mean"],
         max_examples=BOUND,
+        reference_key=KEY,
         **kwargs,
     )
     start = {n: v.clone() for n, v in server.model.items()}
@@ -338,7 +340,7 @@ def _large_round(attackers, attack, seed=7, **kwargs):
 )
 def test_a_minority_of_a_large_round_cannot_move_the_model(attackers):
     """Rounds larger than the reference set: the limits come from replies
-    the seed draws (not the ids that sort first), then stay frozen (the
+    the key draws (not the ids that sort first), then stay frozen (the
     replies folded later do not raise them)."""
     honest_move, _, _ = _large_round([], None)
     moved, report, reference = _large_round(attackers, everything(1e3))
@@ -351,17 +353,100 @@ def test_a_minority_of_a_large_round_cannot_move_the_model(attackers):
     assert set(report.clipped) - set(attackers) == set()
 
 
-def test_the_reference_clients_are_drawn_by_the_seed():
-    """Reproducible for a seed, independent of which ids sort first."""
+def test_the_reference_clients_are_drawn_by_a_secret_key(tmp_path):
+    """The broadcast's seeds are functions of the (guessable) run seed: the
+    draw is keyed by a secret instead, which a resumed server restores."""
+    orders = []
+    for key in (KEY, KEY, None, None):
+        server = FedAvgServer(
+            _model(), MANY, clients_per_round=20, seed=7, reference_key=key
+        )
+        server.open_round()
+        orders.append(server.fold_order())
+    keyed, again, first_secret, second_secret = orders
+    assert keyed == again  # the same key: the same draw
+    assert first_secret != second_secret  # the same seed, other secrets
+    assert keyed[:8] != MANY[:8] and sorted(keyed) == MANY
     server = FedAvgServer(_model(), MANY, clients_per_round=20, seed=7)
+    server.save(tmp_path / "server.ckpt")
     server.open_round()
-    again = FedAvgServer(_model(), MANY, clients_per_round=20, seed=7)
-    again.open_round()
-    other = FedAvgServer(_model(), MANY, clients_per_round=20, seed=8)
-    other.open_round()
-    assert server.fold_order() == again.fold_order() != other.fold_order()
-    assert server.fold_order()[:8] != MANY[:8]
-    assert sorted(server.fold_order()) == MANY
+    resumed = FedAvgServer(_model(), MANY, clients_per_round=20, seed=7)
+    resumed.load(tmp_path / "server.ckpt")
+    resumed.open_round()
+    assert resumed.fold_order() == server.fold_order()
+
+
+def _captured_rounds(max_held_bytes=None):
+    """Two rounds of twenty: an honest one, then one whose reference clients
+    are all hostile (a draw can do that to a minority, some round), sending
+    1e3 everywhere; the replies of the second round arrive hostile first.
+    Returns the largest weight move of each round and the server."""
+    settings = {} if max_held_bytes is None else {"max_held_bytes": max_held_bytes}
+    server = FedAvgServer(
+        _model(),
+        MANY,
+        clients_per_round=20,
+        seed=7,
+        buffers=["norm.running_mean"],
+        max_examples=BOUND,
+        reference_key=KEY,
+        **settings,
+    )
+    moves = []
+    for round_ in (1, 2):
+        start = {n: v.clone() for n, v in server.model.items()}
+        messages = server.configure_round()
+        hostile = set(server.fold_order()[:8]) if round_ == 2 else set()
+        for client in sorted(messages, key=lambda c: (c not in hostile, c)):
+            attack = everything(1e3) if client in hostile else honest
+            server.receive(client, attack(messages[client]))
+        assert server.close_round().model_updated
+        moves.append(
+            max(float((server.model[n] - start[n]).abs().max()) for n in start)
+        )
+    return moves, server
+
+
+def test_a_captured_round_raises_the_limits_at_most_twofold():
+    """Without the carried limits the captured round's upper median would
+    be the attackers' (1e3 in every weight)."""
+    (honest_move, captured_move), _ = _captured_rounds()
+    ratio = captured_move / honest_move
+    print(f"a round with hostile reference replies: {ratio:.2f}x an honest round")
+    assert ratio <= 2 * 10, ratio
+
+
+def test_over_budget_the_limits_are_the_previous_rounds(caplog):
+    """Replies that cannot wait for the reference clients (over
+    ``max_held_bytes``) are folded under the last round's limits, not under
+    those of the replies that came first."""
+    caplog.set_level("WARNING")
+    (honest_move, move), _ = _captured_rounds(max_held_bytes=1)
+    assert "starts from the previous round's limits" in caplog.text
+    assert move / honest_move <= 2 * 10, move / honest_move
+
+
+def test_the_carried_limits_survive_a_checkpoint(tmp_path):
+    _, server = _captured_rounds()
+    server.save(tmp_path / "server.ckpt")
+    resumed = FedAvgServer(
+        _model(),
+        MANY,
+        clients_per_round=20,
+        seed=7,
+        buffers=["norm.running_mean"],
+        max_examples=BOUND,
+    )
+    resumed.load(tmp_path / "server.ckpt")
+    assert resumed.state_dict()["limits"] == server.state_dict()["limits"]
+    assert resumed.state_dict()["limits"]["norm"] > 0
+    state = server.state_dict()
+    state["limits"] = {"norm": math.inf, "peaks": {}}
+    with pytest.raises(ValueError, match="bad carried limit"):
+        resumed.load_state_dict(state)
+    state["limits"] = {"norm": 1.0, "peaks": {"nowhere": 1.0}}
+    with pytest.raises(ValueError, match="unknown entries"):
+        resumed.load_state_dict(state)
 
 
 # ---------------------------------------------------------- one weight

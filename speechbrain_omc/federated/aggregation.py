@@ -151,11 +151,12 @@ class Aggregation:
         At least 1 (below it, the median client would be clipped).
     norm_reference : int
         How many reference replies the limits come from: the first that
-        pass the checks in fold order, which the seed draws among the
-        sampled clients (held as bytes until they are all in); then the
-        limits are frozen. Up to that many clients per round, the reference
-        is the whole round. The bounds hold while fewer than half of the
-        reference replies are hostile.
+        pass the checks in fold order, which the server's secret key draws
+        among the sampled clients (held as bytes until they are all in);
+        then the limits are frozen, at most twice the last committed
+        round's. Up to that many clients per round, the reference is the
+        whole round. The bounds hold while fewer than half of the reference
+        replies are hostile.
 
     Example
     -------

@@ -19,17 +19,20 @@ module bounds what is well formed but hostile:
   to ``norm_bound`` times their upper median largest ``|update|`` in its
   entry (:func:`value_limits`): an L2 bound alone lets an update put its
   whole norm on one weight. The reference replies are ``norm_reference``
-  replies the server's seed draws among the round's sampled clients
-  (:func:`reference_order`: a client's id decides nothing); the limits are
-  frozen once they are in (:class:`NormLimit`), so the replies folded later
-  cannot raise them. The guarantee: the bounds hold while fewer than half
-  of the reference replies are hostile. A client sending 1e30, FLT_MAX, a
-  60x update or one huge weight then moves the model about as far as an
-  honest client does. The *upper* median (of four values the third
-  smallest): clients that collude by sending zero updates cannot pull the
-  limits down and throttle training, as long as they are fewer than half
-  the reference replies; half of them or more can raise the limits. Of one
-  or two replies the upper median is the largest value: no bound.
+  replies drawn among the round's sampled clients under a key the server
+  never sends (:func:`reference_order`: a client's id decides nothing, and
+  no client can know in advance which rounds it is drawn in); the limits
+  are frozen once they are in (:class:`NormLimit`), so the replies folded
+  later cannot raise them, and capped at twice the last committed round's.
+  The guarantee: the bounds hold while fewer than half of the reference
+  replies are hostile; a round in which more are (a draw can put a
+  minority there) raises them at most twofold. A client sending 1e30,
+  FLT_MAX, a 60x update or one huge weight then moves the model about as
+  far as an honest client does. The *upper* median (of four values the
+  third smallest): clients that collude by sending zero updates cannot
+  pull the limits down and throttle training, as long as they are fewer
+  than half the reference replies. Of one or two replies the upper median
+  is the largest value: no bound but the carried one.
 * **A reply entry stays near the broadcast's range.** A compressed entry's
   transform must be of the kind the broadcast's was, and its reach (the
   largest magnitude it can decode to) at most :data:`MAX_REACH_GROWTH`
@@ -55,6 +58,8 @@ Example
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import random
 import re
@@ -64,17 +69,18 @@ from typing import Any
 import torch
 
 from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.selection import round_seed
 
 __all__ = [
     "DEFAULT_NORM_BOUND",
     "DEFAULT_NORM_REFERENCE",
+    "MAX_LIMIT_GROWTH",
     "MAX_REACH_GROWTH",
     "MAX_REASONS",
     "MAX_TEXT",
     "NormLimit",
     "REACH_FLOOR",
     "allowed_reach",
+    "check_carried",
     "check_range",
     "check_transform",
     "clean_text",
@@ -97,6 +103,8 @@ MAX_REASONS = 16
 DEFAULT_NORM_BOUND = 4.0
 #: Reference replies (drawn by the seed) whose measures make a round's limits.
 DEFAULT_NORM_REFERENCE = 8
+#: How much a round's limits may exceed the last committed round's.
+MAX_LIMIT_GROWTH = 2.0
 #: How much larger a reply entry's reach may be than the broadcast's.
 MAX_REACH_GROWTH = 1024.0
 #: The reach a reply entry may always grow to ``MAX_REACH_GROWTH`` times of,
@@ -270,23 +278,26 @@ def clip_scale(norm: float | None, limit: float) -> float:
 
 
 def reference_order(
-    seed: int, round: int, clients: Iterable[str], size: int
+    key: bytes, round: int, clients: Iterable[str], size: int
 ) -> list[str]:
-    """The fold order of a round: its reference clients first, drawn by seed.
+    """The fold order of a round: its reference clients first, drawn by a key.
 
-    A seeded permutation of the sampled clients (sorted first, so that the
+    A keyed permutation of the sampled clients (sorted first, so that the
     sampled order does not matter) chooses which replies the round's limits
     come from: the first ``size`` of it, sorted by id, then the rest in the
     permutation's order (from which replacements for reference clients that
     fail are taken). A client's id decides nothing: one that picks an id
     that sorts first is no likelier to be a reference than any other. Up to
-    ``size`` clients the order is the sorted ids. The draw is as secret as
-    the seed: clients that know it could choose ids the permutation favours.
+    ``size`` clients the order is the sorted ids. The permutation is seeded
+    by an HMAC of the round under ``key``, a secret the server never sends:
+    the broadcast's seeds are functions of the (often small, guessable) run
+    seed, and a draw derived from them could be predicted by a client, which
+    could then choose when to collude.
 
     Arguments
     ---------
-    seed : int
-        The server's seed (the same seed gives the same order).
+    key : bytes
+        The server's secret (the same key gives the same order).
     round : int
         Round number.
     clients : iterable of str
@@ -300,18 +311,21 @@ def reference_order(
 
     Example
     -------
-    >>> reference_order(7, 1, ["c2", "c0", "c1"], 8)
+    >>> reference_order(b"k", 1, ["c2", "c0", "c1"], 8)
     ['c0', 'c1', 'c2']
-    >>> order = reference_order(7, 1, [f"c{i:02d}" for i in range(20)], 8)
-    >>> order == reference_order(7, 1, sorted(order, reverse=True), 8)
+    >>> order = reference_order(b"k", 1, [f"c{i:02d}" for i in range(20)], 8)
+    >>> order == reference_order(b"k", 1, sorted(order, reverse=True), 8)
     True
     >>> order[:8] == sorted(order[:8]), sorted(order) == sorted(set(order))
     (True, True)
+    >>> order != reference_order(b"other", 1, order, 8)
+    True
     """
     clients = sorted(clients)
     if len(clients) <= size:
         return clients
-    rng = random.Random(round_seed(seed, round, "reference"))
+    digest = hmac.new(key, f"reference/{int(round)}".encode(), hashlib.sha256)
+    rng = random.Random(digest.digest())
     drawn = rng.sample(clients, len(clients))
     return sorted(drawn[:size]) + drawn[size:]
 
@@ -363,12 +377,23 @@ class NormLimit:
     them: the limits hold while fewer than half the reference replies are
     hostile, whatever the rest of the round sends.
 
+    The limits of the last committed round are carried (:meth:`carry`): no
+    limit may exceed :data:`MAX_LIMIT_GROWTH` times its carried value. A
+    minority that the draw happens to make half of one round's reference
+    replies (in a round of many clients it will, some round) then gains at
+    most that factor, once, not the model; and a round whose reference
+    replies cannot all be waited for (over the server's ``max_held_bytes``)
+    takes the carried limits (:meth:`start_carried`) rather than those of
+    whichever replies came first.
+
     Arguments
     ---------
     bound : float, optional
         The multiple of the upper median (``None``: no limit).
     reference : int
         How many replies the limits come from.
+    carried : mapping, optional
+        The previous committed round's :meth:`carry`.
 
     Example
     -------
@@ -378,17 +403,24 @@ class NormLimit:
     >>> limit.start({"a": (1.0, {"w": 0.5}), "b": (3.0, {"w": 0.1})})
     >>> limit.ready, limit.value(), limit.peak("w")
     (True, 12.0, 2.0)
+    >>> after = NormLimit(4.0, 2, carried={"norm": 1.0, "peaks": {"w": 0.25}})
+    >>> after.start({"a": (1.0, {"w": 0.5}), "b": (3.0, {"w": 0.1})})
+    >>> after.value(), after.peak("w")
+    (2.0, 0.5)
     >>> NormLimit(None, 8).ready, NormLimit(None, 8).value()
     (True, inf)
     """
 
-    def __init__(self, bound: float | None, reference: int) -> None:
+    def __init__(
+        self, bound: float | None, reference: int, carried: Mapping | None = None
+    ) -> None:
         self.bound = bound
         self.reference = int(reference)
         self.ready = bound is None  # no bound: nothing to wait for
         self.norms: dict[str, float] = {}
         self.peaks: dict[str, float] = {}
         self._limit = math.inf
+        self._carried = carried if bound is not None else None
 
     def start(
         self, replies: Mapping[str, tuple[float | None, Mapping[str, float] | None]]
@@ -406,7 +438,49 @@ class NormLimit:
             self._limit = clip_limit(self.norms.values(), self.bound)
             peaks = [p for _, p in replies.values() if p is not None]
             self.peaks = value_limits(peaks, self.bound)
+            self._cap()
         self.ready = True
+
+    def start_carried(self) -> bool:
+        """Start (and freeze) the limits from the carried ones alone.
+
+        Returns
+        -------
+        bool
+            Whether there were carried limits (else nothing changes).
+        """
+        if not self._carried:
+            return False
+        self._limit, self.peaks = math.inf, {}
+        self._cap()
+        self.ready = True
+        return True
+
+    def _cap(self) -> None:
+        # Each limit at most MAX_LIMIT_GROWTH x its carried value.
+        carried = self._carried or {}
+        if carried.get("norm") is not None:
+            self._limit = min(self._limit, MAX_LIMIT_GROWTH * carried["norm"])
+        for name, peak in carried.get("peaks", {}).items():
+            self.peaks[name] = min(
+                self.peaks.get(name, math.inf), MAX_LIMIT_GROWTH * peak
+            )
+
+    def carry(self) -> dict:
+        """The limits for the next round to start under (see the class).
+
+        Only positive, finite limits are carried: a round whose reference
+        replies all sent zero updates must not freeze training for good.
+
+        Returns
+        -------
+        dict
+            ``{"norm": float or None, "peaks": {name: float}}``.
+        """
+        return {
+            "norm": self._limit if _usable(self._limit) else None,
+            "peaks": {n: p for n, p in self.peaks.items() if _usable(p)},
+        }
 
     def value(self) -> float:
         """The largest update norm allowed.
@@ -432,6 +506,54 @@ class NormLimit:
             ``math.inf`` without a bound or a measure for it.
         """
         return self.peaks.get(name, math.inf)
+
+
+def _usable(limit: Any) -> bool:
+    # A limit worth carrying: positive and finite (zero would freeze training).
+    return isinstance(limit, float) and 0.0 < limit < math.inf
+
+
+def check_carried(carried: Any, names: Iterable[str]) -> dict | None:
+    """A checkpoint's carried limits, checked (see :meth:`NormLimit.carry`).
+
+    Arguments
+    ---------
+    carried : any
+        As saved (``None``: nothing carried, as in older checkpoints).
+    names : iterable of str
+        The model's entries.
+
+    Returns
+    -------
+    dict, optional
+
+    Raises
+    ------
+    ValueError
+        Not a mapping of positive finite limits of this model's entries.
+
+    Example
+    -------
+    >>> check_carried({"norm": 2.0, "peaks": {"w": 0.5}}, ["w"])
+    {'norm': 2.0, 'peaks': {'w': 0.5}}
+    >>> check_carried({"norm": -1.0, "peaks": {}}, ["w"])
+    Traceback (most recent call last):
+    ...
+    ValueError: server state: bad carried limit -1.0
+    """
+    if carried is None:
+        return None
+    names = set(names)
+    if not isinstance(carried, Mapping) or set(carried) != {"norm", "peaks"}:
+        raise ValueError("server state: carried limits are not {norm, peaks}")
+    peaks = carried["peaks"]
+    if not isinstance(peaks, Mapping) or not set(peaks) <= names:
+        raise ValueError("server state: carried limits of unknown entries")
+    norm = [] if carried["norm"] is None else [carried["norm"]]
+    for value in [*norm, *peaks.values()]:
+        if not _usable(value) or type(value) is not float:
+            raise ValueError(f"server state: bad carried limit {shown(value)}")
+    return {"norm": carried["norm"], "peaks": dict(peaks)}
 
 
 def reach(value: CompressedTensor) -> float:

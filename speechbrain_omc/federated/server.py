@@ -59,24 +59,28 @@ keep its pages resident until the next trim. Rules that need every update
 decoded updates until the round closes, within ``memory_budget`` (checked
 when the server is built).
 
-The fold order is fixed for a seed (see
+The fold order is fixed for a run (see
 :func:`~speechbrain_omc.federated.defence.reference_order`): up to
 ``norm_reference`` (8) clients a round, sorted client ids; beyond, the 8
-reference clients the seed draws (sorted), then the rest in the draw's
-order. A reply that arrives before those earlier in the order waits (as the
-bytes the runner handed over, nothing decoded) until they have arrived,
+reference clients drawn under the server's secret key (sorted; a
+checkpoint keeps the key), then the rest in the draw's order. A reply
+that arrives before those earlier in the order waits (as the bytes the
+runner handed over, nothing decoded) until they have arrived,
 failed or the round closes, so that the result does not depend on arrival
 order and a resumed or re-run round gives the same bits. With the
 update-norm bound, nothing is folded before the round's first
 ``norm_reference`` good replies in fold order (the reference replies) are
 measured: those replies are checked as they come and wait, as bytes, for
-the rest of them; the limits are then frozen and every reply is folded
-with them, which again does not depend on arrival order. The server's extra
+the rest of them; the limits are then frozen (capped at twice the last
+committed round's) and every reply is folded with them, which again does
+not depend on arrival order. The server's extra
 memory grows by those 8 replies, whatever the number of clients. Without
 the bound (``norm_bound: None``) a reply is folded as soon as its turn
 comes. ``max_held_bytes`` bounds what waits: beyond it the oldest waiting
 reply is folded out of order (logged; the round's bits then depend on
-timing, as they already do when a straggler misses the round).
+timing, as they already do when a straggler misses the round), under the
+previous round's limits if the reference replies are not all in (in the
+first round, which has none, under those of the replies at hand).
 
 What a reply must be, and in which order it is checked (cheapest first, the
 binding before any payload is parsed, each reply decoded once), is
@@ -166,6 +170,7 @@ from speechbrain_omc.federated.checkpoint import (
 from speechbrain_omc.federated.defence import (
     MAX_REASONS,
     NormLimit,
+    check_carried,
     clean_text,
     clip_scale,
     reference_order,
@@ -367,6 +372,12 @@ class FedAvgServer:
         Which directions travel in the plan's formats: ``"both"`` (OMC),
         ``"download"`` (replies float32) or ``"upload"`` (broadcasts
         float32); see :mod:`~speechbrain_omc.federated.directions`.
+    reference_key : bytes, optional
+        The 32-byte secret that draws each round's reference clients (see
+        :func:`~speechbrain_omc.federated.defence.reference_order`); random
+        by default (a checkpoint restores it). Give one only to re-run a
+        run's rounds of more than ``norm_reference`` clients bit for bit,
+        and never to a client.
     """
 
     def __init__(
@@ -389,6 +400,7 @@ class FedAvgServer:
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
         measure_memory: bool = False,
         wire_mode: str = "both",
+        reference_key: bytes | None = None,
     ) -> None:
         if not clients:
             raise ValueError("FedAvgServer: no clients")
@@ -440,6 +452,14 @@ class FedAvgServer:
         self.run_id = str(run_id) if run_id is not None else secrets.token_hex(16)
         self.run_settings = plain(dict(run_settings or {}))
         self._nonce_key = secrets.token_bytes(32)
+        # Keys the reference draw (never sent; a checkpoint keeps it, so a
+        # resumed run draws as the saved one would have).
+        if reference_key is None:
+            reference_key = secrets.token_bytes(32)
+        if not isinstance(reference_key, bytes) or len(reference_key) != 32:
+            raise ValueError("FedAvgServer: reference_key must be 32 bytes")
+        self._reference_key = reference_key
+        self._carried: dict | None = None  # the last committed round's limits
         self.momentum: dict[str, torch.Tensor] = {}
         self.round = 0  # completed rounds
         self._pending: _Pending | None = None
@@ -684,11 +704,15 @@ class FedAvgServer:
             report.rss = {"before": before, "peak": before}
         self._pending = _Pending(
             report,
-            reference_order(self.seed, round, sampled, self.aggregation.norm_reference),
+            reference_order(
+                self._reference_key, round, sampled, self.aggregation.norm_reference
+            ),
             make_aggregator(self.aggregation, self.model, self.memory_budget),
             frozenset(sampled),
             limit=NormLimit(
-                self.aggregation.norm_bound, self.aggregation.norm_reference
+                self.aggregation.norm_bound,
+                self.aggregation.norm_reference,
+                carried=self._carried,
             ),
         )
         return list(sampled)
@@ -922,12 +946,17 @@ class FedAvgServer:
                     order[pending.position],
                 )
                 pending.out_of_order = True
-            if not pending.limit.ready:  # from the replies at hand
-                self._reference(pending, final=True)
+            if not pending.limit.ready:
+                if pending.limit.start_carried():
+                    source = "the previous round's limits"
+                else:  # the first round: nothing was carried
+                    self._reference(pending, final=True)
+                    source = "the replies at hand"
                 logger.warning(
-                    "round %d: the update-norm limit starts from the replies at "
-                    "hand, not its reference replies",
+                    "round %d: the update-norm limit starts from %s, not the "
+                    "round's reference replies",
                     pending.round,
+                    source,
                 )
             self._fold(pending, min(pending.held, key=pending.rank.__getitem__))
 
@@ -1195,6 +1224,8 @@ class FedAvgServer:
             report.model_updated = self._apply(
                 pending.aggregator.result(), pending.round
             )
+            if report.model_updated and self.aggregation.norm_bound is not None:
+                self._carried = pending.limit.carry()
         else:
             logger.warning(
                 "round %d: no update accepted; the model is unchanged", pending.round
@@ -1344,8 +1375,8 @@ class FedAvgServer:
         Returns
         -------
         dict
-            ``version``, ``round``, ``run_id``, ``model``, ``momentum`` and
-            ``settings``.
+            ``version``, ``round``, ``run_id``, ``model``, ``momentum``,
+            ``settings``, the reference draw's key and the carried limits.
         """
         return {
             "version": _STATE_VERSION,
@@ -1354,6 +1385,8 @@ class FedAvgServer:
             "model": {n: v.clone() for n, v in self.model.items()},
             "momentum": {n: v.clone() for n, v in self.momentum.items()},
             "settings": self.settings(),
+            "reference_key": self._reference_key,
+            "limits": self._carried,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -1397,7 +1430,12 @@ class FedAvgServer:
         run_id = state["run_id"]
         if not isinstance(run_id, str) or not 0 < len(run_id) <= 64:
             raise ValueError(f"server state: bad run id {str(run_id)[:80]!r}")
-        self.run_id = run_id
+        # Absent from checkpoints older than them: a new key, nothing carried.
+        key = state.get("reference_key", self._reference_key)
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise ValueError("server state: bad reference key")
+        carried = check_carried(state.get("limits"), self.model)
+        self.run_id, self._reference_key, self._carried = run_id, key, carried
         self.model, self.momentum, self.round = model, momentum, round_
         self._pending = None
         self._cache.clear()
