@@ -1,55 +1,25 @@
 """Partition an ASR manifest into federated clients by speaker (or IID).
 
-Federated ASR simulations treat a speaker as a device: its utterances stay
-together, which makes the clients non-IID. A speaker is the first field of a
-LibriSpeech-style utterance id ``<speaker>-<chapter>-<utt>`` (the manifest's
-``spk_id`` column is ``<speaker>-<chapter>`` and would split a speaker's
-chapters over clients, so it is not used).
+A speaker is a device: its utterances stay together, which makes clients
+non-IID. The speaker is the first field of the utterance id
+``<speaker>-<chapter>-<utt>`` (the ``spk_id`` column would split chapters).
 
 Modes
 -----
 ``speaker`` (default)
-    Without ``num_clients``: one speaker per client. With ``num_clients=N``:
-    speakers are grouped into N clients, balanced by utterance count: the
-    speakers are shuffled with ``seed`` and each goes to the client that has
-    the fewest utterances so far, so client sizes differ by at most one
-    speaker's utterances and a different seed gives a different grouping.
-    A speaker is never split across clients.
+    One speaker per client, or with ``num_clients=N`` seeded speakers each go
+    to the client with the fewest utterances so far. A speaker is never split.
 ``iid``
-    The comparison used in the literature: utterances are shuffled with
-    ``seed``, ignoring speakers, and cut into ``num_clients`` clients of equal
-    size (within one utterance). ``num_clients`` defaults to the number of
-    speakers, so the IID run has as many clients as the one-speaker-per-client
-    run.
+    Utterances shuffled with ``seed`` and cut into ``num_clients`` equal
+    clients (default: as many as speakers).
 ``utterance``
-    One utterance per client, for federations of many small clients (a
-    device that recorded one sentence). ``num_clients`` defaults to the
-    number of utterances; more clients than utterances reuse them: the
-    clients take the utterances of one seeded permutation after another, so
-    every utterance serves ``num_clients // utterances`` or one more clients
-    (1,000 clients of SynthSpeech's 480 training utterances: each serves 2
-    or 3). ``min_utterances`` must be 1.
+    One utterance per client; more clients than utterances take one seeded
+    permutation after another. ``min_utterances`` must be 1.
 
-``min_utterances`` is the least number of utterances a client may hold. In
-speaker mode, speakers with fewer are handled by ``small_speakers``:
-``"drop"`` (default) removes them from the partition, with a warning that
-names them and the utterances lost (listed as ``dropped`` in the summary);
-``"merge"`` keeps them: without ``num_clients`` they are pooled (in seeded
-order) into shared clients of at least ``min_utterances`` each, a remainder
-joining the smallest such client (or the smallest client when no pool client
-could be formed); with ``num_clients`` they are grouped like any other
-speaker. A request that cannot be met raises ``ValueError``: an empty
-manifest, an unknown mode, more clients than speakers (speaker mode) or
-utterances (IID mode), or a ``min_utterances`` that leaves no client or that a
-client cannot reach.
-
-Output: ``client_000.csv``, ``client_001.csv``, ... with the columns of the
-input manifest and its row order, plus ``summary.json`` (settings; per client
-its speakers, utterances, hours; totals; dropped speakers) and ``summary.md``
-(the same as a table). Client CSVs of an earlier run in the folder are
-removed first.
-
-Command line::
+In speaker mode, speakers under ``min_utterances`` are dropped with a warning
+(``small_speakers="drop"``) or, with ``"merge"``, pooled into shared clients.
+Impossible requests raise ``ValueError``. Output: ``client_NNN.csv`` (input
+columns and row order), ``summary.json`` and ``summary.md``::
 
     python -m speechbrain_omc.data.partition --csv results/prep/train.csv \\
         --output results/clients --mode speaker --num-clients 8 --seed 1234
@@ -219,9 +189,7 @@ def partition_rows(
     seed: int = DEFAULT_SEED,
     small_speakers: str = "drop",
 ) -> list[Client]:
-    """Split manifest rows into federated clients.
-
-    See the module docstring for the modes and the handling of small speakers.
+    """Split manifest rows into federated clients (modes: module docstring).
 
     Arguments
     ---------
@@ -231,12 +199,12 @@ def partition_rows(
     mode : str
         ``"speaker"``, ``"iid"`` or ``"utterance"``.
     num_clients : int, optional
-        Number of clients. Speaker mode: ``None`` gives one client per
-        speaker. IID mode: ``None`` gives as many clients as speakers.
+        Number of clients; ``None``: one per speaker (speaker mode), as many
+        as speakers (IID), one per utterance (utterance mode).
     min_utterances : int
         Least number of utterances per client.
     seed : int
-        Seed of the speaker (or utterance) shuffle; same seed, same result.
+        Seed of the speaker (or utterance) shuffle.
     small_speakers : str
         Speaker mode: ``"drop"`` or ``"merge"`` speakers with fewer than
         ``min_utterances`` utterances.
@@ -244,13 +212,7 @@ def partition_rows(
     Returns
     -------
     list of Client
-        Non-empty clients named ``client_000``..., ordered by first speaker
-        (speaker mode) or shuffle order (IID mode).
-
-    Raises
-    ------
-    ValueError
-        For an impossible request (see the module docstring).
+        Non-empty clients named ``client_000``...
 
     Example
     -------
@@ -267,6 +229,35 @@ def partition_rows(
     ...
     ValueError: 4 clients requested but only 3 speakers ...
     """
+    _check_request(mode, num_clients, min_utterances, small_speakers)
+    _check_rows(rows)
+    rng = np.random.default_rng(seed)
+    by_speaker = _rows_by_speaker(rows)
+    speakers = sorted(by_speaker, key=_natural_key)
+    if mode == "utterance":
+        return _utterance_clients(rows, num_clients, min_utterances, rng)
+    if mode == "iid":
+        n = len(speakers) if num_clients is None else num_clients
+        return _iid_clients(rows, n, min_utterances, rng)
+    small = [s for s in speakers if len(by_speaker[s]) < min_utterances]
+    if small and small_speakers == "drop":
+        speakers = _drop_small(speakers, small, by_speaker, min_utterances)
+        small = []
+    if not speakers:
+        raise ValueError(
+            f"min_utterances={min_utterances} leaves no client: every speaker "
+            "has fewer utterances"
+        )
+    if num_clients is None:
+        groups = _one_speaker_groups(speakers, small, by_speaker, min_utterances, rng)
+    else:
+        groups = _balanced_groups(
+            speakers, by_speaker, num_clients, min_utterances, rng
+        )
+    return _clients_in_order(groups, by_speaker, rows)
+
+
+def _check_request(mode, num_clients, min_utterances, small_speakers) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if small_speakers not in SMALL_SPEAKER_POLICIES:
@@ -278,106 +269,107 @@ def partition_rows(
         raise ValueError(f"num_clients must be at least 1, got {num_clients}")
     if min_utterances < 1:
         raise ValueError(f"min_utterances must be at least 1, got {min_utterances}")
-    _check_rows(rows)
-    rng = np.random.default_rng(seed)
+
+
+def _rows_by_speaker(rows) -> dict[str, list[dict[str, str]]]:
     by_speaker: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_speaker.setdefault(speaker_of(row["ID"]), []).append(row)
-    speakers = sorted(by_speaker, key=_natural_key)
-    # Client rows keep manifest order; the dict maps row objects to positions.
-    position = {id(r): i for i, r in enumerate(rows)}
+    return by_speaker
 
-    def by_position(row):
-        return position[id(row)]
 
-    if mode == "utterance":
-        return _utterance_clients(rows, num_clients, min_utterances, rng)
-    if mode == "iid":
-        n = len(speakers) if num_clients is None else num_clients
-        if n > len(rows):
-            raise ValueError(f"{n} clients requested but only {len(rows)} utterances")
-        if len(rows) // n < min_utterances:
-            raise ValueError(
-                f"{len(rows)} utterances in {n} IID clients leave fewer than "
-                f"min_utterances={min_utterances} per client; use fewer clients"
-            )
-        shards = np.array_split(rng.permutation(len(rows)), n)
-        clients = []
-        for index, shard in enumerate(shards):
-            shard_rows = [rows[i] for i in sorted(shard)]
-            shard_speakers = sorted(
-                {speaker_of(r["ID"]) for r in shard_rows}, key=_natural_key
-            )
-            clients.append(Client(f"client_{index:03d}", shard_speakers, shard_rows))
-        return clients
-
-    small = [s for s in speakers if len(by_speaker[s]) < min_utterances]
-    if small and small_speakers == "drop":
-        lost = sum(len(by_speaker[s]) for s in small)
-        warnings.warn(
-            f"dropping {len(small)} speaker(s) with fewer than "
-            f"min_utterances={min_utterances} utterances ({lost} utterances): "
-            + ", ".join(small[:20])
-            + (" ..." if len(small) > 20 else ""),
-            stacklevel=2,
-        )
-        dropped = set(small)
-        speakers = [s for s in speakers if s not in dropped]
-        small = []
-    if not speakers:
+def _iid_clients(rows, n, min_utterances, rng) -> list[Client]:
+    """``n`` clients of equal size from one seeded shuffle of the utterances."""
+    if n > len(rows):
+        raise ValueError(f"{n} clients requested but only {len(rows)} utterances")
+    if len(rows) // n < min_utterances:
         raise ValueError(
-            f"min_utterances={min_utterances} leaves no client: every speaker "
-            "has fewer utterances"
+            f"{len(rows)} utterances in {n} IID clients leave fewer than "
+            f"min_utterances={min_utterances} per client; use fewer clients"
         )
+    clients = []
+    for index, shard in enumerate(np.array_split(rng.permutation(len(rows)), n)):
+        shard_rows = [rows[i] for i in sorted(shard)]
+        shard_speakers = sorted(
+            {speaker_of(r["ID"]) for r in shard_rows}, key=_natural_key
+        )
+        clients.append(Client(f"client_{index:03d}", shard_speakers, shard_rows))
+    return clients
 
-    if num_clients is None:
-        is_small = set(small)
-        groups = [[s] for s in speakers if s not in is_small]
-        if small:
-            pooled: list[list[str]] = []
-            current: list[str] = []
-            for i in rng.permutation(len(small)):
-                current.append(small[i])
-                if sum(len(by_speaker[t]) for t in current) >= min_utterances:
-                    pooled.append(current)
-                    current = []
-            if current:
-                targets = pooled or groups
-                if not targets:
-                    raise ValueError(
-                        f"min_utterances={min_utterances} leaves no client: the "
-                        f"whole manifest has only {len(rows)} utterances"
-                    )
-                smallest = min(
-                    targets, key=lambda g: sum(len(by_speaker[t]) for t in g)
-                )
-                smallest.extend(current)
-            groups += pooled
-            warnings.warn(
-                f"merged {len(small)} speaker(s) with fewer than "
-                f"min_utterances={min_utterances} utterances into shared clients",
-                stacklevel=2,
-            )
-    else:
-        if num_clients > len(speakers):
+
+def _drop_small(speakers, small, by_speaker, min_utterances) -> list[str]:
+    """The speakers without ``small``, with a warning naming those dropped."""
+    lost = sum(len(by_speaker[s]) for s in small)
+    warnings.warn(
+        f"dropping {len(small)} speaker(s) with fewer than "
+        f"min_utterances={min_utterances} utterances ({lost} utterances): "
+        + ", ".join(small[:20])
+        + (" ..." if len(small) > 20 else ""),
+        stacklevel=3,
+    )
+    dropped = set(small)
+    return [s for s in speakers if s not in dropped]
+
+
+def _one_speaker_groups(
+    speakers, small, by_speaker, min_utterances, rng
+) -> list[list[str]]:
+    """One group per speaker; ``small`` speakers pooled in seeded order."""
+    is_small = set(small)
+    groups = [[s] for s in speakers if s not in is_small]
+    if not small:
+        return groups
+
+    def size(group):
+        return sum(len(by_speaker[t]) for t in group)
+
+    pooled: list[list[str]] = []
+    current: list[str] = []
+    for i in rng.permutation(len(small)):
+        current.append(small[i])
+        if size(current) >= min_utterances:
+            pooled.append(current)
+            current = []
+    if current:  # the remainder joins the smallest pool (or client)
+        targets = pooled or groups
+        if not targets:
+            total = sum(len(rows) for rows in by_speaker.values())
             raise ValueError(
-                f"{num_clients} clients requested but only {len(speakers)} speakers "
-                "(a speaker is never split in speaker mode); use mode='iid' or "
-                "fewer clients"
+                f"min_utterances={min_utterances} leaves no client: the "
+                f"whole manifest has only {total} utterances"
             )
-        groups = [[] for _ in range(num_clients)]
-        loads = np.zeros(num_clients, dtype=np.int64)
-        for i in rng.permutation(len(speakers)):
-            target = int(np.argmin(loads))  # first least-loaded client
-            groups[target].append(speakers[i])
-            loads[target] += len(by_speaker[speakers[i]])
-        if loads.min() < min_utterances:
-            raise ValueError(
-                f"grouping {len(speakers)} speakers into {num_clients} clients "
-                f"leaves a client with {int(loads.min())} utterances, fewer than "
-                f"min_utterances={min_utterances}; use fewer clients"
-            )
-    return _clients_in_order(groups, by_speaker, by_position)
+        min(targets, key=size).extend(current)
+    warnings.warn(
+        f"merged {len(small)} speaker(s) with fewer than "
+        f"min_utterances={min_utterances} utterances into shared clients",
+        stacklevel=3,
+    )
+    return groups + pooled
+
+
+def _balanced_groups(
+    speakers, by_speaker, num_clients, min_utterances, rng
+) -> list[list[str]]:
+    """Seeded speakers, each to the client with the fewest utterances so far."""
+    if num_clients > len(speakers):
+        raise ValueError(
+            f"{num_clients} clients requested but only {len(speakers)} speakers "
+            "(a speaker is never split in speaker mode); use mode='iid' or "
+            "fewer clients"
+        )
+    groups: list[list[str]] = [[] for _ in range(num_clients)]
+    loads = np.zeros(num_clients, dtype=np.int64)
+    for i in rng.permutation(len(speakers)):
+        target = int(np.argmin(loads))  # first least-loaded client
+        groups[target].append(speakers[i])
+        loads[target] += len(by_speaker[speakers[i]])
+    if loads.min() < min_utterances:
+        raise ValueError(
+            f"grouping {len(speakers)} speakers into {num_clients} clients "
+            f"leaves a client with {int(loads.min())} utterances, fewer than "
+            f"min_utterances={min_utterances}; use fewer clients"
+        )
+    return groups
 
 
 def _utterance_clients(rows, num_clients, min_utterances, rng) -> list[Client]:
@@ -394,8 +386,10 @@ def _utterance_clients(rows, num_clients, min_utterances, rng) -> list[Client]:
     ]
 
 
-def _clients_in_order(groups, by_speaker, by_position) -> list[Client]:
+def _clients_in_order(groups, by_speaker, rows) -> list[Client]:
     """Clients from speaker groups, named in order of their first speaker."""
+    # Client rows keep manifest order; keyed by object identity.
+    position = {id(r): i for i, r in enumerate(rows)}
     groups = sorted(
         (sorted(g, key=_natural_key) for g in groups if g),
         key=lambda g: _natural_key(g[0]),
@@ -404,7 +398,10 @@ def _clients_in_order(groups, by_speaker, by_position) -> list[Client]:
         Client(
             f"client_{index:03d}",
             speakers,
-            sorted((r for s in speakers for r in by_speaker[s]), key=by_position),
+            sorted(
+                (r for s in speakers for r in by_speaker[s]),
+                key=lambda r: position[id(r)],
+            ),
         )
         for index, speakers in enumerate(groups)
     ]
