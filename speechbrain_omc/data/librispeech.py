@@ -1,31 +1,12 @@
 """CSV manifests for corpora in LibriSpeech's layout (LibriSpeech, SynthSpeech).
 
-SpeechBrain's ``librispeech_prepare.py`` ships with its recipes, not with the
-pip package, so the project has its own preparation. A corpus in LibriSpeech's
-layout is::
-
-    <data_folder>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac
-    <data_folder>/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
-
-where each ``.trans.txt`` line is ``<utterance id> <TRANSCRIPT>``. For every
-split, :func:`prepare_librispeech` writes ``<save_folder>/<split>.csv`` with
-SpeechBrain's columns::
-
-    ID,duration,wav,spk_id,wrd
-    100-1000-0000,1.7215,$data_root/train/100/1000/100-1000-0000.flac,100-1000,FIVE...
-
-``wav`` is relative to a ``$data_root`` placeholder, which
-``speechbrain.dataio.dataset.DynamicItemDataset.from_csv(path,
-replacements={"data_root": data_folder})`` fills in, so manifests survive a
-move of the corpus. ``spk_id`` is ``<speaker>-<chapter>`` as in SpeechBrain's
-own LibriSpeech recipes; the speaker alone is the first field of ``ID``.
-Durations come from the audio headers (``soundfile.info``); audio is not
-decoded.
-
-Work already done is skipped: ``<save_folder>/librispeech_prepare.json``
-records the settings, and a split whose CSV exists and was written with the
-same settings is not scanned again. CSVs are written to a temporary file and
-renamed, so an interrupted run never leaves a CSV that looks complete.
+SpeechBrain's ``librispeech_prepare.py`` ships with its recipes, not the pip
+package, so the project has its own. Each split gets ``<save_folder>/<split>.csv``
+with SpeechBrain's columns ``ID,duration,wav,spk_id,wrd``; ``wav`` starts with
+a ``$data_root`` placeholder (filled by ``DynamicItemDataset.from_csv``), and
+``spk_id`` is ``<speaker>-<chapter>`` as in SpeechBrain's recipes. Durations
+come from the audio headers. A split already written with the same settings
+(``librispeech_prepare.json``) is skipped; CSVs are written atomically.
 
 Example
 -------
@@ -90,9 +71,7 @@ def read_transcripts(trans_file: str | Path) -> dict[str, str]:
     Raises
     ------
     ValueError
-        Naming the file and line when a line has no transcript, an id that is
-        not ``<speaker>-<chapter>-<utt>`` of this file's speaker and chapter,
-        or a duplicate id.
+        Naming the file and line of a malformed or duplicate line.
 
     Example
     -------
@@ -143,20 +122,12 @@ def scan_split(
     audio_ext : str
         Audio file extension next to the transcripts.
     progress : bool
-        Show a tqdm progress bar over the chapters.
+        Show a progress bar over the chapters.
 
     Returns
     -------
     list of dict
         One row per utterance with the keys of :data:`CSV_HEADER`.
-
-    Raises
-    ------
-    FileNotFoundError
-        The split folder, a chapter's transcript or an utterance's audio file
-        is missing.
-    ValueError
-        A malformed transcript line, or a split with no transcripts.
 
     Example
     -------
@@ -165,8 +136,7 @@ def scan_split(
     ...
     FileNotFoundError: split folder not found: ...nowhere
     """
-    data_folder = Path(data_folder)
-    split_dir = data_folder / split
+    split_dir = Path(data_folder) / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"split folder not found: {split_dir}")
     chapters = sorted(
@@ -175,41 +145,49 @@ def scan_split(
     )
     rows = []
     for chapter in tqdm(chapters, desc=f"scanning {split}", disable=not progress):
-        trans_file = chapter / f"{chapter.parent.name}-{chapter.name}.trans.txt"
-        if not trans_file.is_file():
-            raise FileNotFoundError(f"transcript not found: {trans_file}")
-        texts = read_transcripts(trans_file)
-        audio_files = {p.name for p in chapter.glob(f"*{audio_ext}")}
-        for utt_id, text in texts.items():
-            name = utt_id + audio_ext
-            if name not in audio_files:
-                raise FileNotFoundError(
-                    f"{trans_file} lists {utt_id} but {chapter / name} is missing"
-                )
-            info = sf.info(str(chapter / name))
-            rows.append(
-                {
-                    "ID": utt_id,
-                    # 0.1 ms precision; the full float only adds CSV noise.
-                    "duration": str(round(info.frames / info.samplerate, 4)),
-                    "wav": "/".join(
-                        ("$data_root", split, chapter.parent.name, chapter.name, name)
-                    ),
-                    "spk_id": f"{chapter.parent.name}-{chapter.name}",
-                    "wrd": text,
-                }
-            )
-        extra = audio_files - {u + audio_ext for u in texts}
-        if extra:
-            logger.warning(
-                "%s: %d audio file(s) without transcript ignored (e.g. %s)",
-                chapter,
-                len(extra),
-                sorted(extra)[0],
-            )
+        rows += _chapter_rows(chapter, split, audio_ext)
     if not rows:
         raise ValueError(f"no transcripts found under {split_dir}")
     rows.sort(key=lambda r: _natural_key(r["ID"]))
+    return rows
+
+
+def _chapter_rows(chapter: Path, split: str, audio_ext: str) -> list[dict[str, str]]:
+    """Manifest rows of one ``<speaker>/<chapter>`` folder, in transcript order."""
+    speaker_chapter = f"{chapter.parent.name}-{chapter.name}"
+    trans_file = chapter / f"{speaker_chapter}.trans.txt"
+    if not trans_file.is_file():
+        raise FileNotFoundError(f"transcript not found: {trans_file}")
+    texts = read_transcripts(trans_file)
+    audio_files = {p.name for p in chapter.glob(f"*{audio_ext}")}
+    rows = []
+    for utt_id, text in texts.items():
+        name = utt_id + audio_ext
+        if name not in audio_files:
+            raise FileNotFoundError(
+                f"{trans_file} lists {utt_id} but {chapter / name} is missing"
+            )
+        info = sf.info(str(chapter / name))
+        rows.append(
+            {
+                "ID": utt_id,
+                # 0.1 ms precision; the full float only adds CSV noise.
+                "duration": str(round(info.frames / info.samplerate, 4)),
+                "wav": "/".join(
+                    ("$data_root", split, chapter.parent.name, chapter.name, name)
+                ),
+                "spk_id": speaker_chapter,
+                "wrd": text,
+            }
+        )
+    extra = audio_files - {u + audio_ext for u in texts}
+    if extra:
+        logger.warning(
+            "%s: %d audio file(s) without transcript ignored (e.g. %s)",
+            chapter,
+            len(extra),
+            sorted(extra)[0],
+        )
     return rows
 
 
@@ -273,28 +251,19 @@ def prepare_librispeech(
     save_folder : str or Path
         Where the CSVs and the options file go (created if needed).
     splits : sequence of str
-        Split folders under ``data_folder``: LibriSpeech's
-        ``train-clean-100``, ``dev-clean``, ... or SynthSpeech's ``train``,
-        ``dev``, ``test`` (:data:`SYNTHSPEECH_SPLITS`).
+        Split folders under ``data_folder`` (:data:`LIBRISPEECH_SPLITS`,
+        :data:`SYNTHSPEECH_SPLITS`).
     skip_prep : bool
         Do nothing and just return the CSV paths (SpeechBrain convention).
     audio_ext : str
-        Audio extension, ``.flac`` for LibriSpeech.
+        Audio extension.
     progress : bool
-        Show tqdm progress bars while scanning.
+        Show progress bars while scanning.
 
     Returns
     -------
     dict
         Split name to the path of its CSV.
-
-    Raises
-    ------
-    FileNotFoundError
-        Naming the missing data folder, split folder, transcript or audio file.
-    ValueError
-        Naming the file and line of a malformed transcript line, or a split
-        without transcripts.
 
     Example
     -------
@@ -310,25 +279,10 @@ def prepare_librispeech(
     csvs = {split: save_folder / f"{split}.csv" for split in splits}
     if skip_prep:
         return csvs
-    if not data_folder.is_dir():
-        raise FileNotFoundError(f"data folder not found: {data_folder}")
-    missing = [s for s in splits if not (data_folder / s).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"split folder(s) not found under {data_folder}: {', '.join(missing)}"
-        )
-
+    _check_splits(data_folder, splits)
     options = _options(data_folder, audio_ext)
     options_file = save_folder / OPTIONS_FILE
-    previous = {}
-    if options_file.is_file():
-        try:
-            previous = json.loads(options_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            previous = {}
-    same_settings = {k: previous.get(k) for k in options} == options
-    done = set(previous.get("splits", [])) if same_settings else set()
-
+    done = _splits_done(options_file, options)
     for split, csv_path in csvs.items():
         if split in done and csv_path.is_file():
             logger.info("%s exists with the same settings, skipping", csv_path)
@@ -344,6 +298,28 @@ def prepare_librispeech(
             encoding="utf-8",
         )
     return csvs
+
+
+def _check_splits(data_folder: Path, splits: Sequence[str]) -> None:
+    if not data_folder.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data_folder}")
+    missing = [s for s in splits if not (data_folder / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"split folder(s) not found under {data_folder}: {', '.join(missing)}"
+        )
+
+
+def _splits_done(options_file: Path, options: dict) -> set[str]:
+    """Splits an earlier run wrote with the same ``options``."""
+    previous = {}
+    if options_file.is_file():
+        try:
+            previous = json.loads(options_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            previous = {}
+    same_settings = {k: previous.get(k) for k in options} == options
+    return set(previous.get("splits", [])) if same_settings else set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
