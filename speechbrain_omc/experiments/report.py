@@ -114,74 +114,88 @@ def cell_rows(results: Mapping[Cell, Mapping[int, dict]]) -> list[dict]:
     rows = []
     reference: dict = {}
     for cell, runs in results.items():
-        seeds = sorted(runs)
-        summaries = [runs[s] for s in seeds]
-        wers = [s["test_WER"] for s in summaries]
-        interval = mean_ci(wers) if wers else None
-        row = {
-            "cell": cell.name,
-            "factor": cell.factor,
-            "label": cell.label,
-            "seeds": len(seeds),
-            "parameter_bytes": _mean([s["parameter_bytes"] for s in summaries]),
-            "peak_train_rss_bytes": _mean(
-                [s.get("peak_train_rss_bytes") for s in summaries]
-            ),
-            "bytes_down_per_round": _mean(
-                [s["bytes_down"] / s["rounds"] for s in summaries]
-            ),
-            "bytes_up_per_round": _mean(
-                [s["bytes_up"] / s["rounds"] for s in summaries]
-            ),
-            "wer_mean": interval.value if interval else None,
-            "wer_ci_low": interval.low if interval else None,
-            "wer_ci_high": interval.high if interval else None,
-            "wer_seed_sd": (
-                interval.se * math.sqrt(interval.n)
-                if interval and interval.n > 1
-                else None
-            ),
-            "seconds_per_round": _mean(
-                [60 * s["train_minutes"] / s["rounds"] for s in summaries]
-            ),
-            "cpu_seconds_per_round": _mean(
-                [s.get("train_cpu_seconds_per_round") for s in summaries]
-            ),
-            "test_se_mean": _mean([s.get("test_WER_se") for s in summaries]),
-        }
-        # Paired by seed: the same seed draws the same initial model, clients
-        # and data order for every cell.
-        paired = [runs[s]["test_WER"] - base[s]["test_WER"] for s in seeds if s in base]
-        delta = mean_ci(paired) if paired and not cell.is_float32 else None
-        row["wer_delta"] = delta.value if delta else None
-        row["wer_delta_ci_low"] = delta.low if delta else None
-        row["wer_delta_ci_high"] = delta.high if delta else None
+        row = {**_seed_means(cell, runs), **_paired_delta(cell, runs, base)}
         if cell.is_float32:
             reference = row
         rows.append(row)
     for row in rows:
-        for key, ratio in (
-            ("parameter_bytes", "parameter_ratio"),
-            ("peak_train_rss_bytes", "rss_ratio"),
-            ("bytes_down_per_round", "bytes_down_ratio"),
-            ("bytes_up_per_round", "bytes_up_ratio"),
-            ("cpu_seconds_per_round", "cpu_ratio"),
-        ):
+        for key, ratio in _RATIOS:
             row[ratio] = _ratio(row[key], reference.get(key))
-        low = row["wer_ci_low"]
-        if reference and low is not None and not math.isnan(low):  # >= 2 seeds
-            ref_low = reference.get("wer_ci_low")
-            ref_high = reference.get("wer_ci_high")
-            if ref_low is not None and not math.isnan(ref_low):
-                mine = Interval(
-                    row["wer_mean"], row["wer_ci_low"], row["wer_ci_high"], 0, 0
-                )
-                theirs = Interval(reference["wer_mean"], ref_low, ref_high, 0, 0)
-                row["overlaps_float32"] = mine.overlaps(theirs)
-                row["mean_within_float32_ci"] = theirs.contains(row["wer_mean"])
-        row.setdefault("overlaps_float32", None)
-        row.setdefault("mean_within_float32_ci", None)
+        row.update(_overlap(row, reference))
     return rows
+
+
+_RATIOS = (
+    ("parameter_bytes", "parameter_ratio"),
+    ("peak_train_rss_bytes", "rss_ratio"),
+    ("bytes_down_per_round", "bytes_down_ratio"),
+    ("bytes_up_per_round", "bytes_up_ratio"),
+    ("cpu_seconds_per_round", "cpu_ratio"),
+)
+
+
+def _seed_means(cell: Cell, runs: Mapping[int, dict]) -> dict:
+    """A cell's means over its seeds and its WER interval."""
+    summaries = [runs[s] for s in sorted(runs)]
+    wers = [s["test_WER"] for s in summaries]
+    interval = mean_ci(wers) if wers else None
+    return {
+        "cell": cell.name,
+        "factor": cell.factor,
+        "label": cell.label,
+        "seeds": len(summaries),
+        "parameter_bytes": _mean([s["parameter_bytes"] for s in summaries]),
+        "peak_train_rss_bytes": _mean(
+            [s.get("peak_train_rss_bytes") for s in summaries]
+        ),
+        "bytes_down_per_round": _mean(
+            [s["bytes_down"] / s["rounds"] for s in summaries]
+        ),
+        "bytes_up_per_round": _mean([s["bytes_up"] / s["rounds"] for s in summaries]),
+        "wer_mean": interval.value if interval else None,
+        "wer_ci_low": interval.low if interval else None,
+        "wer_ci_high": interval.high if interval else None,
+        "wer_seed_sd": (
+            interval.se * math.sqrt(interval.n) if interval and interval.n > 1 else None
+        ),
+        "seconds_per_round": _mean(
+            [60 * s["train_minutes"] / s["rounds"] for s in summaries]
+        ),
+        "cpu_seconds_per_round": _mean(
+            [s.get("train_cpu_seconds_per_round") for s in summaries]
+        ),
+        "test_se_mean": _mean([s.get("test_WER_se") for s in summaries]),
+    }
+
+
+def _paired_delta(cell: Cell, runs: Mapping[int, dict], base: Mapping) -> dict:
+    """WER difference to float32, paired by seed (same model, clients, data)."""
+    paired = [
+        runs[s]["test_WER"] - base[s]["test_WER"] for s in sorted(runs) if s in base
+    ]
+    delta = mean_ci(paired) if paired and not cell.is_float32 else None
+    return {
+        "wer_delta": delta.value if delta else None,
+        "wer_delta_ci_low": delta.low if delta else None,
+        "wer_delta_ci_high": delta.high if delta else None,
+    }
+
+
+def _overlap(row: dict, reference: dict) -> dict:
+    """Whether the WER interval meets float32's (needs 2 seeds in both)."""
+    out = {"overlaps_float32": None, "mean_within_float32_ci": None}
+    low = row["wer_ci_low"]
+    ref_low = reference.get("wer_ci_low")
+    if not reference or low is None or math.isnan(low):
+        return out
+    if ref_low is None or math.isnan(ref_low):
+        return out
+    mine = Interval(row["wer_mean"], low, row["wer_ci_high"], 0, 0)
+    theirs = Interval(reference["wer_mean"], ref_low, reference["wer_ci_high"], 0, 0)
+    return {
+        "overlaps_float32": mine.overlaps(theirs),
+        "mean_within_float32_ci": theirs.contains(row["wer_mean"]),
+    }
 
 
 def run_rows(results: Mapping[Cell, Mapping[int, dict]]) -> list[dict]:

@@ -1,17 +1,11 @@
 """Run a grid of federated configurations over seeds, resumably.
 
-Each run (a cell and a seed) is one process of the embedded federated
-simulation (``python -m speechbrain_omc.asr.federation``) in its own folder,
-``<output>/runs/<cell>/<seed>/``, with one PyTorch thread; ``jobs`` of them
-run at once. A run whose folder holds ``summary.json`` is finished and is
-skipped when the grid is started again; a run that was interrupted resumes
-from its server checkpoint (the federation's own resume: the same final
-model as an uninterrupted run). A fresh process per run also makes its peak
-RSS the run's own.
-
-Every run folder records what it was started with (``run.json``): started
-again with other settings (rounds, overrides), the grid refuses to mix the
-two and names the difference.
+Each run (a cell and a seed) is one process of
+``python -m speechbrain_omc.asr.federation`` in ``<output>/runs/<cell>/<seed>/``
+with one PyTorch thread (so its peak RSS is its own); ``jobs`` run at once. A
+run with a ``summary.json`` is skipped when the grid starts again, an
+interrupted one resumes from its server checkpoint. ``run.json`` records
+each run's settings: a grid restarted with others refuses to mix them.
 
 Example
 -------
@@ -127,10 +121,7 @@ class Run:
 
 
 def plan_runs(cells: Sequence[Cell], settings: GridSettings, output: Path) -> list[Run]:
-    """Every run of the grid, seed-major (all cells of a seed, then the next).
-
-    Seed-major order finishes complete seeds early: an interrupted grid then
-    has comparable cells rather than many seeds of the first cells.
+    """Every run of the grid, seed-major, so complete seeds finish early.
 
     Arguments
     ---------
@@ -271,35 +262,16 @@ def run_grid(
                 ", ".join(f"{r.cell.name}/{r.seed}" for r in active), refresh=True
             )
             time.sleep(0.5)
-            for run, process in list(active.items()):
-                if process.poll() is None:
-                    continue
-                process.log.close()
-                del active[run]
-                if process.returncode == 0 and run.done:
+            for run, returncode in _reap(active):
+                if returncode == 0 and run.done:
                     ran.append(str(run.folder))
                     if on_finish is not None:
                         on_finish(run)
                 else:
-                    tail = (run.folder / "stderr.txt").read_text(errors="replace")
-                    failed[str(run.folder)] = tail[-3000:]
-                    logger.error(
-                        "%s seed %d failed (%s):\n%s",
-                        run.cell.name,
-                        run.seed,
-                        process.returncode,
-                        tail[-3000:],
-                    )
+                    failed[str(run.folder)] = _log_failure(run, returncode)
                 bar.update(1)
     finally:
-        for process in active.values():
-            process.terminate()
-        for process in active.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            process.log.close()
+        _stop(active.values())
         bar.close()
     return {
         "skipped": [str(r.folder) for r in skipped],
@@ -307,3 +279,36 @@ def run_grid(
         "failed": failed,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _reap(active: dict[Run, subprocess.Popen]) -> list[tuple[Run, int]]:
+    """Remove the runs whose process ended from ``active``; their exit codes."""
+    ended = []
+    for run, process in list(active.items()):
+        if process.poll() is None:
+            continue
+        process.log.close()
+        del active[run]
+        ended.append((run, process.returncode))
+    return ended
+
+
+def _log_failure(run: Run, returncode: int) -> str:
+    """Log a failed run; return the tail of its stderr."""
+    tail = (run.folder / "stderr.txt").read_text(errors="replace")[-3000:]
+    logger.error(
+        "%s seed %d failed (%s):\n%s", run.cell.name, run.seed, returncode, tail
+    )
+    return tail
+
+
+def _stop(processes) -> None:
+    """Terminate the processes still running, then kill those that linger."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        process.log.close()
