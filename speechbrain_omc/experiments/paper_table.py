@@ -280,6 +280,27 @@ def write_report(
             f"SynthSpeech federated, {settings.rounds} rounds, "
             f"{len(settings.seeds)} seeds",
         )
+    header = _report_header(experiment, settings, state, finished, len(runs))
+    sections = [
+        header,
+        "## Table\n\n" + report.format_table(rows),
+        f"![test WER against bytes per round]({name}.png)",
+        *extra_sections,
+        "## Every run\n\nTest WER with its 95 % bootstrap interval over the test "
+        "utterances (10,000 resamples).\n\n" + report.format_runs(per_run),
+    ]
+    report.write_markdown(output / f"{name}.md", sections)
+    return rows
+
+
+def _report_header(
+    experiment: Experiment,
+    settings: GridSettings,
+    state: dict,
+    finished: int,
+    total: int,
+) -> str:
+    """The report's opening: the grid, its commands, machine and wall time."""
     invocations = state.get("invocations", [])
     commands = sorted({i["command"] for i in invocations})
     loads = [
@@ -290,7 +311,7 @@ def write_report(
     header = f"""# {experiment.title}, federated SynthSpeech
 
 Written by `{experiment.prog}`. Runs finished:
-{finished} of {len(runs)}. Each run: the main job's federation (packaged
+{finished} of {total}. Each run: the main job's federation (packaged
 `fed_omc.yaml` / `fed_fp32.yaml`: 8 clients of 3 training speakers, 4 per round,
 2 local epochs of SGD) for {settings.rounds} rounds, validation only after the
 last round, test on the held-out test speakers; seeds {list(settings.seeds)}
@@ -310,16 +331,7 @@ memory is counted exactly from storage at the end of the run; peak RSS is the
 high-water mark of the training steps (reset before each client's local
 training); bytes are `len()` of the messages.
 """
-    sections = [
-        header,
-        "## Table\n\n" + report.format_table(rows),
-        f"![test WER against bytes per round]({name}.png)",
-        *extra_sections,
-        "## Every run\n\nTest WER with its 95 % bootstrap interval over the test "
-        "utterances (10,000 resamples).\n\n" + report.format_runs(per_run),
-    ]
-    report.write_markdown(output / f"{name}.md", sections)
-    return rows
+    return header
 
 
 def main(
