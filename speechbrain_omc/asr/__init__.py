@@ -1,24 +1,9 @@
 """The Conformer-CTC ASR task shared by the recipes, the Flower app and the
-experiments.
-
-Everything the two SynthSpeech recipes (``recipes/SynthSpeech/ASR`` and
-``recipes/SynthSpeech/federated``), the Flower app and
-:mod:`speechbrain_omc.experiments` have in common lives here, so that the
-recipes are leaves that import the library and the installed package needs
-no file of the repository:
-
-* :mod:`.brain`: the :class:`ASR` Brain (and :class:`FedASR`, its federated
-  client form);
-* :mod:`.data`: the character label encoder and datasets from manifests;
-* :mod:`.federation`: preparing the federation (manifests, client
-  partition), building the Brain and the server, the embedded simulation;
-* :mod:`.rounds`: the per-round CSV and plot;
-* :mod:`.stats`: WER confidence intervals (bootstrap over utterances, and
-  over seeds);
-* ``hparams/``: the federated SynthSpeech hyperparameters (``fed_omc.yaml``,
-  ``fed_fp32.yaml``, and ``fed_scale.yaml``: 1,000 utterance-level clients),
-  shipped with the package; the federated recipe's ``hparams/`` holds the
-  same files.
+experiments (so the recipes are leaves and the package needs no repository
+file): :mod:`.brain` (the Brains), :mod:`.data` (label encoder, datasets),
+:mod:`.federation` (the embedded simulation), :mod:`.rounds` (per-round CSV
+and plot), :mod:`.stats` (WER intervals) and ``hparams/`` (the packaged
+federated hyperparameters).
 
 Example
 -------
@@ -69,18 +54,12 @@ def hparams_file(name: str | Path) -> Path:
     Arguments
     ---------
     name : str or Path
-        A path to a YAML file, or the bare name of one in :data:`HPARAMS_DIR`
-        (``fed_omc.yaml``, ``fed_omc``). A path with a folder must exist: a
-        mistyped one is an error, not the packaged file of the same name.
+        A YAML path, or the bare name of one in :data:`HPARAMS_DIR`
+        (``fed_omc.yaml``, ``fed_omc``); a path with a folder must exist.
 
     Returns
     -------
     Path
-
-    Raises
-    ------
-    FileNotFoundError
-        Neither a file nor a packaged name.
     """
     path = Path(name).expanduser()
     if path.is_file():

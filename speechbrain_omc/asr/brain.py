@@ -1,11 +1,9 @@
 """The Conformer-CTC Brains of the SynthSpeech / LibriSpeech ASR task.
 
-:class:`ASR` is the centralized recipe's Brain (Fbank -> CNN front end ->
-SpeechBrain ``TransformerASR`` encoder -> linear CTC head, greedy decoding,
-WER and CER with ``ErrorRateStats``); :class:`FedASR` is the same Brain as a
-federated client, whose stage end only records statistics. Both train in
-float32 or under OMC: they are :class:`~speechbrain_omc.OMCBrain` subclasses,
-which compress the modules when the hparams have an ``omc`` entry.
+:class:`ASR` is the centralized recipe's Brain (Fbank, CNN front end,
+``TransformerASR`` encoder, CTC head, greedy decoding); :class:`FedASR` the
+same as a federated client. Both are :class:`~speechbrain_omc.OMCBrain`
+subclasses: float32, or OMC when the hparams have an ``omc`` entry.
 
 Example
 -------
@@ -35,9 +33,8 @@ def utterance_errors(scores) -> list[tuple[str, int, int]]:
     Returns
     -------
     list of (str, int, int)
-        Utterance id, edits (substitutions + deletions + insertions),
-        reference words: what a bootstrap over utterances resamples
-        (:func:`speechbrain_omc.asr.stats.bootstrap_wer`).
+        Utterance id, edits, reference words (what
+        :func:`speechbrain_omc.asr.stats.bootstrap_wer` resamples).
     """
     return [(s["key"], int(s["num_edits"]), int(s["num_ref_tokens"])) for s in scores]
 
@@ -45,33 +42,14 @@ def utterance_errors(scores) -> list[tuple[str, int, int]]:
 class ASR(OMCBrain):
     """Conformer-CTC Brain; trains under OMC when ``hparams`` has ``omc``.
 
-    Expects the modules ``normalize``, ``CNN``, ``encoder`` (a
-    ``TransformerASR``) and ``ctc_lin``, and the hparams ``compute_features``,
-    ``log_softmax``, ``ctc_cost``, ``blank_index``, ``error_rate_computer``,
-    ``cer_computer``, and for :meth:`on_stage_end` ``train_logger`` and
-    ``ckpt_to_keep`` (optionally ``wav_augment``, ``fea_augment``,
-    ``lr_annealing``, ``wer_file``). The label encoder is passed as the
-    ``tokenizer`` attribute after construction. After a VALID or TEST stage,
-    ``utterance_errors`` holds each utterance's (id, edits, reference words).
+    Modules ``normalize``, ``CNN``, ``encoder`` (``TransformerASR``) and
+    ``ctc_lin``; the label encoder is set as ``tokenizer`` after
+    construction. After VALID or TEST, ``utterance_errors`` holds each
+    utterance's (id, edits, reference words).
     """
 
     def compute_forward(self, batch, stage):
-        """Forward pass: waveform -> Fbank -> CNN -> Conformer -> CTC log-probs.
-
-        Arguments
-        ---------
-        batch : PaddedBatch
-            With ``sig`` (waveforms and relative lengths).
-        stage : sb.Stage
-            TRAIN, VALID or TEST.
-
-        Returns
-        -------
-        p_ctc : torch.Tensor
-            CTC log-probabilities, (batch, frames, labels).
-        wav_lens : torch.Tensor
-            Relative lengths of the (possibly augmented) batch.
-        """
+        """Waveform -> Fbank -> CNN -> Conformer -> CTC log-probs, lengths."""
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         if stage == sb.Stage.TRAIN and getattr(self.hparams, "wav_augment", None):
@@ -90,22 +68,7 @@ class ASR(OMCBrain):
         return self.hparams.log_softmax(logits), wav_lens
 
     def compute_objectives(self, predictions, batch, stage):
-        """CTC loss; on VALID and TEST also greedy decoding, WER and CER.
-
-        Arguments
-        ---------
-        predictions : tuple
-            ``compute_forward``'s output.
-        batch : PaddedBatch
-            With ``id``, ``tokens`` and ``wrd``.
-        stage : sb.Stage
-            TRAIN, VALID or TEST.
-
-        Returns
-        -------
-        torch.Tensor
-            The mean CTC loss of the batch.
-        """
+        """CTC loss; on VALID and TEST also greedy decoding, WER and CER."""
         p_ctc, wav_lens = predictions
         tokens, tokens_lens = batch.tokens
         if stage == sb.Stage.TRAIN and getattr(self.hparams, "wav_augment", None):
@@ -127,15 +90,7 @@ class ASR(OMCBrain):
         return loss
 
     def on_stage_start(self, stage, epoch=None):
-        """Fresh WER and CER trackers for VALID and TEST.
-
-        Arguments
-        ---------
-        stage : sb.Stage
-            The stage that starts.
-        epoch : int, optional
-            The epoch number.
-        """
+        """Fresh WER and CER trackers for VALID and TEST."""
         if stage != sb.Stage.TRAIN:
             self.wer_metric = self.hparams.error_rate_computer()
             self.cer_metric = self.hparams.cer_computer()
@@ -150,17 +105,7 @@ class ASR(OMCBrain):
         }
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Log statistics, anneal the learning rate, keep the best checkpoint.
-
-        Arguments
-        ---------
-        stage : sb.Stage
-            The stage that ended.
-        stage_loss : float
-            Average loss over the stage.
-        epoch : int, optional
-            The epoch number.
-        """
+        """Log statistics, anneal the learning rate, keep the best checkpoint."""
         stage_stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stage_stats
@@ -194,26 +139,12 @@ class ASR(OMCBrain):
 
 
 class FedASR(ASR):
-    """:class:`ASR` as a federated client.
-
-    Same forward, loss and decoding; the stage end only records statistics
-    in ``stage_stats`` (which :class:`~speechbrain_omc.federated.client.
-    OMCClient` reports) and ``utterance_errors``: learning-rate annealing and
-    checkpoints belong to the server's rounds, not to a client's local epochs.
+    """:class:`ASR` as a federated client: the stage end only records
+    ``stage_stats``; annealing and checkpoints belong to the server's rounds.
     """
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Record the stage's loss, and WER/CER outside training.
-
-        Arguments
-        ---------
-        stage : sb.Stage
-            The stage that ended.
-        stage_loss : float
-            Average loss over the stage.
-        epoch : int, optional
-            The epoch number.
-        """
+        """Record the stage's loss, and WER/CER outside training."""
         stats = {"loss": float(stage_loss)}
         if stage != sb.Stage.TRAIN:
             stats.update({k: float(v) for k, v in self._error_stats().items()})

@@ -1,10 +1,7 @@
 """Data of the ASR task: character label encoder and datasets from manifests.
 
-The manifests are SpeechBrain CSVs (``ID, duration, wav, spk_id, wrd``)
-written by :func:`speechbrain_omc.data.librispeech.prepare_librispeech` for
-LibriSpeech and for the bundled SynthSpeech alike; ``wav`` paths start with
-``$data_root``, which :func:`dataset_from_csv` replaces with the hparams'
-``data_folder``.
+The manifests come from :func:`speechbrain_omc.data.librispeech.prepare_librispeech`;
+:func:`dataset_from_csv` replaces their ``$data_root`` with ``data_folder``.
 
 Example
 -------
@@ -36,11 +33,8 @@ __all__ = ["build_label_encoder", "dataio_prepare", "dataset_from_csv", "prepare
 def build_label_encoder(train_csv, path, blank_index=0):
     """Character CTC label encoder of a training manifest, saved to ``path``.
 
-    The labels are the sorted characters of the manifest's ``wrd`` column
-    (the space among them, as word separator), with the CTC blank at
-    ``blank_index``: the encoder depends on the set of characters only, so
-    it is the same for any manifest with the same characters. An encoder
-    already saved at ``path`` is loaded instead.
+    The labels are the sorted characters of ``wrd`` (space included) plus the
+    CTC blank; an encoder already saved at ``path`` is loaded instead.
 
     Arguments
     ---------
@@ -54,7 +48,6 @@ def build_label_encoder(train_csv, path, blank_index=0):
     Returns
     -------
     sb.dataio.encoder.CTCTextEncoder
-        The encoder.
     """
     with open(train_csv, newline="", encoding="utf-8") as f:
         chars = sorted({c for row in csv.DictReader(f) for c in row["wrd"]})
@@ -71,28 +64,22 @@ def build_label_encoder(train_csv, path, blank_index=0):
 
 
 def dataset_from_csv(csv_path, hparams, label_encoder, sorting=None):
-    """A ``DynamicItemDataset`` of one manifest with the task's pipelines.
-
-    Output keys: ``id``, ``sig`` (16 kHz waveform), ``wrd``, ``tokens``.
+    """A dataset of one manifest with keys ``id``, ``sig``, ``wrd``, ``tokens``.
 
     Arguments
     ---------
     csv_path : str or Path
-        SpeechBrain CSV (``ID, duration, wav, spk_id, wrd``) whose ``wav``
-        paths start with ``$data_root``.
+        SpeechBrain CSV whose ``wav`` paths start with ``$data_root``.
     hparams : dict
-        Needs ``data_folder``; ``avoid_if_longer_than`` filters long
-        utterances when ``sorting`` is given.
+        Needs ``data_folder``; ``avoid_if_longer_than`` applies when sorted.
     label_encoder : sb.dataio.encoder.CTCTextEncoder
         Encodes ``wrd`` characters into ``tokens``.
     sorting : str, optional
-        ``"ascending"`` or ``"descending"`` by duration, or ``"random"`` /
-        ``None`` to keep the manifest order.
+        ``"ascending"`` or ``"descending"`` by duration; otherwise file order.
 
     Returns
     -------
     sb.dataio.dataset.DynamicItemDataset
-        The dataset.
     """
     dataset = sb.dataio.dataset.DynamicItemDataset.from_csv(
         csv_path=str(csv_path),
@@ -133,19 +120,14 @@ def dataio_prepare(hparams, label_encoder=None):
         Needs ``train_csv``, ``valid_csv``, ``test_csv`` (a list),
         ``data_folder``, ``save_folder``, ``blank_index`` and ``sorting``.
     label_encoder : sb.dataio.encoder.CTCTextEncoder, optional
-        Reuse this encoder; by default :func:`build_label_encoder` builds (or
-        loads) ``<save_folder>/label_encoder.txt`` from ``train_csv``.
+        Default: :func:`build_label_encoder` of ``train_csv``.
 
     Returns
     -------
-    train_data : DynamicItemDataset
-        Sorted as ``hparams["sorting"]`` says.
-    valid_data : DynamicItemDataset
-        Sorted by ascending duration.
+    train_data, valid_data : DynamicItemDataset
     test_datasets : dict
-        Test split name (the CSV's stem) to its dataset.
+        The CSV's stem to its dataset.
     label_encoder : sb.dataio.encoder.CTCTextEncoder
-        Characters plus the CTC blank.
     """
     if label_encoder is None:
         label_encoder = build_label_encoder(
@@ -177,8 +159,7 @@ def prepare_data(hparams, progress=True):
     Arguments
     ---------
     hparams : dict
-        Needs ``data_folder``, ``output_folder`` (manifests go there),
-        ``splits`` and ``skip_prep``.
+        Needs ``data_folder``, ``output_folder``, ``splits``, ``skip_prep``.
     progress : bool
         Progress bars while scanning the corpus.
     """

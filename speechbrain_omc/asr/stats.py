@@ -1,15 +1,10 @@
 """Confidence intervals of word error rates.
 
-One run's test WER is a ratio of sums over utterances (edits over reference
-words), and utterances, not words, are the independent units: a misheard
-utterance often costs several words. Its interval is therefore a bootstrap
-over utterances (:func:`bootstrap_wer`). Two runs scored on the same test
-utterances are compared with a paired bootstrap of their difference
-(:func:`paired_difference`), which removes the test set's own sampling noise
-from the comparison. A configuration trained with several seeds gets a
-Student-t interval of its mean over the seeds (:func:`mean_ci`): that one
-includes the training noise (initialisation, client sampling, data order,
-stochastic rounding), which usually dominates.
+Utterances, not words, are the independent units (a misheard utterance
+costs several words), so one run's interval is a bootstrap over utterances
+(:func:`bootstrap_wer`), two runs on the same utterances are compared with a
+paired bootstrap (:func:`paired_difference`), and seeds get a Student-t
+interval of their mean (:func:`mean_ci`), which includes the training noise.
 
 Example
 -------
@@ -32,8 +27,7 @@ import numpy as np
 
 __all__ = ["Interval", "bootstrap_wer", "mean_ci", "paired_difference"]
 
-#: Bootstrap resamples: enough that the 2.5 % quantiles move by well under
-#: 0.1 point between seeds of the bootstrap itself.
+#: Enough that the 2.5 % quantiles move by well under 0.1 point between seeds.
 RESAMPLES = 10_000
 
 
@@ -48,10 +42,9 @@ class Interval:
     low, high : float
         Interval bounds.
     se : float
-        Standard error (standard deviation of the bootstrap replicates, or of
-        the mean over seeds).
+        Standard error.
     n : int
-        Units the interval is over: utterances, or seeds.
+        Utterances or seeds the interval is over.
     """
 
     value: float
@@ -66,42 +59,15 @@ class Interval:
         return (self.high - self.low) / 2
 
     def contains(self, value: float) -> bool:
-        """Whether ``value`` lies in the interval.
-
-        Arguments
-        ---------
-        value : float
-
-        Returns
-        -------
-        bool
-        """
+        """Whether ``value`` lies in the interval."""
         return self.low <= value <= self.high
 
     def overlaps(self, other: Interval) -> bool:
-        """Whether the two intervals share a point.
-
-        Arguments
-        ---------
-        other : Interval
-
-        Returns
-        -------
-        bool
-        """
+        """Whether the two intervals share a point."""
         return self.low <= other.high and other.low <= self.high
 
     def format(self, digits: int = 2) -> str:
-        """``12.34 % [11.50, 13.20]``.
-
-        Arguments
-        ---------
-        digits : int
-
-        Returns
-        -------
-        str
-        """
+        """``12.34 % [11.50, 13.20]``, with ``digits`` decimals."""
         return (
             f"{self.value:.{digits}f} % [{self.low:.{digits}f}, {self.high:.{digits}f}]"
         )
@@ -135,8 +101,7 @@ def _per_utterance(*columns: Sequence[int]) -> tuple[np.ndarray, ...]:
 def _wer_interval(
     edits: np.ndarray, words: np.ndarray, confidence: float, resamples: int, seed: int
 ) -> Interval:
-    """``100 * sum(edits) / sum(words)`` with a percentile bootstrap interval,
-    utterances resampled with replacement."""
+    """``100 * sum(edits) / sum(words)``; percentile bootstrap over utterances."""
     counts = _resample_counts(edits.size, resamples, seed)
     replicates = 100 * (counts @ edits) / np.maximum(counts @ words, 1)
     estimate = 100 * edits.sum() / words.sum()
@@ -158,12 +123,8 @@ def bootstrap_wer(
         Word edits (substitutions, deletions, insertions) per utterance.
     words : sequence of int
         Reference words per utterance.
-    confidence : float
-        Coverage of the interval.
-    resamples : int
-        Bootstrap replicates.
-    seed : int
-        Seed of the resampling (the interval is reproducible).
+    confidence, resamples, seed
+        Coverage, bootstrap replicates and seed of the resampling.
 
     Returns
     -------
@@ -195,12 +156,8 @@ def paired_difference(
         Edits per utterance of the two runs, in the same utterance order.
     words : sequence of int
         Reference words per utterance.
-    confidence : float
-        Coverage of the interval.
-    resamples : int
-        Bootstrap replicates.
-    seed : int
-        Seed of the resampling.
+    confidence, resamples, seed
+        As for :func:`bootstrap_wer`.
 
     Returns
     -------
