@@ -5,11 +5,10 @@
     python -m speechbrain_omc.experiments.ablation                 # every rung
     python -m speechbrain_omc.experiments.ablation --cells default clip_previous_norm
 
-runs the main job's federation (as :mod:`~speechbrain_omc.experiments.paper_table`
-does, resumably, two runs at a time) for every rung and seed and writes
+runs the main job's federation for every rung and seed, resumably (as
+:mod:`~speechbrain_omc.experiments.paper_table`), and writes
 ``ablation.{md,csv,png}`` to ``--output`` (default ``results/ablation``).
-Each rung changes one thing against its neighbour, so that a WER cost can be
-pinned on a mechanism:
+Each rung changes one thing, so that a WER cost can be pinned on a mechanism:
 
 ==================  ==========================================================
 factor              rungs
@@ -67,12 +66,7 @@ def _rung(name: str, factor: str, label: str, **changes) -> Cell:
 
 
 def ablation_ladder() -> list[Cell]:
-    """The rungs (see the module docstring), float32 first.
-
-    Returns
-    -------
-    list of Cell
-    """
+    """The rungs (see the module docstring), float32 first."""
     lossless = {"omc_format": "fp32"}
     return [
         FLOAT32,
@@ -134,17 +128,9 @@ ABLATION = Experiment(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run (or resume) the ladder and write its report.
+    """Run (or resume) the ladder and write its report; 1 when a run failed.
 
-    Arguments
-    ---------
-    argv : sequence of str, optional
-        As :func:`speechbrain_omc.experiments.paper_table.main`.
-
-    Returns
-    -------
-    int
-        0, or 1 when a run failed.
+    Arguments as :func:`speechbrain_omc.experiments.paper_table.main`.
     """
     return run(argv, experiment=ABLATION)
 

@@ -1,12 +1,8 @@
 """The paper table's configurations: a one-factor-at-a-time grid around OMC's default.
 
-A full factorial of formats x PVT x WMOQ x PPQ fraction x policy x rounding
-is hundreds of configurations, each needing at least three seeds: far beyond
-a two-core machine. The grid instead varies **one factor at a time** around
-the default configuration of the federated recipe (e3m7, per-variable scale,
-weight matrices only, 10 % of the weight values float32 re-drawn per round and
-client, stochastic rounding of the re-compression), so that every listed
-value of every factor appears once, next to the same reference:
+A full factorial would be hundreds of configurations times three seeds, so
+the grid varies **one factor at a time** around the federated recipe's
+default, each value next to the same reference:
 
 ====================  ==========================================================
 factor                cells (everything else at the default)
@@ -22,10 +18,8 @@ PPQ policy            largest, smallest, fixed (input projection and CTC head)
 rounding              nearest re-compression
 ====================  ==========================================================
 
-16 cells; interactions between factors are not measured. Each cell runs the
-federated recipe's packaged hparams (``fed_fp32.yaml`` for float32,
-``fed_omc.yaml`` otherwise) with the cell's ``omc_*`` overrides, for each
-seed.
+Interactions between factors are not measured. Each cell runs a packaged
+hparams file with its ``omc_*`` overrides, once per seed.
 
 Example
 -------
@@ -85,7 +79,7 @@ class Cell:
     label : str
         What the table prints.
     hparams : str
-        Packaged hparams file (``fed_omc.yaml`` or ``fed_fp32.yaml``).
+        Packaged hparams file.
     overrides : dict
         Hyperparameter overrides (the ``omc_*`` keys).
     """
@@ -117,13 +111,7 @@ DEFAULT = _omc(
 
 
 def paper_grid() -> list[Cell]:
-    """The 16 cells of the paper table (see the module docstring).
-
-    Returns
-    -------
-    list of Cell
-        Baselines and the default first, then one factor at a time.
-    """
+    """The 16 cells of the paper table: baselines, default, then each factor."""
     return [
         FLOAT32,
         _omc(
@@ -171,12 +159,7 @@ def paper_grid() -> list[Cell]:
 
 
 def quick_grid() -> list[Cell]:
-    """The CI grid: float32 and the default (2 cells).
-
-    Returns
-    -------
-    list of Cell
-    """
+    """The CI grid: float32 and the default."""
     return [FLOAT32, DEFAULT]
 
 
@@ -189,11 +172,9 @@ class GridSettings:
     rounds : int
         Federated rounds per run.
     seeds : tuple of int
-        Seeds; each cell runs once per seed (same seeds for every cell, so
-        that differences to float32 can be paired by seed).
+        The same for every cell, so differences pair by seed.
     overrides : dict
-        Further hyperparameter overrides for every run (``eval_every`` is
-        set to ``rounds``: the runs validate only after their last round).
+        Further overrides for every run (validation only after the last round).
     """
 
     rounds: int
@@ -202,15 +183,6 @@ class GridSettings:
 
     def run_overrides(self, cell: Cell, seed: int) -> dict[str, object]:
         """All overrides of one run.
-
-        Arguments
-        ---------
-        cell : Cell
-        seed : int
-
-        Returns
-        -------
-        dict
 
         Example
         -------
@@ -227,8 +199,7 @@ class GridSettings:
         }
 
 
-#: The recorded grid: 3 seeds, fewer rounds than the main job (see
-#: benchmarks/results/paper_table.md for why these numbers).
+#: The recorded grid (benchmarks/results/paper_table.md says why these numbers).
 FULL_SETTINGS = GridSettings(rounds=30, seeds=(1986, 1987, 1988))
 #: ``--quick``: 2 rounds of 2 clients, 2 seeds, for CI.
 QUICK_SETTINGS = GridSettings(

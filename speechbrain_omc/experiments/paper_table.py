@@ -5,31 +5,15 @@
     python -m speechbrain_omc.experiments.paper_table          # the full grid
     python -m speechbrain_omc.experiments.paper_table --quick  # 2 cells, 2 rounds
 
-runs the federated setting of the main job (SynthSpeech, 8 speaker-group
-clients, 4 per round) for every configuration of
-:func:`~speechbrain_omc.experiments.grid.paper_grid` (float32; bf16 with
-stochastic rounding; formats, PVT, WMOQ, PPQ fractions and policies, nearest
-rounding, one factor at a time around OMC's default) and every seed, two
-runs at a time with one PyTorch thread each, and writes to ``--output``
-(default ``results/paper_table``, ``results/paper_table_quick`` with
-``--quick``):
-
-* ``paper_table.md``: the table (parameter memory, peak training-step RSS,
-  bytes per round down and up, test WER mean with its 95 % interval over
-  seeds and the paired difference to float32, seconds per round; ratios to
-  the float32 cell of this grid), every run with its bootstrap interval over
-  test utterances, the command, the machine and the wall time;
-* ``paper_table.csv`` (one row per configuration) and ``runs.csv`` (one per
-  run);
-* ``paper_table.png``: test WER against bytes per round, one point per
-  configuration with its interval;
-* ``runs/<cell>/<seed>/``: each run's own outputs (``rounds.csv``,
-  ``summary.json``, ``test_errors.csv``...).
-
-The grid is resumable: a finished run is skipped, an interrupted one resumes
-from its checkpoint, and the report is rewritten after every run. Any other
-option is a hyperparameter override for every run (``--clients_per_round
-2``); ``--rounds``, ``--seeds`` and ``--cells`` change the grid itself.
+runs the main job's federation for every cell of
+:func:`~speechbrain_omc.experiments.grid.paper_grid` and every seed, two runs
+at a time, and writes to ``--output`` (default ``results/paper_table``):
+``paper_table.{md,csv,png}`` (the table with intervals over seeds and paired
+differences to float32, its figure), ``runs.csv`` and each run's own folder
+``runs/<cell>/<seed>/``. Finished runs are skipped and interrupted ones
+resume, so the command can be rerun. Other options are overrides for every
+run (``--clients_per_round 2``); ``--rounds``, ``--seeds`` and ``--cells``
+change the grid.
 """
 
 from __future__ import annotations
@@ -181,19 +165,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PAPER_TABLE.prog):
 def grid_from_args(
     args, overrides: dict, experiment: Experiment = PAPER_TABLE
 ) -> tuple[list[Cell], GridSettings]:
-    """The cells and settings the command line asks for.
-
-    Arguments
-    ---------
-    args : argparse.Namespace
-    overrides : dict
-    experiment : Experiment
-
-    Returns
-    -------
-    tuple
-        ``(cells, settings)``.
-    """
+    """The ``(cells, settings)`` that :func:`parse_args`' result asks for."""
     cells = quick_grid() if args.quick else experiment.cells()
     settings = QUICK_SETTINGS if args.quick else experiment.settings
     if args.cells:
@@ -214,16 +186,7 @@ def grid_from_args(
 
 
 def collect(runs: Sequence[Run]) -> dict[Cell, dict[int, dict]]:
-    """The finished runs' summaries, by cell and seed (cells in grid order).
-
-    Arguments
-    ---------
-    runs : sequence of Run
-
-    Returns
-    -------
-    dict
-    """
+    """The finished runs' summaries, by cell and seed (cells in grid order)."""
     results: dict[Cell, dict[int, dict]] = {}
     for run in runs:
         results.setdefault(run.cell, {})
