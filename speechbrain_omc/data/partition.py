@@ -73,17 +73,7 @@ def _natural_key(text: str) -> tuple:
 
 
 def speaker_of(utt_id: str) -> str:
-    """Speaker of a LibriSpeech-style utterance id: its first ``-`` field.
-
-    Arguments
-    ---------
-    utt_id : str
-        ``<speaker>-<chapter>-<utt>``.
-
-    Returns
-    -------
-    str
-        ``<speaker>``.
+    """Speaker of a ``<speaker>-<chapter>-<utt>`` utterance id.
 
     Example
     -------
@@ -101,17 +91,7 @@ def speaker_of(utt_id: str) -> str:
 
 @dataclass
 class Client:
-    """One federated client: a name, its speakers and its manifest rows.
-
-    Arguments
-    ---------
-    name : str
-        ``client_000``, ...
-    speakers : list of str
-        Speakers whose utterances the client holds (sorted).
-    rows : list of dict
-        Manifest rows, in the input manifest's order.
-    """
+    """One federated client: a name, its sorted speakers, its rows in manifest order."""
 
     name: str
     speakers: list[str]
@@ -129,19 +109,7 @@ class Client:
 
 
 def read_manifest(csv_path: str | Path) -> tuple[list[dict[str, str]], list[str]]:
-    """Read a SpeechBrain CSV manifest.
-
-    Arguments
-    ---------
-    csv_path : str or Path
-        Manifest with at least the ``ID`` and ``duration`` columns.
-
-    Returns
-    -------
-    rows : list of dict
-        One dict per utterance.
-    fieldnames : list of str
-        The columns, in file order.
+    """Rows and columns of a SpeechBrain CSV with ``ID`` and ``duration``.
 
     Example
     -------
@@ -408,21 +376,7 @@ def _clients_in_order(groups, by_speaker, rows) -> list[Client]:
 
 
 def summarize(clients: Sequence[Client], **settings) -> dict:
-    """Summary of a partition: settings, clients, totals.
-
-    Arguments
-    ---------
-    clients : sequence of Client
-        The partition.
-    **settings
-        Extra entries stored at the top (mode, seed, source, dropped, ...).
-
-    Returns
-    -------
-    dict
-        ``clients`` (name, csv, speakers, num_speakers, utterances, hours) and
-        ``total`` (clients, speakers, utterances, hours, and the smallest,
-        median and largest client in utterances).
+    """Summary of a partition: ``settings``, then ``total`` and per ``clients``.
 
     Example
     -------
@@ -459,19 +413,7 @@ def summarize(clients: Sequence[Client], **settings) -> dict:
 
 
 def format_summary(summary: dict, max_speakers: int = 8) -> str:
-    """Markdown table of a partition summary (as written to ``summary.md``).
-
-    Arguments
-    ---------
-    summary : dict
-        From :func:`summarize`.
-    max_speakers : int
-        Speakers listed per client before the list is cut short.
-
-    Returns
-    -------
-    str
-        Settings line, one table row per client, a totals row.
+    """Markdown table of a :func:`summarize` result (``summary.md``).
 
     Example
     -------
@@ -519,19 +461,18 @@ def write_partition(
     fieldnames: Sequence[str],
     **settings,
 ) -> dict:
-    """Write one CSV per client, ``summary.json`` and ``summary.md``.
+    """Write one CSV per client (stale ones removed), ``summary.json`` and ``.md``.
 
     Arguments
     ---------
     clients : sequence of Client
         The partition.
     output_dir : str or Path
-        Created if needed; ``client_*.csv`` files already there are removed so
-        that no stale client survives a smaller re-partition.
+        Created if needed.
     fieldnames : sequence of str
         CSV columns, those of the source manifest.
     **settings
-        Stored in the summary (see :func:`summarize`).
+        Stored in the summary.
 
     Returns
     -------
@@ -578,13 +519,12 @@ def partition_manifest(
     seed: int = DEFAULT_SEED,
     small_speakers: str = "drop",
 ) -> dict:
-    """Read a manifest, partition it and write the clients and summaries.
+    """Read a manifest, partition it, write the clients and summaries.
 
     Arguments
     ---------
     csv_path : str or Path
-        SpeechBrain CSV manifest (e.g. from
-        :func:`speechbrain_omc.data.librispeech.prepare_librispeech`).
+        SpeechBrain CSV manifest.
     output_dir : str or Path
         Where ``client_*.csv``, ``summary.json`` and ``summary.md`` go.
     mode, num_clients, min_utterances, seed, small_speakers
@@ -630,17 +570,7 @@ def partition_manifest(
 
 
 def client_manifests(output_dir: str | Path) -> list[Path]:
-    """The client CSVs of a written partition, in client order.
-
-    Arguments
-    ---------
-    output_dir : str or Path
-        A folder written by :func:`partition_manifest`.
-
-    Returns
-    -------
-    list of Path
-        One manifest per client, as listed in ``summary.json``.
+    """The client CSVs of a written partition, in ``summary.json``'s order.
 
     Example
     -------
