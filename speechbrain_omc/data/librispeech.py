@@ -56,22 +56,10 @@ def _natural_key(utt_id: str) -> tuple:
 
 
 def read_transcripts(trans_file: str | Path) -> dict[str, str]:
-    """Read one ``<speaker>-<chapter>.trans.txt`` file.
+    """Utterance id to transcript (whitespace collapsed) of a ``.trans.txt`` file.
 
-    Arguments
-    ---------
-    trans_file : str or Path
-        The transcript file; every non-empty line is ``ID TRANSCRIPT``.
-
-    Returns
-    -------
-    dict
-        Utterance id to transcript (whitespace collapsed), in file order.
-
-    Raises
-    ------
-    ValueError
-        Naming the file and line of a malformed or duplicate line.
+    Raises ``ValueError`` naming the file and line of a malformed or duplicate
+    line.
 
     Example
     -------
@@ -111,7 +99,7 @@ def scan_split(
     audio_ext: str = ".flac",
     progress: bool = True,
 ) -> list[dict[str, str]]:
-    """Manifest rows of one split folder, sorted by utterance id.
+    """Manifest rows (keys :data:`CSV_HEADER`) of one split, sorted by utterance id.
 
     Arguments
     ---------
@@ -123,11 +111,6 @@ def scan_split(
         Audio file extension next to the transcripts.
     progress : bool
         Show a progress bar over the chapters.
-
-    Returns
-    -------
-    list of dict
-        One row per utterance with the keys of :data:`CSV_HEADER`.
 
     Example
     -------
@@ -192,19 +175,7 @@ def _chapter_rows(chapter: Path, split: str, audio_ext: str) -> list[dict[str, s
 
 
 def write_manifest(rows: Iterable[dict[str, str]], csv_path: str | Path) -> Path:
-    """Write manifest rows as a SpeechBrain CSV, atomically.
-
-    Arguments
-    ---------
-    rows : iterable of dict
-        Rows with the keys of :data:`CSV_HEADER` (extra keys are an error).
-    csv_path : str or Path
-        Destination; its folder is created.
-
-    Returns
-    -------
-    Path
-        ``csv_path``.
+    """Write rows with the keys of :data:`CSV_HEADER` as a CSV, atomically.
 
     Example
     -------
@@ -249,12 +220,11 @@ def prepare_librispeech(
     data_folder : str or Path
         Corpus root, e.g. ``/data/LibriSpeech`` or ``data/SynthSpeech``.
     save_folder : str or Path
-        Where the CSVs and the options file go (created if needed).
+        Where the CSVs and the options file go.
     splits : sequence of str
-        Split folders under ``data_folder`` (:data:`LIBRISPEECH_SPLITS`,
-        :data:`SYNTHSPEECH_SPLITS`).
+        Split folders under ``data_folder``.
     skip_prep : bool
-        Do nothing and just return the CSV paths (SpeechBrain convention).
+        Only return the CSV paths (SpeechBrain convention).
     audio_ext : str
         Audio extension.
     progress : bool

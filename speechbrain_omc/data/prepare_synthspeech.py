@@ -1,21 +1,14 @@
 """One command: manifests and federated partitions of the bundled SynthSpeech.
 
-::
-
-    python -m speechbrain_omc.data.prepare_synthspeech --output results/synthspeech_prep
-
-writes, with no network and no system package::
+``python -m speechbrain_omc.data.prepare_synthspeech --output OUT`` writes::
 
     <output>/manifests/{train,dev,test}.csv      SpeechBrain CSVs ($data_root paths)
     <output>/partitions/<name>/client_*.csv      one manifest per federated client
     <output>/partitions/<name>/summary.{json,md} clients, speakers, utterances, hours
     <output>/summary.{json,md}                   corpus and all partitions at a glance
 
-The training split is partitioned four ways (:data:`DEFAULT_PARTITIONS`): one
-speaker per client, speakers grouped into 8 clients, and the IID shuffles with
-the same client counts as the comparison. Manifests already written with the
-same settings are reused (see
-:func:`~speechbrain_omc.data.librispeech.prepare_librispeech`).
+The training split is partitioned four ways (:data:`DEFAULT_PARTITIONS`):
+by speaker (one per client, or 8 groups) and IID with the same client counts.
 
 Example
 -------
@@ -53,23 +46,10 @@ DEFAULT_PARTITIONS: dict[str, dict] = {
 
 
 def bundled_corpus() -> Path:
-    """Path of the committed corpus, ``data/SynthSpeech`` of the repository.
+    """Root of the committed corpus, ``data/SynthSpeech`` (data, not in the package).
 
-    Looked for, in order: ``$SPEECHBRAIN_OMC_SYNTHSPEECH``, the source
-    checkout this package runs from (an editable install), and
-    ``data/SynthSpeech`` under the working directory (a regular install run
-    from the repository root). The corpus is data, not code: it is not in the
-    installed package.
-
-    Returns
-    -------
-    Path
-        The corpus root.
-
-    Raises
-    ------
-    FileNotFoundError
-        When none of them holds the corpus.
+    Looked for in ``$SPEECHBRAIN_OMC_SYNTHSPEECH``, the source checkout of an
+    editable install, then under the working directory.
 
     Example
     -------
@@ -118,11 +98,10 @@ def prepare_synthspeech(
     output : str or Path
         Output folder (``manifests/``, ``partitions/``, ``summary.*``).
     data_folder : str or Path, optional
-        Corpus root; default the bundled corpus (:func:`bundled_corpus`).
+        Corpus root; default :func:`bundled_corpus`.
     partitions : mapping
-        Partition name to keyword arguments of
-        :func:`~speechbrain_omc.data.partition.partition_manifest`
-        (``mode``, ``num_clients``, ``min_utterances``, ``small_speakers``).
+        Name to keyword arguments of
+        :func:`~speechbrain_omc.data.partition.partition_manifest`.
     seed : int
         Seed of every partition that does not set its own.
     train_split : str
@@ -135,8 +114,8 @@ def prepare_synthspeech(
     Returns
     -------
     dict
-        ``splits`` (speakers, utterances, hours per split), ``manifests``
-        (paths) and ``partitions`` (name to summary).
+        ``splits`` (statistics), ``manifests`` (paths), ``partitions``
+        (name to summary).
     """
     output = Path(output)
     data_folder = Path(data_folder) if data_folder is not None else bundled_corpus()
@@ -164,17 +143,7 @@ def prepare_synthspeech(
 
 
 def format_report(result: dict) -> str:
-    """Markdown overview of :func:`prepare_synthspeech`'s result.
-
-    Arguments
-    ---------
-    result : dict
-        As returned by :func:`prepare_synthspeech`.
-
-    Returns
-    -------
-    str
-        A splits table and a partitions table.
+    """Markdown tables of :func:`prepare_synthspeech`'s splits and partitions.
 
     Example
     -------
