@@ -119,27 +119,18 @@ class SynthSpeaker:
     Arguments
     ---------
     speaker_id : int
-        LibriSpeech-style integer speaker id.
+        LibriSpeech-style speaker id.
     split : str
         ``"train"``, ``"dev"`` or ``"test"``.
-    variant : str
-        espeak-ng voice variant appended to ``en-us`` (``"m1"``, ``"klatt"``...).
-    pitch : int
-        espeak-ng base pitch ``-p`` (0-99).
-    speed : int
-        espeak-ng speed ``-s`` in words per minute.
-    word_gap : int
-        espeak-ng ``-g``: extra pause between words, in units of 10 ms.
-    peak : float
-        Peak amplitude of the written signal (full scale is 1.0).
-    lowpass_hz : float
-        Cut-off of the channel's low-pass filter.
-    snr_db : float
-        Signal-to-noise ratio of the added white noise, in dB.
+    variant, pitch, speed, word_gap : str, int, int, int
+        espeak-ng voice variant (``en-us+<variant>``), ``-p``, ``-s`` and
+        ``-g`` (10 ms units).
+    peak, lowpass_hz, snr_db : float
+        The channel: peak level (full scale 1.0), low-pass cut-off, SNR.
     chapters : tuple of int
         Chapter ids read by this speaker.
     utterances_per_chapter : int
-        Utterances the speaker reads in each chapter.
+        Utterances read in each chapter.
     """
 
     speaker_id: int
@@ -259,17 +250,7 @@ def _noun_phrase(rng: np.random.Generator, adjective: bool = True) -> list[str]:
 
 
 def make_transcript(rng: np.random.Generator) -> str:
-    """Draw one transcript: a digit string or a short sentence.
-
-    Arguments
-    ---------
-    rng : numpy.random.Generator
-        Source of every random choice.
-
-    Returns
-    -------
-    str
-        Uppercase words from :data:`VOCABULARY` separated by single spaces.
+    """Draw one uppercase transcript: a digit string or a short sentence.
 
     Example
     -------
@@ -336,27 +317,11 @@ def render_utterance(
     speaker: SynthSpeaker,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Turn a raw synthesiser signal into a SynthSpeech recording.
+    """Turn a raw synthesiser signal into int16 16 kHz SynthSpeech samples.
 
-    Resample to 16 kHz, trim silence, pad with a short random pause, add
-    noise at the speaker's SNR, low-pass at the speaker's cut-off and scale to
-    the speaker's peak level.
-
-    Arguments
-    ---------
-    samples : numpy.ndarray
-        Mono float signal from the synthesiser.
-    rate : int
-        Its sample rate.
-    speaker : SynthSpeaker
-        Supplies the channel parameters.
-    rng : numpy.random.Generator
-        Source of the pause lengths, noise and level jitter.
-
-    Returns
-    -------
-    numpy.ndarray
-        int16 samples at 16 kHz.
+    Resample, trim silence, pad with a short random pause, add noise at the
+    speaker's SNR, low-pass and scale to the speaker's peak, all drawn from
+    ``rng``.
 
     Example
     -------
@@ -392,16 +357,6 @@ def render_utterance(
 
 def tool_versions(espeak: str = "espeak-ng") -> dict[str, str]:
     """Versions of the tools and libraries that shape the generated audio.
-
-    Arguments
-    ---------
-    espeak : str
-        espeak-ng executable.
-
-    Returns
-    -------
-    dict
-        ``espeak-ng``, ``numpy``, ``scipy``, ``soundfile``, ``libsndfile``.
 
     Example
     -------
@@ -612,20 +567,7 @@ def _speaker_groups(speakers: Sequence[SynthSpeaker], per_chapter) -> list[dict]
 
 
 def corpus_statistics(root: str | Path, speakers: Sequence[SynthSpeaker]) -> dict:
-    """Per-split statistics of the speakers' chapters found under ``root``.
-
-    Arguments
-    ---------
-    root : str or Path
-        Corpus root.
-    speakers : sequence of SynthSpeaker
-        Whose chapters to count (those missing on disk are skipped).
-
-    Returns
-    -------
-    dict
-        Split to speakers, chapters, utterances, words, hours and megabytes
-        of FLAC.
+    """Per-split speakers, chapters, utterances, words, hours and MB on disk.
 
     Example
     -------
