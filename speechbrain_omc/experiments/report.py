@@ -1,23 +1,10 @@
 """The paper table from finished runs: Markdown, CSV and a PNG.
 
-Per configuration (cell), over its seeds:
-
-* **parameter memory**: the client model's parameter storage, counted
-  exactly (packed codes + transforms + float32 parameters), and its ratio to
-  float32's;
-* **peak training-step RSS**: the process's resident-memory high-water mark
-  over its clients' local training (reset before each, read after), and
-  its ratio;
-* **bytes per round**, down (server to clients) and up, ``len()`` of the
-  messages, and their ratios;
-* **test WER**: the mean over seeds with a 95 % Student-t interval over the
-  seeds, and the difference to float32 paired by seed (same seed: same
-  initial model, client sampling and data order) with its interval;
-* **seconds per round**: wall clock, and the training CPU time (which does
-  not depend on what else the machine runs), with its ratio.
-
-Ratios are to the float32 cell of the same grid (same machine, same run of
-the grid).
+Per cell, over its seeds: parameter memory (counted exactly from storage),
+peak training-step RSS, bytes per round down and up (``len()`` of the
+messages), test WER (mean with a Student-t interval over seeds, and the
+difference to float32 paired by seed) and seconds per round (wall and
+training CPU). Ratios are to the float32 cell of the same grid.
 
 Example
 -------
@@ -97,18 +84,17 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def cell_rows(results: Mapping[Cell, Mapping[int, dict]]) -> list[dict]:
-    """One row per cell: means over seeds, intervals, ratios to float32.
+    """One row per cell (keys :data:`CSV_FIELDS`): seed means, intervals, ratios.
 
     Arguments
     ---------
     results : mapping
-        Cell to ``{seed: summary}`` of its finished runs (``summary.json``
-        of :func:`speechbrain_omc.asr.run_federation`).
+        Cell to ``{seed: summary}`` of its finished runs.
 
     Returns
     -------
     list of dict
-        Keys :data:`CSV_FIELDS`, in the cells' order.
+        In the cells' order.
     """
     base = next((runs for cell, runs in results.items() if cell.is_float32), {})
     rows = []
@@ -199,16 +185,8 @@ def _overlap(row: dict, reference: dict) -> dict:
 
 
 def run_rows(results: Mapping[Cell, Mapping[int, dict]]) -> list[dict]:
-    """One row per finished run (the table's raw material).
-
-    Arguments
-    ---------
-    results : mapping
-        As for :func:`cell_rows`.
-
-    Returns
-    -------
-    list of dict
+    """One row per finished run (the table's raw material); ``results`` as for
+    :func:`cell_rows`.
     """
     rows = []
     for cell, runs in results.items():
@@ -242,14 +220,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def write_csv(rows: Sequence[dict], path: Path, fields: Sequence[str] = CSV_FIELDS):
-    """Write rows as CSV (atomically).
-
-    Arguments
-    ---------
-    rows : sequence of dict
-    path : Path
-    fields : sequence of str
-    """
+    """Write rows as CSV, atomically."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
@@ -274,17 +245,7 @@ def _scaled(value, unit: float, spec: str) -> str:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """The paper table as Markdown.
-
-    Arguments
-    ---------
-    rows : sequence of dict
-        :func:`cell_rows`' output.
-
-    Returns
-    -------
-    str
-    """
+    """The paper table of :func:`cell_rows`' rows as Markdown."""
     head = (
         "| configuration | seeds | parameter memory (vs float32) | peak train RSS "
         "(vs float32) | bytes/round down (vs float32) | bytes/round up (vs float32) "
@@ -323,17 +284,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def format_runs(rows: Sequence[dict]) -> str:
-    """Every run as Markdown: test WER with its bootstrap interval.
-
-    Arguments
-    ---------
-    rows : sequence of dict
-        :func:`run_rows`' output.
-
-    Returns
-    -------
-    str
-    """
+    """Every run of :func:`run_rows` as Markdown, with its bootstrap interval."""
     lines = [
         "| cell | seed | test WER % [95 % bootstrap CI over utterances] | SE "
         "| valid WER % | parameter bytes | peak train RSS MiB | bytes/round down "
@@ -355,14 +306,7 @@ def format_runs(rows: Sequence[dict]) -> str:
 
 
 def write_markdown(path: Path, sections: Sequence[str]) -> None:
-    """Write the Markdown report (atomically).
-
-    Arguments
-    ---------
-    path : Path
-    sections : sequence of str
-        Joined by blank lines.
-    """
+    """Write ``sections``, joined by blank lines, atomically."""
     _atomic_text(path, "\n\n".join(s.strip() for s in sections) + "\n")
 
 
@@ -398,20 +342,9 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_table(rows: Sequence[dict], path: Path, title: str = "") -> None:
-    """Test WER against bytes per round: one point per configuration.
+    """Test WER (mean and 95 % interval over seeds) against bytes per round.
 
-    x: bytes per round (down + up) as a percentage of float32's; y: the mean
-    test WER over seeds with its 95 % interval as error bars; float32's
-    interval is the shaded band.
-
-    Arguments
-    ---------
-    rows : sequence of dict
-        :func:`cell_rows`' output.
-    path : Path
-        Destination PNG.
-    title : str
-        Figure title.
+    One point per :func:`cell_rows` row; float32's interval is the band.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 6.5))
@@ -451,21 +384,7 @@ def plot_table(rows: Sequence[dict], path: Path, title: str = "") -> None:
 
 
 def plot_differences(rows: Sequence[dict], path: Path, title: str = "") -> None:
-    """Paired test WER difference to float32, one row per configuration.
-
-    Each configuration's mean difference over seeds (same seed, same initial
-    model, clients and data order) with its 95 % Student-t interval; the
-    line at 0 is float32.
-
-    Arguments
-    ---------
-    rows : sequence of dict
-        :func:`cell_rows`' output.
-    path : Path
-        Destination PNG.
-    title : str
-        Figure title.
-    """
+    """Paired test WER difference to float32 with its interval, one row per cell."""
     plt = _pyplot()
     shown = [r for r in rows if r["wer_delta"] is not None]
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.38 * max(len(shown), 1)))

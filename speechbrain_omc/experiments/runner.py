@@ -48,17 +48,7 @@ class GridMismatch(RuntimeError):
 
 @dataclass(frozen=True)
 class Run:
-    """One federated run of the grid: a cell with a seed.
-
-    Arguments
-    ---------
-    cell : Cell
-    seed : int
-    folder : Path
-        Its output folder.
-    overrides : dict
-        Every hyperparameter override of the run.
-    """
+    """One federated run of the grid: a cell with a seed, its folder and overrides."""
 
     cell: Cell
     seed: int
@@ -83,22 +73,11 @@ class Run:
         return (self.folder / SUMMARY).is_file()
 
     def summary(self) -> dict:
-        """The finished run's ``summary.json``.
-
-        Returns
-        -------
-        dict
-        """
+        """The finished run's ``summary.json``."""
         return json.loads((self.folder / SUMMARY).read_text(encoding="utf-8"))
 
     def check_spec(self) -> None:
-        """Refuse a folder that holds a run with other settings.
-
-        Raises
-        ------
-        GridMismatch
-            Naming the differing overrides.
-        """
+        """Raise :class:`GridMismatch` if the folder holds a run with other settings."""
         path = self.folder / SPEC
         if not path.is_file():
             return
@@ -121,19 +100,7 @@ class Run:
 
 
 def plan_runs(cells: Sequence[Cell], settings: GridSettings, output: Path) -> list[Run]:
-    """Every run of the grid, seed-major, so complete seeds finish early.
-
-    Arguments
-    ---------
-    cells : sequence of Cell
-    settings : GridSettings
-    output : Path
-        The grid's folder.
-
-    Returns
-    -------
-    list of Run
-    """
+    """Every run of the grid, seed-major, so complete seeds finish early."""
     return [
         Run(
             cell,
@@ -153,16 +120,7 @@ def _cli_value(value: object) -> str:
 
 
 def command_line(run: Run) -> list[str]:
-    """The command of one run.
-
-    Arguments
-    ---------
-    run : Run
-
-    Returns
-    -------
-    list of str
-    """
+    """The command of one run."""
     command = [
         sys.executable,
         "-m",
@@ -209,11 +167,12 @@ def run_grid(
     progress: bool = True,
     on_finish: Callable[[Run], None] | None = None,
 ) -> dict[str, object]:
-    """Run every unfinished run, ``jobs`` at a time; skip the finished ones.
+    """Run every unfinished run, ``jobs`` processes at a time; skip finished ones.
 
     Arguments
     ---------
     runs : sequence of Run
+        Checked with :meth:`Run.check_spec` before anything starts.
     jobs : int
         Processes at once (one PyTorch thread each).
     progress : bool
@@ -224,14 +183,8 @@ def run_grid(
     Returns
     -------
     dict
-        ``skipped`` and ``ran`` (lists of run folders), ``failed`` (folder
-        to the tail of its log) and ``seconds``.
-
-    Raises
-    ------
-    GridMismatch
-        A run folder holds a run with other settings (checked before
-        anything starts).
+        ``skipped`` and ``ran`` (run folders), ``failed`` (folder to the tail
+        of its log) and ``seconds``.
     """
     from tqdm import tqdm
 
