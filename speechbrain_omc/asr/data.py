@@ -34,20 +34,7 @@ def build_label_encoder(train_csv, path, blank_index=0):
     """Character CTC label encoder of a training manifest, saved to ``path``.
 
     The labels are the sorted characters of ``wrd`` (space included) plus the
-    CTC blank; an encoder already saved at ``path`` is loaded instead.
-
-    Arguments
-    ---------
-    train_csv : str or Path
-        A SpeechBrain CSV with a ``wrd`` column.
-    path : str or Path
-        Where the encoder is saved (``label_encoder.txt``).
-    blank_index : int
-        Index of the CTC blank.
-
-    Returns
-    -------
-    sb.dataio.encoder.CTCTextEncoder
+    CTC blank at ``blank_index``; an encoder already at ``path`` is loaded.
     """
     with open(train_csv, newline="", encoding="utf-8") as f:
         chars = sorted({c for row in csv.DictReader(f) for c in row["wrd"]})
@@ -76,10 +63,6 @@ def dataset_from_csv(csv_path, hparams, label_encoder, sorting=None):
         Encodes ``wrd`` characters into ``tokens``.
     sorting : str, optional
         ``"ascending"`` or ``"descending"`` by duration; otherwise file order.
-
-    Returns
-    -------
-    sb.dataio.dataset.DynamicItemDataset
     """
     dataset = sb.dataio.dataset.DynamicItemDataset.from_csv(
         csv_path=str(csv_path),
@@ -112,22 +95,13 @@ def dataset_from_csv(csv_path, hparams, label_encoder, sorting=None):
 
 
 def dataio_prepare(hparams, label_encoder=None):
-    """Datasets and label encoder of the centralized recipe.
+    """Train, valid and test datasets and the label encoder of the centralized
+    recipe.
 
-    Arguments
-    ---------
-    hparams : dict
-        Needs ``train_csv``, ``valid_csv``, ``test_csv`` (a list),
-        ``data_folder``, ``save_folder``, ``blank_index`` and ``sorting``.
-    label_encoder : sb.dataio.encoder.CTCTextEncoder, optional
-        Default: :func:`build_label_encoder` of ``train_csv``.
-
-    Returns
-    -------
-    train_data, valid_data : DynamicItemDataset
-    test_datasets : dict
-        The CSV's stem to its dataset.
-    label_encoder : sb.dataio.encoder.CTCTextEncoder
+    ``hparams`` needs ``train_csv``, ``valid_csv``, ``test_csv`` (a list, keyed
+    by stem in the result), ``data_folder``, ``save_folder``, ``blank_index``
+    and ``sorting``; ``label_encoder`` defaults to :func:`build_label_encoder`
+    of ``train_csv``.
     """
     if label_encoder is None:
         label_encoder = build_label_encoder(
@@ -154,14 +128,8 @@ def dataio_prepare(hparams, label_encoder=None):
 
 
 def prepare_data(hparams, progress=True):
-    """Write the manifests of ``hparams["splits"]`` (skipped when done).
-
-    Arguments
-    ---------
-    hparams : dict
-        Needs ``data_folder``, ``output_folder``, ``splits``, ``skip_prep``.
-    progress : bool
-        Progress bars while scanning the corpus.
+    """Write the manifests of ``hparams["splits"]`` to ``output_folder``, unless
+    done already (``hparams`` also needs ``data_folder`` and ``skip_prep``).
     """
     from speechbrain_omc.data.librispeech import prepare_librispeech
 

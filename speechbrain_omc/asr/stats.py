@@ -33,18 +33,8 @@ RESAMPLES = 10_000
 
 @dataclass(frozen=True)
 class Interval:
-    """An estimate with its two-sided confidence interval (WER points).
-
-    Arguments
-    ---------
-    value : float
-        The estimate (a WER or a difference of WERs, in %).
-    low, high : float
-        Interval bounds.
-    se : float
-        Standard error.
-    n : int
-        Utterances or seeds the interval is over.
+    """An estimate (WER or WER difference, in points) with its interval, its
+    standard error ``se`` and the ``n`` utterances or seeds it is over.
     """
 
     value: float
@@ -119,17 +109,15 @@ def bootstrap_wer(
 
     Arguments
     ---------
-    errors : sequence of int
-        Word edits (substitutions, deletions, insertions) per utterance.
-    words : sequence of int
-        Reference words per utterance.
+    errors, words : sequence of int
+        Word edits and reference words per utterance.
     confidence, resamples, seed
         Coverage, bootstrap replicates and seed of the resampling.
 
     Returns
     -------
     Interval
-        WER in %, its interval and standard error; ``n`` utterances.
+        WER in %, over ``n`` utterances.
 
     Example
     -------
@@ -148,7 +136,7 @@ def paired_difference(
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> Interval:
-    """WER of B minus WER of A on the same utterances, paired bootstrap.
+    """WER of B minus WER of A on the same utterances, by a paired bootstrap.
 
     Arguments
     ---------
@@ -158,11 +146,6 @@ def paired_difference(
         Reference words per utterance.
     confidence, resamples, seed
         As for :func:`bootstrap_wer`.
-
-    Returns
-    -------
-    Interval
-        The difference in WER points (B - A) and its interval.
 
     Example
     -------
@@ -175,19 +158,7 @@ def paired_difference(
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
-    """Mean over seeds with a Student-t interval.
-
-    Arguments
-    ---------
-    values : sequence of float
-        One value per seed (at least two for an interval).
-    confidence : float
-        Coverage of the interval.
-
-    Returns
-    -------
-    Interval
-        Mean, ``mean -+ t * s / sqrt(n)``; with one value the bounds are NaN.
+    """Mean over seeds with a Student-t interval (NaN bounds for one value).
 
     Example
     -------
