@@ -632,6 +632,15 @@ def _write_speakers_file(
     path.write_text(header + "".join(rows), encoding="utf-8")
 
 
+_README_LICENSE = """## License
+
+The audio was produced with espeak-ng (GPL-3.0-or-later) and its voice
+variants; espeak-ng is only the tool and is neither linked nor distributed
+here. The generated audio, transcripts and metadata are part of this
+repository and distributed under its Apache-2.0 license.
+"""
+
+
 def _readme(info: dict, speakers: Sequence[SynthSpeaker]) -> str:
     return (
         _readme_contents(info)
@@ -739,15 +748,6 @@ peak level, low-pass cut-off, SNR of white noise. Also in `SPEAKERS.TXT`.
 |---|---|---|---|---|---|---|---|---|
 {speaker_rows}
 
-"""
-
-
-_README_LICENSE = """## License
-
-The audio was produced with espeak-ng (GPL-3.0-or-later) and its voice
-variants; espeak-ng is only the tool and is neither linked nor distributed
-here. The generated audio, transcripts and metadata are part of this
-repository and distributed under its Apache-2.0 license.
 """
 
 
