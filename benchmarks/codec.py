@@ -18,7 +18,7 @@ of its repeats. Cases:
 
 Ratios divide by the native cast of the same size and thread count: decoding
 by ``bfloat16 -> float32``, encoding by ``float32 -> bfloat16``. The targets
-of issue 8 (1M values, one thread): e3m7 decode <= 3x, e3m7 stochastic
+(1M values, one thread): e3m7 decode <= 3x, e3m7 stochastic
 encode <= 10x, 8- and 16-bit decode <= 1.5x.
 
 Usage::

@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--wrapper",
         default="",
-        help="how the command was wrapped (e.g. 'flock LOCK nice -n -10'), "
+        help="how the command was wrapped (e.g. 'nice -n -10'), "
         "recorded in front of it",
     )
     parser.add_argument("--worker", choices=["embedded", "flower", "deployment"])

@@ -54,7 +54,7 @@ def _rise(result: dict) -> int:
 
 
 def _bound(result: dict) -> float:
-    """The issue's limit for the rise: 1.5 x the model plus the largest message."""
+    """The limit for the rise: 1.5 x the model plus the largest message."""
     return 1.5 * result["model_float32_bytes"] + result["largest_message"]
 
 
@@ -88,7 +88,7 @@ def _measured(entries: list[dict]) -> list[str]:
         "from its report); *wall s*: the whole round, clients' training included.",
         "*RSS*: the server process's resident memory when the round opened and its",
         "peak until it closed; *bound*: 1.5 x the float32 model plus the largest",
-        "single message of the round (the issue's limit for the rise). Embedded:",
+        "single message of the round (the limit for the rise). Embedded:",
         "the library's round in the server process, its client in a worker",
         "process. Flower: the Simulation Engine; the ServerApp process also holds",
         "Flower's in-memory state of the messages and Ray's driver, and the app",
@@ -288,7 +288,7 @@ def _analytic(entry: dict) -> list[str]:
         "the round's compressed broadcast (each variable compressed once and shared",
         "by the clients), one message and one decoded entry; the same for 100 and",
         "1,000 clients. *Server, before*: the master, every reply decoded to float32",
-        "and every message of the round held at once (issue 13's starting point).",
+        "and every message of the round held at once (before streaming).",
         "*Client*: a client's parameter memory under its plan. *Saving*: of the",
         f"float32 parameter memory and communication; the paper reports {PAPER}.",
         "",
@@ -426,7 +426,7 @@ def render(record: dict) -> str:
         "# Federation at scale: streaming aggregation, a thousand clients, 130M",
         "",
         "Recorded by `benchmarks/federated_scale.py` (see its docstring; rerun",
-        "any part with `--parts`). Issue 13.",
+        "any part with `--parts`).",
         "",
     ]
     measured = sorted(
