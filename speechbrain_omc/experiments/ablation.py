@@ -8,6 +8,9 @@
 runs the main job's federation for every rung and seed, resumably (as
 :mod:`~speechbrain_omc.experiments.paper_table`), and writes
 ``ablation.{md,csv,png}`` to ``--output`` (default ``results/ablation``).
+The record, ``--output benchmarks/results/ablation``, keeps each finished
+run's ``summary.json`` in the repository (checkpoints and models stay
+untracked) and its ``reading.md``: the ladder resumes on any clone.
 Each rung changes one thing, so that a WER cost can be pinned on a mechanism:
 
 ==================  ==========================================================

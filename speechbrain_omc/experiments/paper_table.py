@@ -44,6 +44,8 @@ from speechbrain_omc.experiments.runner import GridMismatch, Run, plan_runs, run
 logger = logging.getLogger(__name__)
 
 STATE = "grid_state.json"
+#: A reading kept beside the runs, rendered into the report when present.
+READING = "reading.md"
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,8 @@ def write_report(
     extra_sections: Sequence[str] = (),
     experiment: Experiment = PAPER_TABLE,
 ) -> list[dict]:
-    """Write ``<name>.{md,csv,png}`` and ``runs.csv`` from finished runs.
+    """Write ``<name>.{md,csv,png}`` and ``runs.csv`` from finished runs
+    (with ``reading.md`` of ``output`` as a section, when there is one).
 
     Arguments
     ---------
@@ -244,11 +247,13 @@ def write_report(
             f"{len(settings.seeds)} seeds",
         )
     header = _report_header(experiment, settings, state, finished, len(runs))
+    reading = output / READING
     sections = [
         header,
         "## Table\n\n" + report.format_table(rows),
         f"![test WER against bytes per round]({name}.png)",
         *extra_sections,
+        *([reading.read_text(encoding="utf-8").strip()] if reading.is_file() else []),
         "## Every run\n\nTest WER with its 95 % bootstrap interval over the test "
         "utterances (10,000 resamples).\n\n" + report.format_runs(per_run),
     ]
