@@ -122,10 +122,8 @@ def round_row(
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    """Write the per-round log atomically, text cells escaped.
-
-    A row resumed from an older checkpoint may hold a client's raw text (a
-    lone surrogate, a terminal escape): :func:`_cell` cleans it.
+    """Write the per-round log atomically, text cells escaped (a row resumed
+    from an older checkpoint may hold a client's raw text).
 
     Arguments
     ---------
@@ -221,15 +219,13 @@ class RoundLog:
     store : CheckpointStore
         Its checkpoint (locked by the caller for the whole run).
     folder : Path
-        Where ``rounds.csv``, ``rounds.png``, ``final_model.pt`` and
-        ``summary.json`` go.
+        Where the files go.
     title : str
         The plot's title.
     plot_every_round : bool
         Redraw ``rounds.png`` after every round, not only at the end.
     history : str, optional
-        Also keep each round's report and evaluation, written at the end
-        to this file of ``folder`` (as JSON).
+        Also keep each round's report and evaluation, for this JSON file.
 
     Example
     -------
@@ -283,8 +279,8 @@ class RoundLog:
     def on_round(self, report: RoundReport, evaluation: dict | None = None) -> dict:
         """Record a closed round, then checkpoint and write the CSV.
 
-        Called again for the same round (Flower's evaluation comes after the
-        aggregation), it replaces that round's row.
+        Called again for the same round (Flower's evaluation), it replaces
+        that round's row.
 
         Arguments
         ---------
@@ -319,11 +315,8 @@ class RoundLog:
         return row
 
     def finish(self) -> None:
-        """Write the CSV, the plot, the history and ``final_model.pt``.
-
-        The final model is written before any final test: a failing test
-        must not lose it.
-        """
+        """Write the CSV, plot, history and ``final_model.pt`` (before any
+        final test, which must not lose it)."""
         write_csv(self.rows, self.folder / "rounds.csv")
         if self.rows:
             plot_rounds(self.rows, self.folder / "rounds.png", self.title)
@@ -334,12 +327,7 @@ class RoundLog:
         atomic_save(dict(self.server.model), self.folder / "final_model.pt")
 
     def totals(self) -> dict[str, Any]:
-        """The rows summed up: last validation WER, bytes, clients left out.
-
-        Returns
-        -------
-        dict
-        """
+        """The rows summed up: last validation WER, bytes, clients left out."""
         rows = self.rows
         totals: dict[str, Any] = {
             "valid_WER": next(

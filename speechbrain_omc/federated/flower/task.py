@@ -122,10 +122,8 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 def node_client_id(node_config: Mapping[str, Any]) -> str:
-    """The client id a SuperNode serves, from its node config alone.
-
-    ``client-id`` if given, else the stem of ``manifest``, else
-    ``client_<partition-id>`` as the task's partition names clients.
+    """The client a SuperNode serves: ``client-id``, the stem of
+    ``manifest``, or ``client_<partition-id>``.
 
     Arguments
     ---------
@@ -161,9 +159,9 @@ class NodeSetup:
     Arguments
     ---------
     client : OMCClient
-        The Brain-driving client (one Brain per process).
+        The client (one Brain per process).
     client_id : str
-        The client (partition) it serves.
+        The client id it serves.
     num_examples : int
         Its training examples.
     eval_data : dict
@@ -268,12 +266,8 @@ def _omc_client(task, hparams: dict, label_encoder, train_data):
 
 
 class _ClientDatasets(Mapping):
-    """Client id to its training dataset, built when first asked for.
-
-    Read under the output folder's lock: another process's
-    ``prepare_federation`` rewrites every client manifest (old ones removed
-    first), and an unlocked read could meet a missing or half-written file.
-    """
+    """Client id to its training dataset, built when first asked for, under
+    the folder's lock (another process may be rewriting the manifests)."""
 
     def __init__(self, task, hparams, label_encoder, manifests):
         self._make = lambda path: task.dataset_from_csv(path, hparams, label_encoder)
@@ -337,10 +331,8 @@ def _shared_partition(run_config, task) -> _SharedPartition:
 def initial_model(
     run_config: Mapping[str, Any],
 ) -> tuple[dict, list[str], dict, dict[str, str]]:
-    """The initial global model, as the embedded simulation makes it.
-
-    The hparams seed torch before the modules are created, so the
-    Brain built here starts from the same weights as the embedded run's.
+    """The initial global model: the hparams seed torch, so it is the
+    embedded run's.
 
     Arguments
     ---------
@@ -356,7 +348,7 @@ def initial_model(
     hparams : dict
         The loaded hyperparameters.
     roles : dict
-        The parameters' roles, for the server's plans (it has shapes only).
+        The parameters' roles, for the server's plans.
     """
     from speechbrain_omc.federated.client import OMCClient
 
