@@ -7,7 +7,9 @@ the next client starts (:func:`~speechbrain_omc.federated.simulation.run_round`)
 The messages are the bytes a deployment sends; the Flower app builds the
 same server and clients with :func:`prepare_federation`,
 :func:`build_brain` and :func:`build_server`. Rounds are recorded,
-checkpointed and resumed by :class:`~speechbrain_omc.federated.round_log.RoundLog`.
+checkpointed and resumed by :class:`~speechbrain_omc.federated.round_log.RoundLog`
+(``rounds.csv``, ``rounds.png``, ``final_model.pt``, ``summary.json`` and
+``save/server.ckpt`` in the output folder, with ``test_errors.csv``).
 ::
 
     python -m speechbrain_omc.asr.federation fed_omc.yaml --rounds 4
@@ -72,9 +74,7 @@ def prepare_federation(hparams: dict) -> tuple[dict[str, Path], dict[str, Path]]
     Arguments
     ---------
     hparams : dict
-        Needs ``data_folder``, ``output_folder``, ``train_split``,
-        ``valid_split``, ``test_split``, ``skip_prep``, ``partition_mode``,
-        ``num_clients`` and ``partition_seed``.
+        Loaded hyperparameters (data, splits and partition settings).
 
     Returns
     -------
@@ -157,9 +157,8 @@ def build_server(
     max_examples : int or dict
         Bound of a client's ``num_examples`` (per client: its partition size).
     roles : dict, optional
-        Parameter roles of the model (``OMCClient.parameter_roles()``): the
-        server has shapes only, and needs them to keep normalisation weights
-        and position biases float32 exactly as the model's own plan does.
+        ``OMCClient.parameter_roles()``: the server has shapes only, and
+        plans float32 entries as the model's own plan does.
 
     Returns
     -------
@@ -193,10 +192,8 @@ def build_server(
 
 
 def build_brain(hparams: dict, run_opts: dict | None = None) -> FedASR:
-    """The one Brain of a federated process, without a checkpointer.
-
-    Without a checkpointer SpeechBrain's ``recover_if_possible`` cannot load
-    a local checkpoint over the model a client received.
+    """The one Brain of a federated process, without a checkpointer (which
+    would load a local checkpoint over the model a client received).
 
     Arguments
     ---------

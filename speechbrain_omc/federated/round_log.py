@@ -87,7 +87,6 @@ def round_row(
     Returns
     -------
     dict
-        Keys :data:`CSV_FIELDS`.
     """
     evaluation = evaluation or {}
     memory = report.rss or {}
@@ -262,13 +261,7 @@ class RoundLog:
         self._started: dict[int, float] = {}
 
     def resume(self) -> int:
-        """Load the newest checkpoint, if any, with its rows.
-
-        Returns
-        -------
-        int
-            The rounds already done.
-        """
+        """Load the newest checkpoint, if any, with its rows; the rounds done."""
         extra = self.server.load(self.store) or {}
         # "log": the embedded run's key before both drivers shared this class.
         self.rows = list(extra.get("rows", extra.get("log", [])))
@@ -361,7 +354,6 @@ class RoundLog:
         Returns
         -------
         dict
-            The summary.
         """
         summary = {**fields, **self.totals()}
         summary["minutes_this_process"] = round((time.perf_counter() - started) / 60, 2)
