@@ -107,17 +107,7 @@ def prepare_federation(hparams: dict) -> tuple[dict[str, Path], dict[str, Path]]
 
 
 def run_settings(hparams: dict) -> dict:
-    """The clients' settings a server checkpoint must match to be resumed.
-
-    Arguments
-    ---------
-    hparams : dict
-        Loaded hyperparameters.
-
-    Returns
-    -------
-    dict
-    """
+    """The clients' settings a server checkpoint must match to be resumed."""
     keys = (
         "partition_mode",
         "num_clients",
@@ -147,11 +137,9 @@ def build_server(
     Arguments
     ---------
     hparams : dict
-        Loaded hyperparameters.
     model : dict
         The initial global model.
     clients : list of str
-        Client ids.
     buffers : list of str
         Entries that are buffers.
     max_examples : int or dict
@@ -198,7 +186,6 @@ def build_brain(hparams: dict, run_opts: dict | None = None) -> FedASR:
     Arguments
     ---------
     hparams : dict
-        Loaded hyperparameters.
     run_opts : dict, optional
         SpeechBrain run options (device...).
 
@@ -228,15 +215,7 @@ def _omc_summary(omc) -> dict | None:
 
 
 def write_test_errors(errors: list[tuple[str, int, int]], path: Path) -> None:
-    """Per-utterance test errors as CSV (``ID, edits, words``).
-
-    Arguments
-    ---------
-    errors : list of (str, int, int)
-        ``FedASR.utterance_errors`` of the test stage.
-    path : Path
-        Destination.
-    """
+    """Write ``FedASR.utterance_errors`` as CSV (``ID, edits, words``)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["ID", "edits", "words"])
@@ -244,18 +223,7 @@ def write_test_errors(errors: list[tuple[str, int, int]], path: Path) -> None:
 
 
 def read_test_errors(path: str | Path) -> dict[str, tuple[int, int]]:
-    """Read :func:`write_test_errors`' file.
-
-    Arguments
-    ---------
-    path : str or Path
-        A ``test_errors.csv``.
-
-    Returns
-    -------
-    dict
-        Utterance id to (edits, words).
-    """
+    """Read :func:`write_test_errors`' file: utterance id to (edits, words)."""
     with open(path, newline="", encoding="utf-8") as f:
         return {r["ID"]: (int(r["edits"]), int(r["words"])) for r in csv.DictReader(f)}
 
@@ -491,18 +459,8 @@ def _test(run: _Setup, hparams: dict, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Command line: a hparams file (path or packaged name) and overrides.
-
-    Arguments
-    ---------
-    argv : list of str, optional
-        Command line without the program; ``sys.argv[1:]`` by default.
-
-    Returns
-    -------
-    dict
-        The run's summary.
-    """
+    """Command line (default ``sys.argv[1:]``): a hparams file (path or
+    packaged name) and overrides; the run's summary."""
     import speechbrain as sb
     from hyperpyyaml import load_hyperpyyaml
 

@@ -186,17 +186,6 @@ def format_table(results: dict[str, dict], difference: Interval | None = None) -
 def reading(results: dict[str, dict], difference: Interval | None) -> str:
     """What the table can and cannot tell, in words.
 
-    Arguments
-    ---------
-    results : dict
-        The two summaries.
-    difference : Interval, optional
-        OMC minus float32, paired over the test utterances.
-
-    Returns
-    -------
-    str
-
     Example
     -------
     >>> r = {"OMC": {"test_utterances": 700, "test_words": 4000}}
@@ -237,18 +226,8 @@ def reading(results: dict[str, dict], difference: Interval | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the main job and print the table.
-
-    Arguments
-    ---------
-    argv : list of str, optional
-        Command-line arguments.
-
-    Returns
-    -------
-    dict
-        The two summaries.
-    """
+    """Run the main job (``argv``: its command line) and print the table;
+    the two summaries."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="results/main_job")
     parser.add_argument("--rounds", type=int, default=None, help="override rounds")

@@ -129,7 +129,6 @@ def write_csv(rows: list[dict], path: Path) -> None:
     rows : list of dict
         One row per round, keys :data:`CSV_FIELDS`.
     path : Path
-        Destination.
     """
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -160,17 +159,7 @@ def _cumulative_mib(rows: list[dict], prefix: str) -> list[float]:
 
 
 def plot_rounds(rows: list[dict], path: Path, title: str = "") -> None:
-    """Validation WER and cumulative bytes against rounds, as a PNG.
-
-    Arguments
-    ---------
-    rows : list of dict
-        The per-round log.
-    path : Path
-        Destination PNG.
-    title : str
-        Figure title.
-    """
+    """Plot validation WER and cumulative bytes of ``rows`` against rounds."""
     import matplotlib
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # no font debug lines

@@ -77,22 +77,16 @@ def check_evaluation(
     content : RecordDict
         The reply's content.
     names : iterable of str
-        The metrics it must report, besides ``weight_key`` (no others).
+        The metrics it must report besides ``weight_key``, and no others.
     max_examples : int
-        Largest number of evaluated examples a node may claim.
+        Largest number of examples (``weight_key``) a node may claim.
     weight_key : str
         Name of the number of examples.
 
     Returns
     -------
     dict
-        The metrics.
-
-    Raises
-    ------
-    ValueError
-        Not one MetricRecord of exactly these names, each one number in
-        ``[0, 1e9]``, with examples in ``[1, max_examples]``.
+        The metrics; ``ValueError`` unless each is one number in ``[0, 1e9]``.
 
     Example
     -------
@@ -142,7 +136,6 @@ def discover_clients(
     Arguments
     ---------
     grid : Grid
-        The run's grid.
     min_nodes : int
         Nodes to wait for.
     timeout : float
@@ -213,11 +206,11 @@ class OMCFedAvg(FedAvg):
     num_rounds : int, optional
         The run's number of rounds.
     evaluate_nodes : int
-        Nodes asked to evaluate (0 disables federated evaluation).
+        Nodes asked to evaluate (0: none).
     evaluate_client : str
-        Client id under whose plan the evaluation model is encoded.
+        Client id whose plan encodes the evaluation model.
     max_eval_examples : int
-        Largest number of examples an evaluation reply may claim.
+        See :func:`check_evaluation`.
     on_round : callable, optional
         ``(report, None)`` once the round is aggregated, and
         ``(report, evaluation)`` again when its evaluation comes back.

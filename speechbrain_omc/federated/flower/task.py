@@ -40,16 +40,7 @@ DEFAULT_HPARAMS = "fed_omc.yaml"
 
 
 def resolve_path(path: str | Path) -> Path:
-    """An absolute path: as given, or under the working directory.
-
-    Arguments
-    ---------
-    path : str or Path
-        The path from a run or node config.
-
-    Returns
-    -------
-    Path
+    """A run or node config's path, made absolute under the working directory.
 
     Example
     -------
@@ -63,18 +54,9 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_task(name: str | None = None):
-    """The task module (imported by name, once per process).
-
-    Arguments
-    ---------
-    name : str, optional
-        A module with ``prepare_federation``, ``build_brain``,
-        ``build_server``, ``build_label_encoder``, ``dataset_from_csv`` and
-        ``hparams_file``; default :data:`DEFAULT_TASK`.
-
-    Returns
-    -------
-    module
+    """The task module named ``name`` (default :data:`DEFAULT_TASK`): one with
+    ``prepare_federation``, ``build_brain``, ``build_server``,
+    ``build_label_encoder``, ``dataset_from_csv`` and ``hparams_file``.
 
     Example
     -------
@@ -122,17 +104,8 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 def node_client_id(node_config: Mapping[str, Any]) -> str:
-    """The client a SuperNode serves: ``client-id``, the stem of
-    ``manifest``, or ``client_<partition-id>``.
-
-    Arguments
-    ---------
-    node_config : Mapping
-        The SuperNode's ``--node-config`` (or the Simulation Engine's).
-
-    Returns
-    -------
-    str
+    """The client a SuperNode serves, from its node config: ``client-id``,
+    the stem of ``manifest``, or ``client_<partition-id>``.
 
     Example
     -------
