@@ -4,7 +4,7 @@
 
     python benchmarks/federated_synthspeech.py
 
-runs the main job (:mod:`speechbrain_omc.federated.demo`: the embedded
+runs the main job (:mod:`speechbrain_omc.experiments.main_job`: the embedded
 federated simulation with the packaged ``fed_omc.yaml`` and ``fed_fp32.yaml``,
 same seed, rounds and clients, the two runs side by side, one thread each)
 into ``results/benchmark_federated`` and writes
@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from speechbrain_omc.federated import demo  # noqa: E402
+from speechbrain_omc.experiments import main_job  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results"
 
@@ -138,17 +138,17 @@ def run(args) -> dict:
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     before = _uptime()
     start = time.perf_counter()
-    demo_argv = ["--output", args.output]
+    job_argv = ["--output", args.output]
     if args.rounds:
-        demo_argv += ["--rounds", str(args.rounds)]
-    results = demo.main(demo_argv)
+        job_argv += ["--rounds", str(args.rounds)]
+    results = main_job.main(job_argv)
     wall = (time.perf_counter() - start) / 60
     after = _uptime()
     omc, f32 = results["OMC"], results["float32"]
     seed = str(omc["seed"])
     output = Path(args.output).resolve()
-    difference = demo.wer_difference(
-        {n: output / demo.RUNS[n] / seed for n in ("OMC", "float32")}
+    difference = main_job.wer_difference(
+        {n: output / main_job.RUNS[n] / seed for n in ("OMC", "float32")}
     )
     record = {
         "command": command,
@@ -201,7 +201,7 @@ def render(record: dict, output: Path) -> None:
         record["uptime_after"],
     )
     logs = {
-        name: _rows(output / demo.RUNS[name] / str(omc["seed"]) / "rounds.csv")
+        name: _rows(output / main_job.RUNS[name] / str(omc["seed"]) / "rounds.csv")
         for name in ("OMC", "float32")
     }
     output = os.path.relpath(output, REPO)
@@ -253,7 +253,7 @@ def render(record: dict, output: Path) -> None:
     md = f"""# Federated OMC against federated float32 on SynthSpeech (the main job)
 
 Written by `{command}` (the README's main job,
-`python -m speechbrain_omc.federated.demo`, plus this record). Both runs use the
+`python -m speechbrain_omc.experiments.main_job`, plus this record). Both runs use the
 same seed ({omc["seed"]}), rounds ({omc["rounds"]}), clients ({omc["num_clients"]}
 speaker groups of the 24 training speakers, {omc["clients_per_round"]} sampled per
 round) and local training ({omc["local_epochs"]} local epochs of SGD); they differ only
@@ -278,7 +278,7 @@ python -m speechbrain_omc.asr.federation fed_fp32.yaml \\
 ## Result
 
 ```text
-{demo.format_table(results, difference)}
+{main_job.format_table(results, difference)}
 ```
 
 - Test WER is measured on the {omc["test_utterances"]} utterances

@@ -1,6 +1,6 @@
 """The main job's training step: float32 against OMC, per batch, same process.
 
-The main job (``python -m speechbrain_omc.federated.demo``) trains a small
+The main job (``python -m speechbrain_omc.experiments.main_job``) trains a small
 Conformer (0.5 M parameters, 17 weight matrices, d_model 96): at that size an
 OMC step costs what Python does per compressed parameter (the linear
 layers' decoding, the fused update's calls), not what the codec does per

@@ -1,22 +1,12 @@
 """Test harness: a Flower Deployment Engine on loopback, and in-process fakes.
 
-Starts real ``flower-superlink`` and ``flower-supernode`` processes talking
-over TCP on 127.0.0.1 (insecure, i.e. without TLS: for tests on one machine
-only), submits the app with ``flwr run`` and stops every process it started,
-including the ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp``
-processes that Flower spawns in new sessions. Each process is tagged with an
-environment variable, so that :meth:`LocalDeployment.stop` also finds
-descendants whose parent already exited, and so that a test can kill the
-ServerApp or the SuperLink mid-run (:meth:`LocalDeployment.kill`) and start
-the SuperLink again on its port (:meth:`LocalDeployment.restart_superlink`).
-
-A real deployment runs the same commands on different machines with TLS, see
-``recipes/SynthSpeech/federated/FLOWER.md``.
-
-For unit tests without Flower processes: :class:`FakeGrid` (a grid whose
-nodes are a Python function), :func:`honest_reply` (a client's reply that
-only shifts the model) and :func:`app_handler` (nodes that answer the app's
-query, train and evaluate messages as the ClientApp would).
+:class:`LocalDeployment` starts real ``flower-superlink`` and
+``flower-supernode`` processes on 127.0.0.1 (insecure: one machine only),
+submits the app with ``flwr run`` and stops every process it started,
+found by an environment tag (Flower spawns some in new sessions). Without
+Flower processes: :class:`FakeGrid` (nodes are a Python function),
+:func:`honest_reply` and :func:`app_handler` (nodes answering as the
+ClientApp would).
 """
 
 from __future__ import annotations
@@ -33,6 +23,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from test_federated_recipe import TINY
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +45,7 @@ FLOWER_ENV = {
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ask the kernel for ``count`` distinct free TCP ports on ``host``.
-
-    Arguments
-    ---------
-    count : int
-        How many ports.
-    host : str
-        Interface to bind.
-
-    Returns
-    -------
-    list of int
-        Ports that were free a moment ago (all sockets are held until every
-        port is chosen, so they are distinct).
+    """``count`` distinct TCP ports free a moment ago on ``host``.
 
     Example
     -------
@@ -89,16 +68,6 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 def format_node_config(config: Mapping[str, Any]) -> str:
     """Render a ``--node-config`` value (space-separated TOML ``key=value``).
 
-    Arguments
-    ---------
-    config : Mapping
-        Keys and values (str, int, float or bool).
-
-    Returns
-    -------
-    str
-        The flag's value.
-
     Example
     -------
     >>> format_node_config({"partition-id": 0, "manifest": "/data/c0.csv"})
@@ -109,16 +78,6 @@ def format_node_config(config: Mapping[str, Any]) -> str:
 
 def format_run_config(config: Mapping[str, Any]) -> list[str]:
     """Render ``flwr run --run-config`` arguments, one flag per key.
-
-    Arguments
-    ---------
-    config : Mapping
-        Keys of ``[tool.flwr.app.config]`` and their new values.
-
-    Returns
-    -------
-    list of str
-        ``["--run-config", "key=value", ...]``.
 
     Example
     -------
@@ -141,10 +100,8 @@ def _toml_value(value: Any) -> str:
 
 
 def _tagged_pids(tag: str, program: str | None = None) -> list[int]:
-    """Live (non-zombie) processes whose environment carries ``tag``.
-
-    With ``program``, only those whose command line names it.
-    """
+    """Live processes whose environment carries ``tag`` (and whose command
+    line names ``program``)."""
     needle = f"{TAG_VARIABLE}={tag}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
@@ -191,23 +148,15 @@ class LocalDeployment:
     startup_timeout : float
         Seconds to wait for each process's HTTP ``/health``.
     env : Mapping, optional
-        Extra environment for all processes (e.g. ``OMP_NUM_THREADS``).
+        Extra environment for all processes.
     simulation : bool
-        Start the SuperLink with ``--simulation`` and no SuperNodes: the run
-        goes to Flower's Simulation Engine (Ray), with one virtual SuperNode
-        per entry of ``node_configs`` (their node configs are Flower's
-        ``partition-id`` / ``num-partitions``; the entries' content is
-        ignored).
+        A ``--simulation`` SuperLink (Ray) with one virtual SuperNode per
+        entry of ``node_configs`` (their content ignored), no SuperNodes.
     federation_config : Mapping, optional
-        Simulation options for ``flwr run --federation-config`` (default:
-        ``num-supernodes`` and one CPU per virtual client).
+        ``flwr run --federation-config`` options of a simulation.
 
-    Example
-    -------
-    ::
-
-        with LocalDeployment(tmp, [{"partition-id": 0}, {"partition-id": 1}]) as d:
-            d.run("recipes/SynthSpeech/federated/flower", {"num-server-rounds": 2})
+    Used as a context manager, it starts, and stops on leaving (printing
+    the logs if the block raised).
     """
 
     def __init__(
@@ -249,13 +198,7 @@ class LocalDeployment:
 
     # ------------------------------------------------------------------ start
     def start(self) -> LocalDeployment:
-        """Start the SuperLink, wait until it serves, then the SuperNodes.
-
-        Returns
-        -------
-        LocalDeployment
-            ``self``.
-        """
+        """Start the SuperLink, wait until it serves, then the SuperNodes."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         nodes = [] if self.simulation else self.node_configs
@@ -317,11 +260,7 @@ class LocalDeployment:
         _wait_http_ok(f"http://127.0.0.1:{port}/health", deadline, self.superlink)
 
     def restart_superlink(self) -> None:
-        """Start the SuperLink again on its port and database (after :meth:`kill`).
-
-        The SuperNodes, which keep retrying, carry on; a new ``flwr run`` is
-        a new run.
-        """
+        """Start the SuperLink again on its port and database (after :meth:`kill`)."""
         if self.superlink is not None and self.superlink.poll() is None:
             raise RuntimeError("the SuperLink is still running")
         self._start_superlink()
@@ -346,20 +285,7 @@ class LocalDeployment:
     def submit(
         self, app_dir: str | Path, run_config: Mapping[str, Any] | None = None
     ) -> subprocess.Popen:
-        """Submit the app with ``flwr run --stream``; do not wait.
-
-        Arguments
-        ---------
-        app_dir : str or Path
-            Folder holding the app's ``pyproject.toml``.
-        run_config : Mapping, optional
-            Overrides of ``[tool.flwr.app.config]``.
-
-        Returns
-        -------
-        subprocess.Popen
-            The ``flwr run`` process (its output in ``flwr-run-<n>.log``).
-        """
+        """Submit the app (``flwr run --stream``, output in ``flwr-run-<n>.log``)."""
         if self.superlink_port is None:
             raise RuntimeError("start() the deployment first")
         command = [
@@ -380,20 +306,7 @@ class LocalDeployment:
         return proc
 
     def wait(self, proc: subprocess.Popen, timeout: float = 600.0) -> str:
-        """Wait for a submitted run to end.
-
-        Arguments
-        ---------
-        proc : subprocess.Popen
-            From :meth:`submit`.
-        timeout : float
-            Seconds before the run is abandoned (``TimeoutError``).
-
-        Returns
-        -------
-        str
-            What ``flwr run --stream`` printed (the ServerApp's log).
-        """
+        """Wait for a submitted run to end; what ``flwr run`` printed."""
         log_path = self.workdir / f"flwr-run-{self.runs.index(proc)}.log"
         deadline = time.monotonic() + timeout
         while proc.poll() is None:
@@ -416,40 +329,13 @@ class LocalDeployment:
         run_config: Mapping[str, Any] | None = None,
         timeout: float = 600.0,
     ) -> str:
-        """Submit the app and wait for the run's end (see :meth:`submit`).
-
-        Arguments
-        ---------
-        app_dir : str or Path
-            Folder holding the app's ``pyproject.toml``.
-        run_config : Mapping, optional
-            Overrides of ``[tool.flwr.app.config]``.
-        timeout : float
-            Seconds before the run is abandoned (``TimeoutError``).
-
-        Returns
-        -------
-        str
-            What ``flwr run --stream`` printed.
-        """
+        """Submit the app and wait for the run's end."""
         return self.wait(self.submit(app_dir, run_config), timeout)
 
     def kill(self, what: str) -> list[int]:
-        """SIGKILL part of the deployment, as a crash would.
-
-        Arguments
-        ---------
-        what : str
-            ``"serverapp"``: the ``flwr-serverapp`` process(es) and the
-            ``flwr run`` that streams their log; ``"superlink"``: also the
-            SuperLink and its SuperExec (the server machine going down; the
-            SuperNodes and their own SuperExecs live on).
-
-        Returns
-        -------
-        list of int
-            The process ids killed.
-        """
+        """SIGKILL, as a crash would, the ``"serverapp"`` (with its ``flwr
+        run``) or the ``"superlink"`` (also the SuperLink and its SuperExec);
+        the process ids killed."""
         if what not in ("serverapp", "superlink"):
             raise ValueError(f"cannot kill {what!r}")
         # ServerApps run on the SuperLink's side only (ClientApps are
@@ -473,13 +359,7 @@ class LocalDeployment:
         return sorted(pids)
 
     def logs(self) -> str:
-        """Tails of every process's log, for a failure report.
-
-        Returns
-        -------
-        str
-            The last 3000 characters of each log file.
-        """
+        """The last 3000 characters of every process's log."""
         parts = []
         for path in sorted(self.workdir.glob("*.log")):
             parts.append(
@@ -489,13 +369,7 @@ class LocalDeployment:
 
     # ------------------------------------------------------------------- stop
     def stop(self, grace: float = 10.0) -> None:
-        """Stop every process of this deployment: SIGTERM, then SIGKILL.
-
-        Arguments
-        ---------
-        grace : float
-            Seconds to wait after SIGTERM before killing what is left.
-        """
+        """SIGTERM every process of this deployment, SIGKILL after ``grace``."""
         for proc in reversed(self.procs):  # SuperNodes before the SuperLink
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -519,19 +393,19 @@ class LocalDeployment:
         self._logs.clear()
 
     def leftover_pids(self) -> list[int]:
-        """Processes of this deployment that are still alive (should be none).
-
-        Returns
-        -------
-        list of int
-            Process ids.
-        """
+        """Processes of this deployment still alive (should be none)."""
         return _tagged_pids(self.tag)
 
     def __enter__(self) -> LocalDeployment:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            print(self.logs())
+            raise
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type, *exc_info: object) -> None:
+        if exc_type is not None:
+            print(self.logs())
         self.stop()
 
 
@@ -572,20 +446,10 @@ class FakeGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         """Deliver the messages; the replies that came back."""
-        from flwr.app import Error, Message
-
         messages = list(messages)
-        kinds = [m.metadata.message_type for m in messages]
-        self.calls.append((kinds, timeout))
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            answer = self.handler(message.metadata.dst_node_id, message)
-            if isinstance(answer, Error):
-                replies.append(Message(answer, reply_to=message))
-            elif answer is not None:
-                replies.append(Message(content=answer, reply_to=message))
-        return replies
+        self.calls.append(([m.metadata.message_type for m in messages], timeout))
+        replies = [self._answer(message) for message in messages]
+        return [reply for reply in replies if reply is not None]
 
     def _answer(self, message):
         from flwr.app import Error, Message
@@ -700,22 +564,7 @@ def app_handler(client_of: Mapping[int, str], test_reply=None):
 
 
 #: A tiny configuration of the recipe, for ServerApp tests in one process.
-TINY_APP = {
-    "rounds": 3,
-    "num_clients": 3,
-    "clients_per_round": 2,
-    "max_local_steps": 2,
-    "batch_size": 4,
-    "d_model": 16,
-    "nhead": 2,
-    "num_encoder_layers": 1,
-    "d_ffn": 32,
-    "cnn_channels": 4,
-    "cnn_out_channels": 4,
-    "n_mels": 20,
-    "eval_every": 2,
-    "server_momentum": 0.5,
-}
+TINY_APP = {**TINY, "num_clients": 3, "server_momentum": 0.5}
 
 
 def app_run_config(folder: Path, **extra: Any) -> dict:

@@ -285,7 +285,7 @@ def test_kill_and_resume_gives_the_same_final_model(tmp_path):
 def test_main_job_runs_both_federations_and_prints_the_table(tmp_path):
     overrides = {k: v for k, v in TINY.items() if k != "rounds"}
     result = subprocess.run(
-        [sys.executable, "-m", "speechbrain_omc.federated.demo"]
+        [sys.executable, "-m", "speechbrain_omc.experiments.main_job"]
         + ["--output", str(tmp_path), "--rounds", "2"]
         + _cli(overrides),
         cwd=ROOT,

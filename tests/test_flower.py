@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flower_harness import FakeGrid, app_handler, app_run_config
+from flower_harness import FakeGrid, app_handler, app_run_config, honest_reply
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -62,23 +62,6 @@ def _server(**kwargs):
     settings = dict(clients_per_round=2, omc=OMC, seed=11, max_examples=10)
     settings.update(kwargs)
     return FedAvgServer(_model(), CLIENTS, **settings)
-
-
-def honest_reply(data: bytes, shift: float, num_examples: int) -> bytes:
-    """A client that adds ``shift`` to everything and answers in kind."""
-    received = wire.decode(data)
-    entries = {}
-    for name, value in received.entries.items():
-        if isinstance(value, CompressedTensor):
-            new = value.decompress() + shift
-            entries[name] = CompressedTensor.compress(new, value.format)
-        else:
-            entries[name] = value + shift
-    meta = {key: received.meta[key] for key in ("round", "client", "run", "nonce")}
-    meta.update(
-        type="update", num_examples=num_examples, metrics={"train_loss": 1.0 + shift}
-    )
-    return wire.encode(entries, meta)
 
 
 def _client_of(node):
@@ -520,9 +503,8 @@ def test_the_run_config_reaches_the_grid_and_the_checks(
 # ------------------------------------------------------- hostile app runs
 def _surrogate_round(data: bytes) -> RecordDict:
     """An honest reply whose ``round`` is a lone surrogate (JSON ``"\\udcff"``)."""
-    from flower_harness import honest_reply as shifted
 
-    reply = wire.decode(shifted(data, shift=0.02, num_examples=5))
+    reply = wire.decode(honest_reply(data, shift=0.02, num_examples=5))
     return RecordDict(
         {
             "arrays": payload_to_record(

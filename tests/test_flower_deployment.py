@@ -1,31 +1,18 @@
 """Federated OMC over Flower's engines, checked against the embedded simulation.
 
-``test_deployment_engine`` starts a real ``flower-superlink`` and two
-``flower-supernode`` processes on 127.0.0.1 (insecure, free ports), gives
-each SuperNode its client's manifest through ``--node-config``, runs two
-rounds of the Flower app with ``flwr run`` and stops every process it started
-(also on failure). ``test_simulation_engine`` runs the same app in Flower's
-Simulation Engine (a ``--simulation`` SuperLink with Ray). Both compare with
-the embedded simulation (:func:`speechbrain_omc.asr.run_federation`,
-which the federated recipe runs) for the same configuration:
+``test_engine_matches_the_embedded_run`` runs two rounds of the Flower app
+in the Deployment Engine (a real ``flower-superlink`` and two
+``flower-supernode`` processes on 127.0.0.1, each told its client's
+manifest) and in the Simulation Engine (Ray), and compares with the
+embedded simulation: bytes down equal round by round; bytes up and the
+final model bitwise in the Deployment Engine. In the Simulation Engine Ray
+runs each client on one thread, so float sums (and the training loss in a
+reply's JSON metadata) may differ in their last digits: bytes up are
+compared with the clients' metrics set aside.
 
-* bytes down and their float32 equivalents: equal, round by round;
-* bytes up: equal in the Deployment Engine, whose clients compute exactly
-  what the embedded client computes (the final model is bitwise the same).
-  In the Simulation Engine Ray runs each virtual client on one CPU thread:
-  float sums are ordered differently, the training loss that a reply's
-  metadata reports can differ in its last digits, and with it the length of
-  its JSON; bytes up are compared with the clients' metrics set aside there.
-
-``test_deployment_engine_resumes_after_kills`` (not ``slow``: it runs in
-every test run) kills the ServerApp after the first round, starts the run
-again, kills the SuperLink (with its SuperExec and ServerApp) during the
-second round, starts the SuperLink again on its port and the run a third
-time: the final model is bitwise the uninterrupted embedded run's.
-
-Tiny model, two clients, two rounds, two local steps, server momentum (so a
-resume must restore it): a few minutes on two cores, most of it Flower's
-process start-ups and 3-second polling.
+``test_deployment_engine_resumes_after_kills`` (not ``slow``) kills the
+ServerApp after round 1, then the SuperLink during round 2, and starts
+both again: the final model is bitwise the uninterrupted embedded run's.
 """
 
 from __future__ import annotations
@@ -180,49 +167,18 @@ def _node_configs(prepared: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_deployment_engine(tmp_path, embedded):
-    """SuperLink + two SuperNodes on loopback; two rounds; bytes as embedded."""
+@pytest.mark.parametrize("simulation", [False, True], ids=["deployment", "simulation"])
+def test_engine_matches_the_embedded_run(tmp_path, embedded, simulation):
+    """Two rounds in the Deployment Engine (SuperLink and two SuperNodes on
+    loopback, each told its partition) or the Simulation Engine (Ray, virtual
+    SuperNodes that prepare the recipe's partition): bytes as embedded."""
+    configs = [{}, {}] if simulation else _node_configs(embedded["out"])
     result_dir = tmp_path / "result"
-    deployment = LocalDeployment(
-        tmp_path / "deployment", _node_configs(embedded["out"])
-    )
-    try:
-        deployment.start()
-        deployment.run(
-            APP_DIR,
-            _run_config(tmp_path / "flower", result_dir),
-            timeout=RUN_TIMEOUT,
-        )
-    except BaseException:
-        print(deployment.logs())
-        raise
-    finally:
-        deployment.stop()
-    assert deployment.leftover_pids() == []
-    _check_against_embedded(result_dir, embedded, exact=True)
-
-
-@pytest.mark.slow
-def test_simulation_engine(tmp_path, embedded):
-    """The same app in the Simulation Engine (Ray, virtual SuperNodes)."""
-    result_dir = tmp_path / "result"
-    # Virtual SuperNodes get partition-id / num-partitions; the ClientApp
-    # prepares the recipe's partition under the run's output folder.
-    simulation = LocalDeployment(tmp_path / "simulation", [{}, {}], simulation=True)
-    try:
-        simulation.start()
-        simulation.run(
-            APP_DIR,
-            _run_config(tmp_path / "flower", result_dir),
-            timeout=RUN_TIMEOUT,
-        )
-    except BaseException:
-        print(simulation.logs())
-        raise
-    finally:
-        simulation.stop()
-    assert simulation.leftover_pids() == []
-    _check_against_embedded(result_dir, embedded, exact=False)
+    run_config = _run_config(tmp_path / "flower", result_dir)
+    with LocalDeployment(tmp_path / "engine", configs, simulation=simulation) as d:
+        d.run(APP_DIR, run_config, timeout=RUN_TIMEOUT)
+    assert d.leftover_pids() == []
+    _check_against_embedded(result_dir, embedded, exact=not simulation)
 
 
 def test_client_builds_from_a_manifest_node_config(embedded):
@@ -269,11 +225,9 @@ def test_deployment_engine_resumes_after_kills(tmp_path, embedded):
     started = time.monotonic()
     result_dir = tmp_path / "result"
     run_config = _run_config(tmp_path / "flower", result_dir)
-    deployment = LocalDeployment(
+    with LocalDeployment(
         tmp_path / "deployment", _node_configs(embedded["out"])
-    )
-    try:
-        deployment.start()
+    ) as deployment:
         # 1. The first ServerApp dies right after saving round 1.
         deployment.submit(APP_DIR, run_config)
         _wait_for(lambda: _checkpoint_round(result_dir) >= 1, "round 1", deployment)
@@ -294,11 +248,6 @@ def test_deployment_engine_resumes_after_kills(tmp_path, embedded):
         # 3. SuperLink back on its port; the SuperNodes reconnect by themselves.
         deployment.restart_superlink()
         deployment.run(APP_DIR, run_config, timeout=RUN_TIMEOUT)
-    except BaseException:
-        print(deployment.logs())
-        raise
-    finally:
-        deployment.stop()
     assert deployment.leftover_pids() == []
     history = json.loads((result_dir / "flower_history.json").read_text())
     assert [h["round"] for h in history] == [1, 2]  # each round logged once
@@ -353,19 +302,11 @@ def test_simulation_engine_with_hostile_nodes(tmp_path):
     }
     # The app's processes import the hostile task, and this tree's package.
     path = f"{REPO}:{REPO / 'tests'}"
-    simulation = LocalDeployment(
-        tmp_path / "simulation", [{}, {}, {}], simulation=True,
-        env={"PYTHONPATH": path},
-    )  # fmt: skip
-    try:
-        simulation.start()
-        simulation.run(APP_DIR, run_config, timeout=RUN_TIMEOUT)
-    except BaseException:
-        print(simulation.logs())
-        raise
-    finally:
-        simulation.stop()
-    assert simulation.leftover_pids() == []
+    env = {"PYTHONPATH": path}
+    nodes = [{}, {}, {}]
+    with LocalDeployment(tmp_path / "sim", nodes, simulation=True, env=env) as sim:
+        sim.run(APP_DIR, run_config, timeout=RUN_TIMEOUT)
+    assert sim.leftover_pids() == []
     history = json.loads((result_dir / "flower_history.json").read_text())
     assert len(history) == config["rounds"]
     for entry in history:

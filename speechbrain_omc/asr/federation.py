@@ -1,36 +1,18 @@
 """Federated Conformer-CTC with OMC, simulated in one process.
 
-The training speakers are grouped into clients; every round the server
-(:class:`speechbrain_omc.federated.server.FedAvgServer`) samples clients,
-sends each the compressed global model as bytes, lets one reused SpeechBrain
-Brain (:class:`~speechbrain_omc.federated.client.OMCClient` driving a
-:class:`~speechbrain_omc.asr.brain.FedASR`) train it on that client's
-speakers, validates and averages the compressed replies in float32, and
-checkpoints. No server process, no network: the messages are the bytes a
-deployment sends (the Flower app sends them over the network, built by the
-same :func:`prepare_federation`, :func:`build_brain` and
-:func:`build_server`).
-
-Each round streams: the clients train one after another, and each reply is
-validated and folded into the server's running sums before the next client
-starts (:func:`speechbrain_omc.federated.simulation.run_round`), so the
-server's memory does not grow with ``clients_per_round``. ``dropout`` makes
-a seeded fraction of each round's sampled clients unavailable; a client that
-raises is logged and left out of its round (``fail_clients`` makes chosen
-clients raise, for testing).
-
-Run a hparams file (the packaged SynthSpeech ones by name, see
-:func:`speechbrain_omc.asr.hparams_file`)::
+Every round the server samples clients and sends each the compressed global
+model as bytes; one reused Brain trains it on that client's speakers, and
+each reply is validated and folded into the server's running sums before
+the next client starts (:func:`~speechbrain_omc.federated.simulation.run_round`).
+The messages are the bytes a deployment sends; the Flower app builds the
+same server and clients with :func:`prepare_federation`,
+:func:`build_brain` and :func:`build_server`. Rounds are recorded,
+checkpointed and resumed by :class:`~speechbrain_omc.federated.round_log.RoundLog`
+(``rounds.csv``, ``rounds.png``, ``final_model.pt``, ``summary.json`` and
+``save/server.ckpt`` in the output folder, with ``test_errors.csv``).
+::
 
     python -m speechbrain_omc.asr.federation fed_omc.yaml --rounds 4
-
-Outputs in ``<output_folder>``: ``rounds.csv`` and ``rounds.png`` (per
-round, :mod:`speechbrain_omc.asr.rounds`), ``test_errors.csv`` (per test
-utterance: edits and reference words), ``summary.json`` (test WER with its
-95 % bootstrap interval over utterances, bytes, parameter memory, peak RSS of
-the training steps, seconds), ``final_model.pt`` and ``save/server.ckpt``
-(resume after a crash: every random draw is a function of ``(seed, round,
-client)``, so a resumed run ends with the same model).
 
 Example
 -------
@@ -45,10 +27,12 @@ import json
 import logging
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from speechbrain_omc.accounting import (
     float32_parameter_bytes,
@@ -58,17 +42,17 @@ from speechbrain_omc.accounting import (
 )
 from speechbrain_omc.asr.brain import FedASR
 from speechbrain_omc.asr.data import build_label_encoder, dataset_from_csv
-from speechbrain_omc.asr.rounds import plot_rounds, round_row, write_csv
 from speechbrain_omc.asr.stats import bootstrap_wer
 from speechbrain_omc.data.librispeech import prepare_librispeech
 from speechbrain_omc.data.partition import client_manifests, partition_manifest
 from speechbrain_omc.federated.aggregation import Aggregation
-from speechbrain_omc.federated.checkpoint import CheckpointStore, atomic_save
+from speechbrain_omc.federated.checkpoint import CheckpointStore
 from speechbrain_omc.federated.client import OMCClient
 from speechbrain_omc.federated.defence import (
     DEFAULT_NORM_BOUND,
     DEFAULT_NORM_REFERENCE,
 )
+from speechbrain_omc.federated.round_log import RoundLog
 from speechbrain_omc.federated.server import FedAvgServer
 from speechbrain_omc.federated.simulation import run_round
 
@@ -90,9 +74,7 @@ def prepare_federation(hparams: dict) -> tuple[dict[str, Path], dict[str, Path]]
     Arguments
     ---------
     hparams : dict
-        Needs ``data_folder``, ``output_folder``, ``train_split``,
-        ``valid_split``, ``test_split``, ``skip_prep``, ``partition_mode``,
-        ``num_clients`` and ``partition_seed``.
+        Loaded hyperparameters (data, splits and partition settings).
 
     Returns
     -------
@@ -125,17 +107,7 @@ def prepare_federation(hparams: dict) -> tuple[dict[str, Path], dict[str, Path]]
 
 
 def run_settings(hparams: dict) -> dict:
-    """The clients' settings a server checkpoint must match to be resumed.
-
-    Arguments
-    ---------
-    hparams : dict
-        Loaded hyperparameters.
-
-    Returns
-    -------
-    dict
-    """
+    """The clients' settings a server checkpoint must match to be resumed."""
     keys = (
         "partition_mode",
         "num_clients",
@@ -165,19 +137,16 @@ def build_server(
     Arguments
     ---------
     hparams : dict
-        Loaded hyperparameters.
     model : dict
         The initial global model.
     clients : list of str
-        Client ids.
     buffers : list of str
         Entries that are buffers.
     max_examples : int or dict
         Bound of a client's ``num_examples`` (per client: its partition size).
     roles : dict, optional
-        Parameter roles of the model (``OMCClient.parameter_roles()``): the
-        server has shapes only, and needs them to keep normalisation weights
-        and position biases float32 exactly as the model's own plan does.
+        ``OMCClient.parameter_roles()``: the server has shapes only, and
+        plans float32 entries as the model's own plan does.
 
     Returns
     -------
@@ -211,15 +180,12 @@ def build_server(
 
 
 def build_brain(hparams: dict, run_opts: dict | None = None) -> FedASR:
-    """The one Brain of a federated process, without a checkpointer.
-
-    Without a checkpointer SpeechBrain's ``recover_if_possible`` cannot load
-    a local checkpoint over the model a client received.
+    """The one Brain of a federated process, without a checkpointer (which
+    would load a local checkpoint over the model a client received).
 
     Arguments
     ---------
     hparams : dict
-        Loaded hyperparameters.
     run_opts : dict, optional
         SpeechBrain run options (device...).
 
@@ -249,15 +215,7 @@ def _omc_summary(omc) -> dict | None:
 
 
 def write_test_errors(errors: list[tuple[str, int, int]], path: Path) -> None:
-    """Per-utterance test errors as CSV (``ID, edits, words``).
-
-    Arguments
-    ---------
-    errors : list of (str, int, int)
-        ``FedASR.utterance_errors`` of the test stage.
-    path : Path
-        Destination.
-    """
+    """Write ``FedASR.utterance_errors`` as CSV (``ID, edits, words``)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["ID", "edits", "words"])
@@ -265,18 +223,7 @@ def write_test_errors(errors: list[tuple[str, int, int]], path: Path) -> None:
 
 
 def read_test_errors(path: str | Path) -> dict[str, tuple[int, int]]:
-    """Read :func:`write_test_errors`' file.
-
-    Arguments
-    ---------
-    path : str or Path
-        A ``test_errors.csv``.
-
-    Returns
-    -------
-    dict
-        Utterance id to (edits, words).
-    """
+    """Read :func:`write_test_errors`' file: utterance id to (edits, words)."""
     with open(path, newline="", encoding="utf-8") as f:
         return {r["ID"]: (int(r["edits"]), int(r["words"])) for r in csv.DictReader(f)}
 
@@ -284,9 +231,8 @@ def read_test_errors(path: str | Path) -> dict[str, tuple[int, int]]:
 def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
     """Run (or resume) the federation described by ``hparams``.
 
-    The run holds its save folder's lock from start to end (see
-    :meth:`~speechbrain_omc.federated.checkpoint.CheckpointStore.lock`): a
-    second run on the same folder is refused before it changes anything.
+    The run holds its save folder's lock throughout: a second run on the
+    same folder is refused before it changes anything.
 
     Arguments
     ---------
@@ -311,15 +257,20 @@ def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
         return _federate(hparams, run_opts, store)
 
 
-def _federate(hparams: dict, run_opts: dict | None, store: CheckpointStore) -> dict:
-    """:func:`run_federation`'s run, its checkpoint folder locked."""
-    from tqdm import tqdm
+@dataclass
+class _Setup:
+    """What one embedded run holds: its Brain, client, server and data."""
 
-    start = time.perf_counter()
-    out = Path(hparams["output_folder"])
-    save = store.path.parent
+    brain: FedASR
+    client: OMCClient
+    server: FedAvgServer
+    valid_data: Any
+    test_data: Any
+    num_clients: int
+
+
+def _setup(hparams: dict, run_opts: dict | None, save: Path) -> _Setup:
     client_csvs, csvs = prepare_federation(hparams)
-    valid_csv, test_csv = csvs[hparams["valid_split"]], csvs[hparams["test_split"]]
     label_encoder = build_label_encoder(
         csvs[hparams["train_split"]],
         save / "label_encoder.txt",
@@ -329,9 +280,10 @@ def _federate(hparams: dict, run_opts: dict | None, store: CheckpointStore) -> d
         cid: dataset_from_csv(path, hparams, label_encoder)
         for cid, path in client_csvs.items()
     }
-    valid_data = dataset_from_csv(valid_csv, hparams, label_encoder, "ascending")
-    test_data = dataset_from_csv(test_csv, hparams, label_encoder, "ascending")
-
+    evals = [
+        dataset_from_csv(csvs[hparams[split]], hparams, label_encoder, "ascending")
+        for split in ("valid_split", "test_split")
+    ]
     brain = build_brain(hparams, run_opts)
     brain.tokenizer = label_encoder
     client = OMCClient(
@@ -343,7 +295,6 @@ def _federate(hparams: dict, run_opts: dict | None, store: CheckpointStore) -> d
         progressbar=hparams.get("client_progressbar", False),
         wire_mode=hparams.get("omc_wire", "both"),
     )
-    omc = hparams.get("omc")
     # A client's weight is bounded by what the server knows: its partition.
     sizes = {cid: len(data) for cid, data in client_data.items()}
     server = build_server(
@@ -354,169 +305,162 @@ def _federate(hparams: dict, run_opts: dict | None, store: CheckpointStore) -> d
         sizes,
         roles=client.parameter_roles(),
     )
-    if hparams.get("fresh_start"):
-        store.discard()
-    extra = server.load(store)
-    rows: list[dict] = list(extra.get("log", [])) if extra else []
-    first_round = server.round
-    rounds = int(hparams["rounds"])
-    eval_every = max(1, int(hparams.get("eval_every", 1)))
-    fail = set(hparams.get("fail_clients") or [])
-    valid_opts = hparams["valid_dataloader_opts"]
-    title = (
-        f"{hparams['experiment_name']}: {len(client_data)} clients, "
-        f"{hparams['clients_per_round']} per round"
-    )
+    return _Setup(brain, client, server, *evals, num_clients=len(client_data))
 
-    bar = tqdm(
-        total=rounds,
-        initial=server.round,
-        desc="rounds",
-        dynamic_ncols=True,
-        disable=hparams.get("noprogressbar", False),
-    )
-    # Peak RSS of the training steps only: the high-water mark is reset
-    # before each client's local training and read after it, so imports,
-    # validation and the final test do not count. Not with
-    # measure_server_memory: the server's round peak uses the same mark.
-    measure_train_rss = not hparams.get("measure_server_memory", False)
-    peak_train_rss = 0
-    train_cpu = 0.0
 
-    def train(cid: str, message: bytes) -> bytes:
-        nonlocal peak_train_rss, train_cpu
-        if cid in fail:
+class _Trainer:
+    """A client's local training as the round calls it, with its costs.
+
+    Peak RSS covers the training steps only (the high-water mark is reset
+    before each client), and not with ``measure_server_memory``, whose
+    round peak uses the same mark.
+    """
+
+    def __init__(self, client: OMCClient, hparams: dict):
+        self.client = client
+        self.fail = set(hparams.get("fail_clients") or [])
+        self.measure_rss = not hparams.get("measure_server_memory", False)
+        self.peak_rss = 0
+        self.cpu_seconds = 0.0
+
+    def __call__(self, cid: str, message: bytes) -> bytes:
+        if cid in self.fail:
             raise RuntimeError(f"injected failure of {cid} (fail_clients)")
-        if measure_train_rss:
+        if self.measure_rss:
             reset_peak_rss()
         cpu = time.process_time()
-        reply = client.train(message)
-        train_cpu += time.process_time() - cpu
-        if measure_train_rss:
-            peak_train_rss = max(peak_train_rss, peak_rss_since_reset())
+        reply = self.client.train(message)
+        self.cpu_seconds += time.process_time() - cpu
+        if self.measure_rss:
+            self.peak_rss = max(self.peak_rss, peak_rss_since_reset())
         return reply
 
+
+def _federate(hparams: dict, run_opts: dict | None, store: CheckpointStore) -> dict:
+    """:func:`run_federation`'s run, its checkpoint folder locked."""
+    start = time.perf_counter()
+    run = _setup(hparams, run_opts, store.path.parent)
+    server, client = run.server, run.client
+    if hparams.get("fresh_start"):
+        store.discard()
+    title = (
+        f"{hparams['experiment_name']}: {run.num_clients} clients, "
+        f"{hparams['clients_per_round']} per round"
+    )
+    log = RoundLog(server, store, hparams["output_folder"], title)
+    first_round = log.resume()
+    rounds = int(hparams["rounds"])
+    eval_every = max(1, int(hparams.get("eval_every", 1)))
+    quiet = hparams.get("noprogressbar", False)
+    trainer = _Trainer(client, hparams)
+    bar = tqdm(total=rounds, initial=server.round, desc="rounds", disable=quiet)
+    while server.round < rounds:
+        # One client at a time, each reply folded in as it comes.
+        report = run_round(
+            server, trainer, hparams.get("dropout", 0.0), _client_bar(server, quiet)
+        )
+        evaluation = None
+        if report.round % eval_every == 0 or report.round == rounds:
+            evaluation = client.evaluate(
+                server.message_for("eval"),
+                run.valid_data,
+                hparams["valid_dataloader_opts"],
+            )
+        row = log.on_round(report, evaluation)
+        bar.update(1)
+        bar.set_postfix(
+            WER=row.get("valid_WER"),
+            MiB=round((row["bytes_down"] + row["bytes_up"]) / 2**20, 2),
+        )
+        _log_round(report, row)
+    bar.close()
+    log.finish()
+    trained_here = server.round - first_round
+    fields = {
+        **_settings_summary(hparams, run.num_clients),
+        **_test(run, hparams, Path(hparams["output_folder"])),
+        "parameter_bytes": parameter_bytes(run.brain.modules),
+        "float32_parameter_bytes": float32_parameter_bytes(run.brain.modules),
+        "parameters": sum(
+            v.numel() for n, v in server.model.items() if n not in server.buffers
+        ),
+        # Of the rounds trained by this process (a resumed run: the rest).
+        "peak_train_rss_bytes": trainer.peak_rss or None,
+        "train_cpu_seconds_per_round": (
+            round(trainer.cpu_seconds / trained_here, 3) if trained_here else None
+        ),
+        # CPU time does not depend on what else the machine runs.
+        "cpu_minutes_this_process": round(time.process_time() / 60, 2),
+    }
+    return log.write_summary(fields, start)
+
+
+def _client_bar(server: FedAvgServer, quiet: bool):
     def progress(clients):
         return tqdm(
             clients,
             desc=f"round {server.round + 1} clients",  # the round being run
             leave=False,
             dynamic_ncols=True,
-            disable=hparams.get("noprogressbar", False),
+            disable=quiet,
         )
 
-    while server.round < rounds:
-        round_start = time.perf_counter()
-        # One client at a time, each reply folded in as it comes (the
-        # server's memory does not grow with the clients per round).
-        report = run_round(server, train, hparams.get("dropout", 0.0), progress)
-        stats = None
-        if report.round % eval_every == 0 or report.round == rounds:
-            stats = client.evaluate(server.message_for("eval"), valid_data, valid_opts)
-        row = round_row(report, stats, time.perf_counter() - round_start)
-        rows.append(row)
-        server.save(store, extra={"log": rows})
-        write_csv(rows, out / "rounds.csv")
-        plot_rounds(rows, out / "rounds.png", title)
-        bar.update(1)
-        bar.set_postfix(
-            WER=row.get("valid_WER"),
-            MiB=round((row["bytes_down"] + row["bytes_up"]) / 2**20, 2),
-        )
-        logger.info(
-            "round %d: %d/%d clients averaged, %d bytes down, %d up (float32: %d, %d), "
-            "valid WER %s, %.1f s",
-            report.round,
-            len(report.accepted),
-            len(report.sampled),
-            report.bytes_down,
-            report.bytes_up,
-            report.float32_bytes_down,
-            report.float32_bytes_up,
-            row.get("valid_WER"),
-            row["seconds"],
-        )
-    bar.close()
-    write_csv(rows, out / "rounds.csv")
-    if rows:
-        plot_rounds(rows, out / "rounds.png", title)
+    return progress
 
-    # The final model is saved first: a failing test must not lose it.
-    atomic_save(server.state_dict()["model"], out / "final_model.pt")
-    # The final global model, as clients receive it, on the held-out speakers.
-    test = client.evaluate(server.message_for("eval"), test_data, valid_opts)
-    errors = list(getattr(brain, "utterance_errors", []))
-    write_test_errors(errors, out / "test_errors.csv")
-    interval = (
-        bootstrap_wer([e for _, e, _ in errors], [w for _, _, w in errors])
-        if errors
-        else None
+
+def _log_round(report, row: dict) -> None:
+    logger.info(
+        "round %d: %d/%d clients averaged, %d bytes down, %d up (float32: %d, %d), "
+        "valid WER %s, %.1f s",
+        report.round,
+        len(report.accepted),
+        len(report.sampled),
+        report.bytes_down,
+        report.bytes_up,
+        report.float32_bytes_down,
+        report.float32_bytes_up,
+        row.get("valid_WER"),
+        row["seconds"],
     )
-    trained_here = server.round - first_round
-    summary = {
+
+
+def _settings_summary(hparams: dict, num_clients: int) -> dict:
+    omc = hparams.get("omc")
+    return {
         "experiment": hparams["experiment_name"],
         "omc": _omc_summary(omc),
         "omc_wire": hparams.get("omc_wire", "both") if omc else None,
         "seed": hparams["seed"],
-        "rounds": rounds,
-        "num_clients": len(client_data),
+        "rounds": int(hparams["rounds"]),
+        "num_clients": num_clients,
         "clients_per_round": hparams["clients_per_round"],
         "local_epochs": hparams["local_epochs"],
+    }
+
+
+def _test(run: _Setup, hparams: dict, out: Path) -> dict:
+    # The final global model, as clients receive it, on the held-out speakers.
+    message = run.server.message_for("eval")
+    opts = hparams["valid_dataloader_opts"]
+    test = run.client.evaluate(message, run.test_data, opts)
+    errors = list(getattr(run.brain, "utterance_errors", []))
+    write_test_errors(errors, out / "test_errors.csv")
+    edits, words = [e for _, e, _ in errors], [w for _, _, w in errors]
+    interval = bootstrap_wer(edits, words) if errors else None
+    return {
         "test_WER": test.get("WER"),
         "test_WER_ci95": None if interval is None else [interval.low, interval.high],
         "test_WER_se": None if interval is None else interval.se,
         "test_utterances": len(errors),
-        "test_words": sum(w for _, _, w in errors),
+        "test_words": sum(words),
         "test_CER": test.get("CER"),
         "test_loss": test.get("loss"),
-        "valid_WER": next(
-            (r["valid_WER"] for r in reversed(rows) if r.get("valid_WER") is not None),
-            None,
-        ),
-        "bytes_down": sum(r["bytes_down"] for r in rows),
-        "bytes_up": sum(r["bytes_up"] for r in rows),
-        "float32_bytes_down": sum(r["float32_bytes_down"] for r in rows),
-        "float32_bytes_up": sum(r["float32_bytes_up"] for r in rows),
-        "parameter_bytes": parameter_bytes(brain.modules),
-        "float32_parameter_bytes": float32_parameter_bytes(brain.modules),
-        "parameters": sum(
-            v.numel() for n, v in server.model.items() if n not in server.buffers
-        ),
-        "left_out": sum(r["sampled"] - r["clients"] for r in rows),
-        "train_minutes": round(sum(float(r["seconds"]) for r in rows) / 60, 2),
-        # Of the rounds trained by this process (a resumed run: the rest).
-        "peak_train_rss_bytes": peak_train_rss or None,
-        "train_cpu_seconds_per_round": (
-            round(train_cpu / trained_here, 3) if trained_here else None
-        ),
-        "minutes_this_process": round((time.perf_counter() - start) / 60, 2),
-        # CPU time does not depend on what else the machine runs.
-        "cpu_minutes_this_process": round(time.process_time() / 60, 2),
     }
-    summary["bytes_total"] = summary["bytes_down"] + summary["bytes_up"]
-    summary["float32_bytes_total"] = (
-        summary["float32_bytes_down"] + summary["float32_bytes_up"]
-    )
-    (out / "summary.json").write_text(
-        json.dumps(summary, indent=2) + "\n", encoding="utf-8"
-    )
-    logger.info("summary: %s", json.dumps(summary))
-    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Command line: a hparams file (path or packaged name) and overrides.
-
-    Arguments
-    ---------
-    argv : list of str, optional
-        Command line without the program; ``sys.argv[1:]`` by default.
-
-    Returns
-    -------
-    dict
-        The run's summary.
-    """
+    """Command line (default ``sys.argv[1:]``): a hparams file (path or
+    packaged name) and overrides; the run's summary."""
     import speechbrain as sb
     from hyperpyyaml import load_hyperpyyaml
 

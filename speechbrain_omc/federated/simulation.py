@@ -1,21 +1,9 @@
 """One round of the embedded simulation: the clients one at a time, streaming.
 
-The embedded simulation (:func:`speechbrain_omc.asr.federation.run_federation`,
-the federated recipe's ``train.py``) runs every client in its one process,
-one after another. :func:`run_round` is its
-round: the server opens the round, and for each sampled client in the
-server's fold order the client's message is encoded, the client trains, and
-its reply is validated and folded into the server's running sums before the
-next client starts. Nothing per client outlives its turn, so the round's
-memory does not grow with the clients per round (see
-:mod:`~speechbrain_omc.federated.server`). A client that raises is left out
-with its exception; simulated dropouts
-(:mod:`~speechbrain_omc.federated.availability`) are not contacted.
-
-``train`` is any callable from ``(client id, message bytes)`` to reply
-bytes: an :class:`~speechbrain_omc.federated.client.OMCClient` in this
-process (the embedded simulation), or a client in another process (the scale benchmark,
-which measures the server's memory apart from the clients').
+Each sampled client's message is encoded, trained on by ``train`` (a client
+in this process, or in another) and its reply folded into the server's
+running sums before the next client starts, so a round's memory does not
+grow with the clients per round.
 
 Example
 -------
@@ -62,11 +50,9 @@ def run_round(
     server : FedAvgServer
         The server; its round is opened and closed here.
     train : callable
-        ``(client id, message) -> reply``; an exception leaves the client
-        out of the round (logged with its traceback).
+        ``(client id, message) -> reply``; one that raises is left out.
     dropout : float
-        Fraction of the sampled clients that drop out (seeded by the
-        server's seed and the round).
+        Seeded fraction of the sampled clients that drop out.
     progress : callable, optional
         Wraps the iteration over the clients (e.g. a progress bar).
 

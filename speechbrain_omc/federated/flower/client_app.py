@@ -1,23 +1,11 @@
 """The ``ClientApp`` of federated OMC (Flower Message API).
 
-Each SuperNode serves one client (a partition of speakers), named by its
-``--node-config`` (see :func:`.task.node_client_id`). The handlers are
-thin: the bytes of the received ``ArrayRecord`` go to
-:class:`~speechbrain_omc.federated.client.OMCClient` and its reply bytes come
-back the same way.
-
-* ``query``: which client this node serves, so that the server can address
-  the clients it samples.
-* ``train``: one round of local OMC training; the reply holds only the
-  compressed model (its metadata carries the number of examples and the
-  client's metrics, which the server validates).
-* ``evaluate``: the compressed global model on the node's evaluation split
-  (``config["split"]``: ``valid`` or ``test``): ``num-examples``, ``loss``,
-  ``WER`` and ``CER``.
-
-The node's Brain and data are built at the first message a process handles
-and kept for later ones (the Simulation Engine reuses its workers; the
-Deployment Engine starts a process per message).
+Each SuperNode serves one client, named by its ``--node-config`` (see
+:func:`.task.node_client_id`). The handlers pass the bytes of the received
+``ArrayRecord`` to :class:`~speechbrain_omc.federated.client.OMCClient` and
+its reply back: ``query`` (which client), ``train`` (one round of local
+training) and ``evaluate`` (``num-examples``, ``loss``, ``WER``, ``CER``).
+A process builds its Brain and data at its first message and keeps them.
 """
 
 from __future__ import annotations
@@ -71,40 +59,14 @@ def node_setup(context: Context) -> NodeSetup:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer which client this node serves (no Brain, no data: cheap).
-
-    Arguments
-    ---------
-    msg : Message
-        The server's query.
-    context : Context
-        The node's context.
-
-    Returns
-    -------
-    Message
-        ``{QUERY_KEY: {"client-id": ...}}``.
-    """
+    """Answer which client this node serves (no Brain, no data: cheap)."""
     answer = ConfigRecord({CLIENT_ID_KEY: node_client_id(context.node_config)})
     return Message(content=RecordDict({QUERY_KEY: answer}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local OMC training on the node's data.
-
-    Arguments
-    ---------
-    msg : Message
-        ``arrays``: the compressed global model; ``config``: round, client.
-    context : Context
-        The node's context.
-
-    Returns
-    -------
-    Message
-        ``arrays``: the compressed trained model.
-    """
+    """One round of local OMC training; the reply's ``arrays`` is the model."""
     node = node_setup(context)
     wanted = str(msg.content["config"].get("client-id", node.client_id))
     if wanted != node.client_id:
@@ -117,22 +79,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received compressed global model on the node's split.
+    """Evaluate the received model on ``config["split"]`` (``valid``, ``test``).
 
-    Arguments
-    ---------
-    msg : Message
-        ``arrays``: the model; ``config["split"]``: ``valid`` (default) or
-        ``test``.
-    context : Context
-        The node's context.
-
-    Returns
-    -------
-    Message
-        ``metrics``: ``num-examples``, ``loss``, ``WER``, ``CER`` (a metric
-        that is not a finite number is left out, and the server then refuses
-        the evaluation).
+    A metric that is not a number is left out (the server then refuses it).
     """
     node = node_setup(context)
     split = str(msg.content["config"].get("split", "valid"))

@@ -1,14 +1,9 @@
 """OMC wire messages inside Flower records.
 
-A federated OMC message (:mod:`speechbrain_omc.federated.wire`) travels in a
-Flower ``Message`` as one ``uint8`` NumPy array under :data:`PAYLOAD_KEY` of an
-``ArrayRecord``: Flower moves it as opaque bytes, so no Flower strategy can
-mistake compressed codes for numbers, and the bytes a client receives are
-exactly the bytes the embedded simulation counts.
-
-:func:`payload_from_record` reads a reply as a server must: every part of the
-record is checked, and the payload is returned as a view into Flower's buffer
-(no copy of a large reply; the server checks its size before anything else).
+A wire message travels as one ``uint8`` array under :data:`PAYLOAD_KEY` of
+an ``ArrayRecord``: Flower moves opaque bytes, so no Flower strategy can
+mistake compressed codes for numbers, and a client receives exactly the
+bytes the embedded simulation counts.
 """
 
 from __future__ import annotations
@@ -37,7 +32,6 @@ def payload_to_record(data: bytes) -> ArrayRecord:
     Returns
     -------
     ArrayRecord
-        ``{PAYLOAD_KEY: uint8 array of len(data)}``.
 
     Example
     -------
@@ -57,22 +51,19 @@ def payload_from_record(
     Arguments
     ---------
     content : RecordDict or ArrayRecord
-        A message's content (the ``ArrayRecord`` is taken from ``key``), or
-        the ``ArrayRecord`` itself.
+        A message's content, or the ``ArrayRecord`` itself.
     key : str
         Where the ``ArrayRecord`` is in ``content``.
 
     Returns
     -------
     memoryview
-        The message (bytes-like); its content is validated by whoever
-        decodes it.
+        The message, not yet validated (no copy of a large reply).
 
     Raises
     ------
     ValueError
-        When the content is not one 1-D ``uint8`` NumPy array under
-        :data:`PAYLOAD_KEY` of an ``ArrayRecord`` under ``key``.
+        Not one 1-D ``uint8`` array under :data:`PAYLOAD_KEY`.
 
     Example
     -------

@@ -1,47 +1,26 @@
 """The ``ServerApp`` of federated OMC (Flower Message API), with resume.
 
-The run config (``[tool.flwr.app.config]`` in ``pyproject.toml``, or ``flwr
-run --run-config``) names the task's hyperparameters; the server builds the
-initial model from them as the embedded simulation does (they seed torch
-before the modules exist), asks the SuperNodes which clients they serve, and runs
-:class:`~speechbrain_omc.federated.flower.strategy.OMCFedAvg`.
+The run config (``[tool.flwr.app.config]``, or ``flwr run --run-config``)
+names the task's hyperparameters; the server builds the initial model from
+them as the embedded simulation does, asks the SuperNodes which clients
+they serve and runs :class:`~.strategy.OMCFedAvg`, streaming each round
+(:class:`~.streaming.StreamingGrid`).
 
-After every round's aggregation the server state is saved atomically in
-``<result-dir>/server.ckpt`` (the round before stays in ``server.ckpt.prev``),
-and saved again with the round's evaluation when one comes back. Started
-again with the same run config (after the ServerApp, the SuperLink or the
-machine died), the app resumes after the last completed round and ends with
-the final model an uninterrupted run ends with, bit for bit. A resumed run
-serves the clients of its checkpoint: a node answering for another client
-id is ignored, and a client whose node is gone is left out of the rounds
-that sample it. A checkpoint saved with other settings is refused with the
-differences named; ``fresh-start = true`` sets it aside instead. The app
-holds the result folder's lock while it runs: a second ServerApp on the
-same folder is refused before it reads or writes anything there.
+Each round is checkpointed in ``result-dir`` (default ``<output_folder>/flower``)
+by :class:`~speechbrain_omc.federated.round_log.RoundLog`, which also writes
+``rounds.csv``, ``rounds.png``, ``flower_history.json``, ``final_model.pt``
+and ``summary.json``. Started again with the same run config, the app
+resumes after the last completed round and ends with the model an
+uninterrupted run ends with, bit for bit; it serves its checkpoint's
+clients and refuses a checkpoint saved with other settings.
 
 .. warning::
-   ``fresh-start = true`` applies at *every* start of the ServerApp: left in
-   the run config, a ServerApp restarted after a crash discards the
-   checkpoint and begins the run again. Pass it once (``flwr run
-   --run-config "fresh-start=true"``) and not in ``pyproject.toml``.
-
-Rounds stream (:class:`~speechbrain_omc.federated.flower.streaming.
-StreamingGrid`): at most ``max-in-flight`` train messages are unanswered at
-once, each built when it is sent, and each reply is folded into the
-server's running float32 sums as it comes, so that the ServerApp's memory
-does not grow with the clients per round. The hparams' ``dropout`` makes a
-seeded fraction of each round's sampled clients unavailable.
-
-Outputs in ``result-dir`` (default ``<output_folder>/flower``): ``rounds.csv``
-and ``rounds.png`` (the embedded simulation's per-round log, written by the
-same functions), ``flower_history.json`` (the server's reports and evaluations),
-``final_model.pt`` (written before the final test) and ``summary.json`` (with
-the test WER of the final model on the held-out speakers, from one node).
+   ``fresh-start = true`` discards the checkpoint at *every* start: pass it
+   once (``flwr run --run-config "fresh-start=true"``), not in ``pyproject.toml``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -51,7 +30,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from speechbrain_omc.federated.checkpoint import CheckpointStore, atomic_save, plain
+from speechbrain_omc.federated.checkpoint import CheckpointStore
 from speechbrain_omc.federated.defence import clean_text
 from speechbrain_omc.federated.flower.records import payload_to_record
 from speechbrain_omc.federated.flower.strategy import (
@@ -65,6 +44,7 @@ from speechbrain_omc.federated.flower.task import (
     load_task,
     resolve_path,
 )
+from speechbrain_omc.federated.round_log import RoundLog
 from speechbrain_omc.federated.server import saved_clients
 
 logger = logging.getLogger(__name__)
@@ -121,46 +101,23 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     task = load_task(run_config.get("task"))
     rounds = int(run_config.get("num-server-rounds") or hparams["rounds"])
     timeout = float(run_config.get("round-timeout", 3600))
-    result_dir = Path(
-        resolve_path(run_config["result-dir"])
-        if run_config.get("result-dir")
-        else Path(hparams["output_folder"]) / "flower"
-    )
-    result_dir.mkdir(parents=True, exist_ok=True)
+    result_dir = _result_dir(run_config, hparams)
     # One server per result folder, from before the checkpoint is read.
     with CheckpointStore(result_dir / "server.ckpt") as store:
         if run_config.get("fresh-start"):
             store.discard()
-        # One SuperNode per client: wait for the task's num_clients unless told.
-        min_nodes = int(run_config.get("min-nodes") or hparams.get("num_clients") or 1)
-        # Resumed: the checkpoint's clients, whichever nodes answer (a changed
-        # list would be a settings mismatch, and a node could claim a new id).
-        known = saved_clients(store)
-        node_of = discover_clients(grid, min_nodes, timeout, clients=known)
-        clients = known if known is not None else sorted(node_of, key=_natural)
+        node_of, clients = _clients(grid, store, run_config, hparams, timeout)
         bound = int(run_config.get("max-examples-per-client") or 1000)
         server = task.build_server(hparams, model, clients, buffers, bound, roles=roles)
-        extra = server.load(store) or {}
-        rows, history = list(extra.get("rows", [])), list(extra.get("history", []))
-        last = [time.perf_counter()]  # when the previous call below returned
-        started: dict[int, float] = {}
-
-        def on_round(report, evaluation):
-            # Called once the round is aggregated, and again with its evaluation:
-            # the second call completes the round's row and saves again.
-            now = time.perf_counter()
-            seconds = now - started.setdefault(report.round, last[0])
-            row = task.round_row(report, evaluation, seconds)
-            entry = {**report.to_dict(), "evaluation": evaluation}
-            if rows and rows[-1]["round"] == report.round:
-                rows[-1], history[-1] = row, entry
-            else:
-                rows.append(row)
-                history.append(entry)
-            last[0] = now
-            server.save(store, extra={"rows": rows, "history": history})
-            task.write_csv(rows, result_dir / "rounds.csv")
-
+        log = RoundLog(
+            server,
+            store,
+            result_dir,
+            "Flower: federated OMC",
+            plot_every_round=False,
+            history="flower_history.json",
+        )
+        log.resume()
         strategy = OMCFedAvg(
             server,
             node_of,
@@ -168,57 +125,48 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             num_rounds=rounds,
             evaluate_nodes=int(run_config.get("evaluate-nodes", 1)),
             max_eval_examples=int(run_config.get("max-eval-examples") or 10**6),
-            on_round=on_round,
+            # Called once the round is aggregated, and again with its evaluation.
+            on_round=log.on_round,
             dropout=float(hparams.get("dropout", 0.0)),
         )
-        # Rounds stream: a window of messages in flight, each reply folded into
-        # the server's running sums as it comes (see StreamingGrid).
-        window = run_config.get("max-in-flight")
-        stream = StreamingGrid(grid, DEFAULT_WINDOW if window is None else int(window))
-        strategy.start(
-            grid=stream,
-            initial_arrays=payload_to_record(
-                server.message_for(strategy.evaluate_client)
-            ),
-            num_rounds=max(0, rounds - server.round),
-            timeout=timeout,
-            evaluate_config=ConfigRecord({"split": "valid"}),
-        )
-        task.write_csv(rows, result_dir / "rounds.csv")
-        if rows:
-            task.plot_rounds(rows, result_dir / "rounds.png", "Flower: federated OMC")
-        (result_dir / "flower_history.json").write_text(
-            json.dumps(plain(history), indent=2) + "\n", encoding="utf-8"
-        )
-        # Saved before the final test: a node failing there must not lose it.
-        atomic_save(dict(server.model), result_dir / "final_model.pt")
+        _start(grid, strategy, run_config, max(0, rounds - server.round), timeout)
+        log.finish()
         test = _final_test(grid, strategy, timeout)
-        summary = {
-            "engine": "flower",
-            "rounds": server.round,
-            "clients": clients,
-            "test_WER": test.get("WER"),
-            "test_CER": test.get("CER"),
-            "test_loss": test.get("loss"),
-            "valid_WER": next(
-                (
-                    r["valid_WER"]
-                    for r in reversed(rows)
-                    if r.get("valid_WER") is not None
-                ),
-                None,
-            ),
-            "left_out": sum(r["sampled"] - r["clients"] for r in rows),
-            "minutes_this_process": round((time.perf_counter() - start) / 60, 2),
-        }
-        for key in ("bytes_down", "bytes_up", "float32_bytes_down", "float32_bytes_up"):
-            summary[key] = sum(r[key] for r in rows)
-        summary["bytes_total"] = summary["bytes_down"] + summary["bytes_up"]
-        (result_dir / "summary.json").write_text(
-            json.dumps(plain(summary), indent=2) + "\n", encoding="utf-8"
-        )
-        logger.info("Flower federated OMC summary: %s", json.dumps(plain(summary)))
-        return summary
+        fields = {"engine": "flower", "rounds": server.round, "clients": clients}
+        fields.update({f"test_{k}": test.get(k) for k in ("WER", "CER", "loss")})
+        return log.write_summary(fields, start)
+
+
+def _result_dir(run_config: dict[str, Any], hparams: dict) -> Path:
+    folder = run_config.get("result-dir")
+    path = resolve_path(folder) if folder else Path(hparams["output_folder"]) / "flower"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _clients(grid, store, run_config, hparams, timeout):
+    # One SuperNode per client: wait for the task's num_clients unless told.
+    min_nodes = int(run_config.get("min-nodes") or hparams.get("num_clients") or 1)
+    # Resumed: the checkpoint's clients, whichever nodes answer (a changed
+    # list would be a settings mismatch, and a node could claim a new id).
+    known = saved_clients(store)
+    node_of = discover_clients(grid, min_nodes, timeout, clients=known)
+    return node_of, known if known is not None else sorted(node_of, key=_natural)
+
+
+def _start(grid, strategy: OMCFedAvg, run_config, rounds: int, timeout: float):
+    # Rounds stream: a window of messages in flight, each reply folded into
+    # the server's running sums as it comes (see StreamingGrid).
+    window = run_config.get("max-in-flight")
+    stream = StreamingGrid(grid, DEFAULT_WINDOW if window is None else int(window))
+    first = strategy.server.message_for(strategy.evaluate_client)
+    strategy.start(
+        grid=stream,
+        initial_arrays=payload_to_record(first),
+        num_rounds=rounds,
+        timeout=timeout,
+        evaluate_config=ConfigRecord({"split": "valid"}),
+    )
 
 
 @app.main()

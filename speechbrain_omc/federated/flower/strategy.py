@@ -1,45 +1,21 @@
 """A Flower ``FedAvg`` that averages OMC models instead of code bytes.
 
-Stock ``FedAvg`` averages every array of the replies element-wise; applied to
-compressed payloads it would average packed bit codes as if they were numbers.
-:class:`OMCFedAvg` keeps Flower's round loop (``Strategy.start``) and
-FedAvg's weighted mean of evaluation metrics, and overrides what it must:
+Stock ``FedAvg`` would average packed bit codes as numbers. :class:`OMCFedAvg`
+keeps Flower's round loop and FedAvg's weighted mean of evaluation metrics,
+and hands the model to :class:`~speechbrain_omc.federated.server.FedAvgServer`:
 
-* ``configure_train``: the server (:class:`~speechbrain_omc.federated.server.
-  FedAvgServer`, the embedded simulation's) samples the clients; each one's
-  model is encoded when its message is about to be sent (lazily, in the
-  server's fold order) and goes to the node serving that client. Simulated
-  dropouts (``dropout``) and clients without a node are not contacted.
-* ``aggregate_train``: each reply's bytes go to the server as the reply
-  comes (:meth:`~speechbrain_omc.federated.server.FedAvgServer.receive`),
-  which validates it (a bad reply is left out with its reason, nothing a
-  node sends can raise) and folds it into running float32 sums; then the
-  round is closed and the result compressed; the "arrays" Flower passes on
-  is that compressed broadcast, which ``configure_evaluate`` sends to the
-  evaluating nodes. The round is over for the server here: ``on_round``
-  (e.g. a checkpoint) is called at once, so that an evaluation that never
-  ends loses no training.
+* ``configure_train``: the server samples clients; each message is encoded
+  when it is sent (lazily with a :class:`~.streaming.StreamingGrid`) and goes
+  to the node serving that client;
+* ``aggregate_train``: each reply is validated and folded as it comes, the
+  round is closed and ``on_round`` called at once (a checkpoint survives an
+  evaluation that never ends);
+* ``configure_evaluate`` / ``aggregate_evaluate``: every ``evaluate_every``
+  rounds and after the last, on nodes serving the run's clients; each reply
+  is checked (:func:`check_evaluation`) and rebuilt before averaging.
 
-With a :class:`~speechbrain_omc.federated.flower.streaming.StreamingGrid`
-(as the app's ServerApp uses) messages are built and pushed a few at a time
-and replies handed over one by one: the ServerApp holds a window of
-messages, not clients-per-round of them. With any other grid the messages
-are built as a list, as Flower's ``send_and_receive`` wants them, and the
-replies come all at once (they are still folded one by one).
-* ``configure_evaluate``: only every ``evaluate_every`` rounds and after the
-  last one, as the embedded simulation does, and only on nodes that serve the
-  run's clients.
-* ``aggregate_evaluate``: each evaluation reply is checked
-  (:func:`check_evaluation`) and rebuilt from the checked values alone;
-  FedAvg's ``evaluate_metrics_aggr_fn`` averages those. FedAvg's own
-  ``aggregate_evaluate`` is not used: it raises ``InconsistentMessageReplies``
-  (ending the ServerApp) when replies name their MetricRecords differently,
-  and would average NaN or a list of numbers into the result.
-
-Clients and SuperNodes: the server samples *client ids* (partitions); Flower
-addresses *node ids*. Before the first round :func:`discover_clients` asks
-every connected node which client it serves (a ``query`` message); a
-resumed run accepts only the clients of its checkpoint.
+The server samples *client ids*; Flower addresses *node ids*:
+:func:`discover_clients` maps one to the other before the first round.
 """
 
 from __future__ import annotations
@@ -101,24 +77,16 @@ def check_evaluation(
     content : RecordDict
         The reply's content.
     names : iterable of str
-        The metrics it must report, besides ``weight_key`` (no others).
+        The metrics it must report besides ``weight_key``, and no others.
     max_examples : int
-        Largest number of evaluated examples a node may claim.
+        Largest number of examples (``weight_key``) a node may claim.
     weight_key : str
         Name of the number of examples.
 
     Returns
     -------
     dict
-        The metrics.
-
-    Raises
-    ------
-    ValueError
-        No or several MetricRecords, other metric names, a value that is not
-        one number in ``[0, 1e9]`` (see
-        :func:`~speechbrain_omc.federated.validation.check_number`), or
-        examples outside ``[1, max_examples]``.
+        The metrics; ``ValueError`` unless each is one number in ``[0, 1e9]``.
 
     Example
     -------
@@ -161,24 +129,19 @@ def discover_clients(
 ) -> dict[str, int]:
     """Ask every connected node which client it serves.
 
-    Waits until ``min_nodes`` nodes are connected, sends each a ``query``
-    message and maps the client ids of the answers to node ids. A client
-    announced by two nodes keeps the first; failed queries, answers that are
-    not an id of printable ASCII (ids reach logs, files and checkpoints),
-    and answers naming a client that is not one of ``clients``, are logged
-    and ignored.
+    Waits for ``min_nodes`` nodes and sends each a ``query``. A client
+    announced twice keeps its first node; failed queries, ids that are not
+    printable ASCII and ids outside ``clients`` are logged and ignored.
 
     Arguments
     ---------
     grid : Grid
-        The run's grid.
     min_nodes : int
         Nodes to wait for.
     timeout : float
         Seconds for the wait and the replies together.
     clients : iterable of str, optional
-        The only client ids accepted (a resumed run's: a node cannot join it
-        under a new name); any by default.
+        The only client ids accepted (a resumed run's); any by default.
 
     Returns
     -------
@@ -229,36 +192,30 @@ def discover_clients(
 class OMCFedAvg(FedAvg):
     """Flower FedAvg over OMC wire messages, delegating to ``FedAvgServer``.
 
-    Flower's round numbers count the rounds of this ``start``; the server's
-    count the run's (they differ after a resume).
+    Flower's round numbers count this ``start``'s rounds, the server's the
+    run's (they differ after a resume).
 
     Arguments
     ---------
     server : FedAvgServer
-        Holds the float32 global model, the sampling, the plans and the
-        validation; its ``clients`` are the client ids the nodes announce.
+        The global model, sampling, plans and validation.
     node_of : Mapping
-        Client id to the node id serving it (see :func:`discover_clients`);
-        a sampled client without a node is left out of its round.
+        Client id to the node serving it (a client without one is left out).
     evaluate_every : int
-        Federated evaluation after every ``evaluate_every``-th round and
-        after the last one (``num_rounds``).
+        Evaluate after every ``evaluate_every``-th round and the last.
     num_rounds : int, optional
         The run's number of rounds.
     evaluate_nodes : int
-        Nodes asked to evaluate (0 disables federated evaluation).
+        Nodes asked to evaluate (0: none).
     evaluate_client : str
-        Client id under whose plan the evaluation model is encoded.
+        Client id whose plan encodes the evaluation model.
     max_eval_examples : int
-        Largest number of examples an evaluation reply may claim.
+        See :func:`check_evaluation`.
     on_round : callable, optional
-        Called with each round's :class:`RoundReport` and ``None`` as soon as
-        the round is aggregated (e.g. to checkpoint), and once more with the
-        round's evaluation (a dict) when one comes back.
+        ``(report, None)`` once the round is aggregated, and
+        ``(report, evaluation)`` again when its evaluation comes back.
     dropout : float
-        Fraction of each round's sampled clients that drop out (a seeded
-        draw, see :mod:`~speechbrain_omc.federated.availability`): not
-        contacted, recorded as failed.
+        Seeded fraction of each round's sampled clients not contacted.
 
     Example
     -------
@@ -280,9 +237,7 @@ class OMCFedAvg(FedAvg):
         on_round: Callable[[RoundReport, dict | None], None] | None = None,
         dropout: float = 0.0,
     ) -> None:
-        # min_evaluate_nodes is the number configure_evaluate asks: never
-        # more than the nodes that serve clients (FedAvg's fraction is set to
-        # match, for its logs).
+        # Never more evaluating nodes than nodes serving clients.
         wanted = min(max(0, int(evaluate_nodes)), len(node_of))
         super().__init__(
             fraction_evaluate=wanted / max(1, len(node_of)),
@@ -307,22 +262,8 @@ class OMCFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Open the server's round; one message per sampled client with a node.
 
-        Arguments
-        ---------
-        server_round : int
-            Flower's round number (this ``start``'s).
-        arrays : ArrayRecord
-            Ignored: the global model is the server's float32 master.
-        config : ConfigRecord
-            Sent along (plus ``server-round`` and ``client-id``).
-        grid : Grid
-            The run's grid.
-
-        Returns
-        -------
-        iterable of Message
-            In the server's fold order; lazy (each message encoded when it
-            is taken) for a :class:`StreamingGrid`, else a list.
+        The messages come in fold order, lazily for a :class:`StreamingGrid`
+        (each encoded when taken). Arguments as in Flower's ``Strategy``.
         """
         server = self.server
         round_ = server.round + 1
@@ -363,20 +304,9 @@ class OMCFedAvg(FedAvg):
     ) -> tuple[Any, MetricRecord]:
         """Hand each reply to the server as it comes, then close the round.
 
-        Arguments
-        ---------
-        server_round : int
-            Flower's round number.
-        replies : iterable of Message
-            The nodes' replies (errors included); an iterator with a
-            :class:`StreamingGrid`.
-
-        Returns
-        -------
-        tuple
-            The compressed global model as the evaluating nodes receive it
-            (``None`` when this round does not evaluate) and the round's
-            counts as a ``MetricRecord``.
+        Returns the compressed model for evaluation (``None`` when the round
+        does not evaluate) and the round's counts; arguments as in Flower's
+        ``Strategy``.
         """
         server, seen = self.server, set()
         for reply in replies:
@@ -401,8 +331,7 @@ class OMCFedAvg(FedAvg):
         report = server.close_round()
         self.reports.append(report)
         if self.on_round is not None:
-            # Now, not after the evaluation: the model of this round is final,
-            # and a checkpoint here survives an evaluation that never ends.
+            # Now: a checkpoint here survives an evaluation that never ends.
             self.on_round(report, None)
         metrics = MetricRecord(
             {
@@ -428,31 +357,15 @@ class OMCFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Evaluation every ``evaluate_every`` rounds and after the last.
 
-        ``evaluate_nodes`` of the connected nodes that serve this run's
-        clients are asked (a seeded draw per round); a node that announced
-        no client, or one the run does not know, never evaluates.
+        ``evaluate_nodes`` connected nodes serving the run's clients, drawn
+        per round from the server's seed.
 
-        Arguments
-        ---------
-        server_round : int
-            Flower's round number.
-        arrays : ArrayRecord
-            The compressed global model (from :meth:`aggregate_train`).
-        config : ConfigRecord
-            Sent along, with ``server-round`` (the server's round).
-        grid : Grid
-            The run's grid.
-
-        Returns
-        -------
-        list of Message
+        Arguments and returns as in Flower's ``Strategy``.
         """
         if not self._evaluates():
             return []
-        # Not FedAvg's sampling: it draws from every connected node (one that
-        # serves no client of this run among them) and waits for as many as
-        # it wants. Here: the nodes serving clients, drawn per round from the
-        # server's seed (a resumed run evaluates on the same nodes).
+        # Not FedAvg's sampling (any connected node): nodes serving clients,
+        # drawn from the server's seed (a resumed run draws the same).
         connected = set(grid.get_node_ids())
         nodes = sorted(n for n in set(self.node_of.values()) if n in connected)
         rng = random.Random(round_seed(self.server.seed, self.server.round, "eval"))
@@ -471,23 +384,10 @@ class OMCFedAvg(FedAvg):
     ) -> MetricRecord | None:
         """Check each evaluation reply, then average the good ones.
 
-        Each reply that passes :func:`check_evaluation` is rebuilt as
-        ``RecordDict({"metrics": MetricRecord(checked values)})`` and only
-        those go to ``evaluate_metrics_aggr_fn`` (FedAvg's weighted mean by
-        default); whatever else a reply holds (other record names, more
-        records of other types) is never read.
+        Only the checked values of a reply reach
+        ``evaluate_metrics_aggr_fn``; nothing else it holds is read.
 
-        Arguments
-        ---------
-        server_round : int
-            Flower's round number.
-        replies : iterable of Message
-            The nodes' replies.
-
-        Returns
-        -------
-        MetricRecord or None
-            ``None`` when no node answered usefully.
+        Arguments and returns as in Flower's ``Strategy``.
         """
         checked = []
         for reply in replies:

@@ -1,31 +1,15 @@
 """A Flower grid that streams a round: few messages in flight, replies as they come.
 
-Flower's ``Grid.send_and_receive`` pushes every message of a round, then
-returns every reply at once: the ServerApp holds clients-per-round
-broadcasts and as many replies (and Flower's simulation keeps them all in
-its in-memory state as well). :class:`StreamingGrid` wraps any grid and
-keeps Flower's round loop (``Strategy.start``) unchanged:
-
-* ``send_and_receive`` returns an *iterator*: messages are taken from the
-  strategy's (lazy) iterable and pushed a few at a time, at most ``window``
-  unanswered at once, and each reply is yielded as soon as it is pulled, so
-  that :class:`~speechbrain_omc.federated.flower.strategy.OMCFedAvg` folds it
-  into the server's running sums and drops it before the next arrives;
-* the round's ``timeout`` covers the whole round: when it passes, messages
-  not yet pushed are never sent (their clients are left out, as silent ones).
-
-Everything else is delegated. The window trades memory for parallelism: the
-server holds at most ``window`` broadcasts in Flower's state (plus the
-replies that wait for their turn in the fold order), and at most ``window``
-clients train at once. The Simulation Engine runs as many as its actors;
-a deployment of devices wants a window as large as the devices that may
-train at once.
+Flower's ``Grid.send_and_receive`` pushes a round's messages and returns
+all replies at once, so a ServerApp would hold clients-per-round of each.
+:class:`StreamingGrid` wraps any grid and returns an *iterator*: at most
+``window`` messages are unanswered at once, taken lazily from the strategy,
+and each reply is yielded as it is pulled, to be folded and dropped. The
+round's ``timeout`` covers the whole round: messages not yet pushed then
+are never sent. The window trades memory for parallelism.
 
 Example
 -------
-Everything but ``send_and_receive`` is the wrapped grid's (the behaviour
-of a streamed round is tested in ``tests/test_streaming_aggregation.py``):
-
 >>> class Nodes:
 ...     def get_node_ids(self):
 ...         return [11, 12]
@@ -94,7 +78,6 @@ class StreamingGrid:
         Returns
         -------
         iterator of Message
-            The replies, in arrival order.
         """
         return self._stream(iter(messages), timeout)
 

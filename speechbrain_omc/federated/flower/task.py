@@ -1,18 +1,11 @@
-"""Glue between the Flower apps and the ASR task of the embedded simulation.
+"""Glue between the Flower apps and the task that builds Brain, data and server.
 
-The ``ServerApp`` and ``ClientApp`` build exactly what the embedded
-simulation (:func:`speechbrain_omc.asr.federation.run_federation`) builds in
-its one process: the same hyperparameters (file plus overrides), the same
-Brain (``build_brain``), the same :class:`~speechbrain_omc.federated.client.
-OMCClient` on a client's manifest and the same server (``build_server``).
-Those functions come from a *task module*, named by the run config's
-``task`` (default :mod:`speechbrain_omc.asr`): an importable module, so the
-installed package runs the app without any file of the repository.
-
-Paths in the run config (``hparams``) and in a node config (``manifest``...)
-may be absolute or relative to the working directory of the process (the
-SuperLink's or SuperNode's); ``hparams`` may also name a packaged file
-(``fed_omc.yaml``, the default; see :func:`speechbrain_omc.asr.hparams_file`).
+The ``ServerApp`` and ``ClientApp`` build what the embedded simulation
+builds, with the functions of a *task module* named by the run config's
+``task`` (default :mod:`speechbrain_omc.asr`, imported lazily by name so
+that this package imports nothing above it). Paths in run and node configs
+are absolute or relative to the process's working directory; ``hparams``
+may also name a packaged file (``fed_omc.yaml``, the default).
 """
 
 from __future__ import annotations
@@ -47,16 +40,7 @@ DEFAULT_HPARAMS = "fed_omc.yaml"
 
 
 def resolve_path(path: str | Path) -> Path:
-    """An absolute path: as given, or under the working directory.
-
-    Arguments
-    ---------
-    path : str or Path
-        The path from a run or node config.
-
-    Returns
-    -------
-    Path
+    """A run or node config's path, made absolute under the working directory.
 
     Example
     -------
@@ -70,19 +54,9 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_task(name: str | None = None):
-    """The task module (imported by name, once per process).
-
-    Arguments
-    ---------
-    name : str, optional
-        A module with ``prepare_federation``, ``build_brain``,
-        ``build_server``, ``build_label_encoder``, ``dataset_from_csv``,
-        ``round_row``, ``write_csv`` and ``plot_rounds``; default
-        :data:`DEFAULT_TASK`.
-
-    Returns
-    -------
-    module
+    """The task module named ``name`` (default :data:`DEFAULT_TASK`): one with
+    ``prepare_federation``, ``build_brain``, ``build_server``,
+    ``build_label_encoder``, ``dataset_from_csv`` and ``hparams_file``.
 
     Example
     -------
@@ -98,8 +72,8 @@ def load_hparams(run_config: Mapping[str, Any]) -> dict:
     Arguments
     ---------
     run_config : Mapping
-        ``hparams`` (a file, or a packaged name) and ``overrides`` (YAML
-        mapping string).
+        ``hparams`` (a file, or a name the task's ``hparams_file`` knows),
+        ``overrides`` (YAML mapping string) and ``task``.
 
     Returns
     -------
@@ -108,11 +82,10 @@ def load_hparams(run_config: Mapping[str, Any]) -> dict:
     """
     from hyperpyyaml import load_hyperpyyaml
 
-    from speechbrain_omc.asr import hparams_file
-
     name = run_config.get("hparams") or DEFAULT_HPARAMS
-    candidate = resolve_path(name)
-    path = candidate if candidate.is_file() else hparams_file(name)
+    path = resolve_path(name)
+    if not path.is_file():
+        path = load_task(run_config.get("task")).hparams_file(name)
     with open(path, encoding="utf-8") as fin:
         return load_hyperpyyaml(fin, run_config.get("overrides") or {})
 
@@ -131,19 +104,8 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 def node_client_id(node_config: Mapping[str, Any]) -> str:
-    """The client id a SuperNode serves, from its node config alone.
-
-    ``client-id`` if given, else the stem of ``manifest``, else
-    ``client_<partition-id>`` as the task's partition names clients.
-
-    Arguments
-    ---------
-    node_config : Mapping
-        The SuperNode's ``--node-config`` (or the Simulation Engine's).
-
-    Returns
-    -------
-    str
+    """The client a SuperNode serves, from its node config: ``client-id``,
+    the stem of ``manifest``, or ``client_<partition-id>``.
 
     Example
     -------
@@ -170,9 +132,9 @@ class NodeSetup:
     Arguments
     ---------
     client : OMCClient
-        The Brain-driving client (one Brain per process).
+        The client (one Brain per process).
     client_id : str
-        The client (partition) it serves.
+        The client id it serves.
     num_examples : int
         Its training examples.
     eval_data : dict
@@ -193,15 +155,12 @@ def build_node(
 ) -> NodeSetup:
     """Build a SuperNode's client as the embedded simulation builds it.
 
-    Data: with ``manifest`` in the node config, that CSV is the client's
-    training data, ``label-encoder`` (a saved ``label_encoder.txt``) its
-    encoder and ``valid-csv`` / ``test-csv`` its evaluation data. Otherwise
-    the task prepares its manifests and partition under its
-    ``output_folder`` (as the embedded run does; locked, so SuperNodes on one
-    machine take turns) and the client is ``client_<partition-id>``; the
-    nodes a process serves then share one Brain and one prepared partition
-    (as the embedded run's clients share its Brain): the Simulation Engine
-    runs a thousand virtual nodes in a couple of workers.
+    With ``manifest`` in the node config, that CSV is the client's data,
+    ``label-encoder`` (the federation's ``label_encoder.txt``) its encoder
+    and ``valid-csv`` / ``test-csv`` its evaluation data. Otherwise the task
+    prepares its partition under its ``output_folder`` (locked: SuperNodes on
+    one machine take turns) and the nodes of one process share one Brain,
+    as the embedded run's clients do.
 
     Arguments
     ---------
@@ -214,28 +173,28 @@ def build_node(
     -------
     NodeSetup
     """
-    from speechbrain_omc.federated.client import OMCClient
-
     task = load_task(run_config.get("task"))
     client_id = node_client_id(node_config)
-    if not node_config.get("manifest"):
-        shared = _shared_partition(run_config, task)
-        if client_id not in shared.client.train_data:
-            raise ValueError(
-                f"node serves {client_id!r}, but the partition has "
-                f"{len(shared.client.train_data)} other clients"
-            )
-        return NodeSetup(
-            shared.client,
-            client_id,
-            len(shared.client.train_data[client_id]),
-            shared.eval_data,
-            dict(shared.hparams["valid_dataloader_opts"]),
+    if node_config.get("manifest"):
+        return _own_data_node(run_config, node_config, task, client_id)
+    shared = _shared_partition(run_config, task)
+    if client_id not in shared.client.train_data:
+        raise ValueError(
+            f"node serves {client_id!r}, but the partition has "
+            f"{len(shared.client.train_data)} other clients"
         )
-    hparams = load_hparams(run_config)
-    splits = {"valid": hparams["valid_split"], "test": hparams["test_split"]}
-    eval_csvs: dict[str, Path] = {}
+    return NodeSetup(
+        shared.client,
+        client_id,
+        len(shared.client.train_data[client_id]),
+        shared.eval_data,
+        dict(shared.hparams["valid_dataloader_opts"]),
+    )
+
+
+def _own_data_node(run_config, node_config, task, client_id: str) -> NodeSetup:
     # A node with its own data (a deployment's device).
+    hparams = load_hparams(run_config)
     manifest = resolve_path(str(node_config["manifest"]))
     encoder_path = resolve_path(str(node_config.get("label-encoder") or ""))
     if not node_config.get("label-encoder") or not encoder_path.is_file():
@@ -245,18 +204,30 @@ def build_node(
             "a node config with manifest needs label-encoder: the federation's "
             f"saved label_encoder.txt (got {node_config.get('label-encoder')!r})"
         )
-    label_encoder = task.build_label_encoder(
-        manifest, encoder_path, hparams["blank_index"]
-    )
-    for split in splits:
-        if node_config.get(f"{split}-csv"):
-            eval_csvs[split] = resolve_path(str(node_config[f"{split}-csv"]))
-    data = _datasets(task, hparams, label_encoder, manifest, eval_csvs)
-    train_data, eval_data = data
+    encoder = task.build_label_encoder(manifest, encoder_path, hparams["blank_index"])
+    train_data = task.dataset_from_csv(manifest, hparams, encoder)
+    eval_data = {
+        split: task.dataset_from_csv(
+            resolve_path(str(node_config[f"{split}-csv"])),
+            hparams,
+            encoder,
+            "ascending",
+        )
+        for split in ("valid", "test")
+        if node_config.get(f"{split}-csv")
+    }
+    client = _omc_client(task, hparams, encoder, train_data)
+    opts = dict(hparams["valid_dataloader_opts"])
+    return NodeSetup(client, client_id, len(train_data), eval_data, opts)
+
+
+def _omc_client(task, hparams: dict, label_encoder, train_data):
+    # The Brain and client arguments of the embedded run_federation.
+    from speechbrain_omc.federated.client import OMCClient
+
     brain = task.build_brain(hparams)
     brain.tokenizer = label_encoder
-    # The same arguments as the embedded run_federation.
-    client = OMCClient(
+    return OMCClient(
         brain,
         train_data,
         local_epochs=hparams["local_epochs"],
@@ -265,22 +236,11 @@ def build_node(
         progressbar=False,
         wire_mode=hparams.get("omc_wire", "both"),
     )
-    return NodeSetup(
-        client,
-        client_id,
-        len(train_data),
-        eval_data,
-        dict(hparams["valid_dataloader_opts"]),
-    )
 
 
 class _ClientDatasets(Mapping):
-    """Client id to its training dataset, built when first asked for.
-
-    Read under the output folder's lock: another process's
-    ``prepare_federation`` rewrites every client manifest (old ones removed
-    first), and an unlocked read could meet a missing or half-written file.
-    """
+    """Client id to its training dataset, built when first asked for, under
+    the folder's lock (another process may be rewriting the manifests)."""
 
     def __init__(self, task, hparams, label_encoder, manifests):
         self._make = lambda path: task.dataset_from_csv(path, hparams, label_encoder)
@@ -318,8 +278,6 @@ def _shared_partition(run_config, task) -> _SharedPartition:
     key = repr(sorted((str(k), str(v)) for k, v in dict(run_config).items()))
     if key in _SHARED:
         return _SHARED[key]
-    from speechbrain_omc.federated.client import OMCClient
-
     hparams = load_hparams(run_config)
     splits = {"valid": hparams["valid_split"], "test": hparams["test_split"]}
     with _folder_lock(Path(hparams["output_folder"])):
@@ -337,38 +295,17 @@ def _shared_partition(run_config, task) -> _SharedPartition:
             )
             for name, split in splits.items()
         }
-    brain = task.build_brain(hparams)
-    brain.tokenizer = label_encoder
-    # The same arguments as the embedded run_federation.
-    client = OMCClient(
-        brain,
-        _ClientDatasets(task, hparams, label_encoder, clients),
-        local_epochs=hparams["local_epochs"],
-        max_steps=hparams.get("max_local_steps"),
-        train_loader_kwargs=hparams["train_dataloader_opts"],
-        progressbar=False,
-        wire_mode=hparams.get("omc_wire", "both"),
-    )
+    datasets = _ClientDatasets(task, hparams, label_encoder, clients)
+    client = _omc_client(task, hparams, label_encoder, datasets)
     _SHARED[key] = _SharedPartition(client, eval_data, hparams)
     return _SHARED[key]
-
-
-def _datasets(task, hparams, label_encoder, manifest, eval_csvs):
-    train = task.dataset_from_csv(manifest, hparams, label_encoder)
-    evals = {
-        name: task.dataset_from_csv(path, hparams, label_encoder, "ascending")
-        for name, path in eval_csvs.items()
-    }
-    return train, evals
 
 
 def initial_model(
     run_config: Mapping[str, Any],
 ) -> tuple[dict, list[str], dict, dict[str, str]]:
-    """The initial global model, as the embedded simulation makes it.
-
-    The hparams seed torch before the modules are created, so the
-    Brain built here starts from the same weights as the embedded run's.
+    """The initial global model: the hparams seed torch, so it is the
+    embedded run's.
 
     Arguments
     ---------
@@ -384,7 +321,7 @@ def initial_model(
     hparams : dict
         The loaded hyperparameters.
     roles : dict
-        The parameters' roles, for the server's plans (it has shapes only).
+        The parameters' roles, for the server's plans.
     """
     from speechbrain_omc.federated.client import OMCClient
 
