@@ -34,7 +34,7 @@ from speechbrain_omc.asr.stats import Interval
 RUNS = {"OMC": "fed_omc", "float32": "fed_fp32"}
 #: Where the multi-seed comparisons are recorded (in the source repository):
 #: this job's two configurations over seeds, and every factor of the paper.
-MULTI_SEED_RECORD = "benchmarks/results/ablation.md"
+MULTI_SEED_RECORD = "benchmarks/results/ablation/ablation.md"
 PAPER_TABLE_RECORD = "benchmarks/results/paper_table.md"
 
 
