@@ -355,7 +355,7 @@ def test_malformed_update_is_rejected_and_the_round_goes_on(case, caplog):
     )
     expected = _average_of(messages, {c: replies[c] for c in good_clients})
 
-    with caplog.at_level(logging.WARNING, logger="speechbrain_omc.federated.server"):
+    with caplog.at_level(logging.WARNING, logger="speechbrain_omc.federated.round"):
         report = server.aggregate(replies)
 
     assert report.accepted == sorted(good_clients)
@@ -388,7 +388,7 @@ def test_failed_and_silent_clients_are_left_out(caplog):
     server = _server()
     messages = server.configure_round()
     failed, silent, good = list(messages)
-    with caplog.at_level(logging.WARNING, logger="speechbrain_omc.federated.server"):
+    with caplog.at_level(logging.WARNING, logger="speechbrain_omc.federated.round"):
         report = server.aggregate(
             {good: honest_reply(messages[good])},
             failures={failed: "RuntimeError: boom"},

@@ -34,7 +34,7 @@ from flwr.app import (
 
 from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.federated import server as server_module
+from speechbrain_omc.federated import round as round_module
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.flower.records import (
@@ -490,7 +490,7 @@ def test_validation_failures_never_escape(monkeypatch, caplog):
     def broken(data, expected):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server_module, "open_reply", broken)
+    monkeypatch.setattr(round_module, "open_reply", broken)
     client = next(iter(messages))
     with pytest.raises(UpdateRejected, match="internal error while validating"):
         server.validate(client, replies[client])

@@ -175,7 +175,7 @@ def test_norm_clip_with_a_fixed_limit_streams_and_matches_combine():
 def _fold_order(server, clients, round_=1):
     """The documented fold order: the key's reference clients first."""
     return reference_order(
-        server._reference_key, round_, clients, server.aggregation.norm_reference
+        server.state.reference_key, round_, clients, server.aggregation.norm_reference
     )
 
 
@@ -282,9 +282,9 @@ def test_a_failed_client_does_not_hold_up_the_fold():
     first, *rest = server.fold_order()
     for client in rest:
         server.receive(client, replies[client])
-    assert server._pending.held  # waiting for the first client
+    assert server.current.held  # waiting for the first client
     server.fail(first, "crashed")
-    assert not server._pending.held  # folded as soon as it was known
+    assert not server.current.held  # folded as soon as it was known
     report = server.close_round()
     assert report.rejected == {first: "failed: crashed"}
     assert report.accepted == rest
@@ -598,10 +598,10 @@ def test_compressed_replies_wait_as_bytes_not_tensors():
     first, second, third = server.fold_order()
     view = memoryview(replies[third])
     server.receive(third, view)
-    assert server._pending.held[third] is view
+    assert server.current.held[third] is view
     for client in (first, second):
         server.receive(client, replies[client])
-    assert not server._pending.held
+    assert not server.current.held
     server.close_round()
 
 
