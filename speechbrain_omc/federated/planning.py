@@ -31,6 +31,7 @@ import hmac
 import random
 import secrets
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 
 import torch
 
@@ -48,7 +49,7 @@ from speechbrain_omc.federated.validation import (
     ReplyExpectation,
     is_int,
 )
-from speechbrain_omc.selection import make_plan, resolve_roles, round_seed
+from speechbrain_omc.selection import make_plan, resolve_roles, role_of, round_seed
 
 __all__ = ["Planner"]
 
@@ -184,6 +185,35 @@ class Planner:
         """
         text = f"{self.state.run_id}/{round}/{client}".encode()
         return hmac.new(self._nonce_key, text, hashlib.sha256).hexdigest()[:32]
+
+    def settings(self) -> dict:
+        """What of the planner a resumed run must match.
+
+        Returns
+        -------
+        dict
+            The roles only where names and shapes would not give them, the
+            wire mode only when not ``"both"`` (older checkpoints match).
+        """
+        settings = {
+            "clients": list(self.clients),
+            "clients_per_round": self.clients_per_round,
+            "seed": self.seed,
+            "omc": None if self.omc is None else asdict(self.omc),
+            "client_config": self.client_config,
+            "max_examples": self.max_examples,
+        }
+        model = self.state.model
+        roles = {
+            name: role
+            for name, role in self.roles.items()
+            if role != role_of(name, model[name].shape)
+        }
+        if roles:  # other roles give other plans
+            settings["roles"] = roles
+        if self.wire_mode != "both":
+            settings["wire_mode"] = self.wire_mode
+        return settings
 
     def keep_round(self, round: int | None) -> None:
         """Drop the cached broadcasts of every other round (all: ``None``).

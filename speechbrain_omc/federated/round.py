@@ -47,12 +47,14 @@ from speechbrain_omc.federated.aggregation import (
     MemoryBudgetExceeded,
     StreamingAggregator,
     clamp_update,
+    make_aggregator,
 )
 from speechbrain_omc.federated.defence import (
     MAX_REASONS,
     NormLimit,
     clean_text,
     clip_scale,
+    reference_order,
 )
 from speechbrain_omc.federated.validation import (
     ReplyExpectation,
@@ -146,18 +148,19 @@ class Round:
     ---------
     report : RoundReport
         The round's report (its number and sampled clients).
-    order : list of str
-        The fold order.
-    aggregator : StreamingAggregator or BufferedAggregator
-        Where accepted updates go.
-    limit : NormLimit
-        The round's update-norm limits (not started).
-    expectation : callable
-        Client id to what its reply must be.
+    aggregation : Aggregation
+        How updates are combined and bounded.
     master : mapping
         The global model the updates are measured from.
-    aggregation : Aggregation
-        The server's (whether the update-norm bound is on).
+    expectation : callable
+        Client id to what its reply must be.
+    reference_key : bytes
+        The secret of the reference draw (see
+        :func:`~speechbrain_omc.federated.defence.reference_order`).
+    carried : mapping, optional
+        The last committed round's limits.
+    memory_budget : int
+        Bytes the buffered rules may keep.
     weighted : bool
         Weigh updates by their examples (else all weigh 1).
     max_held_bytes : int
@@ -169,22 +172,27 @@ class Round:
     def __init__(
         self,
         report: RoundReport,
-        order: list[str],
-        aggregator: Any,
-        limit: NormLimit,
-        expectation: Callable[[str], ReplyExpectation],
-        master: Mapping[str, torch.Tensor],
         aggregation: Aggregation,
+        master: Mapping[str, torch.Tensor],
+        expectation: Callable[[str], ReplyExpectation],
+        *,
+        reference_key: bytes,
+        carried: Mapping | None,
+        memory_budget: int,
         weighted: bool,
         max_held_bytes: int,
         workspace: Workspace | None = None,
     ) -> None:
         self.report = report
-        self.order = order
-        self.rank = {client: i for i, client in enumerate(order)}
+        self.order = reference_order(
+            reference_key, report.round, report.sampled, aggregation.norm_reference
+        )
+        self.rank = {client: i for i, client in enumerate(self.order)}
         self.sampled = frozenset(report.sampled)
-        self.aggregator = aggregator
-        self.limit = limit
+        self.aggregator = make_aggregator(aggregation, master, memory_budget)
+        self.limit = NormLimit(
+            aggregation.norm_bound, aggregation.norm_reference, carried=carried
+        )
         self.expectation = expectation
         self.master = master
         self.aggregation = aggregation
@@ -245,6 +253,9 @@ class Round:
     def validate(self, client: str, data: Any) -> Update:
         """Decode and check one reply (nothing is held or combined).
 
+        Raises :class:`UpdateRejected` and nothing else (a bug of the
+        validation is logged and reported so).
+
         Arguments
         ---------
         client : str
@@ -253,11 +264,6 @@ class Round:
         Returns
         -------
         Update
-
-        Raises
-        ------
-        UpdateRejected
-            Nothing else: a bug of the validation is logged and reported so.
         """
         try:
             if client not in self.sampled:
@@ -410,7 +416,10 @@ class Round:
         self.report.float32_bytes_up += reply.float32_nbytes
         clamped = self._clamped(client, reply)
         if clamped:  # its norm once clamped: the L2 bound does not count twice
-            norm = self._clamped_norm(reply, clamped)
+            values = _clamp(
+                reply.tensors(self.workspace), self.master, self.limit, clamped
+            )
+            norm = _norm(values, self.master)
         scale = self._scale(client, norm, clamped)
         if self._add(client, reply, norm, scale, clamped):
             report = self.report
@@ -447,7 +456,7 @@ class Round:
             streaming = isinstance(self.aggregator, StreamingAggregator)
             tensors = reply.tensors(self.workspace if streaming else None)
             if clamped:
-                tensors = self._clamp(tensors, clamped)
+                tensors = _clamp(tensors, self.master, self.limit, clamped)
             self.aggregator.add(tensors, weight, norm, scale)
         except MemoryBudgetExceeded as error:
             self._reject(client, str(error), 0)
@@ -479,22 +488,6 @@ class Round:
                 ", ".join(sorted(over)[:3]),
             )
         return over
-
-    def _clamped_norm(self, reply: Any, names: set[str]) -> float:
-        # The update's L2 norm once clamped (a clamped reply is decoded again).
-        squares = 0.0
-        for name, value in self._clamp(reply.tensors(self.workspace), names):
-            squares += squared_distance(value, self.master[name])
-            del value
-        return math.sqrt(squares) if math.isfinite(squares) else math.inf
-
-    def _clamp(self, tensors, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        # Each update value of the named entries within [-peak, peak].
-        for name, value in tensors:
-            if name in names:
-                value = clamp_update(value, self.master[name], self.limit.peak(name))
-            yield name, value
-            del value
 
     # --------------------------------------------------------------- close
     def close(self) -> dict[str, torch.Tensor] | None:
@@ -548,3 +541,28 @@ class Round:
                 )
         report.accepted.sort(key=self.rank.__getitem__)
         report.client_metrics = {c: report.client_metrics[c] for c in report.accepted}
+
+
+def _clamp(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    master: Mapping[str, torch.Tensor],
+    limit: NormLimit,
+    names: set[str],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    # Each update value of the named entries within [-peak, peak].
+    for name, value in tensors:
+        if name in names:
+            value = clamp_update(value, master[name], limit.peak(name))
+        yield name, value
+        del value
+
+
+def _norm(
+    tensors: Iterator[tuple[str, torch.Tensor]], master: Mapping[str, torch.Tensor]
+) -> float:
+    # The L2 norm of an update, entry by entry.
+    squares = 0.0
+    for name, value in tensors:
+        squares += squared_distance(value, master[name])
+        del value
+    return math.sqrt(squares) if math.isfinite(squares) else math.inf

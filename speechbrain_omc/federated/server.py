@@ -82,13 +82,16 @@ from speechbrain_omc.federated.aggregation import (
     DEFAULT_MEMORY_BUDGET,
     Aggregation,
     check_memory_budget,
-    make_aggregator,
 )
 from speechbrain_omc.federated.checkpoint import CheckpointStore, plain
-from speechbrain_omc.federated.defence import NormLimit, reference_order
 from speechbrain_omc.federated.planning import Planner
 from speechbrain_omc.federated.round import SECONDS, Round, RoundReport
-from speechbrain_omc.federated.server_state import ServerState
+from speechbrain_omc.federated.server_state import (
+    ServerState,
+    load_checkpoint,
+    save_checkpoint,
+    saved_clients,
+)
 from speechbrain_omc.federated.validation import (
     MAX_EXAMPLES,
     Update,
@@ -96,7 +99,6 @@ from speechbrain_omc.federated.validation import (
     check_metrics,
 )
 from speechbrain_omc.memory import Workspace, trim_heap
-from speechbrain_omc.selection import role_of
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,23 @@ __all__ = [
 
 #: Default bound of the replies waiting for their turn in the fold order.
 DEFAULT_MAX_HELD_BYTES = 2**30
+# The settings' keys, in the order a checkpoint stores them.
+_SETTINGS = (
+    "clients",
+    "clients_per_round",
+    "seed",
+    "server_lr",
+    "server_momentum",
+    "omc",
+    "buffers",
+    "client_config",
+    "max_examples",
+    "aggregation",
+    "model",
+    "run",
+    "roles",
+    "wire_mode",
+)
 
 
 def _part(part: str, name: str, doc: str) -> property:
@@ -132,50 +151,44 @@ class FedAvgServer:
     Arguments
     ---------
     model : mapping
-        Initial global model: name to float tensor, in the order entries
-        travel (for example a client's ``get_model()``).
+        Initial global model: name to float tensor, in wire order.
     clients : sequence of str
         Ids of all clients.
     clients_per_round : int
-        Clients sampled per round (at most all of them).
+        Clients sampled per round.
     omc : OMCConfig, optional
         Compression of the broadcast; ``None`` sends float32.
     seed : int
-        Seed of every draw: each is a function of ``(seed, round, client)``.
-    server_lr : float
-        Server learning rate applied to the combined change (1 is FedAvg).
-    server_momentum : float
-        Server momentum (FedAvgM); 0 disables.
+        Seed of every draw, a function of ``(seed, round, client)``.
+    server_lr, server_momentum : float
+        The server optimizer (1 and 0: FedAvg; momentum: FedAvgM).
     buffers : iterable of str
-        Entries that are not parameters: combined, never compressed and not
-        moved by the server optimizer.
+        Entries that are not parameters (never compressed nor stepped).
     client_config : mapping, optional
         Local-training settings sent to every client.
     max_examples : int or mapping, optional
-        Largest ``num_examples`` a client may claim (one bound, or one per
+        Largest ``num_examples`` a client may claim (one bound or one per
         client); ``None``: every accepted client weighs the same.
     aggregation : str or Aggregation
-        How updates are combined, and the update-norm bound (see
+        How updates are bounded and combined (see
         :class:`~speechbrain_omc.federated.aggregation.Aggregation`).
     run_id : str, optional
         Id of this run, bound into every message; random by default.
     run_settings : mapping, optional
-        More settings a checkpoint must match (stored, never sent).
+        More settings a checkpoint must match (never sent).
     roles : mapping, optional
-        Parameter name to role, as
-        :func:`~speechbrain_omc.selection.parameter_roles` gives them.
-    memory_budget : int
-        Bytes the buffered rules may keep.
-    max_held_bytes : int
-        Bytes of replies that may wait for their turn.
+        Parameter name to role (see
+        :func:`~speechbrain_omc.selection.parameter_roles`).
+    memory_budget, max_held_bytes : int
+        Bytes the buffered rules may keep; bytes of replies that may wait.
     measure_memory : bool
         Report each round's resident memory.
     wire_mode : str
         ``"both"``, ``"download"`` or ``"upload"`` (see
         :mod:`~speechbrain_omc.federated.directions`).
     reference_key : bytes, optional
-        The secret of the reference draw; random by default. Give one only to
-        re-run a run bit for bit, never to a client.
+        The secret of the reference draw; random by default (give one only
+        to re-run a run bit for bit, never to a client).
     """
 
     model = _part("state", "model", "The float32 global model.")
@@ -255,69 +268,24 @@ class FedAvgServer:
         return self.state.shapes()
 
     def model_nbytes(self) -> int:
-        """Bytes of the float32 global model (parameters and buffers).
-
-        Returns
-        -------
-        int
-        """
+        """Bytes of the float32 global model (parameters and buffers)."""
         return self.state.model_nbytes()
 
     # ------------------------------------------------------------- planning
     def sample_clients(self, round: int) -> list[str]:
-        """The clients of a round, in sampled order (a seeded draw).
-
-        Arguments
-        ---------
-        round : int
-
-        Returns
-        -------
-        list of str
-        """
+        """The clients of a round, in sampled order (a seeded draw)."""
         return self.planner.sample_clients(round)
 
     def formats(self, round: int, client: str) -> dict[str, str]:
-        """One client's plan in one round: each entry's wire format.
-
-        Arguments
-        ---------
-        round : int
-        client : str
-
-        Returns
-        -------
-        dict
-            Name to ``"float32"`` or a format name such as ``"e3m7"``.
-        """
+        """One client's plan in one round: entry name to wire format."""
         return self.planner.formats(round, client)
 
     def client_seed(self, round: int, client: str) -> int:
-        """Seed of a client's randomness in a round.
-
-        Arguments
-        ---------
-        round : int
-        client : str
-
-        Returns
-        -------
-        int
-        """
+        """Seed of a client's randomness in a round."""
         return self.planner.client_seed(round, client)
 
     def nonce(self, round: int, client: str) -> str:
-        """The nonce a reply of ``client`` in ``round`` must echo.
-
-        Arguments
-        ---------
-        round : int
-        client : str
-
-        Returns
-        -------
-        str
-        """
+        """The nonce a reply of ``client`` in ``round`` must echo."""
         return self.planner.nonce(round, client)
 
     def message_for(self, client: str, round: int | None = None) -> bytes:
@@ -333,8 +301,8 @@ class FedAvgServer:
         Returns
         -------
         bytes
-            Metadata ``{"type": "global", "round", "client", "seed",
-            "config", "run", "nonce"}``.
+            Metadata: ``type`` (``"global"``), ``round``, ``client``,
+            ``seed``, ``config``, ``run``, ``nonce``.
         """
         round = self.round + 1 if round is None else int(round)
         return self.planner.message(str(client), round)[0]
@@ -368,21 +336,14 @@ class FedAvgServer:
         report = RoundReport(round, list(sampled))
         if before is not None:
             report.rss = {"before": before, "peak": before}
-        aggregation = self.aggregation
         self.current = Round(
             report,
-            reference_order(
-                self.state.reference_key, round, sampled, aggregation.norm_reference
-            ),
-            make_aggregator(aggregation, self.model, self.memory_budget),
-            NormLimit(
-                aggregation.norm_bound,
-                aggregation.norm_reference,
-                carried=self.state.carried,
-            ),
-            lambda client: self.planner.expectation(round, client),
+            self.aggregation,
             self.model,
-            aggregation,
+            lambda client: self.planner.expectation(round, client),
+            reference_key=self.state.reference_key,
+            carried=self.state.carried,
+            memory_budget=self.memory_budget,
             weighted=self.max_examples is not None,
             max_held_bytes=self.max_held_bytes,
             workspace=self._workspace,
@@ -390,14 +351,8 @@ class FedAvgServer:
         return list(sampled)
 
     def fold_order(self) -> list[str]:
-        """The open round's clients in the order their replies are combined.
-
-        A runner that sends in this order never makes a reply wait.
-
-        Returns
-        -------
-        list of str
-        """
+        """The open round's clients in the order their replies are combined
+        (a runner that sends in this order never makes a reply wait)."""
         return list(self._open("fold_order").order)
 
     def _open(self, what: str) -> Round:
@@ -406,20 +361,8 @@ class FedAvgServer:
         return self.current
 
     def broadcast(self, client: str) -> bytes:
-        """Encode the open round's message for one of its clients.
-
-        Counted in the round's bytes down each time it is called.
-
-        Arguments
-        ---------
-        client : str
-            A client sampled in the open round.
-
-        Returns
-        -------
-        bytes
-            See :meth:`message_for`.
-        """
+        """Encode (and count) the open round's message for one of its clients
+        (see :meth:`message_for`)."""
         current, client = self._open("broadcast"), str(client)
         if client not in current.sampled:
             raise ValueError(
@@ -438,67 +381,26 @@ class FedAvgServer:
         return data
 
     def configure_round(self, round: int | None = None) -> dict[str, bytes]:
-        """Open the round and encode every sampled client's message.
-
-        Arguments
-        ---------
-        round : int, optional
-            Must be the next round (the default).
-
-        Returns
-        -------
-        dict
-            Client id to its message, in sampled order.
-        """
+        """Open the round and encode every sampled client's message (client
+        id to message, in sampled order)."""
         return {client: self.broadcast(client) for client in self.open_round(round)}
 
     def validate(self, client: str, data: bytes) -> Update:
-        """Decode and check one reply of the open round (nothing is combined).
-
-        Arguments
-        ---------
-        client : str
-        data : bytes-like
-
-        Returns
-        -------
-        Update
-            Every entry decoded.
-
-        Raises
-        ------
-        UpdateRejected
-            With the reason; nothing else, whatever ``data`` holds.
-        """
+        """Decode and check one reply of the open round (nothing is combined):
+        every entry decoded, or :class:`UpdateRejected` with the reason."""
         if self.current is None:
             raise UpdateRejected("no round is open")
         return self.current.validate(str(client), data)
 
     def receive(self, client: str, data: Any) -> None:
-        """Take one reply of the open round: it is folded when its turn comes.
-
-        Never raises for what a client sends: a bad reply is left out of the
-        round with its reason.
-
-        Arguments
-        ---------
-        client : str
-        data : bytes-like
-            Kept, not copied, while it waits its turn.
-        """
+        """Take one reply of the open round, folded when its turn comes (a bad
+        one is left out with its reason; ``data`` is kept, not copied)."""
         current = self._open("receive")
         trim_heap()  # the message sent to this client, dropped
         current.receive(str(client), data)
 
     def fail(self, client: str, reason: str) -> None:
-        """Record that a client of the open round will not reply.
-
-        Arguments
-        ---------
-        client : str
-        reason : str
-            Why; escaped and bounded.
-        """
+        """Record that a client of the open round will not reply, and why."""
         self._open("fail").fail(str(client), reason)
 
     def close_round(self, failures: Mapping[str, str] | None = None) -> RoundReport:
@@ -539,22 +441,8 @@ class FedAvgServer:
     def aggregate(
         self, replies: Mapping[str, Any], failures: Mapping[str, str] | None = None
     ) -> RoundReport:
-        """Take every reply of the open round at once and close it.
-
-        :meth:`receive` for each reply (in sorted order) and
-        :meth:`close_round`.
-
-        Arguments
-        ---------
-        replies : mapping
-            Client id to its reply message.
-        failures : mapping, optional
-            Client id to why it did not reply.
-
-        Returns
-        -------
-        RoundReport
-        """
+        """Take every reply of the open round (client id to message) and close
+        it: :meth:`receive` each, in sorted order, then :meth:`close_round`."""
         if self.current is None:
             raise RuntimeError("aggregate: configure_round first")
         for client, reason in (failures or {}).items():
@@ -570,61 +458,26 @@ class FedAvgServer:
         Returns
         -------
         dict
-            Plain data: clients, sampling, seed, server optimizer,
-            compression, buffers, client config, bounds, aggregation, the
-            model's shapes, the roles its names and shapes would not give,
-            the wire mode (unless ``"both"``) and ``run_settings``.
+            Plain data: the planner's settings (clients, sampling, seed,
+            compression, roles, wire mode, client config, bounds), the
+            state's (server optimizer, buffers, model shapes), the
+            aggregation and ``run_settings``.
         """
-        settings = {
-            "clients": list(self.clients),
-            "clients_per_round": self.clients_per_round,
-            "seed": self.seed,
-            "server_lr": self.server_lr,
-            "server_momentum": self.server_momentum,
-            "omc": None if self.omc is None else asdict(self.omc),
-            "buffers": sorted(self.buffers),
-            "client_config": self.client_config,
-            "max_examples": self.max_examples,
+        parts = {
+            **self.planner.settings(),
+            **self.state.settings(),
             "aggregation": asdict(self.aggregation),
-            "model": {n: list(v.shape) for n, v in self.model.items()},
             "run": self.run_settings,
         }
-        roles = {
-            name: role
-            for name, role in self.roles.items()
-            if role != role_of(name, self.model[name].shape)
-        }
-        if roles:  # absent when there are none: older checkpoints match
-            settings["roles"] = roles
-        if self.wire_mode != "both":
-            settings["wire_mode"] = self.wire_mode
-        return plain(settings)
+        return plain({key: parts[key] for key in _SETTINGS if key in parts})
 
     def state_dict(self) -> dict:
-        """Everything needed to continue after the last completed round.
-
-        Returns
-        -------
-        dict
-            ``version``, ``round``, ``run_id``, ``model``, ``momentum``,
-            ``settings``, the reference draw's key and the carried limits.
-        """
+        """Everything needed to continue after the last completed round."""
         return self.state.state_dict(self.settings())
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict` after checking all of it.
-
-        Arguments
-        ---------
-        state : mapping
-
-        Raises
-        ------
-        CheckpointMismatch
-            Saved with other settings (each difference named).
-        ValueError
-            Malformed state (nothing is changed).
-        """
+        """Restore :meth:`state_dict` after checking all of it (see
+        :meth:`~speechbrain_omc.federated.server_state.ServerState.load_state_dict`)."""
         self.state.load_state_dict(
             state, self.settings(), self.aggregation.norm_reference
         )
@@ -632,46 +485,14 @@ class FedAvgServer:
         self.planner.keep_round(None)
 
     def save(self, path: str | Path | CheckpointStore, extra: Mapping | None = None):
-        """Checkpoint (atomically; the previous checkpoint is kept).
-
-        Arguments
-        ---------
-        path : str, Path or CheckpointStore
-        extra : mapping, optional
-            More plain data stored alongside (a run's log).
-        """
-        store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
-        store.save({"server": self.state_dict(), "extra": dict(extra or {})})
+        """Checkpoint atomically, with ``extra`` plain data (a run's log)."""
+        save_checkpoint(path, self.state_dict(), extra)
 
     def load(self, path: str | Path | CheckpointStore) -> dict | None:
-        """Restore the newest usable checkpoint.
-
-        Arguments
-        ---------
-        path : str, Path or CheckpointStore
-
-        Returns
-        -------
-        dict or None
-            The ``extra`` data saved with it; ``None`` without a checkpoint.
-
-        Raises
-        ------
-        CheckpointMismatch
-            Saved with other settings.
-        CheckpointCorrupt
-            Neither the checkpoint nor the previous one is usable.
-        """
-        store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
-
-        def apply(checkpoint):
-            extra = checkpoint.get("extra", {})
-            if not isinstance(extra, Mapping):
-                raise ValueError("extra is not a mapping")
-            self.load_state_dict(checkpoint["server"])
-            return dict(extra)
-
-        loaded = store.load(apply)
+        """Restore the newest usable checkpoint and return its ``extra`` data
+        (``None`` without one; see
+        :func:`~speechbrain_omc.federated.server_state.load_checkpoint`)."""
+        loaded = load_checkpoint(path, self.load_state_dict)
         if loaded is None:
             return None
         extra, used = loaded
@@ -684,45 +505,3 @@ def _reset_peak_rss() -> int | None:
     # reset); the previous round's garbage is not this round's peak.
     gc.collect()
     return rss_bytes() if reset_peak_rss() else None
-
-
-def saved_clients(path: str | Path | CheckpointStore) -> list[str] | None:
-    """The client ids of the newest readable server checkpoint.
-
-    A resumed run takes its clients from here, not from whoever answers
-    first: no node can join under a new id.
-
-    Arguments
-    ---------
-    path : str, Path or CheckpointStore
-
-    Returns
-    -------
-    list of str or None
-        ``None`` without a checkpoint.
-
-    Raises
-    ------
-    CheckpointCorrupt
-        Neither the checkpoint nor the previous one can be read.
-
-    Example
-    -------
-    >>> import tempfile
-    >>> path = Path(tempfile.mkdtemp()) / "server.ckpt"
-    >>> saved_clients(path) is None
-    True
-    >>> FedAvgServer({"w": torch.zeros(2)}, ["b", "a"], 1).save(path)
-    >>> saved_clients(path)
-    ['b', 'a']
-    """
-    store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
-
-    def clients(checkpoint: Mapping) -> list[str]:
-        value = checkpoint["server"]["settings"]["clients"]
-        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-            raise ValueError("the saved clients are not a list of ids")
-        return list(value)
-
-    loaded = store.load(clients)
-    return None if loaded is None else loaded[0]

@@ -19,17 +19,28 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 import torch
 
-from speechbrain_omc.federated.checkpoint import CheckpointMismatch, diff_settings
+from speechbrain_omc.federated.checkpoint import (
+    CheckpointMismatch,
+    CheckpointStore,
+    diff_settings,
+)
 from speechbrain_omc.federated.defence import check_carried
 from speechbrain_omc.federated.validation import is_int, nonfinite
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATE_VERSION", "ServerState"]
+__all__ = [
+    "STATE_VERSION",
+    "ServerState",
+    "load_checkpoint",
+    "save_checkpoint",
+    "saved_clients",
+]
 
 STATE_VERSION = 2
 
@@ -180,6 +191,21 @@ class ServerState:
         return momentum, bad
 
     # ---------------------------------------------------------- checkpoints
+    def settings(self) -> dict:
+        """What of the state a resumed run must match.
+
+        Returns
+        -------
+        dict
+            The server optimizer, the buffers and the model's shapes.
+        """
+        return {
+            "server_lr": self.server_lr,
+            "server_momentum": self.server_momentum,
+            "buffers": sorted(self.buffers),
+            "model": {n: list(v.shape) for n, v in self.model.items()},
+        }
+
     def state_dict(self, settings: Mapping) -> dict:
         """Everything needed to continue after the last completed round.
 
@@ -293,3 +319,102 @@ def _undefended_if_older(saved: Mapping, norm_reference: int) -> Mapping:
         return saved
     older = {"norm_bound": None, "norm_reference": norm_reference}
     return {**saved, "aggregation": {**older, **aggregation}}
+
+
+def save_checkpoint(
+    path: str | Path | CheckpointStore, state: Mapping, extra: Mapping | None = None
+) -> None:
+    """Save a server's state atomically (the previous checkpoint is kept).
+
+    Arguments
+    ---------
+    path : str, Path or CheckpointStore
+        The checkpoint file.
+    state : mapping
+        The server's ``state_dict()``.
+    extra : mapping, optional
+        More plain data stored alongside, under ``extra``.
+    """
+    store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
+    store.save({"server": state, "extra": dict(extra or {})})
+
+
+def load_checkpoint(
+    path: str | Path | CheckpointStore, load_state: Callable[[Mapping], None]
+) -> tuple[dict, Path] | None:
+    """Restore the newest usable checkpoint (see :class:`CheckpointStore`).
+
+    Arguments
+    ---------
+    path : str, Path or CheckpointStore
+        The checkpoint file.
+    load_state : callable
+        Restores a server's state (its ``load_state_dict``).
+
+    Returns
+    -------
+    tuple or None
+        The ``extra`` data saved with it and the file it came from; ``None``
+        without a checkpoint.
+
+    Raises
+    ------
+    CheckpointMismatch
+        The checkpoint was saved with other settings.
+    CheckpointCorrupt
+        Neither the checkpoint nor the previous one is usable.
+    """
+    store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
+
+    def apply(checkpoint):
+        extra = checkpoint.get("extra", {})
+        if not isinstance(extra, Mapping):
+            raise ValueError("extra is not a mapping")
+        load_state(checkpoint["server"])
+        return dict(extra)
+
+    return store.load(apply)
+
+
+def saved_clients(path: str | Path | CheckpointStore) -> list[str] | None:
+    """The client ids of the newest readable server checkpoint.
+
+    A resumed run takes its clients from here, not from whoever answers
+    first: no node can join under a new id.
+
+    Arguments
+    ---------
+    path : str, Path or CheckpointStore
+        The checkpoint file.
+
+    Returns
+    -------
+    list of str or None
+        ``None`` without a checkpoint.
+
+    Raises
+    ------
+    CheckpointCorrupt
+        Neither the checkpoint nor the previous one can be read.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "server.ckpt"
+    >>> saved_clients(path) is None
+    True
+    >>> save_checkpoint(path, ServerState({"w": torch.zeros(2)}).state_dict(
+    ...     {"clients": ["b", "a"]}))
+    >>> saved_clients(path)
+    ['b', 'a']
+    """
+    store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
+
+    def clients(checkpoint: Mapping) -> list[str]:
+        value = checkpoint["server"]["settings"]["clients"]
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise ValueError("the saved clients are not a list of ids")
+        return list(value)
+
+    loaded = store.load(clients)
+    return None if loaded is None else loaded[0]
