@@ -1,33 +1,12 @@
 """Server checkpoints: atomic, the last two kept, refused when they do not fit.
 
-A federated run is resumed from the server state after its last completed
-round. :class:`CheckpointStore` keeps that state in one file (``server.ckpt``)
-and the one before it (``server.ckpt.prev``):
-
-* **Atomic.** Each save goes to a temporary file in the same folder, is
-  flushed to disk and renamed over the old one: a crash (even SIGKILL) leaves
-  the old file or the new one, never a partial one. A crash between the two
-  renames leaves only the previous checkpoint, from which the run redoes one
-  round; temporary files of interrupted saves are removed on the next load.
-* **Fallback.** A checkpoint that cannot be read (truncated, zeroed, not a
-  checkpoint) or whose content is invalid (wrong shapes, non-finite values)
-  is reported with its path and the previous one is used instead. The bad
-  file is moved aside (``server.ckpt.corrupt``, for inspection): left in
-  place, the next save would rotate it into ``server.ckpt.prev`` and the
-  run would keep one good checkpoint instead of two.
-* **Refused when the settings differ.** The caller's ``apply`` compares the
-  settings saved in the checkpoint with the run's own and raises
-  :class:`CheckpointMismatch` naming every difference (see
-  :func:`diff_settings`); resuming would not reproduce the run. The caller
-  may :meth:`CheckpointStore.discard` the old checkpoints and start fresh.
-* **One server per folder.** A run holds an exclusive lock
-  (:meth:`CheckpointStore.lock`: ``fcntl.flock`` on ``server.ckpt.lock``)
-  from before it reads its checkpoint until it ends; a second server on the
-  same folder is refused with :class:`CheckpointLocked` before it touches
-  anything (two servers would overwrite each other's checkpoints, and the
-  second's cleaning would delete the first's save in progress). The kernel
-  drops the lock when the process dies, however it dies. The temporary
-  files of a folder whose lock another process holds are never removed.
+:class:`CheckpointStore` keeps the server state in ``server.ckpt`` and the
+one before in ``server.ckpt.prev``. Saves are atomic (a temporary file
+renamed over the old one); an unreadable or invalid checkpoint is set aside
+(``server.ckpt.corrupt``) and the previous one used; one server holds a
+folder at a time (:meth:`CheckpointStore.lock`). Settings that differ from
+the run's raise :class:`CheckpointMismatch`, each difference named
+(:func:`diff_settings`).
 
 Example
 -------

@@ -1,48 +1,17 @@
 """What keeps a well-formed but hostile client from steering or wedging the server.
 
-:mod:`~speechbrain_omc.federated.validation` refuses what is malformed; this
-module bounds what is well formed but hostile:
+* Client text is data: :func:`clean_text` and :func:`shown` escape it to
+  bounded printable ASCII before it reaches a log, a CSV, JSON or a checkpoint.
+* Bounded influence: each update is scaled to at most ``norm_bound`` x the
+  upper median of the reference replies' update norms, and its values
+  clamped likewise per entry (:class:`NormLimit`); the reference replies are
+  drawn under a key the server never sends (:func:`reference_order`), and
+  each round's limits are capped at twice the last committed round's.
+* A reply entry stays near the broadcast's range (:func:`check_transform`,
+  :func:`check_range`).
 
-* **Client text is data, never markup.** Whatever a client chose (a value
-  quoted in a rejection reason, an exception's text, a metric name) goes
-  through :func:`clean_text` or :func:`shown` before it reaches a log, a CSV
-  row, a JSON file or a checkpoint: printable ASCII only (control
-  characters, ANSI escapes, lone surrogates and any other non-ASCII
-  character written as backslash escapes, ``repr``-style), cut to a bounded
-  length. A lone surrogate could not be written as UTF-8 (``rounds.csv``
-  raised ``UnicodeEncodeError`` at every restart); an escape sequence would
-  drive the terminal that shows the log.
-* **Bounded influence.** Each accepted update (reply minus broadcast) is
-  scaled down to an L2 norm of at most ``norm_bound`` times the *upper*
-  median of the update norms of the round's reference replies
-  (:func:`clip_limit`, :func:`clip_scale`), and each of its values clamped
-  to ``norm_bound`` times their upper median largest ``|update|`` in its
-  entry (:func:`value_limits`): an L2 bound alone lets an update put its
-  whole norm on one weight. The reference replies are ``norm_reference``
-  replies drawn among the round's sampled clients under a key the server
-  never sends (:func:`reference_order`: a client's id decides nothing, and
-  no client can know in advance which rounds it is drawn in); the limits
-  are frozen once they are in (:class:`NormLimit`), so the replies folded
-  later cannot raise them, and capped at twice the last committed round's.
-  The guarantee: the bounds hold while fewer than half of the reference
-  replies are hostile; a round in which more are (a draw can put a
-  minority there) raises them at most twofold. A client sending 1e30,
-  FLT_MAX, a 60x update or one huge weight then moves the model about as
-  far as an honest client does. The *upper* median (of four values the
-  third smallest): clients that collude by sending zero updates cannot
-  pull the limits down and throttle training, as long as they are fewer
-  than half the reference replies. Of one or two replies the upper median
-  is the largest value: no bound but the carried one.
-* **A reply entry stays near the broadcast's range.** A compressed entry's
-  transform must be of the kind the broadcast's was, and its reach (the
-  largest magnitude it can decode to) at most :data:`MAX_REACH_GROWTH`
-  times the broadcast's (:func:`check_transform`), a float32 entry's
-  largest magnitude the same (:func:`check_range`); both floored at
-  :data:`REACH_FLOOR` (:func:`allowed_reach`), so that an entry broadcast
-  near zero can be re-fitted. Training re-fits the scale, it does not
-  multiply a variable's range a thousandfold in one round. A relabelled
-  transform or a scale of 1e30 is refused before a value is decoded;
-  FLT_MAX in a float32 entry is refused whole.
+The bounds hold while fewer than half the reference replies are hostile (see
+docs/federated_server.md).
 
 Example
 -------

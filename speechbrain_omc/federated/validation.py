@@ -1,46 +1,14 @@
 """What a client's reply must be before the server uses it.
 
-:func:`check_reply` turns the bytes of one reply into an :class:`Update` or
-raises :class:`UpdateRejected` with the reason; nothing else escapes it for
-any bytes. The checks run cheapest first, so that a hostile reply costs as
-little as possible (each reply is decoded once):
-
-1. at most as long as the largest reply its broadcast allows
-   (:attr:`ReplyExpectation.max_nbytes`; a huge reply costs no memory);
-2. a well-formed wire message (checksum) whose metadata keeps to the wire
-   limits (size, depth, 64-bit integers, finite numbers);
-3. metadata ``{"type": "update", "round", "client", "run", "nonce",
-   "num_examples", "metrics"}`` and nothing else: this round, this client,
-   this run's id and the nonce sent; ``num_examples`` an integer in ``[1,
-   max_examples]``; ``metrics`` at most :data:`MAX_METRICS` numbers (or
-   nulls) of magnitude at most :data:`METRIC_BOUND` (see
-   :func:`check_metrics`).
-   Checked before any entry is read: a reply bound to another run or round
-   is refused without parsing (copying) its payloads;
-4. exactly the broadcast's entries, each in the format and shape it was sent
-   in (checked on the entry headers, before any payload is parsed), and a
-   compressed entry's transform of the broadcast's kind and within
-   :data:`~speechbrain_omc.federated.defence.MAX_REACH_GROWTH` times its
-   reach (floored at
-   :data:`~speechbrain_omc.federated.defence.REACH_FLOOR`; checked as the
-   entry is parsed, before it is decoded);
-5. finite values, and a float32 entry's within the same multiple of the
-   broadcast's largest magnitude (see
-   :func:`~speechbrain_omc.federated.defence.check_range`).
-
-Reasons quote what a client sent escaped and cut short (see
-:func:`~speechbrain_omc.federated.defence.shown`); metric names must be
-printable ASCII.
-
-:func:`check_reply` does all five and returns every entry decoded (a float32
-model per reply). A server that aggregates as replies arrive uses
-:func:`open_reply` instead: steps 1-4 and a :class:`Reply` whose entries are
-parsed and decompressed one at a time; :meth:`Reply.check` runs step 5 over
-all of them (one decoded entry alive at a time) and :meth:`Reply.tensors`
-decodes them again for the fold, both into the server's reused buffers (a
-:class:`~speechbrain_omc.memory.Workspace`) when it passes them.
-Decompressing twice costs time, not memory: a reply found non-finite in its
-last entry must not have moved the running sums with its first ones.
+:func:`check_reply` turns one reply's bytes into an :class:`Update` or raises
+:class:`UpdateRejected` with the reason (nothing else escapes, whatever the
+bytes). The checks run cheapest first, each reply decoded once: its length,
+the wire message, the metadata (binding to this run, round, client and nonce
+before any payload is read), the entries' formats, shapes and transforms,
+then finite values within reach of the broadcast's. :func:`open_reply` stops
+before the values: a :class:`Reply` checks (:meth:`Reply.check`) and decodes
+(:meth:`Reply.tensors`) one entry at a time, for a server that folds as
+replies arrive. See docs/federated_server.md for the full list.
 
 Example
 -------
