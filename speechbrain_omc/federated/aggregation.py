@@ -75,20 +75,16 @@ class Aggregation:
         ``norm_clip``: largest L2 norm of one client's update; ``None`` takes
         the lower median of the round's update norms (the smaller of two).
     norm_bound : float, optional
-        Any rule: each accepted update is scaled down to an L2 norm of at
-        most this many times the upper median of the reference replies'
-        update norms, and each of its values clamped to this many times
-        their upper median largest ``|update|`` in its entry (see
+        Any rule: each accepted update is scaled down to an L2 norm of at most
+        this many times the upper median of the reference replies' update norms,
+        and each of its values clamped to this many times their upper median
+        largest ``|update|`` in its entry (see
         :mod:`~speechbrain_omc.federated.defence`); ``None`` disables both.
-        At least 1 (below it, the median client would be clipped).
     norm_reference : int
-        How many reference replies the limits come from: the first that
-        pass the checks in fold order, which the server's secret key draws
-        among the sampled clients (held as bytes until they are all in);
-        then the limits are frozen, at most twice the last committed
-        round's. Up to that many clients per round, the reference is the
-        whole round. The bounds hold while fewer than half of the reference
-        replies are hostile.
+        How many reference replies the limits come from: the first that pass the
+        checks in fold order, which the server's secret key draws among the
+        sampled clients (held as bytes until they are all in); then the limits
+        are frozen, at most twice the last committed round's.
 
     Example
     -------
@@ -338,9 +334,6 @@ def scale_update(
 ) -> torch.Tensor:
     """``master + scale * (value - master)``, in place in ``value``.
 
-    Computed in float64: the update of a value near the float32 limit (or
-    the master's) can overflow float32.
-
     Arguments
     ---------
     value : torch.Tensor
@@ -361,6 +354,7 @@ def scale_update(
     >>> scale_update(torch.tensor([big, 3.0]), torch.tensor([-big, 1.0]), 0.25)
     tensor([-1.7014e+38,  1.5000e+00])
     """
+    # float64: the update of a value near the float32 limit can overflow.
     base = master.double()
     return value.copy_(base.add_(value.double().sub_(base), alpha=scale))
 
@@ -369,8 +363,6 @@ def clamp_update(
     value: torch.Tensor, master: torch.Tensor, limit: float
 ) -> torch.Tensor:
     """``master + clamp(value - master, -limit, limit)``, in place in ``value``.
-
-    In float64 (as :func:`scale_update`), a chunk of the entry at a time.
 
     Arguments
     ---------
@@ -412,9 +404,6 @@ def _owned(value: torch.Tensor) -> torch.Tensor:
 
 class StreamingAggregator:
     """FedAvg (or clipped FedAvg) folded one reply at a time.
-
-    Holds one float32 model: the running weighted mean of the replies (of
-    the updates, clipped, for ``norm_clip``), see the module docstring.
 
     Arguments
     ---------
@@ -460,9 +449,7 @@ class StreamingAggregator:
         ---------
         tensors : iterable of (name, tensor)
             Every entry of the model, float32, each a tensor the caller no
-            longer needs (it may be changed in place). None is kept: each
-            may be a reused buffer (see
-            :meth:`~speechbrain_omc.federated.validation.Reply.tensors`).
+            longer needs (it may be changed in place).
         weight : int
             The reply's ``num_examples``.
         norm : float, optional

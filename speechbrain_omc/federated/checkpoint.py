@@ -81,12 +81,7 @@ def _fsync_dir(folder: Path) -> None:
 def _write_atomically(
     obj: Any, path: Path, before_replace: Callable[[], None] | None = None
 ) -> None:
-    """``torch.save`` to a flushed temporary file, then rename it to ``path``.
-
-    ``before_replace`` runs between the two (after the new bytes are on disk,
-    before the old file is replaced); on any failure the temporary file is
-    removed and the old file is left as it was.
-    """
+    """``torch.save`` to a flushed temporary file, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}")
     try:
@@ -106,9 +101,6 @@ def _write_atomically(
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename.
-
-    A reader (or a restart after SIGKILL) sees the old or the new file, never
-    a partial one.
 
     Arguments
     ---------
@@ -130,9 +122,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def plain(value: Any) -> Any:
     """A JSON-plain copy (tuples as lists, anything else as its text).
-
-    Settings are compared in this form, so that a tuple saved in a
-    checkpoint equals the list a YAML file gives.
 
     Arguments
     ---------
@@ -329,9 +318,6 @@ class CheckpointStore:
     def clean_temporary(self) -> list[Path]:
         """Remove the temporary files of saves that a crash interrupted.
 
-        Not while another server holds the folder's lock: its temporary file
-        may be a save in progress.
-
         Returns
         -------
         list of Path
@@ -356,18 +342,16 @@ class CheckpointStore:
         Arguments
         ---------
         apply : callable
-            Takes the loaded object; raises :class:`CheckpointMismatch` when it
-            does not fit the run (this is not retried with the previous file)
-            or ``ValueError``/``KeyError``/``TypeError`` when it is invalid
-            (then the previous checkpoint is tried). It must not change
-            anything before it has checked everything.
+            Takes the loaded object; raises :class:`CheckpointMismatch` when
+            it does not fit the run (this is not retried with the previous
+            file) or ``ValueError``/``KeyError``/``TypeError`` when it is
+            invalid (then the previous checkpoint is tried).
 
         Returns
         -------
         tuple or None
-            ``(apply's result, the file used)``, or ``None`` when there is no
-            checkpoint. When the previous file is used, the newest (unusable)
-            one has been moved to :attr:`corrupt`.
+            ``(apply's result, the file used)``, or ``None`` when there is
+            no checkpoint.
 
         Raises
         ------

@@ -88,12 +88,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def clean_text(text: Any, limit: int = MAX_TEXT) -> str:
     """Client-derived text made safe to log and store: printable ASCII, bounded.
 
-    Non-ASCII characters (lone surrogates included) become ``\\xNN``,
-    ``\\uNNNN`` or ``\\UNNNNNNNN`` and ASCII control characters ``\\xNN``, as
-    in ``repr``; the result is cut to ``limit`` characters (marked with
-    ``...``). Text that is already clean comes back unchanged (so cleaning
-    twice changes nothing).
-
     Arguments
     ---------
     text : object
@@ -170,9 +164,6 @@ def shown(value: Any, limit: int = 40) -> str:
 
 def upper_median(values: Iterable[float]) -> float:
     """The upper median: of ``k`` sorted values the one at index ``k // 2``.
-
-    Fewer than half the values, all made as small as possible, cannot move
-    it below the smallest of the others' upper half.
 
     Arguments
     ---------
@@ -251,18 +242,6 @@ def reference_order(
 ) -> list[str]:
     """The fold order of a round: its reference clients first, drawn by a key.
 
-    A keyed permutation of the sampled clients (sorted first, so that the
-    sampled order does not matter) chooses which replies the round's limits
-    come from: the first ``size`` of it, sorted by id, then the rest in the
-    permutation's order (from which replacements for reference clients that
-    fail are taken). A client's id decides nothing: one that picks an id
-    that sorts first is no likelier to be a reference than any other. Up to
-    ``size`` clients the order is the sorted ids. The permutation is seeded
-    by an HMAC of the round under ``key``, a secret the server never sends:
-    the broadcast's seeds are functions of the (often small, guessable) run
-    seed, and a draw derived from them could be predicted by a client, which
-    could then choose when to collude.
-
     Arguments
     ---------
     key : bytes
@@ -290,6 +269,10 @@ def reference_order(
     >>> order != reference_order(b"other", 1, order, 8)
     True
     """
+    # A keyed permutation of the sorted ids (a client's id decides nothing),
+    # seeded by an HMAC of the round under a key never sent: a draw from the
+    # run seed could be predicted by a client, which could then choose when
+    # to collude. Its first `size` lead, sorted; the rest replace failures.
     clients = sorted(clients)
     if len(clients) <= size:
         return clients
@@ -336,24 +319,6 @@ def value_limits(
 
 class NormLimit:
     """The limits of one round, from its reference replies; then frozen.
-
-    A server checks the round's first ``reference`` good replies in fold
-    order (see :func:`reference_order`) and starts the limits from them
-    (:meth:`start`): an update's L2 norm at most ``bound`` x the upper
-    median of their update norms (:meth:`value`), and each entry's update
-    values at most ``bound`` x the upper median of their largest
-    ``|update|`` in that entry (:meth:`peak`). Later replies do not move
-    them: the limits hold while fewer than half the reference replies are
-    hostile, whatever the rest of the round sends.
-
-    The limits of the last committed round are carried (:meth:`carry`): no
-    limit may exceed :data:`MAX_LIMIT_GROWTH` times its carried value. A
-    minority that the draw happens to make half of one round's reference
-    replies (in a round of many clients it will, some round) then gains at
-    most that factor, once, not the model; and a round whose reference
-    replies cannot all be waited for (over the server's ``max_held_bytes``)
-    takes the carried limits (:meth:`start_carried`) rather than those of
-    whichever replies came first.
 
     Arguments
     ---------
@@ -437,9 +402,6 @@ class NormLimit:
 
     def carry(self) -> dict:
         """The limits for the next round to start under (see the class).
-
-        Only positive, finite limits are carried: a round whose reference
-        replies all sent zero updates must not freeze training for good.
 
         Returns
         -------
@@ -554,9 +516,6 @@ def check_transform(
     or reaches far beyond it (beyond :func:`allowed_reach` of the broadcast's
     reach).
 
-    The parameters are finite and positive already (a
-    :class:`~speechbrain_omc.transform.Transform` is built only so).
-
     Arguments
     ---------
     name : str
@@ -621,10 +580,6 @@ def _check_reach(name: str, what: str, received: float, sent: float) -> None:
 
 def check_range(name: str, received: torch.Tensor, sent: float) -> None:
     """Refuse a float32 reply entry whose values reach far beyond the broadcast's.
-
-    The same bound as :func:`check_transform` puts on a compressed entry's
-    reach: ``max|received|`` at most :func:`allowed_reach` of the
-    broadcast's ``max|value|``.
 
     Arguments
     ---------

@@ -117,9 +117,6 @@ def module_formats(
 ) -> dict[str, str]:
     """The plan of a round and client, drawn from the model as a server does.
 
-    :func:`~speechbrain_omc.selection.make_plan` on the modules (their own
-    parameter roles, which a server is given) for the round and client.
-
     Arguments
     ---------
     modules : torch.nn.Module
@@ -156,11 +153,6 @@ def first_compression(
     value: torch.Tensor, fmt: str, config: OMCConfig
 ) -> CompressedTensor:
     """Compress a float32 value as OMC does the first time.
-
-    As the server compresses its broadcast and
-    :func:`~speechbrain_omc.engine.compress_module` a parameter: the
-    config's transform, clipping and first-compression ``rounding`` (not
-    the update's).
 
     Arguments
     ---------
