@@ -698,24 +698,17 @@ def open_reply(data: Any, expected: ReplyExpectation) -> Reply:
 
 
 def check_reply(data: Any, expected: ReplyExpectation) -> Update:
-    """Decode and check one reply (see the module docstring for the order).
+    """:func:`open_reply`, then every entry decoded and checked.
 
     Arguments
     ---------
     data : bytes-like
-        The reply message (anything else is refused).
     expected : ReplyExpectation
-        What it must be.
 
     Returns
     -------
     Update
-        Every entry decoded (a float32 model).
-
-    Raises
-    ------
-    UpdateRejected
-        With the reason; no other exception for any ``data`` (a bug aside).
+        A float32 model (or :class:`UpdateRejected` with the reason).
     """
     reply = open_reply(data, expected)
     values = dict(reply.tensors())
