@@ -20,7 +20,7 @@ decoded entry (in reused buffers, outside malloc's heap, which is trimmed
 before each message and reply), whatever the number of clients; rules that
 need every update keep them until the close, within ``memory_budget``.
 :meth:`~FedAvgServer.configure_round` and :meth:`~FedAvgServer.aggregate`
-do the same with every message at once.
+do the same with every message at once. docs/federated_server.md tells why.
 
 Example
 -------
