@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from federated_fixtures import CLIENTS, pinned_fold, shifted_reply, small_model
+from federated_fixtures import (  # test_wire_directions imports OMC from here
+    CLIENTS,
+    OMC,  # noqa: F401
+    pinned_fold,
+    shifted_reply,
+)
+from federated_fixtures import small_model as _model
 from federated_fixtures import small_server as _server
 
 from speechbrain_omc.compressed import CompressedTensor
@@ -139,9 +145,7 @@ def test_fedavg_weighted_by_examples_in_float32():
         assert server.model[name].dtype == torch.float32
         assert torch.equal(server.model[name], value)
     # Shift i for client ci: the mean shift is (0*1 + 1*3 + 2*6 + 3*10) / 20.
-    assert torch.allclose(
-        server.model["layer1.bias"], small_model()["layer1.bias"] + 2.25
-    )
+    assert torch.allclose(server.model["layer1.bias"], _model()["layer1.bias"] + 2.25)
 
 
 def test_compressed_replies_are_decompressed_and_averaged():
@@ -153,7 +157,7 @@ def test_compressed_replies_are_decompressed_and_averaged():
     for name, value in expected.items():
         assert torch.equal(server.model[name], value)
     assert (
-        server.model["layer2.weight"] - small_model()["layer2.weight"] - 0.5
+        server.model["layer2.weight"] - _model()["layer2.weight"] - 0.5
     ).abs().max() < 0.05
 
 
@@ -351,9 +355,9 @@ def test_round_protocol_errors():
     with pytest.raises(ValueError, match="next round is 1"):
         server.configure_round(3)
     with pytest.raises(ValueError, match="clients_per_round"):
-        FedAvgServer(small_model(), CLIENTS, clients_per_round=5)
+        FedAvgServer(_model(), CLIENTS, clients_per_round=5)
     with pytest.raises(ValueError, match="unknown buffers"):
-        FedAvgServer(small_model(), CLIENTS, 1, buffers=["nope"])
+        FedAvgServer(_model(), CLIENTS, 1, buffers=["nope"])
 
 
 def test_state_dict_round_trip(tmp_path):
