@@ -236,14 +236,8 @@ class Round:
         self._drain()
 
     def fail(self, client: str, reason: str) -> None:
-        """Record that a client will not reply (its successors need not wait).
-
-        Arguments
-        ---------
-        client : str
-        reason : str
-            Escaped and bounded here.
-        """
+        """Record that a client will not reply, and why (escaped, bounded):
+        its successors in the fold order need not wait."""
         if client in self.done or client in self.held:
             return
         self.report.rejected[client] = clean_text(f"failed: {reason}")
