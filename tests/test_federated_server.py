@@ -6,85 +6,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from federated_fixtures import (  # test_wire_directions imports OMC from here
+    CLIENTS,
+    OMC,  # noqa: F401
+    pinned_fold,
+    shifted_reply,
+)
+from federated_fixtures import small_model as _model
+from federated_fixtures import small_server as _server
 
 from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.server import FedAvgServer, UpdateRejected
-
-CLIENTS = ["c0", "c1", "c2", "c3"]
-OMC = OMCConfig(format="e3m7", fp32_fraction=0.4, fp32_policy="random", seed=3)
-
-
-def _model():
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "layer1.weight": torch.randn(16, 8, generator=gen),
-        "layer1.bias": torch.randn(16, generator=gen),
-        "layer2.weight": torch.randn(16, 16, generator=gen),
-        "layer3.weight": torch.randn(4, 16, generator=gen),
-        "norm.running_mean": torch.zeros(4),
-    }
-
-
-def _server(**kwargs):
-    settings = dict(
-        clients_per_round=3,
-        omc=OMC,
-        seed=7,
-        buffers=["norm.running_mean"],
-        max_examples=10,
-    )
-    settings.update(kwargs)
-    return FedAvgServer(_model(), CLIENTS, **settings)
 
 
 def honest_reply(data, shift=1.0, num_examples=10, **meta_overrides):
     """What a well-behaved client sends: every value + shift, in the same form."""
-    received = wire.decode(data)
-    entries = {}
-    for name, value in received.entries.items():
-        if isinstance(value, CompressedTensor):
-            entries[name] = CompressedTensor.compress(
-                value.decompress() + shift, value.format
-            )
-        else:
-            entries[name] = value + shift
-    meta = {
-        "type": "update",
-        "round": received.meta["round"],
-        "client": received.meta["client"],
-        "run": received.meta["run"],
-        "nonce": received.meta["nonce"],
-        "num_examples": num_examples,
-        "metrics": {"train_loss": 1.0},
-    }
-    meta.update(meta_overrides)
-    return wire.encode(entries, meta)
-
-
-def _average_of(messages, replies):
-    """Expected FedAvg of the given replies (float32, weights = examples)."""
-    # The server's fold, pinned: a running weighted mean in sorted client
-    # order, m <- m * (1 - w / W) + x * (w / W) with W the weights so far.
-    decoded = [wire.decode(replies[c]) for c in sorted(replies)]
-    out, total = {}, 0
-    for m in decoded:
-        weight = m.meta["num_examples"]
-        total += weight
-        share = weight / total
-        for name, value in m.decompressed().items():
-            if name not in out:
-                out[name] = value.clone()
-            else:
-                out[name].mul_(1.0 - share).add_(value, alpha=share)
-    return out
+    changes = {"metrics": {"train_loss": 1.0}, **meta_overrides}
+    return shifted_reply(data, shift, num_examples, **changes)
 
 
 def test_server_imports_no_speechbrain():
     # The server and the wire format speak bytes: no SpeechBrain in them.
     root = Path(__file__).resolve().parents[1] / "speechbrain_omc" / "federated"
-    for name in ("server.py", "wire.py"):
+    for name in ("server.py", "round.py", "planning.py", "server_state.py", "wire.py"):
         tree = ast.parse((root / name).read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -193,7 +138,7 @@ def test_fedavg_weighted_by_examples_in_float32():
         c: honest_reply(m, shift=float(i), num_examples=weights[c])
         for i, (c, m) in enumerate(sorted(messages.items()))
     }
-    expected = _average_of(messages, replies)
+    expected = pinned_fold(replies)
     report = server.aggregate(replies)
     assert report.accepted == sorted(replies) and report.num_examples == 20
     for name, value in expected.items():
@@ -207,7 +152,7 @@ def test_compressed_replies_are_decompressed_and_averaged():
     server = _server()
     messages = server.configure_round()
     replies = {c: honest_reply(m, shift=0.5) for c, m in messages.items()}
-    expected = _average_of(messages, replies)
+    expected = pinned_fold(replies)
     server.aggregate(replies)
     for name, value in expected.items():
         assert torch.equal(server.model[name], value)
@@ -245,6 +190,13 @@ def _compressed_name(server, round, client):
     return next(n for n, f in server.formats(round, client).items() if f == "e3m7")
 
 
+def _recompressed(server, client, data, fmt):
+    """The reply with its first compressed entry in another format."""
+    name = _compressed_name(server, 1, client)
+    value = wire.decode(data).decompressed()[name]
+    return _replace_entry(data, name, CompressedTensor.compress(value, fmt))
+
+
 MALFORMED = {
     "wrong shape": (
         lambda s, c, d: _replace_entry(d, "layer1.bias", torch.zeros(15)),
@@ -267,23 +219,11 @@ MALFORMED = {
         "arrived as float32, expected e3m7",
     ),
     "wrong format: another format": (
-        lambda s, c, d: _replace_entry(
-            d,
-            _compressed_name(s, 1, c),
-            CompressedTensor.compress(
-                wire.decode(d).decompressed()[_compressed_name(s, 1, c)], "e4m3"
-            ),
-        ),
+        lambda s, c, d: _recompressed(s, c, d, "e4m3"),
         "arrived as e4m3, expected e3m7",
     ),
     "wrong format: a wider one": (
-        lambda s, c, d: _replace_entry(
-            d,
-            _compressed_name(s, 1, c),
-            CompressedTensor.compress(
-                wire.decode(d).decompressed()[_compressed_name(s, 1, c)], "bf16"
-            ),
-        ),
+        lambda s, c, d: _recompressed(s, c, d, "bf16"),
         "payload of \\d+ bytes, at most \\d+ expected",
     ),
     "wrong format: compressed bias": (
@@ -353,9 +293,9 @@ def test_malformed_update_is_rejected_and_the_round_goes_on(case, caplog):
     replies[bad_client] = corrupt(
         server, bad_client, honest_reply(messages[bad_client])
     )
-    expected = _average_of(messages, {c: replies[c] for c in good_clients})
+    expected = pinned_fold({c: replies[c] for c in good_clients})
 
-    with caplog.at_level(logging.WARNING, logger="speechbrain_omc.federated.server"):
+    with caplog.at_level(logging.WARNING, logger="speechbrain_omc.federated.round"):
         report = server.aggregate(replies)
 
     assert report.accepted == sorted(good_clients)
@@ -388,7 +328,7 @@ def test_failed_and_silent_clients_are_left_out(caplog):
     server = _server()
     messages = server.configure_round()
     failed, silent, good = list(messages)
-    with caplog.at_level(logging.WARNING, logger="speechbrain_omc.federated.server"):
+    with caplog.at_level(logging.WARNING, logger="speechbrain_omc.federated.round"):
         report = server.aggregate(
             {good: honest_reply(messages[good])},
             failures={failed: "RuntimeError: boom"},

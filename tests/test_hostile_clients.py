@@ -22,6 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from federated_fixtures import (
+    pinned_fold,
+    reply_meta,
+    shifted,
+)
+from federated_fixtures import small_server as _server
 from flower_harness import FakeGrid, app_handler, app_run_config
 from flwr.app import (
     ConfigRecord,
@@ -33,8 +39,7 @@ from flwr.app import (
 )
 
 from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.federated import server as server_module
+from speechbrain_omc.federated import round as round_module
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.flower.records import (
@@ -42,61 +47,22 @@ from speechbrain_omc.federated.flower.records import (
     payload_to_record,
 )
 from speechbrain_omc.federated.flower.strategy import OMCFedAvg
-from speechbrain_omc.federated.server import FedAvgServer, UpdateRejected
+from speechbrain_omc.federated.server import UpdateRejected
 from speechbrain_omc.transform import Transform
 
-CLIENTS = ["c0", "c1", "c2", "c3"]
-OMC = OMCConfig(format="e3m7", fp32_fraction=0.4, fp32_policy="random", seed=3)
 BOUND = 10  # every client's max_examples (its partition size)
+METRICS = {"train_loss": 1.0, "steps": 3}
 JOB = Path(__file__).parent / "jobs" / "reject_large_reply.py"
 
 
-def _model():
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "layer1.weight": torch.randn(16, 8, generator=gen),
-        "layer1.bias": torch.randn(16, generator=gen),
-        "layer2.weight": torch.randn(16, 16, generator=gen),
-        "layer3.weight": torch.randn(4, 16, generator=gen),
-        "norm.running_mean": torch.zeros(4),
-    }
-
-
-def _server(**kwargs) -> FedAvgServer:
-    settings = dict(
-        clients_per_round=3,
-        omc=OMC,
-        seed=7,
-        buffers=["norm.running_mean"],
-        max_examples=BOUND,
-    )
-    settings.update(kwargs)
-    return FedAvgServer(_model(), CLIENTS, **settings)
-
-
 def _meta(received: wire.Message, num_examples=BOUND, **overrides) -> dict:
-    meta = {k: received.meta[k] for k in ("round", "client", "run", "nonce")}
-    meta.update(type="update", num_examples=num_examples)
-    meta["metrics"] = {"train_loss": 1.0, "steps": 3}
-    meta.update(overrides)
-    return meta
-
-
-def _entries(received: wire.Message, shift: float) -> dict:
-    out = {}
-    for name, value in received.entries.items():
-        if isinstance(value, CompressedTensor):
-            new = value.decompress() + shift
-            out[name] = CompressedTensor.compress(new, value.format)
-        else:
-            out[name] = value + shift
-    return out
+    return reply_meta(received, num_examples, **{"metrics": dict(METRICS), **overrides})
 
 
 def honest_reply(data: bytes, shift: float = 1.0, **overrides) -> bytes:
     """Every value + shift, in the form received, bound to the broadcast."""
     received = wire.decode(data)
-    return wire.encode(_entries(received, shift), _meta(received, **overrides))
+    return wire.encode(shifted(received, shift), _meta(received, **overrides))
 
 
 def raw_message(entries: list[tuple[str, int, bytes]], meta: bytes) -> bytes:
@@ -116,7 +82,7 @@ def raw_message(entries: list[tuple[str, int, bytes]], meta: bytes) -> bytes:
 
 def _raw_entries(received: wire.Message, shift: float = 1.0) -> list:
     out = []
-    for name, value in _entries(received, shift).items():
+    for name, value in shifted(received, shift).items():
         if isinstance(value, CompressedTensor):
             out.append((name, wire.COMPRESSED, value.to_bytes()))
         else:
@@ -156,7 +122,7 @@ def huge_dimension_float32(server, client, data):
 def huge_dimension_compressed(server, client, data):
     # A compressed entry of shape (2**63 - 1, 0), written by our own encoder.
     received = wire.decode(data)
-    entries = _entries(received, 1.0)
+    entries = shifted(received, 1.0)
     name = next(n for n, v in entries.items() if isinstance(v, CompressedTensor))
     entries[name] = CompressedTensor(
         torch.empty(0, dtype=torch.uint8),
@@ -249,23 +215,6 @@ ROWS = {
 }
 
 
-def _expected_average(replies: dict[str, bytes]) -> dict[str, torch.Tensor]:
-    # The server's fold, pinned: a running weighted mean in sorted client
-    # order, m <- m * (1 - w / W) + x * (w / W) with W the weights so far.
-    decoded = [wire.decode(replies[c]) for c in sorted(replies)]
-    out, total = {}, 0
-    for m in decoded:
-        weight = m.meta["num_examples"]
-        total += weight
-        share = weight / total
-        for name, value in m.decompressed().items():
-            if name not in out:
-                out[name] = value.clone()
-            else:
-                out[name].mul_(1.0 - share).add_(value, alpha=share)
-    return out
-
-
 def _embedded_round(server, make_reply):
     messages = server.configure_round()
     replies = {c: make_reply(server, c, m) for c, m in messages.items()}
@@ -310,7 +259,7 @@ def test_hostile_reply_is_left_out(row, channel, task_identity, caplog):
     assert re.search(reason, report.rejected[bad]), report.rejected[bad]
     assert report.model_updated
     # The hostile reply moved nothing: the model is the honest replies' average.
-    expected = _expected_average({c: replies[c] for c in sampled[1:]})
+    expected = pinned_fold({c: replies[c] for c in sampled[1:]})
     for name, value in expected.items():
         assert torch.equal(server.model[name], value), name
     # The bytes were counted, and the next round runs as usual.
@@ -490,7 +439,7 @@ def test_validation_failures_never_escape(monkeypatch, caplog):
     def broken(data, expected):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server_module, "open_reply", broken)
+    monkeypatch.setattr(round_module, "open_reply", broken)
     client = next(iter(messages))
     with pytest.raises(UpdateRejected, match="internal error while validating"):
         server.validate(client, replies[client])

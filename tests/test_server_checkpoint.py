@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from federated_fixtures import shifted_reply, small_model, small_server
 
-from speechbrain_omc.compressed import CompressedTensor
 from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.checkpoint import (
     CheckpointCorrupt,
@@ -31,49 +30,24 @@ from speechbrain_omc.federated.checkpoint import (
 )
 from speechbrain_omc.federated.server import FedAvgServer
 
-CLIENTS = ["c0", "c1", "c2", "c3"]
-OMC = OMCConfig(format="e3m7", fp32_fraction=0.4, fp32_policy="random", seed=3)
 JOB = Path(__file__).parent / "jobs" / "crash_during_save.py"
 
 
 def _model():
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "layer1.weight": torch.randn(16, 8, generator=gen),
-        "layer1.bias": torch.randn(16, generator=gen),
-        "layer2.weight": torch.randn(4, 16, generator=gen),
-        "norm.running_mean": torch.zeros(4),
-    }
+    return small_model(shapes=((16, 8), (4, 16)))
 
 
-def _server(**kwargs) -> FedAvgServer:
+def _server(model=None, **kwargs) -> FedAvgServer:
     settings = dict(
-        clients_per_round=3,
-        omc=OMC,
-        seed=7,
-        buffers=["norm.running_mean"],
-        max_examples=10,
         server_momentum=0.9,
         client_config={"local_epochs": 2},
         run_settings={"lr": 0.05, "batch_size": 4},
     )
-    settings.update(kwargs)
-    return FedAvgServer(_model(), CLIENTS, **settings)
+    return small_server(model or _model(), **{**settings, **kwargs})
 
 
 def _reply(data: bytes, shift: float) -> bytes:
-    received = wire.decode(data)
-    entries = {}
-    for name, value in received.entries.items():
-        if isinstance(value, CompressedTensor):
-            entries[name] = CompressedTensor.compress(
-                value.decompress() + shift, value.format
-            )
-        else:
-            entries[name] = value + shift
-    meta = {k: received.meta[k] for k in ("round", "client", "run", "nonce")}
-    meta.update(type="update", num_examples=5)
-    return wire.encode(entries, meta)
+    return shifted_reply(data, shift, num_examples=5)
 
 
 def _round(server: FedAvgServer, shift: float = 1.0):
@@ -194,18 +168,7 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     model = _model()
     model["layer2.weight"] = torch.zeros(8, 16)
     model["extra.bias"] = torch.zeros(3)
-    other = FedAvgServer(
-        model,
-        CLIENTS,
-        3,
-        omc=OMC,
-        seed=7,
-        buffers=["norm.running_mean"],
-        max_examples=10,
-        server_momentum=0.9,
-        client_config={"local_epochs": 2},
-        run_settings={"lr": 0.05, "batch_size": 4},
-    )
+    other = _server(model)
     with pytest.raises(CheckpointMismatch) as error:
         other.load(path)
     text = str(error.value)

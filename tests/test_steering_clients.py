@@ -24,6 +24,7 @@ import zlib
 
 import pytest
 import torch
+from federated_fixtures import CLIENTS, OMC, reply_meta, small_model, small_server
 
 from speechbrain_omc.asr.rounds import round_row, write_csv
 from speechbrain_omc.compressed import CompressedTensor
@@ -34,34 +35,12 @@ from speechbrain_omc.federated.defence import MAX_REASONS, MAX_TEXT, is_clean
 from speechbrain_omc.federated.server import FedAvgServer
 from speechbrain_omc.transform import Transform
 
-CLIENTS = ["c0", "c1", "c2", "c3"]
-OMC = OMCConfig(format="e3m7", fp32_fraction=0.4, fp32_policy="random", seed=3)
 FLT_MAX = torch.finfo(torch.float32).max
 BOUND = 10
 
 
-def _model():
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "layer1.weight": torch.randn(16, 8, generator=gen),
-        "layer1.bias": torch.randn(16, generator=gen),
-        "layer2.weight": torch.randn(16, 16, generator=gen),
-        "layer3.weight": torch.randn(4, 16, generator=gen),
-        "norm.running_mean": torch.zeros(4),
-    }
-
-
 def _server(**kwargs) -> FedAvgServer:
-    settings = dict(
-        clients_per_round=4,
-        omc=OMC,
-        seed=7,
-        buffers=["norm.running_mean"],
-        max_examples=BOUND,
-        run_id="run",
-    )
-    settings.update(kwargs)
-    return FedAvgServer(_model(), CLIENTS, **settings)
+    return small_server(**{"clients_per_round": 4, "run_id": "run", **kwargs})
 
 
 def _delta(client: str, round_: int, name: str, shape) -> torch.Tensor:
@@ -76,11 +55,8 @@ def _delta(client: str, round_: int, name: str, shape) -> torch.Tensor:
 
 
 def _meta(received: wire.Message, **overrides) -> dict:
-    meta = {k: received.meta[k] for k in ("round", "client", "run", "nonce")}
-    meta.update(type="update", num_examples=BOUND)
-    meta["metrics"] = {"train_loss": 1.0, "steps": 3}
-    meta.update(overrides)
-    return meta
+    metrics = {"train_loss": 1.0, "steps": 3}
+    return {**reply_meta(received, BOUND, metrics=metrics), **overrides}
 
 
 def _encode_like(received: wire.Message, values: dict, **meta) -> bytes:
@@ -280,7 +256,7 @@ def test_a_discarded_round_resets_the_momentum(caplog):
     (within its range): committed (finite), then the momentum's next steps
     overflow: that round is discarded, the momentum reset, and the honest
     round after it moves the model."""
-    model = _model()
+    model = small_model()
     model["layer1.weight"][0, 0] = 1e36
     server = FedAvgServer(
         model,
@@ -313,7 +289,7 @@ def _large_round(attackers, attack, seed=7, **kwargs):
     """One round of twenty clients, ``attackers`` sending ``attack``: the
     largest weight move, the report and the round's reference clients."""
     server = FedAvgServer(
-        _model(),
+        small_model(),
         MANY,
         clients_per_round=20,
         seed=seed,
@@ -359,7 +335,7 @@ def test_the_reference_clients_are_drawn_by_a_secret_key(tmp_path):
     orders = []
     for key in (KEY, KEY, None, None):
         server = FedAvgServer(
-            _model(), MANY, clients_per_round=20, seed=7, reference_key=key
+            small_model(), MANY, clients_per_round=20, seed=7, reference_key=key
         )
         server.open_round()
         orders.append(server.fold_order())
@@ -367,10 +343,10 @@ def test_the_reference_clients_are_drawn_by_a_secret_key(tmp_path):
     assert keyed == again  # the same key: the same draw
     assert first_secret != second_secret  # the same seed, other secrets
     assert keyed[:8] != MANY[:8] and sorted(keyed) == MANY
-    server = FedAvgServer(_model(), MANY, clients_per_round=20, seed=7)
+    server = FedAvgServer(small_model(), MANY, clients_per_round=20, seed=7)
     server.save(tmp_path / "server.ckpt")
     server.open_round()
-    resumed = FedAvgServer(_model(), MANY, clients_per_round=20, seed=7)
+    resumed = FedAvgServer(small_model(), MANY, clients_per_round=20, seed=7)
     resumed.load(tmp_path / "server.ckpt")
     resumed.open_round()
     assert resumed.fold_order() == server.fold_order()
@@ -383,7 +359,7 @@ def _captured_rounds(max_held_bytes=None):
     Returns the largest weight move of each round and the server."""
     settings = {} if max_held_bytes is None else {"max_held_bytes": max_held_bytes}
     server = FedAvgServer(
-        _model(),
+        small_model(),
         MANY,
         clients_per_round=20,
         seed=7,
@@ -430,7 +406,7 @@ def test_the_carried_limits_survive_a_checkpoint(tmp_path):
     _, server = _captured_rounds()
     server.save(tmp_path / "server.ckpt")
     resumed = FedAvgServer(
-        _model(),
+        small_model(),
         MANY,
         clients_per_round=20,
         seed=7,
@@ -513,7 +489,7 @@ def test_honest_rounds_of_a_wide_model_keep_their_bits():
 def test_an_entry_broadcast_near_zero_may_be_refitted():
     """A compressed entry broadcast at 1e-6 (a layer initialised near zero)
     that training moves to 0.01: the reach is floored, the reply accepted."""
-    model = _model()
+    model = small_model()
     model["layer2.weight"] = torch.full((16, 16), 1e-6)
     omc = OMCConfig(format="e3m7", fp32_fraction=0.0, seed=3)
     server = FedAvgServer(model, CLIENTS, 4, seed=7, omc=omc, max_examples=BOUND)
@@ -553,7 +529,7 @@ def test_robust_rules_do_not_overflow(rule, k):
 # ------------------------------------------------------------------ weights
 def test_without_max_examples_every_client_weighs_the_same():
     server = FedAvgServer(
-        _model(), CLIENTS, 3, seed=7, aggregation=Aggregation(norm_bound=None)
+        small_model(), CLIENTS, 3, seed=7, aggregation=Aggregation(norm_bound=None)
     )
     start = server.model["layer1.bias"].clone()
     messages = server.configure_round()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from federated_fixtures import pinned_fold, small_model, small_server
 from flower_harness import FakeGrid, honest_reply
 from flwr.app import ConfigRecord, RecordDict
 
@@ -47,13 +48,7 @@ JOB = Path(__file__).parent / "jobs" / "streaming_memory.py"
 
 
 def _model():
-    gen = torch.Generator().manual_seed(1)
-    return {
-        "a.weight": torch.randn(24, 16, generator=gen),
-        "a.bias": torch.randn(24, generator=gen),
-        "b.weight": torch.randn(8, 24, generator=gen),
-        "norm.running_mean": torch.zeros(8),
-    }
+    return small_model(((24, 16), (8, 24)), seed=1, names=("a", "b"))
 
 
 def _server(n=16, per_round=None, **kwargs):
@@ -61,14 +56,13 @@ def _server(n=16, per_round=None, **kwargs):
     # One reference key for all: rounds of more than 8 clients are compared
     # across servers bit for bit.
     settings = dict(
+        clients_per_round=per_round or n,
         omc=OMC,
         seed=11,
-        buffers=["norm.running_mean"],
         max_examples=50,
         reference_key=bytes(32),
     )
-    settings.update(kwargs)
-    return FedAvgServer(_model(), clients, per_round or n, **settings)
+    return small_server(_model(), clients, **{**settings, **kwargs})
 
 
 def _weight(client: str) -> int:
@@ -175,26 +169,8 @@ def test_norm_clip_with_a_fixed_limit_streams_and_matches_combine():
 def _fold_order(server, clients, round_=1):
     """The documented fold order: the key's reference clients first."""
     return reference_order(
-        server._reference_key, round_, clients, server.aggregation.norm_reference
+        server.state.reference_key, round_, clients, server.aggregation.norm_reference
     )
-
-
-def _pinned(replies, order=None):
-    """The server's fold, pinned: a running weighted mean in fold order
-    (sorted client ids by default), m <- m * (1 - w / W) + x * (w / W), W
-    the weights so far."""
-    out, total = {}, 0
-    for client in order or sorted(replies):
-        message = wire.decode(replies[client])
-        weight = message.meta["num_examples"]
-        total += weight
-        share = weight / total
-        for name, value in message.decompressed().items():
-            if name not in out:
-                out[name] = value.clone()
-            else:
-                out[name].mul_(1.0 - share).add_(value, alpha=share)
-    return out
 
 
 def test_the_fold_order_is_pinned_whatever_the_arrival_order():
@@ -214,7 +190,7 @@ def test_the_fold_order_is_pinned_whatever_the_arrival_order():
         fold_order = _fold_order(server, replies)
         assert report.accepted == fold_order  # reported in fold order
         results.append(server.model)
-    expected = _pinned(replies, fold_order)
+    expected = pinned_fold(replies, fold_order)
     for model in results:
         for name, value in expected.items():
             assert torch.equal(model[name], value), name
@@ -282,9 +258,9 @@ def test_a_failed_client_does_not_hold_up_the_fold():
     first, *rest = server.fold_order()
     for client in rest:
         server.receive(client, replies[client])
-    assert server._pending.held  # waiting for the first client
+    assert server.current.held  # waiting for the first client
     server.fail(first, "crashed")
-    assert not server._pending.held  # folded as soon as it was known
+    assert not server.current.held  # folded as soon as it was known
     report = server.close_round()
     assert report.rejected == {first: "failed: crashed"}
     assert report.accepted == rest
@@ -598,10 +574,10 @@ def test_compressed_replies_wait_as_bytes_not_tensors():
     first, second, third = server.fold_order()
     view = memoryview(replies[third])
     server.receive(third, view)
-    assert server._pending.held[third] is view
+    assert server.current.held[third] is view
     for client in (first, second):
         server.receive(client, replies[client])
-    assert not server._pending.held
+    assert not server.current.held
     server.close_round()
 
 

@@ -1,82 +1,14 @@
 """How the server combines the accepted clients' models (float32).
 
-Each rule takes the decoded float32 models of the accepted clients, their
-number of examples and the current global model, and returns the combined
-model (the server's learning rate and momentum apply afterwards).
-
-Streaming and memory
---------------------
-``fedavg``, and ``norm_clip`` with a fixed ``clip_norm``, fold each reply
-into running float32 values as it arrives and drop it
-(:class:`StreamingAggregator`): the server's extra memory is one model
-whatever the number of clients per round. The fold is a running weighted
-mean, ``m <- m * (1 - a) + x * a`` with ``a = w / (w_1 + ... + w_k)``: every
-intermediate is a convex combination of the values received, so no client
-can overflow it with large finite values, and the result equals the FedAvg
-of :func:`combine` within float32 rounding (summation order). It depends on
-the order of the replies: the server folds them in a fixed order (a
-function of the seed and the sampled ids, see
-:func:`~speechbrain_omc.federated.defence.reference_order`), whatever order
-they arrive in, so that runs and resumed runs are reproducible bit for bit.
-
-``median``, ``trimmed_mean`` and ``norm_clip`` without ``clip_norm`` (whose
-limit is the median of all the round's update norms) need every update
-before they can combine any (:class:`BufferedAggregator`): clients per round
-times the float32 model. That is bounded by a memory budget
-(:func:`check_memory_budget`, default :data:`DEFAULT_MEMORY_BUDGET`),
-checked when the server is built: a configuration over it is refused with
-:class:`MemoryBudgetExceeded` rather than run out of memory in round one.
-
-=============== ============================================ =====================
-rule            what it does                                 cost per round
-=============== ============================================ =====================
-``fedavg``      mean weighted by ``num_examples`` (FedAvg)   one pass
-``median``      coordinate-wise median; unweighted           K values of one
-                                                             variable stacked and
-                                                             sorted (K clients)
-``trimmed_mean`` coordinate-wise mean after dropping the     as ``median``
-                ``trim_fraction`` largest and smallest (at
-                least one of each from three clients on);
-                unweighted
-``norm_clip``   FedAvg of the updates (model minus global)   two passes; one
-                each scaled down to an L2 norm of at most    norm per client
-                ``clip_norm`` (default: the lower median
-                of the round's update norms)
-=============== ============================================ =====================
-
-What each rule withstands, and from how many clients a round on:
-
-* ``fedavg``: nothing by itself. A client's weight is bounded by
-  ``max_examples``; without the update-norm bound (below) one client of any
-  number moves the model as far as it likes.
-* ``median``: fewer than half the round hostile, from three clients on
-  (of two it is their mean). Ignores ``num_examples``, so a client that
-  lies about its data gains nothing.
-* ``trimmed_mean``: fewer hostile clients than it trims at each end,
-  ``max(1, floor(trim_fraction * K))`` from three clients on (one of four
-  at the default 0.2; of two it trims nothing; ``trim_fraction: 0`` is the
-  plain mean). Ignores ``num_examples``.
-* ``norm_clip``: bounds each client's move by the limit. Its default limit
-  is the *lower* median of the norms (of two, the smaller), so that one
-  client of two cannot move the model further than the other (its update
-  is clipped to the honest client's norm, though it still points where the
-  hostile client wants; set ``clip_norm`` to bound it absolutely): fewer
-  than half the round hostile. Half the round sending zero updates sets
-  that limit to zero and stops training; the update-norm bound below uses
-  the *upper* median for that reason.
-
-On top of any rule, ``norm_bound`` (on by default, see
-:mod:`~speechbrain_omc.federated.defence`) scales each accepted update down
-to at most ``norm_bound`` times the upper median of the reference replies'
-update norms, and clamps each of its values to ``norm_bound`` times their
-upper median largest value in its entry, before the rule combines them:
-fewer than half the reference replies hostile, from three clients on (of
-one or two the upper median is the largest).
-
-No rule overflows on large finite values: ``median`` halves before adding,
-``trimmed_mean`` sums in float64, every step of the fedavg fold is a convex
-combination of the values received, and updates (model minus global) are
-taken in float64 wherever they are scaled.
+``fedavg`` (weighted by examples), ``median``, ``trimmed_mean`` and
+``norm_clip``, after the update-norm bound of
+:mod:`~speechbrain_omc.federated.defence`. ``fedavg`` and ``norm_clip`` with
+a fixed ``clip_norm`` fold each reply into a running weighted mean as it
+arrives (:class:`StreamingAggregator`: one model of memory, every step a
+convex combination, so no finite values overflow it); the other rules keep
+every update until the round closes (:class:`BufferedAggregator`), within a
+memory budget checked when the server is built (:func:`check_memory_budget`).
+What each rule withstands is in docs/federated_server.md.
 
 Example
 -------
@@ -143,20 +75,16 @@ class Aggregation:
         ``norm_clip``: largest L2 norm of one client's update; ``None`` takes
         the lower median of the round's update norms (the smaller of two).
     norm_bound : float, optional
-        Any rule: each accepted update is scaled down to an L2 norm of at
-        most this many times the upper median of the reference replies'
-        update norms, and each of its values clamped to this many times
-        their upper median largest ``|update|`` in its entry (see
+        Any rule: each accepted update is scaled down to an L2 norm of at most
+        this many times the upper median of the reference replies' update norms,
+        and each of its values clamped to this many times their upper median
+        largest ``|update|`` in its entry (see
         :mod:`~speechbrain_omc.federated.defence`); ``None`` disables both.
-        At least 1 (below it, the median client would be clipped).
     norm_reference : int
-        How many reference replies the limits come from: the first that
-        pass the checks in fold order, which the server's secret key draws
-        among the sampled clients (held as bytes until they are all in);
-        then the limits are frozen, at most twice the last committed
-        round's. Up to that many clients per round, the reference is the
-        whole round. The bounds hold while fewer than half of the reference
-        replies are hostile.
+        How many reference replies the limits come from: the first that pass the
+        checks in fold order, which the server's secret key draws among the
+        sampled clients (held as bytes until they are all in); then the limits
+        are frozen, at most twice the last committed round's.
 
     Example
     -------
@@ -406,9 +334,6 @@ def scale_update(
 ) -> torch.Tensor:
     """``master + scale * (value - master)``, in place in ``value``.
 
-    Computed in float64: the update of a value near the float32 limit (or
-    the master's) can overflow float32.
-
     Arguments
     ---------
     value : torch.Tensor
@@ -429,6 +354,7 @@ def scale_update(
     >>> scale_update(torch.tensor([big, 3.0]), torch.tensor([-big, 1.0]), 0.25)
     tensor([-1.7014e+38,  1.5000e+00])
     """
+    # float64: the update of a value near the float32 limit can overflow.
     base = master.double()
     return value.copy_(base.add_(value.double().sub_(base), alpha=scale))
 
@@ -437,8 +363,6 @@ def clamp_update(
     value: torch.Tensor, master: torch.Tensor, limit: float
 ) -> torch.Tensor:
     """``master + clamp(value - master, -limit, limit)``, in place in ``value``.
-
-    In float64 (as :func:`scale_update`), a chunk of the entry at a time.
 
     Arguments
     ---------
@@ -480,9 +404,6 @@ def _owned(value: torch.Tensor) -> torch.Tensor:
 
 class StreamingAggregator:
     """FedAvg (or clipped FedAvg) folded one reply at a time.
-
-    Holds one float32 model: the running weighted mean of the replies (of
-    the updates, clipped, for ``norm_clip``), see the module docstring.
 
     Arguments
     ---------
@@ -528,9 +449,7 @@ class StreamingAggregator:
         ---------
         tensors : iterable of (name, tensor)
             Every entry of the model, float32, each a tensor the caller no
-            longer needs (it may be changed in place). None is kept: each
-            may be a reused buffer (see
-            :meth:`~speechbrain_omc.federated.validation.Reply.tensors`).
+            longer needs (it may be changed in place).
         weight : int
             The reply's ``num_examples``.
         norm : float, optional

@@ -1,13 +1,8 @@
 """Simulated client availability: which sampled clients drop out of a round.
 
-Real federations lose clients: devices go offline, run out of battery, or
-are busy. A simulation reproduces this with a seeded draw per round: of the
-clients the server sampled, a fixed fraction is unavailable. Both runners
-(the embedded recipe and the Flower strategy) call :func:`simulated_dropouts`
-and contact only the others; the server records the dropped clients as
-failed (``dropped out``) and combines the rest, exactly as it does for a
-client that crashed or timed out. Nothing is sent to a dropped client (no
-bytes are counted for it).
+A seeded draw per round; both runners contact only the others, and the
+server records the dropped clients as failed (``dropped out``), as for a
+client that crashed (no bytes are counted for them).
 
 Example
 -------

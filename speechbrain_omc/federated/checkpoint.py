@@ -1,33 +1,12 @@
 """Server checkpoints: atomic, the last two kept, refused when they do not fit.
 
-A federated run is resumed from the server state after its last completed
-round. :class:`CheckpointStore` keeps that state in one file (``server.ckpt``)
-and the one before it (``server.ckpt.prev``):
-
-* **Atomic.** Each save goes to a temporary file in the same folder, is
-  flushed to disk and renamed over the old one: a crash (even SIGKILL) leaves
-  the old file or the new one, never a partial one. A crash between the two
-  renames leaves only the previous checkpoint, from which the run redoes one
-  round; temporary files of interrupted saves are removed on the next load.
-* **Fallback.** A checkpoint that cannot be read (truncated, zeroed, not a
-  checkpoint) or whose content is invalid (wrong shapes, non-finite values)
-  is reported with its path and the previous one is used instead. The bad
-  file is moved aside (``server.ckpt.corrupt``, for inspection): left in
-  place, the next save would rotate it into ``server.ckpt.prev`` and the
-  run would keep one good checkpoint instead of two.
-* **Refused when the settings differ.** The caller's ``apply`` compares the
-  settings saved in the checkpoint with the run's own and raises
-  :class:`CheckpointMismatch` naming every difference (see
-  :func:`diff_settings`); resuming would not reproduce the run. The caller
-  may :meth:`CheckpointStore.discard` the old checkpoints and start fresh.
-* **One server per folder.** A run holds an exclusive lock
-  (:meth:`CheckpointStore.lock`: ``fcntl.flock`` on ``server.ckpt.lock``)
-  from before it reads its checkpoint until it ends; a second server on the
-  same folder is refused with :class:`CheckpointLocked` before it touches
-  anything (two servers would overwrite each other's checkpoints, and the
-  second's cleaning would delete the first's save in progress). The kernel
-  drops the lock when the process dies, however it dies. The temporary
-  files of a folder whose lock another process holds are never removed.
+:class:`CheckpointStore` keeps the server state in ``server.ckpt`` and the
+one before in ``server.ckpt.prev``. Saves are atomic (a temporary file
+renamed over the old one); an unreadable or invalid checkpoint is set aside
+(``server.ckpt.corrupt``) and the previous one used; one server holds a
+folder at a time (:meth:`CheckpointStore.lock`). Settings that differ from
+the run's raise :class:`CheckpointMismatch`, each difference named
+(:func:`diff_settings`).
 
 Example
 -------
@@ -102,12 +81,7 @@ def _fsync_dir(folder: Path) -> None:
 def _write_atomically(
     obj: Any, path: Path, before_replace: Callable[[], None] | None = None
 ) -> None:
-    """``torch.save`` to a flushed temporary file, then rename it to ``path``.
-
-    ``before_replace`` runs between the two (after the new bytes are on disk,
-    before the old file is replaced); on any failure the temporary file is
-    removed and the old file is left as it was.
-    """
+    """``torch.save`` to a flushed temporary file, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}")
     try:
@@ -127,9 +101,6 @@ def _write_atomically(
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename.
-
-    A reader (or a restart after SIGKILL) sees the old or the new file, never
-    a partial one.
 
     Arguments
     ---------
@@ -151,9 +122,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def plain(value: Any) -> Any:
     """A JSON-plain copy (tuples as lists, anything else as its text).
-
-    Settings are compared in this form, so that a tuple saved in a
-    checkpoint equals the list a YAML file gives.
 
     Arguments
     ---------
@@ -350,9 +318,6 @@ class CheckpointStore:
     def clean_temporary(self) -> list[Path]:
         """Remove the temporary files of saves that a crash interrupted.
 
-        Not while another server holds the folder's lock: its temporary file
-        may be a save in progress.
-
         Returns
         -------
         list of Path
@@ -377,18 +342,16 @@ class CheckpointStore:
         Arguments
         ---------
         apply : callable
-            Takes the loaded object; raises :class:`CheckpointMismatch` when it
-            does not fit the run (this is not retried with the previous file)
-            or ``ValueError``/``KeyError``/``TypeError`` when it is invalid
-            (then the previous checkpoint is tried). It must not change
-            anything before it has checked everything.
+            Takes the loaded object; raises :class:`CheckpointMismatch` when
+            it does not fit the run (this is not retried with the previous
+            file) or ``ValueError``/``KeyError``/``TypeError`` when it is
+            invalid (then the previous checkpoint is tried).
 
         Returns
         -------
         tuple or None
-            ``(apply's result, the file used)``, or ``None`` when there is no
-            checkpoint. When the previous file is used, the newest (unusable)
-            one has been moved to :attr:`corrupt`.
+            ``(apply's result, the file used)``, or ``None`` when there is
+            no checkpoint.
 
         Raises
         ------

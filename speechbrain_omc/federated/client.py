@@ -1,58 +1,27 @@
 """Federated OMC client: drives one SpeechBrain Brain, speaks wire messages.
 
-One :class:`OMCClient` owns one Brain (an :class:`~speechbrain_omc.OMCBrain`
-or any ``sb.Brain`` with :class:`~speechbrain_omc.OMCMixin`) for the life of
-its process and reuses it for every round and, in a simulation, for every
-client id. A round is :meth:`OMCClient.train`: bytes in, bytes out.
+One :class:`OMCClient` owns one Brain (with
+:class:`~speechbrain_omc.OMCMixin`) and reuses it for every round and, in a
+simulation, every client id. A round is :meth:`OMCClient.train`: bytes in,
+bytes out.
 
-What the client does with a received global model
--------------------------------------------------
-* **The message is the plan.** Each entry arrives compressed (in a format
-  such as ``e3m7``) or in float32. The client puts exactly the compressed
-  entries under OMC (:func:`~speechbrain_omc.engine.compress_module` with a
-  plan built from the message), loads the compressed payloads as they are
-  (no decompress-recompress round trip) and copies the float32 ones. When the
-  server's partial-quantization policy is ``random``, the set changes from
-  round to round and client to client; the client then takes its modules out
-  of OMC and puts them back under the new plan (this briefly materialises
-  the parameters in float32 between rounds; with a fixed policy the plan
-  does not change and payloads are loaded in place).
-* **Nothing overwrites the received weights.** The Brain's checkpointer is
-  detached (SpeechBrain's ``on_fit_start`` would otherwise call
-  ``recover_if_possible`` and load a local checkpoint over the global
-  model); the server checkpoints the federation instead.
-* **Every draw is a function of (seed, round, client).** Before training the
-  client seeds Python, NumPy and torch with the seed the server sent, shuffles
-  with a sampler seeded the same way, restarts the OMC update state (step
-  counters, momentum) and seeds stochastic rounding with it. A round
-  therefore depends only on the message, never on earlier rounds served by
-  the same Brain: a run killed and resumed reproduces the uninterrupted one.
-* **Local training** is ``Brain.fit`` over the client's own data for
-  ``local_epochs`` epochs (optionally capped at ``max_steps`` optimizer
-  steps), with the Brain's optimizer, which for fused OMC is SGD.
-* **The reply** carries the trained model in the form it arrived
-  (compressed entries as their payloads), with metadata
+* **The message is the plan**: exactly its compressed entries go under OMC,
+  their payloads loaded as they are; float32 entries are copied. When the
+  plan changes, the modules leave OMC and go back under the new plan.
+* **Nothing overwrites the received weights**: the Brain's checkpointer is
+  detached (the server checkpoints the federation).
+* **Every draw is a function of (seed, round, client)**: Python, NumPy,
+  torch, the sampler and stochastic rounding are seeded with the message's
+  seed and the OMC update state restarts, so a round depends on its message
+  only and a resumed run reproduces the uninterrupted one.
+* **The reply** carries the trained model in the form it arrived, with
   ``{"type": "update", "round", "client", "run", "nonce", "num_examples",
-  "metrics"}`` (``run`` and ``nonce`` echoed from the broadcast)
-  (metrics: ``train_loss``, ``steps``, ``skipped_updates``; no timings, so
-  that a reply's bytes depend on the round only).
-  ``num_examples`` (the FedAvg weight) is the size of the client's dataset.
+  "metrics"}`` (no timings: its bytes depend on the round only).
 
-The Brain's metrics: if its ``on_stage_end`` sets ``self.stage_stats`` (a
-dict), :meth:`OMCClient.evaluate` returns it along with the loss.
-
-One bad message does not break the worker
------------------------------------------
-A received model with non-finite values is refused before anything is
-loaded. An exception while a message is handled (a failed compression, a
-training that raises) leaves the Brain as it was, or, when its modules
-were left half under OMC (a plan change that failed part-way), takes them
-out of OMC altogether: every parameter float32 again, no handle, the hooks
-of the failed attempt removed. Either way the next message puts the modules
-under its own plan and trains as on a fresh worker (its reply depends only
-on the message, as always). Parameters about to be compressed that hold
-non-finite values (a local training that diverged) are zeroed first: the
-message's payload replaces them at once, and compression refuses them.
+One bad message does not break the worker: a model with non-finite values is
+refused before anything is loaded, and a message that fails leaves the Brain
+as it was or, when its modules were left half under OMC, takes them out of
+OMC altogether (the next message installs its own plan).
 
 Example
 -------
@@ -158,10 +127,9 @@ class OMCClient:
     Arguments
     ---------
     brain : sb.Brain
-        A Brain with :class:`~speechbrain_omc.OMCMixin`. Its checkpointer is
-        detached (see the module docstring). Its ``hparams["omc"]`` (if any)
-        gives the update settings (mode, rounding, momentum format); the
-        plan comes from each message.
+        A Brain with :class:`~speechbrain_omc.OMCMixin` (its checkpointer is
+        detached); ``hparams["omc"]`` gives the update settings, each
+        message the plan.
     train_data : mapping, callable or dataset
         The local training data: ``{client_id: dataset}``, a function of the
         client id, or one dataset for a single-client process.
@@ -175,17 +143,12 @@ class OMCClient:
     progressbar : bool
         Show SpeechBrain's progress bars.
     buffers : str
-        Which floating-point buffers travel with the parameters:
-        ``"running_stats"`` (default: those of batch/instance normalisation,
-        which training changes), ``"all"``, or ``"none"``. Constant buffers
-        such as positional encodings are the same on every client; sending
-        them would only inflate the messages.
+        Which floating-point buffers travel: ``"running_stats"`` (those of
+        normalisation layers, which training changes), ``"all"`` or
+        ``"none"``.
     wire_mode : str
-        The server's: ``"both"`` (train under OMC as received), or, training
-        in float32, ``"download"`` (compressed entries decoded on arrival,
-        reply float32) or ``"upload"`` (reply compressed under the round's
-        plan, drawn from ``hparams["omc"]``); see
-        :mod:`~speechbrain_omc.federated.directions`.
+        The server's: ``"both"``, ``"download"`` or ``"upload"`` (see
+        :mod:`~speechbrain_omc.federated.directions`).
     """
 
     def __init__(
@@ -251,11 +214,8 @@ class OMCClient:
         return self.brain.omc.slots if self.brain.omc is not None else {}
 
     def entry_names(self) -> list[str]:
-        """Names of the model's entries, in wire order.
-
-        Parameters (compressed or not) and the floating-point persistent
-        buffers chosen by ``buffers`` (running statistics by default), each
-        once (tied weights under their first name).
+        """Names of the model's entries (parameters and the chosen buffers,
+        tied weights once), in wire order.
 
         Returns
         -------
@@ -278,12 +238,8 @@ class OMCClient:
         return [n for n in self.entry_names() if n in buffers]
 
     def parameter_roles(self) -> dict[str, str]:
-        """The role of every parameter entry, for the server's plans.
-
-        A server holds names and shapes only; with these roles (which
-        parameters belong to normalisation layers or are position biases) its
-        plans equal :func:`~speechbrain_omc.selection.make_plan` on this
-        Brain's modules.
+        """The role of every parameter entry, for the server's plans (which
+        then equal :func:`~speechbrain_omc.selection.make_plan`'s here).
 
         Returns
         -------
@@ -402,30 +358,14 @@ class OMCClient:
         params = self._params()
         with torch.no_grad():
             for name in wanted:
-                # Replaced by the message's payload right after; compression
-                # refuses non-finite values (a diverged local training).
+                # Replaced by the payload next; compression refuses non-finite
+                # values (a diverged local training).
                 if not bool(torch.isfinite(params[name]).all()):
                     params[name].zero_()
-        roles = self.parameter_roles()
-        entries = []
-        for name, param in params.items():
-            shape, role = tuple(param.shape), roles[name]
-            # The server decided (its plan's reasons are its own); the log
-            # says so rather than guessing them.
-            if name in wanted:
-                nbytes = message.entries[name].nbytes
-                entries.append(
-                    PlanEntry(name, shape, wanted[name], nbytes, role, "server plan")
-                )
-            else:
-                entries.append(
-                    PlanEntry(name, shape, None, 4 * param.numel(), role, "server plan")
-                )
+        plan = _server_plan(params, self.parameter_roles(), message, wanted)
         # An empty plan still installs a handle, so that the Brain does not
         # compress under its own plan at fit start.
-        brain.omc = compress_module(
-            brain.modules, replace(base, seed=seed), plan=Plan(tuple(entries))
-        )
+        brain.omc = compress_module(brain.modules, replace(base, seed=seed), plan=plan)
 
     # ------------------------------------------------- one-direction modes
     def _arrived(self, message: wire.Message) -> wire.Message:
@@ -454,27 +394,8 @@ class OMCClient:
         return data
 
     @contextmanager
-    def _capture_stage_loss(self, store: dict):
-        brain = self.brain
-        own = brain.__dict__.get("on_stage_end")
-        original = brain.on_stage_end
-
-        def on_stage_end(stage, stage_loss, epoch=None):
-            store[stage] = stage_loss
-            return original(stage, stage_loss, epoch)
-
-        brain.on_stage_end = on_stage_end
-        try:
-            yield
-        finally:
-            if own is None:
-                del brain.on_stage_end  # the class method shows through again
-            else:
-                brain.on_stage_end = own
-
-    @contextmanager
     def _recovering(self) -> Iterator[None]:
-        """Undo what a failed message left half done (see the module docstring)."""
+        # Undo what a failed message left half done (see the module docstring).
         brain = self.brain
         sampler, limit = brain.train_sampler, brain.optimizer_step_limit
         hooks = _hook_keys(brain.modules)
@@ -482,51 +403,16 @@ class OMCClient:
             yield
         except BaseException:
             brain.train_sampler, brain.optimizer_step_limit = sampler, limit
-            if not self._omc_consistent():
+            if not _omc_consistent(brain):
                 logger.warning(
                     "the message failed with the modules half under OMC; they "
                     "are taken out of it (the next message installs its plan)"
                 )
-                self._out_of_omc(hooks)
+                _out_of_omc(brain, hooks)
             raise
-
-    def _omc_consistent(self) -> bool:
-        # Every compressed parameter is the current handle's, which owns the
-        # modules (or there is neither).
-        modules, handle = self.brain.modules, self.brain.omc
-        owner = modules.__dict__.get("_omc_handle")
-        found = {
-            id(p): p
-            for m in modules.modules()
-            for p in m._parameters.values()
-            if isinstance(p, CompressedParameter)
-        }
-        if handle is None:
-            return owner is None and not found
-        ours = {id(p) for p in handle.parameters().values()}
-        return owner is handle and set(found) == ours
-
-    def _out_of_omc(self, hooks: set) -> None:
-        brain, modules = self.brain, self.brain.modules
-        owner = modules.__dict__.get("_omc_handle")
-        for handle in (brain.omc, owner if owner is not brain.omc else None):
-            if handle is not None:
-                handle.restore()
-        # Compressed parameters of a handle that was never returned: a blank
-        # handle's restore() brings every one back to float32.
-        OMCHandle(modules, brain.omc_config or OMCConfig(), Plan(())).restore()
-        brain.omc = None
-        for module in modules.modules():  # hooks the failed attempt added
-            for table in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
-                for key in list(table):
-                    if (id(module), key) not in hooks:
-                        del table[key]
 
     def train(self, data: bytes) -> bytes:
         """One round: load the global model, train locally, encode the reply.
-
-        An exception leaves the Brain usable for the next message (see the
-        module docstring).
 
         Arguments
         ---------
@@ -564,7 +450,7 @@ class OMCClient:
         brain.optimizer_step = 0
         brain.optimizer_step_limit = max_steps
         try:
-            with self._capture_stage_loss(stage_losses):
+            with _capture_stage_loss(brain, stage_losses):
                 brain.fit(
                     range(1, epochs + 1),
                     dataset,
@@ -632,3 +518,82 @@ class OMCClient:
         stats = dict(getattr(self.brain, "stage_stats", None) or {})
         stats.setdefault("loss", _finite_or_none(loss))
         return stats
+
+
+def _server_plan(
+    params: Mapping[str, torch.Tensor],
+    roles: Mapping[str, str],
+    message: wire.Message,
+    wanted: Mapping[str, str],
+) -> Plan:
+    # The message's plan, as the engine takes it: the server decided (its
+    # reasons are its own, the log says so rather than guessing them).
+    entries = []
+    for name, param in params.items():
+        shape, role = tuple(param.shape), roles[name]
+        if name in wanted:
+            nbytes = message.entries[name].nbytes
+            entries.append(
+                PlanEntry(name, shape, wanted[name], nbytes, role, "server plan")
+            )
+        else:
+            entries.append(
+                PlanEntry(name, shape, None, 4 * param.numel(), role, "server plan")
+            )
+    return Plan(tuple(entries))
+
+
+@contextmanager
+def _capture_stage_loss(brain: sb.Brain, store: dict) -> Iterator[None]:
+    # Each stage's loss, as on_stage_end receives it, into `store`.
+    own = brain.__dict__.get("on_stage_end")
+    original = brain.on_stage_end
+
+    def on_stage_end(stage, stage_loss, epoch=None):
+        store[stage] = stage_loss
+        return original(stage, stage_loss, epoch)
+
+    brain.on_stage_end = on_stage_end
+    try:
+        yield
+    finally:
+        if own is None:
+            del brain.on_stage_end  # the class method shows through again
+        else:
+            brain.on_stage_end = own
+
+
+def _omc_consistent(brain: sb.Brain) -> bool:
+    # Every compressed parameter is the current handle's, which owns the
+    # modules (or there is neither).
+    modules, handle = brain.modules, brain.omc
+    owner = modules.__dict__.get("_omc_handle")
+    found = {
+        id(p): p
+        for m in modules.modules()
+        for p in m._parameters.values()
+        if isinstance(p, CompressedParameter)
+    }
+    if handle is None:
+        return owner is None and not found
+    ours = {id(p) for p in handle.parameters().values()}
+    return owner is handle and set(found) == ours
+
+
+def _out_of_omc(brain: sb.Brain, hooks: set) -> None:
+    # Every parameter float32 again, no handle, the failed attempt's hooks
+    # removed.
+    modules = brain.modules
+    owner = modules.__dict__.get("_omc_handle")
+    for handle in (brain.omc, owner if owner is not brain.omc else None):
+        if handle is not None:
+            handle.restore()
+    # Compressed parameters of a handle that was never returned: a blank
+    # handle's restore() brings every one back to float32.
+    OMCHandle(modules, brain.omc_config or OMCConfig(), Plan(())).restore()
+    brain.omc = None
+    for module in modules.modules():  # hooks the failed attempt added
+        for table in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+            for key in list(table):
+                if (id(module), key) not in hooks:
+                    del table[key]

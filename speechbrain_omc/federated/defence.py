@@ -1,48 +1,17 @@
 """What keeps a well-formed but hostile client from steering or wedging the server.
 
-:mod:`~speechbrain_omc.federated.validation` refuses what is malformed; this
-module bounds what is well formed but hostile:
+* Client text is data: :func:`clean_text` and :func:`shown` escape it to
+  bounded printable ASCII before it reaches a log, a CSV, JSON or a checkpoint.
+* Bounded influence: each update is scaled to at most ``norm_bound`` x the
+  upper median of the reference replies' update norms, and its values
+  clamped likewise per entry (:class:`NormLimit`); the reference replies are
+  drawn under a key the server never sends (:func:`reference_order`), and
+  each round's limits are capped at twice the last committed round's.
+* A reply entry stays near the broadcast's range (:func:`check_transform`,
+  :func:`check_range`).
 
-* **Client text is data, never markup.** Whatever a client chose (a value
-  quoted in a rejection reason, an exception's text, a metric name) goes
-  through :func:`clean_text` or :func:`shown` before it reaches a log, a CSV
-  row, a JSON file or a checkpoint: printable ASCII only (control
-  characters, ANSI escapes, lone surrogates and any other non-ASCII
-  character written as backslash escapes, ``repr``-style), cut to a bounded
-  length. A lone surrogate could not be written as UTF-8 (``rounds.csv``
-  raised ``UnicodeEncodeError`` at every restart); an escape sequence would
-  drive the terminal that shows the log.
-* **Bounded influence.** Each accepted update (reply minus broadcast) is
-  scaled down to an L2 norm of at most ``norm_bound`` times the *upper*
-  median of the update norms of the round's reference replies
-  (:func:`clip_limit`, :func:`clip_scale`), and each of its values clamped
-  to ``norm_bound`` times their upper median largest ``|update|`` in its
-  entry (:func:`value_limits`): an L2 bound alone lets an update put its
-  whole norm on one weight. The reference replies are ``norm_reference``
-  replies drawn among the round's sampled clients under a key the server
-  never sends (:func:`reference_order`: a client's id decides nothing, and
-  no client can know in advance which rounds it is drawn in); the limits
-  are frozen once they are in (:class:`NormLimit`), so the replies folded
-  later cannot raise them, and capped at twice the last committed round's.
-  The guarantee: the bounds hold while fewer than half of the reference
-  replies are hostile; a round in which more are (a draw can put a
-  minority there) raises them at most twofold. A client sending 1e30,
-  FLT_MAX, a 60x update or one huge weight then moves the model about as
-  far as an honest client does. The *upper* median (of four values the
-  third smallest): clients that collude by sending zero updates cannot
-  pull the limits down and throttle training, as long as they are fewer
-  than half the reference replies. Of one or two replies the upper median
-  is the largest value: no bound but the carried one.
-* **A reply entry stays near the broadcast's range.** A compressed entry's
-  transform must be of the kind the broadcast's was, and its reach (the
-  largest magnitude it can decode to) at most :data:`MAX_REACH_GROWTH`
-  times the broadcast's (:func:`check_transform`), a float32 entry's
-  largest magnitude the same (:func:`check_range`); both floored at
-  :data:`REACH_FLOOR` (:func:`allowed_reach`), so that an entry broadcast
-  near zero can be re-fitted. Training re-fits the scale, it does not
-  multiply a variable's range a thousandfold in one round. A relabelled
-  transform or a scale of 1e30 is refused before a value is decoded;
-  FLT_MAX in a float32 entry is refused whole.
+The bounds hold while fewer than half the reference replies are hostile (see
+docs/federated_server.md).
 
 Example
 -------
@@ -118,12 +87,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def clean_text(text: Any, limit: int = MAX_TEXT) -> str:
     """Client-derived text made safe to log and store: printable ASCII, bounded.
-
-    Non-ASCII characters (lone surrogates included) become ``\\xNN``,
-    ``\\uNNNN`` or ``\\UNNNNNNNN`` and ASCII control characters ``\\xNN``, as
-    in ``repr``; the result is cut to ``limit`` characters (marked with
-    ``...``). Text that is already clean comes back unchanged (so cleaning
-    twice changes nothing).
 
     Arguments
     ---------
@@ -202,9 +165,6 @@ def shown(value: Any, limit: int = 40) -> str:
 def upper_median(values: Iterable[float]) -> float:
     """The upper median: of ``k`` sorted values the one at index ``k // 2``.
 
-    Fewer than half the values, all made as small as possible, cannot move
-    it below the smallest of the others' upper half.
-
     Arguments
     ---------
     values : iterable of float
@@ -282,18 +242,6 @@ def reference_order(
 ) -> list[str]:
     """The fold order of a round: its reference clients first, drawn by a key.
 
-    A keyed permutation of the sampled clients (sorted first, so that the
-    sampled order does not matter) chooses which replies the round's limits
-    come from: the first ``size`` of it, sorted by id, then the rest in the
-    permutation's order (from which replacements for reference clients that
-    fail are taken). A client's id decides nothing: one that picks an id
-    that sorts first is no likelier to be a reference than any other. Up to
-    ``size`` clients the order is the sorted ids. The permutation is seeded
-    by an HMAC of the round under ``key``, a secret the server never sends:
-    the broadcast's seeds are functions of the (often small, guessable) run
-    seed, and a draw derived from them could be predicted by a client, which
-    could then choose when to collude.
-
     Arguments
     ---------
     key : bytes
@@ -321,6 +269,10 @@ def reference_order(
     >>> order != reference_order(b"other", 1, order, 8)
     True
     """
+    # A keyed permutation of the sorted ids (a client's id decides nothing),
+    # seeded by an HMAC of the round under a key never sent: a draw from the
+    # run seed could be predicted by a client, which could then choose when
+    # to collude. Its first `size` lead, sorted; the rest replace failures.
     clients = sorted(clients)
     if len(clients) <= size:
         return clients
@@ -367,24 +319,6 @@ def value_limits(
 
 class NormLimit:
     """The limits of one round, from its reference replies; then frozen.
-
-    A server checks the round's first ``reference`` good replies in fold
-    order (see :func:`reference_order`) and starts the limits from them
-    (:meth:`start`): an update's L2 norm at most ``bound`` x the upper
-    median of their update norms (:meth:`value`), and each entry's update
-    values at most ``bound`` x the upper median of their largest
-    ``|update|`` in that entry (:meth:`peak`). Later replies do not move
-    them: the limits hold while fewer than half the reference replies are
-    hostile, whatever the rest of the round sends.
-
-    The limits of the last committed round are carried (:meth:`carry`): no
-    limit may exceed :data:`MAX_LIMIT_GROWTH` times its carried value. A
-    minority that the draw happens to make half of one round's reference
-    replies (in a round of many clients it will, some round) then gains at
-    most that factor, once, not the model; and a round whose reference
-    replies cannot all be waited for (over the server's ``max_held_bytes``)
-    takes the carried limits (:meth:`start_carried`) rather than those of
-    whichever replies came first.
 
     Arguments
     ---------
@@ -468,9 +402,6 @@ class NormLimit:
 
     def carry(self) -> dict:
         """The limits for the next round to start under (see the class).
-
-        Only positive, finite limits are carried: a round whose reference
-        replies all sent zero updates must not freeze training for good.
 
         Returns
         -------
@@ -585,9 +516,6 @@ def check_transform(
     or reaches far beyond it (beyond :func:`allowed_reach` of the broadcast's
     reach).
 
-    The parameters are finite and positive already (a
-    :class:`~speechbrain_omc.transform.Transform` is built only so).
-
     Arguments
     ---------
     name : str
@@ -652,10 +580,6 @@ def _check_reach(name: str, what: str, received: float, sent: float) -> None:
 
 def check_range(name: str, received: torch.Tensor, sent: float) -> None:
     """Refuse a float32 reply entry whose values reach far beyond the broadcast's.
-
-    The same bound as :func:`check_transform` puts on a compressed entry's
-    reach: ``max|received|`` at most :func:`allowed_reach` of the
-    broadcast's ``max|value|``.
 
     Arguments
     ---------

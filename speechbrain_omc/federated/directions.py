@@ -1,28 +1,9 @@
 """Which directions of the wire are compressed: the ``omc_wire`` setting.
 
-OMC compresses both directions of a round and trains under compression.
-Two ablations isolate one direction each, the clients training in float32:
-
-============  ==================================  ===============================
-mode          broadcast (download)                reply (upload)
-============  ==================================  ===============================
-``both``      the plan's formats                  the plan's formats (trained
-              (the default: OMC)                  under OMC, sent as stored)
-``download``  the plan's formats                  float32 (decoded on arrival,
-                                                  trained in float32)
-``upload``    float32                             the plan's formats, compressed
-                                                  once after float32 training
-============  ==================================  ===============================
-
-The plan is the server's, per round and client
-(:meth:`~speechbrain_omc.federated.server.FedAvgServer.formats`); the
-server expects each reply in its mode's upload formats and refuses any
-other form. In ``upload`` mode the broadcast is float32 and cannot carry the
-plan, so the client draws it as the server does
-(:func:`~speechbrain_omc.selection.make_plan` with its own OMC settings, for
-the round and its id), and compresses its reply as OMC compresses a float32
-value the first time (:func:`first_compression`). A client whose settings
-differ draws another plan, and its reply is refused for its formats.
+``both`` (OMC: broadcast and reply in the plan's formats, trained under
+compression), or, the clients training in float32, ``download`` (replies
+float32) or ``upload`` (broadcast float32; the client draws the plan as the
+server does and compresses its reply once, as :func:`first_compression`).
 
 Example
 -------
@@ -136,9 +117,6 @@ def module_formats(
 ) -> dict[str, str]:
     """The plan of a round and client, drawn from the model as a server does.
 
-    :func:`~speechbrain_omc.selection.make_plan` on the modules (their own
-    parameter roles, which a server is given) for the round and client.
-
     Arguments
     ---------
     modules : torch.nn.Module
@@ -175,11 +153,6 @@ def first_compression(
     value: torch.Tensor, fmt: str, config: OMCConfig
 ) -> CompressedTensor:
     """Compress a float32 value as OMC does the first time.
-
-    As the server compresses its broadcast and
-    :func:`~speechbrain_omc.engine.compress_module` a parameter: the
-    config's transform, clipping and first-compression ``rounding`` (not
-    the update's).
 
     Arguments
     ---------

@@ -1,46 +1,14 @@
 """What a client's reply must be before the server uses it.
 
-:func:`check_reply` turns the bytes of one reply into an :class:`Update` or
-raises :class:`UpdateRejected` with the reason; nothing else escapes it for
-any bytes. The checks run cheapest first, so that a hostile reply costs as
-little as possible (each reply is decoded once):
-
-1. at most as long as the largest reply its broadcast allows
-   (:attr:`ReplyExpectation.max_nbytes`; a huge reply costs no memory);
-2. a well-formed wire message (checksum) whose metadata keeps to the wire
-   limits (size, depth, 64-bit integers, finite numbers);
-3. metadata ``{"type": "update", "round", "client", "run", "nonce",
-   "num_examples", "metrics"}`` and nothing else: this round, this client,
-   this run's id and the nonce sent; ``num_examples`` an integer in ``[1,
-   max_examples]``; ``metrics`` at most :data:`MAX_METRICS` numbers (or
-   nulls) of magnitude at most :data:`METRIC_BOUND` (see
-   :func:`check_metrics`).
-   Checked before any entry is read: a reply bound to another run or round
-   is refused without parsing (copying) its payloads;
-4. exactly the broadcast's entries, each in the format and shape it was sent
-   in (checked on the entry headers, before any payload is parsed), and a
-   compressed entry's transform of the broadcast's kind and within
-   :data:`~speechbrain_omc.federated.defence.MAX_REACH_GROWTH` times its
-   reach (floored at
-   :data:`~speechbrain_omc.federated.defence.REACH_FLOOR`; checked as the
-   entry is parsed, before it is decoded);
-5. finite values, and a float32 entry's within the same multiple of the
-   broadcast's largest magnitude (see
-   :func:`~speechbrain_omc.federated.defence.check_range`).
-
-Reasons quote what a client sent escaped and cut short (see
-:func:`~speechbrain_omc.federated.defence.shown`); metric names must be
-printable ASCII.
-
-:func:`check_reply` does all five and returns every entry decoded (a float32
-model per reply). A server that aggregates as replies arrive uses
-:func:`open_reply` instead: steps 1-4 and a :class:`Reply` whose entries are
-parsed and decompressed one at a time; :meth:`Reply.check` runs step 5 over
-all of them (one decoded entry alive at a time) and :meth:`Reply.tensors`
-decodes them again for the fold, both into the server's reused buffers (a
-:class:`~speechbrain_omc.memory.Workspace`) when it passes them.
-Decompressing twice costs time, not memory: a reply found non-finite in its
-last entry must not have moved the running sums with its first ones.
+:func:`check_reply` turns one reply's bytes into an :class:`Update` or raises
+:class:`UpdateRejected` with the reason (nothing else escapes, whatever the
+bytes). The checks run cheapest first, each reply decoded once: its length,
+the wire message, the metadata (binding to this run, round, client and nonce
+before any payload is read), the entries' formats, shapes and transforms,
+then finite values within reach of the broadcast's. :func:`open_reply` stops
+before the values: a :class:`Reply` checks (:meth:`Reply.check`) and decodes
+(:meth:`Reply.tensors`) one entry at a time, for a server that folds as
+replies arrive. See docs/federated_server.md for the full list.
 
 Example
 -------
@@ -180,10 +148,6 @@ def reply_nbytes(data: Any) -> int:
 def check_number(name: str, value: Any, low: float, high: float) -> int | float:
     """Check one metric: a number (not a bool) within ``[low, high]``.
 
-    The comparison is done on the Python number: it refuses NaN (which
-    compares false) and infinities (the bounds are finite), and it is exact
-    for integers too large for a float (``float(10**400)`` would overflow).
-
     Arguments
     ---------
     name : str
@@ -212,6 +176,8 @@ def check_number(name: str, value: Any, low: float, high: float) -> int | float:
     ...
     ValueError: metric 'WER' = nan is not a number in [0, 1e+09]
     """
+    # Compared as a Python number: refuses NaN and infinities, exact for
+    # integers too large for a float.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(
             f"metric {shown(name)} is {type(value).__name__}, not a number"
@@ -244,8 +210,8 @@ def check_metrics(metrics: Any, low: float = -METRIC_BOUND) -> dict:
     ------
     ValueError
         Not a mapping, too many names, a name that is not a short string of
-        printable ASCII (names reach logs and files), or a value that is not
-        a number within ``[low, METRIC_BOUND]`` (see :func:`check_number`).
+        printable ASCII (names reach logs and files), or a value that is not a
+        number within ``[low, METRIC_BOUND]`` (see :func:`check_number`).
 
     Example
     -------
@@ -324,8 +290,8 @@ class ReplyExpectation:
         :func:`~speechbrain_omc.federated.wire.max_message_nbytes` of
         ``entries``.
     sent : dict, optional
-        Entry name to the compressed tensor the broadcast held: a reply
-        entry's transform must be of its kind and within its reach (see
+        Entry name to the compressed tensor the broadcast held: a reply entry's
+        transform must be of its kind and within its reach (see
         :func:`~speechbrain_omc.federated.defence.check_transform`).
     reaches : dict, optional
         Float32 entry name to the broadcast's largest magnitude in it: the
@@ -404,12 +370,6 @@ def check_update_meta(meta: Mapping, expected: ReplyExpectation) -> tuple[int, d
 def nonfinite(value: torch.Tensor) -> int:
     """Number of NaN and infinite values of a float32 tensor.
 
-    One pass without a temporary: the native kernel counts them; the torch
-    fallback reads the extremes (``aminmax``, into which NaN and infinities
-    propagate) and counts with a mask only when one is not finite. A mask
-    for every entry would be a temporary that a server decoding a thousand
-    replies leaves in its heap.
-
     Arguments
     ---------
     value : torch.Tensor
@@ -423,6 +383,8 @@ def nonfinite(value: torch.Tensor) -> int:
     >>> nonfinite(torch.tensor([1.0, float("nan"), float("-inf")]))
     2
     """
+    # No temporary per entry: a mask for each would stay in the heap of a
+    # server decoding a thousand replies (a mask only when one is not finite).
     if not value.numel():
         return 0
     if value.dtype == torch.float32 and kernels.native_for(value):
@@ -439,8 +401,6 @@ _CHUNK = 2**16
 
 def distance_stats(value: torch.Tensor, master: torch.Tensor) -> tuple[float, float]:
     """``sum((value - master) ** 2)`` and ``max|value - master|``, in float64.
-
-    A chunk at a time, as :func:`squared_distance`.
 
     Arguments
     ---------
@@ -471,11 +431,6 @@ def distance_stats(value: torch.Tensor, master: torch.Tensor) -> tuple[float, fl
 def squared_distance(value: torch.Tensor, master: torch.Tensor) -> float:
     """``sum((value - master) ** 2)`` in float64, a chunk at a time.
 
-    float64: the difference and the squares of large finite float32 values
-    overflow float32. In chunks: float64 copies of a whole entry would be
-    the largest temporaries of a server checking replies (three of 4 MiB
-    for an entry of 2 MiB), left behind in its heap.
-
     Arguments
     ---------
     value, master : torch.Tensor
@@ -492,6 +447,9 @@ def squared_distance(value: torch.Tensor, master: torch.Tensor) -> float:
     >>> squared_distance(torch.tensor([big, 1.0]), torch.tensor([0.0, 0.0])) > 1e76
     True
     """
+    # float64: large finite float32 values overflow in the difference or the
+    # squares; in chunks: float64 copies of a whole entry would be the largest
+    # temporaries a server checking replies leaves in its heap.
     a, b = value.reshape(-1), master.reshape(-1)
     total = 0.0
     for start in range(0, a.numel(), _CHUNK):
@@ -504,9 +462,6 @@ def squared_distance(value: torch.Tensor, master: torch.Tensor) -> float:
 
 class Reply:
     """A reply whose binding, metadata and entry headers passed (steps 1-4).
-
-    Its entries are decoded one at a time, so that the server holds one
-    decoded entry of a reply at a time; see the module docstring.
 
     Arguments
     ---------
@@ -569,7 +524,7 @@ class Reply:
             Decode into its reused buffers (codes and values), outside
             malloc's heap: for a caller that drops each tensor before asking
             for the next (one that keeps it only makes the workspace map
-            another buffer). See :meth:`~.wire.LazyMessage.entry`.
+            another buffer).
 
         Yields
         ------
@@ -581,8 +536,8 @@ class Reply:
         ------
         UpdateRejected
             A malformed payload, a transform other than the broadcast's kind
-            or far beyond its reach, non-finite values, or float32 values far
-            beyond the broadcast's (the entry named).
+            or far beyond its reach, non-finite values, or float32 values
+            far beyond the broadcast's (the entry named).
         """
         for name in self.message.names():
             start = time.perf_counter()
@@ -605,20 +560,7 @@ class Reply:
             del value
 
     def _check_values(self, name: str, value: torch.Tensor) -> None:
-        """Refuse non-finite values, and float32 values beyond the reach.
-
-        Arguments
-        ---------
-        name : str
-            The entry.
-        value : torch.Tensor
-            Its decoded values.
-
-        Raises
-        ------
-        UpdateRejected
-            With the reason.
-        """
+        """Refuse non-finite values, and float32 values beyond the reach."""
         bad = nonfinite(value)
         if bad:
             raise UpdateRejected(
@@ -756,24 +698,17 @@ def open_reply(data: Any, expected: ReplyExpectation) -> Reply:
 
 
 def check_reply(data: Any, expected: ReplyExpectation) -> Update:
-    """Decode and check one reply (see the module docstring for the order).
+    """:func:`open_reply`, then every entry decoded and checked.
 
     Arguments
     ---------
     data : bytes-like
-        The reply message (anything else is refused).
     expected : ReplyExpectation
-        What it must be.
 
     Returns
     -------
     Update
-        Every entry decoded (a float32 model).
-
-    Raises
-    ------
-    UpdateRejected
-        With the reason; no other exception for any ``data`` (a bug aside).
+        A float32 model (or :class:`UpdateRejected` with the reason).
     """
     reply = open_reply(data, expected)
     values = dict(reply.tensors())
