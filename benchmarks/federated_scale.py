@@ -192,8 +192,8 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
     from hyperpyyaml import load_hyperpyyaml
 
     from speechbrain_omc import asr
+    from speechbrain_omc.codec.memory import trim_heap
     from speechbrain_omc.federated.simulation import run_round
-    from speechbrain_omc.memory import trim_heap
 
     torch.set_num_threads(1)
     overrides = {
@@ -394,7 +394,7 @@ FRACTIONS = [0.0, 0.1, 0.25]
 
 def run_analytic() -> dict:
     """The plan-size tables (nothing allocated: models on ``meta``)."""
-    from speechbrain_omc.config import OMCConfig
+    from speechbrain_omc.engine.config import OMCConfig
     from speechbrain_omc.sizes import PRESETS, conformer_ctc, round_sizes
 
     out = {}

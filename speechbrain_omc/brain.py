@@ -40,10 +40,10 @@ from speechbrain.utils.checkpoints import (
 )
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.engine import OMCHandle, compress_module
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.handle import OMCHandle, compress_module
+from speechbrain_omc.engine.rules import settings_from_optimizer
 from speechbrain_omc.export import OMC_STATE_RECOVERABLE, export_checkpoints
-from speechbrain_omc.rules import settings_from_optimizer
 
 logger = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from speechbrain.utils import checkpoints as sb_checkpoints
 
-from speechbrain_omc.compressed import _MAGIC, CompressedTensor
-from speechbrain_omc.parameter import CompressedParameter
+from speechbrain_omc.codec.compressed import _MAGIC, CompressedTensor
+from speechbrain_omc.engine.parameter import CompressedParameter
 
 logger = logging.getLogger(__name__)
 

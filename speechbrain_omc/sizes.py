@@ -2,7 +2,7 @@
 
 Nothing is trained and nothing of the model is allocated: the model is built
 on PyTorch's ``meta`` device (shapes without storage) with SpeechBrain's own
-lobes, :func:`~speechbrain_omc.selection.make_plan` decides per parameter
+lobes, :func:`~speechbrain_omc.engine.selection.make_plan` decides per parameter
 whether it travels compressed and in which format, and the bytes follow from
 the plan:
 
@@ -31,7 +31,7 @@ Presets (:data:`PRESETS`, built by :func:`conformer_ctc`):
 
 Example
 -------
->>> from speechbrain_omc.config import OMCConfig
+>>> from speechbrain_omc.engine.config import OMCConfig
 >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))
 >>> sizes = plan_sizes(model, OMCConfig(format="e3m7", fp32_fraction=0.0))
 >>> sizes.parameters, sizes.float32_bytes, sizes.plan_bytes  # 11-bit weight
@@ -51,15 +51,15 @@ from typing import Any
 
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.federated import wire
-from speechbrain_omc.selection import (
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.selection import (
     compressed_nbytes,
     make_plan,
     parameter_roles,
     resolve_roles,
 )
+from speechbrain_omc.federated import wire
 
 __all__ = [
     "PRESETS",
@@ -148,7 +148,7 @@ def model_shapes(
         A module (on any device, ``meta`` included) or its shapes.
     roles : mapping, optional
         Roles to use over the module's own (see
-        :func:`~speechbrain_omc.selection.parameter_roles`).
+        :func:`~speechbrain_omc.engine.selection.parameter_roles`).
 
     Returns
     -------
@@ -499,7 +499,7 @@ def round_sizes(
 
     Example
     -------
-    >>> from speechbrain_omc.config import OMCConfig
+    >>> from speechbrain_omc.engine.config import OMCConfig
     >>> model = torch.nn.Linear(256, 256)
     >>> sizes = round_sizes(model, OMCConfig(format="e3m7", fp32_fraction=0.0), 100)
     >>> sizes.server_streaming["running"] == 4 * (256 * 256 + 256)

@@ -12,7 +12,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from speechbrain_omc import OMCConfig, compress_module, handle_of
-from speechbrain_omc.parameter import CompressedParameter
+from speechbrain_omc.engine.parameter import CompressedParameter
 
 
 class TwoLayer(torch.nn.Module):

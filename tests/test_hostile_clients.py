@@ -32,8 +32,9 @@ from flwr.app import (
     RecordDict,
 )
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.transform import Transform
+from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.federated import server as server_module
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation
@@ -43,7 +44,6 @@ from speechbrain_omc.federated.flower.records import (
 )
 from speechbrain_omc.federated.flower.strategy import OMCFedAvg
 from speechbrain_omc.federated.server import FedAvgServer, UpdateRejected
-from speechbrain_omc.transform import Transform
 
 CLIENTS = ["c0", "c1", "c2", "c3"]
 OMC = OMCConfig(format="e3m7", fp32_fraction=0.4, fp32_policy="random", seed=3)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.checkpoint import (

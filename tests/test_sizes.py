@@ -6,12 +6,12 @@ import pytest
 import torch
 from flower_harness import honest_reply
 
-from speechbrain_omc.accounting import parameter_bytes
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.engine import compress_module
+from speechbrain_omc.engine.accounting import parameter_bytes
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.handle import compress_module
+from speechbrain_omc.engine.selection import make_plan, parameter_roles
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.server import FedAvgServer
-from speechbrain_omc.selection import make_plan, parameter_roles
 from speechbrain_omc.sizes import (
     conformer_ctc,
     model_shapes,

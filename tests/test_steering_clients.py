@@ -26,13 +26,13 @@ import pytest
 import torch
 
 from speechbrain_omc.asr.rounds import round_row, write_csv
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.transform import Transform
+from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation, combine
 from speechbrain_omc.federated.defence import MAX_REASONS, MAX_TEXT, is_clean
 from speechbrain_omc.federated.server import FedAvgServer
-from speechbrain_omc.transform import Transform
 
 CLIENTS = ["c0", "c1", "c2", "c3"]
 OMC = OMCConfig(format="e3m7", fp32_fraction=0.4, fp32_policy="random", seed=3)

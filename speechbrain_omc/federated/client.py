@@ -9,7 +9,7 @@ What the client does with a received global model
 -------------------------------------------------
 * **The message is the plan.** Each entry arrives compressed (in a format
   such as ``e3m7``) or in float32. The client puts exactly the compressed
-  entries under OMC (:func:`~speechbrain_omc.engine.compress_module` with a
+  entries under OMC (:func:`~speechbrain_omc.engine.handle.compress_module` with a
   plan built from the message), loads the compressed payloads as they are
   (no decompress-recompress round trip) and copies the float32 ones. When the
   server's partial-quantization policy is ``random``, the set changes from
@@ -100,9 +100,11 @@ import speechbrain as sb
 import torch
 from speechbrain.dataio.sampler import ReproducibleRandomSampler
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.engine import OMCHandle, compress_module
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.handle import OMCHandle, compress_module
+from speechbrain_omc.engine.parameter import CompressedParameter
+from speechbrain_omc.engine.selection import Plan, PlanEntry, parameter_roles
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.directions import (
     check_wire_mode,
@@ -110,8 +112,6 @@ from speechbrain_omc.federated.directions import (
     decompressed_message,
     module_formats,
 )
-from speechbrain_omc.parameter import CompressedParameter
-from speechbrain_omc.selection import Plan, PlanEntry, parameter_roles
 
 logger = logging.getLogger(__name__)
 
@@ -282,14 +282,14 @@ class OMCClient:
 
         A server holds names and shapes only; with these roles (which
         parameters belong to normalisation layers or are position biases) its
-        plans equal :func:`~speechbrain_omc.selection.make_plan` on this
+        plans equal :func:`~speechbrain_omc.engine.selection.make_plan` on this
         Brain's modules.
 
         Returns
         -------
         dict
             Parameter name to role (see
-            :func:`~speechbrain_omc.selection.parameter_roles`).
+            :func:`~speechbrain_omc.engine.selection.parameter_roles`).
         """
         return parameter_roles(self.brain.modules)
 

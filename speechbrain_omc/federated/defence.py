@@ -68,7 +68,7 @@ from typing import Any
 
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
 
 __all__ = [
     "DEFAULT_NORM_BOUND",
@@ -586,7 +586,7 @@ def check_transform(
     reach).
 
     The parameters are finite and positive already (a
-    :class:`~speechbrain_omc.transform.Transform` is built only so).
+    :class:`~speechbrain_omc.codec.transform.Transform` is built only so).
 
     Arguments
     ---------
@@ -605,7 +605,7 @@ def check_transform(
     Example
     -------
     >>> import torch
-    >>> from speechbrain_omc.transform import Transform
+    >>> from speechbrain_omc.codec.transform import Transform
     >>> sent = CompressedTensor.compress(torch.ones(4), "e3m7")
     >>> check_transform("w", CompressedTensor.compress(torch.ones(4) * 2, "e3m7"), sent)
     >>> relabelled = CompressedTensor(

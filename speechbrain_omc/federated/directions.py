@@ -19,7 +19,7 @@ The plan is the server's, per round and client
 server expects each reply in its mode's upload formats and refuses any
 other form. In ``upload`` mode the broadcast is float32 and cannot carry the
 plan, so the client draws it as the server does
-(:func:`~speechbrain_omc.selection.make_plan` with its own OMC settings, for
+(:func:`~speechbrain_omc.engine.selection.make_plan` with its own OMC settings, for
 the round and its id), and compresses its reply as OMC compresses a float32
 value the first time (:func:`first_compression`). A client whose settings
 differ draws another plan, and its reply is refused for its formats.
@@ -41,10 +41,10 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.selection import make_plan
 from speechbrain_omc.federated import wire
-from speechbrain_omc.selection import make_plan
 
 __all__ = [
     "WIRE_MODES",
@@ -136,7 +136,7 @@ def module_formats(
 ) -> dict[str, str]:
     """The plan of a round and client, drawn from the model as a server does.
 
-    :func:`~speechbrain_omc.selection.make_plan` on the modules (their own
+    :func:`~speechbrain_omc.engine.selection.make_plan` on the modules (their own
     parameter roles, which a server is given) for the round and client.
 
     Arguments
@@ -177,7 +177,7 @@ def first_compression(
     """Compress a float32 value as OMC does the first time.
 
     As the server compresses its broadcast and
-    :func:`~speechbrain_omc.engine.compress_module` a parameter: the
+    :func:`~speechbrain_omc.engine.handle.compress_module` a parameter: the
     config's transform, clipping and first-compression ``rounding`` (not
     the update's).
 

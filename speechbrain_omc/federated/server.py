@@ -8,12 +8,12 @@ over rounds). A round goes:
    ``(seed, round)``, and encodes for each one the global model under *its*
    plan: which variables travel compressed and in which format, drawn per
    ``(seed, round, client)`` when the partial-quantization policy is
-   ``random`` (see :func:`~speechbrain_omc.selection.make_plan`). The server
+   ``random`` (see :func:`~speechbrain_omc.engine.selection.make_plan`). The server
    has shapes, not modules: the parameters' roles (which are normalisation
    layers or position biases, kept float32 by weights-only quantization) come
    from whoever built the model (``roles``, see
-   :func:`~speechbrain_omc.selection.parameter_roles`), so that its plans
-   equal the ones :func:`~speechbrain_omc.selection.make_plan` gives on the
+   :func:`~speechbrain_omc.engine.selection.parameter_roles`), so that its plans
+   equal the ones :func:`~speechbrain_omc.engine.selection.make_plan` gives on the
    model itself. The message itself is the plan: the client trains each
    variable in the form it received and must send it back in the same form
    (unless ``wire_mode`` compresses one direction only: see
@@ -51,7 +51,7 @@ memory is then one float32 model, the compressed broadcast of the round
 (each variable compressed once per round and format, shared by all clients),
 the message in hand and one decoded entry, whatever the number of clients.
 Each entry is decoded into the same reused buffers (a
-:class:`~speechbrain_omc.memory.Workspace`, outside malloc's heap) and the
+:class:`~speechbrain_omc.codec.memory.Workspace`, outside malloc's heap) and the
 heap is trimmed before each message and reply: decoded into the heap, the
 temporaries of a thousand replies would each land in another free chunk and
 keep its pages resident until the next trim. Rules that need every update
@@ -93,7 +93,7 @@ including the settings it must match (see
 
 Example
 -------
->>> from speechbrain_omc.config import OMCConfig
+>>> from speechbrain_omc.engine.config import OMCConfig
 >>> from speechbrain_omc.federated import wire
 >>> model = {"lin.weight": torch.ones(4, 4), "lin.bias": torch.zeros(4)}
 >>> server = FedAvgServer(model, ["a", "b", "c"], clients_per_round=2,
@@ -148,9 +148,20 @@ from typing import Any
 
 import torch
 
-from speechbrain_omc.accounting import peak_rss_since_reset, reset_peak_rss, rss_bytes
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.memory import Workspace, trim_heap
+from speechbrain_omc.engine.accounting import (
+    peak_rss_since_reset,
+    reset_peak_rss,
+    rss_bytes,
+)
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.selection import (
+    make_plan,
+    resolve_roles,
+    role_of,
+    round_seed,
+)
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import (
     DEFAULT_MEMORY_BUDGET,
@@ -192,8 +203,6 @@ from speechbrain_omc.federated.validation import (
     reply_nbytes,
     squared_distance,
 )
-from speechbrain_omc.memory import Workspace, trim_heap
-from speechbrain_omc.selection import make_plan, resolve_roles, role_of, round_seed
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +373,7 @@ class FedAvgServer:
     roles : mapping, optional
         Parameter name to role (``"matrix"``, ``"vector"``,
         ``"normalisation"``, ``"position bias"``), as
-        :func:`~speechbrain_omc.selection.parameter_roles` gives them for the
+        :func:`~speechbrain_omc.engine.selection.parameter_roles` gives them for the
         model; names left out are inferred from name and shape, which cannot
         tell a 2-D normalisation gain from a matrix. Never sent (the message
         is the plan); a checkpoint must match them.

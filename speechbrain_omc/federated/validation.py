@@ -38,7 +38,7 @@ model per reply). A server that aggregates as replies arrive uses
 parsed and decompressed one at a time; :meth:`Reply.check` runs step 5 over
 all of them (one decoded entry alive at a time) and :meth:`Reply.tensors`
 decodes them again for the fold, both into the server's reused buffers (a
-:class:`~speechbrain_omc.memory.Workspace`) when it passes them.
+:class:`~speechbrain_omc.codec.memory.Workspace`) when it passes them.
 Decompressing twice costs time, not memory: a reply found non-finite in its
 last entry must not have moved the running sums with its first ones.
 
@@ -73,8 +73,9 @@ from typing import Any
 
 import torch
 
-from speechbrain_omc import kernels
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec import kernels
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.memory import Workspace
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.defence import (
     check_range,
@@ -82,7 +83,6 @@ from speechbrain_omc.federated.defence import (
     is_clean,
     shown,
 )
-from speechbrain_omc.memory import Workspace
 
 __all__ = [
     "MAX_EXAMPLES",

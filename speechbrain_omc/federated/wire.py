@@ -1,7 +1,7 @@
 """Wire format of federated OMC: a model (or update) as one byte string.
 
 A message carries named entries, each either a compressed parameter (the
-:meth:`~speechbrain_omc.compressed.CompressedTensor.to_bytes` payload, itself
+:meth:`~speechbrain_omc.codec.compressed.CompressedTensor.to_bytes` payload, itself
 versioned and checksummed) or a float32 array, plus a small JSON object of
 metadata (round, client, number of examples, metrics, ...). The entries'
 kinds and formats *are* the parameter plan: a server tells a client which
@@ -55,7 +55,7 @@ parsed entry of it (see :mod:`~speechbrain_omc.federated.validation`).
 Example
 -------
 >>> import torch
->>> from speechbrain_omc.compressed import CompressedTensor
+>>> from speechbrain_omc.codec.compressed import CompressedTensor
 >>> entries = {
 ...     "lin.weight": CompressedTensor.compress(torch.ones(4, 4), "e3m7"),
 ...     "lin.bias": torch.zeros(4),
@@ -86,8 +86,8 @@ from typing import Union
 import numpy as np
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.memory import MAPPED_MIN_BYTES, Workspace
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.memory import MAPPED_MIN_BYTES, Workspace
 
 __all__ = [
     "COMPRESSED",

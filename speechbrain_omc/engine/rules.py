@@ -16,7 +16,7 @@ single-tensor path operation by operation, so that fused mode and simple mode
 
 Optimizer state (SGD's momentum, Adam's moments) lives in float32, or in a
 low-bit format with one scale per block of values
-(:class:`~speechbrain_omc.blockwise.BlockwiseTensor`; Adam's second moment
+(:class:`~speechbrain_omc.codec.blockwise.BlockwiseTensor`; Adam's second moment
 as its square root): see :class:`StateStorage`.
 """
 
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.adam import adam as functional_adam
 
-from speechbrain_omc import kernels
-from speechbrain_omc.blockwise import BlockwiseTensor
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.formats import _finite_minmax
+from speechbrain_omc.codec import kernels
+from speechbrain_omc.codec.blockwise import BlockwiseTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.formats import _finite_minmax
 
 __all__ = [
     "AdamSettings",

@@ -27,9 +27,9 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.formats import get_format
-from speechbrain_omc.transform import Transform, kind_for
+from speechbrain_omc.codec.formats import get_format
+from speechbrain_omc.codec.transform import Transform, kind_for
+from speechbrain_omc.engine.config import OMCConfig
 
 #: What a parameter is for; under ``weights_only`` only ``"matrix"`` is
 #: compressed.
@@ -231,7 +231,7 @@ def compressed_nbytes(numel: int, fmt: str, transform: str) -> int:
         Format name.
     transform : str
         Transform kind (a lossless format takes none, see
-        :func:`~speechbrain_omc.transform.kind_for`).
+        :func:`~speechbrain_omc.codec.transform.kind_for`).
 
     Returns
     -------

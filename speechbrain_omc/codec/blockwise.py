@@ -1,6 +1,6 @@
 """Optimizer state in low-bit formats, with one scale per block of values.
 
-A weight has one per-variable scale (:mod:`speechbrain_omc.transform`); an
+A weight has one per-variable scale (:mod:`speechbrain_omc.codec.transform`); an
 optimizer's state does not fit one: Adam's moments span orders of magnitude
 across a tensor, so, as the 8-bit optimizers do, each block of ``block``
 consecutive values gets its own float32 scale (absmax onto the format's
@@ -28,8 +28,8 @@ import zlib
 
 import torch
 
-from speechbrain_omc import kernels
-from speechbrain_omc.formats import (
+from speechbrain_omc.codec import kernels
+from speechbrain_omc.codec.formats import (
     _F32_MIN_NORMAL,
     Format,
     _as_float32,
@@ -39,7 +39,7 @@ from speechbrain_omc.formats import (
     rounding_key,
     serial_spec,
 )
-from speechbrain_omc.packing import _pack, _unpack, packed_nbytes
+from speechbrain_omc.codec.packing import _pack, _unpack, packed_nbytes
 
 __all__ = ["BlockwiseTensor"]
 

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from speechbrain_omc.parameter import CompressedParameter
+from speechbrain_omc.engine.parameter import CompressedParameter
 
 
 def compressed_tensors(module: torch.nn.Module) -> dict:
@@ -228,8 +228,8 @@ def training_state_bytes(
     >>> r["float32"]["total"], r["omc"]["total"]
     (16777216, 3571716)
     """
-    from speechbrain_omc.formats import get_format
-    from speechbrain_omc.packing import packed_nbytes
+    from speechbrain_omc.codec.formats import get_format
+    from speechbrain_omc.codec.packing import packed_nbytes
 
     buffers = {
         "sgd": (),

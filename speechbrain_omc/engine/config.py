@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from speechbrain_omc.formats import get_format
-from speechbrain_omc.rules import StateStorage
+from speechbrain_omc.codec.formats import get_format
+from speechbrain_omc.engine.rules import StateStorage
 
 ROUNDINGS = ("nearest", "stochastic")
 TRANSFORMS = ("none", "scale", "affine")
@@ -85,8 +85,8 @@ class OMCConfig:
         (role ``"matrix"``: ``ndim >= 2``, not held by a normalisation layer,
         not a position bias); biases, normalisation gains and shifts (of any
         shape) and position biases such as ``RelPosMHAXL.pos_bias_u`` stay
-        float32. The rules are :mod:`speechbrain_omc.selection`'s
-        (:func:`~speechbrain_omc.selection.role_of`).
+        float32. The rules are :mod:`speechbrain_omc.engine.selection`'s
+        (:func:`~speechbrain_omc.engine.selection.role_of`).
     include, exclude : list of str
         fnmatch patterns on parameter names; a parameter is a candidate when
         it matches some ``include`` and no ``exclude`` pattern.

@@ -20,14 +20,14 @@ operation that reads it decodes it on the fly (``__torch_dispatch__``):
 
 The decoded copy of a weight therefore lives only while one operation runs.
 Gradients are ordinary float tensors, accumulated by autograd as for any
-leaf; the engine (:mod:`speechbrain_omc.engine`) consumes them.
+leaf; the engine (:mod:`speechbrain_omc.engine.handle`) consumes them.
 
 This module knows codes and tensors, nothing of modules or optimizers.
 
 Example
 -------
 >>> import torch
->>> from speechbrain_omc.compressed import CompressedTensor
+>>> from speechbrain_omc.codec.compressed import CompressedTensor
 >>> slot = Slot("w", CompressedTensor.compress(torch.ones(3, 4), "e3m7"))
 >>> w = CompressedParameter.wrap(slot)
 >>> isinstance(w, torch.nn.Parameter), w.shape, w.dtype
@@ -49,7 +49,7 @@ import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map
 
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
 
 __all__ = ["CompressedParameter", "Slot"]
 

@@ -9,14 +9,14 @@ Two families are provided, and a lossless instrument:
   ``bfloat16``, ``float8_e4m3fn`` and ``float8_e5m2`` for every value that the
   native type represents as a finite number.
 * :class:`IntFormat` ``(bits)``: symmetric signed integers, meant to be used with
-  a per-variable scale (see :mod:`speechbrain_omc.transform`).
+  a per-variable scale (see :mod:`speechbrain_omc.codec.transform`).
 * :class:`Float32Format` (``"fp32"``): 32-bit codes that are the float32 bits
   themselves. It loses nothing, so that every mechanism of OMC can be checked
   against float32 training (a lossless twin), at the cost of its bytes.
 
 Codes are ``torch.int32`` tensors holding non-negative integers below
 ``2**bits`` (32-bit codes: any int32, the bit pattern);
-:mod:`speechbrain_omc.packing` turns them into bytes.
+:mod:`speechbrain_omc.codec.packing` turns them into bytes.
 
 All arithmetic is exact and vectorised: rounding works on the bits of the
 float32 input, so there is no double rounding. Inputs of other floating dtypes
@@ -26,7 +26,7 @@ is PyTorch's default (``torch.set_flush_denormal(False)``).
 Stochastic rounding draws its random bits from a counter-based hash of a
 64-bit key and each value's index (:func:`random_bits`), so a key gives the
 same codes whatever the chunking, thread count or implementation. On CPU
-tensors the native kernels of :mod:`speechbrain_omc.kernels` run; the torch
+tensors the native kernels of :mod:`speechbrain_omc.codec.kernels` run; the torch
 code here is their reference and the fallback elsewhere.
 
 Example
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from speechbrain_omc import kernels
+from speechbrain_omc.codec import kernels
 
 __all__ = [
     "Format",
@@ -787,7 +787,7 @@ class Float32Format(Format):
     server) runs on values that lose nothing, so any difference from float32
     training is a mechanism's, not rounding's. Every float32 value is a code,
     so rounding (nearest or stochastic) changes nothing and no per-variable
-    transform is applied (:func:`~speechbrain_omc.transform.fit_transform`
+    transform is applied (:func:`~speechbrain_omc.codec.transform.fit_transform`
     gives ``"none"``). Encoding and decoding are copies. Non-finite input is
     an error, as for every format.
 

@@ -3,7 +3,7 @@
 The kernels (``_native/codec.cpp``) decode, encode and take SGD steps in one
 pass each, on OpenMP threads, writing straight into their outputs: no
 temporaries, no random tensors. They give the same codes and values as the
-torch reference in :mod:`speechbrain_omc.formats`, bit for bit.
+torch reference in :mod:`speechbrain_omc.codec.formats`, bit for bit.
 
 The library is built with the machine's C++ compiler (``$CXX`` or ``g++``)
 the first time it is needed, in about a second, and cached under
@@ -545,7 +545,7 @@ def encode_blocks(
     sqrt: bool = False,
     stochastic_key: int | None = None,
 ) -> None:
-    """Block-wise codes of ``x`` (see :mod:`speechbrain_omc.blockwise`).
+    """Block-wise codes of ``x`` (see :mod:`speechbrain_omc.codec.blockwise`).
 
     Arguments
     ---------

@@ -20,7 +20,7 @@ range moved.
 Example
 -------
 >>> import torch
->>> from speechbrain_omc.formats import get_format
+>>> from speechbrain_omc.codec.formats import get_format
 >>> x = torch.tensor([-0.5, 0.25, 2.0])
 >>> t = fit_transform(x, get_format("int8"), "scale")
 >>> t.kind, t.nbytes, t.forward(x).max().item()
@@ -173,7 +173,7 @@ class Transform:
     def decode_plan(self) -> tuple[tuple[float, ...], float | None]:
         """:attr:`decode_args` as the kernels apply them: ``(factors, shift)``.
 
-        See :func:`~speechbrain_omc.formats.affine_plan`; computed once per
+        See :func:`~speechbrain_omc.codec.formats.affine_plan`; computed once per
         transform, which every decode of a weight reuses until it is written.
         """
         return affine_plan(1.0, *self.decode_args)

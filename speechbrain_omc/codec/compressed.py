@@ -2,7 +2,7 @@
 
 A :class:`CompressedTensor` keeps exactly three things: the packed ``uint8``
 code buffer (``ceil(numel * bits / 8)`` bytes), the per-variable
-:class:`~speechbrain_omc.transform.Transform` (0, 4 or 8 bytes of float32)
+:class:`~speechbrain_omc.codec.transform.Transform` (0, 4 or 8 bytes of float32)
 and metadata (format, shape). No float copy and no unpacked codes are kept,
 so :attr:`CompressedTensor.nbytes` is the real storage.
 
@@ -173,7 +173,7 @@ class CompressedTensor:
         out : torch.Tensor, optional
             Contiguous 1-D ``uint8`` tensor of ``ceil(numel * bits / 8)``
             bytes on ``x``'s device to hold the codes (storage the caller
-            chose, such as :func:`~speechbrain_omc.memory.mapped_empty`).
+            chose, such as :func:`~speechbrain_omc.codec.memory.mapped_empty`).
 
         Returns
         -------
@@ -471,7 +471,7 @@ class CompressedTensor:
         """The same codes, on the CPU in pages of their own.
 
         Long-lived codes kept off the heap let freed transients go back to
-        the system (see :mod:`speechbrain_omc.memory`); codes on other
+        the system (see :mod:`speechbrain_omc.codec.memory`); codes on other
         devices are returned as they are.
 
         Returns

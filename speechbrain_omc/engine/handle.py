@@ -1,7 +1,7 @@
 """Puts any ``torch.nn.Module`` under Online Model Compression.
 
 Each selected parameter is replaced by a
-:class:`~speechbrain_omc.parameter.CompressedParameter`: still an
+:class:`~speechbrain_omc.engine.parameter.CompressedParameter`: still an
 ``nn.Parameter`` of the same name, shape and dtype, in ``parameters()`` and
 the state dict, but stored only as packed codes and decoded on the fly by
 every operation that reads it (forward, backward, an optimizer's update).
@@ -40,21 +40,24 @@ from functools import partial
 
 import torch
 
-from speechbrain_omc.accounting import format_training_state, training_state_bytes
-from speechbrain_omc.blockwise import BlockwiseTensor
-from speechbrain_omc.clipping import HeldGradients, clip_grad_norm_
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.formats import _finite_minmax, get_format
-from speechbrain_omc.memory import Workspace, mapped_empty, trim_heap
-from speechbrain_omc.packing import packed_nbytes
-from speechbrain_omc.parameter import CompressedParameter, Slot
-from speechbrain_omc.rules import (
+from speechbrain_omc.codec.blockwise import BlockwiseTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.formats import _finite_minmax, get_format
+from speechbrain_omc.codec.memory import Workspace, mapped_empty, trim_heap
+from speechbrain_omc.codec.packing import packed_nbytes
+from speechbrain_omc.engine.accounting import (
+    format_training_state,
+    training_state_bytes,
+)
+from speechbrain_omc.engine.clipping import HeldGradients, clip_grad_norm_
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.parameter import CompressedParameter, Slot
+from speechbrain_omc.engine.rules import (
     AdamSettings,
     SGDSettings,
     fused_step_,
 )
-from speechbrain_omc.selection import Plan, make_plan, round_seed
+from speechbrain_omc.engine.selection import Plan, make_plan, round_seed
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class UpdateState:
     optimizer : dict
         The fused rule's state: ``momentum_buffer`` (SGD), ``exp_avg``,
         ``exp_avg_sq`` and ``step`` (Adam), each float32 or block-wise
-        compressed (:class:`~speechbrain_omc.rules.StateStorage`).
+        compressed (:class:`~speechbrain_omc.engine.rules.StateStorage`).
     """
 
     steps: int = 0
@@ -167,7 +170,7 @@ class OMCHandle:
         Arguments
         ---------
         **settings
-            Fields of :class:`~speechbrain_omc.rules.SGDSettings`.
+            Fields of :class:`~speechbrain_omc.engine.rules.SGDSettings`.
         """
         if not isinstance(self.rule, SGDSettings):
             self.rule = SGDSettings()
