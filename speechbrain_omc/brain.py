@@ -43,6 +43,7 @@ from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.engine.handle import OMCHandle, compress_module
 from speechbrain_omc.engine.rules import settings_from_optimizer
+from speechbrain_omc.engine.updates import UpdatePolicy
 from speechbrain_omc.export import OMC_STATE_RECOVERABLE, export_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -54,21 +55,21 @@ class OMCUpdateState:
 
     Arguments
     ---------
-    handle : OMCHandle
-        The engine whose state is saved.
+    updates : UpdatePolicy
+        The update policy whose state is saved.
     """
 
-    def __init__(self, handle: OMCHandle):
-        self.handle = handle
+    def __init__(self, updates: UpdatePolicy):
+        self.updates = updates
 
     @mark_as_saver
     def _save(self, path):
-        torch.save(self.handle.optimizer_state_dict(), path)
+        torch.save(self.updates.state_dict(), path)
 
     @mark_as_loader
     def _recover(self, path, end_of_epoch):
         del end_of_epoch
-        self.handle.load_optimizer_state_dict(torch.load(path, map_location="cpu"))
+        self.updates.load_state_dict(torch.load(path, map_location="cpu"))
 
 
 class OMCMixin:
@@ -139,7 +140,9 @@ class OMCMixin:
             # Optional: a float32 checkpoint (an export, a float32 run) has
             # none, and the update state then starts afresh.
             self.checkpointer.add_recoverable(
-                OMC_STATE_RECOVERABLE, OMCUpdateState(self.omc), optional_load=True
+                OMC_STATE_RECOVERABLE,
+                OMCUpdateState(self.omc.updates),
+                optional_load=True,
             )
         if config.update_mode == "fused":
             logger.info(
@@ -278,19 +281,20 @@ class OMCMixin:
         optimizer = getattr(self, "optimizer", None)
         if optimizer is None and getattr(self, "optimizers_dict", None):
             optimizer = next(iter(self.optimizers_dict.values()))
+        updates = self.omc.updates
         if optimizer is not None:
-            self.omc.set_rule(settings_from_optimizer(optimizer))
-        self.omc.max_grad_norm = self.max_grad_norm
+            updates.set_rule(settings_from_optimizer(optimizer))
+        updates.max_grad_norm = self.max_grad_norm
 
     def fit_batch(self, batch):
         """Hand the optimizer's current settings to fused updates; with
         two-pass clipping, measure the gradient norm first."""
         self._omc_read_optimizer()
-        omc = self.omc
+        updates = self.omc.updates if self.omc is not None else None
         if (
-            omc is not None
-            and omc.mode == "fused"
-            and omc.config.fused_clipping == "two_pass"
+            updates is not None
+            and updates.mode == "fused"
+            and updates.config.fused_clipping == "two_pass"
             and self.max_grad_norm is not None
             and self.max_grad_norm < float("inf")
         ):
@@ -304,7 +308,8 @@ class OMCMixin:
         draws the same dropout masks: the norm is its gradient's.
         """
         devices = [self.device] if torch.device(self.device).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.omc.measuring():
+        updates = self.omc.updates
+        with torch.random.fork_rng(devices=devices), updates.measuring():
             outputs = self.compute_forward(batch, sb.Stage.TRAIN)
             loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
             loss.backward()
@@ -312,8 +317,8 @@ class OMCMixin:
         dense_sq = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in dense)
         for param in self.modules.parameters():
             param.grad = None
-        total = (self.omc.gradient_norm_sq + dense_sq) ** 0.5
-        self.omc.clip_coef = min(1.0, self.max_grad_norm / (total + 1e-6))
+        total = (updates.gradient_norm_sq + dense_sq) ** 0.5
+        updates.clip_coef = min(1.0, self.max_grad_norm / (total + 1e-6))
 
     def optimizers_step(self):
         """Fused mode finishes the OMC step first; then SpeechBrain's step.
@@ -327,12 +332,13 @@ class OMCMixin:
         clipping the float32 gradients take the measured coefficient.
         """
         omc = self.omc
-        if omc is not None and omc.holds_gradients:
+        updates = omc.updates if omc is not None else None
+        if updates is not None and updates.holds_gradients:
             for optimizer in self._omc_valid_optimizers():
-                omc.clip_grad_norm_(
+                updates.clip_grad_norm_(
                     optimizer.param_groups[0]["params"], self.max_grad_norm
                 )
-            omc.step()
+            updates.step()
             # Clipped once already: torch's clipping with an infinite limit
             # multiplies by exactly 1.
             limit, self.max_grad_norm = self.max_grad_norm, float("inf")
@@ -340,9 +346,9 @@ class OMCMixin:
                 super().optimizers_step()
             finally:
                 self.max_grad_norm = limit
-        elif omc is not None:
-            coef = omc.clip_coef
-            omc.step()
+        elif updates is not None:
+            coef = updates.clip_coef
+            updates.step()
             if coef is not None and coef < 1.0:
                 for param in self.modules.parameters():
                     if param.grad is not None:

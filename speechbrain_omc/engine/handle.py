@@ -1,85 +1,41 @@
 """Puts any ``torch.nn.Module`` under Online Model Compression.
 
-Each selected parameter is replaced by a
+Each selected parameter becomes a
 :class:`~speechbrain_omc.engine.parameter.CompressedParameter`: still an
-``nn.Parameter`` of the same name, shape and dtype, in ``parameters()`` and
-the state dict, but stored only as packed codes and decoded on the fly by
-every operation that reads it (forward, backward, an optimizer's update).
-Autograd saves the compressed tensor itself, so a float32 copy of a weight
-lives only while one operation runs. Anything that works on parameters works
-on these: DDP, gradient clipping, any optimizer, ``.to(device)``, hooks.
-
-Updates come in two modes:
-
-* ``fused``: when a compressed parameter's gradient is complete in backward
-  (``register_post_accumulate_grad_hook``, PyTorch's optimizer-in-backward
-  pattern), one native call decodes the weight, applies SGD and encodes the
-  result; the gradient is freed there. Under DDP the update waits for the
-  all-reduced gradient and runs in :meth:`OMCHandle.step`.
-* ``simple``: gradients stay on the parameters like any other's; the
-  optimizer's in-place update of a compressed parameter decodes, updates
-  and re-encodes it (one rounding per in-place op).
-
-Codes follow the module's device (``module.to(device)``); on devices other
-than the CPU the torch reference codec runs. A cast of the module
-(``.half()``, autocast) changes the dtype the weights decode to, not the
-codes. With reentrant activation checkpointing (``use_reentrant=True``) a
-weight shared by several checkpointed segments is updated once per segment
-in fused mode (non-reentrant checkpointing, the torch default, is exact).
+``nn.Parameter`` of the same name, shape and dtype, but stored as packed
+codes and decoded on the fly by every operation that reads it. Autograd
+saves the compressed tensor itself, so a float32 copy of a weight lives only
+while one operation runs; DDP, clipping, any optimizer, ``.to(device)`` and
+hooks work as on any parameter. How the parameters are updated is the
+:class:`~speechbrain_omc.engine.updates.UpdatePolicy`'s (``handle.updates``).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 import weakref
 from collections.abc import Iterable
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 
-from speechbrain_omc.codec.blockwise import BlockwiseTensor
 from speechbrain_omc.codec.compressed import CompressedTensor
-from speechbrain_omc.codec.formats import _finite_minmax, get_format
+from speechbrain_omc.codec.formats import get_format
 from speechbrain_omc.codec.memory import Workspace, mapped_empty, trim_heap
 from speechbrain_omc.codec.packing import packed_nbytes
 from speechbrain_omc.engine.accounting import (
     format_training_state,
     training_state_bytes,
 )
-from speechbrain_omc.engine.clipping import HeldGradients, clip_grad_norm_
 from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.engine.parameter import CompressedParameter, Slot
-from speechbrain_omc.engine.rules import (
-    AdamSettings,
-    SGDSettings,
-    fused_step_,
-)
-from speechbrain_omc.engine.selection import Plan, make_plan, round_seed
+from speechbrain_omc.engine.rules import AdamSettings, SGDSettings
+from speechbrain_omc.engine.selection import Plan, make_plan
+from speechbrain_omc.engine.updates import UpdatePolicy, UpdateState
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["OMCHandle", "compress_module", "CompressedParameter", "handle_of"]
-
-
-@dataclass
-class UpdateState:
-    """Per-parameter state of the updates: write count and optimizer state.
-
-    Arguments
-    ---------
-    steps : int
-        Writes of the codes so far (keys stochastic rounding).
-    optimizer : dict
-        The fused rule's state: ``momentum_buffer`` (SGD), ``exp_avg``,
-        ``exp_avg_sq`` and ``step`` (Adam), each float32 or block-wise
-        compressed (:class:`~speechbrain_omc.engine.rules.StateStorage`).
-    """
-
-    steps: int = 0
-    optimizer: dict = field(default_factory=dict)
 
 
 class OMCHandle:
@@ -97,112 +53,94 @@ class OMCHandle:
 
     def __init__(self, module: torch.nn.Module, config: OMCConfig, plan: Plan):
         self.module = module
-        self.config = config
         self.plan = plan
-        self.rule: SGDSettings | AdamSettings = SGDSettings()
-        self.state: dict[str, UpdateState] = {}
-        self.storage = config.state_storage()
-        # Fused mode's gradient clipping (see OMCConfig.fused_clipping).
-        self.max_grad_norm: float | None = None
-        self.clip_coef: float | None = None  # two-pass: the measured one
-        self._norm_sq = 0.0  # this step's squared gradient norms
-        self._previous_norm: float | None = None
-        self._measuring = False
-        # Deferred clipping: gradients held until backward ends, and the
-        # coefficient clip_grad_norm_ found for each.
-        self.held = HeldGradients(self._take)
-        self._coefs: dict[str, torch.Tensor] = {}
         self.aliases: dict[str, tuple[str, ...]] = {}
         # Where each compressed parameter lives: (owning module, attribute).
         self._holders: dict[str, tuple[torch.nn.Module, str]] = {}
-        self.skipped_updates = 0
         self.live_bytes = 0
         self.peak_live_bytes = 0
         # Transient decompressed copies reuse mapped buffers: no heap churn.
         self.workspace = Workspace()
+        self.updates = UpdatePolicy(
+            config, self.workspace, self.parameters, self._bound
+        )
         # The modules' state-dict hooks (a parameter holds its fused-update
         # hook itself: CompressedParameter.attach).
         self._hooks: list = []
-        # Fused mode under DDP: parameters whose reduced gradient awaits step().
-        self._deferred: set[str] = set()
 
     # A copy of the module (copy.deepcopy, torch.save and torch.load) copies
-    # its handle with it: the module's hooks, the parameters' slots and
-    # fused-update hooks all reach it, and copy or pickle map them to the
-    # copy's. Like torch's copy of a parameter, the copy has no gradients:
-    # nothing of the step in progress is copied. The workspace is fresh.
-    _STEP_IN_PROGRESS = ("held", "_deferred", "_coefs", "_norm_sq", "clip_coef")
-
+    # its handle with it: hooks and slots reach it, and copy or pickle map
+    # them to the copy's. The workspace is fresh (Workspace.__reduce__).
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        for key in self._STEP_IN_PROGRESS:
-            del state[key]
-        state["live_bytes"] = state["peak_live_bytes"] = 0
-        state["_measuring"] = False
-        return state
+        return {**self.__dict__, "live_bytes": 0, "peak_live_bytes": 0}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.held = HeldGradients(self._take)
-        self._deferred, self._coefs = set(), {}
-        self._norm_sq, self.clip_coef = 0.0, None
+    # ------------------------------------------- the update policy's surface
+    @property
+    def config(self) -> OMCConfig:
+        """Settings (a federated round's :meth:`reset_state` reseeds them)."""
+        return self.updates.config
 
-    # ------------------------------------------------------------------ setup
     @property
     def mode(self) -> str:
         """``"fused"`` or ``"simple"``."""
-        return self.config.update_mode
+        return self.updates.mode
 
     @property
-    def sgd(self) -> SGDSettings:
-        """The fused SGD settings (an error when the rule is Adam)."""
-        if not isinstance(self.rule, SGDSettings):
-            raise AttributeError(f"the fused rule is {type(self.rule).__name__}")
-        return self.rule
+    def state(self) -> dict[str, UpdateState]:
+        """Per-parameter update state (write counts, optimizer buffers)."""
+        return self.updates.state
 
-    @sgd.setter
-    def sgd(self, settings: SGDSettings) -> None:
-        self.rule = settings
+    @property
+    def max_grad_norm(self) -> float | None:
+        """Fused mode's gradient-clipping limit (``OMCConfig.fused_clipping``)."""
+        return self.updates.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, limit: float | None) -> None:
+        self.updates.max_grad_norm = limit
+
+    @property
+    def skipped_updates(self) -> int:
+        """Updates skipped for non-finite values since the last reset."""
+        return self.updates.skipped_updates
 
     def set_sgd(self, **settings) -> None:
-        """Use fused SGD with these hyperparameters (``lr``, ``momentum``, ...).
-
-        Arguments
-        ---------
-        **settings
-            Fields of :class:`~speechbrain_omc.engine.rules.SGDSettings`.
-        """
-        if not isinstance(self.rule, SGDSettings):
-            self.rule = SGDSettings()
-        for key, value in settings.items():
-            if not hasattr(self.rule, key):
-                raise TypeError(f"set_sgd: unknown SGD setting {key!r}")
-            setattr(self.rule, key, value)
+        """Use fused SGD with these settings (:meth:`UpdatePolicy.set_sgd`)."""
+        self.updates.set_sgd(**settings)
 
     def set_rule(self, settings: SGDSettings | AdamSettings) -> None:
-        """Use this fused rule (what a Brain reads from its optimizer).
+        """Use this fused rule (:meth:`UpdatePolicy.set_rule`)."""
+        self.updates.set_rule(settings)
 
-        Arguments
-        ---------
-        settings : SGDSettings or AdamSettings
-        """
-        if type(settings) is not type(self.rule) and any(
-            s.optimizer for s in self.state.values()
-        ):
-            raise ValueError(
-                f"the fused rule changed from {type(self.rule).__name__} to "
-                f"{type(settings).__name__} with optimizer state present; call "
-                "reset_state() first"
-            )
-        self.rule = settings
+    def clip_grad_norm_(
+        self, parameters: Iterable[torch.nn.Parameter], max_norm: float
+    ) -> torch.Tensor:
+        """Global clipping of held gradients too (``UpdatePolicy.clip_grad_norm_``)."""
+        return self.updates.clip_grad_norm_(parameters, max_norm)
 
+    def step(self) -> None:
+        """Finish a training step, before the optimizer's (``UpdatePolicy.step``)."""
+        self.updates.step()
+
+    def zero_grad(self) -> None:
+        """Drop the gradients of the compressed parameters."""
+        self.updates.zero_grad()
+
+    def reset_state(self, seed: int | None = None) -> None:
+        """Restart the update state, as a new run (``UpdatePolicy.reset_state``)."""
+        self.updates.reset_state(seed)
+
+    def optimizer_state_dict(self) -> dict:
+        """Fused-mode update state (:meth:`UpdatePolicy.state_dict`)."""
+        return self.updates.state_dict()
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`optimizer_state_dict`."""
+        self.updates.load_state_dict(state)
+
+    # ------------------------------------------------------------ parameters
     def parameters(self) -> dict[str, CompressedParameter]:
-        """The compressed parameters by name (a tied one under its first name).
-
-        Returns
-        -------
-        dict
-        """
+        """The compressed parameters by name (a tied one under its first name)."""
         # The attributes that hold them, not a walk of the module tree: this
         # runs every step, and a SpeechBrain model has hundreds of modules.
         params = {}
@@ -214,35 +152,22 @@ class OMCHandle:
 
     @property
     def slots(self) -> dict[str, Slot]:
-        """Codes of every compressed parameter by name (``slot.codes``).
-
-        Returns
-        -------
-        dict
-        """
+        """Codes of every compressed parameter by name (``slot.codes``)."""
         return {name: param.slot for name, param in self._bound().items()}
 
     def _bound(self) -> dict[str, CompressedParameter]:
-        """The compressed parameters, each wired to this engine.
-
-        A move to another device gives a parameter new codes (a new slot):
-        they get the engine's decoder and writer, and fused mode its hook.
-        """
+        """The compressed parameters, each wired to this engine: a move to
+        another device gives a parameter new codes (a new slot)."""
         params = self.parameters()
+        updates = self.updates
         for param in params.values():
             slot = param.slot
             if slot.decode is None:
-                slot.decode, slot.write = self._decode, self._write
+                slot.decode, slot.write = self._decode, updates.write
             # A new parameter object (after a device move) has no mark yet.
-            if self.mode == "fused" and param.engine is not self:
-                param.attach(self)
+            if updates.mode == "fused" and param.engine is not updates:
+                param.attach(updates)
         return params
-
-    # ------------------------------------------------------ decode and write
-    def _take(
-        self, numel: int, device: torch.device, dtype: torch.dtype
-    ) -> torch.Tensor:
-        return self.workspace.take(numel, device, dtype)
 
     def _decode(self, slot: Slot) -> torch.Tensor:
         codes = slot.codes
@@ -260,265 +185,6 @@ class OMCHandle:
     def reset_peak(self) -> None:
         """Restart the peak probe of live decompressed bytes."""
         self.peak_live_bytes = self.live_bytes
-
-    def _rounding_key(self, name: str, stream: str = "") -> int:
-        """Key of the stochastic rounding of one parameter's one step."""
-        steps = self.state[name].steps
-        return round_seed(self.config.seed, steps, name + stream)
-
-    def _write(
-        self,
-        slot: Slot,
-        value: torch.Tensor,
-        minmax: tuple[float, float] | None = None,
-    ) -> None:
-        """Encode an updated value (an in-place op or a fused update)."""
-        if slot.name in self._deferred:
-            raise RuntimeError(
-                f"OMC: {slot.name} waits for its fused update (DDP applies it "
-                "after the gradients are all-reduced); call handle.step() "
-                "before optimizer.step(), as OMCBrain does"
-            )
-        if minmax is None:
-            try:
-                minmax = _finite_minmax(value)
-            except ValueError:  # an update that went non-finite
-                bad = int((~torch.isfinite(value)).sum())
-                return self._skip(slot.name, bad, "updated value")
-        slot.codes.assign_(
-            value,
-            rounding=self.config.update_rounding,
-            generator=self._rounding_key(slot.name),
-            minmax=minmax,
-        )
-        self.state[slot.name].steps += 1
-
-    def _skip(self, name: str, bad: int, what: str = "gradient") -> None:
-        message = (
-            f"OMC: {what} of {name} has {bad} non-finite values; "
-            "its update is skipped and its codes are left unchanged"
-        )
-        if self.config.nonfinite_grad == "raise":
-            raise FloatingPointError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-        self.skipped_updates += 1
-
-    # ---------------------------------------------------------------- updates
-    @property
-    def holds_gradients(self) -> bool:
-        """Whether backward holds compressed gradients for global clipping.
-
-        True in fused mode with ``fused_clipping="deferred"`` and a finite
-        :attr:`max_grad_norm`.
-        """
-        limit = self.max_grad_norm
-        return (
-            self.mode == "fused"
-            and self.config.fused_clipping == "deferred"
-            and limit is not None
-            and limit < float("inf")
-        )
-
-    def _held_dtype(self, slot: Slot) -> torch.dtype:
-        """Storage type of a held gradient (``OMCConfig.held_grad_format``)."""
-        # Lossless weights keep float32's arithmetic: a float32 copy.
-        itemsize = self._held_itemsize(slot.codes.format.lossless)
-        return torch.float32 if itemsize == 4 else torch.bfloat16
-
-    def _on_grad(self, param: CompressedParameter) -> None:
-        if self.mode != "fused":
-            return
-        if self._measuring:  # two-pass clipping, first pass: the norm only
-            self._norm_sq += float(torch.linalg.vector_norm(param.grad.float())) ** 2
-            param.grad = None
-            return
-        if _distributed():  # DDP all-reduces the gradient after this hook
-            self._deferred.add(param.slot.name)
-            return
-        if self.holds_gradients:
-            slot = param.slot
-            grad, param.grad = param.grad, None
-            self.held.hold(slot.name, grad.float(), self._held_dtype(slot))
-            return
-        self._fused_update(param)
-
-    def clip_grad_norm_(
-        self, parameters: Iterable[torch.nn.Parameter], max_norm: float
-    ) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` that also covers held gradients.
-
-        Float32 gradients are scaled in place; held ones are scaled by the
-        same coefficient when :meth:`step` applies them. With deferred
-        clipping this is the whole step's global clipping, as SpeechBrain's
-        ``max_grad_norm`` does it.
-
-        Arguments
-        ---------
-        parameters : iterable of torch.nn.Parameter
-            Parameters clipped together (compressed ones included).
-        max_norm : float
-            Largest norm after clipping.
-
-        Returns
-        -------
-        torch.Tensor
-            The total norm before clipping.
-        """
-        parameters = list(parameters)
-        names = self._held_names()
-        total, coef = clip_grad_norm_(parameters, max_norm, self.held, names)
-        if coef is not None:
-            for param in parameters:
-                name = names.get(id(param))
-                if name is not None:
-                    self._coefs[name] = coef
-        return total
-
-    def _held_names(self) -> dict[int, str]:
-        """``id(parameter) -> name`` of the parameters whose gradient is held."""
-        return {
-            id(owner._parameters[attr]): name
-            for name, (owner, attr) in self._holders.items()
-            if name in self.held
-        }
-
-    def _fused_update(
-        self, param: CompressedParameter, grad: torch.Tensor | None = None
-    ) -> None:
-        if grad is None:
-            grad, param.grad = param.grad, None
-        self._deferred.discard(param.slot.name)
-        if grad is None:
-            return
-        slot = param.slot
-        state = self.state[slot.name]
-        codes = slot.codes
-        grad = self._clipped(grad.to(codes.device, torch.float32))
-
-        def scratch() -> torch.Tensor:
-            buffer = self.workspace.take(codes.numel(), codes.device)
-            return buffer.view(codes.shape)
-
-        def keys(buffer: str) -> int:
-            return self._rounding_key(slot.name, "/" + buffer)
-
-        state.optimizer = self._on_device(state.optimizer, codes.device)
-        value = scratch()
-        result = fused_step_(
-            value, codes, grad, state.optimizer, self.rule, self.storage, scratch, keys
-        )
-        del grad
-        if result.nonfinite_grad:
-            return self._skip(slot.name, result.nonfinite_grad)
-        with slot.lock:
-            self._write(slot, value, result.minmax)
-        # As an in-place op would: a graph that saved the old value refuses
-        # a second backward instead of using the new one.
-        torch.autograd.graph.increment_version(param)
-
-    def _clipped(self, grad: torch.Tensor) -> torch.Tensor:
-        """Fused mode's share of gradient clipping (``fused_clipping``).
-
-        Compressed parameters are clipped here, by the rule chosen; float32
-        parameters by the Brain's optimizer step, as SpeechBrain does.
-        Deferred clipping scaled the gradient already (:meth:`clip_grad_norm_`).
-        """
-        limit = self.max_grad_norm
-        mode = self.config.fused_clipping
-        if limit is None or not limit < float("inf") or mode == "deferred":
-            return grad
-        norm_sq = float(torch.linalg.vector_norm(grad)) ** 2
-        self._norm_sq += norm_sq
-        if mode == "two_pass" and self.clip_coef is not None:
-            coef = self.clip_coef
-        elif mode == "previous_norm" and self._previous_norm is not None:
-            coef = limit / (self._previous_norm + 1e-6)
-        else:  # per parameter (also the first step of previous_norm)
-            coef = limit / (norm_sq**0.5 + 1e-6)
-        return grad * coef if coef < 1.0 else grad
-
-    @staticmethod
-    def _on_device(state: dict, device: torch.device) -> dict:
-        return {
-            k: v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v
-            for k, v in state.items()
-        }
-
-    @contextmanager
-    def measuring(self):
-        """Two-pass clipping's first pass: backward measures, nothing updates.
-
-        Inside the block, the gradients of compressed parameters add their
-        squared norms to :attr:`gradient_norm_sq` and are dropped.
-
-        Yields
-        ------
-        None
-        """
-        self._measuring, self._norm_sq = True, 0.0
-        try:
-            yield
-        finally:
-            self._measuring = False
-
-    @property
-    def gradient_norm_sq(self) -> float:
-        """Squared norm of the compressed parameters' gradients this step."""
-        return self._norm_sq
-
-    def step(self) -> None:
-        """Finish a training step.
-
-        Fused mode: apply the updates that backward did not (gradients under
-        DDP, parameters moved to a new device since the last step, gradients
-        held for deferred clipping); call it before the optimizer's step,
-        which then finds no gradient on the compressed parameters. Held
-        gradients take the coefficient of :meth:`clip_grad_norm_`; without
-        that call they are clipped by their own global norm. Simple mode:
-        nothing, the optimizer updates the parameters.
-        """
-        params = self._bound()
-        if self.mode == "fused":
-            for param in params.values():
-                if param.grad is not None:
-                    self._fused_update(param)
-            if len(self.held):
-                if not self._coefs and self.holds_gradients:
-                    # No clip_grad_norm_ call: the held ones are clipped alone.
-                    self.clip_grad_norm_(params.values(), self.max_grad_norm)
-                for name, param in params.items():
-                    if name in self.held:
-                        grad = self.held.release(name, self._coefs.get(name))
-                        self._fused_update(param, grad)
-        # previous_norm clipping: this step's norm scales the next step.
-        self._previous_norm = self._norm_sq**0.5 if self._norm_sq else None
-        self._norm_sq, self.clip_coef = 0.0, None
-        self._coefs.clear()
-        self.workspace.trim()
-
-    def zero_grad(self) -> None:
-        """Drop the gradients of the compressed parameters."""
-        for param in self.parameters().values():
-            param.grad = None
-        self._deferred.clear()
-        self.held.clear()
-        self._coefs.clear()
-
-    def reset_state(self, seed: int | None = None) -> None:
-        """Restart the update state (step counts, momentum), as a new run.
-
-        Arguments
-        ---------
-        seed : int, optional
-            New seed of stochastic rounding (a federated round's).
-        """
-        if seed is not None:
-            self.config = replace(self.config, seed=seed)
-        self.skipped_updates = 0
-        for state in self.state.values():
-            state.steps, state.optimizer = 0, {}
-        self._previous_norm, self._norm_sq, self.clip_coef = None, 0.0, None
-        self.zero_grad()
 
     # ------------------------------------------------------------ state dicts
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
@@ -653,61 +319,6 @@ class OMCHandle:
                 state[alias] = value
         return state
 
-    def optimizer_state_dict(self) -> dict:
-        """Fused-mode update state: the rule, write counts, optimizer state.
-
-        Block-wise compressed buffers travel as their ``to_bytes()`` payload.
-
-        Returns
-        -------
-        dict
-        """
-        slots = {}
-        for name, state in self.state.items():
-            buffers = {
-                key: torch.frombuffer(bytearray(value.to_bytes()), dtype=torch.uint8)
-                if isinstance(value, (BlockwiseTensor, CompressedTensor))
-                else value
-                for key, value in state.optimizer.items()
-            }
-            kinds = {
-                key: type(value).__name__
-                for key, value in state.optimizer.items()
-                if isinstance(value, (BlockwiseTensor, CompressedTensor))
-            }
-            slots[name] = {"steps": state.steps, "state": buffers, "kinds": kinds}
-        rule = {"kind": type(self.rule).__name__, **vars(self.rule)}
-        return {"rule": rule, "slots": slots, "previous_norm": self._previous_norm}
-
-    def load_optimizer_state_dict(self, state: dict) -> None:
-        """Inverse of :meth:`optimizer_state_dict`.
-
-        Arguments
-        ---------
-        state : dict
-        """
-        rule = dict(state["rule"])
-        kind = rule.pop("kind")
-        settings = {"SGDSettings": SGDSettings, "AdamSettings": AdamSettings}[kind]
-        if "betas" in rule:
-            rule["betas"] = tuple(rule["betas"])
-        self.rule = settings(**rule)
-        self._previous_norm = state.get("previous_norm")
-        decoders = {
-            "BlockwiseTensor": BlockwiseTensor.from_bytes,
-            "CompressedTensor": CompressedTensor.from_bytes,
-        }
-        for name, entry in state["slots"].items():
-            target = self.state[name]
-            target.steps = int(entry["steps"])
-            kinds = entry.get("kinds", {})
-            target.optimizer = {
-                key: decoders[kinds[key]](value.numpy().tobytes())
-                if key in kinds
-                else value
-                for key, value in entry["state"].items()
-            }
-
     # -------------------------------------------------------------- accounting
     def parameter_bytes(self) -> int:
         """Exact bytes of the module's parameters: compressed plus float32.
@@ -727,10 +338,9 @@ class OMCHandle:
     def memory_report(self) -> dict[str, dict[str, int]]:
         """Bytes of the training state, float32 against OMC, for this rule.
 
-        Parameters are counted from storage; the optimizer state of
-        compressed parameters from storage once it exists, else predicted
-        from ``state_format``; gradients as they persist between backward and
-        the optimizer step (fused mode frees the compressed ones).
+        Parameters and stored optimizer state are counted from storage,
+        optimizer state not yet stored is predicted from ``state_format``,
+        gradients are those that persist between backward and the step.
 
         Returns
         -------
@@ -738,49 +348,36 @@ class OMCHandle:
             ``{"float32": {...}, "omc": {...}}`` with ``parameters``,
             ``gradients``, ``optimizer_state`` and ``total``.
         """
-        if isinstance(self.rule, AdamSettings):
-            rule = "adam"
-        else:
-            rule = "sgd_momentum" if self.rule.momentum else "sgd"
+        updates, config = self.updates, self.config
+        rule = updates.rule_name()
         report = training_state_bytes(
-            self.plan,
-            rule,
-            self.mode,
-            self.config.state_format,
-            self.config.state_block,
+            self.plan, rule, self.mode, config.state_format, config.state_block
         )
         omc = report["omc"]
         omc["parameters"] = self.parameter_bytes()
-        stored = [s.optimizer for s in self.state.values() if s.optimizer]
+        stored = [s.optimizer for s in updates.state.values() if s.optimizer]
         if stored and self.mode == "fused":
             predicted = training_state_bytes(
-                self.plan, rule, self.mode, None, self.config.state_block
+                self.plan, rule, self.mode, None, config.state_block
             )["omc"]["optimizer_state"]
             compressed_float32 = sum(
                 4 * e.numel * (2 if rule == "adam" else int(rule != "sgd"))
                 for e in self.plan.compressed
             )
             measured = sum(
-                self.storage.nbytes(v)
+                updates.storage.nbytes(v)
                 for state in stored
                 for k, v in state.items()
                 if k != "step"
             )
             omc["optimizer_state"] = predicted - compressed_float32 + measured
-        if self.holds_gradients:  # held from backward to the step
+        if updates.holds_gradients:  # held from backward to the step
             omc["gradients"] += sum(
-                e.numel * self._held_itemsize(get_format(e.format).lossless)
+                e.numel * updates.held_itemsize(get_format(e.format).lossless)
                 for e in self.plan.compressed
             )
         omc["total"] = omc["parameters"] + omc["gradients"] + omc["optimizer_state"]
         return report
-
-    def _held_itemsize(self, lossless: bool) -> int:
-        """Bytes per held gradient value (of lossless weights, or not)."""
-        choice = self.config.held_grad_format
-        if choice == "auto":
-            return 4 if lossless else 2
-        return 4 if choice == "fp32" else 2
 
     def memory_table(self) -> str:
         """:meth:`memory_report` as a table.
@@ -820,7 +417,7 @@ class OMCHandle:
                     module._parameters[attr] = replaced[id(param)]
             if isinstance(module, torch.nn.RNNBase):
                 module._init_flat_weights()
-        self.state.clear()
+        self.updates.state.clear()
         self._holders.clear()
         self.module.__dict__.pop("_omc_handle", None)
 
@@ -864,15 +461,6 @@ def _payload(value) -> CompressedTensor | None:
     if bytes(value[:4].tolist()) != b"OMCT":
         return None
     return CompressedTensor.from_bytes(value.cpu().numpy().tobytes())
-
-
-def _distributed() -> bool:
-    """Whether gradients are all-reduced after backward (DDP)."""
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
 
 
 def _averaged_payload_hint(value, slot: Slot) -> str:
@@ -978,12 +566,14 @@ def compress_module(
             out=mapped_empty(nbytes) if value.device.type == "cpu" else None,
         )
         del value
-        slot = Slot(entry.name, codes, decode=handle._decode, write=handle._write)
+        slot = Slot(
+            entry.name, codes, decode=handle._decode, write=handle.updates.write
+        )
         compressed = CompressedParameter.wrap(slot, requires_grad=param.requires_grad)
         holders = owners[id(param)]
         for _, owner, attr in holders:
             owner._parameters[attr] = compressed
-        handle.state[entry.name] = UpdateState()
+        handle.updates.state[entry.name] = UpdateState()
         handle.aliases[entry.name] = tuple(q for q, _, _ in holders)
         handle._holders[entry.name] = holders[0][1:]
         del param
