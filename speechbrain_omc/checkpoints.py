@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from speechbrain.utils import checkpoints as sb_checkpoints
 
-from speechbrain_omc.codec.compressed import _MAGIC, CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.serial import is_payload
 from speechbrain_omc.engine.parameter import CompressedParameter
 
 logger = logging.getLogger(__name__)
@@ -61,35 +62,6 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """A checkpoint file or entry is missing, unreadable or corrupted."""
-
-
-def is_payload(value: Any) -> bool:
-    """Whether ``value`` is a compressed parameter as a state dict stores it.
-
-    Arguments
-    ---------
-    value : Any
-        A state dict entry.
-
-    Returns
-    -------
-    bool
-        True for a 1-D ``uint8`` tensor starting with ``b"OMCT"``.
-
-    Example
-    -------
-    >>> is_payload(torch.frombuffer(bytearray(b"OMCT..."), dtype=torch.uint8))
-    True
-    >>> is_payload(torch.zeros(3, dtype=torch.uint8)), is_payload(torch.ones(3))
-    (False, False)
-    """
-    return (
-        isinstance(value, torch.Tensor)
-        and value.dtype == torch.uint8
-        and value.dim() == 1
-        and value.numel() >= len(_MAGIC)
-        and bytes(value[: len(_MAGIC)].tolist()) == _MAGIC
-    )
 
 
 def decode_payload(value: torch.Tensor, where: str = "payload") -> torch.Tensor:

@@ -23,6 +23,7 @@ from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.codec.formats import get_format
 from speechbrain_omc.codec.memory import Workspace, mapped_empty, trim_heap
 from speechbrain_omc.codec.packing import packed_nbytes
+from speechbrain_omc.codec.serial import is_payload
 from speechbrain_omc.engine.accounting import (
     format_training_state,
     training_state_bytes,
@@ -454,11 +455,7 @@ def handle_of(module: torch.nn.Module) -> OMCHandle | None:
 
 def _payload(value) -> CompressedTensor | None:
     """The compressed tensor a state-dict entry holds, if it is a payload."""
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
-        return None
-    if value.dim() != 1 or value.numel() < 4:
-        return None
-    if bytes(value[:4].tolist()) != b"OMCT":
+    if not is_payload(value):
         return None
     return CompressedTensor.from_bytes(value.cpu().numpy().tobytes())
 

@@ -87,6 +87,9 @@ import numpy as np
 import torch
 
 from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.framing import CRC as _CRC
+from speechbrain_omc.codec.framing import PREFIX as _PREFIX
+from speechbrain_omc.codec.framing import Frame
 from speechbrain_omc.codec.memory import MAPPED_MIN_BYTES, Workspace
 
 __all__ = [
@@ -118,12 +121,18 @@ COMPRESSED = 0
 FLOAT32 = 1
 _KIND_NAMES = {COMPRESSED: "compressed", FLOAT32: "float32"}
 
-_PREFIX = struct.Struct("<4sHQ")  # magic, version, total length
 _U32 = struct.Struct("<I")
 _ENTRY_HEAD = struct.Struct("<BQ")  # kind, payload length
 _NAME_LEN = struct.Struct("<H")
-_CRC = struct.Struct("<I")
 _MAX_NAME = 2**16 - 1
+_FRAME = Frame(
+    MAGIC,
+    WIRE_VERSION,
+    "an",
+    "OMC wire message",
+    2 * _U32.size,  # metadata length and entry count
+    "malformed OMC wire message: impossible length",
+)
 
 #: Largest metadata (JSON bytes) that :func:`decode` accepts.
 MAX_META_BYTES = 64 * 1024
@@ -682,62 +691,17 @@ def decode(
     ...
     ValueError: malformed OMC wire message: b has shape (3,), expected (4,)
     """
-    if isinstance(data, (np.ndarray, torch.Tensor)):
-        raise TypeError("decode takes bytes; convert uint8 arrays with .tobytes()")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+    body = _FRAME.open(_byte_view(data), max_nbytes)
+    end = len(body)
     try:
-        view = memoryview(data).cast("B")
-    except TypeError as error:  # e.g. a non-contiguous view
-        raise ValueError(f"not a contiguous byte buffer: {error}") from None
-    if bytes(view[:4]) != MAGIC:
-        raise ValueError(
-            "not an OMC wire message: expected magic "
-            f"{MAGIC!r}, got {bytes(view[:4])!r}"
-        )
-    if len(view) < _PREFIX.size:
-        raise ValueError(
-            f"truncated OMC wire message: {len(view)} bytes is shorter than "
-            f"the {_PREFIX.size}-byte header"
-        )
-    _, version, total = _PREFIX.unpack_from(view)
-    if version != WIRE_VERSION:
-        raise ValueError(
-            f"unsupported OMC wire message version {version} "
-            f"(this build reads version {WIRE_VERSION})"
-        )
-    if max_nbytes is not None and len(view) > max_nbytes:
-        raise ValueError(
-            f"OMC wire message of {len(view)} bytes exceeds the {max_nbytes} "
-            "bytes it may have"
-        )
-    if len(view) < total:
-        raise ValueError(
-            f"truncated OMC wire message: header announces {total} bytes, "
-            f"got {len(view)}"
-        )
-    if len(view) > total:
-        raise ValueError(
-            f"OMC wire message has {len(view) - total} trailing bytes after the "
-            f"announced {total}"
-        )
-    if total < _PREFIX.size + 2 * _U32.size + _CRC.size:
-        raise ValueError(f"malformed OMC wire message: impossible length {total}")
-    end = total - _CRC.size
-    (crc,) = _CRC.unpack_from(view, end)
-    if zlib.crc32(view[:end]) != crc:
-        raise ValueError(
-            "corrupted OMC wire message: CRC32 mismatch (the bytes were altered "
-            "or mis-assembled)"
-        )
-    try:
-        meta, pos = _read_meta(view, end)
+        meta, pos = _read_meta(body, end)
     except (ValueError, struct.error) as error:
         raise ValueError(f"malformed OMC wire message: {error}") from None
     if check_meta is not None:
         check_meta(meta)
+    total = end + _FRAME.overhead
     try:
-        heads = _read_heads(view, pos, end, expect)
+        heads = _read_heads(body, pos, end, expect)
         if lazy:
             return LazyMessage(meta, total, heads, expect)
         entries = {
@@ -747,6 +711,18 @@ def decode(
     except (ValueError, struct.error) as error:
         raise ValueError(f"malformed OMC wire message: {error}") from None
     return Message(entries, meta, nbytes=total)
+
+
+def _byte_view(data) -> memoryview:
+    """``data`` as a flat byte view (no copy), or a ``TypeError``/``ValueError``."""
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        raise TypeError("decode takes bytes; convert uint8 arrays with .tobytes()")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+    try:
+        return memoryview(data).cast("B")
+    except TypeError as error:  # e.g. a non-contiguous view
+        raise ValueError(f"not a contiguous byte buffer: {error}") from None
 
 
 def _take(view: memoryview, pos: int, n: int, end: int, what: str) -> memoryview:
@@ -818,8 +794,8 @@ def _check_heads(heads, expect: Mapping[str, Expected]) -> None:
 
 
 def _read_meta(view: memoryview, end: int) -> tuple[dict, int]:
-    """The metadata and the position after it."""
-    pos = _PREFIX.size
+    """The metadata and the position after it (in the message's body)."""
+    pos = 0
     (meta_len,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "metadata length"))
     pos += _U32.size
     if meta_len > MAX_META_BYTES:  # before copying it

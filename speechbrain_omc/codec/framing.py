@@ -1,0 +1,147 @@
+"""Framed byte strings: the envelope of payloads and wire messages.
+
+A :class:`~speechbrain_omc.codec.compressed.CompressedTensor` payload and a
+federated wire message share one envelope (all little-endian)::
+
+    magic                          4 bytes
+    version (uint16)               2 bytes
+    total length in bytes (uint64) 8 bytes
+    body                           total - 18 bytes
+    CRC32 of everything above      4 bytes
+
+:meth:`Frame.open` checks an envelope strictly (magic, version, length,
+checksum) before anything of the body is read.
+
+Example
+-------
+>>> frame = Frame(b"DEMO", 1, "a", "demo string", 0, "corrupted demo string")
+>>> data = frame.seal([b"body"])
+>>> bytes(frame.open(memoryview(data)))
+b'body'
+>>> frame.open(memoryview(data[:-1]))  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+ValueError: truncated demo string: header announces 22 bytes, got 21
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["CRC", "PREFIX", "Frame"]
+
+PREFIX = struct.Struct("<4sHQ")  # magic, version, total length
+CRC = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One framed layout and the words its errors use.
+
+    Arguments
+    ---------
+    magic : bytes
+        Four bytes that open every string of this layout.
+    version : int
+        The layout version this build writes and reads.
+    article : str
+        ``"a"`` or ``"an"``, before ``noun`` ("not a ...").
+    noun : str
+        What the string is, in error messages.
+    min_body : int
+        Fewest body bytes a well-formed string has.
+    short : str
+        Error message for a total length below that minimum.
+    """
+
+    magic: bytes
+    version: int
+    article: str
+    noun: str
+    min_body: int
+    short: str
+
+    @property
+    def overhead(self) -> int:
+        """Bytes of the envelope: prefix and checksum."""
+        return PREFIX.size + CRC.size
+
+    def prefix(self, total: int) -> bytes:
+        """The prefix of a string of ``total`` bytes."""
+        return PREFIX.pack(self.magic, self.version, total)
+
+    def seal(self, body: Sequence[bytes | memoryview]) -> bytes:
+        """The framed string of these body parts, joined once."""
+        total = self.overhead + sum(len(part) for part in body)
+        parts = [self.prefix(total), *body]
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        parts.append(CRC.pack(crc))
+        return b"".join(parts)
+
+    def open(self, view: memoryview, max_nbytes: int | None = None) -> memoryview:
+        """Check the envelope of ``view`` and return a view of its body.
+
+        Arguments
+        ---------
+        view : memoryview
+            The whole string, as bytes (``memoryview(...).cast("B")``).
+        max_nbytes : int, optional
+            Longest acceptable string, checked once the version is known.
+
+        Returns
+        -------
+        memoryview
+            The bytes between prefix and checksum (no copy).
+
+        Raises
+        ------
+        ValueError
+            Foreign magic, other version, a string too long, truncated,
+            padded, impossibly short or corrupted.
+        """
+        noun = self.noun
+        if bytes(view[:4]) != self.magic:
+            raise ValueError(
+                f"not {self.article} {noun}: expected magic "
+                f"{self.magic!r}, got {bytes(view[:4])!r}"
+            )
+        if len(view) < PREFIX.size:
+            raise ValueError(
+                f"truncated {noun}: {len(view)} bytes is shorter than "
+                f"the {PREFIX.size}-byte header"
+            )
+        _, version, total = PREFIX.unpack_from(view)
+        if version != self.version:
+            raise ValueError(
+                f"unsupported {noun} version {version} "
+                f"(this build reads version {self.version})"
+            )
+        if max_nbytes is not None and len(view) > max_nbytes:
+            raise ValueError(
+                f"{noun} of {len(view)} bytes exceeds the {max_nbytes} "
+                "bytes it may have"
+            )
+        if len(view) < total:
+            raise ValueError(
+                f"truncated {noun}: header announces {total} bytes, got {len(view)}"
+            )
+        if len(view) > total:
+            raise ValueError(
+                f"{noun} has {len(view) - total} trailing bytes after the "
+                f"announced {total}"
+            )
+        if total < self.overhead + self.min_body:
+            raise ValueError(f"{self.short} {total}")
+        end = total - CRC.size
+        (crc,) = CRC.unpack_from(view, end)
+        if zlib.crc32(view[:end]) != crc:
+            raise ValueError(
+                f"corrupted {noun}: CRC32 mismatch (the bytes were altered "
+                "or mis-assembled)"
+            )
+        return view[PREFIX.size : end]
