@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from flower_harness import honest_reply
@@ -12,12 +15,9 @@ from speechbrain_omc.engine.handle import compress_module
 from speechbrain_omc.engine.selection import make_plan, parameter_roles
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.server import FedAvgServer
-from speechbrain_omc.sizes import (
-    conformer_ctc,
-    model_shapes,
-    plan_sizes,
-    round_sizes,
-)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from plan_sizes import conformer_ctc, model_shapes, plan_sizes, round_sizes  # noqa: E402
 
 TINY = dict(d_model=32, nhead=4, layers=2, d_ffn=64, kernel_size=7, vocab=30)
 CONFIGS = [

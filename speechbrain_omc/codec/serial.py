@@ -35,13 +35,21 @@ from typing import TypeVar
 
 import torch
 
-from .formats import Format, format_from_spec, serial_spec
+from .formats import Format, format_from_spec, get_format, serial_spec
 from .framing import CRC, Frame
 from .memory import Workspace
 from .packing import packed_nbytes
-from .transform import CLIP_METHODS, TRANSFORM_KINDS, Transform
+from .transform import CLIP_METHODS, TRANSFORM_KINDS, Transform, kind_for
 
-__all__ = ["MAGIC", "SERIAL_VERSION", "is_payload", "is_payload_bytes", "read"]
+__all__ = [
+    "MAGIC",
+    "SERIAL_VERSION",
+    "is_payload",
+    "is_payload_bytes",
+    "payload_nbytes",
+    "read",
+    "write_parts",
+]
 
 MAGIC = b"OMCT"
 #: Version of the byte layout written by :func:`write_parts`.
@@ -81,6 +89,30 @@ def is_payload(value) -> bool:
         and value.dim() == 1
         and value.numel() >= len(MAGIC)
         and bytes(value[: len(MAGIC)].tolist()) == MAGIC
+    )
+
+
+def payload_nbytes(
+    shape: tuple[int, ...], fmt: str | Format, transform: str = "scale"
+) -> int:
+    """Exact length of the payload of a tensor of this shape and format.
+
+    Example
+    -------
+    >>> import torch
+    >>> from speechbrain_omc.codec.compressed import CompressedTensor
+    >>> ct = CompressedTensor.compress(torch.ones(8, 4), "e3m7")
+    >>> payload_nbytes((8, 4), "e3m7") == len(ct.to_bytes())
+    True
+    """
+    fmt = get_format(fmt)
+    n_params = _N_PARAMS[kind_for(fmt, transform)]
+    return (
+        FRAME.overhead
+        + _META.size
+        + 8 * len(shape)
+        + 4 * n_params
+        + packed_nbytes(math.prod(shape), fmt.bits)
     )
 
 

@@ -91,6 +91,7 @@ from speechbrain_omc.codec.framing import CRC as _CRC
 from speechbrain_omc.codec.framing import PREFIX as _PREFIX
 from speechbrain_omc.codec.framing import Frame
 from speechbrain_omc.codec.memory import MAPPED_MIN_BYTES, Workspace
+from speechbrain_omc.codec.serial import payload_nbytes
 
 __all__ = [
     "COMPRESSED",
@@ -378,7 +379,12 @@ def entry_head_nbytes(name: str) -> int:
     return _NAME_LEN.size + len(name.encode("utf-8")) + _ENTRY_HEAD.size
 
 
-def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
+def entry_nbytes(
+    name: str,
+    value: Entry | tuple[int, ...],
+    fmt: str | None = None,
+    transform: str = "scale",
+) -> int:
     """Exact bytes one entry takes in a message.
 
     Arguments
@@ -386,7 +392,11 @@ def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
     name : str
         Entry name.
     value : CompressedTensor, torch.Tensor or tuple of int
-        The entry, or just a shape (then it is sized as float32).
+        The entry, or just a shape.
+    fmt : str, optional
+        The compressed format of a shape (``None`` or ``"float32"``: float32).
+    transform : str
+        The transform kind of a shape sized compressed.
 
     Returns
     -------
@@ -396,6 +406,9 @@ def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
     -------
     >>> entry_nbytes("b", torch.zeros(4))  # name 2+1, head 9, payload 1+8+16
     37
+    >>> value = CompressedTensor.compress(torch.ones(8, 4), "e3m7")
+    >>> entry_nbytes("w", (8, 4), "e3m7") == entry_nbytes("w", value)
+    True
     """
     head = entry_head_nbytes(name)
     if isinstance(value, CompressedTensor):
@@ -405,6 +418,8 @@ def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
         shape = tuple(value.shape)
     else:
         shape = tuple(value)
+    if fmt not in (None, "float32"):
+        return head + payload_nbytes(shape, fmt, transform)
     return head + 1 + 8 * len(shape) + 4 * math.prod(shape)
 
 
