@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -348,17 +349,9 @@ def average_checkpoints(
 ) -> Any:
     """Average OMC (or float32) checkpoints in float32.
 
-    A drop-in for ``speechbrain.utils.checkpoints.average_checkpoints``, whose
-    default averager would add the payloads' bytes as numbers: each state
-    dict's payloads are decoded to float32 first, then averaged as usual.
-    The result is a float32 state dict that plain modules load as is and
-    modules under OMC encode in their formats. In a transformer recipe's
-    ``on_evaluate_start``::
-
-        ckpt = speechbrain_omc.checkpoints.average_checkpoints(
-            ckpts, recoverable_name="model"
-        )
-        self.hparams.model.load_state_dict(ckpt, strict=True)
+    A drop-in for ``speechbrain.utils.checkpoints.average_checkpoints``
+    (whose averager would add payload bytes as numbers): payloads are decoded
+    first; plain modules load the result as is, modules under OMC encode it.
 
     Arguments
     ---------
@@ -407,24 +400,26 @@ def average_checkpoints(
                 f"(it holds: {', '.join(sorted(ckpt.paramfiles)) or 'nothing'})"
             )
 
-    def load_decoded(path, map_location="cpu"):
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: missing")
-        try:
-            state = parameter_loader(path, map_location=map_location)
-        except Exception as error:
-            raise CheckpointError(
-                f"{path}: cannot be read as a torch checkpoint: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        return decode_payloads(state, where=str(path))
-
     return sb_checkpoints.average_checkpoints(
         checkpoint_list,
         recoverable_name,
-        parameter_loader=load_decoded,
+        parameter_loader=partial(_load_decoded, parameter_loader),
         averager=averager,
     )
+
+
+def _load_decoded(parameter_loader, path, map_location="cpu"):
+    """A checkpoint file's state dict with its payloads decoded to float32."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: missing")
+    try:
+        state = parameter_loader(path, map_location=map_location)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: cannot be read as a torch checkpoint: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return decode_payloads(state, where=str(path))
 
 
 install_transfer_hook()

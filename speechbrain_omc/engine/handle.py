@@ -549,50 +549,61 @@ def compress_module(
         id(m): m for m in module.modules() if m._parameters
     }
     for entry in plan.compressed:
-        param = params.pop(entry.name)  # the last reference: freed below
-        if not param.is_floating_point():
-            raise TypeError(f"{entry.name} is {param.dtype}; OMC compresses floats")
-        value = param.detach().float()
-        nbytes = packed_nbytes(value.numel(), get_format(entry.format).bits)
-        codes = CompressedTensor.compress(
-            value,
-            entry.format,
-            transform=config.transform,
-            rounding=config.rounding,
-            clip=config.clip,
-            out=mapped_empty(nbytes) if value.device.type == "cpu" else None,
-        )
-        del value
-        slot = Slot(
-            entry.name, codes, decode=handle._decode, write=handle.updates.write
-        )
-        compressed = CompressedParameter.wrap(slot, requires_grad=param.requires_grad)
-        holders = owners[id(param)]
-        for _, owner, attr in holders:
-            owner._parameters[attr] = compressed
-        handle.updates.state[entry.name] = UpdateState()
-        handle.aliases[entry.name] = tuple(q for q, _, _ in holders)
-        handle._holders[entry.name] = holders[0][1:]
+        # The float32 parameter's last reference: freed once compressed.
+        param = params.pop(entry.name)
+        _compress_entry(handle, entry.name, entry.format, param, owners)
         del param
-
     for owner in touched.values():
-        if isinstance(owner, torch.nn.RNNBase):
-            owner._init_flat_weights()  # the RNN's cached list of its weights
-        # partial: torch marks public state-dict hooks with an attribute,
-        # which a bound method cannot carry.
-        handle._hooks.append(
-            owner.register_state_dict_post_hook(
-                partial(OMCHandle._state_dict_hook, handle)
-            )
-        )
-        handle._hooks.append(
-            owner.register_load_state_dict_pre_hook(
-                partial(OMCHandle._load_hook, handle)
-            )
-        )
+        _watch(handle, owner)
     handle._bound()  # fused mode: the in-backward update hooks
     module.__dict__["_omc_handle"] = handle
     # The float32 parameters just freed go back to the system at once.
     trim_heap()
     logger.info("OMC plan:\n%s", plan.table())
     return handle
+
+
+def _compress_entry(
+    handle: OMCHandle,
+    name: str,
+    fmt: str,
+    param: torch.nn.Parameter,
+    owners: dict[int, list[tuple[str, torch.nn.Module, str]]],
+) -> None:
+    """Replace ``param`` by its compressed parameter wherever it is held."""
+    if not param.is_floating_point():
+        raise TypeError(f"{name} is {param.dtype}; OMC compresses floats")
+    config = handle.config
+    value = param.detach().float()
+    nbytes = packed_nbytes(value.numel(), get_format(fmt).bits)
+    codes = CompressedTensor.compress(
+        value,
+        fmt,
+        transform=config.transform,
+        rounding=config.rounding,
+        clip=config.clip,
+        out=mapped_empty(nbytes) if value.device.type == "cpu" else None,
+    )
+    del value
+    slot = Slot(name, codes, decode=handle._decode, write=handle.updates.write)
+    compressed = CompressedParameter.wrap(slot, requires_grad=param.requires_grad)
+    holders = owners[id(param)]
+    for _, owner, attr in holders:
+        owner._parameters[attr] = compressed
+    handle.updates.state[name] = UpdateState()
+    handle.aliases[name] = tuple(q for q, _, _ in holders)
+    handle._holders[name] = holders[0][1:]
+
+
+def _watch(handle: OMCHandle, owner: torch.nn.Module) -> None:
+    """Hook a module's state dict: compressed entries save and load as payloads."""
+    if isinstance(owner, torch.nn.RNNBase):
+        owner._init_flat_weights()  # the RNN's cached list of its weights
+    # partial: torch marks public state-dict hooks with an attribute, which a
+    # bound method cannot carry.
+    handle._hooks.append(
+        owner.register_state_dict_post_hook(partial(OMCHandle._state_dict_hook, handle))
+    )
+    handle._hooks.append(
+        owner.register_load_state_dict_pre_hook(partial(OMCHandle._load_hook, handle))
+    )

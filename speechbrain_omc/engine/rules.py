@@ -197,9 +197,8 @@ def sgd_step_(
     Arguments
     ---------
     param : torch.Tensor
-        The decompressed value, updated in place; with ``codes``, a scratch
-        buffer that receives their decoding first (one pass with the native
-        kernels).
+        The decompressed value, updated in place (with ``codes``: a scratch
+        buffer that receives their decoding first).
     grad : torch.Tensor
         Its gradient.
     momentum_buffer : torch.Tensor or None
@@ -237,15 +236,6 @@ def sgd_step_(
     if codes is not None:
         scratch.append(codes.packed)
     if param.dtype == grad.dtype == torch.float32 and kernels.native_for(*scratch):
-        decode = {}
-        if codes is not None:
-            factors, add = codes.transform.decode_plan
-            decode = dict(
-                codes=codes.packed,
-                fmt=codes.format.spec,
-                multipliers=factors,
-                shift=add,
-            )
         bad, lo, hi, overflowed = kernels.sgd_step(
             param,
             scratch[1],
@@ -256,7 +246,7 @@ def sgd_step_(
             settings.weight_decay,
             settings.nesterov,
             first,
-            **decode,
+            **_native_decode(codes),
         )
         if bad:
             return SGDResult(bad, momentum_buffer)
@@ -271,6 +261,15 @@ def sgd_step_(
         codes.decompress(out=param)
     buffer = sgd_update_(param, grad, momentum_buffer, settings)
     return SGDResult(0, buffer)
+
+
+def _native_decode(codes: CompressedTensor | None) -> dict:
+    """The sgd kernel's arguments that decode ``codes`` first (none: no codes)."""
+    if codes is None:
+        return {}
+    factors, add = codes.transform.decode_plan
+    fmt = codes.format.spec
+    return dict(codes=codes.packed, fmt=fmt, multipliers=factors, shift=add)
 
 
 def _same_groups(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:

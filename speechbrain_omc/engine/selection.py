@@ -627,16 +627,8 @@ def make_plan(
     >>> make_plan(shapes, OMCConfig(), roles=parameter_roles(model)) == plan
     True
     """
-    if isinstance(shapes, torch.nn.Module):
-        roles = {**parameter_roles(shapes), **(roles or {})}
-        shapes = [(n, tuple(p.shape)) for n, p in shapes.named_parameters()]
-    shapes = [(name, tuple(int(s) for s in shape)) for name, shape in shapes]
-    if not shapes:
-        raise ValueError("make_plan: the module has no parameters")
+    shapes, roles = _shapes_and_roles(shapes, roles)
     names = [n for n, _ in shapes]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"make_plan: parameter names given twice: {twice[:5]}")
     _check_patterns_match(names, config)
     roles = resolve_roles(shapes, roles)
 
@@ -652,24 +644,40 @@ def make_plan(
     )
     for name in ppq:
         reasons[name] = f"PPQ: float32 fraction ({config.fp32_policy})"
+    return Plan(
+        tuple(
+            _entry(name, shape, roles[name], reasons[name], config)
+            for name, shape in shapes
+        )
+    )
 
-    entries = []
-    for name, shape in shapes:
-        role = roles[name]
-        if reasons[name]:
-            entries.append(
-                PlanEntry(name, shape, None, 4 * numel[name], role, reasons[name])
-            )
-            continue
-        fmt = config.format_of(name)
-        nbytes = compressed_nbytes(numel[name], fmt, config.transform)
-        override = next(
-            (p for p in config.format_overrides if fnmatchcase(name, p)), None
-        )
-        reason = role if override is None else f"{role}; override {override!r}"
-        if kind_for(fmt, config.transform) != config.transform:
-            reason += f"; lossless: no {config.transform}"
-        entries.append(
-            PlanEntry(name, shape, get_format(fmt).name, nbytes, role, reason)
-        )
-    return Plan(tuple(entries))
+
+def _shapes_and_roles(shapes, roles):
+    """Names and integer shapes (checked), and the roles a module gives."""
+    if isinstance(shapes, torch.nn.Module):
+        roles = {**parameter_roles(shapes), **(roles or {})}
+        shapes = [(n, tuple(p.shape)) for n, p in shapes.named_parameters()]
+    shapes = [(name, tuple(int(s) for s in shape)) for name, shape in shapes]
+    if not shapes:
+        raise ValueError("make_plan: the module has no parameters")
+    names = [n for n, _ in shapes]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"make_plan: parameter names given twice: {twice[:5]}")
+    return shapes, roles
+
+
+def _entry(
+    name: str, shape: tuple[int, ...], role: str, reason: str, config: OMCConfig
+) -> PlanEntry:
+    """One parameter's entry: float32 for a ``reason``, else compressed."""
+    numel = math.prod(shape)
+    if reason:
+        return PlanEntry(name, shape, None, 4 * numel, role, reason)
+    fmt = config.format_of(name)
+    nbytes = compressed_nbytes(numel, fmt, config.transform)
+    override = next((p for p in config.format_overrides if fnmatchcase(name, p)), None)
+    reason = role if override is None else f"{role}; override {override!r}"
+    if kind_for(fmt, config.transform) != config.transform:
+        reason += f"; lossless: no {config.transform}"
+    return PlanEntry(name, shape, get_format(fmt).name, nbytes, role, reason)
