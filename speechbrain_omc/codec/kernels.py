@@ -1,16 +1,13 @@
 """Native CPU kernels of the codec, compiled on first use; torch is the fallback.
 
 The kernels (``_native/codec.cpp``) decode, encode and take SGD steps in one
-pass each, on OpenMP threads, writing straight into their outputs: no
-temporaries, no random tensors. They give the same codes and values as the
-torch reference in :mod:`speechbrain_omc.codec.formats`, bit for bit.
-
-The library is built with the machine's C++ compiler (``$CXX`` or ``g++``)
-the first time it is needed, in about a second, and cached under
+pass each on OpenMP threads, with no temporaries, and give the torch
+reference's (:mod:`speechbrain_omc.codec.formats`) codes and values bit for
+bit. They are built by ``$CXX`` or ``g++`` and cached under
 ``$SPEECHBRAIN_OMC_CACHE`` (default ``~/.cache/speechbrain_omc``), keyed by
-the source, the compiler and the CPU. Without a compiler, on tensors that are
-not contiguous float32 CPU tensors, or with ``SPEECHBRAIN_OMC_KERNELS=0``, the
-torch reference runs instead. Which one is used is logged once.
+source, compiler and CPU. Without a compiler, for tensors that are not
+contiguous float32 CPU tensors, or with ``SPEECHBRAIN_OMC_KERNELS=0``, the
+torch reference runs.
 
 Example
 -------
@@ -200,10 +197,6 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the native kernels are built and enabled.
 
-    Returns
-    -------
-    bool
-
     Example
     -------
     >>> isinstance(available(), bool)
@@ -214,10 +207,6 @@ def available() -> bool:
 
 def status() -> str:
     """One line saying which codec implementation runs, and why.
-
-    Returns
-    -------
-    str
 
     Example
     -------
@@ -255,15 +244,6 @@ def disabled():
 def native_for(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can run on these tensors (contiguous, on the CPU).
 
-    Arguments
-    ---------
-    *tensors : torch.Tensor
-        Every tensor a call reads or writes.
-
-    Returns
-    -------
-    bool
-
     Example
     -------
     >>> native_for(torch.zeros(3, device="meta"))
@@ -300,25 +280,19 @@ def decode(
 ) -> torch.Tensor:
     """``out = value(codes) * multipliers... + shift``, in one pass.
 
-    ``value`` is each code's exact value in the format (computed without
-    float32 subnormal intermediates); the multipliers and shift are the
-    transform's, in float32, in order.
-
     Arguments
     ---------
     codes : torch.Tensor
-        Bit-packed ``uint8`` codes (``packed=True``) or ``int32`` codes in
-        range (``packed=False``).
+        Packed ``uint8`` codes (``packed=True``) or ``int32`` codes.
     out : torch.Tensor
-        Contiguous float32 CPU tensor of the values.
+        Contiguous float32 CPU output.
     fmt : FormatSpec
-        Format of the codes (``Format.spec``).
+        ``Format.spec`` of the codes.
     multipliers : tuple of float
-        Up to two float32 factors, applied in order.
+        Up to two float32 factors, in order.
     shift : float, optional
         Added last.
     packed : bool
-        Layout of ``codes``.
 
     Returns
     -------
@@ -343,14 +317,8 @@ def prepare_decode(
     shift: float | None = None,
     packed: bool = True,
 ) -> DecodeCall:
-    """The arguments of :func:`decode` for these codes (see :data:`DecodeCall`).
-
-    Arguments are as for :func:`decode`; the codes must stay where they are
-    (their pointer is taken).
-
-    Returns
-    -------
-    DecodeCall
+    """The arguments of :func:`decode` for codes that stay where they are (their
+    pointer is taken): a :data:`DecodeCall`.
     """
     ptr, nbytes = _codes_args(codes, packed)
     m = (*multipliers, 1.0, 1.0)
@@ -361,20 +329,7 @@ def prepare_decode(
 
 
 def decode_prepared(call: DecodeCall, out: torch.Tensor) -> torch.Tensor:
-    """:func:`decode` with prepared arguments into ``out`` (contiguous float32).
-
-    Arguments
-    ---------
-    call : DecodeCall
-        From :func:`prepare_decode`.
-    out : torch.Tensor
-        Where the values go; as many as the codes hold.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``.
-    """
+    """:func:`decode` with a :func:`prepare_decode` call into ``out``."""
     head, tail = call
     _library().omc_decode(
         *head, out.data_ptr(), out.numel(), *tail, torch.get_num_threads()
@@ -397,20 +352,17 @@ def encode(
     Arguments
     ---------
     x : torch.Tensor
-        Contiguous, finite float32 CPU tensor.
+        Contiguous, finite float32 CPU values.
     codes : torch.Tensor
-        Output: ``ceil(n * bits / 8)`` ``uint8`` (``packed=True``) or ``n``
-        ``int32``.
+        Output: packed ``uint8`` (``packed=True``) or ``int32``.
     fmt : FormatSpec
-        Target format (``Format.spec``).
     scale, shift : float, optional
-        The forward transform (``None``: omitted).
+        The forward transform.
     stochastic_key : int, optional
-        64-bit key of stochastic rounding; ``None`` rounds to nearest even.
+        Key of stochastic rounding; ``None`` rounds to nearest even.
     index_offset : int
-        Index of ``x[0]`` in the counter-based random stream.
+        Index of ``x[0]`` in the random stream.
     packed : bool
-        Layout of ``codes``.
 
     Returns
     -------
@@ -440,18 +392,8 @@ def encode(
 
 
 def minmax(x: torch.Tensor) -> tuple[float, float, int]:
-    """Minimum, maximum and number of non-finite values of a float32 tensor.
-
-    Arguments
-    ---------
-    x : torch.Tensor
-        Contiguous float32 CPU tensor.
-
-    Returns
-    -------
-    tuple
-        ``(min, max, non-finite count)``; min and max are meaningless when
-        the count is not zero.
+    """``(min, max, non-finite count)`` of a contiguous float32 CPU tensor (min
+    and max mean nothing when the count is not zero).
     """
     out = _Floats2()
     bad = _library().omc_minmax(
@@ -480,23 +422,17 @@ def sgd_step(
     Arguments
     ---------
     value : torch.Tensor
-        Float32 weights (a scratch copy: left undefined when the gradient is
-        not finite); with ``codes``, only the destination of their decoding.
+        Float32 scratch weights (undefined after a non-finite gradient); with
+        ``codes``, where they are decoded first, in the same pass.
     grad : torch.Tensor
-        Its gradient (float32, same size).
     momentum_buffer : torch.Tensor or None
-        Float32 momentum state, updated in place (only when every gradient
-        value is finite); ``None`` without momentum.
+        Updated in place when the gradient is finite.
     lr, momentum, dampening, weight_decay, nesterov
         As in ``torch.optim.SGD``.
     first_step : bool
         Initialise the momentum buffer from this gradient.
-    codes : torch.Tensor, optional
-        Bit-packed codes to decode into ``value`` first, chunk by chunk in
-        the same pass (``fmt``, ``multipliers`` and ``shift`` as in
-        :func:`decode`).
-    fmt, multipliers, shift
-        How to decode ``codes``.
+    codes, fmt, multipliers, shift
+        Packed codes to decode first, as in :func:`decode`.
 
     Returns
     -------
@@ -545,24 +481,9 @@ def encode_blocks(
     sqrt: bool = False,
     stochastic_key: int | None = None,
 ) -> None:
-    """Block-wise codes of ``x`` (see :mod:`speechbrain_omc.codec.blockwise`).
-
-    Arguments
-    ---------
-    x : torch.Tensor
-        Contiguous float32 values.
-    packed : torch.Tensor
-        ``uint8`` output codes.
-    scales : torch.Tensor
-        float32 output, one scale per block.
-    fmt : FormatSpec
-        Code format.
-    block : int
-        Values per scale.
-    sqrt : bool
-        Encode square roots.
-    stochastic_key : int, optional
-        Stochastic rounding's key; nearest when ``None``.
+    """Block-wise codes of contiguous float32 ``x`` into ``packed`` and one
+    float32 scale per ``block`` values into ``scales`` (square roots with
+    ``sqrt``; see :mod:`speechbrain_omc.codec.blockwise`).
     """
     _library().omc_encode_blocks(
         x.data_ptr(),
@@ -587,22 +508,7 @@ def decode_blocks(
     block: int,
     sqrt: bool = False,
 ) -> torch.Tensor:
-    """Values of block-wise codes into ``out`` (float32, contiguous).
-
-    Arguments
-    ---------
-    packed : torch.Tensor
-    out : torch.Tensor
-    scales : torch.Tensor
-    fmt : FormatSpec
-    block : int
-    sqrt : bool
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``.
-    """
+    """Values of block-wise codes into contiguous float32 ``out``; returns ``out``."""
     _library().omc_decode_blocks(
         packed.data_ptr(),
         packed.numel(),
