@@ -1,26 +1,12 @@
 """SpeechBrain integration: a Brain whose modules train under OMC.
 
-A recipe keeps its model YAML and adds an OMC section to its hparams (the
-whole block is ``hparams/omc.yaml``; flat keys, so that ``--omc_format=e4m7``
-overrides one)::
-
-    omc_format: e3m7
-    omc_fp32_fraction: 0.1
-    omc: !new:speechbrain_omc.OMCConfig
-        format: !ref <omc_format>
-        fp32_fraction: !ref <omc_fp32_fraction>
-
-and derives its Brain from :class:`OMCBrain` (or mixes :class:`OMCMixin` into
-an existing ``sb.Brain`` subclass). The mixin overrides hooks only: modules
-are compressed once at fit (or evaluate) start, before SpeechBrain builds the
-optimizer and recovers checkpoints; compressed payloads travel through the
-modules' state dicts, so the ``Checkpointer`` saves and recovers them as is.
-
-For tools that expect float tensors, :meth:`OMCMixin.export_float32` (or the
-``omc_export_float32`` hparam, a folder written at the end of ``fit``) saves
-the Brain's recoverables as a float32 checkpoint that plain SpeechBrain
-loads; :mod:`speechbrain_omc.checkpoints` has the ``Pretrainer`` hook and
-checkpoint averaging for OMC checkpoints.
+A recipe adds an OMC section to its hparams (``hparams/omc.yaml``, flat
+``omc_*`` keys) and derives its Brain from :class:`OMCBrain` (or mixes
+:class:`OMCMixin` into its own). Modules are compressed once at fit (or
+evaluate) start, before the optimizer is built and checkpoints recovered;
+payloads travel in the state dicts, so the ``Checkpointer`` works as is.
+:meth:`OMCMixin.export_float32` writes a float32 checkpoint plain
+SpeechBrain reads; :mod:`speechbrain_omc.checkpoints` has the rest.
 """
 
 from __future__ import annotations
@@ -75,16 +61,12 @@ class OMCUpdateState:
 class OMCMixin:
     """Puts a Brain's ``modules`` under OMC; mix in before ``sb.Brain``.
 
-    The configuration is ``hparams["omc"]`` (an :class:`OMCConfig`, or a dict
-    of its arguments); without it the Brain trains in float32 as usual, so one
-    ``train.py`` serves both. In fused mode the Brain's optimizer must be
-    ``torch.optim.SGD``, ``Adam`` or ``AdamW``: its settings (scheduled
-    learning rate included) are read every batch and applied to the
-    compressed parameters inside backward, and the optimizer itself trains
-    the float32 parameters; ``max_grad_norm`` is honoured as
-    ``OMCConfig.fused_clipping`` says. In simple mode any optimizer works,
-    and SpeechBrain's gradient clipping covers the compressed parameters
-    too: they are parameters like the others.
+    The configuration is ``hparams["omc"]`` (an :class:`OMCConfig` or a dict);
+    without it the Brain trains in float32. Fused mode reads the optimizer's
+    settings (``SGD``, ``Adam`` or ``AdamW``, scheduled learning rate included)
+    every batch and hands them to the update policy, which honours
+    ``max_grad_norm`` as ``OMCConfig.fused_clipping`` says; simple mode runs any
+    optimizer.
 
     Example
     -------
@@ -153,16 +135,8 @@ class OMCMixin:
             )
 
     def fit(self, *args, **kwargs) -> None:
-        """Train as ``sb.Brain.fit``; then export float32 if the hparams ask.
-
-        With ``omc_export_float32: <folder>`` in the hparams, the trained
-        state is written there by :meth:`export_float32` (replacing an
-        earlier export of the same name).
-
-        Arguments
-        ---------
-        *args, **kwargs
-            Those of ``sb.Brain.fit``.
+        """Train as ``sb.Brain.fit``; then, with ``omc_export_float32: <folder>``
+        in the hparams, :meth:`export_float32` there.
         """
         super().fit(*args, **kwargs)
         out_dir = getattr(self.hparams, "omc_export_float32", None)
@@ -178,26 +152,20 @@ class OMCMixin:
     ) -> Path:
         """Save the current state as a float32 checkpoint plain SpeechBrain reads.
 
-        The checkpointer's recoverables (the modules, optimizer, counters...;
-        each module under ``self.modules`` by its key when the Brain has no
-        checkpointer) are saved as SpeechBrain would, every compressed
-        parameter decoded to float32, into ``out_dir/CKPT+<name>``, without
-        the ``omc_update`` state (see :mod:`speechbrain_omc.export`). Plain
-        ``Checkpointer(out_dir, ...).recover_if_possible()`` finds it, and a
-        ``Pretrainer`` reads its files, without ``speechbrain_omc``. The
-        Brain's own checkpoints are left alone. Under DDP every process
-        calls it; the main process writes.
+        The recoverables (or each of ``self.modules`` without a checkpointer) go
+        to ``out_dir/CKPT+<name>`` with every compressed parameter decoded and no
+        ``omc_update`` state (:mod:`speechbrain_omc.export`). Under DDP every
+        process calls it; the main process writes.
 
         Arguments
         ---------
         out_dir : str or os.PathLike
-            Checkpoints folder receiving ``CKPT+<name>``.
         name : str
-            Checkpoint name (after SpeechBrain's ``CKPT+`` prefix).
+            Checkpoint name after ``CKPT+``.
         overwrite : bool
-            Replace an existing ``CKPT+<name>`` there.
+            Replace an existing ``CKPT+<name>``.
         meta : dict, optional
-            Extra entries of the checkpoint's ``CKPT.yaml``.
+            Extra entries of ``CKPT.yaml``.
 
         Returns
         -------
@@ -217,8 +185,6 @@ class OMCMixin:
         >>> path = brain.export_float32(getfixture("tmp_path") / "float32")
         >>> path.name, sorted(p.name for p in path.iterdir())
         ('CKPT+float32', ['CKPT.yaml', 'lin.ckpt'])
-        >>> torch.load(path / "lin.ckpt")["weight"].dtype
-        torch.float32
         """
         out_dir = Path(out_dir)
         if self.checkpointer is not None:
@@ -321,15 +287,12 @@ class OMCMixin:
         updates.clip_coef = min(1.0, self.max_grad_norm / (total + 1e-6))
 
     def optimizers_step(self):
-        """Fused mode finishes the OMC step first; then SpeechBrain's step.
+        """The update policy finishes its step first; then SpeechBrain's.
 
-        With deferred clipping (the default) SpeechBrain's clipping runs here
-        over every gradient, the held compressed ones included (per
-        optimizer, over its first parameter group, as ``sb.Brain`` does);
-        the fused updates then apply, and SpeechBrain's own step finds only
-        float32 gradients, already clipped. Under DDP the fused updates wait
-        for the all-reduced gradients and run here too. With two-pass
-        clipping the float32 gradients take the measured coefficient.
+        With deferred clipping, SpeechBrain's clipping runs here over every
+        gradient, held compressed ones included, and SpeechBrain's own step finds
+        only float32 gradients, clipped already. Under DDP the fused updates run
+        here; with two-pass clipping float32 gradients take the measured coefficient.
         """
         omc = self.omc
         updates = omc.updates if omc is not None else None
