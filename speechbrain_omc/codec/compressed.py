@@ -50,20 +50,8 @@ class CompressedTensor:
     """A float tensor stored as packed low-bit codes plus a per-variable transform.
 
     Build one with :meth:`compress` or :meth:`from_bytes`; the constructor
-    takes packed parts.
-
-    Arguments
-    ---------
-    packed : torch.Tensor
-        1-D ``torch.uint8`` tensor of ``ceil(numel * bits / 8)`` bytes.
-    fmt : str or Format
-        Format of the codes.
-    shape : sequence of int
-        Shape of the represented tensor.
-    transform : Transform
-        Fitted per-variable transform.
-    clip : str
-        Clip method used when the transform is refitted by :meth:`assign_`.
+    takes ``packed`` codes, ``fmt``, ``shape``, the fitted ``transform`` and the
+    ``clip`` method :meth:`assign_` refits with.
 
     Example
     -------
@@ -168,25 +156,11 @@ class CompressedTensor:
         *,
         minmax: tuple[float, float] | None = None,
     ) -> CompressedTensor:
-        """Re-compress a new value into this tensor's buffer, in place; the
-        transform is refitted (same kind and clip method).
+        """Re-compress a new finite value of the same shape into this buffer, in
+        place, refitting the transform; returns ``self``.
 
-        Arguments
-        ---------
-        x : torch.Tensor
-            New finite value of the same shape.
-        rounding : str
-            ``"nearest"`` or ``"stochastic"`` (small updates survive on average).
-        generator : torch.Generator or int, optional
-            Randomness for stochastic rounding (an int is the key).
-        minmax : tuple of float, optional
-            ``(min, max)`` of ``x`` measured by the caller (``x`` is then
-            trusted to be finite).
-
-        Returns
-        -------
-        CompressedTensor
-            ``self``.
+        ``minmax`` is ``x``'s range when the caller measured it (``x`` is then
+        trusted to be finite); ``generator`` keys stochastic ``rounding``.
 
         Example
         -------
@@ -217,20 +191,8 @@ class CompressedTensor:
     def decompress(
         self, dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Decode to a tensor of the original shape.
-
-        Arguments
-        ---------
-        dtype : torch.dtype
-            Floating dtype of the result (decoded exactly in float32, then cast).
-        out : torch.Tensor, optional
-            Contiguous float32 buffer of ``numel()`` values on the codes'
-            device to decode into (``dtype`` must then be float32).
-
-        Returns
-        -------
-        torch.Tensor
-            On the codes' device (a view of ``out`` when given).
+        """Decode to the original shape, exactly in float32 then cast to ``dtype``;
+        into ``out`` (contiguous float32 on the codes' device) when given.
 
         Example
         -------
@@ -322,19 +284,8 @@ class CompressedTensor:
         return self._packed.numel() + self._transform.nbytes
 
     def in_own_pages(self) -> CompressedTensor:
-        """The same codes in pages of their own (a copy in an anonymous
-        mapping; ``self`` off the CPU), so that long-lived codes stay off the
-        heap (see :mod:`speechbrain_omc.codec.memory`).
-
-        Returns
-        -------
-        CompressedTensor
-
-        Example
-        -------
-        >>> ct = CompressedTensor.compress(torch.ones(4), "e3m7")
-        >>> torch.equal(ct.in_own_pages().decompress(), ct.decompress())
-        True
+        """The same codes in pages of their own (``self`` off the CPU), so that
+        long-lived codes stay off the heap (:mod:`speechbrain_omc.codec.memory`).
         """
         if self.device.type != "cpu":
             return self
@@ -352,12 +303,7 @@ class CompressedTensor:
 
     # --------------------------------------------------------- serialisation
     def to_bytes(self) -> bytes:
-        """Serialise to a self-describing, checksummed byte string.
-
-        Returns
-        -------
-        bytes
-            The layout of :mod:`speechbrain_omc.codec.serial`.
+        """Serialise to :mod:`speechbrain_omc.codec.serial`'s checksummed layout.
 
         Example
         -------
@@ -368,18 +314,8 @@ class CompressedTensor:
         return b"".join(self.to_bytes_parts())
 
     def to_bytes_parts(self) -> tuple[bytes, memoryview, bytes]:
-        """:meth:`to_bytes` in three parts (header, a view of the codes,
-        CRC32), for a message encoder that joins all its parts once.
-
-        Returns
-        -------
-        tuple
-
-        Example
-        -------
-        >>> t = CompressedTensor.compress(torch.ones(3), "int8")
-        >>> b"".join(t.to_bytes_parts()) == t.to_bytes()
-        True
+        """:meth:`to_bytes` in three parts (header, a view of the codes, CRC32), for
+        an encoder that joins all its parts once.
         """
         return serial.write_parts(
             self._packed, self._format, self._shape, self._transform, self._clip
@@ -393,26 +329,11 @@ class CompressedTensor:
         *,
         workspace: Workspace | None = None,
     ) -> CompressedTensor:
-        """Rebuild a tensor serialised by :meth:`to_bytes`.
+        """Rebuild a tensor serialised by :meth:`to_bytes` (only the codes are
+        copied, into a buffer of ``workspace`` when given, then to ``device``).
 
-        Arguments
-        ---------
-        data : bytes-like
-            The serialised payload; only its codes are copied, once.
-        device : str or torch.device, optional
-            Where to put the packed buffer (CPU by default).
-        workspace : Workspace, optional
-            Take the codes' buffer from it (reused once the tensor is gone).
-
-        Returns
-        -------
-        CompressedTensor
-
-        Raises
-        ------
-        ValueError
-            A foreign, newer, truncated, padded, corrupted or inconsistent
-            payload.
+        Raises ``ValueError`` for a foreign, newer, truncated, padded, corrupted
+        or inconsistent payload.
 
         Example
         -------

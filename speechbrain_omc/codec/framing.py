@@ -39,22 +39,9 @@ CRC = struct.Struct("<I")
 
 @dataclass(frozen=True)
 class Frame:
-    """One framed layout and the words its errors use.
-
-    Arguments
-    ---------
-    magic : bytes
-        Four bytes that open every string of this layout.
-    version : int
-        The layout version this build writes and reads.
-    article : str
-        ``"a"`` or ``"an"``, before ``noun`` ("not a ...").
-    noun : str
-        What the string is, in error messages.
-    min_body : int
-        Fewest body bytes a well-formed string has.
-    short : str
-        Error message for a total length below that minimum.
+    """One framed layout: its ``magic``, ``version``, the ``article`` and
+    ``noun`` its errors use, the fewest body bytes (``min_body``) and the
+    message for a shorter string (``short``).
     """
 
     magic: bytes
@@ -84,25 +71,10 @@ class Frame:
         return b"".join(parts)
 
     def open(self, view: memoryview, max_nbytes: int | None = None) -> memoryview:
-        """Check the envelope of ``view`` and return a view of its body.
+        """Check the envelope of ``view`` (bytes) and return a view of its body.
 
-        Arguments
-        ---------
-        view : memoryview
-            The whole string, as bytes (``memoryview(...).cast("B")``).
-        max_nbytes : int, optional
-            Longest acceptable string, checked once the version is known.
-
-        Returns
-        -------
-        memoryview
-            The bytes between prefix and checksum (no copy).
-
-        Raises
-        ------
-        ValueError
-            Foreign magic, other version, a string too long, truncated,
-            padded, impossibly short or corrupted.
+        Raises ``ValueError`` for foreign magic, another version, a string over
+        ``max_nbytes``, truncated, padded, impossibly short or corrupted.
         """
         noun = self.noun
         if bytes(view[:4]) != self.magic:
