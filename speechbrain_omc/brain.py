@@ -153,24 +153,10 @@ class OMCMixin:
         """Save the current state as a float32 checkpoint plain SpeechBrain reads.
 
         The recoverables (or each of ``self.modules`` without a checkpointer) go
-        to ``out_dir/CKPT+<name>`` with every compressed parameter decoded and no
-        ``omc_update`` state (:mod:`speechbrain_omc.export`). Under DDP every
-        process calls it; the main process writes.
-
-        Arguments
-        ---------
-        out_dir : str or os.PathLike
-        name : str
-            Checkpoint name after ``CKPT+``.
-        overwrite : bool
-            Replace an existing ``CKPT+<name>``.
-        meta : dict, optional
-            Extra entries of ``CKPT.yaml``.
-
-        Returns
-        -------
-        Path
-            The written checkpoint folder.
+        to ``out_dir/CKPT+<name>`` (replacing one with ``overwrite``; ``meta`` adds
+        to ``CKPT.yaml``) with every compressed parameter decoded and no
+        ``omc_update`` state; returns that folder. Under DDP every process calls
+        it; the main process writes.
 
         Example
         -------

@@ -74,23 +74,10 @@ def decode_payload(value: torch.Tensor, where: str = "payload") -> torch.Tensor:
 def decode_payloads(
     obj: Any, keep: Iterable[str] = (), where: str = "checkpoint"
 ) -> Any:
-    """Replace every payload in a loaded checkpoint object by float32 values.
-
-    Mappings and lists change in place (a state dict keeps ``_metadata``),
-    tuples are rebuilt, anything else is left alone.
-
-    Arguments
-    ---------
-    obj : Any
-        What ``torch.load`` returned.
-    keep : iterable of str
-        Top-level keys left as payloads (a module under OMC loads those).
-    where : str
-        What to call ``obj`` in a :class:`CheckpointError`.
-
-    Returns
-    -------
-    Any
+    """Replace every payload in a loaded checkpoint object by float32 values,
+    except under the top-level ``keep`` keys; ``where`` names ``obj`` in a
+    :class:`CheckpointError`. Mappings and lists change in place (a state dict
+    keeps ``_metadata``), tuples are rebuilt.
 
     Example
     -------
@@ -259,26 +246,9 @@ def average_checkpoints(
     parameter_loader: Callable[..., Any] = torch.load,
     averager: Callable[[Iterable[Any]], Any] = sb_checkpoints.average_state_dicts,
 ) -> Any:
-    """Average OMC (or float32) checkpoints in float32.
-
-    A drop-in for ``speechbrain.utils.checkpoints.average_checkpoints`` (whose
-    averager would add payload bytes as numbers): payloads are decoded first.
-
-    Arguments
-    ---------
-    checkpoint_list : list of Checkpoint
-        From ``Checkpointer.find_checkpoints()``.
-    recoverable_name : str
-        The recoverable whose state dicts are averaged.
-    parameter_loader : callable
-        ``loader(path, map_location=...)``.
-    averager : callable
-        Averages an iterator of decoded state dicts.
-
-    Returns
-    -------
-    Any
-        The averager's result.
+    """Average OMC (or float32) checkpoints in float32: a drop-in for
+    ``speechbrain.utils.checkpoints.average_checkpoints`` (whose averager would
+    add payload bytes as numbers) that decodes payloads first; same arguments.
 
     Example
     -------

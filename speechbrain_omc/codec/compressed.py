@@ -96,31 +96,27 @@ class CompressedTensor:
         *,
         out: torch.Tensor | None = None,
     ) -> CompressedTensor:
-        """Compress a float tensor.
+        """Compress a float tensor, on its device.
 
         Arguments
         ---------
         x : torch.Tensor
-            Finite floating-point values (cast to float32 first).
+            Finite values (cast to float32).
         fmt : str or Format
             Format or preset name (``"e3m7"``, ``"bf16"``, ``"int8"``...).
         transform : str or Transform
-            ``"none"``, ``"scale"`` or ``"affine"`` (fitted to ``x``), or a
-            fixed :class:`Transform`.
+            A kind fitted to ``x`` (see :func:`fit_transform`), or a fixed one.
         rounding : str
-            ``"nearest"`` or ``"stochastic"``.
+            ``"nearest"`` or ``"stochastic"`` (keyed by ``generator``).
         generator : torch.Generator or int, optional
-            Randomness for stochastic rounding (an int is the key).
         clip : str
-            ``"absmax"`` or ``"mse"`` (see :func:`fit_transform`).
+            ``"absmax"`` or ``"mse"``.
         out : torch.Tensor, optional
-            Contiguous 1-D ``uint8`` buffer of the codes' size on ``x``'s
-            device (such as :func:`~speechbrain_omc.codec.memory.mapped_empty`).
+            Contiguous ``uint8`` buffer of the codes' size on ``x``'s device.
 
         Returns
         -------
         CompressedTensor
-            On ``x``'s device.
 
         Example
         -------

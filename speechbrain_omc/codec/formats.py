@@ -161,21 +161,6 @@ def random_bits(key: int, offset: int, n: int, device=None) -> torch.Tensor:
     Value ``i`` gets ``mix(mix(lo(i) ^ k0) ^ k1 ^ hi(i)) >> 1`` (32-bit words
     of ``key`` and ``i``, ``mix`` a xorshift-multiply hash), as the kernels do.
 
-    Arguments
-    ---------
-    key : int
-        64-bit key of one update.
-    offset : int
-        Index of the first value.
-    n : int
-        Number of values.
-    device : torch.device, optional
-
-    Returns
-    -------
-    torch.Tensor
-        ``int32`` values in ``[0, 2**31)``.
-
     Example
     -------
     >>> a = random_bits(7, 0, 6)

@@ -304,22 +304,9 @@ class UpdatePolicy:
     def clip_grad_norm_(
         self, parameters: Iterable[torch.nn.Parameter], max_norm: float
     ) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` that also covers held gradients.
-
-        Float32 gradients are scaled in place, held ones when :meth:`step`
-        applies them: with deferred clipping, the step's global clipping.
-
-        Arguments
-        ---------
-        parameters : iterable of torch.nn.Parameter
-            Parameters clipped together (compressed ones included).
-        max_norm : float
-            Largest norm after clipping.
-
-        Returns
-        -------
-        torch.Tensor
-            The total norm before clipping.
+        """``torch.nn.utils.clip_grad_norm_`` over ``parameters`` that also covers
+        held gradients (scaled when :meth:`step` applies them): with deferred
+        clipping, the step's global clipping. Returns the norm before clipping.
         """
         parameters = list(parameters)
         names = {
