@@ -6,7 +6,9 @@ Each selected parameter becomes a
 codes and decoded on the fly by every operation that reads it. Autograd
 saves the compressed tensor itself, so a float32 copy of a weight lives only
 while one operation runs; DDP, clipping, any optimizer, ``.to(device)`` and
-hooks work as on any parameter. How the parameters are updated is the
+hooks work as on any parameter. Codes follow the module's device (off the
+CPU the torch codec runs); a cast changes the dtype weights decode to, not
+the codes. How parameters are updated is the
 :class:`~speechbrain_omc.engine.updates.UpdatePolicy`'s (``handle.updates``).
 """
 

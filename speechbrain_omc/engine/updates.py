@@ -14,7 +14,9 @@ Fused mode clips compressed gradients by ``OMCConfig.fused_clipping``:
 ``deferred`` holds them until :meth:`UpdatePolicy.clip_grad_norm_` knows the
 global norm, ``two_pass`` takes a coefficient measured by a first backward
 (:meth:`UpdatePolicy.measuring`), ``previous_norm`` the last step's norm,
-``per_parameter`` each gradient's own.
+``per_parameter`` each gradient's own. With reentrant activation
+checkpointing a weight shared by several checkpointed segments is updated
+once per segment in fused mode (non-reentrant, torch's default, is exact).
 """
 
 from __future__ import annotations
