@@ -202,16 +202,9 @@ def rounding_key(generator: torch.Generator | int | None = None) -> int:
 def affine_plan(
     pow2: float, scale: float | None, shift: float | None
 ) -> tuple[tuple[float, ...], float | None]:
-    """Multipliers and shift that compute ``(v * pow2) * scale + shift``.
-
-    ``v * pow2`` is exact, so ``pow2`` folds into the scale (one multiply)
-    whenever the product is a normal float32: the same bits.
-
-    Returns
-    -------
-    tuple
-        ``(multipliers, shift)``: float32 factors applied in order, then the
-        shift or ``None``.
+    """Multipliers and shift that compute ``(v * pow2) * scale + shift``:
+    ``pow2`` folds into the scale (one multiply, the same bits) whenever the
+    product is a normal float32.
 
     Example
     -------
@@ -344,22 +337,9 @@ class Format(ABC):
         rounding: str = "nearest",
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Quantize a float tensor to codes of this format.
-
-        Arguments
-        ---------
-        x : torch.Tensor
-            Finite values (cast to float32); beyond ``max_value`` they saturate.
-        rounding : str
-            ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased: up with
-            probability equal to the distance from the lower neighbour).
-        generator : torch.Generator or int, optional
-            Randomness of stochastic rounding (see :func:`rounding_key`).
-
-        Returns
-        -------
-        torch.Tensor
-            ``int32`` codes of ``x``'s shape.
+        """Codes of this format for finite ``x`` (cast to float32; beyond
+        ``max_value`` it saturates), rounded ``"nearest"`` (ties to even) or
+        ``"stochastic"`` (unbiased; keyed by ``generator``, see :func:`rounding_key`).
 
         Example
         -------
@@ -398,18 +378,6 @@ class Format(ABC):
         """Decode codes to float32, then ``value * scale + shift`` (the same bits as
         decoding first and applying the float32 transform after).
 
-        Arguments
-        ---------
-        codes : torch.Tensor
-            Integer codes of this format.
-        scale, shift : float, optional
-            The transform.
-
-        Returns
-        -------
-        torch.Tensor
-            float32, of ``codes``' shape.
-
         Example
         -------
         >>> FloatFormat(5, 10).dequantize(torch.tensor([15360, 48128]), 0.5, 1.0)
@@ -430,19 +398,12 @@ class Format(ABC):
 
 @dataclass(frozen=True)
 class FloatFormat(Format):
-    """Sign/exponent/mantissa float format without inf/NaN codes.
+    """Sign/exponent/mantissa float format (``exponent_bits`` 1 to 8,
+    ``mantissa_bits`` >= 0, 2 to 16 bits in all) without inf/NaN codes.
 
-    ``bits = 1 + exponent_bits + mantissa_bits`` lies in 2..16 and the bias is
-    ``2**(exponent_bits - 1) - 1``. Every exponent field is a finite binade but
-    with 8 exponent bits, whose top field stays unused (it would overflow
-    float32). ``-0.0`` keeps its sign bit, as native casts do.
-
-    Arguments
-    ---------
-    exponent_bits : int
-        1 to 8.
-    mantissa_bits : int
-        Stored mantissa width, >= 0.
+    The bias is ``2**(exponent_bits - 1) - 1``; every exponent field is a
+    finite binade but with 8 exponent bits, whose top field stays unused (it
+    would overflow float32). ``-0.0`` keeps its sign bit, as native casts do.
 
     Example
     -------
@@ -795,20 +756,10 @@ _INT_RE = re.compile(r"int(\d+)")
 
 
 def get_format(fmt: str | Format) -> Format:
-    """The format a preset name gives (a :class:`Format` passes through).
-
-    Names (any case): ``"fp16"``/``"float16"``/``"half"``, ``"bf16"``/
-    ``"bfloat16"``, any ``"e<E>m<M>"``, any ``"int<N>"``, and ``"fp32"`` (or
-    ``"e8m23"``), the lossless format. ``"float32"`` is not a format: it names
-    what is not compressed.
-
-    Arguments
-    ---------
-    fmt : str or Format
-
-    Returns
-    -------
-    Format
+    """The format a preset name gives, any case (a :class:`Format` passes
+    through): ``"fp16"``/``"float16"``/``"half"``, ``"bf16"``/``"bfloat16"``,
+    ``"e<E>m<M>"``, ``"int<N>"`` and the lossless ``"fp32"`` (``"e8m23"``).
+    ``"float32"`` is not a format: it names what is not compressed.
 
     Example
     -------

@@ -1,16 +1,8 @@
 """Framed byte strings: the envelope of payloads and wire messages.
 
-A :class:`~speechbrain_omc.codec.compressed.CompressedTensor` payload and a
-federated wire message share one envelope (all little-endian)::
-
-    magic                          4 bytes
-    version (uint16)               2 bytes
-    total length in bytes (uint64) 8 bytes
-    body                           total - 18 bytes
-    CRC32 of everything above      4 bytes
-
-:meth:`Frame.open` checks an envelope strictly (magic, version, length,
-checksum) before anything of the body is read.
+``magic`` (4 bytes), version (uint16), total length (uint64), body, CRC32
+of all before it (little-endian). :meth:`Frame.open` checks an envelope
+strictly before anything of the body is read.
 
 Example
 -------

@@ -278,26 +278,10 @@ def decode(
     shift: float | None = None,
     packed: bool = True,
 ) -> torch.Tensor:
-    """``out = value(codes) * multipliers... + shift``, in one pass.
-
-    Arguments
-    ---------
-    codes : torch.Tensor
-        Packed ``uint8`` codes (``packed=True``) or ``int32`` codes.
-    out : torch.Tensor
-        Contiguous float32 CPU output.
-    fmt : FormatSpec
-        ``Format.spec`` of the codes.
-    multipliers : tuple of float
-        Up to two float32 factors, in order.
-    shift : float, optional
-        Added last.
-    packed : bool
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``.
+    """``out = value(codes) * multipliers... + shift`` in one pass, into
+    contiguous float32 CPU ``out`` (returned): ``codes`` packed ``uint8``
+    (``packed=True``) or ``int32`` in format ``fmt`` (``Format.spec``), up to two
+    float32 ``multipliers`` in order, then ``shift``.
     """
     if out.dtype != torch.float32:
         raise TypeError(f"out must be float32, got {out.dtype}")
@@ -347,27 +331,10 @@ def encode(
     index_offset: int = 0,
     packed: bool = True,
 ) -> torch.Tensor:
-    """``codes = quantize((x - shift) / scale)``, in one pass.
-
-    Arguments
-    ---------
-    x : torch.Tensor
-        Contiguous, finite float32 CPU values.
-    codes : torch.Tensor
-        Output: packed ``uint8`` (``packed=True``) or ``int32``.
-    fmt : FormatSpec
-    scale, shift : float, optional
-        The forward transform.
-    stochastic_key : int, optional
-        Key of stochastic rounding; ``None`` rounds to nearest even.
-    index_offset : int
-        Index of ``x[0]`` in the random stream.
-    packed : bool
-
-    Returns
-    -------
-    torch.Tensor
-        ``codes``.
+    """``codes = quantize((x - shift) / scale)`` in one pass, from contiguous
+    finite float32 CPU ``x`` into ``codes`` (returned; packed ``uint8`` or
+    ``int32``), rounding to nearest even or, with ``stochastic_key``,
+    stochastically (``index_offset``: ``x[0]``'s index in the random stream).
     """
     if x.dtype != torch.float32:
         raise TypeError(f"x must be float32, got {x.dtype}")
@@ -417,27 +384,13 @@ def sgd_step(
     multipliers: tuple[float, ...] = (),
     shift: float | None = None,
 ) -> tuple[int, float, float, int]:
-    """One ``torch.optim.SGD`` step on ``value`` in place, bit for bit.
+    """One ``torch.optim.SGD`` step on float32 ``value`` in place, bit for bit.
 
-    Arguments
-    ---------
-    value : torch.Tensor
-        Float32 scratch weights (undefined after a non-finite gradient); with
-        ``codes``, where they are decoded first, in the same pass.
-    grad : torch.Tensor
-    momentum_buffer : torch.Tensor or None
-        Updated in place when the gradient is finite.
-    lr, momentum, dampening, weight_decay, nesterov
-        As in ``torch.optim.SGD``.
-    first_step : bool
-        Initialise the momentum buffer from this gradient.
-    codes, fmt, multipliers, shift
-        Packed codes to decode first, as in :func:`decode`.
-
-    Returns
-    -------
-    tuple
-        ``(non-finite gradient values, new min, new max, non-finite values)``.
+    ``value`` is scratch (undefined after a non-finite gradient); with
+    ``codes`` (``fmt``, ``multipliers``, ``shift`` as in :func:`decode`) the
+    weight is decoded into it in the same pass. ``momentum_buffer`` is updated
+    only for a finite gradient (initialised on ``first_step``). Returns
+    ``(non-finite gradient values, new min, new max, non-finite values)``.
     """
     if grad.dtype != torch.float32 or value.dtype != torch.float32:
         raise TypeError("sgd_step works on float32 values and gradients")

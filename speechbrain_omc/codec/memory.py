@@ -53,18 +53,12 @@ def mapped_empty(numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
 class Workspace:
     """Reusable buffers for transient tensors (float32 by default).
 
-    A buffer is free again once every tensor made from it has died (the
-    mapping's reference count tells). Off the CPU :meth:`take` is
-    ``torch.empty``: caching allocators reuse memory already.
-
-    Arguments
-    ---------
-    idle_bytes : int
-        Idle buffers beyond this total are unmapped by :meth:`trim`.
-    exact : bool
-        Reuse a buffer only for its size in bytes (a training step's use).
-        ``False``: an idle buffer of the type at least as large serves, and a
-        larger one replaces the smaller (a reader of entries of many sizes).
+    A buffer is free again once every tensor made from it has died. Off the
+    CPU :meth:`take` is ``torch.empty``. Idle buffers beyond ``idle_bytes`` are
+    unmapped by :meth:`trim`. ``exact`` reuses a buffer only for its size (a
+    training step's use); otherwise an idle buffer of the type at least as
+    large serves and a larger one replaces the smaller (a reader of entries of
+    many sizes holds one buffer per type).
 
     Example
     -------

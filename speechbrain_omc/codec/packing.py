@@ -136,20 +136,9 @@ def _check_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_bits(
     codes: torch.Tensor, bits: int, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Pack integer codes of ``bits`` bits (1 to 16 or 32) into bytes.
-
-    Arguments
-    ---------
-    codes : torch.Tensor
-        Values in ``[0, 2**bits)`` (32 bits: any int32), flattened row-major.
-    bits : int
-    out : torch.Tensor, optional
-        Contiguous ``uint8`` buffer of the packed size.
-
-    Returns
-    -------
-    torch.Tensor
-        1-D ``uint8`` of ``ceil(numel * bits / 8)`` bytes.
+    """Pack integer codes of ``bits`` bits (1 to 16 or 32; values in
+    ``[0, 2**bits)``, any int32 for 32) into ``ceil(numel * bits / 8)`` bytes,
+    row-major (into contiguous ``uint8`` ``out`` when given).
 
     Example
     -------

@@ -1,14 +1,10 @@
 """The byte layout of a compressed tensor (``CompressedTensor.to_bytes``).
 
-Inside a :class:`~speechbrain_omc.codec.framing.Frame` (magic ``b"OMCT"``,
-version, length, CRC32), all little-endian::
-
-    format kind, p1, p2 (uint8 x 3)     float: 0, E, M   int: 1, bits, 0
-                                        fp32 (lossless): 2, 32, 0
-    transform kind, clip (uint8 x 2)    kind: 0 none, 1 scale, 2 affine
-    ndim (uint8), shape (uint64 each)
-    transform parameters (float32 each: none 0, scale 1, affine 2)
-    packed codes                        ceil(numel * bits / 8) bytes
+Inside a :class:`~speechbrain_omc.codec.framing.Frame` (magic ``b"OMCT"``),
+little-endian: format kind, p1, p2 (uint8 x 3: float 0, E, M; int 1, bits,
+0; fp32 2, 32, 0), transform kind and clip (uint8 x 2), ndim (uint8), shape
+(uint64 each), transform parameters (float32: none 0, scale 1, affine 2),
+packed codes.
 
 Example
 -------
@@ -17,12 +13,9 @@ Example
 >>> from speechbrain_omc.codec.transform import Transform
 >>> codes = torch.tensor([1, 2], dtype=torch.uint8)
 >>> none = Transform.from_params("none", ())
->>> parts = write_parts(codes, get_format("int8"), (2,), none, "absmax")
->>> data = b"".join(parts)
->>> is_payload_bytes(data), len(data)
-(True, 34)
->>> read(memoryview(data), lambda *parts: parts)[1:3]
-(IntFormat(bits=8), (2,))
+>>> data = b"".join(write_parts(codes, get_format("int8"), (2,), none, "absmax"))
+>>> is_payload_bytes(data), len(data) == payload_nbytes((2,), "int8", "none")
+(True, True)
 """
 
 from __future__ import annotations

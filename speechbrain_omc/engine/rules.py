@@ -379,26 +379,12 @@ def fused_step_(
     scratch: Callable[[], torch.Tensor],
     keys: Callable[[str], int],
 ) -> StepResult:
-    """One fused update: ``value`` receives the updated weight.
-
-    Arguments
-    ---------
-    value : torch.Tensor
-        Float32 scratch, where the weight is decoded from ``codes`` and updated.
-    codes : CompressedTensor
-    grad : torch.Tensor
-    state : dict
-        The optimizer state, updated in place when the gradient is finite.
-    settings : SGDSettings or AdamSettings
-    storage : StateStorage
-    scratch : callable
-        Returns float32 scratch buffers of the weight's shape.
-    keys : callable
-        ``keys(buffer name)``: a buffer's stochastic rounding key.
-
-    Returns
-    -------
-    StepResult
+    """One fused update: the weight is decoded from ``codes`` into float32
+    scratch ``value`` and updated there by ``settings``' rule; ``state`` (the
+    optimizer state, kept as ``storage`` says) changes only for a finite
+    ``grad``. ``scratch()`` gives more buffers of the weight's shape,
+    ``keys(buffer)`` a buffer's stochastic rounding key. Returns a
+    :class:`StepResult`.
     """
     if isinstance(settings, AdamSettings):
         return _adam_step_(value, codes, grad, state, settings, storage, scratch, keys)

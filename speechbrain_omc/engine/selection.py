@@ -61,22 +61,10 @@ POSITION_BIAS_PATTERNS = ("pos_bias_u", "pos_bias_v")
 
 @dataclass(frozen=True)
 class PlanEntry:
-    """One parameter of a plan.
-
-    Arguments
-    ---------
-    name : str
-        Qualified parameter name.
-    shape : tuple of int
-    format : str or None
-        Format name, ``None`` for float32.
-    nbytes : int
-        Exact bytes under the plan.
-    role : str
-        One of :data:`ROLES` (empty when not made by :func:`make_plan`).
-    reason : str
-        Why it is compressed (its role, an override...) or kept float32 (the
-        rule, such as ``"WMOQ: normalisation"``).
+    """One parameter of a plan: ``name``, ``shape``, ``format`` (``None`` for
+    float32), exact ``nbytes`` under the plan, ``role`` (:data:`ROLES`) and the
+    ``reason`` it is compressed (its role, an override...) or kept float32 (the
+    rule, such as ``"WMOQ: normalisation"``).
     """
 
     name: str
