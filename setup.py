@@ -20,12 +20,12 @@ setup(
     packages=find_packages(include=["speechbrain_omc", "speechbrain_omc.*"]),
     include_package_data=True,
     # The codec kernels' source: compiled on first use by the machine's C++
-    # compiler (speechbrain_omc/kernels.py), with the torch code as fallback.
+    # compiler (speechbrain_omc/codec/kernels.py), torch code as the fallback.
     # The federated SynthSpeech hyperparameters (speechbrain_omc.asr), so that
     # an installed package runs the main job and the Flower app without the
     # repository.
     package_data={
-        "speechbrain_omc": ["_native/*.cpp"],
+        "speechbrain_omc.codec": ["_native/*.cpp"],
         "speechbrain_omc.asr": ["hparams/*.yaml"],
     },
     install_requires=[

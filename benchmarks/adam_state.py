@@ -1,7 +1,7 @@
 """Which low-bit format keeps Adam's moments? Training loss, per state format.
 
 Fused Adam stores the first and second moment of every compressed weight in
-a low-bit format with one scale per block (:mod:`speechbrain_omc.blockwise`).
+a low-bit format with one scale per block (:mod:`speechbrain_omc.codec.blockwise`).
 This script trains SpeechBrain's Conformer-CTC (a small one) on a fixed
 batch of SynthSpeech utterances with fused Adam, once per state format, same
 seed and data, and reports the loss curve against float32 moments: a format
@@ -42,7 +42,7 @@ def run(name: str, steps: int, seed: int) -> list[float]:
     from test_speechbrain_models import FEATS, MODELS, VOCAB
 
     from speechbrain_omc import OMCConfig, compress_module
-    from speechbrain_omc.rules import settings_from_optimizer
+    from speechbrain_omc.engine.rules import settings_from_optimizer
 
     torch.manual_seed(seed)
     model = MODELS["conformer_RelPosMHAXL"]()

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from speechbrain_omc import CompressedTensor, kernels
+from speechbrain_omc import CompressedTensor
+from speechbrain_omc.codec import kernels
 
 FORMATS = ["e3m7", "e4m7", "e4m3", "int8", "e5m10", "bf16"]
 TARGETS = {  # (operation, format) at 1M values and one thread: max ratio

@@ -79,6 +79,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # flower_harness: the loopback deployment
+sys.path.insert(0, str(REPO / "benchmarks"))  # plan_sizes: the analytic tables
 
 from speechbrain_omc.federated.flower.streaming import DEFAULT_WINDOW  # noqa: E402
 
@@ -192,8 +193,8 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
     from hyperpyyaml import load_hyperpyyaml
 
     from speechbrain_omc import asr
+    from speechbrain_omc.codec.memory import trim_heap
     from speechbrain_omc.federated.simulation import run_round
-    from speechbrain_omc.memory import trim_heap
 
     torch.set_num_threads(1)
     overrides = {
@@ -248,7 +249,7 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
     mine.send(None)
     client_seconds = mine.recv()["busy"]
     worker.join(60)
-    shapes = server._shapes()
+    shapes = server.state.shapes()
     return {
         "runner": "embedded",
         "clients_per_round": k,
@@ -261,7 +262,7 @@ def run_embedded(k: int, rounds: int, workdir: Path) -> dict:
 
 def _predicted(shapes, roles, omc, sampled: list[str]) -> dict:
     """The largest message of round 1 and the server's predicted rise."""
-    from speechbrain_omc.sizes import round_sizes
+    from plan_sizes import round_sizes
 
     sizes = round_sizes(
         shapes, omc, len(sampled), round=1, roles=roles, clients=sampled
@@ -357,8 +358,7 @@ def run_flower(k: int, rounds: int, workdir: Path, window: int) -> dict:
     # Brain holds them.
     import torch
     from hyperpyyaml import load_hyperpyyaml
-
-    from speechbrain_omc.sizes import model_shapes
+    from plan_sizes import model_shapes
 
     with open(SCALE_HPARAMS, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
@@ -394,8 +394,9 @@ FRACTIONS = [0.0, 0.1, 0.25]
 
 def run_analytic() -> dict:
     """The plan-size tables (nothing allocated: models on ``meta``)."""
-    from speechbrain_omc.config import OMCConfig
-    from speechbrain_omc.sizes import PRESETS, conformer_ctc, round_sizes
+    from plan_sizes import PRESETS, conformer_ctc, round_sizes
+
+    from speechbrain_omc.engine.config import OMCConfig
 
     out = {}
     for preset in ("conformer_130m", "conformer_large"):

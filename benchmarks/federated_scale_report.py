@@ -150,7 +150,7 @@ def _measured(entries: list[dict]) -> list[str]:
         "",
         f"Model: {first['model_float32_bytes']:,} bytes in float32; largest "
         f"message {first['largest_message']:,} bytes. Predicted by "
-        "`speechbrain_omc.sizes.round_sizes` for the rise (running sums + the "
+        "`benchmarks/plan_sizes.py`'s `round_sizes` for the rise (running sums + the "
         "round's compressed broadcast + one message + one decoded entry): "
         f"{_mib(first['predicted_rise'])} MiB.",
         "",
@@ -280,7 +280,7 @@ def _analytic(entry: dict) -> list[str]:
     lines = ["## The 130M Conformer and conformer_large, from the plan alone", ""]
     lines += _meta(entry)
     lines += [
-        "`speechbrain_omc.sizes` (models built with SpeechBrain's lobes on the",
+        "`benchmarks/plan_sizes.py` (models built with SpeechBrain's lobes on the",
         "`meta` device, plans by `make_plan`; weights-only quantization, per-variable",
         "scale, partial quantization with the random policy re-drawn per client).",
         "Bytes per round are the exact lengths of every client's broadcast (down)",

@@ -245,7 +245,8 @@ def run_one(spec: dict, steps: int) -> dict:
     """Build, compress and train; measure. Runs inside the subprocess."""
     if spec.get("optimizer", "sgd") == "adam":
         return run_one_adam(spec, steps)
-    from speechbrain_omc import OMCConfig, compress_module, kernels, parameter_bytes
+    from speechbrain_omc import OMCConfig, compress_module, parameter_bytes
+    from speechbrain_omc.codec import kernels
 
     shape = SETTINGS[spec["setting"]]
     model = _seeded_model(spec)
@@ -344,8 +345,9 @@ def _seeded_model(spec: dict) -> torch.nn.Module:
 
 def run_one_adam(spec: dict, steps: int) -> dict:
     """The Adam configurations (see the module docstring); in the subprocess."""
-    from speechbrain_omc import OMCConfig, compress_module, kernels, parameter_bytes
-    from speechbrain_omc.rules import settings_from_optimizer
+    from speechbrain_omc import OMCConfig, compress_module, parameter_bytes
+    from speechbrain_omc.codec import kernels
+    from speechbrain_omc.engine.rules import settings_from_optimizer
 
     shape = SETTINGS[spec["setting"]]
     model = _seeded_model(spec)

@@ -5,15 +5,15 @@ needs them, are updated and compressed again in every step, and travel between
 federated server and clients compressed (Yang et al., ICASSP 2023).
 """
 
-from .accounting import parameter_bytes, peak_rss_bytes
 from .brain import OMCBrain, OMCMixin
-from .compressed import CompressedTensor
-from .config import OMCConfig
-from .engine import OMCHandle, compress_module, handle_of
-from .formats import FORMAT_PRESETS, FloatFormat, Format, IntFormat, get_format
-from .packing import pack_bits, packed_nbytes, unpack_bits
-from .selection import Plan, PlanEntry, make_plan, parameter_roles
-from .transform import Transform, fit_transform
+from .codec.compressed import CompressedTensor
+from .codec.formats import FORMAT_PRESETS, FloatFormat, Format, IntFormat, get_format
+from .codec.packing import pack_bits, packed_nbytes, unpack_bits
+from .codec.transform import Transform, fit_transform
+from .engine.accounting import parameter_bytes, peak_rss_bytes
+from .engine.config import OMCConfig
+from .engine.handle import OMCHandle, compress_module, handle_of
+from .engine.selection import Plan, PlanEntry, make_plan, parameter_roles
 
 __version__ = "0.1.0"
 

@@ -1,26 +1,12 @@
 """SpeechBrain integration: a Brain whose modules train under OMC.
 
-A recipe keeps its model YAML and adds an OMC section to its hparams (the
-whole block is ``hparams/omc.yaml``; flat keys, so that ``--omc_format=e4m7``
-overrides one)::
-
-    omc_format: e3m7
-    omc_fp32_fraction: 0.1
-    omc: !new:speechbrain_omc.OMCConfig
-        format: !ref <omc_format>
-        fp32_fraction: !ref <omc_fp32_fraction>
-
-and derives its Brain from :class:`OMCBrain` (or mixes :class:`OMCMixin` into
-an existing ``sb.Brain`` subclass). The mixin overrides hooks only: modules
-are compressed once at fit (or evaluate) start, before SpeechBrain builds the
-optimizer and recovers checkpoints; compressed payloads travel through the
-modules' state dicts, so the ``Checkpointer`` saves and recovers them as is.
-
-For tools that expect float tensors, :meth:`OMCMixin.export_float32` (or the
-``omc_export_float32`` hparam, a folder written at the end of ``fit``) saves
-the Brain's recoverables as a float32 checkpoint that plain SpeechBrain
-loads; :mod:`speechbrain_omc.checkpoints` has the ``Pretrainer`` hook and
-checkpoint averaging for OMC checkpoints.
+A recipe adds an OMC section to its hparams (``hparams/omc.yaml``, flat
+``omc_*`` keys) and derives its Brain from :class:`OMCBrain` (or mixes
+:class:`OMCMixin` into its own). Modules are compressed once at fit (or
+evaluate) start, before the optimizer is built and checkpoints recovered;
+payloads travel in the state dicts, so the ``Checkpointer`` works as is.
+:meth:`OMCMixin.export_float32` writes a float32 checkpoint plain
+SpeechBrain reads; :mod:`speechbrain_omc.checkpoints` has the rest.
 """
 
 from __future__ import annotations
@@ -40,10 +26,11 @@ from speechbrain.utils.checkpoints import (
 )
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.engine import OMCHandle, compress_module
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.handle import OMCHandle, compress_module
+from speechbrain_omc.engine.rules import settings_from_optimizer
+from speechbrain_omc.engine.updates import UpdatePolicy
 from speechbrain_omc.export import OMC_STATE_RECOVERABLE, export_checkpoints
-from speechbrain_omc.rules import settings_from_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -54,36 +41,32 @@ class OMCUpdateState:
 
     Arguments
     ---------
-    handle : OMCHandle
-        The engine whose state is saved.
+    updates : UpdatePolicy
+        The update policy whose state is saved.
     """
 
-    def __init__(self, handle: OMCHandle):
-        self.handle = handle
+    def __init__(self, updates: UpdatePolicy):
+        self.updates = updates
 
     @mark_as_saver
     def _save(self, path):
-        torch.save(self.handle.optimizer_state_dict(), path)
+        torch.save(self.updates.state_dict(), path)
 
     @mark_as_loader
     def _recover(self, path, end_of_epoch):
         del end_of_epoch
-        self.handle.load_optimizer_state_dict(torch.load(path, map_location="cpu"))
+        self.updates.load_state_dict(torch.load(path, map_location="cpu"))
 
 
 class OMCMixin:
     """Puts a Brain's ``modules`` under OMC; mix in before ``sb.Brain``.
 
-    The configuration is ``hparams["omc"]`` (an :class:`OMCConfig`, or a dict
-    of its arguments); without it the Brain trains in float32 as usual, so one
-    ``train.py`` serves both. In fused mode the Brain's optimizer must be
-    ``torch.optim.SGD``, ``Adam`` or ``AdamW``: its settings (scheduled
-    learning rate included) are read every batch and applied to the
-    compressed parameters inside backward, and the optimizer itself trains
-    the float32 parameters; ``max_grad_norm`` is honoured as
-    ``OMCConfig.fused_clipping`` says. In simple mode any optimizer works,
-    and SpeechBrain's gradient clipping covers the compressed parameters
-    too: they are parameters like the others.
+    The configuration is ``hparams["omc"]`` (an :class:`OMCConfig` or a dict);
+    without it the Brain trains in float32. Fused mode reads the optimizer's
+    settings (``SGD``, ``Adam`` or ``AdamW``, scheduled learning rate included)
+    every batch and hands them to the update policy, which honours
+    ``max_grad_norm`` as ``OMCConfig.fused_clipping`` says; simple mode runs any
+    optimizer.
 
     Example
     -------
@@ -139,7 +122,9 @@ class OMCMixin:
             # Optional: a float32 checkpoint (an export, a float32 run) has
             # none, and the update state then starts afresh.
             self.checkpointer.add_recoverable(
-                OMC_STATE_RECOVERABLE, OMCUpdateState(self.omc), optional_load=True
+                OMC_STATE_RECOVERABLE,
+                OMCUpdateState(self.omc.updates),
+                optional_load=True,
             )
         if config.update_mode == "fused":
             logger.info(
@@ -150,16 +135,8 @@ class OMCMixin:
             )
 
     def fit(self, *args, **kwargs) -> None:
-        """Train as ``sb.Brain.fit``; then export float32 if the hparams ask.
-
-        With ``omc_export_float32: <folder>`` in the hparams, the trained
-        state is written there by :meth:`export_float32` (replacing an
-        earlier export of the same name).
-
-        Arguments
-        ---------
-        *args, **kwargs
-            Those of ``sb.Brain.fit``.
+        """Train as ``sb.Brain.fit``; then, with ``omc_export_float32: <folder>``
+        in the hparams, :meth:`export_float32` there.
         """
         super().fit(*args, **kwargs)
         out_dir = getattr(self.hparams, "omc_export_float32", None)
@@ -175,31 +152,11 @@ class OMCMixin:
     ) -> Path:
         """Save the current state as a float32 checkpoint plain SpeechBrain reads.
 
-        The checkpointer's recoverables (the modules, optimizer, counters...;
-        each module under ``self.modules`` by its key when the Brain has no
-        checkpointer) are saved as SpeechBrain would, every compressed
-        parameter decoded to float32, into ``out_dir/CKPT+<name>``, without
-        the ``omc_update`` state (see :mod:`speechbrain_omc.export`). Plain
-        ``Checkpointer(out_dir, ...).recover_if_possible()`` finds it, and a
-        ``Pretrainer`` reads its files, without ``speechbrain_omc``. The
-        Brain's own checkpoints are left alone. Under DDP every process
-        calls it; the main process writes.
-
-        Arguments
-        ---------
-        out_dir : str or os.PathLike
-            Checkpoints folder receiving ``CKPT+<name>``.
-        name : str
-            Checkpoint name (after SpeechBrain's ``CKPT+`` prefix).
-        overwrite : bool
-            Replace an existing ``CKPT+<name>`` there.
-        meta : dict, optional
-            Extra entries of the checkpoint's ``CKPT.yaml``.
-
-        Returns
-        -------
-        Path
-            The written checkpoint folder.
+        The recoverables (or each of ``self.modules`` without a checkpointer) go
+        to ``out_dir/CKPT+<name>`` (replacing one with ``overwrite``; ``meta`` adds
+        to ``CKPT.yaml``) with every compressed parameter decoded and no
+        ``omc_update`` state; returns that folder. Under DDP every process calls
+        it; the main process writes.
 
         Example
         -------
@@ -214,8 +171,6 @@ class OMCMixin:
         >>> path = brain.export_float32(getfixture("tmp_path") / "float32")
         >>> path.name, sorted(p.name for p in path.iterdir())
         ('CKPT+float32', ['CKPT.yaml', 'lin.ckpt'])
-        >>> torch.load(path / "lin.ckpt")["weight"].dtype
-        torch.float32
         """
         out_dir = Path(out_dir)
         if self.checkpointer is not None:
@@ -278,19 +233,20 @@ class OMCMixin:
         optimizer = getattr(self, "optimizer", None)
         if optimizer is None and getattr(self, "optimizers_dict", None):
             optimizer = next(iter(self.optimizers_dict.values()))
+        updates = self.omc.updates
         if optimizer is not None:
-            self.omc.set_rule(settings_from_optimizer(optimizer))
-        self.omc.max_grad_norm = self.max_grad_norm
+            updates.set_rule(settings_from_optimizer(optimizer))
+        updates.max_grad_norm = self.max_grad_norm
 
     def fit_batch(self, batch):
         """Hand the optimizer's current settings to fused updates; with
         two-pass clipping, measure the gradient norm first."""
         self._omc_read_optimizer()
-        omc = self.omc
+        updates = self.omc.updates if self.omc is not None else None
         if (
-            omc is not None
-            and omc.mode == "fused"
-            and omc.config.fused_clipping == "two_pass"
+            updates is not None
+            and updates.mode == "fused"
+            and updates.config.fused_clipping == "two_pass"
             and self.max_grad_norm is not None
             and self.max_grad_norm < float("inf")
         ):
@@ -304,7 +260,8 @@ class OMCMixin:
         draws the same dropout masks: the norm is its gradient's.
         """
         devices = [self.device] if torch.device(self.device).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.omc.measuring():
+        updates = self.omc.updates
+        with torch.random.fork_rng(devices=devices), updates.measuring():
             outputs = self.compute_forward(batch, sb.Stage.TRAIN)
             loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
             loss.backward()
@@ -312,27 +269,25 @@ class OMCMixin:
         dense_sq = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in dense)
         for param in self.modules.parameters():
             param.grad = None
-        total = (self.omc.gradient_norm_sq + dense_sq) ** 0.5
-        self.omc.clip_coef = min(1.0, self.max_grad_norm / (total + 1e-6))
+        total = (updates.gradient_norm_sq + dense_sq) ** 0.5
+        updates.clip_coef = min(1.0, self.max_grad_norm / (total + 1e-6))
 
     def optimizers_step(self):
-        """Fused mode finishes the OMC step first; then SpeechBrain's step.
+        """The update policy finishes its step first; then SpeechBrain's.
 
-        With deferred clipping (the default) SpeechBrain's clipping runs here
-        over every gradient, the held compressed ones included (per
-        optimizer, over its first parameter group, as ``sb.Brain`` does);
-        the fused updates then apply, and SpeechBrain's own step finds only
-        float32 gradients, already clipped. Under DDP the fused updates wait
-        for the all-reduced gradients and run here too. With two-pass
-        clipping the float32 gradients take the measured coefficient.
+        With deferred clipping, SpeechBrain's clipping runs here over every
+        gradient, held compressed ones included, and SpeechBrain's own step finds
+        only float32 gradients, clipped already. Under DDP the fused updates run
+        here; with two-pass clipping float32 gradients take the measured coefficient.
         """
         omc = self.omc
-        if omc is not None and omc.holds_gradients:
+        updates = omc.updates if omc is not None else None
+        if updates is not None and updates.holds_gradients:
             for optimizer in self._omc_valid_optimizers():
-                omc.clip_grad_norm_(
+                updates.clip_grad_norm_(
                     optimizer.param_groups[0]["params"], self.max_grad_norm
                 )
-            omc.step()
+            updates.step()
             # Clipped once already: torch's clipping with an infinite limit
             # multiplies by exactly 1.
             limit, self.max_grad_norm = self.max_grad_norm, float("inf")
@@ -340,9 +295,9 @@ class OMCMixin:
                 super().optimizers_step()
             finally:
                 self.max_grad_norm = limit
-        elif omc is not None:
-            coef = omc.clip_coef
-            omc.step()
+        elif updates is not None:
+            coef = updates.clip_coef
+            updates.step()
             if coef is not None and coef < 1.0:
                 for param in self.modules.parameters():
                     if param.grad is not None:

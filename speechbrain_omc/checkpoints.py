@@ -1,22 +1,12 @@
 """OMC checkpoints for SpeechBrain's own checkpoint tools.
 
-A module under OMC saves each compressed parameter as a 1-D ``uint8`` tensor
-holding :meth:`CompressedTensor.to_bytes` (a *payload*, starting with
-``b"OMCT"``). SpeechBrain's ``Checkpointer`` saves and recovers such state
-dicts as they are into modules under OMC; this module serves the tools that
-expect float tensors:
-
-* :func:`decode_payloads` turns every payload of a loaded checkpoint object
-  into float32 (the exporter, :mod:`speechbrain_omc.export`, is built on it);
-* :func:`omc_parameter_transfer` is a ``Pretrainer`` transfer hook: payloads
-  go straight into modules under OMC and are decoded for plain modules, so a
-  recipe can load an OMC checkpoint before its Brain compresses. Importing
-  ``speechbrain_omc`` makes it SpeechBrain's default transfer hook for
-  modules (:func:`install_transfer_hook`); it behaves as SpeechBrain's own
-  ``torch_parameter_transfer`` on checkpoints without payloads;
-* :func:`average_checkpoints` is a drop-in for
-  ``speechbrain.utils.checkpoints.average_checkpoints``, which would add
-  payload bytes as numbers: it decodes first and averages in float32.
+A module under OMC saves each compressed parameter as a *payload*: a 1-D
+``uint8`` tensor of :meth:`CompressedTensor.to_bytes`. ``Checkpointer``
+recovers those as they are; for the tools that expect floats,
+:func:`decode_payloads` decodes them (the exporter is built on it),
+:func:`omc_parameter_transfer` is a ``Pretrainer`` hook (installed as the
+default by importing ``speechbrain_omc``) and :func:`average_checkpoints`
+averages in float32.
 
 Example
 -------
@@ -26,10 +16,7 @@ Example
 >>> state = model.state_dict()
 >>> is_payload(state["weight"]), state["weight"].dtype
 (True, torch.uint8)
->>> plain = decode_payloads(state)
->>> plain["weight"].shape, plain["weight"].dtype
-(torch.Size([3, 4]), torch.float32)
->>> torch.nn.Linear(4, 3).load_state_dict(plain)
+>>> torch.nn.Linear(4, 3).load_state_dict(decode_payloads(state))
 <All keys matched successfully>
 """
 
@@ -38,13 +25,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from speechbrain.utils import checkpoints as sb_checkpoints
 
-from speechbrain_omc.compressed import _MAGIC, CompressedTensor
-from speechbrain_omc.parameter import CompressedParameter
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.serial import is_payload
+from speechbrain_omc.engine.parameter import CompressedParameter
 
 logger = logging.getLogger(__name__)
 
@@ -63,54 +52,9 @@ class CheckpointError(ValueError):
     """A checkpoint file or entry is missing, unreadable or corrupted."""
 
 
-def is_payload(value: Any) -> bool:
-    """Whether ``value`` is a compressed parameter as a state dict stores it.
-
-    Arguments
-    ---------
-    value : Any
-        A state dict entry.
-
-    Returns
-    -------
-    bool
-        True for a 1-D ``uint8`` tensor starting with ``b"OMCT"``.
-
-    Example
-    -------
-    >>> is_payload(torch.frombuffer(bytearray(b"OMCT..."), dtype=torch.uint8))
-    True
-    >>> is_payload(torch.zeros(3, dtype=torch.uint8)), is_payload(torch.ones(3))
-    (False, False)
-    """
-    return (
-        isinstance(value, torch.Tensor)
-        and value.dtype == torch.uint8
-        and value.dim() == 1
-        and value.numel() >= len(_MAGIC)
-        and bytes(value[: len(_MAGIC)].tolist()) == _MAGIC
-    )
-
-
 def decode_payload(value: torch.Tensor, where: str = "payload") -> torch.Tensor:
-    """The float32 values of one payload tensor.
-
-    Arguments
-    ---------
-    value : torch.Tensor
-        A payload (see :func:`is_payload`).
-    where : str
-        What to call it in an error (file and key).
-
-    Returns
-    -------
-    torch.Tensor
-        float32, of the compressed parameter's shape, on the CPU.
-
-    Raises
-    ------
-    CheckpointError
-        If the payload is truncated, corrupted or of an unknown version.
+    """The float32 values (on the CPU) of one payload tensor; ``where`` names it
+    in a :class:`CheckpointError` (truncated, corrupted, unknown version).
 
     Example
     -------
@@ -130,30 +74,10 @@ def decode_payload(value: torch.Tensor, where: str = "payload") -> torch.Tensor:
 def decode_payloads(
     obj: Any, keep: Iterable[str] = (), where: str = "checkpoint"
 ) -> Any:
-    """Replace every payload in a loaded checkpoint object by float32 values.
-
-    Mappings and lists are changed in place, so a state dict keeps its type
-    and ``_metadata``; tuples are rebuilt. Anything else is left alone.
-
-    Arguments
-    ---------
-    obj : Any
-        What ``torch.load`` returned (a state dict, an optimizer's state, ...).
-    keep : iterable of str
-        Top-level keys whose payloads stay as they are (parameters of a
-        module under OMC, which loads payloads itself).
-    where : str
-        What to call ``obj`` in an error (its file).
-
-    Returns
-    -------
-    Any
-        ``obj`` (or a rebuilt tuple) with payloads decoded.
-
-    Raises
-    ------
-    CheckpointError
-        If a payload is corrupted; the message names ``where`` and the key.
+    """Replace every payload in a loaded checkpoint object by float32 values,
+    except under the top-level ``keep`` keys; ``where`` names ``obj`` in a
+    :class:`CheckpointError`. Mappings and lists change in place (a state dict
+    keeps ``_metadata``), tuples are rebuilt.
 
     Example
     -------
@@ -187,15 +111,6 @@ def _decode(obj: Any, where: str, keep: set[str], top: bool = False) -> Any:
 def count_payloads(obj: Any) -> int:
     """How many payloads a loaded checkpoint object holds.
 
-    Arguments
-    ---------
-    obj : Any
-        What ``torch.load`` returned.
-
-    Returns
-    -------
-    int
-
     Example
     -------
     >>> count_payloads({"w": torch.ones(2), "n": [torch.zeros(2)]})
@@ -211,25 +126,8 @@ def count_payloads(obj: Any) -> int:
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` a checkpoint file onto the CPU, with clear errors.
-
-    Only tensors and plain containers are unpickled (``weights_only``), as
-    SpeechBrain's loaders do under torch 2.6 and later.
-
-    Arguments
-    ---------
-    path : str or os.PathLike
-        A ``.ckpt`` file written by ``torch.save``.
-
-    Returns
-    -------
-    Any
-        The loaded object.
-
-    Raises
-    ------
-    CheckpointError
-        If the file is missing, empty or not a readable torch checkpoint.
+    """``torch.load`` (``weights_only``) a checkpoint file onto the CPU; a
+    :class:`CheckpointError` names a missing, empty or unreadable file.
     """
     if not os.path.exists(path):
         kind = "broken link" if os.path.islink(path) else "file"
@@ -264,22 +162,12 @@ def _compressed_names(module: torch.nn.Module) -> set[str]:
 def omc_parameter_transfer(obj: torch.nn.Module, path: str | os.PathLike) -> None:
     """Pretrainer transfer hook that reads OMC and float32 checkpoints.
 
-    Loads like SpeechBrain's ``torch_parameter_transfer`` (non-strict, a
-    warning per missing or unused key, SpeechBrain's key renames), except
-    that payloads are decoded to float32 for parameters not under OMC, and
-    handed as they are to parameters under OMC (their codes are then
-    exactly the checkpoint's). Float entries load into either kind (a
-    compressed parameter encodes them in its format).
+    As SpeechBrain's ``torch_parameter_transfer``, but payloads go as they are
+    to parameters under OMC and decoded to the others; floats load into both.
+    As a ``Pretrainer`` custom hook::
 
-    Use it as a ``Pretrainer`` custom hook (importing ``speechbrain_omc``
-    also installs it as the default for modules, see
-    :func:`install_transfer_hook`)::
-
-        pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
-            loadables: {model: !ref <model>}
-            paths: {model: !ref <pretrained_path>/model.ckpt}
-            custom_hooks:
-                model: !name:speechbrain_omc.checkpoints.omc_parameter_transfer
+        custom_hooks:
+            model: !name:speechbrain_omc.checkpoints.omc_parameter_transfer
 
     Arguments
     ---------
@@ -287,11 +175,6 @@ def omc_parameter_transfer(obj: torch.nn.Module, path: str | os.PathLike) -> Non
         Plain or under OMC.
     path : str or os.PathLike
         The checkpoint file.
-
-    Raises
-    ------
-    CheckpointError
-        If the file is missing or corrupted (the message names it).
 
     Example
     -------
@@ -336,23 +219,12 @@ def omc_parameter_transfer(obj: torch.nn.Module, path: str | os.PathLike) -> Non
 
 
 def install_transfer_hook() -> bool:
-    """Make :func:`omc_parameter_transfer` SpeechBrain's module transfer hook.
-
-    ``Pretrainer.load_collected`` then loads OMC checkpoints into any module
-    without a ``custom_hooks`` entry. A default that someone else already
-    replaced is left alone. Called when ``speechbrain_omc`` is imported.
-
-    Returns
-    -------
-    bool
-        Whether the hook is installed now.
+    """Make :func:`omc_parameter_transfer` SpeechBrain's default module transfer
+    hook (unless someone replaced the default already); returns whether it is.
 
     Example
     -------
     >>> install_transfer_hook()
-    True
-    >>> hooks = sb_checkpoints.DEFAULT_TRANSFER_HOOKS
-    >>> hooks[torch.nn.Module] is omc_parameter_transfer
     True
     """
     hooks = sb_checkpoints.DEFAULT_TRANSFER_HOOKS
@@ -374,42 +246,9 @@ def average_checkpoints(
     parameter_loader: Callable[..., Any] = torch.load,
     averager: Callable[[Iterable[Any]], Any] = sb_checkpoints.average_state_dicts,
 ) -> Any:
-    """Average OMC (or float32) checkpoints in float32.
-
-    A drop-in for ``speechbrain.utils.checkpoints.average_checkpoints``, whose
-    default averager would add the payloads' bytes as numbers: each state
-    dict's payloads are decoded to float32 first, then averaged as usual.
-    The result is a float32 state dict that plain modules load as is and
-    modules under OMC encode in their formats. In a transformer recipe's
-    ``on_evaluate_start``::
-
-        ckpt = speechbrain_omc.checkpoints.average_checkpoints(
-            ckpts, recoverable_name="model"
-        )
-        self.hparams.model.load_state_dict(ckpt, strict=True)
-
-    Arguments
-    ---------
-    checkpoint_list : list of Checkpoint
-        From ``Checkpointer.find_checkpoints()``.
-    recoverable_name : str
-        The recoverable whose state dicts are averaged.
-    parameter_loader : callable
-        ``loader(path, map_location=...)``; ``torch.load`` by default.
-    averager : callable
-        Averages an iterator of (decoded) state dicts; SpeechBrain's
-        ``average_state_dicts`` by default.
-
-    Returns
-    -------
-    Any
-        The averager's result: by default a state dict of float32 averages.
-
-    Raises
-    ------
-    CheckpointError
-        If the list is empty, a checkpoint lacks the recoverable, or a file
-        is missing or corrupted.
+    """Average OMC (or float32) checkpoints in float32: a drop-in for
+    ``speechbrain.utils.checkpoints.average_checkpoints`` (whose averager would
+    add payload bytes as numbers) that decodes payloads first; same arguments.
 
     Example
     -------
@@ -435,24 +274,26 @@ def average_checkpoints(
                 f"(it holds: {', '.join(sorted(ckpt.paramfiles)) or 'nothing'})"
             )
 
-    def load_decoded(path, map_location="cpu"):
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path}: missing")
-        try:
-            state = parameter_loader(path, map_location=map_location)
-        except Exception as error:
-            raise CheckpointError(
-                f"{path}: cannot be read as a torch checkpoint: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        return decode_payloads(state, where=str(path))
-
     return sb_checkpoints.average_checkpoints(
         checkpoint_list,
         recoverable_name,
-        parameter_loader=load_decoded,
+        parameter_loader=partial(_load_decoded, parameter_loader),
         averager=averager,
     )
+
+
+def _load_decoded(parameter_loader, path, map_location="cpu"):
+    """A checkpoint file's state dict with its payloads decoded to float32."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: missing")
+    try:
+        state = parameter_loader(path, map_location=map_location)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: cannot be read as a torch checkpoint: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return decode_payloads(state, where=str(path))
 
 
 install_transfer_hook()

@@ -5,26 +5,13 @@
     python -m speechbrain_omc.export CKPT_DIR OUT_DIR [--keep-omc-state]
                                      [--overwrite] [--no-progress]
 
-``CKPT_DIR`` is a SpeechBrain checkpoint folder (``CKPT+...`` with its
-``CKPT.yaml``), a folder of them (a recipe's ``save/``), or any folder of
-``.ckpt`` files (a pretrained model's). Its tree is reproduced under
-``OUT_DIR``: every torch ``.ckpt`` file whose entries include OMC payloads
-is saved again with each payload decoded to float32, under the same
-recoverable name; every other file (``CKPT.yaml``, epoch counters,
-tokenizers, float-only checkpoints) is copied byte for byte. Plain
-SpeechBrain ``Checkpointer.recover_if_possible()`` and ``Pretrainer`` then
-load ``OUT_DIR`` without ``speechbrain_omc`` installed.
-
-The ``omc_update`` recoverable (fused-mode step counts and momentum of the
-compressed parameters) is dropped: no plain optimizer reads it, and an OMC
-Brain starting from the export begins that state afresh. ``--keep-omc-state``
-keeps it (momentum decoded to float32) for resuming OMC training from the
-export.
-
-The export is all or nothing: files are written to a staging folder beside
-``OUT_DIR`` and moved into place only when every file was read; a missing,
-empty, truncated or corrupted file stops it with a message naming the file
-(and the entry), and exit status 1.
+``CKPT_DIR`` is a checkpoint folder, a folder of them or any folder of
+``.ckpt`` files; its tree is reproduced under ``OUT_DIR`` with every payload
+decoded to float32 and every other file copied, so that plain
+``Checkpointer`` and ``Pretrainer`` load it. The ``omc_update`` recoverable
+is dropped (``--keep-omc-state`` keeps it, decoded). All or nothing: a
+staging folder is moved into place only when every file was read; a damaged
+file stops it with a message naming it, and exit status 1.
 
 Example
 -------
@@ -81,20 +68,8 @@ _TORCH_MAGICS = (b"PK\x03\x04", b"\x80")
 
 @dataclass
 class ExportSummary:
-    """What an export did.
-
-    Arguments
-    ---------
-    out_dir : Path
-        Where the export was written.
-    files_decoded : int
-        ``.ckpt`` files saved again with payloads decoded.
-    payloads_decoded : int
-        Compressed tensors decoded to float32.
-    files_copied : int
-        Files copied byte for byte.
-    dropped : list of Path
-        Files left out (relative to the source folder).
+    """What an export did: where (``out_dir``), ``.ckpt`` files and payloads
+    decoded, files copied, and the files ``dropped`` (relative paths).
     """
 
     out_dir: Path
@@ -208,16 +183,14 @@ def export_checkpoints(
     Arguments
     ---------
     ckpt_dir : str or os.PathLike
-        A checkpoint folder, a folder of them, or a folder of ``.ckpt`` files.
     out_dir : str or os.PathLike
-        Receives the same tree; created if missing. Entries it already holds
-        under the same names are replaced only with ``overwrite``.
+        Receives the same tree (created if missing).
     keep_omc_state : bool
-        Keep the ``omc_update`` recoverable (decoded) instead of dropping it.
+        Keep the ``omc_update`` recoverable, decoded.
     overwrite : bool
-        Replace existing entries of ``out_dir``.
+        Replace entries of ``out_dir`` of the same names.
     progress : bool
-        Show a progress bar (on stderr) over the files.
+        A progress bar on stderr.
 
     Returns
     -------
@@ -226,8 +199,8 @@ def export_checkpoints(
     Raises
     ------
     CheckpointError
-        If ``ckpt_dir`` is missing or holds no ``.ckpt`` file, or a file is
-        missing, empty or corrupted; nothing is written then.
+        Nothing to export, or a missing, empty or corrupted file (nothing is
+        written then).
     """
     src, dst = Path(ckpt_dir), Path(out_dir)
     files = _source_files(src, dst)
@@ -286,17 +259,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; see the module documentation.
-
-    Arguments
-    ---------
-    argv : sequence of str, optional
-        Arguments (``sys.argv[1:]`` when omitted).
-
-    Returns
-    -------
-    int
-        Exit status: 0 on success, 1 when the export failed.
+    """Command-line entry point (see the module documentation); returns the exit
+    status.
     """
     args = _parser().parse_args(argv)
     try:

@@ -501,7 +501,7 @@ def honest_reply(data, shift: float, num_examples: int, **meta) -> bytes:
     -------
     bytes
     """
-    from speechbrain_omc.compressed import CompressedTensor
+    from speechbrain_omc.codec.compressed import CompressedTensor
     from speechbrain_omc.federated import wire
 
     received = wire.decode(data)

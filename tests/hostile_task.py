@@ -12,7 +12,7 @@ import torch
 
 from speechbrain_omc.asr import *  # noqa: F403 - the task's functions
 from speechbrain_omc.asr import __all__  # noqa: F401
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.federated import client as _client
 from speechbrain_omc.federated import wire
 

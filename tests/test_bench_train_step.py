@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from speechbrain_omc.blockwise import BlockwiseTensor
+from speechbrain_omc.codec.blockwise import BlockwiseTensor
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 

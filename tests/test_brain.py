@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from speechbrain_omc import OMCBrain, OMCConfig
-from speechbrain_omc.parameter import CompressedParameter
+from speechbrain_omc.engine.parameter import CompressedParameter
 
 JOB = Path(__file__).parent / "jobs" / "brain_checkpoint.py"
 

@@ -25,8 +25,8 @@ from speechbrain_omc.checkpoints import (
     is_payload,
     omc_parameter_transfer,
 )
+from speechbrain_omc.engine.parameter import CompressedParameter
 from speechbrain_omc.export import export_checkpoints, main
-from speechbrain_omc.parameter import CompressedParameter
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_JOB = Path(__file__).parent / "jobs" / "plain_speechbrain_load.py"

@@ -12,7 +12,7 @@ import speechbrain as sb
 import torch
 
 from speechbrain_omc import OMCBrain, OMCConfig, compress_module
-from speechbrain_omc.parameter import CompressedParameter
+from speechbrain_omc.engine.parameter import CompressedParameter
 
 
 def _net() -> torch.nn.Module:
@@ -122,12 +122,12 @@ def test_plain_loop_clipping_equals_torch():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for x, y in batches:
         torch.nn.functional.mse_loss(model(x), y).backward()
-        assert len(handle.held) == 2  # both weight matrices, until the step
+        assert len(handle.updates.held) == 2  # both weight matrices, until the step
         handle.clip_grad_norm_(model.parameters(), 0.05)
         handle.step()
         optimizer.step()
         optimizer.zero_grad()
-    assert len(handle.held) == 0
+    assert len(handle.updates.held) == 0
     _assert_bitwise_equal(_weights(model), _weights(reference))
 
 
@@ -141,9 +141,9 @@ def test_held_gradients_are_counted_until_the_step():
     assert after - before == 2 * (8 * 16 + 16 * 4)  # bfloat16 per weight value
     x, y = _batches(1)[0]
     torch.nn.functional.mse_loss(model(x), y).backward()
-    assert handle.held.nbytes == after - before
+    assert handle.updates.held.nbytes == after - before
     handle.step()  # no clip_grad_norm_ call: the held ones clipped alone
-    assert handle.held.nbytes == 0
+    assert handle.updates.held.nbytes == 0
 
 
 def test_two_pass_measures_the_gradient_it_clips():

@@ -21,7 +21,7 @@ import speechbrain as sb
 import torch
 
 from speechbrain_omc import OMCBrain, OMCConfig, compress_module
-from speechbrain_omc.parameter import CompressedParameter
+from speechbrain_omc.engine.parameter import CompressedParameter
 
 JOBS = Path(__file__).parent / "jobs"
 

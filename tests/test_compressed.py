@@ -1,4 +1,4 @@
-"""Property tests of CompressedTensor (speechbrain_omc.compressed)."""
+"""Property tests of CompressedTensor (speechbrain_omc.codec.compressed)."""
 
 import copy
 import io
@@ -12,12 +12,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speechbrain_omc import formats as formats_module
-from speechbrain_omc.compressed import SERIAL_VERSION, CompressedTensor
-from speechbrain_omc.formats import FloatFormat, IntFormat, get_format
-from speechbrain_omc.memory import Workspace
-from speechbrain_omc.packing import unpack_bits
-from speechbrain_omc.transform import Transform
+from speechbrain_omc.codec import formats as formats_module
+from speechbrain_omc.codec.compressed import SERIAL_VERSION, CompressedTensor
+from speechbrain_omc.codec.formats import FloatFormat, IntFormat, get_format
+from speechbrain_omc.codec.memory import Workspace
+from speechbrain_omc.codec.packing import unpack_bits
+from speechbrain_omc.codec.transform import Transform
 
 SETTINGS = settings(max_examples=100, deadline=None)
 

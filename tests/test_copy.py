@@ -12,7 +12,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from speechbrain_omc import OMCConfig, compress_module, handle_of
-from speechbrain_omc.parameter import CompressedParameter
+from speechbrain_omc.engine.parameter import CompressedParameter
 
 
 class TwoLayer(torch.nn.Module):
@@ -124,7 +124,7 @@ def test_a_copy_computes_the_same_and_has_its_own_engine(mode, clone):
                 != source.slot.codes.packed.data_ptr()
             )
             # The fused update of the copy is the copy's engine's, once.
-            engine = twin_handle if mode == "fused" else None
+            engine = twin_handle.updates if mode == "fused" else None
             assert param.engine is engine
             hooks = param._post_accumulate_grad_hooks or {}
             assert len(hooks) == (mode == "fused")
@@ -206,7 +206,7 @@ def test_a_whole_model_saved_to_a_file_loads_under_omc(tmp_path):
     x = torch.randn(5, 16)
     assert torch.equal(loaded(x), trainer.model(x))
     handle = handle_of(loaded)
-    assert handle.mode == "fused" and handle.sgd.momentum == 0.9
+    assert handle.mode == "fused" and handle.updates.sgd.momentum == 0.9
     assert handle.memory_report()["omc"]["parameters"] == handle.parameter_bytes()
     # Taken out of OMC, it is the float32 model of its decoded values.
     expected = loaded(x)
@@ -226,10 +226,10 @@ def test_a_copy_made_inside_a_step_has_no_gradients(mode):
     handle.max_grad_norm = 1.0  # fused: deferred clipping holds gradients
     x, y = batches(5, 1)[0]
     torch.nn.functional.mse_loss(trainer.model(x), y).backward()
-    assert len(handle.held) == (2 if mode == "fused" else 0)
+    assert len(handle.updates.held) == (2 if mode == "fused" else 0)
     twin = deepcopy(trainer.model)
     assert all(p.grad is None for p in twin.parameters())
-    assert len(handle_of(twin).held) == 0
+    assert len(handle_of(twin).updates.held) == 0
     # The original's step goes on as if no copy was made.
     expected = trained(mode)
     expected.handle.max_grad_norm = 1.0

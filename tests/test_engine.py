@@ -8,8 +8,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from speechbrain_omc import CompressedTensor, OMCConfig, compress_module
-from speechbrain_omc.parameter import CompressedParameter
-from speechbrain_omc.selection import round_seed
+from speechbrain_omc.engine.parameter import CompressedParameter
+from speechbrain_omc.engine.selection import round_seed
 
 
 def reference_step(

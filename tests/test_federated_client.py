@@ -5,7 +5,7 @@ import speechbrain as sb
 import torch
 
 from speechbrain_omc import OMCBrain, OMCConfig
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.client import OMCClient
 from speechbrain_omc.federated.server import FedAvgServer

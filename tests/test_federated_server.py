@@ -15,7 +15,7 @@ from federated_fixtures import (  # test_wire_directions imports OMC from here
 from federated_fixtures import small_model as _model
 from federated_fixtures import small_server as _server
 
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.server import FedAvgServer, UpdateRejected
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.federated import wire
 
 

@@ -26,8 +26,8 @@ from flwr.app import (
 )
 from flwr.app.message_type import MessageType
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.flower import client_app
 from speechbrain_omc.federated.flower.records import (

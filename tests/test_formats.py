@@ -1,4 +1,4 @@
-"""Property tests of the number formats (speechbrain_omc.formats)."""
+"""Property tests of the number formats (speechbrain_omc.codec.formats)."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speechbrain_omc.formats import (
+from speechbrain_omc.codec.formats import (
     FORMAT_PRESETS,
     FloatFormat,
     IntFormat,

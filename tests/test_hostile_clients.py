@@ -38,7 +38,8 @@ from flwr.app import (
     RecordDict,
 )
 
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.transform import Transform
 from speechbrain_omc.federated import round as round_module
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation
@@ -48,7 +49,6 @@ from speechbrain_omc.federated.flower.records import (
 )
 from speechbrain_omc.federated.flower.strategy import OMCFedAvg
 from speechbrain_omc.federated.server import UpdateRejected
-from speechbrain_omc.transform import Transform
 
 BOUND = 10  # every client's max_examples (its partition size)
 METRICS = {"train_loss": 1.0, "steps": 3}

@@ -118,6 +118,27 @@ def test_the_environment_sees_the_running_interpreters_packages(venv):
 
 
 @pytest.mark.slow
+def test_installed_package_ships_the_kernel_source(venv):
+    # The codec's C++ source is package data: the installed kernels build.
+    python, folder = venv
+    code = (
+        "from speechbrain_omc.codec import kernels; "
+        "print(kernels._SOURCE); print(kernels._SOURCE.is_file())"
+    )
+    source, present = subprocess.run(
+        [str(python), "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env=_env(),
+        check=True,
+    ).stdout.split()
+    assert present == "True"
+    assert source.startswith(str(python.parent.parent)), source
+    assert source.endswith("speechbrain_omc/codec/_native/codec.cpp")
+
+
+@pytest.mark.slow
 def test_installed_package_runs_the_flower_app(venv):
     python, folder = venv
     work = folder / "elsewhere"

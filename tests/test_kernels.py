@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speechbrain_omc import kernels
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.formats import FloatFormat, IntFormat, get_format
-from speechbrain_omc.rules import SGDSettings, sgd_step_
-from speechbrain_omc.transform import Transform
+from speechbrain_omc.codec import kernels
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.formats import FloatFormat, IntFormat, get_format
+from speechbrain_omc.codec.transform import Transform
+from speechbrain_omc.engine.rules import SGDSettings, sgd_step_
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(), reason="native kernels unavailable here"
@@ -218,8 +218,8 @@ def test_build_failure_falls_back_to_the_reference(tmp_path):
     code = textwrap.dedent(
         """
         import torch
-        from speechbrain_omc import kernels
-        from speechbrain_omc.compressed import CompressedTensor
+        from speechbrain_omc.codec import kernels
+        from speechbrain_omc.codec.compressed import CompressedTensor
         ct = CompressedTensor.compress(torch.linspace(-1, 1, 99), "e3m7")
         print(kernels.available(), kernels.status())
         print(float(ct.decompress()[0]))
@@ -246,7 +246,7 @@ def test_build_failure_falls_back_to_the_reference(tmp_path):
 
 def test_kernels_can_be_disabled_by_environment():
     env = dict(os.environ, SPEECHBRAIN_OMC_KERNELS="0")
-    code = "from speechbrain_omc import kernels; print(kernels.status())"
+    code = "from speechbrain_omc.codec import kernels; print(kernels.status())"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True
     )

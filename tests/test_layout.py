@@ -87,3 +87,58 @@ def test_flower_app_folder_names_the_library_apps():
         sys.path.pop(0)
     assert client_app.app is lib_client.app
     assert server_app.app is lib_server.app
+
+
+# ------------------------------------------------------------------ the layers
+CODEC = sorted((ROOT / "speechbrain_omc" / "codec").glob("*.py"))
+ENGINE = sorted((ROOT / "speechbrain_omc" / "engine").glob("*.py"))
+OUTER = ("speechbrain", "hyperpyyaml", "flwr")
+UPPER = ("federated", "asr", "experiments", "data", "brain", "checkpoints", "export")
+
+
+def _modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, lazy imports included, relative ones
+    resolved against its package."""
+    package = ["speechbrain_omc", path.parent.name]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _uses_torch_nn(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr == "nn":
+            if isinstance(node.value, ast.Name) and node.value.id == "torch":
+                return True
+    return False
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+@pytest.mark.parametrize("path", CODEC, ids=lambda p: p.name)
+def test_the_codec_knows_no_modules(path):
+    """Tensors and bytes only: no engine, no ``torch.nn``, nothing above."""
+    names = _modules(path)
+    assert not [n for n in names if _within(n, "speechbrain_omc.engine")]
+    assert not [n for n in names if _within(n, "torch.nn")]
+    assert not _uses_torch_nn(path)
+    ours = [n for n in names if _within(n, "speechbrain_omc")]
+    assert all(_within(n, "speechbrain_omc.codec") for n in ours), ours
+
+
+@pytest.mark.parametrize("path", CODEC + ENGINE, ids=lambda p: p.parent.name + p.name)
+def test_codec_and_engine_know_nothing_above_them(path):
+    """No SpeechBrain, Flower, federated, recipe or experiment code."""
+    names = _modules(path)
+    outer = [n for n in names if any(_within(n, o) for o in OUTER)]
+    upper = [n for n in names if any(_within(n, f"speechbrain_omc.{u}") for u in UPPER)]
+    assert not outer and not upper, (outer, upper)

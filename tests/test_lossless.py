@@ -19,16 +19,17 @@ from test_checkpoints_export import Regressor, batches, decoded_state, network
 from test_federated_server import honest_reply
 from test_speechbrain_models import FEATS, MODELS, VOCAB
 
-from speechbrain_omc import CompressedTensor, OMCConfig, compress_module, kernels
-from speechbrain_omc.blockwise import BlockwiseTensor
+from speechbrain_omc import CompressedTensor, OMCConfig, compress_module
+from speechbrain_omc.codec import kernels
+from speechbrain_omc.codec.blockwise import BlockwiseTensor
+from speechbrain_omc.codec.formats import Float32Format, get_format
+from speechbrain_omc.codec.packing import pack_bits, packed_nbytes, unpack_bits
+from speechbrain_omc.codec.transform import Transform
+from speechbrain_omc.engine.rules import SGDSettings, settings_from_optimizer, sgd_step_
+from speechbrain_omc.engine.selection import make_plan
 from speechbrain_omc.export import export_checkpoints
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.server import FedAvgServer
-from speechbrain_omc.formats import Float32Format, get_format
-from speechbrain_omc.packing import pack_bits, packed_nbytes, unpack_bits
-from speechbrain_omc.rules import SGDSettings, settings_from_optimizer, sgd_step_
-from speechbrain_omc.selection import make_plan
-from speechbrain_omc.transform import Transform
 
 F32_MAX = torch.finfo(torch.float32).max
 native = pytest.mark.skipif(not kernels.available(), reason="no native kernels")

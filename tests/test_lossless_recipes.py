@@ -7,7 +7,7 @@ recipe's defaults: fused updates in backward, stochastic update rounding,
 partial quantization, in the federation re-drawn per round and client). The
 final models are compared bit for bit, and so are the logged losses and
 error rates. Differences that were found on the way and removed (see
-:class:`~speechbrain_omc.formats.Float32Format`): the per-variable scale
+:class:`~speechbrain_omc.codec.formats.Float32Format`): the per-variable scale
 (``x / s * s`` rounds; a lossless format takes no transform), the square root
 of Adam's second moment and the block scales of optimizer state (unit scales,
 no root, for a lossless state format), stochastic rounding (no value rounds).
@@ -35,9 +35,9 @@ from hyperpyyaml import load_hyperpyyaml
 from test_federated_recipe import TINY
 from test_recipe_asr import HPARAMS, ROOT, logged_stats, run_recipe
 
-from speechbrain_omc.blockwise import BlockwiseTensor
 from speechbrain_omc.checkpoints import is_payload
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.blockwise import BlockwiseTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
 
 MAX_GRAD_NORM = 0.1  # clips in these runs (see the module docstring)
 

@@ -5,7 +5,7 @@ import mmap
 import torch
 
 from speechbrain_omc import OMCConfig, compress_module
-from speechbrain_omc.memory import Workspace, mapped_empty, trim_heap
+from speechbrain_omc.codec.memory import Workspace, mapped_empty, trim_heap
 
 
 def _mapping_of(tensor: torch.Tensor) -> tuple[str, int]:

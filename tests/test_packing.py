@@ -1,12 +1,12 @@
-"""Property tests of bit packing (speechbrain_omc.packing)."""
+"""Property tests of bit packing (speechbrain_omc.codec.packing)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speechbrain_omc import packing
-from speechbrain_omc.packing import pack_bits, packed_nbytes, unpack_bits
+from speechbrain_omc.codec import packing
+from speechbrain_omc.codec.packing import pack_bits, packed_nbytes, unpack_bits
 
 SETTINGS = settings(max_examples=200, deadline=None)
 

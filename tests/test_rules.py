@@ -7,8 +7,8 @@ import torch
 from test_speechbrain_models import FEATS, MODELS, VOCAB
 
 from speechbrain_omc import CompressedTensor, OMCConfig, compress_module
-from speechbrain_omc.blockwise import BlockwiseTensor
-from speechbrain_omc.rules import AdamSettings, settings_from_optimizer
+from speechbrain_omc.codec.blockwise import BlockwiseTensor
+from speechbrain_omc.engine.rules import AdamSettings, settings_from_optimizer
 
 
 def decoded(buffer):
@@ -108,7 +108,7 @@ class Wide(torch.nn.Module):
 
 @pytest.mark.parametrize("state_format", [None, "e4m3"])
 def test_fused_adam_in_slices_equals_torch_adam_on_a_large_weight(state_format):
-    from speechbrain_omc.rules import ADAM_CHUNK
+    from speechbrain_omc.engine.rules import ADAM_CHUNK
 
     torch.manual_seed(0)
     model, twin = Wide(), Wide()
@@ -137,7 +137,7 @@ def test_adam_settings_follow_the_optimizer_and_refuse_what_they_cannot_do():
 
 
 def test_block_wise_state_matches_its_torch_reference_and_round_trips():
-    from speechbrain_omc import kernels
+    from speechbrain_omc.codec import kernels
 
     torch.manual_seed(0)
     x = torch.randn(5000) * torch.logspace(-7, 0, 5000)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from speechbrain_omc import OMCConfig, make_plan
-from speechbrain_omc.selection import (
+from speechbrain_omc.engine.selection import (
     POSITION_BIAS_PATTERNS,
     keep_fp32,
     parameter_roles,

@@ -20,7 +20,7 @@ import pytest
 import torch
 from federated_fixtures import shifted_reply, small_model, small_server
 
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.checkpoint import (
     CheckpointCorrupt,

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from flower_harness import honest_reply
 
-from speechbrain_omc.accounting import parameter_bytes
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.engine import compress_module
+from speechbrain_omc.engine.accounting import parameter_bytes
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.handle import compress_module
+from speechbrain_omc.engine.selection import make_plan, parameter_roles
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.server import FedAvgServer
-from speechbrain_omc.selection import make_plan, parameter_roles
-from speechbrain_omc.sizes import (
-    conformer_ctc,
-    model_shapes,
-    plan_sizes,
-    round_sizes,
-)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from plan_sizes import conformer_ctc, model_shapes, plan_sizes, round_sizes  # noqa: E402
 
 TINY = dict(d_model=32, nhead=4, layers=2, d_ffn=64, kernel_size=7, vocab=30)
 CONFIGS = [
@@ -86,7 +86,7 @@ def test_a_round_adds_up_and_matches_a_real_server():
     server = _server(model, config, clients, 8)
     messages = server.configure_round()
     # The round's variables, each compressed once for all its clients.
-    cached = sum(len(value.to_bytes()) for value, _ in server._cache.values())
+    cached = sum(len(value.to_bytes()) for value, _ in server.planner.cache.values())
     replies = {
         c: honest_reply(m, shift=0.01, num_examples=3) for c, m in messages.items()
     }

@@ -14,9 +14,9 @@ from speechbrain.lobes.models.CRDNN import CRDNN
 from speechbrain.lobes.models.transformer.TransformerASR import TransformerASR
 
 from speechbrain_omc import OMCConfig, compress_module, make_plan, parameter_roles
+from speechbrain_omc.engine.parameter import CompressedParameter
+from speechbrain_omc.engine.selection import NORMALISATION_TYPES
 from speechbrain_omc.federated.server import FedAvgServer
-from speechbrain_omc.parameter import CompressedParameter
-from speechbrain_omc.selection import NORMALISATION_TYPES
 
 VOCAB, FEATS = 12, 20
 

@@ -27,13 +27,13 @@ import torch
 from federated_fixtures import CLIENTS, OMC, reply_meta, small_model, small_server
 
 from speechbrain_omc.asr.rounds import round_row, write_csv
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.transform import Transform
+from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation, combine
 from speechbrain_omc.federated.defence import MAX_REASONS, MAX_TEXT, is_clean
 from speechbrain_omc.federated.server import FedAvgServer
-from speechbrain_omc.transform import Transform
 
 FLT_MAX = torch.finfo(torch.float32).max
 BOUND = 10

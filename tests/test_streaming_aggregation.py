@@ -22,9 +22,9 @@ from federated_fixtures import pinned_fold, small_model, small_server
 from flower_harness import FakeGrid, honest_reply
 from flwr.app import ConfigRecord, RecordDict
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.data.partition import partition_rows
+from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import (
     Aggregation,
@@ -386,7 +386,7 @@ def test_server_memory_does_not_grow_with_the_number_of_replies():
     # keeps: at 64 replies its rise measured 20 MiB above the 4-reply one (CI's
     # kernels-off pass, once), and 45 to 60 MiB either way. The property is the
     # native codec's.
-    from speechbrain_omc import kernels
+    from speechbrain_omc.codec import kernels
 
     if not kernels.available():
         pytest.skip("server memory is flat with the native codec kernels only")

@@ -1,4 +1,4 @@
-"""Tests of the per-variable transformation (speechbrain_omc.transform)."""
+"""Tests of the per-variable transformation (speechbrain_omc.codec.transform)."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speechbrain_omc.formats import FloatFormat, IntFormat, get_format
-from speechbrain_omc.transform import Transform, fit_transform
+from speechbrain_omc.codec.formats import FloatFormat, IntFormat, get_format
+from speechbrain_omc.codec.transform import Transform, fit_transform
 
 SETTINGS = settings(max_examples=100, deadline=None)
 

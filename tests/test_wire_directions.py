@@ -25,7 +25,7 @@ from test_federated_server import CLIENTS, OMC, _model, honest_reply
 from test_lossless_recipes import MAX_GRAD_NORM, assert_same_bits
 
 from speechbrain_omc import OMCBrain, OMCConfig
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.client import OMCClient
 from speechbrain_omc.federated.server import FedAvgServer, UpdateRejected

@@ -34,17 +34,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from speechbrain_omc.accounting import (
-    float32_parameter_bytes,
-    parameter_bytes,
-    peak_rss_since_reset,
-    reset_peak_rss,
-)
 from speechbrain_omc.asr.brain import FedASR
 from speechbrain_omc.asr.data import build_label_encoder, dataset_from_csv
 from speechbrain_omc.asr.stats import bootstrap_wer
 from speechbrain_omc.data.librispeech import prepare_librispeech
 from speechbrain_omc.data.partition import client_manifests, partition_manifest
+from speechbrain_omc.engine.accounting import (
+    float32_parameter_bytes,
+    parameter_bytes,
+    peak_rss_since_reset,
+    reset_peak_rss,
+)
 from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.checkpoint import CheckpointStore
 from speechbrain_omc.federated.client import OMCClient

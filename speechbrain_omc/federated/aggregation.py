@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from speechbrain_omc.codec.memory import MAPPED_MIN_BYTES, mapped_empty
 from speechbrain_omc.federated.defence import DEFAULT_NORM_BOUND, DEFAULT_NORM_REFERENCE
-from speechbrain_omc.memory import MAPPED_MIN_BYTES, mapped_empty
 
 __all__ = [
     "AGGREGATIONS",

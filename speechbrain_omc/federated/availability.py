@@ -22,7 +22,7 @@ import math
 import random
 from collections.abc import Iterable
 
-from speechbrain_omc.selection import round_seed
+from speechbrain_omc.engine.selection import round_seed
 
 __all__ = ["DROPOUT_REASON", "simulated_dropouts"]
 

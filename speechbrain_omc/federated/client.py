@@ -69,9 +69,11 @@ import speechbrain as sb
 import torch
 from speechbrain.dataio.sampler import ReproducibleRandomSampler
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.engine import OMCHandle, compress_module
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.handle import OMCHandle, compress_module
+from speechbrain_omc.engine.parameter import CompressedParameter
+from speechbrain_omc.engine.selection import Plan, PlanEntry, parameter_roles
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.directions import (
     check_wire_mode,
@@ -79,8 +81,6 @@ from speechbrain_omc.federated.directions import (
     decompressed_message,
     module_formats,
 )
-from speechbrain_omc.parameter import CompressedParameter
-from speechbrain_omc.selection import Plan, PlanEntry, parameter_roles
 
 logger = logging.getLogger(__name__)
 
@@ -239,13 +239,13 @@ class OMCClient:
 
     def parameter_roles(self) -> dict[str, str]:
         """The role of every parameter entry, for the server's plans (which
-        then equal :func:`~speechbrain_omc.selection.make_plan`'s here).
+        then equal :func:`~speechbrain_omc.engine.selection.make_plan`'s here).
 
         Returns
         -------
         dict
             Parameter name to role (see
-            :func:`~speechbrain_omc.selection.parameter_roles`).
+            :func:`~speechbrain_omc.engine.selection.parameter_roles`).
         """
         return parameter_roles(self.brain.modules)
 

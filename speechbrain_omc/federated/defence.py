@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
 
 __all__ = [
     "DEFAULT_NORM_BOUND",
@@ -533,7 +533,7 @@ def check_transform(
     Example
     -------
     >>> import torch
-    >>> from speechbrain_omc.transform import Transform
+    >>> from speechbrain_omc.codec.transform import Transform
     >>> sent = CompressedTensor.compress(torch.ones(4), "e3m7")
     >>> check_transform("w", CompressedTensor.compress(torch.ones(4) * 2, "e3m7"), sent)
     >>> relabelled = CompressedTensor(

@@ -22,10 +22,10 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.selection import make_plan
 from speechbrain_omc.federated import wire
-from speechbrain_omc.selection import make_plan
 
 __all__ = [
     "WIRE_MODES",

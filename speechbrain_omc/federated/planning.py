@@ -2,10 +2,10 @@
 
 Every draw is a seeded function of ``(seed, round, client)``: the clients of
 a round, each client's plan (which entries travel compressed and in which
-format, see :func:`~speechbrain_omc.selection.make_plan`) and its RNG seed.
+format, see :func:`~speechbrain_omc.engine.selection.make_plan`) and its RNG seed.
 The server has shapes, not modules: the parameters' roles come from whoever
-built the model (see :func:`~speechbrain_omc.selection.parameter_roles`), so
-that its plans equal those :func:`~speechbrain_omc.selection.make_plan` gives
+built the model (see :func:`~speechbrain_omc.engine.selection.parameter_roles`), so
+that its plans equal those :func:`~speechbrain_omc.engine.selection.make_plan` gives
 on the model itself. The message is the plan: a client answers each entry in
 the form it received (unless ``wire_mode`` compresses one direction only, see
 :mod:`~speechbrain_omc.federated.directions`), and echoes the run's id and a
@@ -35,8 +35,14 @@ from dataclasses import asdict
 
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.selection import (
+    make_plan,
+    resolve_roles,
+    role_of,
+    round_seed,
+)
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.directions import (
     check_wire_mode,
@@ -49,7 +55,6 @@ from speechbrain_omc.federated.validation import (
     ReplyExpectation,
     is_int,
 )
-from speechbrain_omc.selection import make_plan, resolve_roles, role_of, round_seed
 
 __all__ = ["Planner"]
 

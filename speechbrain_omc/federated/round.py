@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from speechbrain_omc.codec.memory import Workspace
 from speechbrain_omc.federated.aggregation import (
     Aggregation,
     MemoryBudgetExceeded,
@@ -64,7 +65,6 @@ from speechbrain_omc.federated.validation import (
     reply_nbytes,
     squared_distance,
 )
-from speechbrain_omc.memory import Workspace
 
 logger = logging.getLogger(__name__)
 

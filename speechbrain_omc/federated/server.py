@@ -24,8 +24,8 @@ do the same with every message at once. docs/federated_server.md tells why.
 
 Example
 -------
->>> from speechbrain_omc.compressed import CompressedTensor
->>> from speechbrain_omc.config import OMCConfig
+>>> from speechbrain_omc.codec.compressed import CompressedTensor
+>>> from speechbrain_omc.engine.config import OMCConfig
 >>> from speechbrain_omc.federated import wire
 >>> model = {"lin.weight": torch.ones(4, 4), "lin.bias": torch.zeros(4)}
 >>> server = FedAvgServer(model, ["a", "b", "c"], clients_per_round=2,
@@ -75,8 +75,13 @@ from typing import Any
 
 import torch
 
-from speechbrain_omc.accounting import peak_rss_since_reset, reset_peak_rss, rss_bytes
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.memory import Workspace, trim_heap
+from speechbrain_omc.engine.accounting import (
+    peak_rss_since_reset,
+    reset_peak_rss,
+    rss_bytes,
+)
+from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import (
     DEFAULT_MEMORY_BUDGET,
@@ -98,7 +103,6 @@ from speechbrain_omc.federated.validation import (
     UpdateRejected,
     check_metrics,
 )
-from speechbrain_omc.memory import Workspace, trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +182,7 @@ class FedAvgServer:
         More settings a checkpoint must match (never sent).
     roles : mapping, optional
         Parameter name to role (see
-        :func:`~speechbrain_omc.selection.parameter_roles`).
+        :func:`~speechbrain_omc.engine.selection.parameter_roles`).
     memory_budget, max_held_bytes : int
         Bytes the buffered rules may keep; bytes of replies that may wait.
     measure_memory : bool
@@ -257,15 +261,6 @@ class FedAvgServer:
         self.current: Round | None = None  # the open round
         # Replies' entries are decoded into these reused buffers.
         self._workspace = Workspace(exact=False)
-
-    @property
-    def _cache(self) -> dict:
-        # The planner's broadcast cache (tests/test_sizes.py sizes it).
-        return self.planner.cache
-
-    def _shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        # The parameters' shapes (benchmarks/federated_scale.py reads them).
-        return self.state.shapes()
 
     def model_nbytes(self) -> int:
         """Bytes of the float32 global model (parameters and buffers)."""

@@ -41,8 +41,9 @@ from typing import Any
 
 import torch
 
-from speechbrain_omc import kernels
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec import kernels
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.memory import Workspace
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.defence import (
     check_range,
@@ -50,7 +51,6 @@ from speechbrain_omc.federated.defence import (
     is_clean,
     shown,
 )
-from speechbrain_omc.memory import Workspace
 
 __all__ = [
     "MAX_EXAMPLES",

@@ -1,7 +1,7 @@
 """Wire format of federated OMC: a model (or update) as one byte string.
 
 A message carries named entries, each either a compressed parameter (the
-:meth:`~speechbrain_omc.compressed.CompressedTensor.to_bytes` payload, itself
+:meth:`~speechbrain_omc.codec.compressed.CompressedTensor.to_bytes` payload, itself
 versioned and checksummed) or a float32 array, plus a small JSON object of
 metadata (round, client, number of examples, metrics, ...). The entries'
 kinds and formats *are* the parameter plan: a server tells a client which
@@ -55,7 +55,7 @@ parsed entry of it (see :mod:`~speechbrain_omc.federated.validation`).
 Example
 -------
 >>> import torch
->>> from speechbrain_omc.compressed import CompressedTensor
+>>> from speechbrain_omc.codec.compressed import CompressedTensor
 >>> entries = {
 ...     "lin.weight": CompressedTensor.compress(torch.ones(4, 4), "e3m7"),
 ...     "lin.bias": torch.zeros(4),
@@ -86,8 +86,12 @@ from typing import Union
 import numpy as np
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.memory import MAPPED_MIN_BYTES, Workspace
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.framing import CRC as _CRC
+from speechbrain_omc.codec.framing import PREFIX as _PREFIX
+from speechbrain_omc.codec.framing import Frame
+from speechbrain_omc.codec.memory import MAPPED_MIN_BYTES, Workspace
+from speechbrain_omc.codec.serial import payload_nbytes
 
 __all__ = [
     "COMPRESSED",
@@ -118,12 +122,18 @@ COMPRESSED = 0
 FLOAT32 = 1
 _KIND_NAMES = {COMPRESSED: "compressed", FLOAT32: "float32"}
 
-_PREFIX = struct.Struct("<4sHQ")  # magic, version, total length
 _U32 = struct.Struct("<I")
 _ENTRY_HEAD = struct.Struct("<BQ")  # kind, payload length
 _NAME_LEN = struct.Struct("<H")
-_CRC = struct.Struct("<I")
 _MAX_NAME = 2**16 - 1
+_FRAME = Frame(
+    MAGIC,
+    WIRE_VERSION,
+    "an",
+    "OMC wire message",
+    2 * _U32.size,  # metadata length and entry count
+    "malformed OMC wire message: impossible length",
+)
 
 #: Largest metadata (JSON bytes) that :func:`decode` accepts.
 MAX_META_BYTES = 64 * 1024
@@ -369,7 +379,12 @@ def entry_head_nbytes(name: str) -> int:
     return _NAME_LEN.size + len(name.encode("utf-8")) + _ENTRY_HEAD.size
 
 
-def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
+def entry_nbytes(
+    name: str,
+    value: Entry | tuple[int, ...],
+    fmt: str | None = None,
+    transform: str = "scale",
+) -> int:
     """Exact bytes one entry takes in a message.
 
     Arguments
@@ -377,7 +392,11 @@ def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
     name : str
         Entry name.
     value : CompressedTensor, torch.Tensor or tuple of int
-        The entry, or just a shape (then it is sized as float32).
+        The entry, or just a shape.
+    fmt : str, optional
+        The compressed format of a shape (``None`` or ``"float32"``: float32).
+    transform : str
+        The transform kind of a shape sized compressed.
 
     Returns
     -------
@@ -387,6 +406,9 @@ def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
     -------
     >>> entry_nbytes("b", torch.zeros(4))  # name 2+1, head 9, payload 1+8+16
     37
+    >>> value = CompressedTensor.compress(torch.ones(8, 4), "e3m7")
+    >>> entry_nbytes("w", (8, 4), "e3m7") == entry_nbytes("w", value)
+    True
     """
     head = entry_head_nbytes(name)
     if isinstance(value, CompressedTensor):
@@ -396,6 +418,8 @@ def entry_nbytes(name: str, value: Entry | tuple[int, ...]) -> int:
         shape = tuple(value.shape)
     else:
         shape = tuple(value)
+    if fmt not in (None, "float32"):
+        return head + payload_nbytes(shape, fmt, transform)
     return head + 1 + 8 * len(shape) + 4 * math.prod(shape)
 
 
@@ -682,62 +706,17 @@ def decode(
     ...
     ValueError: malformed OMC wire message: b has shape (3,), expected (4,)
     """
-    if isinstance(data, (np.ndarray, torch.Tensor)):
-        raise TypeError("decode takes bytes; convert uint8 arrays with .tobytes()")
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+    body = _FRAME.open(_byte_view(data), max_nbytes)
+    end = len(body)
     try:
-        view = memoryview(data).cast("B")
-    except TypeError as error:  # e.g. a non-contiguous view
-        raise ValueError(f"not a contiguous byte buffer: {error}") from None
-    if bytes(view[:4]) != MAGIC:
-        raise ValueError(
-            "not an OMC wire message: expected magic "
-            f"{MAGIC!r}, got {bytes(view[:4])!r}"
-        )
-    if len(view) < _PREFIX.size:
-        raise ValueError(
-            f"truncated OMC wire message: {len(view)} bytes is shorter than "
-            f"the {_PREFIX.size}-byte header"
-        )
-    _, version, total = _PREFIX.unpack_from(view)
-    if version != WIRE_VERSION:
-        raise ValueError(
-            f"unsupported OMC wire message version {version} "
-            f"(this build reads version {WIRE_VERSION})"
-        )
-    if max_nbytes is not None and len(view) > max_nbytes:
-        raise ValueError(
-            f"OMC wire message of {len(view)} bytes exceeds the {max_nbytes} "
-            "bytes it may have"
-        )
-    if len(view) < total:
-        raise ValueError(
-            f"truncated OMC wire message: header announces {total} bytes, "
-            f"got {len(view)}"
-        )
-    if len(view) > total:
-        raise ValueError(
-            f"OMC wire message has {len(view) - total} trailing bytes after the "
-            f"announced {total}"
-        )
-    if total < _PREFIX.size + 2 * _U32.size + _CRC.size:
-        raise ValueError(f"malformed OMC wire message: impossible length {total}")
-    end = total - _CRC.size
-    (crc,) = _CRC.unpack_from(view, end)
-    if zlib.crc32(view[:end]) != crc:
-        raise ValueError(
-            "corrupted OMC wire message: CRC32 mismatch (the bytes were altered "
-            "or mis-assembled)"
-        )
-    try:
-        meta, pos = _read_meta(view, end)
+        meta, pos = _read_meta(body, end)
     except (ValueError, struct.error) as error:
         raise ValueError(f"malformed OMC wire message: {error}") from None
     if check_meta is not None:
         check_meta(meta)
+    total = end + _FRAME.overhead
     try:
-        heads = _read_heads(view, pos, end, expect)
+        heads = _read_heads(body, pos, end, expect)
         if lazy:
             return LazyMessage(meta, total, heads, expect)
         entries = {
@@ -747,6 +726,18 @@ def decode(
     except (ValueError, struct.error) as error:
         raise ValueError(f"malformed OMC wire message: {error}") from None
     return Message(entries, meta, nbytes=total)
+
+
+def _byte_view(data) -> memoryview:
+    """``data`` as a flat byte view (no copy), or a ``TypeError``/``ValueError``."""
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        raise TypeError("decode takes bytes; convert uint8 arrays with .tobytes()")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+    try:
+        return memoryview(data).cast("B")
+    except TypeError as error:  # e.g. a non-contiguous view
+        raise ValueError(f"not a contiguous byte buffer: {error}") from None
 
 
 def _take(view: memoryview, pos: int, n: int, end: int, what: str) -> memoryview:
@@ -818,8 +809,8 @@ def _check_heads(heads, expect: Mapping[str, Expected]) -> None:
 
 
 def _read_meta(view: memoryview, end: int) -> tuple[dict, int]:
-    """The metadata and the position after it."""
-    pos = _PREFIX.size
+    """The metadata and the position after it (in the message's body)."""
+    pos = 0
     (meta_len,) = _U32.unpack_from(_take(view, pos, _U32.size, end, "metadata length"))
     pos += _U32.size
     if meta_len > MAX_META_BYTES:  # before copying it

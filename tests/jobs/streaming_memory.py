@@ -24,13 +24,17 @@ from pathlib import Path
 
 import torch
 
-from speechbrain_omc.accounting import peak_rss_since_reset, reset_peak_rss, rss_bytes
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.memory import trim_heap
+from speechbrain_omc.engine.accounting import (
+    peak_rss_since_reset,
+    reset_peak_rss,
+    rss_bytes,
+)
+from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation
 from speechbrain_omc.federated.server import FedAvgServer
-from speechbrain_omc.memory import trim_heap
 
 
 def model() -> dict:

@@ -30,6 +30,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from speechbrain_omc.engine.selection import round_seed
 from speechbrain_omc.federated.availability import DROPOUT_REASON, simulated_dropouts
 from speechbrain_omc.federated.defence import clean_text, is_clean
 from speechbrain_omc.federated.flower.records import (
@@ -43,7 +44,6 @@ from speechbrain_omc.federated.validation import (
     METRIC_BOUND,
     check_number,
 )
-from speechbrain_omc.selection import round_seed
 
 logger = logging.getLogger(__name__)
 

@@ -1,18 +1,11 @@
 """Which parameters are compressed, and in which format.
 
-Pure functions from ``(name, shape)`` pairs, their *roles* and an
-:class:`OMCConfig` to a :class:`Plan`. A role says what a parameter is for
-(:data:`ROLES`): a weight ``"matrix"``, a ``"vector"`` (biases, scalars), a
-``"normalisation"`` gain or shift, or a learned ``"position bias"``.
-Weight-matrices-only quantization (WMOQ) compresses matrices only.
-
-Roles are the one thing that needs the model: :func:`parameter_roles` reads
-them from a module (the owner's type and the parameter's own name, never a
-value). Whoever has the model computes them once and hands them on (a
-federated server gets them from the recipe), so that a plan is a function of
-``(names, shapes, roles, config, round, client)`` wherever it is computed.
-Without roles, :func:`role_of` infers them from names and shapes alone, which
-cannot see normalisation layers.
+Pure functions from ``(name, shape)`` pairs, their *roles* (:data:`ROLES`:
+``"matrix"``, ``"vector"``, ``"normalisation"``, ``"position bias"``) and an
+:class:`OMCConfig` to a :class:`Plan`. Roles are the one thing that needs
+the model (:func:`parameter_roles`); whoever has it hands them on, so that a
+plan is the same function of ``(names, shapes, roles, config, round,
+client)`` wherever it is computed (a federated server included).
 """
 
 from __future__ import annotations
@@ -27,9 +20,9 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.formats import get_format
-from speechbrain_omc.transform import Transform, kind_for
+from speechbrain_omc.codec.formats import get_format
+from speechbrain_omc.codec.transform import Transform, kind_for
+from speechbrain_omc.engine.config import OMCConfig
 
 #: What a parameter is for; under ``weights_only`` only ``"matrix"`` is
 #: compressed.
@@ -68,27 +61,10 @@ POSITION_BIAS_PATTERNS = ("pos_bias_u", "pos_bias_v")
 
 @dataclass(frozen=True)
 class PlanEntry:
-    """One parameter of a plan.
-
-    Arguments
-    ---------
-    name : str
-        Qualified parameter name.
-    shape : tuple of int
-        Parameter shape.
-    format : str or None
-        Format name, or ``None`` when the parameter stays float32.
-    nbytes : int
-        Exact bytes the parameter occupies under the plan.
-    role : str
-        What the parameter is for, one of :data:`ROLES` (empty when the plan
-        was not made by :func:`make_plan`).
-    reason : str
-        Why it is compressed or not, as :meth:`Plan.table` shows it: its role
-        when compressed (and what else applies, such as an override or a
-        lossless format's missing transform), else the rule that kept it
-        float32 (for example ``"WMOQ: normalisation"``,
-        ``"PPQ: float32 fraction (largest)"``).
+    """One parameter of a plan: ``name``, ``shape``, ``format`` (``None`` for
+    float32), exact ``nbytes`` under the plan, ``role`` (:data:`ROLES`) and the
+    ``reason`` it is compressed (its role, an override...) or kept float32 (the
+    rule, such as ``"WMOQ: normalisation"``).
     """
 
     name: str
@@ -148,16 +124,8 @@ class Plan:
         raise KeyError(name)
 
     def table(self) -> str:
-        """The plan as a fixed-width text table with totals against float32.
-
-        The last column says why each parameter is compressed (its role) or
-        stays float32 (the rule that kept it), and a line counts the reasons.
-        Uncompressed parameters show format ``float32``; ``fp32`` is the
-        lossless compressed format.
-
-        Returns
-        -------
-        str
+        """The plan as a text table with totals against float32 and why each
+        parameter is compressed or not.
 
         Example
         -------
@@ -223,26 +191,10 @@ class Plan:
 def compressed_nbytes(numel: int, fmt: str, transform: str) -> int:
     """Exact bytes of a compressed variable: packed codes plus its transform.
 
-    Arguments
-    ---------
-    numel : int
-        Number of values.
-    fmt : str
-        Format name.
-    transform : str
-        Transform kind (a lossless format takes none, see
-        :func:`~speechbrain_omc.transform.kind_for`).
-
-    Returns
-    -------
-    int
-
     Example
     -------
-    >>> compressed_nbytes(10, "e3m7", "scale")  # ceil(110 / 8) + 4
-    18
-    >>> compressed_nbytes(10, "fp32", "scale")  # the float32 bytes
-    40
+    >>> compressed_nbytes(10, "e3m7", "scale"), compressed_nbytes(10, "fp32", "scale")
+    (18, 40)
     """
     kind = kind_for(fmt, transform)
     return math.ceil(numel * get_format(fmt).bits / 8) + Transform(kind).nbytes
@@ -275,18 +227,9 @@ def _own_name(name: str) -> str:
 
 
 def is_normalisation(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s own parameters are normalisation gains and shifts.
-
-    Arguments
-    ---------
-    module : torch.nn.Module
-        The module that holds the parameters (not a parent of it).
-
-    Returns
-    -------
-    bool
-        ``True`` for :data:`NORMALISATION_TYPES` and for classes whose name
-        ends with :data:`NORMALISATION_CLASS_SUFFIX`.
+    """Whether ``module``'s own parameters are normalisation gains and shifts
+    (:data:`NORMALISATION_TYPES`, or a class name ending in
+    :data:`NORMALISATION_CLASS_SUFFIX`).
 
     Example
     -------
@@ -301,32 +244,12 @@ def is_normalisation(module: torch.nn.Module) -> bool:
 def role_of(
     name: str, shape: Sequence[int], owner: torch.nn.Module | None = None
 ) -> str:
-    """The role of one parameter: the rules of this module in one place.
-
-    In order: a parameter of a normalisation module (:func:`is_normalisation`)
-    is ``"normalisation"``; one whose own name matches
-    :data:`POSITION_BIAS_PATTERNS` is a ``"position bias"``; otherwise
-    ``ndim >= 2`` makes a ``"matrix"`` and anything smaller a ``"vector"``.
-
-    Arguments
-    ---------
-    name : str
-        Qualified parameter name.
-    shape : sequence of int
-        Parameter shape.
-    owner : torch.nn.Module, optional
-        The module holding the parameter; without it normalisation layers
-        cannot be recognised (names do not say it reliably).
-
-    Returns
-    -------
-    str
-        One of :data:`ROLES`.
+    """The role of one parameter: of a normalisation ``owner``, a name matching
+    :data:`POSITION_BIAS_PATTERNS`, else ``"matrix"`` from 2 dimensions up and
+    ``"vector"`` below (without ``owner``, normalisation cannot be seen).
 
     Example
     -------
-    >>> role_of("enc.mha.pos_bias_u", (4, 8))
-    'position bias'
     >>> norm = torch.nn.LayerNorm((10, 16))
     >>> role_of("norm.weight", (10, 16)), role_of("norm.weight", (10, 16), norm)
     ('matrix', 'normalisation')
@@ -339,23 +262,12 @@ def role_of(
 
 
 def parameter_roles(module: torch.nn.Module) -> dict[str, str]:
-    """The role of every parameter of a module, by its owner's type and name.
-
-    Reads module types and parameter names and shapes, never values: the
-    result is what a federated server needs (with the shapes) to compute the
-    same plans as :func:`make_plan` on the module.
-
-    Arguments
-    ---------
-    module : torch.nn.Module
-        The model.
+    """The role of every parameter of a module, from types, names and shapes.
 
     Returns
     -------
     dict
-        ``named_parameters()`` name to role (:data:`ROLES`), in that order; a
-        parameter shared by several modules once, under its first name and
-        the role its first owner gives it.
+        ``named_parameters()`` name to role, a shared parameter once.
 
     Example
     -------
@@ -383,38 +295,14 @@ def resolve_roles(
 ) -> dict[str, str]:
     """Every parameter's role: the given ones, checked, else :func:`role_of`.
 
-    Arguments
-    ---------
-    shapes : list of (name, shape)
-        The parameters.
-    roles : mapping, optional
-        Name to role for some or all of them (for example
-        :func:`parameter_roles` of the model); the others get
-        :func:`role_of` from their name and shape.
-
-    Returns
-    -------
-    dict
-        Name to role, for every name of ``shapes``, in their order.
-
-    Raises
-    ------
-    TypeError
-        ``roles`` is not a mapping.
-    ValueError
-        A role that is not one of :data:`ROLES`, a name that is not one of
-        the parameters, or a ``"matrix"`` with fewer than 2 dimensions (or a
-        ``"vector"`` with more than 1).
+    Raises ``TypeError`` if ``roles`` is not a mapping and ``ValueError`` for
+    an unknown role or name, or a role its shape contradicts.
 
     Example
     -------
     >>> shapes = [("ln.weight", (10, 16)), ("ln.bias", (10, 16))]
     >>> resolve_roles(shapes, {"ln.weight": "normalisation"})
     {'ln.weight': 'normalisation', 'ln.bias': 'matrix'}
-    >>> resolve_roles(shapes, {"ln.weight": "norm"})
-    Traceback (most recent call last):
-    ...
-    ValueError: roles: 'ln.weight' has role 'norm', not one of matrix, ...
     """
     if roles is not None and not isinstance(roles, Mapping):
         raise TypeError(f"roles must be a mapping of name to role, got {roles!r}")
@@ -462,20 +350,6 @@ def candidates(
 ) -> list[str]:
     """Names of the parameters that may be compressed (WMOQ and patterns).
 
-    Arguments
-    ---------
-    shapes : list of (name, shape)
-        The module's parameters.
-    config : OMCConfig
-        Selection settings.
-    roles : mapping, optional
-        Name to role (see :func:`resolve_roles`); inferred from names and
-        shapes where missing.
-
-    Returns
-    -------
-    list of str
-
     Example
     -------
     >>> shapes = [("lin.weight", (4, 3)), ("lin.bias", (4,)), ("ln.weight", (2, 4))]
@@ -489,23 +363,8 @@ def candidates(
 def round_seed(seed: int, round: int, client: int | str) -> int:
     """A 64-bit seed derived from ``(seed, round, client)``, stable across runs.
 
-    Arguments
-    ---------
-    seed : int
-        Base seed.
-    round : int
-        Federated round.
-    client : int or str
-        Client id.
-
-    Returns
-    -------
-    int
-
     Example
     -------
-    >>> round_seed(0, 1, "spk1") == round_seed(0, 1, "spk1")
-    True
     >>> round_seed(0, 1, "spk1") == round_seed(0, 2, "spk1")
     False
     """
@@ -521,34 +380,15 @@ def keep_fp32(
     round: int = 0,
     client: int | str = 0,
 ) -> set[str]:
-    """Partial parameter quantization: choose candidates that stay float32.
+    """Partial parameter quantization: the candidates that stay float32.
 
-    Variables are taken in policy order while the float32 values stay within
-    ``fraction`` of the candidates' values; a variable that would overshoot is
-    skipped and the next one is tried.
-
-    Arguments
-    ---------
-    sizes : list of (name, numel)
-        The candidates.
-    fraction : float
-        Fraction of the candidates' values to leave in float32.
-    policy : str
-        ``"largest"``, ``"smallest"`` or ``"random"`` (``"fixed"`` is handled
-        by patterns and selects nothing here).
-    seed, round, client
-        Seed of the random policy, re-drawn per round and client.
-
-    Returns
-    -------
-    set of str
+    Taken in ``policy`` order (``"largest"``, ``"smallest"``, ``"random"``,
+    drawn per round and client) while the float32 values stay within
+    ``fraction`` of the candidates'; one that would overshoot is skipped.
 
     Example
     -------
-    >>> sizes = [("a", 60), ("b", 30), ("c", 10)]
-    >>> sorted(keep_fp32(sizes, 0.1, "largest"))
-    ['c']
-    >>> sorted(keep_fp32(sizes, 0.4, "largest"))
+    >>> sorted(keep_fp32([("a", 60), ("b", 30), ("c", 10)], 0.4, "largest"))
     ['b', 'c']
     """
     if fraction <= 0 or policy == "fixed":
@@ -580,63 +420,36 @@ def make_plan(
 ) -> Plan:
     """Decide, for every parameter, whether it is compressed and in which format.
 
-    In order: weights-only quantization keeps every role but ``"matrix"``
-    float32, then ``include``/``exclude`` patterns, then ``fp32_patterns``,
-    then partial quantization's fraction; each entry records which rule
-    decided (:attr:`PlanEntry.reason`).
+    In order: weights-only quantization, ``include``/``exclude``,
+    ``fp32_patterns``, then partial quantization's fraction; each entry says
+    which rule decided (:attr:`PlanEntry.reason`).
 
     Arguments
     ---------
     shapes : torch.nn.Module or iterable of (name, shape)
-        The parameters. A module's ``named_parameters`` are used as is, and
-        its roles are :func:`parameter_roles`.
+        The parameters (a module's roles are :func:`parameter_roles`).
     config : OMCConfig
-        Selection settings.
     round, client
         Draw of the random partial-quantization policy.
     roles : mapping, optional
-        Name to role (:data:`ROLES`), for example :func:`parameter_roles` of
-        the model when only its shapes are at hand. With a module, these
-        take precedence over the module's own. Missing names get
-        :func:`role_of` from name and shape.
+        Name to role, over the module's own; missing ones get :func:`role_of`.
 
     Returns
     -------
     Plan
 
-    Raises
-    ------
-    ValueError
-        No parameters, a duplicated name, a pattern that matches nothing, or
-        bad roles (see :func:`resolve_roles`).
-
     Example
     -------
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
     >>> plan = make_plan(model, OMCConfig(format="e3m7"))
-    >>> for entry in plan.entries:
-    ...     print(entry.name, entry.format, entry.nbytes, entry.reason)
-    0.weight e3m7 92 matrix
-    0.bias None 32 WMOQ: vector
-    1.weight None 32 WMOQ: normalisation
-    1.bias None 32 WMOQ: normalisation
-
-    The same plan from shapes, as a federated server computes it:
-
+    >>> [(e.name, e.format, e.reason) for e in plan.entries[:2]]
+    [('0.weight', 'e3m7', 'matrix'), ('0.bias', None, 'WMOQ: vector')]
     >>> shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     >>> make_plan(shapes, OMCConfig(), roles=parameter_roles(model)) == plan
     True
     """
-    if isinstance(shapes, torch.nn.Module):
-        roles = {**parameter_roles(shapes), **(roles or {})}
-        shapes = [(n, tuple(p.shape)) for n, p in shapes.named_parameters()]
-    shapes = [(name, tuple(int(s) for s in shape)) for name, shape in shapes]
-    if not shapes:
-        raise ValueError("make_plan: the module has no parameters")
+    shapes, roles = _shapes_and_roles(shapes, roles)
     names = [n for n, _ in shapes]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"make_plan: parameter names given twice: {twice[:5]}")
     _check_patterns_match(names, config)
     roles = resolve_roles(shapes, roles)
 
@@ -652,24 +465,40 @@ def make_plan(
     )
     for name in ppq:
         reasons[name] = f"PPQ: float32 fraction ({config.fp32_policy})"
+    return Plan(
+        tuple(
+            _entry(name, shape, roles[name], reasons[name], config)
+            for name, shape in shapes
+        )
+    )
 
-    entries = []
-    for name, shape in shapes:
-        role = roles[name]
-        if reasons[name]:
-            entries.append(
-                PlanEntry(name, shape, None, 4 * numel[name], role, reasons[name])
-            )
-            continue
-        fmt = config.format_of(name)
-        nbytes = compressed_nbytes(numel[name], fmt, config.transform)
-        override = next(
-            (p for p in config.format_overrides if fnmatchcase(name, p)), None
-        )
-        reason = role if override is None else f"{role}; override {override!r}"
-        if kind_for(fmt, config.transform) != config.transform:
-            reason += f"; lossless: no {config.transform}"
-        entries.append(
-            PlanEntry(name, shape, get_format(fmt).name, nbytes, role, reason)
-        )
-    return Plan(tuple(entries))
+
+def _shapes_and_roles(shapes, roles):
+    """Names and integer shapes (checked), and the roles a module gives."""
+    if isinstance(shapes, torch.nn.Module):
+        roles = {**parameter_roles(shapes), **(roles or {})}
+        shapes = [(n, tuple(p.shape)) for n, p in shapes.named_parameters()]
+    shapes = [(name, tuple(int(s) for s in shape)) for name, shape in shapes]
+    if not shapes:
+        raise ValueError("make_plan: the module has no parameters")
+    names = [n for n, _ in shapes]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"make_plan: parameter names given twice: {twice[:5]}")
+    return shapes, roles
+
+
+def _entry(
+    name: str, shape: tuple[int, ...], role: str, reason: str, config: OMCConfig
+) -> PlanEntry:
+    """One parameter's entry: float32 for a ``reason``, else compressed."""
+    numel = math.prod(shape)
+    if reason:
+        return PlanEntry(name, shape, None, 4 * numel, role, reason)
+    fmt = config.format_of(name)
+    nbytes = compressed_nbytes(numel, fmt, config.transform)
+    override = next((p for p in config.format_overrides if fnmatchcase(name, p)), None)
+    reason = role if override is None else f"{role}; override {override!r}"
+    if kind_for(fmt, config.transform) != config.transform:
+        reason += f"; lossless: no {config.transform}"
+    return PlanEntry(name, shape, get_format(fmt).name, nbytes, role, reason)

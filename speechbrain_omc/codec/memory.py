@@ -1,35 +1,17 @@
 """Where OMC's buffers live, so that the memory saving shows in the process.
 
-A saving counts only if the process's resident memory drops. With glibc's
-default allocator, OMC's own allocations would fragment the heap that
-activations and gradients share: every float32 weight freed at compression
-leaves a hole, the packed codes allocated meanwhile sit between the holes,
-and the decompressed copies made in every forward and backward come and go
-among the activations. Freed heap memory stays resident, so a fused step
-would peak above a float32 one. Hence:
-
-* long-lived packed codes are mapped pages of their own
-  (:func:`mapped_empty`), outside malloc's heap;
-* decompressed copies come from a :class:`Workspace` of mapped buffers that
-  is reused from step to step: no allocation, no page fault, no heap;
-* after compression, :func:`trim_heap` returns the freed float32 parameters
-  to the system (``malloc_trim``, glibc only; a no-op elsewhere);
-* a federated server decodes each reply's entries, one at a time, into a
-  :class:`Workspace` of its own (``exact=False``: one buffer of the largest
-  entry per type). A trim gives back the pages of the heap's free chunks,
-  but they stay in the heap: entries decoded there would land in one free
-  chunk after another and make their pages resident again, reply after
-  reply, until the next trim.
-
-Nothing here changes the allocator's settings for the rest of the process.
+A saving counts only if resident memory drops, and freed heap memory stays
+resident: OMC's allocations among activations would fragment glibc's heap.
+So long-lived codes are mapped pages of their own (:func:`mapped_empty`),
+transient decompressed copies come from a reused :class:`Workspace` of
+mapped buffers, and :func:`trim_heap` returns the float32 parameters freed
+at compression. The allocator's settings are left alone.
 
 Example
 -------
 >>> import torch
 >>> ws = Workspace()
 >>> a = ws.take(1 << 16)
->>> a.numel(), a.dtype
-(65536, torch.float32)
 >>> ptr = a.data_ptr(); del a
 >>> ws.take(1 << 16).data_ptr() == ptr  # reused once the tensor is gone
 True
@@ -53,21 +35,9 @@ MAPPED_MIN_BYTES = 1 << 16
 
 
 def mapped_empty(numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """An uninitialised 1-D CPU tensor on pages of its own (anonymous ``mmap``).
-
-    The pages go back to the system when the tensor's storage dies. Small
-    tensors (under :data:`MAPPED_MIN_BYTES`) come from ``torch.empty``.
-
-    Arguments
-    ---------
-    numel : int
-        Number of elements.
-    dtype : torch.dtype
-        Element type.
-
-    Returns
-    -------
-    torch.Tensor
+    """An uninitialised 1-D CPU tensor on pages of its own (anonymous ``mmap``),
+    given back when its storage dies; below :data:`MAPPED_MIN_BYTES`,
+    ``torch.empty``.
 
     Example
     -------
@@ -81,27 +51,14 @@ def mapped_empty(numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
 
 
 class Workspace:
-    """Reusable buffers for the transient decompressed copies (float32 by
-    default).
+    """Reusable buffers for transient tensors (float32 by default).
 
-    A buffer is free again once every tensor made from it has died: the
-    tensor's storage holds a reference to the buffer's mapping, so the
-    mapping's reference count tells. CPU buffers are mappings of their own;
-    on other devices :meth:`take` is ``torch.empty`` (their caching
-    allocators already reuse memory).
-
-    Arguments
-    ---------
-    idle_bytes : int
-        Idle buffers kept beyond this total are unmapped by :meth:`trim`.
-    exact : bool
-        Reuse a buffer only for tensors of its size in bytes, of any type
-        (the training step's use: the same sizes every step). ``False``: any
-        idle buffer of the same type at least as large serves (the tensor is
-        its first bytes), and a buffer mapped for a larger request replaces
-        the idle smaller ones of its type, so that a reader of entries of
-        many sizes, one at a time, holds one buffer of the largest size per
-        type rather than one per size.
+    A buffer is free again once every tensor made from it has died. Off the
+    CPU :meth:`take` is ``torch.empty``. Idle buffers beyond ``idle_bytes`` are
+    unmapped by :meth:`trim`. ``exact`` reuses a buffer only for its size (a
+    training step's use); otherwise an idle buffer of the type at least as
+    large serves and a larger one replaces the smaller (a reader of entries of
+    many sizes holds one buffer per type).
 
     Example
     -------
@@ -134,22 +91,7 @@ class Workspace:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """A tensor of ``numel`` values, uninitialised.
-
-        Arguments
-        ---------
-        numel : int
-            Number of values.
-        device : torch.device or str
-            Where the tensor lives.
-        dtype : torch.dtype
-            Element type.
-
-        Returns
-        -------
-        torch.Tensor
-            1-D tensor.
-        """
+        """An uninitialised 1-D tensor of ``numel`` values on ``device``."""
         nbytes = numel * dtype.itemsize
         if nbytes < MAPPED_MIN_BYTES or torch.device(device).type != "cpu":
             return torch.empty(numel, dtype=dtype, device=device)
@@ -219,13 +161,8 @@ def _malloc_trim():
 
 
 def trim_heap() -> bool:
-    """Return the free memory of malloc's heap to the system (glibc).
-
-    Returns
-    -------
-    bool
-        Whether the C library could do it (``False`` where it has no
-        ``malloc_trim``).
+    """Return the free memory of malloc's heap to the system (``malloc_trim``);
+    ``False`` where the C library cannot.
 
     Example
     -------

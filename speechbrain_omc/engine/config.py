@@ -1,17 +1,12 @@
 """OMC configuration: one validated object that a YAML ``omc:`` entry builds.
 
-In a recipe's hparams every argument is a flat key ``omc_<argument>``, so
-that ``--omc_format=e4m7`` on the command line overrides it like any
-SpeechBrain hyperparameter; the ``omc:`` entry wires them (the complete block
-is ``hparams/omc.yaml``)::
+In a recipe's hparams each argument is a flat key ``omc_<argument>``, so
+that ``--omc_format=e4m7`` overrides it (the whole block is
+``hparams/omc.yaml``)::
 
     omc_format: e3m7
-    omc_fp32_fraction: 0.1
-    omc_update_mode: fused
     omc: !new:speechbrain_omc.OMCConfig
         format: !ref <omc_format>
-        fp32_fraction: !ref <omc_fp32_fraction>
-        update_mode: !ref <omc_update_mode>
 """
 
 from __future__ import annotations
@@ -19,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from speechbrain_omc.formats import get_format
-from speechbrain_omc.rules import StateStorage
+from speechbrain_omc.codec.formats import get_format
+from speechbrain_omc.engine.rules import StateStorage
 
 ROUNDINGS = ("nearest", "stochastic")
 TRANSFORMS = ("none", "scale", "affine")
@@ -65,87 +60,57 @@ class OMCConfig:
     Arguments
     ---------
     format : str
-        Default number format of compressed parameters, a preset name such as
-        ``"e3m7"`` (11 bits), ``"bf16"``, ``"e4m3"`` or ``"int8"``. ``"fp32"``
-        is the lossless format (32-bit codes that are the float32 bits; no
-        transform, no rounding): a twin that must train what float32 trains.
+        Default format of compressed parameters (``"e3m7"``, ``"bf16"``,
+        ``"int8"``...; ``"fp32"`` is the lossless twin).
     rounding : str
-        Rounding of the first compression of a value: ``"nearest"`` or
-        ``"stochastic"``.
+        Rounding of a first compression: ``"nearest"`` or ``"stochastic"``.
     update_rounding : str
-        Rounding of the re-compression after each update. Stochastic by
-        default: nearest rounding drops SGD updates smaller than half a unit
-        in the last place.
+        Rounding after each update; stochastic by default (nearest drops
+        updates below half a unit in the last place).
     transform : str
         Per-variable transformation: ``"none"``, ``"scale"`` or ``"affine"``.
     clip : str
         How the scale is fitted: ``"absmax"`` or ``"mse"``.
     weights_only : bool
-        Weight-matrices-only quantization: compress only weight matrices
-        (role ``"matrix"``: ``ndim >= 2``, not held by a normalisation layer,
-        not a position bias); biases, normalisation gains and shifts (of any
-        shape) and position biases such as ``RelPosMHAXL.pos_bias_u`` stay
-        float32. The rules are :mod:`speechbrain_omc.selection`'s
-        (:func:`~speechbrain_omc.selection.role_of`).
+        Compress weight matrices only (role ``"matrix"``, see
+        :func:`~speechbrain_omc.engine.selection.role_of`).
     include, exclude : list of str
-        fnmatch patterns on parameter names; a parameter is a candidate when
-        it matches some ``include`` and no ``exclude`` pattern.
+        fnmatch patterns of candidate parameter names.
     format_overrides : dict
-        ``{pattern: format}``; the first matching pattern picks the format.
+        ``{pattern: format}``; the first match picks the format.
     fp32_fraction : float
-        Partial parameter quantization: fraction of the candidates' values
-        left in float32 (0 keeps none).
+        Partial quantization: fraction of the candidates' values kept float32.
     fp32_policy : str
-        Which candidates stay float32: ``"fixed"`` (``fp32_patterns``),
-        ``"largest"``/``"smallest"`` first, or ``"random"``, re-drawn from
-        ``(seed, round, client)``.
+        ``"fixed"`` (``fp32_patterns``), ``"largest"``, ``"smallest"`` or
+        ``"random"`` (drawn per ``(seed, round, client)``).
     fp32_patterns : list of str
-        Patterns of parameters kept float32 (always honoured; the whole
-        selection with ``fp32_policy="fixed"``).
+        Parameters always kept float32.
     seed : int
         Seed of the random policy and of stochastic rounding.
     update_mode : str
-        ``"fused"``: the SGD update of a compressed parameter happens in its
-        backward; ``"simple"``: any torch optimizer updates the compressed
-        parameters (each in-place update decodes and re-encodes).
+        ``"fused"`` (updated in backward) or ``"simple"`` (any optimizer).
     state_format : str or dict, optional
-        Format of fused mode's optimizer state (SGD's ``momentum_buffer``,
-        Adam's ``exp_avg`` and ``exp_avg_sq``): one format for every
-        buffer, or ``{buffer: format}``; ``None`` keeps float32. Stored with
-        one float32 scale per ``state_block`` values (all 1, and no square
-        root, in the lossless ``"fp32"``).
+        Format of fused mode's optimizer state, for every buffer or
+        ``{buffer: format}``; ``None`` keeps float32.
     state_block : int
-        Values per scale of the compressed state (a power of two >= 16).
+        Values per scale of compressed state (a power of two >= 16).
     state_sqrt : bool
-        Store Adam's second moment as its square root (half the range).
+        Store Adam's second moment as its square root.
     fused_clipping : str
-        How fused mode honours the Brain's ``max_grad_norm``:
-        ``"deferred"`` (default) holds each compressed gradient until
-        backward ends and clips them all by the step's global norm, as
-        SpeechBrain does (bit for bit with lossless weights; costs the held
-        gradients' memory, see ``held_grad_format``); ``"previous_norm"``
-        scales each update by the previous step's gradient norm (no extra
-        cost; the first step clips per parameter),
-        ``"per_parameter"`` clips each parameter's gradient on its own,
-        ``"two_pass"`` runs forward and backward twice (the first measures
-        the global norm), as LOMO does.
+        How fused mode honours ``max_grad_norm``: ``"deferred"`` (hold the
+        gradients, clip by the global norm as SpeechBrain does),
+        ``"previous_norm"``, ``"per_parameter"`` or ``"two_pass"``.
     held_grad_format : str
-        Storage of the gradients deferred clipping holds: ``"auto"``
-        (bfloat16, float32 for lossless ``fp32`` weights), ``"bf16"`` or
-        ``"fp32"``.
+        Storage of held gradients: ``"auto"``, ``"bf16"`` or ``"fp32"``.
     nonfinite_grad : str
-        What a non-finite gradient of a compressed parameter does: ``"skip"``
-        the update with a warning, or ``"raise"``.
+        ``"skip"`` the update with a warning, or ``"raise"``.
     on_plan_change : str
-        What loading a checkpoint whose compressed entries do not fit the
-        current plan does (another format, or compressed where the plan now
-        keeps float32): ``"error"`` names them; ``"recompress"`` decodes
-        them and compresses again under the current plan, with a log line.
+        A checkpoint entry that does not fit the plan: ``"error"``, or
+        ``"recompress"`` it under the current plan.
 
     Example
     -------
-    >>> config = OMCConfig(format="e3m7", fp32_fraction=0.1)
-    >>> config.bits_of("encoder.linear.weight")
+    >>> OMCConfig(format="e3m7", fp32_fraction=0.1).bits_of("encoder.linear.weight")
     11
     >>> OMCConfig(update_mode="lazy")
     Traceback (most recent call last):
@@ -238,11 +203,7 @@ class OMCConfig:
                 )
 
     def state_storage(self):
-        """How fused mode keeps optimizer state (a ``StateStorage``).
-
-        Returns
-        -------
-        StateStorage
+        """How fused mode keeps optimizer state.
 
         Example
         -------
@@ -259,17 +220,8 @@ class OMCConfig:
         )
 
     def format_of(self, name: str) -> str:
-        """Name of the format a parameter called ``name`` is compressed in.
-
-        Arguments
-        ---------
-        name : str
-            Qualified parameter name.
-
-        Returns
-        -------
-        str
-            The first matching override's format, else the default.
+        """The format of parameter ``name``: the first matching override's, else
+        the default.
 
         Example
         -------
@@ -285,15 +237,6 @@ class OMCConfig:
 
     def bits_of(self, name: str) -> int:
         """Width in bits of the format of parameter ``name``.
-
-        Arguments
-        ---------
-        name : str
-            Qualified parameter name.
-
-        Returns
-        -------
-        int
 
         Example
         -------

@@ -1,15 +1,15 @@
-"""Sizes of a federated OMC model from its selection plan alone.
+"""Sizes of a federated OMC model from its selection plan alone
+(``federated_scale.py``'s analytic tables).
 
 Nothing is trained and nothing of the model is allocated: the model is built
 on PyTorch's ``meta`` device (shapes without storage) with SpeechBrain's own
-lobes, :func:`~speechbrain_omc.selection.make_plan` decides per parameter
+lobes, :func:`~speechbrain_omc.engine.selection.make_plan` decides per parameter
 whether it travels compressed and in which format, and the bytes follow from
 the plan:
 
 * :func:`plan_sizes`: one client's plan: its parameter memory under OMC and
-  the exact length of its wire message (the length
-  :func:`~speechbrain_omc.federated.wire.encode` would give, payload headers
-  and metadata included);
+  the exact length of its wire message
+  (:func:`~speechbrain_omc.federated.wire.entry_nbytes` of each entry);
 * :func:`round_sizes`: a federated round of ``clients_per_round`` clients:
   bytes down and up, the server's memory with streaming aggregation (and
   without, as it was before), the clients' parameter memory.
@@ -31,7 +31,7 @@ Presets (:data:`PRESETS`, built by :func:`conformer_ctc`):
 
 Example
 -------
->>> from speechbrain_omc.config import OMCConfig
+>>> from speechbrain_omc import OMCConfig
 >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))
 >>> sizes = plan_sizes(model, OMCConfig(format="e3m7", fp32_fraction=0.0))
 >>> sizes.parameters, sizes.float32_bytes, sizes.plan_bytes  # 11-bit weight
@@ -46,20 +46,18 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cache
 from typing import Any
 
 import torch
 
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.config import OMCConfig
-from speechbrain_omc.federated import wire
-from speechbrain_omc.selection import (
+from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.selection import (
     compressed_nbytes,
     make_plan,
     parameter_roles,
     resolve_roles,
 )
+from speechbrain_omc.federated import wire
 
 __all__ = [
     "PRESETS",
@@ -71,7 +69,6 @@ __all__ = [
     "plan_sizes",
     "reply_meta",
     "round_sizes",
-    "wire_entry_nbytes",
 ]
 
 #: Conformer-CTC shapes (see the module docstring).
@@ -148,7 +145,7 @@ def model_shapes(
         A module (on any device, ``meta`` included) or its shapes.
     roles : mapping, optional
         Roles to use over the module's own (see
-        :func:`~speechbrain_omc.selection.parameter_roles`).
+        :func:`~speechbrain_omc.engine.selection.parameter_roles`).
 
     Returns
     -------
@@ -170,51 +167,6 @@ def model_shapes(
     else:
         shapes = [(str(n), tuple(int(d) for d in s)) for n, s in model]
     return shapes, resolve_roles(shapes, roles)
-
-
-@cache
-def _payload_overhead(ndim: int, fmt: str, transform: str) -> int:
-    # The payload's own header and checksum, measured on a real one-value
-    # payload of the same rank (the layout belongs to CompressedTensor).
-    tiny = CompressedTensor.compress(torch.ones((1,) * ndim), fmt, transform=transform)
-    return len(tiny.to_bytes()) - compressed_nbytes(1, fmt, transform)
-
-
-def wire_entry_nbytes(
-    name: str, shape: tuple[int, ...], fmt: str | None, transform: str = "scale"
-) -> int:
-    """Exact bytes one entry takes in a wire message.
-
-    Arguments
-    ---------
-    name : str
-        Entry name.
-    shape : tuple of int
-        Its shape.
-    fmt : str or None
-        Its compressed format, or ``None`` / ``"float32"`` for float32.
-    transform : str
-        The per-variable transformation of a compressed entry.
-
-    Returns
-    -------
-    int
-
-    Example
-    -------
-    >>> value = CompressedTensor.compress(torch.ones(8, 4), "e3m7")
-    >>> wire_entry_nbytes("w", (8, 4), "e3m7") == wire.entry_nbytes("w", value)
-    True
-    """
-    if fmt in (None, "float32"):
-        return wire.entry_nbytes(name, tuple(shape))
-    numel = math.prod(shape)
-    payload = _payload_overhead(len(shape), fmt, transform)
-    return (
-        wire.entry_head_nbytes(name)
-        + payload
-        + compressed_nbytes(numel, fmt, transform)
-    )
 
 
 def broadcast_meta(round: int = 1, client: str = "client_000") -> dict:
@@ -277,16 +229,6 @@ def reply_meta(round: int = 1, client: str = "client_000") -> dict:
             "skipped_updates": 0,
         },
     }
-
-
-def _message_nbytes(
-    shapes: Shapes, formats: Mapping[str, str | None], transform: str, meta: Mapping
-) -> int:
-    # An empty message with this metadata, plus every entry.
-    return wire.encoded_nbytes({}, meta) + sum(
-        wire_entry_nbytes(name, shape, formats[name], transform)
-        for name, shape in shapes
-    )
 
 
 @dataclass(frozen=True)
@@ -398,7 +340,7 @@ def _plan_sizes(shapes, roles, config, round, client, meta=None) -> PlanSizes:
 
 def _entries_nbytes(shapes: Shapes, formats: Mapping, transform: str) -> int:
     return sum(
-        wire_entry_nbytes(name, shape, formats.get(name), transform)
+        wire.entry_nbytes(name, shape, formats.get(name), transform)
         for name, shape in shapes
     )
 
@@ -499,7 +441,7 @@ def round_sizes(
 
     Example
     -------
-    >>> from speechbrain_omc.config import OMCConfig
+    >>> from speechbrain_omc.engine.config import OMCConfig
     >>> model = torch.nn.Linear(256, 256)
     >>> sizes = round_sizes(model, OMCConfig(format="e3m7", fp32_fraction=0.0), 100)
     >>> sizes.server_streaming["running"] == 4 * (256 * 256 + 256)
@@ -549,7 +491,7 @@ def round_sizes(
     model_bytes = 4 * sum(numel.values())
     biggest = max(numel, key=numel.get)
     payload = (
-        wire_entry_nbytes(biggest, dict(shapes)[biggest], broadcast[biggest], transform)
+        wire.entry_nbytes(biggest, dict(shapes)[biggest], broadcast[biggest], transform)
         if biggest in broadcast
         else 4 * numel[biggest]
     )
@@ -558,7 +500,7 @@ def round_sizes(
         "running": model_bytes,
         "momentum": model_bytes if momentum else 0,
         "broadcast": sum(
-            wire_entry_nbytes(n, dict(shapes)[n], f, transform)
+            wire.entry_nbytes(n, dict(shapes)[n], f, transform)
             - wire.entry_head_nbytes(n)
             for n, f in broadcast.items()
         ),

@@ -13,24 +13,12 @@ import sys
 
 import torch
 
-from speechbrain_omc.parameter import CompressedParameter
+from speechbrain_omc.engine.parameter import CompressedParameter
 
 
 def compressed_tensors(module: torch.nn.Module) -> dict:
-    """The compressed parameters held by a module or its children, by name.
-
-    Works on any submodule of a module under OMC, not only on the root the
-    handle was made for.
-
-    Arguments
-    ---------
-    module : torch.nn.Module
-        A module, under OMC or not (then the result is empty).
-
-    Returns
-    -------
-    dict
-        ``{qualified name: CompressedTensor}``; a tied weight appears once.
+    """``{qualified name: CompressedTensor}`` of a module or any submodule of one
+    under OMC (a tied weight once; empty for other modules).
 
     Example
     -------
@@ -46,15 +34,6 @@ def compressed_tensors(module: torch.nn.Module) -> dict:
 
 def parameter_bytes(module: torch.nn.Module) -> int:
     """Exact bytes of a module's parameters: compressed plus uncompressed.
-
-    Arguments
-    ---------
-    module : torch.nn.Module
-        Any module; compressed parameters count their ``nbytes``.
-
-    Returns
-    -------
-    int
 
     Example
     -------
@@ -72,14 +51,6 @@ def parameter_bytes(module: torch.nn.Module) -> int:
 def float32_parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes the same parameters would take in float32.
 
-    Arguments
-    ---------
-    module : torch.nn.Module
-
-    Returns
-    -------
-    int
-
     Example
     -------
     >>> float32_parameter_bytes(torch.nn.Linear(4, 4))
@@ -90,10 +61,6 @@ def float32_parameter_bytes(module: torch.nn.Module) -> int:
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far, in bytes.
-
-    Returns
-    -------
-    int
 
     Example
     -------
@@ -121,34 +88,16 @@ def _status_bytes(*fields: str) -> dict[str, int]:
 
 
 def rss_bytes() -> int | None:
-    """This process's resident set size now, in bytes (Linux: ``VmRSS``).
-
-    Returns
-    -------
-    int or None
-        None where ``/proc/self/status`` is not available.
-
-    Example
-    -------
-    >>> import sys
-    >>> rss_bytes() > 0 if sys.platform.startswith("linux") else True
-    True
+    """This process's resident set size now, in bytes (``VmRSS``; ``None``
+    without ``/proc/self/status``).
     """
     return _status_bytes("VmRSS").get("VmRSS")
 
 
 def reset_peak_rss() -> bool:
-    """Restart this process's peak-RSS measurement (Linux: ``VmHWM``).
-
-    Writing ``5`` to ``/proc/self/clear_refs`` sets the high-water mark to
-    the current resident size, so that :func:`peak_rss_since_reset` after a
-    training step reports that step's peak, not the import's or a
-    previous evaluation's.
-
-    Returns
-    -------
-    bool
-        Whether the reset is supported here.
+    """Restart the peak-RSS measurement (``VmHWM``, by writing ``5`` to
+    ``/proc/self/clear_refs``), so that :func:`peak_rss_since_reset` reports one
+    step's peak; returns whether that is supported here.
 
     Example
     -------
@@ -167,19 +116,8 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_since_reset() -> int:
-    """Peak resident set size since :func:`reset_peak_rss`, in bytes.
-
-    Where the reset is not supported, the process's whole peak
-    (:func:`peak_rss_bytes`).
-
-    Returns
-    -------
-    int
-
-    Example
-    -------
-    >>> peak_rss_since_reset() > 0
-    True
+    """Peak resident set size since :func:`reset_peak_rss` (else the process's
+    whole peak), in bytes.
     """
     # The kernel raises the mark lazily; the current size read in the same
     # snapshot bounds it from below.
@@ -194,31 +132,27 @@ def training_state_bytes(
     state_format=None,
     state_block: int = 256,
 ) -> dict[str, dict[str, int]]:
-    """Bytes of the whole training state, float32 against OMC, from a plan.
-
-    What persists between steps: parameters, gradients (until the optimizer
-    step; fused mode frees those of compressed parameters in backward) and
-    optimizer state (SGD momentum: one buffer, Adam: two).
+    """Bytes of the training state that persists between steps, float32 against
+    OMC, from a plan: parameters, gradients (fused mode frees the compressed
+    ones in backward) and optimizer state.
 
     Arguments
     ---------
     plan : Plan
-        The selection (exact parameter bytes).
     rule : str
-        ``"sgd"`` (no state), ``"sgd_momentum"`` or ``"adam"``.
+        ``"sgd"``, ``"sgd_momentum"`` or ``"adam"``.
     mode : str
         ``"fused"`` or ``"simple"``.
     state_format : str or dict, optional
-        Format of the compressed parameters' optimizer state in fused mode
-        (as ``OMCConfig.state_format``); float32 when ``None``.
+        Format of fused mode's compressed optimizer state; float32 if ``None``.
     state_block : int
         Values per scale of compressed state.
 
     Returns
     -------
     dict
-        ``{"float32": {...}, "omc": {...}}``, each with ``parameters``,
-        ``gradients``, ``optimizer_state`` and ``total`` bytes.
+        ``{"float32": {...}, "omc": {...}}`` with ``parameters``,
+        ``gradients``, ``optimizer_state`` and ``total``.
 
     Example
     -------
@@ -228,8 +162,8 @@ def training_state_bytes(
     >>> r["float32"]["total"], r["omc"]["total"]
     (16777216, 3571716)
     """
-    from speechbrain_omc.formats import get_format
-    from speechbrain_omc.packing import packed_nbytes
+    from speechbrain_omc.codec.formats import get_format
+    from speechbrain_omc.codec.packing import packed_nbytes
 
     buffers = {
         "sgd": (),
@@ -270,16 +204,7 @@ def training_state_bytes(
 
 
 def format_training_state(report: dict[str, dict[str, int]]) -> str:
-    """The training-state report as a small fixed-width table.
-
-    Arguments
-    ---------
-    report : dict
-        As returned by :func:`training_state_bytes`.
-
-    Returns
-    -------
-    str
+    """A :func:`training_state_bytes` report as a fixed-width table.
 
     Example
     -------

@@ -1,26 +1,16 @@
 """Per-variable transformation (PVT): move a variable into its format's range.
 
-A low-bit format is precise only over a limited range. Each compressed
-variable therefore gets its own affine map, whose few numbers stay float32:
-
-* ``"none"``: values are quantized as they are (0 bytes);
-* ``"scale"``: ``y = x / scale``, with ``scale`` chosen so that the variable's
-  absolute maximum (or an MSE-optimal clip below it) lands on the format's
-  ``max_value`` (4 bytes);
-* ``"affine"``: ``y = (x - shift) / scale``, with ``shift`` the centre of
-  ``[min, max]`` and ``scale`` mapping the half-range (or its MSE-optimal
-  clip) onto ``max_value`` (8 bytes).
-
-Decoding computes ``y * scale + shift`` in float32, in that order.
-
-A lossless format (``"fp32"``) gets no transform whatever kind is asked
-(:func:`kind_for`): ``x / scale * scale`` rounds, and the format needs no
-range moved.
+Each compressed variable gets its own affine map, kept in float32:
+``"none"`` (0 bytes), ``"scale"`` (``y = x / scale``, the absolute maximum
+or an MSE-optimal clip onto ``max_value``, 4 bytes) or ``"affine"``
+(``y = (x - shift) / scale`` around the centre of ``[min, max]``, 8 bytes).
+Decoding computes ``y * scale + shift`` in float32. A lossless format gets
+none (:func:`kind_for`).
 
 Example
 -------
 >>> import torch
->>> from speechbrain_omc.formats import get_format
+>>> from speechbrain_omc.codec.formats import get_format
 >>> x = torch.tensor([-0.5, 0.25, 2.0])
 >>> t = fit_transform(x, get_format("int8"), "scale")
 >>> t.kind, t.nbytes, t.forward(x).max().item()
@@ -75,20 +65,16 @@ class Transform:
     kind : str
         ``"none"``, ``"scale"`` or ``"affine"``.
     scale : float
-        Positive, finite multiplier applied when decoding (rounded to float32;
-        must be 1 for ``"none"``).
+        Positive finite decoding multiplier (1 for ``"none"``).
     shift : float
-        Offset added when decoding (rounded to float32; must be 0 unless
-        ``kind == "affine"``).
+        Decoding offset (0 unless ``"affine"``).
 
     Example
     -------
     >>> t = Transform("affine", scale=0.5, shift=1.0)
-    >>> t.nbytes, t.params
-    (8, (0.5, 1.0))
     >>> y = t.forward(torch.tensor([0.0, 1.0, 3.0]))
-    >>> y, t.inverse(y)
-    (tensor([-2.,  0.,  4.]), tensor([0., 1., 3.]))
+    >>> t.nbytes, y, t.inverse(y)
+    (8, tensor([-2.,  0.,  4.]), tensor([0., 1., 3.]))
     """
 
     kind: str = "none"
@@ -133,18 +119,6 @@ class Transform:
     def from_params(cls, kind: str, params: tuple[float, ...]) -> Transform:
         """Rebuild a transform from ``kind`` and :attr:`params`.
 
-        Arguments
-        ---------
-        kind : str
-            Transform kind.
-        params : tuple of float
-            As returned by :attr:`params`.
-
-        Returns
-        -------
-        Transform
-            The transform.
-
         Example
         -------
         >>> Transform.from_params("scale", (0.25,))
@@ -173,29 +147,13 @@ class Transform:
     def decode_plan(self) -> tuple[tuple[float, ...], float | None]:
         """:attr:`decode_args` as the kernels apply them: ``(factors, shift)``.
 
-        See :func:`~speechbrain_omc.formats.affine_plan`; computed once per
+        See :func:`~speechbrain_omc.codec.formats.affine_plan`; computed once per
         transform, which every decode of a weight reuses until it is written.
         """
         return affine_plan(1.0, *self.decode_args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map values into the format's domain: ``(x - shift) / scale``.
-
-        Arguments
-        ---------
-        x : torch.Tensor
-            float32 tensor.
-
-        Returns
-        -------
-        torch.Tensor
-            Transformed tensor (``x`` itself for ``"none"``).
-
-        Example
-        -------
-        >>> Transform("scale", 0.5).forward(torch.tensor([1.0]))
-        tensor([2.])
-        """
+        """Map float32 values into the format's domain: ``(x - shift) / scale``."""
         if self.kind == "none":
             return x
         if self.kind == "scale":
@@ -205,23 +163,7 @@ class Transform:
         return y
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Map format values back: ``y * scale + shift`` in float32.
-
-        Arguments
-        ---------
-        y : torch.Tensor
-            float32 tensor in the format's domain.
-
-        Returns
-        -------
-        torch.Tensor
-            Transformed tensor (``y`` itself for ``"none"``).
-
-        Example
-        -------
-        >>> Transform("scale", 0.5).inverse(torch.tensor([2.0]))
-        tensor([1.])
-        """
+        """Map format values back: ``y * scale + shift`` in float32."""
         if self.kind == "none":
             return y
         out = y * self.scale
@@ -231,20 +173,8 @@ class Transform:
 
 
 def kind_for(fmt: str | Format, kind: str) -> str:
-    """The transform a variable in ``fmt`` gets when ``kind`` is asked for.
-
-    Arguments
-    ---------
-    fmt : str or Format
-        The format.
-    kind : str
-        The configured kind.
-
-    Returns
-    -------
-    str
-        ``kind``, except ``"none"`` for a lossless format (a scale would round
-        what the format keeps exactly).
+    """The transform a variable in ``fmt`` gets when ``kind`` is asked for:
+    ``kind``, but ``"none"`` for a lossless format (a scale would round).
 
     Example
     -------
@@ -298,37 +228,27 @@ def fit_transform(
     Arguments
     ---------
     x : torch.Tensor
-        Floating-point tensor with finite values.
+        Finite values.
     fmt : str or Format
-        Target format (``fmt.max_value`` is the target extent).
+        Target format (its ``max_value`` is the target extent).
     kind : str
         ``"none"``, ``"scale"`` or ``"affine"``.
     clip : str
-        ``"absmax"`` maps the variable's extreme onto ``max_value``;
-        ``"mse"`` tries clips between 30 % and 100 % of it and keeps the one
-        with the smallest mean squared quantisation error (round to nearest,
-        measured on at most 65536 evenly strided values). Ignored for
-        ``"none"``.
+        ``"absmax"`` maps the extreme onto ``max_value``; ``"mse"`` keeps the
+        clip between 30 % and 100 % of it with the smallest squared error.
     minmax : tuple of float, optional
-        Precomputed ``(min, max)`` of ``x`` (saves a pass).
+        Precomputed ``(min, max)`` of ``x``.
 
     Returns
     -------
     Transform
-        The fitted transform (``"none"`` for a lossless format, see
-        :func:`kind_for`). An all-zero (or, for ``"affine"``, constant)
-        variable gets scale 1. The scale never drops below float32's smallest
-        normal number, ``2**-126``: only formats with 8 exponent bits, whose
-        range covers float32's anyway, can ask for less, and there the
-        extreme simply lands below ``max_value``.
+        Scale 1 for an all-zero (affine: constant) variable; never below
+        ``2**-126``.
 
     Example
     -------
-    >>> x = torch.tensor([1.0, 2.0, 3.0])
-    >>> fit_transform(x, "int8", "affine")
+    >>> fit_transform(torch.tensor([1.0, 2.0, 3.0]), "int8", "affine")
     Transform(kind='affine', scale=0.007874015718698502, shift=2.0)
-    >>> fit_transform(torch.zeros(3), "e4m3", "scale")
-    Transform(kind='scale', scale=1.0, shift=0.0)
     """
     if kind not in TRANSFORM_KINDS:
         raise ValueError(

@@ -1,14 +1,10 @@
 """Optimizer state in low-bit formats, with one scale per block of values.
 
-A weight has one per-variable scale (:mod:`speechbrain_omc.transform`); an
-optimizer's state does not fit one: Adam's moments span orders of magnitude
-across a tensor, so, as the 8-bit optimizers do, each block of ``block``
-consecutive values gets its own float32 scale (absmax onto the format's
-largest value). The second moment may be stored as its square root
-(``sqrt=True``), which halves its range in the exponent; it is squared back
-when decoded. Storage is the packed codes plus ``4 * ceil(n / block)`` bytes
-of scales. A lossless format (``"fp32"``) keeps the values themselves: unit
-scales and no square root (which would round), so its state equals float32's.
+Adam's moments span orders of magnitude across a tensor, so, as 8-bit
+optimizers do, each ``block`` of values gets its own float32 absmax scale;
+the second moment may be stored as its square root (half the exponent
+range). A lossless format keeps unit scales and no square root, so its state
+equals float32's.
 
 Example
 -------
@@ -28,8 +24,8 @@ import zlib
 
 import torch
 
-from speechbrain_omc import kernels
-from speechbrain_omc.formats import (
+from speechbrain_omc.codec import kernels
+from speechbrain_omc.codec.formats import (
     _F32_MIN_NORMAL,
     Format,
     _as_float32,
@@ -39,7 +35,7 @@ from speechbrain_omc.formats import (
     rounding_key,
     serial_spec,
 )
-from speechbrain_omc.packing import _pack, _unpack, packed_nbytes
+from speechbrain_omc.codec.packing import _pack, _unpack, packed_nbytes
 
 __all__ = ["BlockwiseTensor"]
 
@@ -59,18 +55,15 @@ class BlockwiseTensor:
     Arguments
     ---------
     packed : torch.Tensor
-        ``uint8`` codes, ``ceil(numel * bits / 8)`` bytes.
+        ``uint8`` codes.
     scales : torch.Tensor
         float32, one per block.
     fmt : str or Format
-        Format of the codes.
     shape : tuple of int
-        Shape of the represented tensor.
     block : int
         Values per scale (a power of two, at least 16).
     sqrt : bool
-        Whether the codes hold square roots (non-negative values only; never
-        with a lossless format, whose scales are all 1).
+        The codes hold square roots (never with a lossless format).
     """
 
     __slots__ = ("packed", "scales", "format", "shape", "block", "sqrt")
@@ -98,19 +91,7 @@ class BlockwiseTensor:
     def zeros(
         cls, shape, fmt: str | Format, block: int = 256, sqrt: bool = False
     ) -> BlockwiseTensor:
-        """All-zero values (codes of zero, unit scales).
-
-        Arguments
-        ---------
-        shape : tuple of int
-        fmt : str or Format
-        block : int
-        sqrt : bool
-
-        Returns
-        -------
-        BlockwiseTensor
-        """
+        """All-zero values (codes of zero, unit scales)."""
         return cls.compress(torch.zeros(shape), fmt, block=block, sqrt=sqrt)
 
     @classmethod
@@ -123,27 +104,8 @@ class BlockwiseTensor:
         rounding: str = "nearest",
         generator: torch.Generator | int | None = None,
     ) -> BlockwiseTensor:
-        """Compress ``x`` block by block.
-
-        Arguments
-        ---------
-        x : torch.Tensor
-            Finite values (non-negative with ``sqrt``).
-        fmt : str or Format
-            Code format.
-        block : int
-            Values per scale.
-        sqrt : bool
-            Store square roots (ignored by a lossless format, which stores
-            the values).
-        rounding : str
-            ``"nearest"`` or ``"stochastic"``.
-        generator : torch.Generator or int, optional
-            Stochastic rounding's key (see :meth:`Format.quantize`).
-
-        Returns
-        -------
-        BlockwiseTensor
+        """Compress finite ``x`` (non-negative with ``sqrt``) block by block, with
+        ``rounding`` keyed by ``generator`` (see :meth:`Format.quantize`).
         """
         fmt = get_format(fmt)
         _check_block(block)
@@ -180,17 +142,7 @@ class BlockwiseTensor:
 
     # ------------------------------------------------------------- decode
     def decompress(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The float32 values.
-
-        Arguments
-        ---------
-        out : torch.Tensor, optional
-            Contiguous float32 tensor of ``numel`` values to write into.
-
-        Returns
-        -------
-        torch.Tensor
-        """
+        """The float32 values (into contiguous ``out`` when given)."""
         n = self.shape.numel()
         if out is None:
             out = torch.empty(n, dtype=torch.float32)
@@ -262,16 +214,7 @@ class BlockwiseTensor:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BlockwiseTensor:
-        """Inverse of :meth:`to_bytes`; a clear error on damaged bytes.
-
-        Arguments
-        ---------
-        data : bytes
-
-        Returns
-        -------
-        BlockwiseTensor
-        """
+        """Inverse of :meth:`to_bytes`; a clear error on damaged bytes."""
         data = bytes(data)
         if len(data) < _HEAD.size + 4 or data[:4] != _MAGIC:
             raise ValueError("not a BlockwiseTensor payload")

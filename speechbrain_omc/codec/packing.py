@@ -1,23 +1,10 @@
 """Bit packing: ``b``-bit integer codes to bytes and back, ``b`` in 1..16 or 32.
 
-The byte stream is little-endian and LSB first: value ``i`` occupies stream
-bits ``[i*b, (i+1)*b)``, where stream bit ``k`` is bit ``k % 8`` of byte
-``k // 8``. ``n`` values take exactly ``ceil(n * b / 8)`` bytes; the unused
-high bits of the last byte are zero.
-
-Everything is vectorised, with a fixed number of tensor operations per call
-(no Python loop over values, bytes or bit positions). Widths 8, 16 and 32
-are plain casts/views (32-bit codes are any int32, their bytes the raw
-little-endian words: the lossless format's float32 bits). Other widths work
-on *octets*: 8 consecutive values fill
-exactly ``b`` bytes, so value ``8i + j`` always starts at byte ``i*b + j*b//8``
-and bit ``j*b % 8``, a pattern that broadcasting handles:
-
-* packing shifts each value of an octet to its bit offset in 64-bit words
-  (two words when ``b > 8``) and sums them (the bit ranges are disjoint, so
-  the sum is an OR), then copies the octet's ``b`` bytes out;
-* unpacking builds, for every byte, the little-endian window of the 2 or 3
-  bytes starting there, gathers each value's window and shifts it in place.
+Little-endian, LSB first: value ``i`` occupies stream bits
+``[i*b, (i+1)*b)``, and ``n`` values take ``ceil(n * b / 8)`` bytes (unused
+high bits zero). Widths 8, 16 and 32 are casts or views; the others work on
+*octets* (8 values fill exactly ``b`` bytes, so offsets repeat and
+broadcasting handles them) with a fixed number of tensor operations per call.
 
 Example
 -------
@@ -61,19 +48,7 @@ def _check_byteorder() -> None:
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
-    """Number of bytes that ``numel`` codes of ``bits`` bits occupy when packed.
-
-    Arguments
-    ---------
-    numel : int
-        Number of codes.
-    bits : int
-        Code width, 1 to 16 or 32.
-
-    Returns
-    -------
-    int
-        ``ceil(numel * bits / 8)``.
+    """Bytes that ``numel`` codes of ``bits`` bits take: ``ceil(numel * bits / 8)``.
 
     Example
     -------
@@ -161,28 +136,12 @@ def _check_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_bits(
     codes: torch.Tensor, bits: int, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Pack non-negative integer codes of ``bits`` bits into a byte tensor.
-
-    Arguments
-    ---------
-    codes : torch.Tensor
-        Integer tensor (any shape, flattened in row-major order) with values
-        in ``[0, 2**bits)`` (for 32 bits: any int32).
-    bits : int
-        Code width, 1 to 16 or 32.
-    out : torch.Tensor, optional
-        Contiguous ``torch.uint8`` tensor of ``ceil(numel * bits / 8)``
-        elements to write into (reused buffers avoid an allocation).
-
-    Returns
-    -------
-    torch.Tensor
-        1-D ``torch.uint8`` tensor of exactly ``ceil(numel * bits / 8)`` bytes.
+    """Pack integer codes of ``bits`` bits (1 to 16 or 32; values in
+    ``[0, 2**bits)``, any int32 for 32) into ``ceil(numel * bits / 8)`` bytes,
+    row-major (into contiguous ``uint8`` ``out`` when given).
 
     Example
     -------
-    >>> pack_bits(torch.tensor([1, 0, 1, 1]), 1)
-    tensor([13], dtype=torch.uint8)
     >>> pack_bits(torch.tensor([0x123, 0xABC]), 12)
     tensor([ 35, 193, 171], dtype=torch.uint8)
     >>> pack_bits(torch.tensor([-1.0]).view(torch.int32), 32)  # float32 bits
@@ -247,25 +206,8 @@ def unpack_bits(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Unpack ``numel`` codes of ``bits`` bits from a byte tensor.
-
-    Arguments
-    ---------
-    packed : torch.Tensor
-        ``torch.uint8`` tensor of exactly ``ceil(numel * bits / 8)`` bytes, as
-        made by :func:`pack_bits`.
-    bits : int
-        Code width, 1 to 16 or 32.
-    numel : int
-        Number of codes to read.
-    out : torch.Tensor, optional
-        Contiguous ``torch.int32`` tensor of ``numel`` elements to write into.
-
-    Returns
-    -------
-    torch.Tensor
-        1-D ``torch.int32`` tensor of ``numel`` codes in ``[0, 2**bits)``
-        (32 bits: the int32 words).
+    """Unpack ``numel`` codes of ``bits`` bits from :func:`pack_bits`' bytes
+    (into contiguous ``int32`` ``out`` when given).
 
     Example
     -------

@@ -1,23 +1,13 @@
 """Update rules of fused mode: SGD, Adam and AdamW, one parameter at a time.
 
-Fused mode updates each compressed parameter inside backward, as soon as its
-gradient is complete, so it cannot call a torch optimizer's ``step()``; it
-calls :func:`fused_step_` with the settings read from that optimizer
-(:func:`settings_from_optimizer`). Each rule follows its torch optimizer's
-single-tensor path operation by operation, so that fused mode and simple mode
-(the torch optimizer itself) give the same result:
-
-* **SGD** (momentum, dampening, weight decay, Nesterov): the native kernel
-  decodes the weight, checks the gradient, steps and measures the new range
-  in one pass (:func:`sgd_step_`); the torch fallback is :func:`sgd_update_`.
-* **Adam / AdamW**: the weight and the moments are decoded into workspace
-  buffers, ``torch.optim``'s own functional Adam steps them, and they are
-  encoded again.
-
-Optimizer state (SGD's momentum, Adam's moments) lives in float32, or in a
-low-bit format with one scale per block of values
-(:class:`~speechbrain_omc.blockwise.BlockwiseTensor`; Adam's second moment
-as its square root): see :class:`StateStorage`.
+Fused mode updates a compressed parameter inside backward, so it cannot call
+an optimizer's ``step()``: :func:`fused_step_` applies the rule read from
+that optimizer (:func:`settings_from_optimizer`), following its
+single-tensor path operation by operation, so that fused and simple mode
+agree. SGD runs in one native pass (:func:`sgd_step_`, torch fallback
+:func:`sgd_update_`); Adam decodes weight and moments into scratch buffers
+and steps them with ``torch.optim``'s functional Adam. Optimizer state is
+float32 or block-wise low-bit (:class:`StateStorage`).
 """
 
 from __future__ import annotations
@@ -28,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.adam import adam as functional_adam
 
-from speechbrain_omc import kernels
-from speechbrain_omc.blockwise import BlockwiseTensor
-from speechbrain_omc.compressed import CompressedTensor
-from speechbrain_omc.formats import _finite_minmax
+from speechbrain_omc.codec import kernels
+from speechbrain_omc.codec.blockwise import BlockwiseTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
+from speechbrain_omc.codec.formats import _finite_minmax
 
 __all__ = [
     "AdamSettings",
@@ -47,20 +37,8 @@ __all__ = [
 
 @dataclass
 class SGDSettings:
-    """Hyperparameters of the fused SGD update (as in ``torch.optim.SGD``).
-
-    Arguments
-    ---------
-    lr : float, optional
-        Learning rate; ``None`` until set (an update without it is an error).
-    momentum : float
-        Momentum factor.
-    dampening : float
-        Dampening of the momentum.
-    weight_decay : float
-        L2 penalty.
-    nesterov : bool
-        Nesterov momentum.
+    """Hyperparameters of the fused SGD update, as in ``torch.optim.SGD``
+    (``lr`` is ``None`` until set).
     """
 
     lr: float | None = None
@@ -71,16 +49,7 @@ class SGDSettings:
 
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> SGDSettings:
-        """Read the settings of the first group of a ``torch.optim.SGD``.
-
-        Arguments
-        ---------
-        optimizer : torch.optim.Optimizer
-            Must be plain SGD: fused mode implements no other rule.
-
-        Returns
-        -------
-        SGDSettings
+        """Read the first group of a plain ``torch.optim.SGD``.
 
         Example
         -------
@@ -117,23 +86,8 @@ def sgd_update_(
     momentum_buffer: torch.Tensor | None,
     settings: SGDSettings,
 ) -> torch.Tensor | None:
-    """Apply one SGD step to ``param`` in place.
-
-    Arguments
-    ---------
-    param : torch.Tensor
-        The (decompressed) value, updated in place.
-    grad : torch.Tensor
-        Its gradient.
-    momentum_buffer : torch.Tensor or None
-        The momentum state (``None`` before the first step), updated in place.
-    settings : SGDSettings
-        Hyperparameters.
-
-    Returns
-    -------
-    torch.Tensor or None
-        The momentum buffer to keep (``None`` without momentum).
+    """Apply one SGD step to ``param`` in place; returns the momentum buffer to
+    keep (``None`` without momentum).
 
     Example
     -------
@@ -167,17 +121,8 @@ def sgd_update_(
 
 @dataclass
 class SGDResult:
-    """What one fused SGD step did.
-
-    Arguments
-    ---------
-    nonfinite_grad : int
-        Non-finite gradient values; when not zero, nothing was updated (the
-        value is left undefined: it is a scratch copy).
-    momentum_buffer : torch.Tensor or None
-        The momentum state to keep.
-    minmax : tuple of float, optional
-        ``(min, max)`` of the updated value when the step measured it.
+    """What one fused SGD step did: ``nonfinite_grad`` values (then nothing was
+    updated), the momentum buffer to keep, and the new ``minmax`` if measured.
     """
 
     nonfinite_grad: int
@@ -197,16 +142,11 @@ def sgd_step_(
     Arguments
     ---------
     param : torch.Tensor
-        The decompressed value, updated in place; with ``codes``, a scratch
-        buffer that receives their decoding first (one pass with the native
-        kernels).
+        The value, updated in place (with ``codes``: decoded into first).
     grad : torch.Tensor
-        Its gradient.
     momentum_buffer : torch.Tensor or None
-        The momentum state (``None`` before the first step); untouched when
-        the gradient is not finite.
+        Untouched when the gradient is not finite.
     settings : SGDSettings
-        Hyperparameters.
     codes : CompressedTensor, optional
         The compressed value to start from.
 
@@ -237,15 +177,6 @@ def sgd_step_(
     if codes is not None:
         scratch.append(codes.packed)
     if param.dtype == grad.dtype == torch.float32 and kernels.native_for(*scratch):
-        decode = {}
-        if codes is not None:
-            factors, add = codes.transform.decode_plan
-            decode = dict(
-                codes=codes.packed,
-                fmt=codes.format.spec,
-                multipliers=factors,
-                shift=add,
-            )
         bad, lo, hi, overflowed = kernels.sgd_step(
             param,
             scratch[1],
@@ -256,7 +187,7 @@ def sgd_step_(
             settings.weight_decay,
             settings.nesterov,
             first,
-            **decode,
+            **_native_decode(codes),
         )
         if bad:
             return SGDResult(bad, momentum_buffer)
@@ -271,6 +202,15 @@ def sgd_step_(
         codes.decompress(out=param)
     buffer = sgd_update_(param, grad, momentum_buffer, settings)
     return SGDResult(0, buffer)
+
+
+def _native_decode(codes: CompressedTensor | None) -> dict:
+    """The sgd kernel's arguments that decode ``codes`` first (none: no codes)."""
+    if codes is None:
+        return {}
+    factors, add = codes.transform.decode_plan
+    fmt = codes.format.spec
+    return dict(codes=codes.packed, fmt=fmt, multipliers=factors, shift=add)
 
 
 def _same_groups(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:
@@ -288,20 +228,8 @@ def _same_groups(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> Non
 
 @dataclass
 class AdamSettings:
-    """Hyperparameters of the fused Adam/AdamW update (as in ``torch.optim``).
-
-    Arguments
-    ---------
-    lr : float
-        Learning rate.
-    betas : tuple of float
-        Decays of the first and second moment.
-    eps : float
-        Added to the denominator.
-    weight_decay : float
-        L2 penalty (Adam) or decoupled decay (AdamW).
-    decoupled : bool
-        AdamW's decoupled weight decay.
+    """Hyperparameters of the fused Adam/AdamW update, as in ``torch.optim``
+    (``decoupled``: AdamW's weight decay).
     """
 
     lr: float = 1e-3
@@ -313,14 +241,6 @@ class AdamSettings:
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> AdamSettings:
         """Read the first group of a ``torch.optim.Adam`` or ``AdamW``.
-
-        Arguments
-        ---------
-        optimizer : torch.optim.Optimizer
-
-        Returns
-        -------
-        AdamSettings
 
         Example
         -------
@@ -353,27 +273,14 @@ class AdamSettings:
 def settings_from_optimizer(
     optimizer: torch.optim.Optimizer,
 ) -> SGDSettings | AdamSettings:
-    """The fused rule's settings from the optimizer a recipe built.
-
-    Arguments
-    ---------
-    optimizer : torch.optim.Optimizer
-        ``torch.optim.SGD``, ``Adam`` or ``AdamW``; any other is a clear
-        error (simple mode runs any optimizer).
-
-    Returns
-    -------
-    SGDSettings or AdamSettings
+    """The fused rule's settings from a recipe's ``SGD``, ``Adam`` or ``AdamW``
+    (any other is an error: simple mode runs any optimizer).
 
     Example
     -------
     >>> p = [torch.zeros(1, requires_grad=True)]
     >>> type(settings_from_optimizer(torch.optim.Adam(p))).__name__
     'AdamSettings'
-    >>> settings_from_optimizer(torch.optim.RMSprop(p))
-    Traceback (most recent call last):
-    ...
-    ValueError: fused OMC updates implement SGD, Adam and AdamW, got RMSprop; ...
     """
     if type(optimizer) is torch.optim.SGD:
         return SGDSettings.from_optimizer(optimizer)
@@ -387,19 +294,10 @@ def settings_from_optimizer(
 
 @dataclass(frozen=True)
 class StateStorage:
-    """How optimizer state is stored between steps.
-
-    Arguments
-    ---------
-    formats : mapping, optional
-        ``{buffer name: format}`` (``"momentum_buffer"``, ``"exp_avg"``,
-        ``"exp_avg_sq"``); a buffer not named stays float32.
-    block : int
-        Values per scale of the low-bit buffers.
-    sqrt_second_moment : bool
-        Store Adam's second moment as its square root.
-    rounding : str
-        Rounding of the buffers' encoding.
+    """How optimizer state is stored between steps: ``formats`` names the
+    low-bit buffers (``"momentum_buffer"``, ``"exp_avg"``, ``"exp_avg_sq"``;
+    the others stay float32), with one scale per ``block`` values, Adam's second
+    moment as its square root if asked, encoded with ``rounding``.
     """
 
     formats: Mapping[str, str] = field(default_factory=dict)
@@ -481,32 +379,12 @@ def fused_step_(
     scratch: Callable[[], torch.Tensor],
     keys: Callable[[str], int],
 ) -> StepResult:
-    """One fused update: ``value`` receives the updated weight.
-
-    Arguments
-    ---------
-    value : torch.Tensor
-        Float32 scratch of the weight's shape; the weight is decoded into it
-        from ``codes`` and updated there (the caller encodes it again).
-    codes : CompressedTensor
-        The weight's codes.
-    grad : torch.Tensor
-        Its gradient (float32).
-    state : dict
-        The parameter's optimizer state (``{}`` before the first step),
-        updated in place when the gradient is finite.
-    settings : SGDSettings or AdamSettings
-        Which rule, and its hyperparameters.
-    storage : StateStorage
-        How state buffers are kept.
-    scratch : callable
-        Returns float32 scratch buffers of the weight's shape.
-    keys : callable
-        ``keys(buffer name)``: the stochastic rounding key of a buffer.
-
-    Returns
-    -------
-    StepResult
+    """One fused update: the weight is decoded from ``codes`` into float32
+    scratch ``value`` and updated there by ``settings``' rule; ``state`` (the
+    optimizer state, kept as ``storage`` says) changes only for a finite
+    ``grad``. ``scratch()`` gives more buffers of the weight's shape,
+    ``keys(buffer)`` a buffer's stochastic rounding key. Returns a
+    :class:`StepResult`.
     """
     if isinstance(settings, AdamSettings):
         return _adam_step_(value, codes, grad, state, settings, storage, scratch, keys)

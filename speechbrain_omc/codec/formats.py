@@ -1,33 +1,20 @@
 """Low-bit number formats: quantize float tensors to integer codes and back.
 
-Two families are provided, and a lossless instrument:
+* :class:`FloatFormat` ``(exponent_bits, mantissa_bits)``: IEEE-like with
+  subnormals but **no inf/NaN codes** (values beyond ``max_value``
+  saturate); E5M10, E8M7, E4M3 and E5M2 give the codes of ``float16``,
+  ``bfloat16``, ``float8_e4m3fn`` and ``float8_e5m2`` for their finite values.
+* :class:`IntFormat` ``(bits)``: symmetric signed integers, used with a
+  per-variable scale (:mod:`speechbrain_omc.codec.transform`).
+* :class:`Float32Format` (``"fp32"``): the float32 bits themselves, a
+  lossless twin to check OMC's mechanisms against float32 training.
 
-* :class:`FloatFormat` ``(exponent_bits, mantissa_bits)``: a sign bit, a biased
-  exponent and a mantissa with subnormals, like IEEE 754 but with **no inf/NaN
-  codes**: every code is a finite number and values beyond ``max_value``
-  saturate. E5M10, E8M7, E4M3 and E5M2 give the same codes as ``float16``,
-  ``bfloat16``, ``float8_e4m3fn`` and ``float8_e5m2`` for every value that the
-  native type represents as a finite number.
-* :class:`IntFormat` ``(bits)``: symmetric signed integers, meant to be used with
-  a per-variable scale (see :mod:`speechbrain_omc.transform`).
-* :class:`Float32Format` (``"fp32"``): 32-bit codes that are the float32 bits
-  themselves. It loses nothing, so that every mechanism of OMC can be checked
-  against float32 training (a lossless twin), at the cost of its bytes.
-
-Codes are ``torch.int32`` tensors holding non-negative integers below
-``2**bits`` (32-bit codes: any int32, the bit pattern);
-:mod:`speechbrain_omc.packing` turns them into bytes.
-
-All arithmetic is exact and vectorised: rounding works on the bits of the
-float32 input, so there is no double rounding. Inputs of other floating dtypes
-are first cast to float32. Decoding relies on IEEE subnormal arithmetic, which
-is PyTorch's default (``torch.set_flush_denormal(False)``).
-
-Stochastic rounding draws its random bits from a counter-based hash of a
-64-bit key and each value's index (:func:`random_bits`), so a key gives the
-same codes whatever the chunking, thread count or implementation. On CPU
-tensors the native kernels of :mod:`speechbrain_omc.kernels` run; the torch
-code here is their reference and the fallback elsewhere.
+Codes are ``torch.int32`` values below ``2**bits`` (32-bit codes: the bit
+pattern). Rounding works on the float32 bits, so nothing rounds twice;
+stochastic rounding hashes a 64-bit key with each value's index
+(:func:`random_bits`), so a key gives the same codes however the work is
+split. The torch code here is the reference of the native kernels
+(:mod:`speechbrain_omc.codec.kernels`) and their fallback.
 
 Example
 -------
@@ -50,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from speechbrain_omc import kernels
+from speechbrain_omc.codec import kernels
 
 __all__ = [
     "Format",
@@ -171,33 +158,13 @@ def _mix32_(h: torch.Tensor) -> torch.Tensor:
 def random_bits(key: int, offset: int, n: int, device=None) -> torch.Tensor:
     """31 random bits for each of the values ``offset .. offset + n - 1``.
 
-    The counter-based generator of stochastic rounding: value ``i`` gets
-    ``mix(mix(lo(i) ^ k0) ^ k1 ^ hi(i)) >> 1``, with ``k0, k1`` the 32-bit
-    words of ``key``, ``lo, hi`` those of ``i`` and ``mix`` a 32-bit
-    xorshift-multiply hash. The native kernels compute the same bits.
-
-    Arguments
-    ---------
-    key : int
-        64-bit key (seed, stream and step of one update hashed together).
-    offset : int
-        Index of the first value.
-    n : int
-        Number of values.
-    device : torch.device, optional
-        Where to make the result.
-
-    Returns
-    -------
-    torch.Tensor
-        ``int32`` values in ``[0, 2**31)``.
+    Value ``i`` gets ``mix(mix(lo(i) ^ k0) ^ k1 ^ hi(i)) >> 1`` (32-bit words
+    of ``key`` and ``i``, ``mix`` a xorshift-multiply hash), as the kernels do.
 
     Example
     -------
     >>> a = random_bits(7, 0, 6)
     >>> bool((a == torch.cat([random_bits(7, 0, 2), random_bits(7, 2, 4)])).all())
-    True
-    >>> bool((a != random_bits(8, 0, 6)).any())
     True
     """
     index = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
@@ -212,25 +179,13 @@ def random_bits(key: int, offset: int, n: int, device=None) -> torch.Tensor:
 
 
 def rounding_key(generator: torch.Generator | int | None = None) -> int:
-    """The 64-bit key of one stochastic rounding.
-
-    Arguments
-    ---------
-    generator : torch.Generator or int, optional
-        An int is the key itself; a generator gives one draw; ``None`` draws
-        from torch's global generator.
-
-    Returns
-    -------
-    int
+    """The 64-bit key of one stochastic rounding: an int is the key, a generator
+    gives one draw, ``None`` draws from torch's global generator.
 
     Example
     -------
     >>> rounding_key(5)
     5
-    >>> g = torch.Generator().manual_seed(0)
-    >>> rounding_key(g) == rounding_key(torch.Generator().manual_seed(0))
-    True
     """
     if isinstance(generator, int) and not isinstance(generator, bool):
         return generator & (2**64 - 1)
@@ -247,31 +202,14 @@ def rounding_key(generator: torch.Generator | int | None = None) -> int:
 def affine_plan(
     pow2: float, scale: float | None, shift: float | None
 ) -> tuple[tuple[float, ...], float | None]:
-    """Multipliers and shift that compute ``(v * pow2) * scale + shift``.
-
-    ``pow2`` is a power of two and ``v * pow2`` is exact, so folding it into
-    the scale (one multiply instead of two) gives identical bits whenever the
-    folded factor is itself a normal float32.
-
-    Arguments
-    ---------
-    pow2 : float
-        Power of two (the format's rebias).
-    scale, shift : float, optional
-        The transform (``None``: absent).
-
-    Returns
-    -------
-    tuple
-        ``(multipliers, shift)``: float32 factors applied in order, then the
-        float32 shift or ``None``.
+    """Multipliers and shift that compute ``(v * pow2) * scale + shift``:
+    ``pow2`` folds into the scale (one multiply, the same bits) whenever the
+    product is a normal float32.
 
     Example
     -------
     >>> affine_plan(2.0**4, 0.5, None)
     ((8.0,), None)
-    >>> affine_plan(1.0, None, 0.0)
-    ((), None)
     """
     s = 1.0 if scale is None else _to_f32(scale)
     c = pow2 * s
@@ -298,17 +236,8 @@ def _affine_(
 
 
 def code_range(bits: int) -> tuple[int, int]:
-    """``[low, high)`` of the int32 codes of a ``bits``-bit format.
-
-    Arguments
-    ---------
-    bits : int
-        Code width.
-
-    Returns
-    -------
-    tuple of int
-        ``(0, 2**bits)``; for 32 bits every int32, the bit pattern.
+    """``[low, high)`` of the int32 codes of a ``bits``-bit format (32 bits:
+    every int32).
 
     Example
     -------
@@ -334,22 +263,17 @@ def _check_codes(codes: torch.Tensor, bits: int) -> None:
 
 
 class Format(ABC):
-    """A number format (base of :class:`FloatFormat`, :class:`IntFormat`...).
+    """A number format: ``bits``, ``name`` (its preset spelling), ``max_value``.
 
-    Every format has ``bits`` (code width), ``name`` (its preset spelling, e.g.
-    ``"e4m3"`` or ``"int8"``) and ``max_value`` (the largest finite value; the
-    per-variable scale maps a variable's range onto it). Subclasses implement
-    the torch reference of the exact per-element rounding (``_quantize``) and
-    of the in-place decoding of an int32 code buffer (``_decode_``), and
-    describe themselves to the native kernels (``spec``, ``pow2``).
-    ``lossless`` formats represent every float32 value exactly: they take no
-    per-variable transform and round nothing.
+    Subclasses implement the torch reference of rounding (``_quantize``) and of
+    in-place decoding (``_decode_``) and describe themselves to the kernels
+    (``spec``, ``pow2``). ``lossless`` formats take no transform.
 
     Example
     -------
     >>> fmt = get_format("int4")
-    >>> isinstance(fmt, Format), fmt.bits, fmt.name, fmt.max_value, fmt.lossless
-    (True, 4, 'int4', 7.0, False)
+    >>> fmt.bits, fmt.name, fmt.max_value, fmt.lossless
+    (4, 'int4', 7.0, False)
     """
 
     bits: int
@@ -413,39 +337,14 @@ class Format(ABC):
         rounding: str = "nearest",
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Quantize a float tensor to codes of this format.
-
-        Arguments
-        ---------
-        x : torch.Tensor
-            Floating-point tensor (any shape; cast to float32 first). Values
-            beyond ``max_value`` saturate.
-        rounding : str
-            ``"nearest"`` (ties to even) or ``"stochastic"`` (rounds the
-            magnitude up with probability equal to its distance from the lower
-            neighbour, in units of the gap; unbiased on average, exactly for
-            float formats' normal range and to within ``2**-15`` of a gap
-            elsewhere, since those fractions are kept in fixed point).
-        generator : torch.Generator or int, optional
-            Randomness of stochastic rounding: an int is the counter-based
-            generator's key itself, a generator gives one draw of it (on its
-            device), ``None`` one draw from torch's global generator. A key
-            gives the same codes on any device and thread count.
-
-        Returns
-        -------
-        torch.Tensor
-            ``torch.int32`` codes in ``[0, 2**bits)`` (32-bit codes: the
-            float32 bit patterns), same shape as ``x``.
+        """Codes of this format for finite ``x`` (cast to float32; beyond
+        ``max_value`` it saturates), rounded ``"nearest"`` (ties to even) or
+        ``"stochastic"`` (unbiased; keyed by ``generator``, see :func:`rounding_key`).
 
         Example
         -------
-        >>> fmt = FloatFormat(8, 7)
-        >>> fmt.quantize(torch.tensor([1.0, -2.0]))
+        >>> FloatFormat(8, 7).quantize(torch.tensor([1.0, -2.0]))
         tensor([16256, 49152], dtype=torch.int32)
-        >>> g = torch.Generator().manual_seed(0)
-        >>> fmt.quantize(torch.tensor([1.0]), "stochastic", g)
-        tensor([16256], dtype=torch.int32)
         """
         _check_rounding(rounding)
         x32 = _as_float32(x)
@@ -476,32 +375,12 @@ class Format(ABC):
         scale: float | None = None,
         shift: float | None = None,
     ) -> torch.Tensor:
-        """Decode codes to float32, optionally applying ``value * scale + shift``.
-
-        Folding the per-variable transform into decoding saves a pass; the
-        result has the same bits as decoding first and then computing
-        ``y * scale + shift`` in float32 (scale and shift are rounded to
-        float32 first).
-
-        Arguments
-        ---------
-        codes : torch.Tensor
-            Integer tensor with values in ``[0, 2**bits)`` (any int32 for
-            32-bit codes).
-        scale : float, optional
-            Multiplier applied to the decoded values.
-        shift : float, optional
-            Offset added after scaling.
-
-        Returns
-        -------
-        torch.Tensor
-            float32 tensor of the same shape as ``codes``.
+        """Decode codes to float32, then ``value * scale + shift`` (the same bits as
+        decoding first and applying the float32 transform after).
 
         Example
         -------
-        >>> fmt = FloatFormat(5, 10)
-        >>> fmt.dequantize(torch.tensor([15360, 48128]), scale=0.5, shift=1.0)
+        >>> FloatFormat(5, 10).dequantize(torch.tensor([15360, 48128]), 0.5, 1.0)
         tensor([1.5000, 0.5000])
         """
         _check_codes(codes, self.bits)
@@ -519,31 +398,18 @@ class Format(ABC):
 
 @dataclass(frozen=True)
 class FloatFormat(Format):
-    """Sign/exponent/mantissa float format without inf/NaN codes.
+    """Sign/exponent/mantissa float format (``exponent_bits`` 1 to 8,
+    ``mantissa_bits`` >= 0, 2 to 16 bits in all) without inf/NaN codes.
 
-    ``bits = 1 + exponent_bits + mantissa_bits`` must lie in 2..16; the bias
-    is ``2**(exponent_bits - 1) - 1``; exponent field 0 holds zero and the
-    subnormals. Every other exponent field is a finite binade, the top one
-    included, except with 8 exponent bits: there field 255 stays unused (it
-    would overflow float32), so E8 formats saturate at bfloat16's largest
-    finite value scaled to their mantissa (codes with that field are never
-    produced; decoding one gives inf or NaN). Codes are laid out
-    sign | exponent | mantissa; ``-0.0`` keeps its sign bit as native casts do.
-
-    Arguments
-    ---------
-    exponent_bits : int
-        Exponent width, 1 to 8.
-    mantissa_bits : int
-        Stored mantissa width (without the implicit leading one), >= 0.
+    The bias is ``2**(exponent_bits - 1) - 1``; every exponent field is a
+    finite binade but with 8 exponent bits, whose top field stays unused (it
+    would overflow float32). ``-0.0`` keeps its sign bit, as native casts do.
 
     Example
     -------
     >>> fmt = FloatFormat(3, 7)
     >>> fmt.name, fmt.bits, fmt.bias, fmt.max_value
     ('e3m7', 11, 3, 31.875)
-    >>> fmt.dequantize(fmt.quantize(torch.tensor([0.1, 100.0]))).tolist()
-    [0.099609375, 31.875]
     """
 
     exponent_bits: int
@@ -685,12 +551,8 @@ class FloatFormat(Format):
 
 @dataclass(frozen=True)
 class IntFormat(Format):
-    """Symmetric signed integer format, for use with a per-variable scale.
-
-    Values are the integers ``-(2**(bits-1) - 1) .. 2**(bits-1) - 1``;
-    ``max_value = 2**(bits-1) - 1``. Codes are offset binary:
-    ``code = value + 2**(bits-1)``, so code ``0`` is never produced (it would
-    decode to ``-2**(bits-1)``).
+    """Symmetric signed integers ``-(2**(bits-1) - 1) .. 2**(bits-1) - 1`` in
+    offset binary (``code = value + 2**(bits-1)``), used with a scale.
 
     Arguments
     ---------
@@ -699,14 +561,8 @@ class IntFormat(Format):
 
     Example
     -------
-    >>> fmt = IntFormat(8)
-    >>> fmt.max_value
-    127.0
-    >>> codes = fmt.quantize(torch.tensor([-200.0, -1.5, 0.0, 2.5, 3.7]))
-    >>> codes
+    >>> IntFormat(8).quantize(torch.tensor([-200.0, -1.5, 0.0, 2.5, 3.7]))
     tensor([  1, 126, 128, 130, 132], dtype=torch.int32)
-    >>> fmt.dequantize(codes)
-    tensor([-127.,   -2.,    0.,    2.,    4.])
     """
 
     bits: int
@@ -780,27 +636,17 @@ class IntFormat(Format):
 
 @dataclass(frozen=True)
 class Float32Format(Format):
-    """The lossless format: 32-bit codes that are the float32 bits themselves.
+    """The lossless format: the codes are the float32 bits themselves.
 
-    A measuring instrument rather than a compression: with it, OMC's machinery
-    (compressed parameters, fused updates, optimizer state, the wire, the
-    server) runs on values that lose nothing, so any difference from float32
-    training is a mechanism's, not rounding's. Every float32 value is a code,
-    so rounding (nearest or stochastic) changes nothing and no per-variable
-    transform is applied (:func:`~speechbrain_omc.transform.fit_transform`
-    gives ``"none"``). Encoding and decoding are copies. Non-finite input is
-    an error, as for every format.
+    An instrument rather than a compression: OMC's machinery runs on values
+    that lose nothing, so a difference from float32 training is a mechanism's.
+    Nothing rounds and no transform applies; encoding and decoding are copies.
 
     Example
     -------
-    >>> fmt = get_format("fp32")
-    >>> fmt.name, fmt.bits, fmt.lossless
-    ('fp32', 32, True)
     >>> x = torch.tensor([0.1, -0.0, 1e-45, 3e38])
-    >>> codes = fmt.quantize(x, "stochastic")
+    >>> codes = get_format("fp32").quantize(x, "stochastic")
     >>> bool((codes == x.view(torch.int32)).all())
-    True
-    >>> fmt.dequantize(codes).view(torch.int32).equal(x.view(torch.int32))
     True
     """
 
@@ -847,19 +693,8 @@ class Float32Format(Format):
 
 
 def format_from_spec(kind: int, p1: int, p2: int) -> Format:
-    """The format a serialised ``(kind, p1, p2)`` names (see :func:`serial_spec`).
-
-    Arguments
-    ---------
-    kind : int
-        0 float, 1 integer, 2 float32 itself.
-    p1, p2 : int
-        Exponent and mantissa widths of a float; the width and 0 of an
-        integer; 32 and 0 for float32.
-
-    Returns
-    -------
-    Format
+    """The format a serialised ``(kind, p1, p2)`` names: float ``(0, E, M)``,
+    integer ``(1, bits, 0)``, float32 ``(2, 32, 0)``.
 
     Example
     -------
@@ -876,16 +711,8 @@ def format_from_spec(kind: int, p1: int, p2: int) -> Format:
 
 
 def serial_spec(fmt: Format) -> tuple[int, int, int]:
-    """The ``(kind, p1, p2)`` bytes that name ``fmt`` in serialised payloads.
-
-    Arguments
-    ---------
-    fmt : Format
-
-    Returns
-    -------
-    tuple of int
-        Inverse of :func:`format_from_spec`.
+    """The ``(kind, p1, p2)`` that name ``fmt`` in payloads (inverse of
+    :func:`format_from_spec`).
 
     Example
     -------
@@ -929,33 +756,15 @@ _INT_RE = re.compile(r"int(\d+)")
 
 
 def get_format(fmt: str | Format) -> Format:
-    """Return the format named by a preset string (a :class:`Format` passes through).
-
-    Accepted names (case-insensitive): ``"fp16"``/``"float16"``/``"half"``
-    (E5M10), ``"bf16"``/``"bfloat16"`` (E8M7), any ``"e<E>m<M>"`` such as
-    ``"e4m3"``, ``"e5m2"``, ``"e3m7"``, ``"e4m7"``, any ``"int<N>"`` such
-    as ``"int8"``, and ``"fp32"`` (or ``"e8m23"``), the lossless
-    :class:`Float32Format`. ``"float32"`` is not a format: it names what is
-    not compressed at all.
-
-    Arguments
-    ---------
-    fmt : str or Format
-        Preset name or format object.
-
-    Returns
-    -------
-    Format
-        The format.
+    """The format a preset name gives, any case (a :class:`Format` passes
+    through): ``"fp16"``/``"float16"``/``"half"``, ``"bf16"``/``"bfloat16"``,
+    ``"e<E>m<M>"``, ``"int<N>"`` and the lossless ``"fp32"`` (``"e8m23"``).
+    ``"float32"`` is not a format: it names what is not compressed.
 
     Example
     -------
-    >>> get_format("bf16")
-    FloatFormat(exponent_bits=8, mantissa_bits=7)
-    >>> get_format("INT4")
-    IntFormat(bits=4)
-    >>> get_format("fp32")
-    Float32Format()
+    >>> get_format("bf16"), get_format("INT4"), get_format("fp32")
+    (FloatFormat(exponent_bits=8, mantissa_bits=7), IntFormat(bits=4), Float32Format())
     """
     if isinstance(fmt, Format):
         return fmt

@@ -1,33 +1,19 @@
 """A compressed parameter that stays an ``nn.Parameter``.
 
 :class:`CompressedParameter` is a tensor subclass whose only storage is the
-packed codes of its :class:`Slot`. It reports a float shape and dtype, sits in
-``module.parameters()`` and ``state_dict()`` like any parameter, and every
-operation that reads it decodes it on the fly (``__torch_dispatch__``):
-
-* **view ops** (``t``, ``view``, ``slice``, ``chunk``, ``detach``...) return
-  another ``CompressedParameter`` on the same codes, so autograd saves the
-  compressed tensor itself for backward, never a float copy;
-* **in-place ops** (an optimizer's ``add_``, ``zero_``, ``nn.init``,
-  ``copy_``, assigning ``.data``) decode, apply the op, and encode again;
-* a **cast** to another float dtype (autocast, ``.half()``) is a view that
-  decodes to that dtype; a move to another device copies the codes there;
-* **any other op** runs on the decoded values and returns plain tensors;
-* ``F.linear`` of a whole weight (``nn.Linear``, SpeechBrain's attention
-  projections), the commonest op, skips the per-op dispatch: one autograd
-  function decodes the weight once in forward and once in backward
-  (``__torch_function__``).
-
-The decoded copy of a weight therefore lives only while one operation runs.
-Gradients are ordinary float tensors, accumulated by autograd as for any
-leaf; the engine (:mod:`speechbrain_omc.engine`) consumes them.
-
-This module knows codes and tensors, nothing of modules or optimizers.
+packed codes of its :class:`Slot`; it sits in ``parameters()`` and
+``state_dict()`` like any parameter and every op decodes it on the fly
+(``__torch_dispatch__``): view ops return another ``CompressedParameter`` on
+the same codes (so autograd saves the compressed tensor), in-place ops
+decode, apply and encode, casts decode to their dtype, other ops return
+plain tensors. ``F.linear`` of a whole weight skips per-op dispatch: one
+autograd function decodes it once in forward and once in backward. The
+engine (:mod:`speechbrain_omc.engine.handle`) consumes the gradients.
 
 Example
 -------
 >>> import torch
->>> from speechbrain_omc.compressed import CompressedTensor
+>>> from speechbrain_omc.codec.compressed import CompressedTensor
 >>> slot = Slot("w", CompressedTensor.compress(torch.ones(3, 4), "e3m7"))
 >>> w = CompressedParameter.wrap(slot)
 >>> isinstance(w, torch.nn.Parameter), w.shape, w.dtype
@@ -49,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map
 
-from speechbrain_omc.compressed import CompressedTensor
+from speechbrain_omc.codec.compressed import CompressedTensor
 
 __all__ = ["CompressedParameter", "Slot"]
 
@@ -93,22 +79,17 @@ _LIKE = {
 
 @dataclass(eq=False)
 class Slot:
-    """The codes of one compressed parameter and what writes them.
+    """The codes of one compressed parameter and what reads and writes them.
 
     Arguments
     ---------
     name : str
-        Qualified parameter name (for messages).
+        Qualified parameter name.
     codes : CompressedTensor
-        The packed values.
     decode : callable, optional
-        ``decode(slot) -> float32 tensor`` of ``codes.shape``; plain
-        ``codes.decompress()`` when omitted (the engine decodes into a
-        reused workspace).
+        ``decode(slot) -> float32 tensor``; ``codes.decompress()`` if omitted.
     write : callable, optional
-        ``write(slot, value)`` re-encodes a new float32 value; the codes'
-        refit with nearest rounding when omitted (the engine rounds updates
-        stochastically and counts them).
+        ``write(slot, value)`` encodes a new value; a nearest refit if omitted.
     """
 
     name: str
@@ -200,19 +181,7 @@ class CompressedParameter(torch.Tensor):
 
     @classmethod
     def wrap(cls, slot: Slot, requires_grad: bool = True) -> CompressedParameter:
-        """The ``nn.Parameter`` of a slot: its full shape, float32, a leaf.
-
-        Arguments
-        ---------
-        slot : Slot
-            Codes and writer.
-        requires_grad : bool
-            Whether autograd tracks it.
-
-        Returns
-        -------
-        CompressedParameter
-        """
+        """The ``nn.Parameter`` of a slot: its full shape, float32, a leaf."""
         shape = slot.codes.shape
         tensor = cls(slot, shape, _contiguous_strides(shape), 0, torch.float32)
         return torch.nn.Parameter(tensor, requires_grad=requires_grad)

@@ -1,16 +1,13 @@
 """Native CPU kernels of the codec, compiled on first use; torch is the fallback.
 
 The kernels (``_native/codec.cpp``) decode, encode and take SGD steps in one
-pass each, on OpenMP threads, writing straight into their outputs: no
-temporaries, no random tensors. They give the same codes and values as the
-torch reference in :mod:`speechbrain_omc.formats`, bit for bit.
-
-The library is built with the machine's C++ compiler (``$CXX`` or ``g++``)
-the first time it is needed, in about a second, and cached under
+pass each on OpenMP threads, with no temporaries, and give the torch
+reference's (:mod:`speechbrain_omc.codec.formats`) codes and values bit for
+bit. They are built by ``$CXX`` or ``g++`` and cached under
 ``$SPEECHBRAIN_OMC_CACHE`` (default ``~/.cache/speechbrain_omc``), keyed by
-the source, the compiler and the CPU. Without a compiler, on tensors that are
-not contiguous float32 CPU tensors, or with ``SPEECHBRAIN_OMC_KERNELS=0``, the
-torch reference runs instead. Which one is used is logged once.
+source, compiler and CPU. Without a compiler, for tensors that are not
+contiguous float32 CPU tensors, or with ``SPEECHBRAIN_OMC_KERNELS=0``, the
+torch reference runs.
 
 Example
 -------
@@ -200,10 +197,6 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the native kernels are built and enabled.
 
-    Returns
-    -------
-    bool
-
     Example
     -------
     >>> isinstance(available(), bool)
@@ -214,10 +207,6 @@ def available() -> bool:
 
 def status() -> str:
     """One line saying which codec implementation runs, and why.
-
-    Returns
-    -------
-    str
 
     Example
     -------
@@ -255,15 +244,6 @@ def disabled():
 def native_for(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can run on these tensors (contiguous, on the CPU).
 
-    Arguments
-    ---------
-    *tensors : torch.Tensor
-        Every tensor a call reads or writes.
-
-    Returns
-    -------
-    bool
-
     Example
     -------
     >>> native_for(torch.zeros(3, device="meta"))
@@ -298,32 +278,10 @@ def decode(
     shift: float | None = None,
     packed: bool = True,
 ) -> torch.Tensor:
-    """``out = value(codes) * multipliers... + shift``, in one pass.
-
-    ``value`` is each code's exact value in the format (computed without
-    float32 subnormal intermediates); the multipliers and shift are the
-    transform's, in float32, in order.
-
-    Arguments
-    ---------
-    codes : torch.Tensor
-        Bit-packed ``uint8`` codes (``packed=True``) or ``int32`` codes in
-        range (``packed=False``).
-    out : torch.Tensor
-        Contiguous float32 CPU tensor of the values.
-    fmt : FormatSpec
-        Format of the codes (``Format.spec``).
-    multipliers : tuple of float
-        Up to two float32 factors, applied in order.
-    shift : float, optional
-        Added last.
-    packed : bool
-        Layout of ``codes``.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``.
+    """``out = value(codes) * multipliers... + shift`` in one pass, into
+    contiguous float32 CPU ``out`` (returned): ``codes`` packed ``uint8``
+    (``packed=True``) or ``int32`` in format ``fmt`` (``Format.spec``), up to two
+    float32 ``multipliers`` in order, then ``shift``.
     """
     if out.dtype != torch.float32:
         raise TypeError(f"out must be float32, got {out.dtype}")
@@ -343,14 +301,8 @@ def prepare_decode(
     shift: float | None = None,
     packed: bool = True,
 ) -> DecodeCall:
-    """The arguments of :func:`decode` for these codes (see :data:`DecodeCall`).
-
-    Arguments are as for :func:`decode`; the codes must stay where they are
-    (their pointer is taken).
-
-    Returns
-    -------
-    DecodeCall
+    """The arguments of :func:`decode` for codes that stay where they are (their
+    pointer is taken): a :data:`DecodeCall`.
     """
     ptr, nbytes = _codes_args(codes, packed)
     m = (*multipliers, 1.0, 1.0)
@@ -361,20 +313,7 @@ def prepare_decode(
 
 
 def decode_prepared(call: DecodeCall, out: torch.Tensor) -> torch.Tensor:
-    """:func:`decode` with prepared arguments into ``out`` (contiguous float32).
-
-    Arguments
-    ---------
-    call : DecodeCall
-        From :func:`prepare_decode`.
-    out : torch.Tensor
-        Where the values go; as many as the codes hold.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``.
-    """
+    """:func:`decode` with a :func:`prepare_decode` call into ``out``."""
     head, tail = call
     _library().omc_decode(
         *head, out.data_ptr(), out.numel(), *tail, torch.get_num_threads()
@@ -392,30 +331,10 @@ def encode(
     index_offset: int = 0,
     packed: bool = True,
 ) -> torch.Tensor:
-    """``codes = quantize((x - shift) / scale)``, in one pass.
-
-    Arguments
-    ---------
-    x : torch.Tensor
-        Contiguous, finite float32 CPU tensor.
-    codes : torch.Tensor
-        Output: ``ceil(n * bits / 8)`` ``uint8`` (``packed=True``) or ``n``
-        ``int32``.
-    fmt : FormatSpec
-        Target format (``Format.spec``).
-    scale, shift : float, optional
-        The forward transform (``None``: omitted).
-    stochastic_key : int, optional
-        64-bit key of stochastic rounding; ``None`` rounds to nearest even.
-    index_offset : int
-        Index of ``x[0]`` in the counter-based random stream.
-    packed : bool
-        Layout of ``codes``.
-
-    Returns
-    -------
-    torch.Tensor
-        ``codes``.
+    """``codes = quantize((x - shift) / scale)`` in one pass, from contiguous
+    finite float32 CPU ``x`` into ``codes`` (returned; packed ``uint8`` or
+    ``int32``), rounding to nearest even or, with ``stochastic_key``,
+    stochastically (``index_offset``: ``x[0]``'s index in the random stream).
     """
     if x.dtype != torch.float32:
         raise TypeError(f"x must be float32, got {x.dtype}")
@@ -440,18 +359,8 @@ def encode(
 
 
 def minmax(x: torch.Tensor) -> tuple[float, float, int]:
-    """Minimum, maximum and number of non-finite values of a float32 tensor.
-
-    Arguments
-    ---------
-    x : torch.Tensor
-        Contiguous float32 CPU tensor.
-
-    Returns
-    -------
-    tuple
-        ``(min, max, non-finite count)``; min and max are meaningless when
-        the count is not zero.
+    """``(min, max, non-finite count)`` of a contiguous float32 CPU tensor (min
+    and max mean nothing when the count is not zero).
     """
     out = _Floats2()
     bad = _library().omc_minmax(
@@ -475,33 +384,13 @@ def sgd_step(
     multipliers: tuple[float, ...] = (),
     shift: float | None = None,
 ) -> tuple[int, float, float, int]:
-    """One ``torch.optim.SGD`` step on ``value`` in place, bit for bit.
+    """One ``torch.optim.SGD`` step on float32 ``value`` in place, bit for bit.
 
-    Arguments
-    ---------
-    value : torch.Tensor
-        Float32 weights (a scratch copy: left undefined when the gradient is
-        not finite); with ``codes``, only the destination of their decoding.
-    grad : torch.Tensor
-        Its gradient (float32, same size).
-    momentum_buffer : torch.Tensor or None
-        Float32 momentum state, updated in place (only when every gradient
-        value is finite); ``None`` without momentum.
-    lr, momentum, dampening, weight_decay, nesterov
-        As in ``torch.optim.SGD``.
-    first_step : bool
-        Initialise the momentum buffer from this gradient.
-    codes : torch.Tensor, optional
-        Bit-packed codes to decode into ``value`` first, chunk by chunk in
-        the same pass (``fmt``, ``multipliers`` and ``shift`` as in
-        :func:`decode`).
-    fmt, multipliers, shift
-        How to decode ``codes``.
-
-    Returns
-    -------
-    tuple
-        ``(non-finite gradient values, new min, new max, non-finite values)``.
+    ``value`` is scratch (undefined after a non-finite gradient); with
+    ``codes`` (``fmt``, ``multipliers``, ``shift`` as in :func:`decode`) the
+    weight is decoded into it in the same pass. ``momentum_buffer`` is updated
+    only for a finite gradient (initialised on ``first_step``). Returns
+    ``(non-finite gradient values, new min, new max, non-finite values)``.
     """
     if grad.dtype != torch.float32 or value.dtype != torch.float32:
         raise TypeError("sgd_step works on float32 values and gradients")
@@ -545,24 +434,9 @@ def encode_blocks(
     sqrt: bool = False,
     stochastic_key: int | None = None,
 ) -> None:
-    """Block-wise codes of ``x`` (see :mod:`speechbrain_omc.blockwise`).
-
-    Arguments
-    ---------
-    x : torch.Tensor
-        Contiguous float32 values.
-    packed : torch.Tensor
-        ``uint8`` output codes.
-    scales : torch.Tensor
-        float32 output, one scale per block.
-    fmt : FormatSpec
-        Code format.
-    block : int
-        Values per scale.
-    sqrt : bool
-        Encode square roots.
-    stochastic_key : int, optional
-        Stochastic rounding's key; nearest when ``None``.
+    """Block-wise codes of contiguous float32 ``x`` into ``packed`` and one
+    float32 scale per ``block`` values into ``scales`` (square roots with
+    ``sqrt``; see :mod:`speechbrain_omc.codec.blockwise`).
     """
     _library().omc_encode_blocks(
         x.data_ptr(),
@@ -587,22 +461,7 @@ def decode_blocks(
     block: int,
     sqrt: bool = False,
 ) -> torch.Tensor:
-    """Values of block-wise codes into ``out`` (float32, contiguous).
-
-    Arguments
-    ---------
-    packed : torch.Tensor
-    out : torch.Tensor
-    scales : torch.Tensor
-    fmt : FormatSpec
-    block : int
-    sqrt : bool
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``.
-    """
+    """Values of block-wise codes into contiguous float32 ``out``; returns ``out``."""
     _library().omc_decode_blocks(
         packed.data_ptr(),
         packed.numel(),

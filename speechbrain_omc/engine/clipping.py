@@ -1,14 +1,9 @@
 """Global gradient clipping for fused updates: hold, measure, then clip.
 
-A fused update consumes a compressed weight's gradient inside backward, before
-the gradients of the other layers exist, so the global norm that
-``torch.nn.utils.clip_grad_norm_`` (and SpeechBrain's ``max_grad_norm``) needs
-is unknown at that moment. :class:`HeldGradients` keeps each such gradient
-until backward ends, in bfloat16 (in float32 for lossless weights, so that the
-result is float32 training's bit for bit), with its norm measured on the
-float32 gradient; :func:`clip_grad_norm_` then computes the coefficient exactly
-as torch does, over held and ordinary gradients in parameter order, and the
-fused updates run with it.
+A fused update consumes a gradient inside backward, before the global norm
+is known. :class:`HeldGradients` keeps each until backward ends (bfloat16,
+float32 for lossless weights) with its float32 norm; :func:`clip_grad_norm_`
+then computes torch's coefficient over held and ordinary gradients.
 """
 
 from __future__ import annotations
@@ -21,13 +16,8 @@ __all__ = ["HeldGradients", "clip_grad_norm_"]
 
 
 class HeldGradients:
-    """Gradients of compressed weights waiting for the step's clipping.
-
-    Arguments
-    ---------
-    take : callable
-        ``take(numel, device, dtype)`` returns an uninitialised 1-D buffer
-        (the engine's workspace, so that held gradients stay off the heap).
+    """Gradients of compressed weights waiting for the step's clipping;
+    ``take(numel, device, dtype)`` gives their buffers (the workspace's).
 
     Example
     -------
@@ -56,17 +46,7 @@ class HeldGradients:
         return sum(g.numel() * g.element_size() for g in self._grads.values())
 
     def hold(self, name: str, grad: torch.Tensor, dtype: torch.dtype) -> None:
-        """Keep ``grad`` (cast to ``dtype``) and its float32 norm.
-
-        Arguments
-        ---------
-        name : str
-            The parameter's name.
-        grad : torch.Tensor
-            Its complete gradient of this backward.
-        dtype : torch.dtype
-            Storage type of the held copy.
-        """
+        """Keep ``grad`` of parameter ``name`` as ``dtype``, and its float32 norm."""
         # The norm torch's clipping would take: of the float32 gradient.
         self.norms[name] = torch.linalg.vector_norm(grad)
         buffer = self._take(grad.numel(), grad.device, dtype).view(grad.shape)
@@ -76,19 +56,8 @@ class HeldGradients:
     def release(
         self, name: str, coef: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """Hand back a held gradient as float32, times ``coef``; forget it.
-
-        Arguments
-        ---------
-        name : str
-            The parameter's name.
-        coef : torch.Tensor, optional
-            The clipping coefficient (a 0-dim float32 tensor).
-
-        Returns
-        -------
-        torch.Tensor or None
-            ``None`` when nothing is held under ``name``.
+        """Hand back a held gradient as float32, times ``coef``, and forget it
+        (``None`` if nothing is held under ``name``).
         """
         held = self._grads.pop(name, None)
         self.norms.pop(name, None)
@@ -116,30 +85,24 @@ def clip_grad_norm_(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``torch.nn.utils.clip_grad_norm_`` over ordinary and held gradients.
 
-    The total is the 2-norm of the per-parameter norms in the order of
-    ``parameters`` (a held gradient counts by the norm measured when it was
-    held); ordinary gradients are scaled in place, held ones later by the
-    returned coefficient. With float32 held gradients this is torch's
-    arithmetic bit for bit.
+    The total is the 2-norm of the per-parameter norms in parameter order (a
+    held one by its measured norm); ordinary gradients are scaled in place, held
+    ones later by the returned coefficient.
 
     Arguments
     ---------
     parameters : iterable of torch.nn.Parameter
-        The parameters to clip together (SpeechBrain: an optimizer's first
-        parameter group).
+        Clipped together (SpeechBrain: an optimizer's first group).
     max_norm : float
-        Largest norm of the clipped gradients.
     held : HeldGradients, optional
-        Gradients held by fused updates.
     names : dict, optional
         ``id(parameter) -> name`` of the parameters that may be held.
 
     Returns
     -------
     total_norm : torch.Tensor
-        The norm before clipping.
     coef : torch.Tensor or None
-        The clamped coefficient (``None`` when there was no gradient).
+        The clamped coefficient (``None`` without gradients).
 
     Example
     -------
