@@ -376,7 +376,7 @@ class RoundSizes:
         The Python runtime, Flower's state and per-client bookkeeping are not
         included.
     server_before : dict
-        The same for the server before streaming (issue 13): ``master``,
+        The same for the server before streaming: ``master``,
         ``decoded`` (every accepted reply decoded to float32), ``messages``
         (every broadcast and every reply of the round held at once).
     """
