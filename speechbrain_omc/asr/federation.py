@@ -309,12 +309,10 @@ def _setup(hparams: dict, run_opts: dict | None, save: Path) -> _Setup:
 
 
 class _Trainer:
-    """A client's local training as the round calls it, with its costs.
+    """A client's local training as the round calls it, with its costs."""
 
-    Peak RSS covers the training steps only (the high-water mark is reset
-    before each client), and not with ``measure_server_memory``, whose
-    round peak uses the same mark.
-    """
+    # Peak RSS covers the training steps only (the mark is reset before each
+    # client), and not with measure_server_memory, which uses the same mark.
 
     def __init__(self, client: OMCClient, hparams: dict):
         self.client = client
