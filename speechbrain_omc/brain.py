@@ -254,11 +254,9 @@ class OMCMixin:
         return super().fit_batch(batch)
 
     def _omc_measure_gradient_norm(self, batch) -> None:
-        """Two-pass clipping's first pass: forward and backward, no update.
-
-        The random state is restored afterwards, so that the training pass
-        draws the same dropout masks: the norm is its gradient's.
-        """
+        """Two-pass clipping's first pass: forward and backward, no update."""
+        # The random state is restored afterwards: the training pass draws
+        # the same dropout masks, so the norm is its gradient's.
         devices = [self.device] if torch.device(self.device).type == "cuda" else []
         updates = self.omc.updates
         with torch.random.fork_rng(devices=devices), updates.measuring():

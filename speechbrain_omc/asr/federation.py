@@ -1,16 +1,11 @@
 """Federated Conformer-CTC with OMC, simulated in one process.
 
-Every round the server samples clients and sends each the compressed global
-model as bytes; one reused Brain trains it on that client's speakers, and
-each reply is validated and folded into the server's running sums before
-the next client starts (:func:`~speechbrain_omc.federated.simulation.run_round`).
-The messages are the bytes a deployment sends; the Flower app builds the
-same server and clients with :func:`prepare_federation`,
-:func:`build_brain` and :func:`build_server`. Rounds are recorded,
-checkpointed and resumed by :class:`~speechbrain_omc.federated.round_log.RoundLog`
-(``rounds.csv``, ``rounds.png``, ``final_model.pt``, ``summary.json`` and
-``save/server.ckpt`` in the output folder, with ``test_errors.csv``).
-::
+Every round the server sends each sampled client the compressed global model
+as bytes; one reused Brain trains it on that client's speakers, and each
+reply is folded into the server's running sums before the next client starts
+(:func:`~speechbrain_omc.federated.simulation.run_round`). The Flower app
+builds the same server and clients with :func:`prepare_federation`,
+:func:`build_brain` and :func:`build_server`. ::
 
     python -m speechbrain_omc.asr.federation fed_omc.yaml --rounds 4
 
@@ -74,12 +69,11 @@ def prepare_federation(hparams: dict) -> tuple[dict[str, Path], dict[str, Path]]
     Arguments
     ---------
     hparams : dict
-        Loaded hyperparameters (data, splits and partition settings).
 
     Returns
     -------
     clients : dict
-        Client id (``client_000``...) to its manifest.
+        Client id to its manifest.
     manifests : dict
         Split name to its manifest.
     """
@@ -141,12 +135,10 @@ def build_server(
         The initial global model.
     clients : list of str
     buffers : list of str
-        Entries that are buffers.
     max_examples : int or dict
-        Bound of a client's ``num_examples`` (per client: its partition size).
+        Bound of a client's ``num_examples``.
     roles : dict, optional
-        ``OMCClient.parameter_roles()``: the server has shapes only, and
-        plans float32 entries as the model's own plan does.
+        ``OMCClient.parameter_roles()`` (the server has shapes only).
 
     Returns
     -------
@@ -187,7 +179,6 @@ def build_brain(hparams: dict, run_opts: dict | None = None) -> FedASR:
     ---------
     hparams : dict
     run_opts : dict, optional
-        SpeechBrain run options (device...).
 
     Returns
     -------
@@ -229,27 +220,17 @@ def read_test_errors(path: str | Path) -> dict[str, tuple[int, int]]:
 
 
 def run_federation(hparams: dict, run_opts: dict | None = None) -> dict:
-    """Run (or resume) the federation described by ``hparams``.
-
-    The run holds its save folder's lock throughout: a second run on the
-    same folder is refused before it changes anything.
+    """Run (or resume) the federation, holding its save folder's lock throughout.
 
     Arguments
     ---------
     hparams : dict
-        Loaded hyperparameters (see the packaged ``fed_omc.yaml``).
     run_opts : dict, optional
-        SpeechBrain run options.
 
     Returns
     -------
     dict
         The summary also written to ``summary.json``.
-
-    Raises
-    ------
-    CheckpointLocked
-        Another server runs on the same save folder.
     """
     save = Path(hparams["save_folder"])
     save.mkdir(parents=True, exist_ok=True)
@@ -309,12 +290,10 @@ def _setup(hparams: dict, run_opts: dict | None, save: Path) -> _Setup:
 
 
 class _Trainer:
-    """A client's local training as the round calls it, with its costs.
+    """A client's local training as the round calls it, with its costs."""
 
-    Peak RSS covers the training steps only (the high-water mark is reset
-    before each client), and not with ``measure_server_memory``, whose
-    round peak uses the same mark.
-    """
+    # Peak RSS covers the training steps only (the mark is reset before each
+    # client), and not with measure_server_memory, which uses the same mark.
 
     def __init__(self, client: OMCClient, hparams: dict):
         self.client = client

@@ -171,12 +171,7 @@ class BlockwiseTensor:
         return self.packed.numel() + 4 * self.scales.numel()
 
     def numel(self) -> int:
-        """Number of values.
-
-        Returns
-        -------
-        int
-        """
+        """Number of values."""
         return self.shape.numel()
 
     def __repr__(self) -> str:
@@ -187,12 +182,7 @@ class BlockwiseTensor:
 
     # ------------------------------------------------------ serialisation
     def to_bytes(self) -> bytes:
-        """Self-describing, checksummed bytes (for checkpoints).
-
-        Returns
-        -------
-        bytes
-        """
+        """Self-describing, checksummed bytes (for checkpoints)."""
         kind, p1, p2 = serial_spec(self.format)
         head = _HEAD.pack(
             _MAGIC,

@@ -92,12 +92,9 @@ def _as_float32(x: torch.Tensor, name: str = "x") -> torch.Tensor:
 
 
 def _finite_minmax(x: torch.Tensor, name: str = "x") -> tuple[float, float]:
-    """Return ``(min, max)`` of a float32 tensor, raising on NaN or inf.
-
-    One pass (the kernel's, or ``aminmax``, into which NaN and inf propagate)
-    is far cheaper than ``isfinite().all()``; only a bad tensor takes the slow
-    count/locate path.
-    """
+    """Return ``(min, max)`` of a float32 tensor, raising on NaN or inf."""
+    # One pass, into which NaN and inf propagate; only a bad tensor takes the
+    # slow path that counts and locates them.
     if x.numel() == 0:
         return 0.0, 0.0
     if kernels.native_for(x):
@@ -353,10 +350,7 @@ class Format(ABC):
         return self._codes(x32, key)
 
     def _codes(self, x32: torch.Tensor, key: int | None = None) -> torch.Tensor:
-        """Codes of contiguous float32 values; ``key`` rounds stochastically.
-
-        No checks: infinities saturate like any value beyond ``max_value``.
-        """
+        """Codes of contiguous float32 values (no checks; infinities saturate)."""
         flat = x32.reshape(-1)
         codes = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
         if kernels.native_for(flat):

@@ -246,12 +246,9 @@ def _unpack(
     mask: bool,
     high: bool = False,
 ) -> torch.Tensor:
-    """:func:`unpack_bits` without checks, writing into int32 ``out``.
-
-    ``mask=False`` leaves garbage in the bits above ``bits``. ``high=True``
-    (general widths only) instead leaves each code in the top ``bits`` bits
-    with garbage below: float decoders start from there, saving passes.
-    """
+    """:func:`unpack_bits` without checks, writing into int32 ``out``."""
+    # mask=False leaves garbage above `bits`; high=True (general widths) puts
+    # each code in the top `bits` bits instead: float decoders start there.
     _check_byteorder()
     n = numel
     if n == 0:

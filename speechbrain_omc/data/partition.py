@@ -162,25 +162,19 @@ def partition_rows(
     Arguments
     ---------
     rows : sequence of dict
-        Manifest rows with ``ID`` (``<speaker>-<chapter>-<utt>``) and
-        ``duration`` (seconds).
+        Manifest rows with ``ID`` and ``duration`` (seconds).
     mode : str
-        ``"speaker"``, ``"iid"`` or ``"utterance"``.
     num_clients : int, optional
-        Number of clients; ``None``: one per speaker (speaker mode), as many
-        as speakers (IID), one per utterance (utterance mode).
+        ``None``: one per speaker, as many as speakers (IID), one per utterance.
     min_utterances : int
-        Least number of utterances per client.
     seed : int
-        Seed of the speaker (or utterance) shuffle.
     small_speakers : str
-        Speaker mode: ``"drop"`` or ``"merge"`` speakers with fewer than
-        ``min_utterances`` utterances.
+        ``"drop"`` or ``"merge"``.
 
     Returns
     -------
     list of Client
-        Non-empty clients named ``client_000``...
+        Named ``client_000``...
 
     Example
     -------
@@ -466,11 +460,9 @@ def write_partition(
     Arguments
     ---------
     clients : sequence of Client
-        The partition.
     output_dir : str or Path
-        Created if needed.
     fieldnames : sequence of str
-        CSV columns, those of the source manifest.
+        The source manifest's columns.
     **settings
         Stored in the summary.
 
@@ -524,16 +516,14 @@ def partition_manifest(
     Arguments
     ---------
     csv_path : str or Path
-        SpeechBrain CSV manifest.
     output_dir : str or Path
-        Where ``client_*.csv``, ``summary.json`` and ``summary.md`` go.
     mode, num_clients, min_utterances, seed, small_speakers
         As in :func:`partition_rows`.
 
     Returns
     -------
     dict
-        The summary written to ``summary.json``.
+        The summary.
 
     Example
     -------

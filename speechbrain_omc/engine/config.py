@@ -60,20 +60,17 @@ class OMCConfig:
     Arguments
     ---------
     format : str
-        Default format of compressed parameters (``"e3m7"``, ``"bf16"``,
-        ``"int8"``...; ``"fp32"`` is the lossless twin).
+        Default format (``"e3m7"``, ``"bf16"``, ``"int8"``...; ``"fp32"`` is lossless).
     rounding : str
-        Rounding of a first compression: ``"nearest"`` or ``"stochastic"``.
+        Of a first compression: ``"nearest"`` or ``"stochastic"``.
     update_rounding : str
-        Rounding after each update; stochastic by default (nearest drops
-        updates below half a unit in the last place).
+        After each update; stochastic by default (nearest drops small updates).
     transform : str
-        Per-variable transformation: ``"none"``, ``"scale"`` or ``"affine"``.
+        ``"none"``, ``"scale"`` or ``"affine"``.
     clip : str
         How the scale is fitted: ``"absmax"`` or ``"mse"``.
     weights_only : bool
-        Compress weight matrices only (role ``"matrix"``, see
-        :func:`~speechbrain_omc.engine.selection.role_of`).
+        Compress weight matrices only (role ``"matrix"``).
     include, exclude : list of str
         fnmatch patterns of candidate parameter names.
     format_overrides : dict
@@ -81,32 +78,27 @@ class OMCConfig:
     fp32_fraction : float
         Partial quantization: fraction of the candidates' values kept float32.
     fp32_policy : str
-        ``"fixed"`` (``fp32_patterns``), ``"largest"``, ``"smallest"`` or
-        ``"random"`` (drawn per ``(seed, round, client)``).
+        ``"fixed"``, ``"largest"``, ``"smallest"`` or ``"random"``.
     fp32_patterns : list of str
         Parameters always kept float32.
     seed : int
-        Seed of the random policy and of stochastic rounding.
     update_mode : str
         ``"fused"`` (updated in backward) or ``"simple"`` (any optimizer).
     state_format : str or dict, optional
-        Format of fused mode's optimizer state, for every buffer or
-        ``{buffer: format}``; ``None`` keeps float32.
+        Format of fused mode's optimizer state (``None``: float32).
     state_block : int
         Values per scale of compressed state (a power of two >= 16).
     state_sqrt : bool
         Store Adam's second moment as its square root.
     fused_clipping : str
-        How fused mode honours ``max_grad_norm``: ``"deferred"`` (hold the
-        gradients, clip by the global norm as SpeechBrain does),
+        How fused mode honours ``max_grad_norm``: ``"deferred"``,
         ``"previous_norm"``, ``"per_parameter"`` or ``"two_pass"``.
     held_grad_format : str
-        Storage of held gradients: ``"auto"``, ``"bf16"`` or ``"fp32"``.
+        Held gradients: ``"auto"``, ``"bf16"`` or ``"fp32"``.
     nonfinite_grad : str
         ``"skip"`` the update with a warning, or ``"raise"``.
     on_plan_change : str
-        A checkpoint entry that does not fit the plan: ``"error"``, or
-        ``"recompress"`` it under the current plan.
+        A checkpoint entry that does not fit the plan: ``"error"`` or ``"recompress"``.
 
     Example
     -------

@@ -2,13 +2,9 @@
 
 Each selected parameter becomes a
 :class:`~speechbrain_omc.engine.parameter.CompressedParameter`: still an
-``nn.Parameter`` of the same name, shape and dtype, but stored as packed
-codes and decoded on the fly by every operation that reads it. Autograd
-saves the compressed tensor itself, so a float32 copy of a weight lives only
-while one operation runs; DDP, clipping, any optimizer, ``.to(device)`` and
-hooks work as on any parameter. Codes follow the module's device (off the
-CPU the torch codec runs); a cast changes the dtype weights decode to, not
-the codes. How parameters are updated is the
+``nn.Parameter`` of the same name and shape, but stored as packed codes and
+decoded on the fly by every operation that reads it, so a float32 copy of a
+weight lives only while one operation runs. How parameters are updated is the
 :class:`~speechbrain_omc.engine.updates.UpdatePolicy`'s (``handle.updates``).
 """
 
@@ -47,9 +43,8 @@ class OMCHandle:
     Arguments
     ---------
     module : torch.nn.Module
-        The module, already modified in place.
+        Already modified in place.
     config : OMCConfig
-        Settings.
     plan : Plan
         The selection that was applied.
     """
@@ -300,10 +295,6 @@ class OMCHandle:
         """The module's state dict with every compressed entry in float32.
 
         Loads into the same architecture without OMC, for inference elsewhere.
-
-        Returns
-        -------
-        dict
         """
         state = self.module.state_dict()
         for name, slot in self.slots.items():
@@ -314,12 +305,7 @@ class OMCHandle:
 
     # -------------------------------------------------------------- accounting
     def parameter_bytes(self) -> int:
-        """Exact bytes of the module's parameters: compressed plus float32.
-
-        Returns
-        -------
-        int
-        """
+        """Exact bytes of the module's parameters: compressed plus float32."""
         total = 0
         for param in self.module.parameters():
             if isinstance(param, CompressedParameter):
@@ -330,10 +316,6 @@ class OMCHandle:
 
     def memory_report(self) -> dict[str, dict[str, int]]:
         """Bytes of the training state, float32 against OMC, for this rule.
-
-        Parameters and stored optimizer state are counted from storage,
-        optimizer state not yet stored is predicted from ``state_format``,
-        gradients are those that persist between backward and the step.
 
         Returns
         -------
@@ -373,21 +355,11 @@ class OMCHandle:
         return report
 
     def memory_table(self) -> str:
-        """:meth:`memory_report` as a table.
-
-        Returns
-        -------
-        str
-        """
+        """:meth:`memory_report` as a table."""
         return format_training_state(self.memory_report())
 
     def table(self) -> str:
-        """The plan's per-parameter byte table.
-
-        Returns
-        -------
-        str
-        """
+        """The plan's per-parameter byte table."""
         return self.plan.table()
 
     # ----------------------------------------------------------------- removal
@@ -439,11 +411,7 @@ def _payload(value) -> CompressedTensor | None:
 
 
 def _averaged_payload_hint(value, slot: Slot) -> str:
-    """Why a 1-D float tensor as long as a payload is offered: a hint.
-
-    SpeechBrain's checkpoint averaging adds payload bytes as numbers and
-    divides; what arrives here is then a float tensor of the payload's length.
-    """
+    """A hint for a float tensor as long as a payload (an averaged checkpoint)."""
     if (
         isinstance(value, torch.Tensor)
         and value.is_floating_point()

@@ -353,16 +353,11 @@ _PLAIN_BIAS = (type(None), torch.Tensor, torch.nn.Parameter)
 
 
 def _linear(input, weight, bias=None):
-    """``F.linear`` on a whole compressed weight, without per-op dispatch.
-
-    Decomposed, a linear layer costs a ``t`` view and an ``addmm`` through
-    :meth:`CompressedParameter.__torch_dispatch__` in forward, and again in
-    backward: a fixed Python cost that dominates small layers. Here the
-    weight is decoded once for forward and once for backward, and the
-    gradients are those of ``F.linear``. ``NotImplemented`` leaves the rare
-    cases (a view or cast of the weight, a compressed input or bias,
-    autocast, tracing) to the generic dispatch.
-    """
+    """``F.linear`` on a whole compressed weight, without per-op dispatch."""
+    # Dispatched op by op, a small layer's cost is Python's; here the weight
+    # is decoded once in forward and once in backward. NotImplemented leaves
+    # the rare cases (views, casts, compressed inputs, autocast, tracing) to
+    # the generic dispatch.
     if (
         type(input) is not torch.Tensor
         or not isinstance(weight, CompressedParameter)
@@ -390,14 +385,10 @@ def _linear(input, weight, bias=None):
 
 
 def _folds_like_torch(input: torch.Tensor, bias) -> bool:
-    """Whether ``F.linear`` itself computes one matrix product of rows.
-
-    ATen folds the batch dimensions into rows (one ``addmm`` with the bias,
-    one ``mm`` without) except for a vector input and, with a bias, an input
-    that is not a contiguous 2-D or 3-D tensor (a product, then the bias
-    added). Only the folding cases are taken here, so that outputs and
-    gradients are bit for bit those of float32 ``F.linear``.
-    """
+    """Whether ``F.linear`` itself computes one matrix product of rows."""
+    # ATen folds batch dimensions into rows except for a vector input and,
+    # with a bias, an input that is not a contiguous 2-D or 3-D tensor; only
+    # folding cases are taken, so results are bit for bit F.linear's.
     dim = input.dim()
     if dim < 2:
         return False
@@ -477,12 +468,8 @@ def _tracing(args) -> bool:
 
 
 def _plain(tree):
-    """Decoded values in place of every compressed tensor of ``tree``.
-
-    ATen arguments are tensors, scalars and (nested) lists, tuples or a dict
-    of them; walking those directly is several times cheaper than a pytree
-    map, which matters at one call per operation.
-    """
+    """Decoded values in place of every compressed tensor of ``tree``."""
+    # Walked directly, not by a pytree map: this runs once per operation.
     if isinstance(tree, CompressedParameter):
         return tree.decoded()
     kind = type(tree)
@@ -611,12 +598,10 @@ _OWN = {"_slot", "_whole", _ENGINE, _HOOK}
 
 
 def _rebuild(slot, size, stride, offset, dtype, requires_grad, extra, engine=None):
-    """A compressed parameter from :meth:`CompressedParameter.__reduce_ex__`.
-
-    Saved whole models name this function and its arguments: keep both.
-    ``engine`` may not be unpickled in full yet (the parameter is reached
-    through it): only its bound ``_on_grad`` is taken here.
-    """
+    """A compressed parameter from :meth:`CompressedParameter.__reduce_ex__`."""
+    # Saved whole models name this function and its arguments: keep both.
+    # `engine` may not be unpickled in full yet: only its bound _on_grad is
+    # taken here.
     param = CompressedParameter(slot, size, stride, offset, dtype, requires_grad)
     param.__dict__.update(extra)  # _is_param (an nn.Parameter), user attributes
     if engine is not None:

@@ -61,10 +61,8 @@ POSITION_BIAS_PATTERNS = ("pos_bias_u", "pos_bias_v")
 
 @dataclass(frozen=True)
 class PlanEntry:
-    """One parameter of a plan: ``name``, ``shape``, ``format`` (``None`` for
-    float32), exact ``nbytes`` under the plan, ``role`` (:data:`ROLES`) and the
-    ``reason`` it is compressed (its role, an override...) or kept float32 (the
-    rule, such as ``"WMOQ: normalisation"``).
+    """One parameter of a plan: ``format`` is ``None`` for float32, ``nbytes``
+    exact under the plan, ``reason`` the rule that decided.
     """
 
     name: str
@@ -124,8 +122,7 @@ class Plan:
         raise KeyError(name)
 
     def table(self) -> str:
-        """The plan as a text table with totals against float32 and why each
-        parameter is compressed or not.
+        """The plan as a text table, with totals against float32 and the reasons.
 
         Example
         -------
@@ -227,9 +224,7 @@ def _own_name(name: str) -> str:
 
 
 def is_normalisation(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s own parameters are normalisation gains and shifts
-    (:data:`NORMALISATION_TYPES`, or a class name ending in
-    :data:`NORMALISATION_CLASS_SUFFIX`).
+    """Whether ``module``'s own parameters are normalisation gains and shifts.
 
     Example
     -------
@@ -244,9 +239,8 @@ def is_normalisation(module: torch.nn.Module) -> bool:
 def role_of(
     name: str, shape: Sequence[int], owner: torch.nn.Module | None = None
 ) -> str:
-    """The role of one parameter: of a normalisation ``owner``, a name matching
-    :data:`POSITION_BIAS_PATTERNS`, else ``"matrix"`` from 2 dimensions up and
-    ``"vector"`` below (without ``owner``, normalisation cannot be seen).
+    """The role of one parameter: ``"normalisation"`` of a normalisation
+    ``owner``, ``"position bias"`` by name, else ``"matrix"`` from 2 dimensions.
 
     Example
     -------
@@ -262,12 +256,7 @@ def role_of(
 
 
 def parameter_roles(module: torch.nn.Module) -> dict[str, str]:
-    """The role of every parameter of a module, from types, names and shapes.
-
-    Returns
-    -------
-    dict
-        ``named_parameters()`` name to role, a shared parameter once.
+    """The role of every parameter of a module (a shared parameter once).
 
     Example
     -------
@@ -294,9 +283,6 @@ def resolve_roles(
     roles: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Every parameter's role: the given ones, checked, else :func:`role_of`.
-
-    Raises ``TypeError`` if ``roles`` is not a mapping and ``ValueError`` for
-    an unknown role or name, or a role its shape contradicts.
 
     Example
     -------
@@ -382,9 +368,8 @@ def keep_fp32(
 ) -> set[str]:
     """Partial parameter quantization: the candidates that stay float32.
 
-    Taken in ``policy`` order (``"largest"``, ``"smallest"``, ``"random"``,
-    drawn per round and client) while the float32 values stay within
-    ``fraction`` of the candidates'; one that would overshoot is skipped.
+    Taken in ``policy`` order while they stay within ``fraction`` of the
+    candidates' values; one that would overshoot is skipped.
 
     Example
     -------
@@ -421,18 +406,16 @@ def make_plan(
     """Decide, for every parameter, whether it is compressed and in which format.
 
     In order: weights-only quantization, ``include``/``exclude``,
-    ``fp32_patterns``, then partial quantization's fraction; each entry says
-    which rule decided (:attr:`PlanEntry.reason`).
+    ``fp32_patterns``, then partial quantization's fraction.
 
     Arguments
     ---------
     shapes : torch.nn.Module or iterable of (name, shape)
-        The parameters (a module's roles are :func:`parameter_roles`).
     config : OMCConfig
     round, client
         Draw of the random partial-quantization policy.
     roles : mapping, optional
-        Name to role, over the module's own; missing ones get :func:`role_of`.
+        Name to role, over the module's own.
 
     Returns
     -------

@@ -1,22 +1,12 @@
 """The update policy of compressed parameters: rule, writes and clipping.
 
-Two modes (``OMCConfig.update_mode``):
-
-* ``fused``: when a compressed parameter's gradient is complete in backward
-  (``register_post_accumulate_grad_hook``), one call decodes the weight,
-  applies the rule (SGD or Adam) and encodes the result; the gradient is
-  freed there. Under DDP the update waits for the all-reduced gradient and
-  runs in :meth:`UpdatePolicy.step`.
-* ``simple``: the optimizer's in-place update decodes, updates and encodes
-  the parameter (one rounding per in-place op) through :meth:`UpdatePolicy.write`.
-
-Fused mode clips compressed gradients by ``OMCConfig.fused_clipping``:
-``deferred`` holds them until :meth:`UpdatePolicy.clip_grad_norm_` knows the
-global norm, ``two_pass`` takes a coefficient measured by a first backward
-(:meth:`UpdatePolicy.measuring`), ``previous_norm`` the last step's norm,
-``per_parameter`` each gradient's own. With reentrant activation
-checkpointing a weight shared by several checkpointed segments is updated
-once per segment in fused mode (non-reentrant, torch's default, is exact).
+Two modes (``OMCConfig.update_mode``): ``fused`` applies the rule (SGD or
+Adam) when a compressed parameter's gradient is complete in backward, one
+decode and one encode, and frees the gradient there (under DDP it waits for
+the all-reduced gradient, in :meth:`UpdatePolicy.step`); ``simple`` lets any
+optimizer update the parameter in place through :meth:`UpdatePolicy.write`.
+How fused mode honours ``max_grad_norm`` is ``OMCConfig.fused_clipping``
+(see docs/design.md).
 """
 
 from __future__ import annotations
@@ -62,14 +52,12 @@ class UpdatePolicy:
     Arguments
     ---------
     config : OMCConfig
-        Settings (mode, rounding, clipping, state storage, seed).
     workspace : Workspace
         Buffers of transient decompressed values and held gradients.
     parameters : callable
         Returns the compressed parameters by name.
     bound : callable
-        The same, each wired to its engine first (a parameter moved to
-        another device is a new object).
+        The same, each wired to its engine first.
 
     Example
     -------

@@ -4,11 +4,10 @@
 ``norm_clip``, after the update-norm bound of
 :mod:`~speechbrain_omc.federated.defence`. ``fedavg`` and ``norm_clip`` with
 a fixed ``clip_norm`` fold each reply into a running weighted mean as it
-arrives (:class:`StreamingAggregator`: one model of memory, every step a
-convex combination, so no finite values overflow it); the other rules keep
-every update until the round closes (:class:`BufferedAggregator`), within a
-memory budget checked when the server is built (:func:`check_memory_budget`).
-What each rule withstands is in docs/federated_server.md.
+arrives (:class:`StreamingAggregator`, one model of memory); the other rules
+keep every update until the round closes (:class:`BufferedAggregator`),
+within a memory budget. What each rule withstands is in
+docs/federated_server.md.
 
 Example
 -------
@@ -69,22 +68,15 @@ class Aggregation:
     rule : str
         One of :data:`AGGREGATIONS`.
     trim_fraction : float
-        ``trimmed_mean``: fraction of the clients dropped at each end
-        (rounded down; at least one value is kept).
+        ``trimmed_mean``: fraction of the clients dropped at each end.
     clip_norm : float, optional
-        ``norm_clip``: largest L2 norm of one client's update; ``None`` takes
-        the lower median of the round's update norms (the smaller of two).
+        ``norm_clip``: largest update norm; ``None`` takes the lower median of
+        the round's update norms.
     norm_bound : float, optional
-        Any rule: each accepted update is scaled down to an L2 norm of at most
-        this many times the upper median of the reference replies' update norms,
-        and each of its values clamped to this many times their upper median
-        largest ``|update|`` in its entry (see
-        :mod:`~speechbrain_omc.federated.defence`); ``None`` disables both.
+        Any rule: the multiple of the reference replies' upper median norm (and
+        per-entry peak) an update is held to; ``None`` disables both.
     norm_reference : int
-        How many reference replies the limits come from: the first that pass the
-        checks in fold order, which the server's secret key draws among the
-        sampled clients (held as bytes until they are all in); then the limits
-        are frozen, at most twice the last committed round's.
+        How many reference replies the limits come from.
 
     Example
     -------
@@ -175,14 +167,12 @@ def combine(
     Arguments
     ---------
     models : sequence of mapping
-        One float32 model per accepted client (every name of ``master``),
-        in a fixed order (the result must not depend on arrival order).
+        One float32 model per accepted client, in a fixed order.
     weights : sequence of int
-        Each client's ``num_examples`` (validated: positive, bounded).
+        Each client's ``num_examples``.
     master : mapping
         The current global model.
     aggregation : Aggregation
-        The rule.
 
     Returns
     -------
@@ -194,8 +184,8 @@ def combine(
     rule = aggregation.rule
     if rule == "norm_clip":
         norms = _update_norms(models, master)
-        # The lower median: of two norms the smaller (see the module
-        # docstring); for an odd number of clients it is the median.
+        # The lower median: of two norms the smaller (see
+        # docs/federated_server.md); of an odd number, the median.
         limit = aggregation.clip_norm or statistics.median_low(norms)
         scales = [min(1.0, limit / n) if n > 0 else 1.0 for n in norms]
         total = sum(weights)
@@ -234,7 +224,6 @@ def streams(aggregation: Aggregation) -> bool:
     Returns
     -------
     bool
-        ``fedavg``, and ``norm_clip`` with a fixed ``clip_norm``.
 
     Example
     -------
@@ -261,12 +250,11 @@ def buffered_nbytes(
     aggregation : Aggregation
     clients_per_round : int
     model_nbytes : int
-        The float32 model's bytes.
 
     Returns
     -------
     int
-        0 for a streaming rule (its one running model is not counted here).
+        0 for a streaming rule.
 
     Example
     -------
@@ -297,14 +285,11 @@ def check_memory_budget(
     aggregation : Aggregation
     clients_per_round : int
     model_nbytes : int
-        The float32 model's bytes.
     budget : int
-        Bytes the decoded updates may take.
 
     Raises
     ------
     MemoryBudgetExceeded
-        With the sizes and the ways out.
 
     Example
     -------
@@ -337,16 +322,12 @@ def scale_update(
     Arguments
     ---------
     value : torch.Tensor
-        A client's float32 entry (overwritten).
     master : torch.Tensor
-        The global model's.
     scale : float
-        In ``[0, 1]``.
 
     Returns
     -------
     torch.Tensor
-        ``value``.
 
     Example
     -------
@@ -367,16 +348,12 @@ def clamp_update(
     Arguments
     ---------
     value : torch.Tensor
-        A reply's entry (float32), changed in place.
     master : torch.Tensor
-        The global model's entry.
     limit : float
-        The largest update value kept.
 
     Returns
     -------
     torch.Tensor
-        ``value``.
 
     Example
     -------
@@ -448,16 +425,12 @@ class StreamingAggregator:
         Arguments
         ---------
         tensors : iterable of (name, tensor)
-            Every entry of the model, float32, each a tensor the caller no
-            longer needs (it may be changed in place).
+            Every entry, float32; each may be changed in place.
         weight : int
-            The reply's ``num_examples``.
         norm : float, optional
-            ``norm_clip``: the L2 norm of the update (reply minus master).
+            ``norm_clip``: the update's norm.
         scale : float
-            The update (reply minus master) is scaled by this first (the
-            server's update-norm bound); 1 leaves the reply's bits as they
-            are.
+            The update is scaled by this first (the server's bound).
         """
         total = self.total + int(weight)
         share = int(weight) / total
@@ -485,12 +458,7 @@ class StreamingAggregator:
         self.total, self.count = total, self.count + 1
 
     def result(self) -> dict[str, torch.Tensor]:
-        """The combined model (the aggregator's own tensors; call once).
-
-        Returns
-        -------
-        dict
-        """
+        """The combined model (the aggregator's own tensors; call once)."""
         if not self.count:
             raise ValueError("no reply was folded in")
         if self.needs_norm:
@@ -500,18 +468,15 @@ class StreamingAggregator:
 
 
 class BufferedAggregator:
-    """Rules that need every update: the decoded replies are kept, then
-    :func:`combine` runs once the round closes.
+    """Rules that need every update: replies are kept, then combined.
 
     Arguments
     ---------
     master : mapping
-        The current global model.
     aggregation : Aggregation
-        Any rule.
     budget : int, optional
-        Most bytes of decoded updates held; a reply beyond it is refused
-        with :class:`MemoryBudgetExceeded` before it is decoded.
+        Most bytes of decoded updates held; a reply beyond it is refused before
+        it is decoded.
 
     Example
     -------
@@ -560,14 +525,7 @@ class BufferedAggregator:
         norm: float | None = None,
         scale: float = 1.0,
     ) -> None:
-        """Keep one reply (see :meth:`StreamingAggregator.add`).
-
-        Raises
-        ------
-        MemoryBudgetExceeded
-            Before anything is decoded, when one more model would exceed
-            the budget.
-        """
+        """Keep one reply (see :meth:`StreamingAggregator.add`), within the budget."""
         need = (len(self.models) + 1) * self.model_nbytes
         if self.budget is not None and need > self.budget:
             raise MemoryBudgetExceeded(
@@ -583,12 +541,7 @@ class BufferedAggregator:
         self.weights.append(int(weight))
 
     def result(self) -> dict[str, torch.Tensor]:
-        """The combined model (see :func:`combine`).
-
-        Returns
-        -------
-        dict
-        """
+        """The combined model (see :func:`combine`)."""
         out = combine(self.models, self.weights, self.master, self.aggregation)
         self.models.clear()
         return out
@@ -605,9 +558,7 @@ def make_aggregator(
     ---------
     aggregation : Aggregation
     master : mapping
-        The current global model.
     budget : int, optional
-        Bytes a buffered rule may hold.
 
     Returns
     -------

@@ -1,8 +1,7 @@
 """Simulated client availability: which sampled clients drop out of a round.
 
-A seeded draw per round; both runners contact only the others, and the
-server records the dropped clients as failed (``dropped out``), as for a
-client that crashed (no bytes are counted for them).
+A seeded draw per round; the server records the dropped clients as failed,
+as for a client that crashed.
 
 Example
 -------
@@ -38,23 +37,15 @@ def simulated_dropouts(
     Arguments
     ---------
     clients : iterable of str
-        The round's sampled clients (their order does not matter).
+        In any order.
     fraction : float
-        Fraction in ``[0, 1)`` that drops out, rounded to the nearest count
-        (half up): 10 % of 1,000 is 100 clients, of 4 none.
+        In ``[0, 1)``, rounded to the nearest count (half up).
     seed : int
-        The run's seed.
     round : int
-        The round.
 
     Returns
     -------
     set of str
-
-    Raises
-    ------
-    ValueError
-        A fraction outside ``[0, 1)``: someone must remain.
     """
     fraction = float(fraction)
     if not 0.0 <= fraction < 1.0:

@@ -105,9 +105,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     Arguments
     ---------
     obj : object
-        What to save.
     path : str or Path
-        Destination.
 
     Example
     -------
@@ -162,7 +160,7 @@ def diff_settings(saved: Mapping, current: Mapping, limit: int = 12) -> list[str
     Returns
     -------
     list of str
-        ``"key: checkpoint X, this run Y"``; empty when they agree.
+        Empty when they agree.
 
     Example
     -------
@@ -206,8 +204,7 @@ class CheckpointStore:
 
     # ---------------------------------------------------------------- lock
     def lock(self) -> CheckpointStore:
-        """Take the folder's exclusive lock for this run (until :meth:`unlock`,
-        or the process ends).
+        """Take the folder's exclusive lock (until :meth:`unlock` or exit).
 
         Returns
         -------
@@ -217,8 +214,7 @@ class CheckpointStore:
         Raises
         ------
         CheckpointLocked
-            Another server (any process, this one included) holds it: the
-            message names its process id.
+            Another server holds it (its process id named).
 
         Example
         -------
@@ -289,12 +285,7 @@ class CheckpointStore:
         return False
 
     def exists(self) -> bool:
-        """Whether any checkpoint is there.
-
-        Returns
-        -------
-        bool
-        """
+        """Whether any checkpoint is there."""
         return self.path.is_file() or self.previous.is_file()
 
     def save(self, obj: Any) -> None:
@@ -303,8 +294,7 @@ class CheckpointStore:
         Arguments
         ---------
         obj : object
-            What ``torch.save`` can write (and ``torch.load`` with
-            ``weights_only=True`` can read).
+            What ``torch.load(..., weights_only=True)`` can read.
         """
 
         def keep_previous() -> None:
@@ -316,13 +306,7 @@ class CheckpointStore:
         _write_atomically(obj, self.path, keep_previous)
 
     def clean_temporary(self) -> list[Path]:
-        """Remove the temporary files of saves that a crash interrupted.
-
-        Returns
-        -------
-        list of Path
-            The files removed.
-        """
+        """Remove the temporary files of interrupted saves; return them."""
         if self._held_elsewhere():
             logger.info(
                 "a live server holds %s: its temporary files are left", self.lock_path
@@ -342,21 +326,17 @@ class CheckpointStore:
         Arguments
         ---------
         apply : callable
-            Takes the loaded object; raises :class:`CheckpointMismatch` when
-            it does not fit the run (this is not retried with the previous
-            file) or ``ValueError``/``KeyError``/``TypeError`` when it is
-            invalid (then the previous checkpoint is tried).
+            Takes the loaded object; raises :class:`CheckpointMismatch` when it does
+            not fit the run (not retried), or ``ValueError``, ``KeyError`` or
+            ``TypeError`` when it is invalid (the previous file is tried).
 
         Returns
         -------
         tuple or None
-            ``(apply's result, the file used)``, or ``None`` when there is
-            no checkpoint.
+            ``(apply's result, the file used)``; ``None`` without a checkpoint.
 
         Raises
         ------
-        CheckpointMismatch
-            From ``apply``.
         CheckpointCorrupt
             When no checkpoint is usable (each file and its problem named).
         """

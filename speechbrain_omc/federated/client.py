@@ -1,27 +1,11 @@
 """Federated OMC client: drives one SpeechBrain Brain, speaks wire messages.
 
-One :class:`OMCClient` owns one Brain (with
-:class:`~speechbrain_omc.OMCMixin`) and reuses it for every round and, in a
-simulation, every client id. A round is :meth:`OMCClient.train`: bytes in,
-bytes out.
-
-* **The message is the plan**: exactly its compressed entries go under OMC,
-  their payloads loaded as they are; float32 entries are copied. When the
-  plan changes, the modules leave OMC and go back under the new plan.
-* **Nothing overwrites the received weights**: the Brain's checkpointer is
-  detached (the server checkpoints the federation).
-* **Every draw is a function of (seed, round, client)**: Python, NumPy,
-  torch, the sampler and stochastic rounding are seeded with the message's
-  seed and the OMC update state restarts, so a round depends on its message
-  only and a resumed run reproduces the uninterrupted one.
-* **The reply** carries the trained model in the form it arrived, with
-  ``{"type": "update", "round", "client", "run", "nonce", "num_examples",
-  "metrics"}`` (no timings: its bytes depend on the round only).
-
-One bad message does not break the worker: a model with non-finite values is
-refused before anything is loaded, and a message that fails leaves the Brain
-as it was or, when its modules were left half under OMC, takes them out of
-OMC altogether (the next message installs its own plan).
+One :class:`OMCClient` owns one Brain (with :class:`~speechbrain_omc.OMCMixin`)
+and reuses it for every round and client id. A round is
+:meth:`OMCClient.train`: bytes in, bytes out. The message is the plan
+(exactly its compressed entries go under OMC), and every draw is seeded from
+the message, so a round depends on its message only. A bad message leaves the
+Brain usable by the next one. See docs/federated_server.md.
 
 Example
 -------
@@ -96,7 +80,7 @@ def seed_everything(seed: int) -> None:
     Arguments
     ---------
     seed : int
-        Any non-negative integer (reduced to what each generator takes).
+        Any non-negative integer.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -127,28 +111,22 @@ class OMCClient:
     Arguments
     ---------
     brain : sb.Brain
-        A Brain with :class:`~speechbrain_omc.OMCMixin` (its checkpointer is
-        detached); ``hparams["omc"]`` gives the update settings, each
-        message the plan.
+        A Brain with :class:`~speechbrain_omc.OMCMixin`; ``hparams["omc"]``
+        gives the update settings, each message the plan.
     train_data : mapping, callable or dataset
-        The local training data: ``{client_id: dataset}``, a function of the
-        client id, or one dataset for a single-client process.
+        ``{client_id: dataset}``, a function of the client id, or one dataset.
     local_epochs : int
         Epochs per round, unless the server's ``config`` says otherwise.
     max_steps : int, optional
-        Cap on optimizer steps per round (``config["max_steps"]`` overrides).
+        Cap on optimizer steps per round.
     train_loader_kwargs : mapping, optional
-        Passed to ``Brain.make_dataloader``; ``shuffle: True`` is served by a
-        sampler seeded per round and client.
+        Passed to ``Brain.make_dataloader`` (``shuffle`` is seeded per round).
     progressbar : bool
-        Show SpeechBrain's progress bars.
     buffers : str
-        Which floating-point buffers travel: ``"running_stats"`` (those of
-        normalisation layers, which training changes), ``"all"`` or
+        Which floating-point buffers travel: ``"running_stats"``, ``"all"`` or
         ``"none"``.
     wire_mode : str
-        The server's: ``"both"``, ``"download"`` or ``"upload"`` (see
-        :mod:`~speechbrain_omc.federated.directions`).
+        The server's: ``"both"``, ``"download"`` or ``"upload"``.
     """
 
     def __init__(
@@ -214,13 +192,7 @@ class OMCClient:
         return self.brain.omc.slots if self.brain.omc is not None else {}
 
     def entry_names(self) -> list[str]:
-        """Names of the model's entries (parameters and the chosen buffers,
-        tied weights once), in wire order.
-
-        Returns
-        -------
-        list of str
-        """
+        """Names of the model's entries (tied weights once), in wire order."""
         if self._names is None:
             keys = self.brain.modules.state_dict(keep_vars=True)
             wanted = set(self._params()) | set(self._slots()) | set(self._buffers())
@@ -228,36 +200,16 @@ class OMCClient:
         return list(self._names)
 
     def buffer_names(self) -> list[str]:
-        """The entries that are buffers, not parameters (never compressed).
-
-        Returns
-        -------
-        list of str
-        """
+        """The entries that are buffers, not parameters (never compressed)."""
         buffers = self._buffers()
         return [n for n in self.entry_names() if n in buffers]
 
     def parameter_roles(self) -> dict[str, str]:
-        """The role of every parameter entry, for the server's plans (which
-        then equal :func:`~speechbrain_omc.engine.selection.make_plan`'s here).
-
-        Returns
-        -------
-        dict
-            Parameter name to role (see
-            :func:`~speechbrain_omc.engine.selection.parameter_roles`).
-        """
+        """The role of every parameter entry, for the server's plans."""
         return parameter_roles(self.brain.modules)
 
     def get_model(self) -> dict[str, torch.Tensor]:
-        """The current model in float32 (compressed entries decompressed).
-
-        Returns
-        -------
-        dict
-            Name to a new float32 tensor, in :meth:`entry_names` order: the
-            initial global model of a federation.
-        """
+        """The current model in float32, in :meth:`entry_names` order."""
         slots, params, buffers = self._slots(), self._params(), self._buffers()
         out = {}
         for name in self.entry_names():
@@ -269,12 +221,7 @@ class OMCClient:
         return out
 
     def entries(self) -> dict[str, wire.Entry]:
-        """The current model as wire entries: compressed payloads stay so.
-
-        Returns
-        -------
-        dict
-        """
+        """The current model as wire entries: compressed payloads stay so."""
         slots, params, buffers = self._slots(), self._params(), self._buffers()
         out = {}
         for name in self.entry_names():
@@ -297,8 +244,7 @@ class OMCClient:
         Raises
         ------
         ValueError
-            When the message's entries do not match the model, or a float32
-            entry holds non-finite values (nothing is loaded).
+            The entries do not match the model, or are not finite (nothing loaded).
         """
         names = self.entry_names()
         missing = [n for n in names if n not in message.entries]
@@ -395,7 +341,7 @@ class OMCClient:
 
     @contextmanager
     def _recovering(self) -> Iterator[None]:
-        # Undo what a failed message left half done (see the module docstring).
+        # Undo what a failed message left half done (see docs/federated_server.md).
         brain = self.brain
         sampler, limit = brain.train_sampler, brain.optimizer_step_limit
         hooks = _hook_keys(brain.modules)
@@ -417,12 +363,11 @@ class OMCClient:
         Arguments
         ---------
         data : bytes
-            The server's message (``type: "global"``).
+            The server's message.
 
         Returns
         -------
         bytes
-            The reply (``type: "update"``).
         """
         with self._recovering():
             return self._train(data)
@@ -492,11 +437,8 @@ class OMCClient:
         Arguments
         ---------
         data : bytes
-            A global-model message.
         dataset : Dataset or DataLoader
-            Evaluation data.
         loader_kwargs : mapping, optional
-            Passed to ``Brain.make_dataloader``.
 
         Returns
         -------

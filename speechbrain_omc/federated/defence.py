@@ -1,17 +1,12 @@
 """What keeps a well-formed but hostile client from steering or wedging the server.
 
-* Client text is data: :func:`clean_text` and :func:`shown` escape it to
-  bounded printable ASCII before it reaches a log, a CSV, JSON or a checkpoint.
-* Bounded influence: each update is scaled to at most ``norm_bound`` x the
-  upper median of the reference replies' update norms, and its values
-  clamped likewise per entry (:class:`NormLimit`); the reference replies are
-  drawn under a key the server never sends (:func:`reference_order`), and
-  each round's limits are capped at twice the last committed round's.
-* A reply entry stays near the broadcast's range (:func:`check_transform`,
-  :func:`check_range`).
-
-The bounds hold while fewer than half the reference replies are hostile (see
-docs/federated_server.md).
+Client text is data, escaped to bounded printable ASCII (:func:`clean_text`,
+:func:`shown`). Each update is scaled to at most ``norm_bound`` x the upper
+median of the reference replies' norms and clamped per entry likewise
+(:class:`NormLimit`); the reference replies are drawn under a key the server
+never sends (:func:`reference_order`). A reply entry must stay near the
+broadcast's range (:func:`check_transform`, :func:`check_range`). The
+analysis is in docs/federated_server.md.
 
 Example
 -------
@@ -23,6 +18,18 @@ Example
 >>> limit = clip_limit(norms, 4.0)  # 4 x the upper median, 1.2
 >>> round(limit, 6), [round(clip_scale(n, limit), 6) for n in norms]
 (4.8, [1.0, 1.0, 1.0, 0.0])
+>>> is_clean("train_loss"), is_clean("loss\\n"), is_clean(3)
+(True, False, False)
+>>> shown(3), shown("2"), shown("\\x1b[2J")
+('3', "'2'", "'\\\\x1b[2J'")
+>>> upper_median([3.0, 0.0, 0.0, 2.0]), upper_median([5.0])
+(2.0, 5.0)
+>>> clip_limit([1.0, 2.0, 3.0], 4.0), clip_limit([1.0], None)
+(8.0, inf)
+>>> clip_scale(2.0, 8.0), clip_scale(16.0, 8.0), clip_scale(math.inf, 8.0)
+(1.0, 0.5, 0.0)
+>>> allowed_reach(1e-6), allowed_reach(4.0)
+(1024.0, 4096.0)
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ def clean_text(text: Any, limit: int = MAX_TEXT) -> str:
     Arguments
     ---------
     text : object
-        The text (anything else is ``str()``-ed first).
+        Anything else than a string is ``str()``-ed first.
     limit : int
         Most characters returned.
 
@@ -124,16 +131,10 @@ def is_clean(text: Any, limit: int = MAX_TEXT) -> bool:
     ---------
     text : object
     limit : int
-        Longest length allowed.
 
     Returns
     -------
     bool
-
-    Example
-    -------
-    >>> is_clean("train_loss"), is_clean("loss\\n"), is_clean(3)
-    (True, False, False)
     """
     return isinstance(text, str) and clean_text(text, limit) == text
 
@@ -144,18 +145,11 @@ def shown(value: Any, limit: int = 40) -> str:
     Arguments
     ---------
     value : object
-        What the client sent (a string is cut before ``repr``).
     limit : int
-        Most characters returned.
 
     Returns
     -------
     str
-
-    Example
-    -------
-    >>> shown(3), shown("2"), shown("\\x1b[2J")
-    ('3', "'2'", "'\\\\x1b[2J'")
     """
     if isinstance(value, str):
         value = value[: limit + 1]
@@ -163,21 +157,15 @@ def shown(value: Any, limit: int = 40) -> str:
 
 
 def upper_median(values: Iterable[float]) -> float:
-    """The upper median: of ``k`` sorted values the one at index ``k // 2``.
+    """Of ``k`` sorted values (at least one), the one at index ``k // 2``.
 
     Arguments
     ---------
     values : iterable of float
-        At least one.
 
     Returns
     -------
     float
-
-    Example
-    -------
-    >>> upper_median([3.0, 0.0, 0.0, 2.0]), upper_median([5.0])
-    (2.0, 5.0)
     """
     ordered = sorted(values)
     if not ordered:
@@ -191,19 +179,14 @@ def clip_limit(norms: Iterable[float], bound: float | None) -> float:
     Arguments
     ---------
     norms : iterable of float
-        The update norms of the reference replies.
+        The reference replies' update norms.
     bound : float, optional
-        The multiple; ``None`` allows any norm.
+        ``None`` allows any norm.
 
     Returns
     -------
     float
         ``math.inf`` without a bound or without norms.
-
-    Example
-    -------
-    >>> clip_limit([1.0, 2.0, 3.0], 4.0), clip_limit([1.0], None)
-    (8.0, inf)
     """
     norms = [n for n in norms if not math.isnan(n)]
     if bound is None or not norms:
@@ -217,20 +200,13 @@ def clip_scale(norm: float | None, limit: float) -> float:
     Arguments
     ---------
     norm : float, optional
-        The update's L2 norm (``None``: not measured, not scaled).
+        ``None``: not measured, not scaled.
     limit : float
-        See :func:`clip_limit`.
 
     Returns
     -------
     float
-        ``1.0`` within the limit, else ``limit / norm`` (``0.0`` for an
-        infinite norm).
-
-    Example
-    -------
-    >>> clip_scale(2.0, 8.0), clip_scale(16.0, 8.0), clip_scale(math.inf, 8.0)
-    (1.0, 0.5, 0.0)
+        ``limit / norm`` over the limit (``0.0`` for an infinite norm), else 1.
     """
     if norm is None or not norm > limit:
         return 1.0
@@ -245,9 +221,8 @@ def reference_order(
     Arguments
     ---------
     key : bytes
-        The server's secret (the same key gives the same order).
+        The server's secret.
     round : int
-        Round number.
     clients : iterable of str
         The round's sampled clients.
     size : int
@@ -285,21 +260,18 @@ def reference_order(
 def value_limits(
     peaks: Iterable[Mapping[str, float]], bound: float | None
 ) -> dict[str, float]:
-    """Each entry's largest update value allowed: ``bound`` x the upper median
-    of the reference replies' largest ``|update|`` in it.
+    """Each entry's largest update value allowed: ``bound`` x the upper median.
 
     Arguments
     ---------
     peaks : iterable of mapping
-        One mapping per reference reply: entry name to its largest
-        ``|reply - broadcast|``.
+        Per reference reply: entry name to its largest ``|reply - broadcast|``.
     bound : float, optional
-        The multiple; ``None`` allows any value (an empty result).
+        ``None`` allows any value (an empty result).
 
     Returns
     -------
     dict
-        Entry name to the limit.
 
     Example
     -------
@@ -364,8 +336,8 @@ class NormLimit:
         Arguments
         ---------
         replies : mapping
-            Client id to its update norm and its largest ``|update|`` per
-            entry (either ``None`` when not measured).
+            Client id to (update norm, largest ``|update|`` per entry), ``None``
+            where not measured.
         """
         if self.bound is not None:
             self.norms = {c: n for c, (n, _) in replies.items() if n is not None}
@@ -376,13 +348,7 @@ class NormLimit:
         self.ready = True
 
     def start_carried(self) -> bool:
-        """Start (and freeze) the limits from the carried ones alone.
-
-        Returns
-        -------
-        bool
-            Whether there were carried limits (else nothing changes).
-        """
+        """Start (and freeze) the limits from the carried ones; False if none."""
         if not self._carried:
             return False
         self._limit, self.peaks = math.inf, {}
@@ -401,41 +367,18 @@ class NormLimit:
             )
 
     def carry(self) -> dict:
-        """The limits for the next round to start under (see the class).
-
-        Returns
-        -------
-        dict
-            ``{"norm": float or None, "peaks": {name: float}}``.
-        """
+        """The limits for the next round to start under: ``{"norm", "peaks"}``."""
         return {
             "norm": self._limit if _usable(self._limit) else None,
             "peaks": {n: p for n, p in self.peaks.items() if _usable(p)},
         }
 
     def value(self) -> float:
-        """The largest update norm allowed.
-
-        Returns
-        -------
-        float
-            ``math.inf`` without a bound or before :meth:`start`.
-        """
+        """The largest update norm allowed (``math.inf`` when unlimited)."""
         return self._limit
 
     def peak(self, name: str) -> float:
-        """The largest ``|update|`` value allowed in one entry.
-
-        Arguments
-        ---------
-        name : str
-            The entry.
-
-        Returns
-        -------
-        float
-            ``math.inf`` without a bound or a measure for it.
-        """
+        """The largest ``|update|`` allowed in entry ``name`` (or ``math.inf``)."""
         return self.peaks.get(name, math.inf)
 
 
@@ -445,12 +388,12 @@ def _usable(limit: Any) -> bool:
 
 
 def check_carried(carried: Any, names: Iterable[str]) -> dict | None:
-    """A checkpoint's carried limits, checked (see :meth:`NormLimit.carry`).
+    """A checkpoint's carried limits (see :meth:`NormLimit.carry`), checked.
 
     Arguments
     ---------
     carried : any
-        As saved (``None``: nothing carried, as in older checkpoints).
+        As saved; ``None`` when nothing was carried.
     names : iterable of str
         The model's entries.
 
@@ -512,14 +455,12 @@ def reach(value: CompressedTensor) -> float:
 def check_transform(
     name: str, received: CompressedTensor, sent: CompressedTensor
 ) -> None:
-    """Refuse a compressed reply entry whose transform is not the broadcast's kind
-    or reaches far beyond it (beyond :func:`allowed_reach` of the broadcast's
-    reach).
+    """Refuse a reply entry whose transform is not the broadcast's kind or
+    reaches beyond :func:`allowed_reach` of the broadcast's.
 
     Arguments
     ---------
     name : str
-        The entry (for the message).
     received : CompressedTensor
         The reply's entry (parsed, not decoded).
     sent : CompressedTensor
@@ -528,7 +469,6 @@ def check_transform(
     Raises
     ------
     ValueError
-        With the reason.
 
     Example
     -------
@@ -550,22 +490,16 @@ def check_transform(
 
 
 def allowed_reach(sent: float) -> float:
-    """The largest magnitude a reply entry may reach, given the broadcast's.
+    """The largest magnitude a reply entry may reach given the broadcast's ``sent``.
 
     Arguments
     ---------
     sent : float
-        The broadcast entry's reach (largest magnitude).
 
     Returns
     -------
     float
         ``MAX_REACH_GROWTH * max(sent, REACH_FLOOR)``.
-
-    Example
-    -------
-    >>> allowed_reach(1e-6), allowed_reach(4.0)
-    (1024.0, 4096.0)
     """
     return MAX_REACH_GROWTH * max(sent, REACH_FLOOR)
 
@@ -584,7 +518,6 @@ def check_range(name: str, received: torch.Tensor, sent: float) -> None:
     Arguments
     ---------
     name : str
-        The entry (for the message).
     received : torch.Tensor
         The reply's entry (finite).
     sent : float
@@ -593,7 +526,6 @@ def check_range(name: str, received: torch.Tensor, sent: float) -> None:
     Raises
     ------
     ValueError
-        With the reason.
 
     Example
     -------

@@ -44,25 +44,19 @@ _COMPRESSED = {"both": ("down", "up"), "download": ("down",), "upload": ("up",)}
 
 
 def check_wire_mode(mode: str, omc: OMCConfig | None) -> str:
-    """Check a mode against the OMC settings it needs.
+    """Check a mode against the OMC settings it needs (a plan to compress under).
 
     Arguments
     ---------
     mode : str
         One of :data:`WIRE_MODES`.
     omc : OMCConfig or None
-        The compression of the federation (``None``: float32).
+        ``None``: the federation runs in float32.
 
     Returns
     -------
     str
         ``mode``.
-
-    Raises
-    ------
-    ValueError
-        An unknown mode, or a one-direction mode without OMC settings (there
-        is no plan to compress under).
 
     Example
     -------
@@ -84,22 +78,19 @@ def check_wire_mode(mode: str, omc: OMCConfig | None) -> str:
 
 
 def wire_formats(plan: Mapping[str, str], mode: str, way: str) -> dict[str, str]:
-    """The formats entries travel in, one way, under a mode.
+    """The formats entries travel in, one ``way`` (``"down"`` or ``"up"``).
 
     Arguments
     ---------
     plan : mapping
-        Entry name to its planned format (``"float32"`` or a format name).
+        Entry name to ``"float32"`` or a format name.
     mode : str
-        One of :data:`WIRE_MODES`.
     way : str
-        ``"down"`` (the broadcast) or ``"up"`` (the reply).
 
     Returns
     -------
     dict
-        The plan, or every entry ``"float32"`` when that way is not
-        compressed.
+        The plan, or all ``"float32"`` when that way is not compressed.
     """
     if way not in ("down", "up"):
         raise ValueError(f"way must be down or up: {way!r}")
@@ -120,19 +111,17 @@ def module_formats(
     Arguments
     ---------
     modules : torch.nn.Module
-        The model, its parameters not under OMC.
+        The model, not under OMC.
     names : iterable of str
-        The entries of a message (parameters and buffers), in wire order.
+        The message's entries, in wire order.
     config : OMCConfig
-        The federation's OMC settings.
     round : int
     client : str
 
     Returns
     -------
     dict
-        Entry name to ``"float32"`` or a format name, in the order of
-        ``names``.
+        Entry name to ``"float32"`` or a format name.
 
     Example
     -------
@@ -157,11 +146,8 @@ def first_compression(
     Arguments
     ---------
     value : torch.Tensor
-        Finite float values.
     fmt : str
-        Format name.
     config : OMCConfig
-        The OMC settings.
 
     Returns
     -------
@@ -189,23 +175,14 @@ def compress_entries(
     Arguments
     ---------
     entries : mapping
-        Name to float32 tensor (or to an entry already compressed in its
-        format, kept as it is).
+        Name to float32 tensor, or to an entry already in its format.
     formats : mapping
         Name to ``"float32"`` or a format name, for every entry.
     config : OMCConfig
-        The OMC settings (see :func:`first_compression`).
 
     Returns
     -------
     dict
-        In the order of ``entries``.
-
-    Raises
-    ------
-    ValueError
-        ``formats`` does not name exactly the entries, or an entry is
-        compressed in another format than asked for.
 
     Example
     -------
@@ -243,8 +220,6 @@ def decompressed_message(message: wire.Message) -> wire.Message:
     Returns
     -------
     wire.Message
-        The metadata and byte count of ``message``; compressed entries
-        decompressed.
 
     Example
     -------

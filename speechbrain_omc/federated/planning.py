@@ -1,15 +1,12 @@
 """What a federated server sends, and what it expects back.
 
 Every draw is a seeded function of ``(seed, round, client)``: the clients of
-a round, each client's plan (which entries travel compressed and in which
-format, see :func:`~speechbrain_omc.engine.selection.make_plan`) and its RNG seed.
-The server has shapes, not modules: the parameters' roles come from whoever
-built the model (see :func:`~speechbrain_omc.engine.selection.parameter_roles`), so
-that its plans equal those :func:`~speechbrain_omc.engine.selection.make_plan` gives
-on the model itself. The message is the plan: a client answers each entry in
-the form it received (unless ``wire_mode`` compresses one direction only, see
-:mod:`~speechbrain_omc.federated.directions`), and echoes the run's id and a
-nonce of its round, which bind its reply.
+a round, each client's plan and its RNG seed. The server has shapes, not
+modules: the parameters' roles come from whoever built the model, so that
+its plans equal those :func:`~speechbrain_omc.engine.selection.make_plan`
+gives on the model itself. The message is the plan: a client answers each
+entry in the form it received (see :mod:`~speechbrain_omc.federated.directions`)
+and echoes the run's id and its round's nonce, which bind its reply.
 
 Example
 -------
@@ -67,22 +64,16 @@ class Planner:
     state : ServerState
         The server's state (its model is what is sent).
     clients : sequence of str
-        Ids of all clients.
     clients_per_round : int
-        Clients sampled per round.
     omc : OMCConfig, optional
-        Compression of the broadcast; ``None`` sends float32.
+        ``None`` sends float32.
     seed : int
-        Seed of every draw.
     roles : mapping, optional
         Parameter name to role; names left out are inferred.
     wire_mode : str
-        ``"both"``, ``"download"`` or ``"upload"``.
     client_config : mapping, optional
-        Local-training settings sent to every client.
     max_examples : int or mapping, optional
-        Largest ``num_examples`` a client may claim (one bound, or one per
-        client); ``None``: every client weighs the same.
+        As in :class:`~speechbrain_omc.federated.server.FedAvgServer`.
     """
 
     def __init__(
@@ -122,33 +113,12 @@ class Planner:
         self._float32_expected = wire.expect_like(state.model)
 
     def sample_clients(self, round: int) -> list[str]:
-        """The clients of a round, in sampled order (a seeded draw).
-
-        Arguments
-        ---------
-        round : int
-
-        Returns
-        -------
-        list of str
-        """
+        """The clients of ``round``, in sampled order (a seeded draw)."""
         rng = random.Random(round_seed(self.seed, round, "sample"))
         return rng.sample(self.clients, self.clients_per_round)
 
     def formats(self, round: int, client: str) -> dict[str, str]:
-        """One client's plan in one round: each entry's wire format.
-
-        Arguments
-        ---------
-        round : int
-        client : str
-            Any id (evaluation uses its own).
-
-        Returns
-        -------
-        dict
-            Name to ``"float32"`` or a format name such as ``"e3m7"``.
-        """
+        """One client's plan in one round: entry name to ``"float32"`` or a format."""
         out = dict.fromkeys(self.state.model, "float32")
         if self.omc is None:
             return out
@@ -160,33 +130,14 @@ class Planner:
         return out
 
     def client_seed(self, round: int, client: str) -> int:
-        """Seed of a client's randomness in a round (data order, dropout...).
-
-        Arguments
-        ---------
-        round : int
-        client : str
-
-        Returns
-        -------
-        int
-        """
+        """Seed of a client's randomness in a round (data order, dropout...)."""
         return round_seed(self.seed, round, f"client:{client}")
 
     def nonce(self, round: int, client: str) -> str:
         """The nonce a reply of ``client`` in ``round`` must echo (32 hex).
 
-        Keyed by a secret of this server's process: no client can forge
-        another round's.
-
-        Arguments
-        ---------
-        round : int
-        client : str
-
-        Returns
-        -------
-        str
+        Keyed by a secret of this server's process: no client can forge another
+        round's.
         """
         text = f"{self.state.run_id}/{round}/{client}".encode()
         return hmac.new(self._nonce_key, text, hashlib.sha256).hexdigest()[:32]
@@ -194,11 +145,8 @@ class Planner:
     def settings(self) -> dict:
         """What of the planner a resumed run must match.
 
-        Returns
-        -------
-        dict
-            The roles only where names and shapes would not give them, the
-            wire mode only when not ``"both"`` (older checkpoints match).
+        Roles only where names and shapes would not give them, the wire mode only
+        when not ``"both"``.
         """
         settings = {
             "clients": list(self.clients),
@@ -221,27 +169,11 @@ class Planner:
         return settings
 
     def keep_round(self, round: int | None) -> None:
-        """Drop the cached broadcasts of every other round (all: ``None``).
-
-        Arguments
-        ---------
-        round : int, optional
-        """
+        """Drop the cached broadcasts of every other round (all: ``None``)."""
         self.cache = {k: v for k, v in self.cache.items() if k[0] == round}
 
     def message(self, client: str, round: int) -> tuple[bytes, dict, dict]:
-        """The global model for one client under its plan.
-
-        Arguments
-        ---------
-        client : str
-        round : int
-
-        Returns
-        -------
-        tuple
-            The message, its entries and its metadata.
-        """
+        """The global model for one client: the message, its entries and metadata."""
         entries = {}
         for name, fmt in self._wire_formats(round, client, "down").items():
             if fmt == "float32":
@@ -260,20 +192,7 @@ class Planner:
         return wire.encode(entries, meta), entries, meta
 
     def expectation(self, round: int, client: str) -> ReplyExpectation:
-        """What a reply of ``client`` in ``round`` must be.
-
-        Rebuilt for each reply: a round of a thousand clients keeps no
-        per-client tables.
-
-        Arguments
-        ---------
-        round : int
-        client : str
-
-        Returns
-        -------
-        ReplyExpectation
-        """
+        """What a reply of ``client`` in ``round`` must be (rebuilt per reply)."""
         expect, sent, reaches = {}, {}, {}
         for name, fmt in self._wire_formats(round, client, "up").items():
             if fmt == "float32":

@@ -1,24 +1,11 @@
 """One open round of a federated server: receive, fail, fold, close.
 
-The path of every reply, hostile or not, is here, cheapest check first:
-:meth:`Round.receive` counts it and holds it (as the bytes the runner handed
-over); when its turn in the fold order comes it is validated once
-(:mod:`~speechbrain_omc.federated.validation`: binding, metadata, entries,
-finiteness), measured against the round's update-norm limits
-(:class:`~speechbrain_omc.federated.defence.NormLimit`), clamped to the
-value limits and scaled to the norm limit, then folded into the aggregator
-and dropped. Nothing a client sends can raise out of it: a bad reply is left
-out with its reason (see :class:`RoundReport`).
-
-The fold order is fixed for a run (see
-:func:`~speechbrain_omc.federated.defence.reference_order`), so the result
-does not depend on arrival order: a reply that arrives before its turn
-waits. With the update-norm bound nothing is folded before the round's first
-``norm_reference`` good replies in fold order are checked: the limits start
-from them (capped by the last committed round's) and hold for every reply.
-``max_held_bytes`` bounds what waits: beyond it the earliest waiting reply is
-folded out of order (logged), under the carried limits if the reference
-replies are not all in (in the first round, under those at hand).
+Every reply's path is here: :meth:`Round.receive` holds it until its turn in
+the fold order, which is fixed for a run so that the result does not depend
+on arrival order; then it is validated once, bounded by the round's limits
+and folded. Nothing a client sends can raise out of it: a bad reply is left
+out with its reason. docs/federated_server.md tells how the limits start
+and what bounds the replies that wait.
 
 Example
 -------
@@ -81,36 +68,25 @@ class RoundReport:
     Arguments
     ---------
     round : int
-        Round number (1-based).
     sampled : list of str
-        Clients sent the model.
     accepted : list of str
         Clients whose update was combined, in fold order.
     rejected : dict
-        Client to the reason it was left out (failure, no reply, invalid),
-        escaped and bounded: every sampled client's, and those of the first
-        :data:`~speechbrain_omc.federated.defence.MAX_REASONS` strangers.
+        Client to why it was left out (escaped, bounded).
     bytes_down, bytes_up : int
-        Bytes of the broadcasts and of the replies (rejected ones included).
     float32_bytes_down, float32_bytes_up : int
         The same messages' length with every entry in float32.
     num_examples : int
-        Examples behind the accepted updates.
     client_metrics : dict
-        Client to its reported metrics (accepted clients).
     model_updated : bool
-        Whether the global model changed.
     clipped : dict
-        Client to the factor its update was scaled by (only those scaled or
-        clamped).
+        Client to the factor its update was scaled by.
     ignored : int
         Replies from clients not sampled, and second replies.
     seconds : dict
-        The server's time: ``encode``, ``decode``, ``validate``,
-        ``aggregate``.
+        ``encode``, ``decode``, ``validate``, ``aggregate``.
     rss : dict, optional
-        With ``measure_memory``: resident bytes at the opening (``before``)
-        and the peak until the close (``peak``).
+        With ``measure_memory``: resident bytes ``before`` and ``peak``.
     """
 
     round: int
@@ -132,12 +108,7 @@ class RoundReport:
     rss: dict[str, int] | None = None
 
     def to_dict(self) -> dict:
-        """Plain-data copy (JSON-serialisable).
-
-        Returns
-        -------
-        dict
-        """
+        """Plain-data copy (JSON-serialisable)."""
         return asdict(self)
 
 
@@ -147,26 +118,19 @@ class Round:
     Arguments
     ---------
     report : RoundReport
-        The round's report (its number and sampled clients).
     aggregation : Aggregation
-        How updates are combined and bounded.
     master : mapping
         The global model the updates are measured from.
     expectation : callable
         Client id to what its reply must be.
     reference_key : bytes
-        The secret of the reference draw (see
-        :func:`~speechbrain_omc.federated.defence.reference_order`).
     carried : mapping, optional
         The last committed round's limits.
     memory_budget : int
-        Bytes the buffered rules may keep.
     weighted : bool
         Weigh updates by their examples (else all weigh 1).
     max_held_bytes : int
-        Bound of the replies waiting for their turn.
     workspace : Workspace, optional
-        Reused buffers the entries are decoded into.
     """
 
     def __init__(
@@ -236,8 +200,7 @@ class Round:
         self._drain()
 
     def fail(self, client: str, reason: str) -> None:
-        """Record that a client will not reply, and why (escaped, bounded):
-        its successors in the fold order need not wait."""
+        """Record that a client will not reply, and why (escaped, bounded)."""
         if client in self.done or client in self.held:
             return
         self.report.rejected[client] = clean_text(f"failed: {reason}")
@@ -247,9 +210,6 @@ class Round:
     def validate(self, client: str, data: Any) -> Update:
         """Decode and check one reply (nothing is held or combined).
 
-        Raises :class:`UpdateRejected` and nothing else (a bug of the
-        validation is logged and reported so).
-
         Arguments
         ---------
         client : str
@@ -258,6 +218,7 @@ class Round:
         Returns
         -------
         Update
+            Or :class:`UpdateRejected`, and nothing else.
         """
         try:
             if client not in self.sampled:
@@ -490,8 +451,7 @@ class Round:
         Returns
         -------
         dict or None
-            The combined model; ``None`` when nothing may be committed (no
-            update accepted, or a fold that failed half-way).
+            ``None`` when nothing may be committed.
         """
         if not self.limit.ready:  # the replies still missing will not come
             self._reference(final=True)

@@ -1,10 +1,9 @@
 """The record of a federation run, one place for both drivers.
 
-The embedded simulation (:mod:`speechbrain_omc.asr.federation`) and the
-Flower ``ServerApp`` (:mod:`speechbrain_omc.federated.flower.server_app`)
-hand each round to :meth:`RoundLog.on_round`, which checkpoints the server
-with the rows and writes ``rounds.csv``; :meth:`RoundLog.finish` writes the
-plot, ``final_model.pt`` and :meth:`RoundLog.write_summary` the summary.
+The embedded simulation and the Flower ``ServerApp`` hand each round to
+:meth:`RoundLog.on_round`, which checkpoints the server with the rows and
+writes ``rounds.csv``; :meth:`RoundLog.finish` writes the plot and
+``final_model.pt``.
 
 Example
 -------
@@ -16,6 +15,8 @@ Example
 >>> row = round_row(report, {"WER": 50.0}, seconds=1.234)
 >>> row["clients"], row["rejected"], row["train_loss"], row["valid_WER"]
 (1, 'b: no reply', 2.5, 50.0)
+>>> _cell(None), _cell(3), _cell("ok")
+('', 3, 'ok')
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ def round_row(
     Arguments
     ---------
     report : RoundReport
-        The server's report of the round.
     evaluation : dict, optional
         Validation ``loss``, ``WER`` and ``CER``, if the round evaluated.
     seconds : float
@@ -121,8 +121,7 @@ def round_row(
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    """Write the per-round log atomically, text cells escaped (a row resumed
-    from an older checkpoint may hold a client's raw text).
+    """Write the per-round log atomically, text cells escaped.
 
     Arguments
     ---------
@@ -140,11 +139,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _cell(value: Any) -> Any:
-    """One CSV cell: empty for ``None``, text escaped and bounded.
-
-    >>> _cell(None), _cell(3), _cell("ok")
-    ('', 3, 'ok')
-    """
+    """One CSV cell: empty for ``None``, text escaped and bounded."""
     if value is None:
         return ""
     return clean_text(value, MAX_CELL) if isinstance(value, str) else value
@@ -203,17 +198,15 @@ class RoundLog:
     Arguments
     ---------
     server : FedAvgServer
-        The run's server.
     store : CheckpointStore
         Its checkpoint (locked by the caller for the whole run).
     folder : Path
-        Where the files go.
     title : str
         The plot's title.
     plot_every_round : bool
         Redraw ``rounds.png`` after every round, not only at the end.
     history : str, optional
-        Also keep each round's report and evaluation, for this JSON file.
+        A JSON file for each round's report and evaluation.
 
     Example
     -------
@@ -259,17 +252,12 @@ class RoundLog:
         return self.server.round
 
     def on_round(self, report: RoundReport, evaluation: dict | None = None) -> dict:
-        """Record a closed round, then checkpoint and write the CSV.
-
-        Called again for the same round (Flower's evaluation), it replaces
-        that round's row.
+        """Record a closed round (again: its row replaced), checkpoint, write the CSV.
 
         Arguments
         ---------
         report : RoundReport
-            The server's report of the round.
         evaluation : dict, optional
-            The round's validation metrics.
 
         Returns
         -------
@@ -297,8 +285,7 @@ class RoundLog:
         return row
 
     def finish(self) -> None:
-        """Write the CSV, plot, history and ``final_model.pt`` (before any
-        final test, which must not lose it)."""
+        """Write the CSV, plot, history and ``final_model.pt`` (before any test)."""
         write_csv(self.rows, self.folder / "rounds.csv")
         if self.rows:
             plot_rounds(self.rows, self.folder / "rounds.png", self.title)
@@ -336,7 +323,7 @@ class RoundLog:
         Arguments
         ---------
         fields : dict
-            The driver's own entries (test WER, settings...).
+            The driver's own entries.
         started : float
             ``time.perf_counter()`` when the process began the run.
 

@@ -1,26 +1,16 @@
 """Federated averaging server for OMC: it speaks bytes and knows no SpeechBrain.
 
-:class:`FedAvgServer` is the composition of three parts:
-
-* :class:`~speechbrain_omc.federated.planning.Planner`: who is sampled, each
-  client's plan, seed and nonce, the round's compressed broadcast (each
-  variable compressed once per round and format) and what a reply must be;
-* :class:`~speechbrain_omc.federated.round.Round`: the open round, which
-  validates each reply, bounds it (update-norm and value limits) and folds it
-  into running float32 sums in a fixed fold order;
-* :class:`~speechbrain_omc.federated.server_state.ServerState`: the float32
-  global model, the server optimizer (learning rate, FedAvgM momentum), the
-  carried limits and the checkpoints.
-
-A round streams one client at a time: :meth:`~FedAvgServer.open_round`,
-:meth:`~FedAvgServer.broadcast` per client, :meth:`~FedAvgServer.receive`
-per reply, :meth:`~FedAvgServer.close_round`. The server then holds one
-float32 model, the round's compressed broadcast, the message in hand and one
-decoded entry (in reused buffers, outside malloc's heap, which is trimmed
-before each message and reply), whatever the number of clients; rules that
-need every update keep them until the close, within ``memory_budget``.
-:meth:`~FedAvgServer.configure_round` and :meth:`~FedAvgServer.aggregate`
-do the same with every message at once. docs/federated_server.md tells why.
+A :class:`FedAvgServer` composes a
+:class:`~speechbrain_omc.federated.planning.Planner` (sampling, plans and the
+round's compressed broadcast), a :class:`~speechbrain_omc.federated.round.Round`
+(each reply validated, bounded and folded in a fixed order) and a
+:class:`~speechbrain_omc.federated.server_state.ServerState` (the float32
+global model, the server optimizer, checkpoints). A round streams one client
+at a time (:meth:`~FedAvgServer.open_round`, :meth:`~FedAvgServer.broadcast`,
+:meth:`~FedAvgServer.receive`, :meth:`~FedAvgServer.close_round`), so its
+memory does not grow with the clients; :meth:`~FedAvgServer.configure_round`
+and :meth:`~FedAvgServer.aggregate` take every message at once. See
+docs/federated_server.md.
 
 Example
 -------
@@ -155,44 +145,37 @@ class FedAvgServer:
     Arguments
     ---------
     model : mapping
-        Initial global model: name to float tensor, in wire order.
+        Initial global model, in wire order.
     clients : sequence of str
-        Ids of all clients.
     clients_per_round : int
-        Clients sampled per round.
     omc : OMCConfig, optional
         Compression of the broadcast; ``None`` sends float32.
     seed : int
         Seed of every draw, a function of ``(seed, round, client)``.
     server_lr, server_momentum : float
-        The server optimizer (1 and 0: FedAvg; momentum: FedAvgM).
+        The server optimizer (1 and 0: FedAvg).
     buffers : iterable of str
         Entries that are not parameters (never compressed nor stepped).
     client_config : mapping, optional
         Local-training settings sent to every client.
     max_examples : int or mapping, optional
-        Largest ``num_examples`` a client may claim (one bound or one per
-        client); ``None``: every accepted client weighs the same.
+        Largest ``num_examples`` a client may claim; ``None``: equal weights.
     aggregation : str or Aggregation
-        How updates are bounded and combined (see
-        :class:`~speechbrain_omc.federated.aggregation.Aggregation`).
     run_id : str, optional
-        Id of this run, bound into every message; random by default.
+        Bound into every message; random by default.
     run_settings : mapping, optional
         More settings a checkpoint must match (never sent).
     roles : mapping, optional
-        Parameter name to role (see
-        :func:`~speechbrain_omc.engine.selection.parameter_roles`).
+        Parameter name to role.
     memory_budget, max_held_bytes : int
         Bytes the buffered rules may keep; bytes of replies that may wait.
     measure_memory : bool
         Report each round's resident memory.
     wire_mode : str
-        ``"both"``, ``"download"`` or ``"upload"`` (see
-        :mod:`~speechbrain_omc.federated.directions`).
+        ``"both"``, ``"download"`` or ``"upload"``.
     reference_key : bytes, optional
-        The secret of the reference draw; random by default (give one only
-        to re-run a run bit for bit, never to a client).
+        The secret of the reference draw (give one only to re-run a run bit for
+        bit, never to a client).
     """
 
     model = _part("state", "model", "The float32 global model.")
@@ -289,15 +272,13 @@ class FedAvgServer:
         Arguments
         ---------
         client : str
-            Client id (for evaluation any id, e.g. ``"eval"``).
+            Any id for evaluation (e.g. ``"eval"``).
         round : int, optional
-            Round number; the next round by default.
+            The next round by default.
 
         Returns
         -------
         bytes
-            Metadata: ``type`` (``"global"``), ``round``, ``client``,
-            ``seed``, ``config``, ``run``, ``nonce``.
         """
         round = self.round + 1 if round is None else int(round)
         return self.planner.message(str(client), round)[0]
@@ -346,8 +327,7 @@ class FedAvgServer:
         return list(sampled)
 
     def fold_order(self) -> list[str]:
-        """The open round's clients in the order their replies are combined
-        (a runner that sends in this order never makes a reply wait)."""
+        """The open round's clients in the order their replies are combined."""
         return list(self._open("fold_order").order)
 
     def _open(self, what: str) -> Round:
@@ -356,8 +336,7 @@ class FedAvgServer:
         return self.current
 
     def broadcast(self, client: str) -> bytes:
-        """Encode (and count) the open round's message for one of its clients
-        (see :meth:`message_for`)."""
+        """Encode (and count) the open round's message for one of its clients."""
         current, client = self._open("broadcast"), str(client)
         if client not in current.sampled:
             raise ValueError(
@@ -376,20 +355,17 @@ class FedAvgServer:
         return data
 
     def configure_round(self, round: int | None = None) -> dict[str, bytes]:
-        """Open the round and encode every sampled client's message (client
-        id to message, in sampled order)."""
+        """Open the round and encode every sampled client's message."""
         return {client: self.broadcast(client) for client in self.open_round(round)}
 
     def validate(self, client: str, data: bytes) -> Update:
-        """Decode and check one reply of the open round (nothing is combined):
-        every entry decoded, or :class:`UpdateRejected` with the reason."""
+        """Decode and check one reply of the open round (nothing is combined)."""
         if self.current is None:
             raise UpdateRejected("no round is open")
         return self.current.validate(str(client), data)
 
     def receive(self, client: str, data: Any) -> None:
-        """Take one reply of the open round, folded when its turn comes (a bad
-        one is left out with its reason; ``data`` is kept, not copied)."""
+        """Take one reply of the open round, folded when its turn comes."""
         current = self._open("receive")
         trim_heap()  # the message sent to this client, dropped
         current.receive(str(client), data)
@@ -404,13 +380,11 @@ class FedAvgServer:
         Arguments
         ---------
         failures : mapping, optional
-            Client id to why it did not reply (as :meth:`fail`).
+            Client id to why it did not reply.
 
         Returns
         -------
         RoundReport
-            The model is unchanged when no reply was accepted or the
-            combined model is not finite.
         """
         current = self._open("close_round")
         trim_heap()  # the last reply, dropped
@@ -436,8 +410,7 @@ class FedAvgServer:
     def aggregate(
         self, replies: Mapping[str, Any], failures: Mapping[str, str] | None = None
     ) -> RoundReport:
-        """Take every reply of the open round (client id to message) and close
-        it: :meth:`receive` each, in sorted order, then :meth:`close_round`."""
+        """:meth:`receive` every reply (in sorted order), then :meth:`close_round`."""
         if self.current is None:
             raise RuntimeError("aggregate: configure_round first")
         for client, reason in (failures or {}).items():
@@ -448,16 +421,7 @@ class FedAvgServer:
 
     # ---------------------------------------------------------- checkpoints
     def settings(self) -> dict:
-        """What a checkpoint must match to be resumed by this server.
-
-        Returns
-        -------
-        dict
-            Plain data: the planner's settings (clients, sampling, seed,
-            compression, roles, wire mode, client config, bounds), the
-            state's (server optimizer, buffers, model shapes), the
-            aggregation and ``run_settings``.
-        """
+        """What a checkpoint must match to be resumed by this server (plain data)."""
         parts = {
             **self.planner.settings(),
             **self.state.settings(),
@@ -471,8 +435,7 @@ class FedAvgServer:
         return self.state.state_dict(self.settings())
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict` after checking all of it (see
-        :meth:`~speechbrain_omc.federated.server_state.ServerState.load_state_dict`)."""
+        """Restore :meth:`state_dict` after checking all of it."""
         self.state.load_state_dict(
             state, self.settings(), self.aggregation.norm_reference
         )
@@ -484,9 +447,7 @@ class FedAvgServer:
         save_checkpoint(path, self.state_dict(), extra)
 
     def load(self, path: str | Path | CheckpointStore) -> dict | None:
-        """Restore the newest usable checkpoint and return its ``extra`` data
-        (``None`` without one; see
-        :func:`~speechbrain_omc.federated.server_state.load_checkpoint`)."""
+        """Restore the newest usable checkpoint; its ``extra`` data or ``None``."""
         loaded = load_checkpoint(path, self.load_state_dict)
         if loaded is None:
             return None

@@ -1,10 +1,8 @@
 """What a federated server keeps between rounds, and its checkpoints.
 
-The float32 global model (a float32 master keeps the rounding of every
-broadcast from accumulating over rounds), the server optimizer (learning rate
-and FedAvgM momentum), the completed rounds, the run's id, the secret key of
-the reference draw and the last committed round's update-norm limits: all
-that a resumed run needs (:meth:`ServerState.state_dict`).
+The global model is kept in float32, so that the rounding of each broadcast
+does not accumulate over rounds; :meth:`ServerState.state_dict` holds all
+that a resumed run needs.
 
 Example
 -------
@@ -51,16 +49,15 @@ class ServerState:
     Arguments
     ---------
     model : mapping
-        Initial global model: name to float tensor (copied in float32).
+        Initial global model (copied in float32).
     buffers : iterable of str
-        Entries that are not parameters: combined, never moved by the server
-        optimizer.
+        Entries that are not parameters: never moved by the server optimizer.
     server_lr : float
-        Server learning rate applied to the combined change (1 is FedAvg).
+        Applied to the combined change (1 is FedAvg).
     server_momentum : float
-        Server momentum (FedAvgM); 0 disables.
+        FedAvgM momentum; 0 disables.
     run_id : str, optional
-        The run's id; random by default.
+        Random by default.
     reference_key : bytes, optional
         The 32-byte secret of the reference draw; random by default.
     """
@@ -98,22 +95,11 @@ class ServerState:
         self.carried: dict | None = None  # the last committed round's limits
 
     def model_nbytes(self) -> int:
-        """Bytes of the float32 global model (parameters and buffers).
-
-        Returns
-        -------
-        int
-        """
+        """Bytes of the float32 global model (parameters and buffers)."""
         return sum(4 * value.numel() for value in self.model.values())
 
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        """The parameters' names and shapes: what a plan is about.
-
-        Returns
-        -------
-        list of (str, tuple)
-            Buffers left out (they never travel compressed).
-        """
+        """The parameters' names and shapes (buffers never travel compressed)."""
         return [
             (name, tuple(value.shape))
             for name, value in self.model.items()
@@ -123,21 +109,16 @@ class ServerState:
     def apply(self, combined: dict[str, torch.Tensor], round: int) -> bool:
         """Apply the server step to a combination and commit it if finite.
 
-        Works in the combination's own tensors, entry by entry: no second
-        model is allocated.
-
         Arguments
         ---------
         combined : dict
-            The round's combined model (overwritten).
+            The round's combined model (overwritten, entry by entry).
         round : int
-            The round, for the log.
 
         Returns
         -------
         bool
-            Whether the model changed (a model that is not finite is not
-            committed, and resets the momentum that led to it).
+            Whether the model changed; a non-finite result also resets momentum.
         """
         lr, beta = self.server_lr, self.server_momentum
         momentum, bad = self._step(combined, lr, beta)
@@ -192,13 +173,7 @@ class ServerState:
 
     # ---------------------------------------------------------- checkpoints
     def settings(self) -> dict:
-        """What of the state a resumed run must match.
-
-        Returns
-        -------
-        dict
-            The server optimizer, the buffers and the model's shapes.
-        """
+        """What of the state a resumed run must match."""
         return {
             "server_lr": self.server_lr,
             "server_momentum": self.server_momentum,
@@ -212,7 +187,7 @@ class ServerState:
         Arguments
         ---------
         settings : mapping
-            What a resumed run must match (the server's ``settings()``).
+            What a resumed run must match.
 
         Returns
         -------
@@ -240,7 +215,7 @@ class ServerState:
         settings : mapping
             This server's settings, which the saved ones must match.
         norm_reference : int
-            This run's, taken for a run saved before the update-norm bound.
+            This run's, for a checkpoint whose settings have no update-norm bound.
 
         Raises
         ------
@@ -329,11 +304,10 @@ def save_checkpoint(
     Arguments
     ---------
     path : str, Path or CheckpointStore
-        The checkpoint file.
     state : mapping
         The server's ``state_dict()``.
     extra : mapping, optional
-        More plain data stored alongside, under ``extra``.
+        More plain data stored alongside.
     """
     store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
     store.save({"server": state, "extra": dict(extra or {})})
@@ -347,22 +321,13 @@ def load_checkpoint(
     Arguments
     ---------
     path : str, Path or CheckpointStore
-        The checkpoint file.
     load_state : callable
         Restores a server's state (its ``load_state_dict``).
 
     Returns
     -------
     tuple or None
-        The ``extra`` data saved with it and the file it came from; ``None``
-        without a checkpoint.
-
-    Raises
-    ------
-    CheckpointMismatch
-        The checkpoint was saved with other settings.
-    CheckpointCorrupt
-        Neither the checkpoint nor the previous one is usable.
+        The ``extra`` data and the file used; ``None`` without a checkpoint.
     """
     store = path if isinstance(path, CheckpointStore) else CheckpointStore(path)
 
@@ -379,23 +344,16 @@ def load_checkpoint(
 def saved_clients(path: str | Path | CheckpointStore) -> list[str] | None:
     """The client ids of the newest readable server checkpoint.
 
-    A resumed run takes its clients from here, not from whoever answers
-    first: no node can join under a new id.
+    A resumed run takes its clients from here: no node can join under a new id.
 
     Arguments
     ---------
     path : str, Path or CheckpointStore
-        The checkpoint file.
 
     Returns
     -------
     list of str or None
         ``None`` without a checkpoint.
-
-    Raises
-    ------
-    CheckpointCorrupt
-        Neither the checkpoint nor the previous one can be read.
 
     Example
     -------

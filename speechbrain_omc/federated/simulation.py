@@ -48,7 +48,6 @@ def run_round(
     Arguments
     ---------
     server : FedAvgServer
-        The server; its round is opened and closed here.
     train : callable
         ``(client id, message) -> reply``; one that raises is left out.
     dropout : float

@@ -1,14 +1,11 @@
 """What a client's reply must be before the server uses it.
 
 :func:`check_reply` turns one reply's bytes into an :class:`Update` or raises
-:class:`UpdateRejected` with the reason (nothing else escapes, whatever the
-bytes). The checks run cheapest first, each reply decoded once: its length,
-the wire message, the metadata (binding to this run, round, client and nonce
-before any payload is read), the entries' formats, shapes and transforms,
-then finite values within reach of the broadcast's. :func:`open_reply` stops
-before the values: a :class:`Reply` checks (:meth:`Reply.check`) and decodes
-(:meth:`Reply.tensors`) one entry at a time, for a server that folds as
-replies arrive. See docs/federated_server.md for the full list.
+:class:`UpdateRejected` with the reason, whatever the bytes. The checks run
+cheapest first, each reply decoded once, and bind the reply to this run,
+round, client and nonce before any payload is read. :func:`open_reply` stops
+before the values, for a server that folds as replies arrive. The full list
+is in docs/federated_server.md.
 
 Example
 -------
@@ -28,6 +25,12 @@ Example
 ... except UpdateRejected as error:
 ...     print(error)
 wrong nonce: not a reply to this round's broadcast
+>>> is_int(3), is_int(True), is_int(3.0)
+(True, False, False)
+>>> reply_nbytes(b"abc"), reply_nbytes(memoryview(b"abcd")), reply_nbytes(None)
+(3, 4, 0)
+>>> nonfinite(torch.tensor([1.0, float("nan"), float("-inf")]))
+2
 """
 
 from __future__ import annotations
@@ -94,10 +97,8 @@ class UpdateRejected(ValueError):
     Arguments
     ---------
     reason : str
-        Why.
     float32_nbytes : int, optional
-        The reply's length with every entry in float32, when its entries
-        were read before it was refused (for the round's byte counts).
+        The reply's float32-equivalent length, when known (for the byte counts).
     """
 
     def __init__(self, reason: str, float32_nbytes: int | None = None) -> None:
@@ -115,11 +116,6 @@ def is_int(value: Any) -> bool:
     Returns
     -------
     bool
-
-    Example
-    -------
-    >>> is_int(3), is_int(True), is_int(3.0)
-    (True, False, False)
     """
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -134,11 +130,6 @@ def reply_nbytes(data: Any) -> int:
     Returns
     -------
     int
-
-    Example
-    -------
-    >>> reply_nbytes(b"abc"), reply_nbytes(memoryview(b"abcd")), reply_nbytes(None)
-    (3, 4, 0)
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         return memoryview(data).nbytes
@@ -151,21 +142,13 @@ def check_number(name: str, value: Any, low: float, high: float) -> int | float:
     Arguments
     ---------
     name : str
-        The metric's name (for the message).
     value : object
-        What the client sent.
     low, high : float
-        The finite bounds.
 
     Returns
     -------
     int or float
         ``value``.
-
-    Raises
-    ------
-    ValueError
-        Not a number, or outside the bounds.
 
     Example
     -------
@@ -191,27 +174,18 @@ def check_number(name: str, value: Any, low: float, high: float) -> int | float:
 
 
 def check_metrics(metrics: Any, low: float = -METRIC_BOUND) -> dict:
-    """Check a client's metrics: a small mapping of names to bounded numbers.
+    """Check a client's metrics: a few printable names to bounded numbers.
 
     Arguments
     ---------
     metrics : object
-        What the client sent.
     low : float
         Smallest value allowed (the largest is :data:`METRIC_BOUND`).
 
     Returns
     -------
     dict
-        A copy: name to ``int``, ``float`` or ``None`` (a metric the client
-        could not compute, e.g. a non-finite loss).
-
-    Raises
-    ------
-    ValueError
-        Not a mapping, too many names, a name that is not a short string of
-        printable ASCII (names reach logs and files), or a value that is not a
-        number within ``[low, METRIC_BOUND]`` (see :func:`check_number`).
+        A copy; ``None`` for a metric the client could not compute.
 
     Example
     -------
@@ -245,17 +219,13 @@ class Update:
     Arguments
     ---------
     client : str
-        Client id.
     num_examples : int
-        Training examples the client used (its FedAvg weight), bounded.
+        The client's FedAvg weight, bounded.
     values : dict
-        Entry name to float32 tensor (compressed entries decompressed).
+        Entry name to float32 tensor.
     metrics : dict
-        The client's reported metrics (checked).
     nbytes : int
-        Length of the reply message.
     float32_nbytes : int
-        Length of the same reply with every entry in float32.
     """
 
     client: str
@@ -273,29 +243,20 @@ class ReplyExpectation:
     Arguments
     ---------
     run : str
-        The run's id.
     round : int
-        The round.
     client : str
-        The client the broadcast was sent to.
     nonce : str
-        The nonce of the broadcast, which the reply must echo.
+        The broadcast's nonce, which the reply must echo.
     max_examples : int
-        Largest ``num_examples`` the client may claim.
     entries : dict
-        Entry name to its :class:`~speechbrain_omc.federated.wire.Expected`
-        format, shape and payload size (the broadcast's).
+        Entry name to its :class:`~speechbrain_omc.federated.wire.Expected`.
     max_nbytes : int, optional
-        Longest acceptable reply; by default
-        :func:`~speechbrain_omc.federated.wire.max_message_nbytes` of
-        ``entries``.
+        Longest acceptable reply (by default the most ``entries`` allow).
     sent : dict, optional
-        Entry name to the compressed tensor the broadcast held: a reply entry's
-        transform must be of its kind and within its reach (see
+        The broadcast's compressed entries (see
         :func:`~speechbrain_omc.federated.defence.check_transform`).
     reaches : dict, optional
-        Float32 entry name to the broadcast's largest magnitude in it: the
-        reply's values must stay within its reach (see
+        The broadcast's largest magnitude per float32 entry (see
         :func:`~speechbrain_omc.federated.defence.check_range`).
     """
 
@@ -322,9 +283,7 @@ def check_update_meta(meta: Mapping, expected: ReplyExpectation) -> tuple[int, d
     Arguments
     ---------
     meta : mapping
-        The decoded metadata (within the wire limits).
     expected : ReplyExpectation
-        The round, client, run, nonce and bound.
 
     Returns
     -------
@@ -377,11 +336,6 @@ def nonfinite(value: torch.Tensor) -> int:
     Returns
     -------
     int
-
-    Example
-    -------
-    >>> nonfinite(torch.tensor([1.0, float("nan"), float("-inf")]))
-    2
     """
     # No temporary per entry: a mask for each would stay in the heap of a
     # server decoding a thousand replies (a mask only when one is not finite).
@@ -405,12 +359,10 @@ def distance_stats(value: torch.Tensor, master: torch.Tensor) -> tuple[float, fl
     Arguments
     ---------
     value, master : torch.Tensor
-        Float32 tensors of one shape.
 
     Returns
     -------
     tuple of float
-        The squared distance (possibly ``inf``) and the largest difference.
 
     Example
     -------
@@ -434,12 +386,11 @@ def squared_distance(value: torch.Tensor, master: torch.Tensor) -> float:
     Arguments
     ---------
     value, master : torch.Tensor
-        Float32 tensors of one shape.
 
     Returns
     -------
     float
-        Possibly ``inf`` (values near the float32 limit, many of them).
+        Possibly ``inf``.
 
     Example
     -------
@@ -466,29 +417,15 @@ class Reply:
     Arguments
     ---------
     client : str
-        Client id.
     num_examples : int
-        The client's FedAvg weight, bounded.
     metrics : dict
-        The client's metrics (checked).
     message : wire.LazyMessage
-        The checked message.
     nbytes : int
-        Length of the reply message.
     seconds : dict
-        Time spent so far: ``decode`` (checksum, parsing, decompression) and
-        ``validate`` (binding, metadata, finiteness); the methods add to it.
+        ``decode`` and ``validate`` time so far; the methods add to it.
     sent : mapping, optional
-        The broadcast's compressed entries (see :class:`ReplyExpectation`).
     reaches : mapping, optional
-        The broadcast's float32 entries' largest magnitudes (see
-        :class:`ReplyExpectation`).
-
-    Attributes
-    ----------
-    peaks : dict
-        After :meth:`check` with ``master``: entry name to the largest
-        ``|reply - master|`` in it.
+        As in :class:`ReplyExpectation`.
     """
 
     def __init__(
@@ -516,28 +453,19 @@ class Reply:
     def tensors(
         self, workspace: Workspace | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Decode the entries one by one, each checked to be finite.
+        """Decode the entries one by one, each checked, yielding ``(name, tensor)``.
 
         Arguments
         ---------
         workspace : Workspace, optional
-            Decode into its reused buffers (codes and values), outside
-            malloc's heap: for a caller that drops each tensor before asking
-            for the next (one that keeps it only makes the workspace map
-            another buffer).
-
-        Yields
-        ------
-        tuple
-            ``(name, float32 tensor)`` in wire order; a new tensor each time
-            (a reused buffer with ``workspace``).
+            Decode into its reused buffers, for a caller that drops each tensor
+            before asking for the next.
 
         Raises
         ------
         UpdateRejected
-            A malformed payload, a transform other than the broadcast's kind
-            or far beyond its reach, non-finite values, or float32 values
-            far beyond the broadcast's (the entry named).
+            A malformed payload, a transform or values beyond the broadcast's reach,
+            or non-finite values (the entry named).
         """
         for name in self.message.names():
             start = time.perf_counter()
@@ -591,26 +519,19 @@ class Reply:
         master: Mapping[str, torch.Tensor] | None = None,
         workspace: Workspace | None = None,
     ) -> float | None:
-        """Step 5: decode every entry and check it is finite (then drop it).
+        """Step 5: decode every entry and check it (then drop it).
 
         Arguments
         ---------
         master : mapping, optional
-            The global model: the L2 norm of the update (reply minus master)
-            is computed on the way, in float64, and each entry's largest
-            ``|update|`` kept in :attr:`peaks`.
+            The global model: the update's norm is computed on the way, and each
+            entry's largest ``|update|`` kept in :attr:`peaks`.
         workspace : Workspace, optional
-            Decode into its reused buffers (see :meth:`tensors`).
 
         Returns
         -------
         float or None
-            The update's norm with ``master``, else ``None``.
-
-        Raises
-        ------
-        UpdateRejected
-            As :meth:`tensors`.
+            The update's norm with ``master``.
         """
         squares = 0.0
         for name, value in self.tensors(workspace):
@@ -630,9 +551,7 @@ def open_reply(data: Any, expected: ReplyExpectation) -> Reply:
     Arguments
     ---------
     data : bytes-like
-        The reply message (anything else is refused).
     expected : ReplyExpectation
-        What it must be.
 
     Returns
     -------
@@ -641,7 +560,7 @@ def open_reply(data: Any, expected: ReplyExpectation) -> Reply:
     Raises
     ------
     UpdateRejected
-        With the reason; no other exception for any ``data`` (a bug aside).
+        With the reason; nothing else for any ``data``.
 
     Example
     -------
@@ -708,7 +627,6 @@ def check_reply(data: Any, expected: ReplyExpectation) -> Update:
     Returns
     -------
     Update
-        A float32 model (or :class:`UpdateRejected` with the reason).
     """
     reply = open_reply(data, expected)
     values = dict(reply.tensors())

@@ -1,11 +1,10 @@
 """Wire format of federated OMC: a model (or update) as one byte string.
 
-A message carries named entries, each either a compressed parameter (the
-:meth:`~speechbrain_omc.codec.compressed.CompressedTensor.to_bytes` payload, itself
-versioned and checksummed) or a float32 array, plus a small JSON object of
-metadata (round, client, number of examples, metrics, ...). The entries'
-kinds and formats *are* the parameter plan: a server tells a client which
-variables travel compressed, and in which format, by sending them so.
+A message carries named entries, each a compressed parameter (its
+:meth:`~speechbrain_omc.codec.compressed.CompressedTensor.to_bytes` payload)
+or a float32 array, plus a small JSON object of metadata. The entries' kinds
+and formats *are* the parameter plan: a server tells a client which variables
+travel compressed, and in which format, by sending them so.
 
 Layout (all little-endian)::
 
@@ -22,35 +21,10 @@ Layout (all little-endian)::
 
     float32 payload: ndim (uint8), shape (uint64 each), values (float32 each)
 
-Bytes communicated are ``len()`` of these messages, in both directions;
-:func:`encoded_nbytes` computes the same number without building a message
-and :meth:`Message.float32_nbytes` the size the message would have with every
-entry in float32 (the "float32-equivalent" bytes of a round).
-
 Decoding is strict and total: whatever the bytes, :func:`decode` returns a
-:class:`Message` or raises ``ValueError`` saying what is wrong (a truncated,
-padded, foreign, corrupted or newer message, an entry of unknown kind, a
-duplicate or malformed name, an inconsistent float32 payload, a bad
-compressed payload, metadata that is not a JSON object). Metadata is held to
-limits a server can afford: at most :data:`MAX_META_BYTES` bytes nested at
-most :data:`MAX_META_DEPTH` deep, integers that fit in 64 bits, finite
-numbers only, no duplicate keys; :func:`encode` refuses what :func:`decode`
-would refuse.
-
-A server knows what a reply must hold. Given ``expect`` (name to
-:class:`Expected` format, shape and payload size, see :func:`expect_like`)
-and ``max_nbytes``, :func:`decode` checks the message's length, every
-entry's name, kind, payload length and float32 shape *before* it allocates
-anything for the payloads, so that an oversized or misshapen message costs
-no memory; it then checks each compressed entry's shape and format. A
-``check_meta`` callback sees the metadata before any entry is read, so that
-a reply bound to another run or round is refused before its payloads are
-parsed (copied).
-
-``decode(..., lazy=True)`` stops after those checks and returns a
-:class:`LazyMessage`, whose entries are parsed one at a time when asked for:
-a server that folds a reply into running sums never holds more than one
-parsed entry of it (see :mod:`~speechbrain_omc.federated.validation`).
+message or raises ``ValueError``. Given what a reply must hold, it checks the
+length and every entry header before it allocates anything for the payloads
+(see docs/federated_server.md).
 
 Example
 -------
@@ -149,8 +123,8 @@ _INT64 = 2**63
 # A string literal, or an unterminated one running to the end (with a lone
 # trailing backslash). Without the unterminated alternatives a match from an
 # unclosed quote fails only at the end and the scan restarts at the next quote:
-# quadratic time (8.5 s for 64 KiB of ``\\"``). With them a match starting at a
-# quote cannot fail, so each byte is scanned once.
+# quadratic time. With them a match starting at a quote cannot fail, so each
+# byte is scanned once.
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.S)
 
 #: What a message entry holds: a compressed parameter or float32 values.
@@ -294,21 +268,13 @@ def parse_float32_payload(
     Arguments
     ---------
     payload : bytes-like
-        A float32 entry payload.
     workspace : Workspace, optional
-        Where the values go: a buffer of the workspace, reused once the
-        tensor is gone (see :meth:`LazyMessage.entry`). By default a new
-        tensor.
+        Reused buffers to put the values in (see :meth:`LazyMessage.entry`).
 
     Returns
     -------
     torch.Tensor
-        A float32 tensor of the payload's values (a copy).
-
-    Raises
-    ------
-    ValueError
-        When the payload is empty or its length does not match its shape.
+        A float32 copy of the values.
 
     Example
     -------
@@ -365,7 +331,6 @@ def entry_head_nbytes(name: str) -> int:
     Arguments
     ---------
     name : str
-        Entry name.
 
     Returns
     -------
@@ -390,7 +355,6 @@ def entry_nbytes(
     Arguments
     ---------
     name : str
-        Entry name.
     value : CompressedTensor, torch.Tensor or tuple of int
         The entry, or just a shape.
     fmt : str, optional
@@ -431,7 +395,6 @@ def encoded_nbytes(entries: Mapping[str, Entry], meta: Mapping | None = None) ->
     entries : mapping
         Name to entry (or to a shape, sized as float32).
     meta : mapping, optional
-        Metadata.
 
     Returns
     -------
@@ -461,16 +424,13 @@ def encode(entries: Mapping[str, Entry], meta: Mapping | None = None) -> bytes:
     Arguments
     ---------
     entries : mapping
-        Name to :class:`CompressedTensor` (sent as its payload) or to float
-        values (``torch.Tensor`` or ``numpy.ndarray``, sent as float32), in
-        the order they should travel.
+        Name to :class:`CompressedTensor` or float values, in wire order.
     meta : mapping, optional
         JSON-serialisable metadata (no NaN or infinity).
 
     Returns
     -------
     bytes
-        The message.
 
     Example
     -------
@@ -506,7 +466,6 @@ class Message:
     entries : dict
         Name to :class:`CompressedTensor` or float32 ``torch.Tensor``.
     meta : dict
-        The metadata object.
     nbytes : int
         Length of the message it was decoded from (0 when built by hand).
     """
@@ -516,12 +475,7 @@ class Message:
     nbytes: int = 0
 
     def formats(self) -> dict[str, str]:
-        """Each entry's format name: ``"float32"`` or the compressed format.
-
-        Returns
-        -------
-        dict
-        """
+        """Each entry's format name: ``"float32"`` or the compressed format."""
         return {
             name: value.format.name
             if isinstance(value, CompressedTensor)
@@ -530,56 +484,35 @@ class Message:
         }
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each entry's shape.
-
-        Returns
-        -------
-        dict
-        """
+        """Each entry's shape."""
         return {name: tuple(value.shape) for name, value in self.entries.items()}
 
     def decompressed(self) -> dict[str, torch.Tensor]:
-        """Every entry as a float32 tensor (compressed ones decompressed).
-
-        Returns
-        -------
-        dict
-        """
+        """Every entry as a float32 tensor."""
         return {
             name: value.decompress() if isinstance(value, CompressedTensor) else value
             for name, value in self.entries.items()
         }
 
     def to_bytes(self) -> bytes:
-        """Encode again (see :func:`encode`).
-
-        Returns
-        -------
-        bytes
-        """
+        """Encode again (see :func:`encode`)."""
         return encode(self.entries, self.meta)
 
     def float32_nbytes(self) -> int:
-        """Length of the same message with every entry sent as float32.
-
-        Returns
-        -------
-        int
-        """
+        """Length of the same message with every entry sent as float32."""
         shapes = {name: tuple(value.shape) for name, value in self.entries.items()}
         return encoded_nbytes(shapes, self.meta)
 
 
 @dataclass(frozen=True)
 class Expected:
-    """What one entry of a message must be (a server's view of a reply).
+    """What one entry of a reply must be.
 
     Arguments
     ---------
     format : str
-        ``"float32"`` or the compressed format's name (``"e3m7"``...).
+        ``"float32"`` or the compressed format's name.
     shape : tuple of int
-        The entry's shape.
     max_payload : int
         Most payload bytes the entry may take (exact for float32 entries).
     """
@@ -590,16 +523,14 @@ class Expected:
 
 
 def expect_like(entries: Mapping[str, Entry]) -> dict[str, Expected]:
-    """The expectation for a reply in the form of ``entries`` (a broadcast).
+    """The expectation for a reply in the form of broadcast ``entries``.
 
-    Float32 entries must come back in float32 with the same shape; compressed
-    ones in the same format and shape, their payload at most
-    :data:`COMPRESSED_SLACK` bytes longer (a transform with more parameters).
+    A compressed entry's payload may be :data:`COMPRESSED_SLACK` bytes longer
+    than sent (a transform with more parameters).
 
     Arguments
     ---------
     entries : mapping
-        Name to entry, as sent.
 
     Returns
     -------
@@ -633,12 +564,10 @@ def max_message_nbytes(expect: Mapping[str, Expected]) -> int:
     Arguments
     ---------
     expect : mapping
-        Name to :class:`Expected`.
 
     Returns
     -------
     int
-        A cap for :func:`decode`'s ``max_nbytes``.
 
     Example
     -------
@@ -664,22 +593,15 @@ def decode(
     Arguments
     ---------
     data : bytes-like
-        The message.
     expect : mapping, optional
-        Name to :class:`Expected`: the message must hold exactly these
-        entries, in these formats and shapes. Checked on the entry headers
-        before any payload is parsed.
+        Name to :class:`Expected`: exactly these entries, checked on the entry
+        headers before any payload is parsed.
     max_nbytes : int, optional
-        Longest acceptable message, checked first (see
-        :func:`max_message_nbytes`).
+        Longest acceptable message, checked first.
     check_meta : callable, optional
-        Called with the metadata once the checksum and the metadata limits
-        have passed, before any entry is read; what it raises propagates
-        unchanged (the caller's own rejection, not a malformed message).
+        Sees the metadata before any entry is read; what it raises propagates.
     lazy : bool
-        Stop once the entry headers are checked and return a
-        :class:`LazyMessage` that parses each entry when it is asked for
-        (a malformed payload then raises ``ValueError`` at that point).
+        Return a :class:`LazyMessage` that parses each entry when asked for.
 
     Returns
     -------
@@ -688,9 +610,7 @@ def decode(
     Raises
     ------
     ValueError
-        Foreign magic, unsupported version, truncated, padded or oversized
-        message, checksum mismatch, metadata beyond the limits, an entry that
-        is malformed or not the expected one (each named in the message).
+        Whatever is wrong with the bytes, named in the message.
     TypeError
         When ``data`` is not bytes-like.
 
@@ -729,7 +649,7 @@ def decode(
 
 
 def _byte_view(data) -> memoryview:
-    """``data`` as a flat byte view (no copy), or a ``TypeError``/``ValueError``."""
+    """``data`` as a flat byte view, without a copy."""
     if isinstance(data, (np.ndarray, torch.Tensor)):
         raise TypeError("decode takes bytes; convert uint8 arrays with .tobytes()")
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -840,8 +760,7 @@ def _parse_entry(
     expect: Mapping[str, Expected] | None,
     workspace: Workspace | None = None,
 ) -> Entry:
-    """One entry's payload parsed (a copy, into ``workspace`` when given),
-    compressed ones checked against ``expect``."""
+    """One entry's payload parsed, compressed ones checked against ``expect``."""
     if workspace is not None and len(payload) < MAPPED_MIN_BYTES:
         # Small: from the heap either way (see Workspace.take), and quicker
         # without the workspace's bookkeeping.
@@ -867,20 +786,12 @@ def _parse_entry(
 
 
 class LazyMessage:
-    """A checked message whose entries are parsed one at a time.
-
-    What :func:`decode` returns with ``lazy=True``: the checksum, the
-    metadata and every entry header have been checked (against ``expect``
-    when given); a payload is parsed (copied) only when :meth:`entry` or
-    :meth:`items` asks for it, so that a reader holds one parsed entry at a
-    time. It keeps a view of the message's bytes.
+    """A checked message whose entries are parsed one at a time, when asked for.
 
     Arguments
     ---------
     meta : dict
-        The metadata.
     nbytes : int
-        Length of the message.
     heads : list
         ``(name, kind, payload view)`` per entry, in wire order.
     expect : mapping, optional
@@ -914,22 +825,11 @@ class LazyMessage:
         return len(self._heads)
 
     def names(self) -> list[str]:
-        """Entry names in wire order.
-
-        Returns
-        -------
-        list of str
-        """
+        """Entry names in wire order."""
         return list(self._heads)
 
     def formats(self) -> dict[str, str]:
-        """Each entry's format name, from the headers (compressed entries
-        are named by ``expect``, or parsed to find out).
-
-        Returns
-        -------
-        dict
-        """
+        """Each entry's format name (a compressed one parsed if not expected)."""
         out = {}
         for name, (kind, _) in self._heads.items():
             if kind == FLOAT32:
@@ -947,12 +847,8 @@ class LazyMessage:
         ---------
         name : str
         workspace : Workspace, optional
-            Where the entry's values or codes go: buffers of the workspace
-            that are reused once the entry is dropped, for a reader that
-            parses an entry, uses it and drops it before the next. Entries of
-            a thousand replies then come and go outside malloc's heap, where
-            each would touch a free chunk (whose pages a trim had given
-            back) and leave it resident until the next trim.
+            Reused buffers for the values or codes, for a reader that drops each
+            entry before the next (kept off malloc's heap).
 
         Returns
         -------
@@ -961,8 +857,7 @@ class LazyMessage:
         Raises
         ------
         ValueError
-            A malformed payload, or a compressed entry of another shape or
-            format than expected.
+            A malformed payload, or a compressed entry not as expected.
         """
         kind, payload = self._heads[name]
         try:
@@ -971,24 +866,12 @@ class LazyMessage:
             raise ValueError(f"malformed OMC wire message: {error}") from None
 
     def items(self) -> Iterator[tuple[str, Entry]]:
-        """Parse the entries one by one, in wire order.
-
-        Yields
-        ------
-        tuple
-            ``(name, entry)``.
-        """
+        """Parse the entries one by one, yielding ``(name, entry)`` in wire order."""
         for name in self._heads:
             yield name, self.entry(name)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each entry's shape (from ``expect`` when given: the headers were
-        checked against it; else from the payloads).
-
-        Returns
-        -------
-        dict
-        """
+        """Each entry's shape (from ``expect`` when given)."""
         out = {}
         for name, (kind, payload) in self._heads.items():
             if self._expect is not None:
@@ -1000,10 +883,5 @@ class LazyMessage:
         return out
 
     def float32_nbytes(self) -> int:
-        """Length of the same message with every entry sent as float32.
-
-        Returns
-        -------
-        int
-        """
+        """Length of the same message with every entry sent as float32."""
         return encoded_nbytes(self.shapes(), self.meta)

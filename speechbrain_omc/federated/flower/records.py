@@ -22,12 +22,11 @@ _NPY_HEADER_MAX = 4096
 
 
 def payload_to_record(data: bytes) -> ArrayRecord:
-    """Wrap an OMC wire message as a one-array ``ArrayRecord``.
+    """Wrap an OMC wire message (any bytes-like) as a one-array ``ArrayRecord``.
 
     Arguments
     ---------
     data : bytes
-        The message (any bytes-like object).
 
     Returns
     -------
@@ -51,19 +50,13 @@ def payload_from_record(
     Arguments
     ---------
     content : RecordDict or ArrayRecord
-        A message's content, or the ``ArrayRecord`` itself.
     key : str
         Where the ``ArrayRecord`` is in ``content``.
 
     Returns
     -------
     memoryview
-        The message, not yet validated (no copy of a large reply).
-
-    Raises
-    ------
-    ValueError
-        Not one 1-D ``uint8`` array under :data:`PAYLOAD_KEY`.
+        Not yet validated, not copied.
 
     Example
     -------

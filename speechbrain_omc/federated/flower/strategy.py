@@ -1,21 +1,11 @@
 """A Flower ``FedAvg`` that averages OMC models instead of code bytes.
 
 Stock ``FedAvg`` would average packed bit codes as numbers. :class:`OMCFedAvg`
-keeps Flower's round loop and FedAvg's weighted mean of evaluation metrics,
-and hands the model to :class:`~speechbrain_omc.federated.server.FedAvgServer`:
-
-* ``configure_train``: the server samples clients; each message is encoded
-  when it is sent (lazily with a :class:`~.streaming.StreamingGrid`) and goes
-  to the node serving that client;
-* ``aggregate_train``: each reply is validated and folded as it comes, the
-  round is closed and ``on_round`` called at once (a checkpoint survives an
-  evaluation that never ends);
-* ``configure_evaluate`` / ``aggregate_evaluate``: every ``evaluate_every``
-  rounds and after the last, on nodes serving the run's clients; each reply
-  is checked (:func:`check_evaluation`) and rebuilt before averaging.
-
-The server samples *client ids*; Flower addresses *node ids*:
-:func:`discover_clients` maps one to the other before the first round.
+keeps Flower's round loop and the weighted mean of evaluation metrics, and
+hands the model to :class:`~speechbrain_omc.federated.server.FedAvgServer`,
+which folds each reply as it comes. The server samples *client ids*; Flower
+addresses *node ids*: :func:`discover_clients` maps one to the other before
+the first round.
 """
 
 from __future__ import annotations
@@ -75,18 +65,16 @@ def check_evaluation(
     Arguments
     ---------
     content : RecordDict
-        The reply's content.
     names : iterable of str
         The metrics it must report besides ``weight_key``, and no others.
     max_examples : int
-        Largest number of examples (``weight_key``) a node may claim.
+        Largest number of examples a node may claim.
     weight_key : str
-        Name of the number of examples.
 
     Returns
     -------
     dict
-        The metrics; ``ValueError`` unless each is one number in ``[0, 1e9]``.
+        The metrics.
 
     Example
     -------
@@ -129,9 +117,8 @@ def discover_clients(
 ) -> dict[str, int]:
     """Ask every connected node which client it serves.
 
-    Waits for ``min_nodes`` nodes and sends each a ``query``. A client
-    announced twice keeps its first node; failed queries, ids that are not
-    printable ASCII and ids outside ``clients`` are logged and ignored.
+    A client announced twice keeps its first node; bad or unknown answers are
+    logged and ignored.
 
     Arguments
     ---------
@@ -141,7 +128,7 @@ def discover_clients(
     timeout : float
         Seconds for the wait and the replies together.
     clients : iterable of str, optional
-        The only client ids accepted (a resumed run's); any by default.
+        The only client ids accepted (a resumed run's).
 
     Returns
     -------
@@ -192,28 +179,24 @@ def discover_clients(
 class OMCFedAvg(FedAvg):
     """Flower FedAvg over OMC wire messages, delegating to ``FedAvgServer``.
 
-    Flower's round numbers count this ``start``'s rounds, the server's the
-    run's (they differ after a resume).
+    Flower's round numbers count this ``start``'s rounds, the server's the run's.
 
     Arguments
     ---------
     server : FedAvgServer
-        The global model, sampling, plans and validation.
     node_of : Mapping
-        Client id to the node serving it (a client without one is left out).
+        Client id to the node serving it.
     evaluate_every : int
         Evaluate after every ``evaluate_every``-th round and the last.
     num_rounds : int, optional
-        The run's number of rounds.
     evaluate_nodes : int
         Nodes asked to evaluate (0: none).
     evaluate_client : str
         Client id whose plan encodes the evaluation model.
     max_eval_examples : int
-        See :func:`check_evaluation`.
     on_round : callable, optional
-        ``(report, None)`` once the round is aggregated, and
-        ``(report, evaluation)`` again when its evaluation comes back.
+        ``(report, None)`` once the round is aggregated, then
+        ``(report, evaluation)`` when its evaluation comes back.
     dropout : float
         Seeded fraction of each round's sampled clients not contacted.
 
@@ -260,11 +243,7 @@ class OMCFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: Any, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Open the server's round; one message per sampled client with a node.
-
-        The messages come in fold order, lazily for a :class:`StreamingGrid`
-        (each encoded when taken). Arguments as in Flower's ``Strategy``.
-        """
+        """Open the server's round: a message per sampled client, in fold order."""
         server = self.server
         round_ = server.round + 1
         sampled = server.open_round(round_)
@@ -302,12 +281,7 @@ class OMCFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[Any, MetricRecord]:
-        """Hand each reply to the server as it comes, then close the round.
-
-        Returns the compressed model for evaluation (``None`` when the round
-        does not evaluate) and the round's counts; arguments as in Flower's
-        ``Strategy``.
-        """
+        """Hand each reply to the server as it comes, then close the round."""
         server, seen = self.server, set()
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -355,13 +329,7 @@ class OMCFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: Any, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Evaluation every ``evaluate_every`` rounds and after the last.
-
-        ``evaluate_nodes`` connected nodes serving the run's clients, drawn
-        per round from the server's seed.
-
-        Arguments and returns as in Flower's ``Strategy``.
-        """
+        """Evaluate on nodes serving the run's clients, drawn by the seed."""
         if not self._evaluates():
             return []
         # Not FedAvg's sampling (any connected node): nodes serving clients,
@@ -382,13 +350,7 @@ class OMCFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Check each evaluation reply, then average the good ones.
-
-        Only the checked values of a reply reach
-        ``evaluate_metrics_aggr_fn``; nothing else it holds is read.
-
-        Arguments and returns as in Flower's ``Strategy``.
-        """
+        """Check each evaluation reply; average only the checked values."""
         checked = []
         for reply in replies:
             node = reply.metadata.src_node_id

@@ -1,12 +1,10 @@
 """A Flower grid that streams a round: few messages in flight, replies as they come.
 
-Flower's ``Grid.send_and_receive`` pushes a round's messages and returns
-all replies at once, so a ServerApp would hold clients-per-round of each.
+``Grid.send_and_receive`` returns all of a round's replies at once.
 :class:`StreamingGrid` wraps any grid and returns an *iterator*: at most
 ``window`` messages are unanswered at once, taken lazily from the strategy,
-and each reply is yielded as it is pulled, to be folded and dropped. The
-round's ``timeout`` covers the whole round: messages not yet pushed then
-are never sent. The window trades memory for parallelism.
+and each reply is yielded as it comes, to be folded and dropped. The
+``timeout`` covers the whole round.
 
 Example
 -------
@@ -38,12 +36,11 @@ _PUSH_BATCH = 8
 
 
 class StreamingGrid:
-    """Wrap a Flower grid so that a round streams (see the module docstring).
+    """Wrap a Flower grid so that a round streams.
 
     Arguments
     ---------
     grid : Grid
-        The run's grid (Flower's in-memory or gRPC grid).
     window : int
         Most unanswered messages at once; 0 for no limit.
     poll_interval : float
@@ -71,9 +68,9 @@ class StreamingGrid:
         Arguments
         ---------
         messages : iterable of Message
-            Taken lazily: a message is built only when it is about to go.
+            Taken lazily: each is built only when it is about to go.
         timeout : float, optional
-            Seconds for the whole exchange (``None``: no limit).
+            Seconds for the whole exchange.
 
         Returns
         -------

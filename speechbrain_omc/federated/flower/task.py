@@ -1,11 +1,9 @@
 """Glue between the Flower apps and the task that builds Brain, data and server.
 
-The ``ServerApp`` and ``ClientApp`` build what the embedded simulation
-builds, with the functions of a *task module* named by the run config's
-``task`` (default :mod:`speechbrain_omc.asr`, imported lazily by name so
-that this package imports nothing above it). Paths in run and node configs
-are absolute or relative to the process's working directory; ``hparams``
-may also name a packaged file (``fed_omc.yaml``, the default).
+The apps build what the embedded simulation builds, with the functions of a
+*task module* named by the run config's ``task`` (default
+:mod:`speechbrain_omc.asr`, imported lazily so that this package imports
+nothing above it). Paths are absolute or relative to the working directory.
 """
 
 from __future__ import annotations
@@ -54,9 +52,7 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_task(name: str | None = None):
-    """The task module named ``name`` (default :data:`DEFAULT_TASK`): one with
-    ``prepare_federation``, ``build_brain``, ``build_server``,
-    ``build_label_encoder``, ``dataset_from_csv`` and ``hparams_file``.
+    """The task module named ``name`` (default :data:`DEFAULT_TASK`).
 
     Example
     -------
@@ -72,13 +68,11 @@ def load_hparams(run_config: Mapping[str, Any]) -> dict:
     Arguments
     ---------
     run_config : Mapping
-        ``hparams`` (a file, or a name the task's ``hparams_file`` knows),
-        ``overrides`` (YAML mapping string) and ``task``.
+        ``hparams`` (a file, or a name the task knows), ``overrides``, ``task``.
 
     Returns
     -------
     dict
-        As ``load_hyperpyyaml`` returns them (modules instantiated, seeded).
     """
     from hyperpyyaml import load_hyperpyyaml
 
@@ -104,8 +98,8 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 
 def node_client_id(node_config: Mapping[str, Any]) -> str:
-    """The client a SuperNode serves, from its node config: ``client-id``,
-    the stem of ``manifest``, or ``client_<partition-id>``.
+    """The client a SuperNode serves: ``client-id``, the stem of ``manifest``,
+    or ``client_<partition-id>``.
 
     Example
     -------
@@ -132,15 +126,11 @@ class NodeSetup:
     Arguments
     ---------
     client : OMCClient
-        The client (one Brain per process).
     client_id : str
-        The client id it serves.
     num_examples : int
-        Its training examples.
     eval_data : dict
         Split name (``valid``, ``test``) to dataset, where available.
     eval_opts : dict
-        Dataloader options of evaluation.
     """
 
     client: Any
@@ -155,19 +145,16 @@ def build_node(
 ) -> NodeSetup:
     """Build a SuperNode's client as the embedded simulation builds it.
 
-    With ``manifest`` in the node config, that CSV is the client's data,
-    ``label-encoder`` (the federation's ``label_encoder.txt``) its encoder
-    and ``valid-csv`` / ``test-csv`` its evaluation data. Otherwise the task
-    prepares its partition under its ``output_folder`` (locked: SuperNodes on
-    one machine take turns) and the nodes of one process share one Brain,
-    as the embedded run's clients do.
+    With ``manifest`` in the node config, that CSV is the client's data;
+    otherwise the task prepares its partition (locked: nodes on one machine
+    take turns) and the nodes of one process share one Brain.
 
     Arguments
     ---------
     run_config : Mapping
-        ``task``, ``hparams``, ``overrides``.
     node_config : Mapping
-        ``partition-id`` or ``manifest`` (and the keys above).
+        ``partition-id`` or ``manifest``, ``label-encoder``, ``valid-csv``,
+        ``test-csv``.
 
     Returns
     -------
@@ -304,24 +291,19 @@ def _shared_partition(run_config, task) -> _SharedPartition:
 def initial_model(
     run_config: Mapping[str, Any],
 ) -> tuple[dict, list[str], dict, dict[str, str]]:
-    """The initial global model: the hparams seed torch, so it is the
-    embedded run's.
+    """The initial global model (the hparams seed torch: the embedded run's).
 
     Arguments
     ---------
     run_config : Mapping
-        ``task``, ``hparams``, ``overrides``.
 
     Returns
     -------
     model : dict
-        Name to float32 tensor, in wire order.
+        In wire order.
     buffers : list of str
-        Entries that are buffers.
     hparams : dict
-        The loaded hyperparameters.
     roles : dict
-        The parameters' roles, for the server's plans.
     """
     from speechbrain_omc.federated.client import OMCClient
 
