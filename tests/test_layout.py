@@ -5,7 +5,10 @@
   and loads no module by path;
 * no code of the package names a file under ``recipes/`` (docstrings may
   point users there), so an installed package runs without the repository;
-* the Flower app folder's modules are the library's apps.
+* the Flower app folder's modules are the library's apps;
+* the codec and the engine know nothing above them;
+* no class over 400 lines, no function over 80, docstrings under 30 % of
+  the library's lines.
 """
 
 from __future__ import annotations
@@ -142,3 +145,57 @@ def test_codec_and_engine_know_nothing_above_them(path):
     outer = [n for n in names if any(_within(n, o) for o in OUTER)]
     upper = [n for n in names if any(_within(n, f"speechbrain_omc.{u}") for u in UPPER)]
     assert not outer and not upper, (outer, upper)
+
+
+# ------------------------------------------------------------------ sizes
+MAX_CLASS_LINES, MAX_FUNCTION_LINES, MAX_DOCSTRING_SHARE = 400, 80, 0.30
+
+
+def _spans(tree: ast.AST, kinds) -> list[tuple[str, int]]:
+    return [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(tree)
+        if isinstance(node, kinds)
+    ]
+
+
+def _docstring_lines(tree: ast.AST) -> int:
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docstrings = _docstrings(tree)
+    return sum(
+        node.body[0].end_lineno - node.body[0].lineno + 1
+        for node in ast.walk(tree)
+        if isinstance(node, kinds)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and id(node.body[0].value) in docstrings
+    )
+
+
+def test_no_class_or_function_is_too_long_to_read():
+    long = []
+    for path in PACKAGE:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        name = path.relative_to(ROOT)
+        long += [
+            f"{name}:{n} class of {size} lines"
+            for n, size in _spans(tree, ast.ClassDef)
+            if size > MAX_CLASS_LINES
+        ]
+        long += [
+            f"{name}:{n} function of {size} lines"
+            for n, size in _spans(tree, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if size > MAX_FUNCTION_LINES
+        ]
+    assert not long, long
+
+
+def test_docstrings_stay_in_proportion():
+    docstrings = lines = 0
+    for path in PACKAGE:
+        text = path.read_text(encoding="utf-8")
+        docstrings += _docstring_lines(ast.parse(text))
+        lines += len(text.splitlines())
+    share = docstrings / lines
+    print(f"docstrings: {docstrings} of {lines} library lines ({share:.1%})")
+    assert share < MAX_DOCSTRING_SHARE, f"{share:.1%}"
