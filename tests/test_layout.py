@@ -1,4 +1,4 @@
-"""The recipes are leaves of the library, and the library needs no repository.
+"""The layout: recipes are leaves, the layers point down, and files stay readable.
 
 * every Python file under ``recipes/`` imports only the standard library,
   SpeechBrain and its YAML loader, torch, Flower and ``speechbrain_omc``,
