@@ -348,8 +348,11 @@ def clamp_update(
     Arguments
     ---------
     value : torch.Tensor
+        A reply's values (overwritten).
     master : torch.Tensor
+        The server's values of the same entry.
     limit : float
+        The largest ``|value - master|`` kept.
 
     Returns
     -------
