@@ -81,6 +81,7 @@ from speechbrain_omc.federated.aggregation import (
 from speechbrain_omc.federated.checkpoint import CheckpointStore, plain
 from speechbrain_omc.federated.planning import Planner
 from speechbrain_omc.federated.round import SECONDS, Round, RoundReport
+from speechbrain_omc.federated.server_optimizer import ServerOptimizer
 from speechbrain_omc.federated.server_state import (
     ServerState,
     load_checkpoint,
@@ -116,6 +117,9 @@ _SETTINGS = (
     "seed",
     "server_lr",
     "server_momentum",
+    "server_optimizer",
+    "server_betas",
+    "server_eps",
     "omc",
     "buffers",
     "client_config",
@@ -153,7 +157,13 @@ class FedAvgServer:
     seed : int
         Seed of every draw, a function of ``(seed, round, client)``.
     server_lr, server_momentum : float
-        The server optimizer (1 and 0: FedAvg).
+        The server step (1 and 0: FedAvg); the momentum is FedAvgM's.
+    server_optimizer : str
+        ``sgd`` (FedAvg, FedAvgM), ``adam`` (FedAdam) or ``yogi`` (FedYogi).
+    server_betas : pair of float
+        ``adam``, ``yogi``: the moments' decays, in ``[0, 1)``.
+    server_eps : float
+        ``adam``, ``yogi``: the adaptivity ``tau`` (> 0).
     buffers : iterable of str
         Entries that are not parameters (never compressed nor stepped).
     client_config : mapping, optional
@@ -179,7 +189,9 @@ class FedAvgServer:
     """
 
     model = _part("state", "model", "The float32 global model.")
-    momentum = _part("state", "momentum", "The server momentum (FedAvgM).")
+    momentum = _part("state", "momentum", "FedAvgM's momentum, or the first moment.")
+    second_moment = _part("state", "second_moment", "FedAdam's or FedYogi's.")
+    optimizer = _part("state", "optimizer", "The server optimizer's settings.")
     round = _part("state", "round", "Completed rounds.")
     run_id = _part("state", "run_id", "The run's id.")
     buffers = _part("state", "buffers", "The entries that are not parameters.")
@@ -203,6 +215,9 @@ class FedAvgServer:
         seed: int = 0,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
+        server_optimizer: str = "sgd",
+        server_betas: Sequence[float] = (0.9, 0.99),
+        server_eps: float = 1e-3,
         buffers: Iterable[str] = (),
         client_config: Mapping | None = None,
         max_examples: int | Mapping[str, int] | None = None,
@@ -216,8 +231,9 @@ class FedAvgServer:
         wire_mode: str = "both",
         reference_key: bytes | None = None,
     ) -> None:
+        optimizer = ServerOptimizer(server_optimizer, server_betas, server_eps)
         self.state = ServerState(
-            model, buffers, server_lr, server_momentum, run_id, reference_key
+            model, buffers, server_lr, server_momentum, run_id, reference_key, optimizer
         )
         self.planner = Planner(
             self.state,

@@ -28,6 +28,7 @@ from speechbrain_omc.federated.checkpoint import (
     diff_settings,
 )
 from speechbrain_omc.federated.defence import check_carried
+from speechbrain_omc.federated.server_optimizer import ServerOptimizer, adaptive_step
 from speechbrain_omc.federated.validation import is_int, nonfinite
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,13 @@ class ServerState:
     server_lr : float
         Applied to the combined change (1 is FedAvg).
     server_momentum : float
-        FedAvgM momentum; 0 disables.
+        FedAvgM momentum; 0 disables (``sgd`` only).
     run_id : str, optional
         Random by default.
     reference_key : bytes, optional
         The 32-byte secret of the reference draw; random by default.
+    optimizer : ServerOptimizer, optional
+        ``sgd`` (FedAvg, FedAvgM) by default, or FedAdam, FedYogi.
     """
 
     def __init__(
@@ -70,9 +73,16 @@ class ServerState:
         server_momentum: float = 0.0,
         run_id: str | None = None,
         reference_key: bytes | None = None,
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
         if not server_lr > 0 or not 0 <= server_momentum < 1:
             raise ValueError("FedAvgServer: need server_lr > 0 and 0 <= momentum < 1")
+        self.optimizer = optimizer or ServerOptimizer()
+        if self.optimizer.adaptive and server_momentum:
+            raise ValueError(
+                f"FedAvgServer: server_momentum is FedAvgM's; "
+                f"{self.optimizer.name} takes its momentum from server_betas"
+            )
         self.model: dict[str, torch.Tensor] = {}
         for name, value in model.items():
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
@@ -84,7 +94,8 @@ class ServerState:
             raise ValueError(f"FedAvgServer: unknown buffers {sorted(unknown)}")
         self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
-        self.momentum: dict[str, torch.Tensor] = {}
+        self.momentum: dict[str, torch.Tensor] = {}  # adam, yogi: the first moment
+        self.second_moment: dict[str, torch.Tensor] = {}
         self.round = 0  # completed rounds
         self.run_id = str(run_id) if run_id is not None else secrets.token_hex(16)
         if reference_key is None:
@@ -118,19 +129,15 @@ class ServerState:
         Returns
         -------
         bool
-            Whether the model changed; a non-finite result also resets momentum.
+            Whether the model changed; a non-finite result also resets the
+            optimizer's state.
         """
+        if self.optimizer.adaptive:
+            return self._apply_adaptive(combined, round)
         lr, beta = self.server_lr, self.server_momentum
         momentum, bad = self._step(combined, lr, beta)
         if bad:
-            logger.error(
-                "round %d: the combined model is not finite (%s); the model is "
-                "unchanged%s",
-                round,
-                ", ".join(bad[:5]),
-                "; the server momentum is reset" if self.momentum else "",
-            )
-            self.momentum = {}  # it would lead here again every round
+            self._discard(round, bad, "momentum is" if self.momentum else "")
             return False
         for name in list(self.model):
             if beta > 0 and name in momentum:
@@ -171,12 +178,49 @@ class ServerState:
                     bad.append(name)
         return momentum, bad
 
+    def _discard(self, round: int, bad: list[str], reset: str) -> None:
+        logger.error(
+            "round %d: the combined model is not finite (%s); the model is unchanged%s",
+            round,
+            ", ".join(bad[:5]),
+            f"; the server {reset} reset" if reset else "",
+        )
+        # The state would lead here again every round.
+        self.momentum, self.second_moment = {}, {}
+
+    def _apply_adaptive(self, combined: dict, round: int) -> bool:
+        # The moments are updated in place: a discarded round resets them.
+        first, second, bad = {}, {}, []
+        for name, master in self.model.items():
+            if name not in self.buffers:
+                delta = combined[name].sub_(master)  # combined - master, in place
+                first[name], second[name] = adaptive_step(
+                    self.optimizer,
+                    master,
+                    delta,
+                    self.momentum.get(name),
+                    self.second_moment.get(name),
+                    self.server_lr,
+                )
+                if nonfinite(first[name]) or nonfinite(second[name]):
+                    bad.append(name)
+                    continue
+            if nonfinite(combined[name]):
+                bad.append(name)
+        if bad:
+            self._discard(round, bad, "moments are" if self.momentum else "")
+            return False
+        self.model = {name: combined[name] for name in self.model}
+        self.momentum, self.second_moment = first, second
+        return True
+
     # ---------------------------------------------------------- checkpoints
     def settings(self) -> dict:
         """What of the state a resumed run must match."""
         return {
             "server_lr": self.server_lr,
             "server_momentum": self.server_momentum,
+            **self.optimizer.settings(),
             "buffers": sorted(self.buffers),
             "model": {n: list(v.shape) for n, v in self.model.items()},
         }
@@ -199,6 +243,7 @@ class ServerState:
             "run_id": self.run_id,
             "model": {n: v.clone() for n, v in self.model.items()},
             "momentum": {n: v.clone() for n, v in self.momentum.items()},
+            "second_moment": {n: v.clone() for n, v in self.second_moment.items()},
             "settings": dict(settings),
             "reference_key": self.reference_key,
             "limits": self.carried,
@@ -230,12 +275,13 @@ class ServerState:
         if not isinstance(state["settings"], Mapping):
             raise ValueError("server state: settings is not a mapping")
         saved = _undefended_if_older(state["settings"], norm_reference)
-        _check_settings(saved, settings)
+        _check_settings(_sgd_if_absent(saved), _sgd_if_absent(settings))
         round_ = state["round"]
         if not is_int(round_) or round_ < 0:
             raise ValueError(f"server state: bad round {round_!r}")
         model = self._checked(state["model"], "model", complete=True)
         momentum = self._checked(state["momentum"], "momentum", complete=False)
+        second = self._second_moment(state, momentum)
         run_id = state["run_id"]
         if not isinstance(run_id, str) or not 0 < len(run_id) <= 64:
             raise ValueError(f"server state: bad run id {str(run_id)[:80]!r}")
@@ -246,6 +292,7 @@ class ServerState:
         carried = check_carried(state.get("limits"), self.model)
         self.run_id, self.reference_key, self.carried = run_id, key, carried
         self.model, self.momentum, self.round = model, momentum, round_
+        self.second_moment = second
 
     def _checked(self, tensors: Mapping, what: str, complete: bool) -> dict:
         if not isinstance(tensors, Mapping):
@@ -268,6 +315,24 @@ class ServerState:
                 raise ValueError(f"server state: {what} {name} is not finite")
             out[name] = value.clone()
         return out
+
+    def _second_moment(self, state: Mapping, momentum: dict) -> dict:
+        # Only adam and yogi keep one, over the first moment's entries, >= 0.
+        second = state.get("second_moment", {})
+        if self.optimizer.adaptive and "second_moment" not in state:
+            raise ValueError("server state: no second moment (saved by sgd?)")
+        second = self._checked(second, "second_moment", complete=False)
+        if set(second) != set(momentum) and (self.optimizer.adaptive or second):
+            raise ValueError("server state: second_moment and momentum differ")
+        for name, value in second.items():
+            if bool((value < 0).any()):
+                raise ValueError(f"server state: second_moment {name} is negative")
+        return second
+
+
+def _sgd_if_absent(settings: Mapping) -> Mapping:
+    # sgd settings name no optimizer (as before adam and yogi): say it.
+    return {"server_optimizer": "sgd", **settings}
 
 
 def _check_settings(saved: Mapping, current: Mapping) -> None:
