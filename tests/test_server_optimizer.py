@@ -23,9 +23,10 @@ from speechbrain_omc.federated.checkpoint import CheckpointMismatch
 
 BETAS, TAU, LR = (0.9, 0.99), 1e-3, 0.05
 BUFFER = "norm.running_mean"
-# The server folds in float32 (about 1e-7 a value); the step amplifies an
-# error in delta by at most LR * (1 - b1) / tau = 5: 1e-5 holds three rounds.
-TOL = dict(rtol=1e-5, atol=1e-5)
+# float32 tolerance: the server folds in float32 (about 1e-7 a value) and the
+# step amplifies an error in delta at most LR * (1 - b1) / tau = 5 times;
+# three rounds stay under 5e-7 here.
+TOL = dict(rtol=1e-5, atol=2e-6)
 
 
 def _server(name: str, **settings):
