@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from federated_fixtures import CLIENTS, pinned_fold, reply_meta, small_server
+from federated_fixtures import (
+    CLIENTS,
+    pinned_fold,
+    reply_meta,
+    small_model,
+    small_server,
+)
 
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation
@@ -267,3 +273,16 @@ def test_a_checkpoint_without_its_second_moment_resumes_only_sgd():
 def test_bad_optimizer_settings_raise(settings, error):
     with pytest.raises(ValueError, match=error):
         _server("adam", **settings)
+
+
+def test_the_recipe_passes_its_settings_to_the_server():
+    from speechbrain_omc.asr.federation import build_server
+    from speechbrain_omc.federated.server_optimizer import ServerOptimizer
+
+    hparams = {"clients_per_round": 3, "seed": 7, "local_epochs": 1}
+    settings = {"server_optimizer": "yogi", "server_betas": [0.8, 0.9]}
+    server = build_server(
+        {**hparams, **settings, "server_eps": 1e-4}, small_model(), CLIENTS, [], 10
+    )
+    assert server.optimizer == ServerOptimizer("yogi", (0.8, 0.9), 1e-4)
+    assert build_server(hparams, small_model(), CLIENTS, [], 10).optimizer.name == "sgd"
