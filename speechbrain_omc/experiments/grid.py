@@ -95,9 +95,9 @@ class Cell:
         return hash(self.name)
 
     @property
-    def is_float32(self) -> bool:
-        """Whether this is the uncompressed reference."""
-        return self.hparams == "fed_fp32.yaml"
+    def is_reference(self) -> bool:
+        """Whether this is the reference: float32 with the packaged settings."""
+        return self.hparams == "fed_fp32.yaml" and not self.overrides
 
 
 def _omc(name: str, factor: str, label: str, **changes) -> Cell:

@@ -176,7 +176,7 @@ def grid_from_args(
         if unknown:
             raise SystemExit(f"unknown cells {unknown}; known: {sorted(known)}")
         cells = [known[n] for n in args.cells]
-        if not any(c.is_float32 for c in cells):
+        if not any(c.is_reference for c in cells):
             cells.insert(0, known["float32"])  # ratios need the reference
     if args.rounds:
         settings = replace(settings, rounds=args.rounds)

@@ -96,12 +96,12 @@ def cell_rows(results: Mapping[Cell, Mapping[int, dict]]) -> list[dict]:
     list of dict
         In the cells' order.
     """
-    base = next((runs for cell, runs in results.items() if cell.is_float32), {})
+    base = next((runs for cell, runs in results.items() if cell.is_reference), {})
     rows = []
     reference: dict = {}
     for cell, runs in results.items():
         row = {**_seed_means(cell, runs), **_paired_delta(cell, runs, base)}
-        if cell.is_float32:
+        if cell.is_reference:
             reference = row
         rows.append(row)
     for row in rows:
@@ -159,7 +159,7 @@ def _paired_delta(cell: Cell, runs: Mapping[int, dict], base: Mapping) -> dict:
     paired = [
         runs[s]["test_WER"] - base[s]["test_WER"] for s in sorted(runs) if s in base
     ]
-    delta = mean_ci(paired) if paired and not cell.is_float32 else None
+    delta = mean_ci(paired) if paired and not cell.is_reference else None
     return {
         "wer_delta": delta.value if delta else None,
         "wer_delta_ci_low": delta.low if delta else None,
