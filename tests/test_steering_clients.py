@@ -285,19 +285,19 @@ MANY = [f"c{i:02d}" for i in range(20)]
 KEY = bytes(32)  # a fixed reference key: the draws below are pinned
 
 
+def _twenty(**kwargs) -> FedAvgServer:
+    """A server of twenty clients a round, with the fixed reference key."""
+    settings = dict(
+        seed=7, buffers=["norm.running_mean"], max_examples=BOUND, reference_key=KEY
+    )
+    settings.update(kwargs)
+    return FedAvgServer(small_model(), MANY, clients_per_round=20, **settings)
+
+
 def _large_round(attackers, attack, seed=7, **kwargs):
     """One round of twenty clients, ``attackers`` sending ``attack``: the
     largest weight move, the report and the round's reference clients."""
-    server = FedAvgServer(
-        small_model(),
-        MANY,
-        clients_per_round=20,
-        seed=seed,
-        buffers=["norm.running_mean"],
-        max_examples=BOUND,
-        reference_key=KEY,
-        **kwargs,
-    )
+    server = _twenty(seed=seed, **kwargs)
     start = {n: v.clone() for n, v in server.model.items()}
     messages = server.configure_round()
     reference = server.fold_order()[: server.aggregation.norm_reference]
@@ -358,16 +358,7 @@ def _captured_rounds(max_held_bytes=None):
     1e3 everywhere; the replies of the second round arrive hostile first.
     Returns the largest weight move of each round and the server."""
     settings = {} if max_held_bytes is None else {"max_held_bytes": max_held_bytes}
-    server = FedAvgServer(
-        small_model(),
-        MANY,
-        clients_per_round=20,
-        seed=7,
-        buffers=["norm.running_mean"],
-        max_examples=BOUND,
-        reference_key=KEY,
-        **settings,
-    )
+    server = _twenty(**settings)
     moves = []
     for round_ in (1, 2):
         start = {n: v.clone() for n, v in server.model.items()}
@@ -405,14 +396,7 @@ def test_over_budget_the_limits_are_the_previous_rounds(caplog):
 def test_the_carried_limits_survive_a_checkpoint(tmp_path):
     _, server = _captured_rounds()
     server.save(tmp_path / "server.ckpt")
-    resumed = FedAvgServer(
-        small_model(),
-        MANY,
-        clients_per_round=20,
-        seed=7,
-        buffers=["norm.running_mean"],
-        max_examples=BOUND,
-    )
+    resumed = _twenty(reference_key=None)
     resumed.load(tmp_path / "server.ckpt")
     assert resumed.state_dict()["limits"] == server.state_dict()["limits"]
     assert resumed.state_dict()["limits"]["norm"] > 0
