@@ -37,7 +37,7 @@ the command, the machine and the load average before and after;
     (``/proc/self/status``; the peak mark is reset when a round opens).
 
 ``analytic``
-    From the selection plan alone (:mod:`speechbrain_omc.sizes`, models on
+    From the selection plan alone (``benchmarks/plan_sizes.py``, models on
     the ``meta`` device): a ~130M-parameter Conformer and SpeechBrain's
     conformer_large, per format and partial-quantization fraction, for 100
     and 1,000 clients per round: bytes per round down and up, the server's

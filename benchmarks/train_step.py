@@ -53,7 +53,7 @@ Usage::
     python benchmarks/train_step.py --setting large --steps 5 --rounds 3
     python benchmarks/train_step.py --output benchmarks/results/train_step.md
     python benchmarks/train_step.py --setting large --optimizer adam \
-        --torchao-python /tmp/venv_ao/bin/python \
+        --torchao-python venv_ao/bin/python \
         --output benchmarks/results/train_step.md --append
 """
 

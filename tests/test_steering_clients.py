@@ -26,13 +26,13 @@ import pytest
 import torch
 from federated_fixtures import CLIENTS, OMC, reply_meta, small_model, small_server
 
-from speechbrain_omc.asr.rounds import round_row, write_csv
 from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.codec.transform import Transform
 from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.federated import wire
 from speechbrain_omc.federated.aggregation import Aggregation, combine
 from speechbrain_omc.federated.defence import MAX_REASONS, MAX_TEXT, is_clean
+from speechbrain_omc.federated.round_log import round_row, write_csv
 from speechbrain_omc.federated.server import FedAvgServer
 
 FLT_MAX = torch.finfo(torch.float32).max
@@ -352,49 +352,76 @@ def test_the_reference_clients_are_drawn_by_a_secret_key(tmp_path):
     assert resumed.fold_order() == server.fold_order()
 
 
-def _captured_rounds(max_held_bytes=None):
-    """Two rounds of twenty: an honest one, then one whose reference clients
-    are all hostile (a draw can do that to a minority, some round), sending
-    1e3 everywhere; the replies of the second round arrive hostile first.
-    Returns the largest weight move of each round and the server."""
+def _captured_rounds(attacks=None, max_held_bytes=None):
+    """Rounds of twenty; in each, the reference clients send ``attacks[i]``
+    (``None``: honest; a draw can make a minority all of them, some round),
+    arriving first. Returns each round's largest weight move, the limits
+    carried after each round, and the server."""
+    attacks = attacks or [None, everything(1e3)]
     settings = {} if max_held_bytes is None else {"max_held_bytes": max_held_bytes}
     server = _twenty(**settings)
-    moves = []
-    for round_ in (1, 2):
+    moves, carried = [], []
+    for attack in attacks:
         start = {n: v.clone() for n, v in server.model.items()}
         messages = server.configure_round()
-        hostile = set(server.fold_order()[:8]) if round_ == 2 else set()
+        hostile = set(server.fold_order()[:8]) if attack else set()
         for client in sorted(messages, key=lambda c: (c not in hostile, c)):
-            attack = everything(1e3) if client in hostile else honest
-            server.receive(client, attack(messages[client]))
+            reply = attack if client in hostile else honest
+            server.receive(client, reply(messages[client]))
         assert server.close_round().model_updated
         moves.append(
             max(float((server.model[n] - start[n]).abs().max()) for n in start)
         )
-    return moves, server
+        carried.append(server.state_dict()["limits"])
+    return moves, carried, server
 
 
-def test_a_captured_round_raises_the_limits_at_most_twofold():
+def _scaled(scale: float):
+    def reply(data: bytes) -> bytes:
+        return honest(data, scale=scale)
+
+    return reply
+
+
+def test_a_captured_round_moves_the_limits_at_most_twofold():
     """Without the carried limits the captured round's upper median would
     be the attackers' (1e3 in every weight)."""
-    (honest_move, captured_move), _ = _captured_rounds()
+    (honest_move, captured_move), (before, after), _ = _captured_rounds()
     ratio = captured_move / honest_move
     print(f"a round with hostile reference replies: {ratio:.2f}x an honest round")
     assert ratio <= 2 * 10, ratio
+    assert after["norm"] <= 2 * before["norm"]
+    assert all(after["peaks"][n] <= 2 * p for n, p in before["peaks"].items())
+
+
+def test_captured_tiny_or_zero_updates_neither_stall_nor_uncap_training():
+    """Reference replies of 1e-4 of an honest update, or of nothing, lower
+    the limits at most twofold (the next honest round moves as usual) and
+    keep a cap in place (a later capture still moves the model little)."""
+    for attack in (_scaled(1e-4), _scaled(0.0)):
+        moves, carried, _ = _captured_rounds([None, attack, None, everything(1e3)])
+        honest_move, _, after, captured = moves
+        assert after >= 0.5 * honest_move, moves
+        assert carried[1]["norm"] >= carried[0]["norm"] / 2
+        assert captured <= 2 * 10 * honest_move, moves
 
 
 def test_over_budget_the_limits_are_the_previous_rounds(caplog):
     """Replies that cannot wait for the reference clients (over
     ``max_held_bytes``) are folded under the last round's limits, not under
-    those of the replies that came first."""
+    those of the replies that came first, and such rounds do not compound
+    them."""
     caplog.set_level("WARNING")
-    (honest_move, move), _ = _captured_rounds(max_held_bytes=1)
+    moves, carried, _ = _captured_rounds(
+        [None] * 6 + [everything(1e3)], max_held_bytes=1
+    )
     assert "starts from the previous round's limits" in caplog.text
-    assert move / honest_move <= 2 * 10, move / honest_move
+    assert carried[-1] == carried[0]
+    assert moves[-1] / moves[0] <= 2 * 10, moves
 
 
 def test_the_carried_limits_survive_a_checkpoint(tmp_path):
-    _, server = _captured_rounds()
+    _, _, server = _captured_rounds()
     server.save(tmp_path / "server.ckpt")
     resumed = _twenty(reference_key=None)
     resumed.load(tmp_path / "server.ckpt")

@@ -1,9 +1,9 @@
 """The Conformer-CTC ASR task shared by the recipes, the Flower app and the
 experiments (so the recipes are leaves and the package needs no repository
 file): :mod:`.brain` (the Brains), :mod:`.data` (label encoder, datasets),
-:mod:`.federation` (the embedded simulation), :mod:`.rounds` (per-round CSV
-and plot), :mod:`.stats` (WER intervals) and ``hparams/`` (the packaged
-federated hyperparameters).
+:mod:`.federation` (the embedded simulation; its per-round CSV and plot are
+:mod:`~speechbrain_omc.federated.round_log`'s), :mod:`.stats` (WER
+intervals) and ``hparams/`` (the packaged federated hyperparameters).
 
 Example
 -------
@@ -17,9 +17,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from speechbrain_omc.federated.round_log import (
+    CSV_FIELDS,
+    plot_rounds,
+    round_row,
+    write_csv,
+)
+
 from .brain import ASR, FedASR, utterance_errors
 from .data import build_label_encoder, dataio_prepare, dataset_from_csv, prepare_data
-from .rounds import CSV_FIELDS, plot_rounds, round_row, write_csv
 from .stats import Interval, bootstrap_wer, mean_ci, paired_difference
 
 #: Names of :mod:`.federation`, imported on first use: importing it with the

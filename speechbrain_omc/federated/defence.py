@@ -77,9 +77,9 @@ MAX_TEXT = 200
 MAX_REASONS = 16
 #: Default multiple of the upper median update norm an update may reach.
 DEFAULT_NORM_BOUND = 4.0
-#: Reference replies (drawn by the seed) whose measures make a round's limits.
+#: Reference replies (drawn under the server's key) that make a round's limits.
 DEFAULT_NORM_REFERENCE = 8
-#: How much a round's limits may exceed the last committed round's.
+#: The factor a round's limits may differ from the last committed round's by.
 MAX_LIMIT_GROWTH = 2.0
 #: How much larger a reply entry's reach may be than the broadcast's.
 MAX_REACH_GROWTH = 1024.0
@@ -313,6 +313,9 @@ class NormLimit:
     >>> after.start({"a": (1.0, {"w": 0.5}), "b": (3.0, {"w": 0.1})})
     >>> after.value(), after.peak("w")
     (2.0, 0.5)
+    >>> low = NormLimit(4.0, 2, carried={"norm": 100.0, "peaks": {}})
+    >>> low.start({"a": (0.0, None), "b": (3.0, None)}); low.value()
+    50.0
     >>> NormLimit(None, 8).ready, NormLimit(None, 8).value()
     (True, inf)
     """
@@ -327,6 +330,7 @@ class NormLimit:
         self.peaks: dict[str, float] = {}
         self._limit = math.inf
         self._carried = carried if bound is not None else None
+        self._from_carried = False
 
     def start(
         self, replies: Mapping[str, tuple[float | None, Mapping[str, float] | None]]
@@ -344,34 +348,44 @@ class NormLimit:
             self._limit = clip_limit(self.norms.values(), self.bound)
             peaks = [p for _, p in replies.values() if p is not None]
             self.peaks = value_limits(peaks, self.bound)
-            self._cap()
+            self._clamp_to_carried()
         self.ready = True
 
     def start_carried(self) -> bool:
-        """Start (and freeze) the limits from the carried ones; False if none."""
+        """Start (and freeze) the limits at the carried ones; False if none.
+
+        Such a round carries them on unchanged: rounds that cannot wait for
+        their reference replies must not compound a growth of the limits.
+        """
         if not self._carried:
             return False
-        self._limit, self.peaks = math.inf, {}
-        self._cap()
-        self.ready = True
+        self._limit = self._carried.get("norm") or math.inf
+        self.peaks = dict(self._carried.get("peaks", {}))
+        self._from_carried = self.ready = True
         return True
 
-    def _cap(self) -> None:
-        # Each limit at most MAX_LIMIT_GROWTH x its carried value.
+    def _clamp_to_carried(self) -> None:
+        # Each limit within MAX_LIMIT_GROWTH times its carried value, either
+        # way: captured reference replies can neither lift the limits away
+        # nor shrink them until honest updates are clipped to nothing.
         carried = self._carried or {}
         if carried.get("norm") is not None:
-            self._limit = min(self._limit, MAX_LIMIT_GROWTH * carried["norm"])
+            self._limit = _within(self._limit, carried["norm"])
         for name, peak in carried.get("peaks", {}).items():
-            self.peaks[name] = min(
-                self.peaks.get(name, math.inf), MAX_LIMIT_GROWTH * peak
-            )
+            self.peaks[name] = _within(self.peaks.get(name, math.inf), peak)
 
     def carry(self) -> dict:
-        """The limits for the next round to start under: ``{"norm", "peaks"}``."""
-        return {
-            "norm": self._limit if _usable(self._limit) else None,
-            "peaks": {n: p for n, p in self.peaks.items() if _usable(p)},
-        }
+        """The limits for the next round to start under: ``{"norm", "peaks"}``.
+
+        A limit that is not positive and finite keeps its carried value.
+        """
+        carried = self._carried or {"norm": None, "peaks": {}}
+        if self._from_carried:
+            return carried
+        peaks = dict(carried["peaks"])
+        peaks.update((n, p) for n, p in self.peaks.items() if _usable(p))
+        norm = self._limit if _usable(self._limit) else carried["norm"]
+        return {"norm": norm, "peaks": peaks}
 
     def value(self) -> float:
         """The largest update norm allowed (``math.inf`` when unlimited)."""
@@ -380,6 +394,10 @@ class NormLimit:
     def peak(self, name: str) -> float:
         """The largest ``|update|`` allowed in entry ``name`` (or ``math.inf``)."""
         return self.peaks.get(name, math.inf)
+
+
+def _within(limit: float, carried: float) -> float:
+    return min(max(limit, carried / MAX_LIMIT_GROWTH), carried * MAX_LIMIT_GROWTH)
 
 
 def _usable(limit: Any) -> bool:
