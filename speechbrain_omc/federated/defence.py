@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_NORM_BOUND",
     "DEFAULT_NORM_REFERENCE",
     "MAX_LIMIT_GROWTH",
+    "MAX_PEAK_GROWTH",
     "MAX_REACH_GROWTH",
     "MAX_REASONS",
     "MAX_TEXT",
@@ -79,8 +80,12 @@ MAX_REASONS = 16
 DEFAULT_NORM_BOUND = 4.0
 #: Reference replies (drawn under the server's key) that make a round's limits.
 DEFAULT_NORM_REFERENCE = 8
-#: The factor a round's limits may differ from the last committed round's by.
+#: The factor a round's update-norm limit may differ from the last committed
+#: round's by.
 MAX_LIMIT_GROWTH = 2.0
+#: The same for each entry's value limit: the largest ``|update|`` of a small
+#: entry (a bias, a norm's gain) jumps more between honest rounds.
+MAX_PEAK_GROWTH = 8.0
 #: How much larger a reply entry's reach may be than the broadcast's.
 MAX_REACH_GROWTH = 1024.0
 #: The reach a reply entry may always grow to ``MAX_REACH_GROWTH`` times of,
@@ -312,7 +317,7 @@ class NormLimit:
     >>> after = NormLimit(4.0, 2, carried={"norm": 1.0, "peaks": {"w": 0.25}})
     >>> after.start({"a": (1.0, {"w": 0.5}), "b": (3.0, {"w": 0.1})})
     >>> after.value(), after.peak("w")
-    (2.0, 0.5)
+    (2.0, 2.0)
     >>> low = NormLimit(4.0, 2, carried={"norm": 100.0, "peaks": {}})
     >>> low.start({"a": (0.0, None), "b": (3.0, None)}); low.value()
     50.0
@@ -365,14 +370,15 @@ class NormLimit:
         return True
 
     def _clamp_to_carried(self) -> None:
-        # Each limit within MAX_LIMIT_GROWTH times its carried value, either
-        # way: captured reference replies can neither lift the limits away
-        # nor shrink them until honest updates are clipped to nothing.
+        # Each limit within a factor of its carried value, either way: captured
+        # reference replies can neither lift the limits away nor shrink them
+        # until honest updates are clipped to nothing.
         carried = self._carried or {}
         if carried.get("norm") is not None:
-            self._limit = _within(self._limit, carried["norm"])
+            self._limit = _within(self._limit, carried["norm"], MAX_LIMIT_GROWTH)
         for name, peak in carried.get("peaks", {}).items():
-            self.peaks[name] = _within(self.peaks.get(name, math.inf), peak)
+            limit = self.peaks.get(name, math.inf)
+            self.peaks[name] = _within(limit, peak, MAX_PEAK_GROWTH)
 
     def carry(self) -> dict:
         """The limits for the next round to start under: ``{"norm", "peaks"}``.
@@ -396,8 +402,8 @@ class NormLimit:
         return self.peaks.get(name, math.inf)
 
 
-def _within(limit: float, carried: float) -> float:
-    return min(max(limit, carried / MAX_LIMIT_GROWTH), carried * MAX_LIMIT_GROWTH)
+def _within(limit: float, carried: float, factor: float) -> float:
+    return min(max(limit, carried / factor), carried * factor)
 
 
 def _usable(limit: Any) -> bool:
