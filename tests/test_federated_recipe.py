@@ -122,6 +122,32 @@ def test_hparams_load(name, overrides, tmp_path):
         assert hparams["train_split"] == "train-clean-100"
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"client_optimizer": "sgd", "lr": 0.05}, ("SGD", 0.05, 0.9)),
+        ({"client_optimizer": "adam", "lr": 0.002}, ("Adam", 0.002, None)),
+    ],
+)
+def test_client_optimizer_is_chosen_by_name(overrides, expected, tmp_path):
+    with open(RECIPE / "hparams" / "fed_omc.yaml", encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, {"output_folder": str(tmp_path), **overrides})
+    optimizer = hparams["opt_class"]([torch.nn.Parameter(torch.zeros(2))])
+    name, lr, momentum = expected
+    assert type(optimizer).__name__ == name
+    assert optimizer.defaults["lr"] == lr
+    assert optimizer.defaults.get("momentum") == momentum
+
+
+def test_an_unknown_client_optimizer_is_refused(tmp_path):
+    with open(RECIPE / "hparams" / "fed_fp32.yaml", encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(
+            f, {"output_folder": str(tmp_path), "client_optimizer": "rmsprop"}
+        )
+    with pytest.raises(ValueError, match="one of adam, sgd, got 'rmsprop'"):
+        hparams["opt_class"]([torch.nn.Parameter(torch.zeros(2))])
+
+
 def test_server_plans_equal_the_client_models_plans(tmp_path):
     """build_server with the client's roles: the plans make_plan gives on the
     Brain's modules, round by round and client by client."""

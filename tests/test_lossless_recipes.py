@@ -55,13 +55,20 @@ def rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_federated_recipe_under_fp32_trains_what_float32_trains(tmp_path):
-    """Tiny Conformer-CTC, 4 clients, 2 per round, 3 rounds: the same final
-    global model, per-round training losses and final error rates."""
+@pytest.mark.parametrize("client_optimizer, lr", [("sgd", 0.05), ("adam", 0.001)])
+def test_federated_recipe_under_fp32_trains_what_float32_trains(
+    client_optimizer, lr, tmp_path
+):
+    """Tiny Conformer-CTC, 4 clients, 2 per round, 3 rounds, with either
+    client optimizer: the same final global model, per-round training losses
+    and final error rates."""
     from speechbrain_omc.asr import HPARAMS_DIR, run_federation
 
     overrides = {
         **TINY,
+        "client_optimizer": client_optimizer,
+        "lr": lr,
+        "augment_prob": 1.0,  # SpecAugment's draws are the same in both twins
         "rounds": 3,
         "eval_every": 1000,  # validation after the last round only
         "test_split": "dev",  # a short final evaluation

@@ -109,10 +109,12 @@ def run_settings(hparams: dict) -> dict:
         "local_epochs",
         "max_local_steps",
         "batch_size",
+        "client_optimizer",
         "lr",
         "momentum",
         "weight_decay",
         "max_grad_norm",
+        "augment_prob",
         "dropout",
     )
     return {key: hparams.get(key) for key in keys}

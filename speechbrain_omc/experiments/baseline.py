@@ -34,6 +34,12 @@ from speechbrain_omc.experiments.paper_table import main as run
 __all__ = ["BASELINE", "baseline_cells", "main"]
 
 
+#: The centralized recipe's optimizer and learning rate, fresh each round.
+ADAM = {"client_optimizer": "adam", "lr": 0.001}
+#: ... and its SpecAugment.
+ADAM_SPECAUGMENT = {**ADAM, "augment_prob": 1.0}
+
+
 def _cell(name: str, factor: str, label: str, **overrides) -> Cell:
     return Cell(name, factor, label, hparams="fed_fp32.yaml", overrides=overrides)
 
@@ -61,9 +67,58 @@ def baseline_cells() -> list[Cell]:
         *adaptive,
         _cell("client_lr_0.1", "client", "client lr 0.1", lr=0.1),
         _cell("client_lr_0.2", "client", "client lr 0.2", lr=0.2),
-        _cell("local_epochs_4", "client", "4 local epochs", local_epochs=4),
         _cell("all_clients", "round", "8 clients a round", clients_per_round=8),
-        _cell("layers_4", "model", "4 encoder layers", num_encoder_layers=4),
+        _cell("client_adam", "client", "client Adam (lr 1e-3)", **ADAM),
+        _cell(
+            "client_adam_all_clients",
+            "combined",
+            "client Adam, 8 clients a round",
+            **ADAM,
+            clients_per_round=8,
+        ),
+        _cell(
+            "client_adam_8x1",
+            "combined",
+            "client Adam, 8 clients a round, 1 local epoch",
+            **ADAM,
+            clients_per_round=8,
+            local_epochs=1,
+        ),
+        _cell(
+            "client_adam_layers_4",
+            "combined",
+            "client Adam, 4 encoder layers",
+            **ADAM,
+            num_encoder_layers=4,
+        ),
+        _cell(
+            "client_adam_layers_3",
+            "combined",
+            "client Adam, 3 encoder layers",
+            **ADAM,
+            num_encoder_layers=3,
+        ),
+        _cell(
+            "adam_specaugment",
+            "combined",
+            "client Adam, SpecAugment",
+            **ADAM_SPECAUGMENT,
+        ),
+        _cell(
+            "adam_specaugment_8x1",
+            "combined",
+            "client Adam, SpecAugment, 8 clients a round, 1 local epoch",
+            **ADAM_SPECAUGMENT,
+            clients_per_round=8,
+            local_epochs=1,
+        ),
+        _cell(
+            "adam_specaugment_layers_4",
+            "combined",
+            "client Adam, SpecAugment, 4 encoder layers",
+            **ADAM_SPECAUGMENT,
+            num_encoder_layers=4,
+        ),
     ]
 
 
