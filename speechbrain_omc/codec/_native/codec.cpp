@@ -551,7 +551,7 @@ void decode_range(const uint8_t* src, int64_t nbytes, int packed,
 extern "C" {
 
 // Version of this ABI; the loader refuses a library that disagrees.
-int omc_abi_version() { return 3; }
+int omc_abi_version() { return 4; }
 
 int omc_max_threads() {
 #ifdef _OPENMP
@@ -790,6 +790,203 @@ void omc_decode_blocks(const uint8_t* src, int64_t nbytes, int64_t n,
       }
     }
   }
+}
+
+// ------------------------------------------------------------------- Adam
+// One torch.optim.Adam(W) step of one parameter in one pass: the weight is
+// decoded from its codes chunk by chunk, Adam's moments are read from
+// float32 or block-wise codes, the update follows torch's single-tensor
+// path (torch/optim/adam.py, _single_tensor_adam: not capturable, no
+// amsgrad, no maximize) operation by operation, and the new moments are
+// written back, float32 or encoded block by block. The weight stays in w
+// (float32) for the caller to encode. Chunks are whole blocks, so nothing
+// depends on the thread count.
+
+}  // extern "C"
+namespace {
+
+// Where one moment comes from and goes to. A source is float32 values
+// (in_values), block-wise codes (in_codes) or, with neither, zeros; the
+// target is float32 values (out_values, possibly in_values itself) or
+// block-wise codes (out_codes), which share the source's block size.
+struct MomentArgs {
+  const float* in_values;
+  const uint8_t* in_codes;
+  const float* in_scales;
+  int64_t in_nbytes;
+  int32_t in_format[4];  // kind, bits, exponent bits, mantissa bits
+  int32_t in_sqrt;       // the codes hold square roots
+  float* out_values;
+  uint8_t* out_codes;
+  float* out_scales;
+  int64_t out_nbytes;
+  int32_t out_format[4];
+  int32_t out_sqrt;
+  int32_t stochastic;    // stochastic rounding of out_codes, keyed by key
+  uint64_t key;
+};
+
+// The step's scalars, each a Python double of torch's step cast to float32
+// as ATen casts a scalar argument (see kernels.adam_step).
+struct AdamArgs {
+  float decay;         // AdamW: w *= 1 - lr * wd
+  float weight_decay;  // Adam: g = g + wd * w
+  float lerp_weight;   // 1 - beta1
+  float beta2;
+  float one_minus_beta2;
+  float bias2_sqrt;    // (1 - beta2 ** step) ** 0.5
+  float eps;
+  float neg_step;      // -lr / (1 - beta1 ** step)
+  int32_t decoupled;   // weight decay as AdamW's (with weight_decay != 0)
+  int32_t has_decay;   // weight_decay != 0
+};
+
+// torch.sqrt's own elementwise routine (MKL's vmsSqrt in MKL builds of
+// torch), so that the denominator has torch's bits even where it is not
+// correctly rounded; nullptr: std::sqrt, correctly rounded.
+typedef void (*SqrtFn)(int32_t, const float*, float*, int64_t);
+
+// Reads count values of a moment, indices start.., into out.
+void load_moment(const MomentArgs& a, int64_t block, int64_t start, int count,
+                 float* out, uint32_t* codes) {
+  if (a.in_codes != nullptr) {
+    const Format f{a.in_format[0], a.in_format[1], a.in_format[2], a.in_format[3]};
+    for (int b = 0; b < count; b += static_cast<int>(block)) {
+      const int c = static_cast<int>(std::min<int64_t>(block, count - b));
+      decode_block(a.in_codes, a.in_nbytes, start + b, c, a.in_sqrt != 0,
+                   a.in_scales[(start + b) / block], f, out + b, codes);
+    }
+  } else if (a.in_values != nullptr) {
+    std::memcpy(out, a.in_values + start, sizeof(float) * count);
+  } else {
+    std::fill(out, out + count, 0.0f);
+  }
+}
+
+// Writes count new values of a moment, indices start.., from x.
+void store_moment(const MomentArgs& a, const Quantizer& quant, int64_t block,
+                  int64_t start, int count, const float* x, float* tmp,
+                  uint32_t* codes) {
+  if (a.out_codes != nullptr) {
+    const Format f{a.out_format[0], a.out_format[1], a.out_format[2], a.out_format[3]};
+    for (int b = 0; b < count; b += static_cast<int>(block)) {
+      const int c = static_cast<int>(std::min<int64_t>(block, count - b));
+      encode_block(x + b, start + b, c, a.out_sqrt != 0, quant, f, a.out_codes,
+                   a.out_nbytes, a.out_scales + (start + b) / block, tmp, codes);
+    }
+  } else {
+    std::memcpy(a.out_values + start, x, sizeof(float) * count);
+  }
+}
+
+Quantizer moment_quantizer(const MomentArgs& a) {
+  const Format f{a.out_format[0], a.out_format[1], a.out_format[2], a.out_format[3]};
+  return Quantizer(f, a.stochastic, a.key);
+}
+
+// The update of count values: w (the weight), m and v (the moments) in
+// place, g the gradient; den is scratch. Every line is one ATen operation of
+// torch's single-tensor Adam, in its order and its rounding (compiled with
+// -ffp-contract=off: a fused multiply-add only where written, which is where
+// ATen's vectorised CPU kernels use one; their scalar tails agree).
+void adam_update(const AdamArgs& p, SqrtFn vsqrt, int64_t sqrt_mode, int count,
+                 float* w, const float* g, float* m, float* v, float* den,
+                 float* gd) {
+  if (p.has_decay && p.decoupled) {  // param.mul_(1 - lr * weight_decay)
+    for (int j = 0; j < count; ++j) w[j] = w[j] * p.decay;
+  } else if (p.has_decay) {  // grad = grad.add(param, alpha=weight_decay)
+    for (int j = 0; j < count; ++j) gd[j] = std::fma(w[j], p.weight_decay, g[j]);
+    g = gd;
+  }
+  // exp_avg.lerp_(grad, 1 - beta1): ATen's lerp is self + t * (end - self)
+  // for a weight t below one half, else end - (end - self) * (1 - t), each
+  // one fused multiply-add with (end - self) rounded first.
+  const float t = p.lerp_weight;
+  if (std::fabs(t) < 0.5f) {
+    for (int j = 0; j < count; ++j) m[j] = std::fma(t, g[j] - m[j], m[j]);
+  } else {
+    const float t1 = t - 1.0f;
+    for (int j = 0; j < count; ++j) m[j] = std::fma(t1, g[j] - m[j], g[j]);
+  }
+  // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): the
+  // product is rounded, then addcmul is (value * g) * g + self, one fma.
+  for (int j = 0; j < count; ++j)
+    v[j] = std::fma(p.one_minus_beta2 * g[j], g[j], v[j] * p.beta2);
+  // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+  if (vsqrt != nullptr) {
+    vsqrt(count, v, den, sqrt_mode);
+  } else {
+    for (int j = 0; j < count; ++j) den[j] = std::sqrt(v[j]);
+  }
+  for (int j = 0; j < count; ++j) den[j] = den[j] / p.bias2_sqrt + p.eps;
+  // param.addcdiv_(exp_avg, denom, value=-step_size): self + value * t1 / t2,
+  // left to right.
+  for (int j = 0; j < count; ++j) w[j] = w[j] + p.neg_step * m[j] / den[j];
+}
+
+}  // namespace
+extern "C" {
+
+// One Adam(W) step of the n values of w; with codes (a packed weight, format
+// and transform as omc_decode's), w is first decoded from them. exp_avg and
+// exp_avg_sq say where each moment is read and written (MomentArgs), with
+// one scale per `block` values when block-wise. Returns the number of
+// non-finite gradient values; when it is not zero, no float32 target was
+// written (they are checked first) and the codes written mean nothing.
+// lo_hi receives the new weight's min, max and non-finite count.
+int64_t omc_adam_step(float* w, const float* g, int64_t n, const AdamArgs* hp,
+                      const MomentArgs* exp_avg, const MomentArgs* exp_avg_sq,
+                      int64_t block, SqrtFn vsqrt, int64_t sqrt_mode,
+                      float* lo_hi, int nthreads, const uint8_t* codes,
+                      int64_t nbytes, int kind, int bits, int ebits, int mbits,
+                      float mul1, float mul2, float shift, int flags) {
+  const bool in_place = exp_avg->out_values != nullptr || exp_avg_sq->out_values != nullptr;
+  if (in_place) {  // float32 state: nothing is written for a bad gradient
+    float unused[2];
+    const int64_t bad = omc_minmax(g, n, unused, nthreads);
+    if (bad) return bad;
+  }
+  const Decoder dec({kind, bits, ebits, mbits}, mul1, mul2, shift, flags);
+  const Quantizer q1 = moment_quantizer(*exp_avg), q2 = moment_quantizer(*exp_avg_sq);
+  const AdamArgs p = *hp;
+  const int64_t step = block_chunk(block);
+  const int tile = static_cast<int>(std::max<int64_t>(block, kTile));  // whole blocks
+  const int64_t chunks = (n + step - 1) / step;
+  MinMax total;
+  int64_t bad_grad = 0;
+#pragma omp parallel num_threads(threads_for(n, nthreads)) reduction(+ : bad_grad)
+  {
+    std::vector<float> m(tile), v(tile), den(tile), gd(tile), tmp(block);
+    std::vector<uint32_t> code_tmp(block);
+    MinMax part;
+#pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t start = c * step, end = std::min(n, start + step);
+      if (codes != nullptr) decode_range(codes, nbytes, 1, dec, start, end, w);
+      for (int64_t s = start; s < end; s += tile) {
+        const int count = static_cast<int>(std::min<int64_t>(tile, end - s));
+        if (!in_place) {
+          MinMax gm;
+          gm.add(g + s, count);
+          bad_grad += gm.bad;
+        }
+        load_moment(*exp_avg, block, s, count, m.data(), code_tmp.data());
+        load_moment(*exp_avg_sq, block, s, count, v.data(), code_tmp.data());
+        adam_update(p, vsqrt, sqrt_mode, count, w + s, g + s, m.data(), v.data(),
+                    den.data(), gd.data());
+        store_moment(*exp_avg, q1, block, s, count, m.data(), tmp.data(), code_tmp.data());
+        store_moment(*exp_avg_sq, q2, block, s, count, v.data(), tmp.data(),
+                     code_tmp.data());
+      }
+      part.add(w + start, end - start);
+    }
+#pragma omp critical
+    total.merge(part);
+  }
+  lo_hi[0] = total.lo;
+  lo_hi[1] = total.hi;
+  lo_hi[2] = static_cast<float>(total.bad);
+  return bad_grad;
 }
 
 }  // extern "C"
