@@ -415,6 +415,13 @@ def _adam_step_(value, codes, grad, state, settings, storage, scratch, keys):
         return _native_adam_step_(
             value, codes, grad, state, settings, storage, keys, sources
         )
+    return _torch_adam_step_(
+        value, codes, grad, state, settings, storage, scratch, keys
+    )
+
+
+def _torch_adam_step_(value, codes, grad, state, settings, storage, scratch, keys):
+    """:func:`_adam_step_` by ``torch.optim``'s functional Adam, in slices."""
     if kernels.native_for(grad):
         bad = kernels.minmax(grad)[2]
     else:

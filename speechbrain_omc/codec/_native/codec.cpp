@@ -232,14 +232,18 @@ struct Quantizer {
       } else {
         const uint32_t half = (1u << (drop - 1)) - 1u;
         const int32_t off = rebias + ((127 + dexp) << 23) + (1 << m);
+        // Members copied to locals: the codes' stores could alias them,
+        // which leaves the loop scalar.
+        const int drop_ = drop;
+        const float mn = min_normal, mx = max_value, add = d_add;
         for (int j = 0; j < count; ++j) {
           const float x = y[j];
           float ax = std::fabs(x);
-          float small = std::min(ax, min_normal);
-          ax = std::min(std::max(ax, min_normal), max_value);
+          float small = std::min(ax, mn);
+          ax = std::min(std::max(ax, mn), mx);
           const uint32_t a = as_bits(ax);
-          int32_t mag = static_cast<int32_t>((((a >> drop) & 1u) + a + half) >> drop);
-          small = small + d_add;
+          int32_t mag = static_cast<int32_t>((((a >> drop_) & 1u) + a + half) >> drop_);
+          small = small + add;
           mag += static_cast<int32_t>(as_bits(small)) - off;
           codes[j] = static_cast<uint32_t>(mag) | ((as_bits(x) >> 31) ? sign_bit : 0u);
         }
@@ -291,12 +295,15 @@ struct Decoder {
     sub_unit = std::ldexp(1.0f, 1 - bias - fmt.mbits);
   }
 
-  // The exact value of a float code.
+  // The exact value of a float code. Both candidates are computed and one
+  // selected, so that loops of it vectorise; the subnormal one multiplies by
+  // one for E8 formats, whose unit is itself a float32 subnormal.
   float value(uint32_t c) const {
     const uint32_t sign = (c >> top) << 31, mag = c & mag_mask;
-    if (rebias != 0 && (mag >> m) == 0)
-      return as_float(sign | as_bits(static_cast<float>(mag & mant_mask) * sub_unit));
-    return as_float(sign | ((mag << up) + rebias));
+    const float unit = rebias != 0 ? sub_unit : 1.0f;
+    const uint32_t sub = as_bits(static_cast<float>(mag & mant_mask) * unit);
+    const uint32_t subnormal = 0u - ((rebias != 0) & ((mag >> m) == 0));  // all ones
+    return as_float(sign | (sub & subnormal) | (((mag << up) + rebias) & ~subnormal));
   }
 
   // The transform's multipliers and shift on out[0..count), per flags.
@@ -313,7 +320,8 @@ struct Decoder {
     if (f.kind == 2) {
       std::memcpy(out, codes, sizeof(float) * count);
     } else if (f.kind == 0) {
-      for (int j = 0; j < count; ++j) out[j] = value(codes[j]);
+      const Decoder d = *this;  // a local copy: stores to out cannot alias it
+      for (int j = 0; j < count; ++j) out[j] = d.value(codes[j]);
     } else {
       const int32_t zero = 1 << (f.bits - 1);
       for (int j = 0; j < count; ++j)
@@ -714,12 +722,20 @@ inline double format_max(const Format& f) {
 void encode_block(const float* x, int64_t start, int count, bool sqrt_values,
                   const Quantizer& quant, const Format& f, uint8_t* dst,
                   int64_t nbytes, float* scale, float* tmp, uint32_t* codes) {
-  float absmax = 0.0f;
-  for (int j = 0; j < count; ++j) {
-    const float v = sqrt_values ? std::sqrt(x[j]) : x[j];
-    tmp[j] = v;
-    absmax = std::max(absmax, std::fabs(v));
+  if (sqrt_values) {
+    for (int j = 0; j < count; ++j) tmp[j] = std::sqrt(x[j]);
+  } else {
+    std::memcpy(tmp, x, sizeof(float) * count);
   }
+  // The largest magnitude, in sixteen lanes (vectorised; the maximum of
+  // finite values does not depend on the order it is taken in).
+  float lanes[16] = {};
+  int j = 0;
+  for (; j + 16 <= count; j += 16)
+    for (int k = 0; k < 16; ++k) lanes[k] = std::max(lanes[k], std::fabs(tmp[j + k]));
+  float absmax = 0.0f;
+  for (int k = 0; k < 16; ++k) absmax = std::max(absmax, lanes[k]);
+  for (; j < count; ++j) absmax = std::max(absmax, std::fabs(tmp[j]));
   // A lossless format keeps the values: dividing by 1 is exact.
   const float s = f.kind == 2 ? 1.0f : block_scale(absmax, format_max(f));
   *scale = s;
@@ -846,24 +862,30 @@ struct AdamArgs {
 // correctly rounded; nullptr: std::sqrt, correctly rounded.
 typedef void (*SqrtFn)(int32_t, const float*, float*, int64_t);
 
-// Reads count values of a moment, indices start.., into out.
-void load_moment(const MomentArgs& a, int64_t block, int64_t start, int count,
-                 float* out, uint32_t* codes) {
+// The count values of a moment from index start on, to update in place:
+// float32 state updated in place is its own tile; otherwise the source is
+// read into buf.
+float* load_moment(const MomentArgs& a, int64_t block, int64_t start, int count,
+                   float* buf, uint32_t* codes) {
+  if (a.in_values != nullptr && a.in_values == a.out_values)
+    return a.out_values + start;
   if (a.in_codes != nullptr) {
     const Format f{a.in_format[0], a.in_format[1], a.in_format[2], a.in_format[3]};
     for (int b = 0; b < count; b += static_cast<int>(block)) {
       const int c = static_cast<int>(std::min<int64_t>(block, count - b));
       decode_block(a.in_codes, a.in_nbytes, start + b, c, a.in_sqrt != 0,
-                   a.in_scales[(start + b) / block], f, out + b, codes);
+                   a.in_scales[(start + b) / block], f, buf + b, codes);
     }
   } else if (a.in_values != nullptr) {
-    std::memcpy(out, a.in_values + start, sizeof(float) * count);
+    std::memcpy(buf, a.in_values + start, sizeof(float) * count);
   } else {
-    std::fill(out, out + count, 0.0f);
+    std::fill(buf, buf + count, 0.0f);
   }
+  return buf;
 }
 
-// Writes count new values of a moment, indices start.., from x.
+// Writes the updated tile x of a moment (count values from index start on)
+// to its target, unless it is the target itself.
 void store_moment(const MomentArgs& a, const Quantizer& quant, int64_t block,
                   int64_t start, int count, const float* x, float* tmp,
                   uint32_t* codes) {
@@ -874,7 +896,7 @@ void store_moment(const MomentArgs& a, const Quantizer& quant, int64_t block,
       encode_block(x + b, start + b, c, a.out_sqrt != 0, quant, f, a.out_codes,
                    a.out_nbytes, a.out_scales + (start + b) / block, tmp, codes);
     }
-  } else {
+  } else if (x != a.out_values + start) {
     std::memcpy(a.out_values + start, x, sizeof(float) * count);
   }
 }
@@ -970,13 +992,12 @@ int64_t omc_adam_step(float* w, const float* g, int64_t n, const AdamArgs* hp,
           gm.add(g + s, count);
           bad_grad += gm.bad;
         }
-        load_moment(*exp_avg, block, s, count, m.data(), code_tmp.data());
-        load_moment(*exp_avg_sq, block, s, count, v.data(), code_tmp.data());
-        adam_update(p, vsqrt, sqrt_mode, count, w + s, g + s, m.data(), v.data(),
-                    den.data(), gd.data());
-        store_moment(*exp_avg, q1, block, s, count, m.data(), tmp.data(), code_tmp.data());
-        store_moment(*exp_avg_sq, q2, block, s, count, v.data(), tmp.data(),
-                     code_tmp.data());
+        float* mt = load_moment(*exp_avg, block, s, count, m.data(), code_tmp.data());
+        float* vt = load_moment(*exp_avg_sq, block, s, count, v.data(), code_tmp.data());
+        adam_update(p, vsqrt, sqrt_mode, count, w + s, g + s, mt, vt, den.data(),
+                    gd.data());
+        store_moment(*exp_avg, q1, block, s, count, mt, tmp.data(), code_tmp.data());
+        store_moment(*exp_avg_sq, q2, block, s, count, vt, tmp.data(), code_tmp.data());
       }
       part.add(w + start, end - start);
     }
