@@ -1,9 +1,9 @@
 """Native CPU kernels of the codec, compiled on first use; torch is the fallback.
 
-The kernels (``_native/codec.cpp``) decode, encode and take SGD steps in one
-pass each on OpenMP threads, with no temporaries, and give the torch
-reference's (:mod:`speechbrain_omc.codec.formats`) codes and values bit for
-bit. They are built by ``$CXX`` or ``g++`` and cached under
+The kernels (``_native/codec.cpp``) decode, encode and take SGD and Adam
+steps in one pass each on OpenMP threads, with no temporaries, and give the
+torch reference's (:mod:`speechbrain_omc.codec.formats`, ``torch.optim``)
+codes and values bit for bit. They are built by ``$CXX`` or ``g++`` and cached under
 ``$SPEECHBRAIN_OMC_CACHE`` (default ``~/.cache/speechbrain_omc``), keyed by
 source, compiler and CPU. Without a compiler, for tensors that are not
 contiguous float32 CPU tensors, or with ``SPEECHBRAIN_OMC_KERNELS=0``, the

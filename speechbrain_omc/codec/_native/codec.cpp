@@ -1,7 +1,8 @@
 // Native CPU kernels of the speechbrain-omc codec.
 //
 // Every kernel makes one pass over its values (the SGD step two: update, then
-// encode), writes straight into its output and runs on OpenMP threads in
+// encode; the Adam step checks the gradient first when it updates float32
+// state in place), writes straight into its output and runs on OpenMP threads in
 // chunks of whole octets, so results do not depend on the thread count. The
 // arithmetic mirrors the torch reference in formats.py operation by operation
 // (compile with -ffp-contract=off: no fused multiply-add unless written), so
@@ -38,6 +39,7 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // values per thread work item (octets)
 constexpr int kTile = 512;           // values per inner tile (stack buffers)
+constexpr int kAdamTile = 8192;      // Adam's tile: its five arrays stay in L2
 
 inline uint32_t as_bits(float f) {
   uint32_t u;
@@ -906,44 +908,56 @@ Quantizer moment_quantizer(const MomentArgs& a) {
   return Quantizer(f, a.stochastic, a.key);
 }
 
-// The update of count values: w (the weight), m and v (the moments) in
-// place, g the gradient; den is scratch. Every line is one ATen operation of
-// torch's single-tensor Adam, in its order and its rounding (compiled with
-// -ffp-contract=off: a fused multiply-add only where written, which is where
-// ATen's vectorised CPU kernels use one; their scalar tails agree).
+// The first part of the update of count values, in one loop: the weight
+// decay and both moments. w (the weight), m and v (the moments) in place, g
+// the gradient. Every line is one ATen operation of torch's single-tensor
+// Adam, in its order and its rounding (compiled with -ffp-contract=off: a
+// fused multiply-add only where written, which is where ATen's vectorised
+// CPU kernels use one; their scalar tails agree).
+template <bool kCoupled, bool kSmallWeight>
+void adam_moments(const AdamArgs& p, int count, float* w, const float* g, float* m,
+                  float* v) {
+  // AdamW's param.mul_(1 - lr * weight_decay); times one (exact) otherwise.
+  const float decay = p.has_decay && p.decoupled ? p.decay : 1.0f;
+  const float wd = p.weight_decay, t = p.lerp_weight, t1 = p.lerp_weight - 1.0f;
+  const float beta2 = p.beta2, one_minus_beta2 = p.one_minus_beta2;
+  for (int j = 0; j < count; ++j) {
+    // Adam's grad = grad.add(param, alpha=weight_decay): one fma.
+    const float gj = kCoupled ? std::fma(w[j], wd, g[j]) : g[j];
+    w[j] = w[j] * decay;
+    // exp_avg.lerp_(grad, 1 - beta1): ATen's lerp is self + t * (end - self)
+    // for a weight t below one half, else end - (end - self) * (1 - t), each
+    // one fma with (end - self) rounded first.
+    const float d = gj - m[j];
+    m[j] = kSmallWeight ? std::fma(t, d, m[j]) : std::fma(t1, d, gj);
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): the
+    // product is rounded, then addcmul is (value * g) * g + self, one fma.
+    v[j] = std::fma(one_minus_beta2 * gj, gj, v[j] * beta2);
+  }
+}
+
+// One Adam step of count values: w (the weight), m and v (the moments) in
+// place, g the gradient; den is scratch.
 void adam_update(const AdamArgs& p, SqrtFn vsqrt, int64_t sqrt_mode, int count,
-                 float* w, const float* g, float* m, float* v, float* den,
-                 float* gd) {
-  if (p.has_decay && p.decoupled) {  // param.mul_(1 - lr * weight_decay)
-    for (int j = 0; j < count; ++j) w[j] = w[j] * p.decay;
-  } else if (p.has_decay) {  // grad = grad.add(param, alpha=weight_decay)
-    for (int j = 0; j < count; ++j) gd[j] = std::fma(w[j], p.weight_decay, g[j]);
-    g = gd;
-  }
-  // exp_avg.lerp_(grad, 1 - beta1): ATen's lerp is self + t * (end - self)
-  // for a weight t below one half, else end - (end - self) * (1 - t), each
-  // one fused multiply-add with (end - self) rounded first.
-  const float t = p.lerp_weight;
-  if (std::fabs(t) < 0.5f) {
-    for (int j = 0; j < count; ++j) m[j] = std::fma(t, g[j] - m[j], m[j]);
-  } else {
-    const float t1 = t - 1.0f;
-    for (int j = 0; j < count; ++j) m[j] = std::fma(t1, g[j] - m[j], g[j]);
-  }
-  // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): the
-  // product is rounded, then addcmul is (value * g) * g + self, one fma.
-  for (int j = 0; j < count; ++j)
-    v[j] = std::fma(p.one_minus_beta2 * g[j], g[j], v[j] * p.beta2);
-  // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                 float* w, const float* g, float* m, float* v, float* den) {
+  const bool coupled = p.has_decay && !p.decoupled;
+  const bool small = std::fabs(p.lerp_weight) < 0.5f;  // as ATen's lerp decides
+  if (coupled && small) adam_moments<true, true>(p, count, w, g, m, v);
+  if (coupled && !small) adam_moments<true, false>(p, count, w, g, m, v);
+  if (!coupled && small) adam_moments<false, true>(p, count, w, g, m, v);
+  if (!coupled && !small) adam_moments<false, false>(p, count, w, g, m, v);
+  // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), with
+  // torch.sqrt's own routine where it is not correctly rounded.
   if (vsqrt != nullptr) {
     vsqrt(count, v, den, sqrt_mode);
   } else {
     for (int j = 0; j < count; ++j) den[j] = std::sqrt(v[j]);
   }
-  for (int j = 0; j < count; ++j) den[j] = den[j] / p.bias2_sqrt + p.eps;
   // param.addcdiv_(exp_avg, denom, value=-step_size): self + value * t1 / t2,
   // left to right.
-  for (int j = 0; j < count; ++j) w[j] = w[j] + p.neg_step * m[j] / den[j];
+  const float bias2_sqrt = p.bias2_sqrt, eps = p.eps, neg_step = p.neg_step;
+  for (int j = 0; j < count; ++j)
+    w[j] = w[j] + neg_step * m[j] / (den[j] / bias2_sqrt + eps);
 }
 
 }  // namespace
@@ -972,13 +986,13 @@ int64_t omc_adam_step(float* w, const float* g, int64_t n, const AdamArgs* hp,
   const Quantizer q1 = moment_quantizer(*exp_avg), q2 = moment_quantizer(*exp_avg_sq);
   const AdamArgs p = *hp;
   const int64_t step = block_chunk(block);
-  const int tile = static_cast<int>(std::max<int64_t>(block, kTile));  // whole blocks
+  const int tile = static_cast<int>(std::max<int64_t>(block, kAdamTile));  // whole blocks
   const int64_t chunks = (n + step - 1) / step;
   MinMax total;
   int64_t bad_grad = 0;
 #pragma omp parallel num_threads(threads_for(n, nthreads)) reduction(+ : bad_grad)
   {
-    std::vector<float> m(tile), v(tile), den(tile), gd(tile), tmp(block);
+    std::vector<float> m(tile), v(tile), den(tile), tmp(block);
     std::vector<uint32_t> code_tmp(block);
     MinMax part;
 #pragma omp for schedule(static) nowait
@@ -994,8 +1008,7 @@ int64_t omc_adam_step(float* w, const float* g, int64_t n, const AdamArgs* hp,
         }
         float* mt = load_moment(*exp_avg, block, s, count, m.data(), code_tmp.data());
         float* vt = load_moment(*exp_avg_sq, block, s, count, v.data(), code_tmp.data());
-        adam_update(p, vsqrt, sqrt_mode, count, w + s, g + s, mt, vt, den.data(),
-                    gd.data());
+        adam_update(p, vsqrt, sqrt_mode, count, w + s, g + s, mt, vt, den.data());
         store_moment(*exp_avg, q1, block, s, count, mt, tmp.data(), code_tmp.data());
         store_moment(*exp_avg_sq, q2, block, s, count, vt, tmp.data(), code_tmp.data());
       }
