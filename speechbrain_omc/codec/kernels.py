@@ -1,9 +1,9 @@
 """Native CPU kernels of the codec, compiled on first use; torch is the fallback.
 
-The kernels (``_native/codec.cpp``) decode, encode and take SGD steps in one
-pass each on OpenMP threads, with no temporaries, and give the torch
-reference's (:mod:`speechbrain_omc.codec.formats`) codes and values bit for
-bit. They are built by ``$CXX`` or ``g++`` and cached under
+The kernels (``_native/codec.cpp``) decode, encode and take SGD and Adam
+steps in one pass each on OpenMP threads, with no temporaries, and give the
+torch reference's (:mod:`speechbrain_omc.codec.formats`, ``torch.optim``)
+codes and values bit for bit. They are built by ``$CXX`` or ``g++`` and cached under
 ``$SPEECHBRAIN_OMC_CACHE`` (default ``~/.cache/speechbrain_omc``), keyed by
 source, compiler and CPU. Without a compiler, for tensors that are not
 contiguous float32 CPU tensors, or with ``SPEECHBRAIN_OMC_KERNELS=0``, the
@@ -42,6 +42,8 @@ import torch
 
 __all__ = [
     "ENV_DISABLE",
+    "BlockCodes",
+    "adam_step",
     "decode_blocks",
     "encode_blocks",
     "available",
@@ -62,8 +64,11 @@ ENV_DISABLE = "SPEECHBRAIN_OMC_KERNELS"
 ENV_CACHE = "SPEECHBRAIN_OMC_CACHE"
 
 _SOURCE = Path(__file__).with_name("_native") / "codec.cpp"
-_ABI_VERSION = 3
-_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17"]
+_ABI_VERSION = 4
+# -fno-math-errno: sqrt need not set errno, so loops of it vectorise (its
+# value is the same correctly rounded one).
+_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC"]
+_FLAGS += ["-shared", "-std=c++17"]
 
 _i64, _i32, _f32, _u64 = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint64
 _ptr = ctypes.c_void_p
@@ -95,7 +100,50 @@ _SIGNATURES = {
         None,
         [_ptr, _i64, _i64, _i64, _i32, _ptr, _ptr, _i32, _i32, _i32, _i32, _i32],
     ),
+    "omc_adam_step": (
+        _i64,
+        [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i32]
+        + [_ptr, _i64, _i32, _i32, _i32, _i32, _f32, _f32, _f32, _i32],
+    ),
 }
+
+
+class _Moment(ctypes.Structure):
+    """``MomentArgs`` of codec.cpp: where one Adam moment is read and written."""
+
+    _fields_ = [
+        ("in_values", _ptr),
+        ("in_codes", _ptr),
+        ("in_scales", _ptr),
+        ("in_nbytes", _i64),
+        ("in_format", ctypes.c_int32 * 4),
+        ("in_sqrt", ctypes.c_int32),
+        ("out_values", _ptr),
+        ("out_codes", _ptr),
+        ("out_scales", _ptr),
+        ("out_nbytes", _i64),
+        ("out_format", ctypes.c_int32 * 4),
+        ("out_sqrt", ctypes.c_int32),
+        ("stochastic", ctypes.c_int32),
+        ("key", _u64),
+    ]
+
+
+class _AdamScalars(ctypes.Structure):
+    """``AdamArgs`` of codec.cpp: one step's scalars, as float32."""
+
+    _fields_ = [
+        ("decay", _f32),
+        ("weight_decay", _f32),
+        ("lerp_weight", _f32),
+        ("beta2", _f32),
+        ("one_minus_beta2", _f32),
+        ("bias2_sqrt", _f32),
+        ("eps", _f32),
+        ("neg_step", _f32),
+        ("decoupled", ctypes.c_int32),
+        ("has_decay", ctypes.c_int32),
+    ]
 
 
 def _cache_dir() -> Path:
@@ -474,3 +522,164 @@ def decode_blocks(
         torch.get_num_threads(),
     )
     return out
+
+
+#: Block-wise codes as :func:`adam_step` reads and writes them: ``(packed,
+#: scales, format, sqrt)``, the fields of a ``BlockwiseTensor``.
+BlockCodes = tuple[torch.Tensor, torch.Tensor, FormatSpec, bool]
+
+# MKL's vmsSqrt mode as ATen's vml.h calls it: VML_HA | VML_FTZDAZ_OFF |
+# VML_ERRMODE_IGNORE.
+_VML_MODE = 0x2 | 0x140000 | 0x100
+
+
+def _probe_values() -> torch.Tensor:
+    """Float32 values over the whole range, subnormals and zero included."""
+    gen = torch.Generator().manual_seed(0)
+    mantissa = torch.rand(1 << 14, generator=gen) + 1.0
+    exponent = torch.randint(-149, 127, (1 << 14,), generator=gen)
+    x = torch.ldexp(mantissa.double(), exponent.double()).float()
+    return torch.cat([x, torch.tensor([0.0, 1.0, 2.0, 1e-45, 3.4e38])])
+
+
+def _mkl_sqrt():
+    """torch's own MKL vmsSqrt, or ``None`` (not an MKL build of torch)."""
+    for lib in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            func = ctypes.CDLL(str(lib)).vmsSqrt
+        except (OSError, AttributeError):
+            continue
+        func.restype = None
+        func.argtypes = [ctypes.c_int32, _ptr, _ptr, _i64]
+        return func
+    return None
+
+
+@functools.cache
+def torch_sqrt() -> tuple[int | None, bool]:
+    """``(address, exact)``: the float32 square root :func:`adam_step` uses,
+    as a ``vmsSqrt``-like function's address (``None``: the kernel's correctly
+    rounded one), and whether it gives ``torch.sqrt``'s bits.
+
+    torch's CPU ``sqrt`` is MKL's ``vmsSqrt`` in MKL builds, which is not
+    correctly rounded on every CPU (one ulp off for about one value in six on
+    AMD EPYC); calling the very function keeps Adam's denominator torch's.
+    Checked once, on values over the whole float32 range.
+
+    Example
+    -------
+    >>> address, exact = torch_sqrt()
+    >>> isinstance(exact, bool)
+    True
+    """
+    x = _probe_values()
+    want = torch.sqrt(x)
+    func = _mkl_sqrt()
+    if func is not None:
+        got = torch.empty_like(x)
+        func(x.numel(), x.data_ptr(), got.data_ptr(), _VML_MODE)
+        if torch.equal(got.view(torch.int32), want.view(torch.int32)):
+            return ctypes.cast(func, _ptr).value, True
+    exact = x.double().sqrt().float()  # correctly rounded
+    return None, torch.equal(exact.view(torch.int32), want.view(torch.int32))
+
+
+def _moment(source, target, key: int | None) -> _Moment:
+    arg = _Moment()
+    if isinstance(source, torch.Tensor):
+        arg.in_values = source.data_ptr()
+    elif source is not None:
+        packed, scales, fmt, sqrt = source
+        arg.in_codes, arg.in_scales = packed.data_ptr(), scales.data_ptr()
+        arg.in_nbytes, arg.in_sqrt = packed.numel(), int(sqrt)
+        arg.in_format[:] = fmt
+    if isinstance(target, torch.Tensor):
+        arg.out_values = target.data_ptr()
+    else:
+        packed, scales, fmt, sqrt = target
+        arg.out_codes, arg.out_scales = packed.data_ptr(), scales.data_ptr()
+        arg.out_nbytes, arg.out_sqrt = packed.numel(), int(sqrt)
+        arg.out_format[:] = fmt
+        arg.stochastic, arg.key = int(key is not None), (key or 0) & (2**64 - 1)
+    return arg
+
+
+def adam_step(
+    value: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: tuple,
+    exp_avg_sq: tuple,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    block: int = 256,
+    codes: torch.Tensor | None = None,
+    fmt: FormatSpec = (0, 16, 8, 7),
+    multipliers: tuple[float, ...] = (),
+    shift: float | None = None,
+) -> tuple[int, float, float, int]:
+    """Step ``step`` (from 1) of ``torch.optim.Adam`` (``AdamW`` with
+    ``decoupled``) on float32 ``value`` in place, bit for bit with torch's
+    single-tensor path, in one pass.
+
+    With ``codes`` (``fmt``, ``multipliers``, ``shift`` as in :func:`decode`)
+    the weight is decoded into ``value`` first. ``exp_avg`` and
+    ``exp_avg_sq`` are ``(source, target, key)``: the source a float32 tensor,
+    :data:`BlockCodes` or ``None`` (zeros), the target a float32 tensor (the
+    source itself to update in place) or :data:`BlockCodes` to fill, ``block``
+    values per scale, with stochastic rounding keyed by ``key`` (``None``:
+    nearest). Returns ``(non-finite gradient values, new min, new max,
+    non-finite values)``; for a non-finite gradient no float32 target was
+    written and ``value`` and the codes written are garbage.
+    """
+    if grad.dtype != torch.float32 or value.dtype != torch.float32:
+        raise TypeError("adam_step works on float32 values and gradients")
+    if grad.numel() != value.numel():
+        raise ValueError("grad and value differ in size")
+    sqrt_fn, _ = torch_sqrt()
+    beta1, beta2 = betas
+    # torch's scalars: Python doubles (the step count a float, as
+    # _get_value(step_t) gives it), each cast to float32 where ATen takes it.
+    bias_correction1 = 1 - beta1 ** float(step)
+    bias_correction2 = 1 - beta2 ** float(step)
+    scalars = _AdamScalars(
+        decay=1 - lr * weight_decay,
+        weight_decay=weight_decay,
+        lerp_weight=1 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1 - beta2,
+        bias2_sqrt=bias_correction2**0.5,
+        eps=eps,
+        neg_step=-(lr / bias_correction1),
+        decoupled=int(decoupled),
+        has_decay=int(weight_decay != 0),
+    )
+    m, v = _moment(*exp_avg), _moment(*exp_avg_sq)
+    out = _Floats3()
+    mult = (*multipliers, 1.0, 1.0)
+    flags = (len(multipliers) >= 1) | (len(multipliers) >= 2) << 1
+    flags |= (shift is not None) << 2
+    bad = _library().omc_adam_step(
+        value.data_ptr(),
+        grad.data_ptr(),
+        value.numel(),
+        ctypes.byref(scalars),
+        ctypes.byref(m),
+        ctypes.byref(v),
+        block,
+        sqrt_fn,
+        _VML_MODE,
+        ctypes.addressof(out),
+        torch.get_num_threads(),
+        None if codes is None else codes.data_ptr(),
+        0 if codes is None else codes.numel(),
+        *fmt,
+        mult[0],
+        mult[1],
+        0.0 if shift is None else shift,
+        flags,
+    )
+    return int(bad), float(out[0]), float(out[1]), int(out[2])

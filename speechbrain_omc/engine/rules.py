@@ -5,9 +5,11 @@ an optimizer's ``step()``: :func:`fused_step_` applies the rule read from
 that optimizer (:func:`settings_from_optimizer`), following its
 single-tensor path operation by operation, so that fused and simple mode
 agree. SGD runs in one native pass (:func:`sgd_step_`, torch fallback
-:func:`sgd_update_`); Adam decodes weight and moments into scratch buffers
-and steps them with ``torch.optim``'s functional Adam. Optimizer state is
-float32 or block-wise low-bit (:class:`StateStorage`).
+:func:`sgd_update_`), and so does Adam (``kernels.adam_step``: the weight
+decoded, the moments decoded and re-encoded, bit for bit with torch); its
+torch fallback decodes weight and moments into scratch buffers and steps
+them with ``torch.optim``'s functional Adam. Optimizer state is float32 or
+block-wise low-bit (:class:`StateStorage`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from torch.optim.adam import adam as functional_adam
 from speechbrain_omc.codec import kernels
 from speechbrain_omc.codec.blockwise import BlockwiseTensor
 from speechbrain_omc.codec.compressed import CompressedTensor
-from speechbrain_omc.codec.formats import _finite_minmax
+from speechbrain_omc.codec.formats import _finite_minmax, get_format, rounding_key
+from speechbrain_omc.codec.packing import packed_nbytes
 
 __all__ = [
     "AdamSettings",
@@ -407,6 +410,18 @@ ADAM_CHUNK = 1 << 16
 
 
 def _adam_step_(value, codes, grad, state, settings, storage, scratch, keys):
+    sources = _native_sources(value, codes, grad, state, storage)
+    if sources is not None:
+        return _native_adam_step_(
+            value, codes, grad, state, settings, storage, keys, sources
+        )
+    return _torch_adam_step_(
+        value, codes, grad, state, settings, storage, scratch, keys
+    )
+
+
+def _torch_adam_step_(value, codes, grad, state, settings, storage, scratch, keys):
+    """:func:`_adam_step_` by ``torch.optim``'s functional Adam, in slices."""
     if kernels.native_for(grad):
         bad = kernels.minmax(grad)[2]
     else:
@@ -459,3 +474,88 @@ def _adam_step_(value, codes, grad, state, settings, storage, scratch, keys):
         return StepResult(0, _finite_minmax(value))
     except ValueError:
         return StepResult(0)  # an overflow: the caller's encoding says so
+
+
+def _native_sources(value, codes, grad, state, storage) -> dict | None:
+    """Each moment's source for ``kernels.adam_step`` (a float32 tensor, block
+    codes, ``None`` for zeros), or ``None`` where the kernel cannot step this
+    parameter: tensors it cannot read, a block size other than the storage's,
+    no bit-exact ``torch.sqrt`` at hand."""
+    if value.dtype != torch.float32 or grad.dtype != torch.float32:
+        return None
+    if not kernels.native_for(value, grad, codes.packed):
+        return None
+    if not kernels.torch_sqrt()[1]:
+        return None
+    sources = {}
+    for name in ("exp_avg", "exp_avg_sq"):
+        old = state.get(name)
+        if old is None:
+            sources[name] = None
+        elif isinstance(old, BlockwiseTensor) and old.block == storage.block:
+            if not kernels.native_for(old.packed, old.scales):
+                return None
+            sources[name] = (old.packed, old.scales, old.format.spec, old.sqrt)
+        elif (
+            isinstance(old, torch.Tensor)
+            and old.dtype == torch.float32
+            and old.numel() == value.numel()
+            and kernels.native_for(old)
+        ):
+            sources[name] = old
+        else:  # e.g. a checkpoint's state in another block size: torch decodes it
+            return None
+    return sources
+
+
+def _native_adam_step_(value, codes, grad, state, settings, storage, keys, sources):
+    """:func:`_adam_step_` in one native pass: the weight decoded into
+    ``value`` and stepped, the moments read from ``sources`` and kept as
+    ``storage`` says (float32 ones in place), bit for bit the torch path's."""
+    n, block = value.numel(), storage.block
+    moments, formats = {}, {}
+    for name, source in sources.items():
+        if storage.compressed(name):  # new codes, as StateStorage.store makes
+            fmt = formats[name] = get_format(storage.formats[name])
+            # As BlockwiseTensor.compress: no square roots in a lossless format.
+            sqrt = storage.sqrt_second_moment and name == "exp_avg_sq"
+            target = (
+                torch.empty(packed_nbytes(n, fmt.bits), dtype=torch.uint8),
+                torch.empty(-(-n // block), dtype=torch.float32),
+                fmt.spec,
+                sqrt and not fmt.lossless,
+            )
+            stochastic = storage.rounding == "stochastic"
+            key = rounding_key(keys(name)) if stochastic else None
+        else:  # float32 state: in place, or its own new memory
+            fresh = not isinstance(source, torch.Tensor)
+            target, key = torch.empty_like(value) if fresh else source, None
+        moments[name] = (source, target, key)
+    step = state.get("step", 0) + 1
+    bad, lo, hi, overflowed = kernels.adam_step(
+        value,
+        grad,
+        moments["exp_avg"],
+        moments["exp_avg_sq"],
+        step,
+        settings.lr,
+        settings.betas,
+        settings.eps,
+        settings.weight_decay,
+        settings.decoupled,
+        block=block,
+        **_native_decode(codes),
+    )
+    if bad:
+        return StepResult(bad)  # float32 state untouched, new codes dropped
+    for name, (_, target, _) in moments.items():
+        if name in formats:
+            packed, scales, _, sqrt = target
+            target = BlockwiseTensor(
+                packed, scales, formats[name], value.shape, block, sqrt
+            )
+        state[name] = target
+    state["step"] = step
+    # An update that overflowed leaves the range unmeasured: the caller's
+    # encoding finds the non-finite values and says so.
+    return StepResult(0, None if overflowed else (lo + 0.0, hi + 0.0))

@@ -1,7 +1,8 @@
 // Native CPU kernels of the speechbrain-omc codec.
 //
 // Every kernel makes one pass over its values (the SGD step two: update, then
-// encode), writes straight into its output and runs on OpenMP threads in
+// encode; the Adam step checks the gradient first when it updates float32
+// state in place), writes straight into its output and runs on OpenMP threads in
 // chunks of whole octets, so results do not depend on the thread count. The
 // arithmetic mirrors the torch reference in formats.py operation by operation
 // (compile with -ffp-contract=off: no fused multiply-add unless written), so
@@ -38,6 +39,7 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // values per thread work item (octets)
 constexpr int kTile = 512;           // values per inner tile (stack buffers)
+constexpr int kAdamTile = 8192;      // Adam's tile: its five arrays stay in L2
 
 inline uint32_t as_bits(float f) {
   uint32_t u;
@@ -232,14 +234,18 @@ struct Quantizer {
       } else {
         const uint32_t half = (1u << (drop - 1)) - 1u;
         const int32_t off = rebias + ((127 + dexp) << 23) + (1 << m);
+        // Members copied to locals: the codes' stores could alias them,
+        // which leaves the loop scalar.
+        const int drop_ = drop;
+        const float mn = min_normal, mx = max_value, add = d_add;
         for (int j = 0; j < count; ++j) {
           const float x = y[j];
           float ax = std::fabs(x);
-          float small = std::min(ax, min_normal);
-          ax = std::min(std::max(ax, min_normal), max_value);
+          float small = std::min(ax, mn);
+          ax = std::min(std::max(ax, mn), mx);
           const uint32_t a = as_bits(ax);
-          int32_t mag = static_cast<int32_t>((((a >> drop) & 1u) + a + half) >> drop);
-          small = small + d_add;
+          int32_t mag = static_cast<int32_t>((((a >> drop_) & 1u) + a + half) >> drop_);
+          small = small + add;
           mag += static_cast<int32_t>(as_bits(small)) - off;
           codes[j] = static_cast<uint32_t>(mag) | ((as_bits(x) >> 31) ? sign_bit : 0u);
         }
@@ -291,12 +297,15 @@ struct Decoder {
     sub_unit = std::ldexp(1.0f, 1 - bias - fmt.mbits);
   }
 
-  // The exact value of a float code.
+  // The exact value of a float code. Both candidates are computed and one
+  // selected, so that loops of it vectorise; the subnormal one multiplies by
+  // one for E8 formats, whose unit is itself a float32 subnormal.
   float value(uint32_t c) const {
     const uint32_t sign = (c >> top) << 31, mag = c & mag_mask;
-    if (rebias != 0 && (mag >> m) == 0)
-      return as_float(sign | as_bits(static_cast<float>(mag & mant_mask) * sub_unit));
-    return as_float(sign | ((mag << up) + rebias));
+    const float unit = rebias != 0 ? sub_unit : 1.0f;
+    const uint32_t sub = as_bits(static_cast<float>(mag & mant_mask) * unit);
+    const uint32_t subnormal = 0u - ((rebias != 0) & ((mag >> m) == 0));  // all ones
+    return as_float(sign | (sub & subnormal) | (((mag << up) + rebias) & ~subnormal));
   }
 
   // The transform's multipliers and shift on out[0..count), per flags.
@@ -313,7 +322,8 @@ struct Decoder {
     if (f.kind == 2) {
       std::memcpy(out, codes, sizeof(float) * count);
     } else if (f.kind == 0) {
-      for (int j = 0; j < count; ++j) out[j] = value(codes[j]);
+      const Decoder d = *this;  // a local copy: stores to out cannot alias it
+      for (int j = 0; j < count; ++j) out[j] = d.value(codes[j]);
     } else {
       const int32_t zero = 1 << (f.bits - 1);
       for (int j = 0; j < count; ++j)
@@ -551,7 +561,7 @@ void decode_range(const uint8_t* src, int64_t nbytes, int packed,
 extern "C" {
 
 // Version of this ABI; the loader refuses a library that disagrees.
-int omc_abi_version() { return 3; }
+int omc_abi_version() { return 4; }
 
 int omc_max_threads() {
 #ifdef _OPENMP
@@ -714,12 +724,20 @@ inline double format_max(const Format& f) {
 void encode_block(const float* x, int64_t start, int count, bool sqrt_values,
                   const Quantizer& quant, const Format& f, uint8_t* dst,
                   int64_t nbytes, float* scale, float* tmp, uint32_t* codes) {
-  float absmax = 0.0f;
-  for (int j = 0; j < count; ++j) {
-    const float v = sqrt_values ? std::sqrt(x[j]) : x[j];
-    tmp[j] = v;
-    absmax = std::max(absmax, std::fabs(v));
+  if (sqrt_values) {
+    for (int j = 0; j < count; ++j) tmp[j] = std::sqrt(x[j]);
+  } else {
+    std::memcpy(tmp, x, sizeof(float) * count);
   }
+  // The largest magnitude, in sixteen lanes (vectorised; the maximum of
+  // finite values does not depend on the order it is taken in).
+  float lanes[16] = {};
+  int j = 0;
+  for (; j + 16 <= count; j += 16)
+    for (int k = 0; k < 16; ++k) lanes[k] = std::max(lanes[k], std::fabs(tmp[j + k]));
+  float absmax = 0.0f;
+  for (int k = 0; k < 16; ++k) absmax = std::max(absmax, lanes[k]);
+  for (; j < count; ++j) absmax = std::max(absmax, std::fabs(tmp[j]));
   // A lossless format keeps the values: dividing by 1 is exact.
   const float s = f.kind == 2 ? 1.0f : block_scale(absmax, format_max(f));
   *scale = s;
@@ -790,6 +808,219 @@ void omc_decode_blocks(const uint8_t* src, int64_t nbytes, int64_t n,
       }
     }
   }
+}
+
+// ------------------------------------------------------------------- Adam
+// One torch.optim.Adam(W) step of one parameter in one pass: the weight is
+// decoded from its codes chunk by chunk, Adam's moments are read from
+// float32 or block-wise codes, the update follows torch's single-tensor
+// path (torch/optim/adam.py, _single_tensor_adam: not capturable, no
+// amsgrad, no maximize) operation by operation, and the new moments are
+// written back, float32 or encoded block by block. The weight stays in w
+// (float32) for the caller to encode. Chunks are whole blocks, so nothing
+// depends on the thread count.
+
+}  // extern "C"
+namespace {
+
+// Where one moment comes from and goes to. A source is float32 values
+// (in_values), block-wise codes (in_codes) or, with neither, zeros; the
+// target is float32 values (out_values, possibly in_values itself) or
+// block-wise codes (out_codes), which share the source's block size.
+struct MomentArgs {
+  const float* in_values;
+  const uint8_t* in_codes;
+  const float* in_scales;
+  int64_t in_nbytes;
+  int32_t in_format[4];  // kind, bits, exponent bits, mantissa bits
+  int32_t in_sqrt;       // the codes hold square roots
+  float* out_values;
+  uint8_t* out_codes;
+  float* out_scales;
+  int64_t out_nbytes;
+  int32_t out_format[4];
+  int32_t out_sqrt;
+  int32_t stochastic;    // stochastic rounding of out_codes, keyed by key
+  uint64_t key;
+};
+
+// The step's scalars, each a Python double of torch's step cast to float32
+// as ATen casts a scalar argument (see kernels.adam_step).
+struct AdamArgs {
+  float decay;         // AdamW: w *= 1 - lr * wd
+  float weight_decay;  // Adam: g = g + wd * w
+  float lerp_weight;   // 1 - beta1
+  float beta2;
+  float one_minus_beta2;
+  float bias2_sqrt;    // (1 - beta2 ** step) ** 0.5
+  float eps;
+  float neg_step;      // -lr / (1 - beta1 ** step)
+  int32_t decoupled;   // weight decay as AdamW's (with weight_decay != 0)
+  int32_t has_decay;   // weight_decay != 0
+};
+
+// torch.sqrt's own elementwise routine (MKL's vmsSqrt in MKL builds of
+// torch), so that the denominator has torch's bits even where it is not
+// correctly rounded; nullptr: std::sqrt, correctly rounded.
+typedef void (*SqrtFn)(int32_t, const float*, float*, int64_t);
+
+// The count values of a moment from index start on, to update in place:
+// float32 state updated in place is its own tile; otherwise the source is
+// read into buf.
+float* load_moment(const MomentArgs& a, int64_t block, int64_t start, int count,
+                   float* buf, uint32_t* codes) {
+  if (a.in_values != nullptr && a.in_values == a.out_values)
+    return a.out_values + start;
+  if (a.in_codes != nullptr) {
+    const Format f{a.in_format[0], a.in_format[1], a.in_format[2], a.in_format[3]};
+    for (int b = 0; b < count; b += static_cast<int>(block)) {
+      const int c = static_cast<int>(std::min<int64_t>(block, count - b));
+      decode_block(a.in_codes, a.in_nbytes, start + b, c, a.in_sqrt != 0,
+                   a.in_scales[(start + b) / block], f, buf + b, codes);
+    }
+  } else if (a.in_values != nullptr) {
+    std::memcpy(buf, a.in_values + start, sizeof(float) * count);
+  } else {
+    std::fill(buf, buf + count, 0.0f);
+  }
+  return buf;
+}
+
+// Writes the updated tile x of a moment (count values from index start on)
+// to its target, unless it is the target itself.
+void store_moment(const MomentArgs& a, const Quantizer& quant, int64_t block,
+                  int64_t start, int count, const float* x, float* tmp,
+                  uint32_t* codes) {
+  if (a.out_codes != nullptr) {
+    const Format f{a.out_format[0], a.out_format[1], a.out_format[2], a.out_format[3]};
+    for (int b = 0; b < count; b += static_cast<int>(block)) {
+      const int c = static_cast<int>(std::min<int64_t>(block, count - b));
+      encode_block(x + b, start + b, c, a.out_sqrt != 0, quant, f, a.out_codes,
+                   a.out_nbytes, a.out_scales + (start + b) / block, tmp, codes);
+    }
+  } else if (x != a.out_values + start) {
+    std::memcpy(a.out_values + start, x, sizeof(float) * count);
+  }
+}
+
+Quantizer moment_quantizer(const MomentArgs& a) {
+  const Format f{a.out_format[0], a.out_format[1], a.out_format[2], a.out_format[3]};
+  return Quantizer(f, a.stochastic, a.key);
+}
+
+// The first part of the update of count values, in one loop: the weight
+// decay and both moments. w (the weight), m and v (the moments) in place, g
+// the gradient. Every line is one ATen operation of torch's single-tensor
+// Adam, in its order and its rounding (compiled with -ffp-contract=off: a
+// fused multiply-add only where written, which is where ATen's vectorised
+// CPU kernels use one; their scalar tails agree).
+template <bool kCoupled, bool kSmallWeight>
+void adam_moments(const AdamArgs& p, int count, float* w, const float* g, float* m,
+                  float* v) {
+  // AdamW's param.mul_(1 - lr * weight_decay); times one (exact) otherwise.
+  const float decay = p.has_decay && p.decoupled ? p.decay : 1.0f;
+  const float wd = p.weight_decay, t = p.lerp_weight, t1 = p.lerp_weight - 1.0f;
+  const float beta2 = p.beta2, one_minus_beta2 = p.one_minus_beta2;
+  for (int j = 0; j < count; ++j) {
+    // Adam's grad = grad.add(param, alpha=weight_decay): one fma.
+    const float gj = kCoupled ? std::fma(w[j], wd, g[j]) : g[j];
+    w[j] = w[j] * decay;
+    // exp_avg.lerp_(grad, 1 - beta1): ATen's lerp is self + t * (end - self)
+    // for a weight t below one half, else end - (end - self) * (1 - t), each
+    // one fma with (end - self) rounded first.
+    const float d = gj - m[j];
+    m[j] = kSmallWeight ? std::fma(t, d, m[j]) : std::fma(t1, d, gj);
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): the
+    // product is rounded, then addcmul is (value * g) * g + self, one fma.
+    v[j] = std::fma(one_minus_beta2 * gj, gj, v[j] * beta2);
+  }
+}
+
+// One Adam step of count values: w (the weight), m and v (the moments) in
+// place, g the gradient; den is scratch.
+void adam_update(const AdamArgs& p, SqrtFn vsqrt, int64_t sqrt_mode, int count,
+                 float* w, const float* g, float* m, float* v, float* den) {
+  const bool coupled = p.has_decay && !p.decoupled;
+  const bool small = std::fabs(p.lerp_weight) < 0.5f;  // as ATen's lerp decides
+  if (coupled && small) adam_moments<true, true>(p, count, w, g, m, v);
+  if (coupled && !small) adam_moments<true, false>(p, count, w, g, m, v);
+  if (!coupled && small) adam_moments<false, true>(p, count, w, g, m, v);
+  if (!coupled && !small) adam_moments<false, false>(p, count, w, g, m, v);
+  // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), with
+  // torch.sqrt's own routine where it is not correctly rounded.
+  if (vsqrt != nullptr) {
+    vsqrt(count, v, den, sqrt_mode);
+  } else {
+    for (int j = 0; j < count; ++j) den[j] = std::sqrt(v[j]);
+  }
+  // param.addcdiv_(exp_avg, denom, value=-step_size): self + value * t1 / t2,
+  // left to right.
+  const float bias2_sqrt = p.bias2_sqrt, eps = p.eps, neg_step = p.neg_step;
+  for (int j = 0; j < count; ++j)
+    w[j] = w[j] + neg_step * m[j] / (den[j] / bias2_sqrt + eps);
+}
+
+}  // namespace
+extern "C" {
+
+// One Adam(W) step of the n values of w; with codes (a packed weight, format
+// and transform as omc_decode's), w is first decoded from them. exp_avg and
+// exp_avg_sq say where each moment is read and written (MomentArgs), with
+// one scale per `block` values when block-wise. Returns the number of
+// non-finite gradient values; when it is not zero, no float32 target was
+// written (they are checked first) and the codes written mean nothing.
+// lo_hi receives the new weight's min, max and non-finite count.
+int64_t omc_adam_step(float* w, const float* g, int64_t n, const AdamArgs* hp,
+                      const MomentArgs* exp_avg, const MomentArgs* exp_avg_sq,
+                      int64_t block, SqrtFn vsqrt, int64_t sqrt_mode,
+                      float* lo_hi, int nthreads, const uint8_t* codes,
+                      int64_t nbytes, int kind, int bits, int ebits, int mbits,
+                      float mul1, float mul2, float shift, int flags) {
+  const bool in_place = exp_avg->out_values != nullptr || exp_avg_sq->out_values != nullptr;
+  if (in_place) {  // float32 state: nothing is written for a bad gradient
+    float unused[2];
+    const int64_t bad = omc_minmax(g, n, unused, nthreads);
+    if (bad) return bad;
+  }
+  const Decoder dec({kind, bits, ebits, mbits}, mul1, mul2, shift, flags);
+  const Quantizer q1 = moment_quantizer(*exp_avg), q2 = moment_quantizer(*exp_avg_sq);
+  const AdamArgs p = *hp;
+  const int64_t step = block_chunk(block);
+  const int tile = static_cast<int>(std::max<int64_t>(block, kAdamTile));  // whole blocks
+  const int64_t chunks = (n + step - 1) / step;
+  MinMax total;
+  int64_t bad_grad = 0;
+#pragma omp parallel num_threads(threads_for(n, nthreads)) reduction(+ : bad_grad)
+  {
+    std::vector<float> m(tile), v(tile), den(tile), tmp(block);
+    std::vector<uint32_t> code_tmp(block);
+    MinMax part;
+#pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t start = c * step, end = std::min(n, start + step);
+      if (codes != nullptr) decode_range(codes, nbytes, 1, dec, start, end, w);
+      for (int64_t s = start; s < end; s += tile) {
+        const int count = static_cast<int>(std::min<int64_t>(tile, end - s));
+        if (!in_place) {
+          MinMax gm;
+          gm.add(g + s, count);
+          bad_grad += gm.bad;
+        }
+        float* mt = load_moment(*exp_avg, block, s, count, m.data(), code_tmp.data());
+        float* vt = load_moment(*exp_avg_sq, block, s, count, v.data(), code_tmp.data());
+        adam_update(p, vsqrt, sqrt_mode, count, w + s, g + s, mt, vt, den.data());
+        store_moment(*exp_avg, q1, block, s, count, mt, tmp.data(), code_tmp.data());
+        store_moment(*exp_avg_sq, q2, block, s, count, vt, tmp.data(), code_tmp.data());
+      }
+      part.add(w + start, end - start);
+    }
+#pragma omp critical
+    total.merge(part);
+  }
+  lo_hi[0] = total.lo;
+  lo_hi[1] = total.hi;
+  lo_hi[2] = static_cast<float>(total.bad);
+  return bad_grad;
 }
 
 }  // extern "C"
