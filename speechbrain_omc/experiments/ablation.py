@@ -53,6 +53,7 @@ from speechbrain_omc.experiments.grid import (
     DEFAULT,
     DEFAULT_OMC,
     FLOAT32,
+    SGD_SETTING,
     Cell,
     GridSettings,
 )
@@ -125,7 +126,9 @@ ABLATION = Experiment(
     "ablation",
     "Ablation ladder: float32 to OMC's default, one mechanism at a time",
     ablation_ladder,
-    GridSettings(rounds=40, seeds=(1986, 1987, 1988, 1989, 1990)),
+    GridSettings(
+        rounds=40, seeds=(1986, 1987, 1988, 1989, 1990), overrides=SGD_SETTING
+    ),
     plot=report.plot_differences,
 )
 

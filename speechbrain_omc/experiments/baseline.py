@@ -6,8 +6,9 @@
 
 runs the main job's float32 federation (packaged ``fed_fp32.yaml``, 40
 rounds, one seed: a screen) once per setting below, resumably, and writes
-``baseline.{md,csv,png}``; each row's difference is to the packaged
-setting's run on the same seed. Each cell changes one thing that federated
+``baseline.{md,csv,png}``; each row's difference is to the reference row,
+the setting the screen began from (:data:`~.grid.SGD_SETTING`: SGD, two
+encoder layers), on the same seed. Each cell changes one thing that federated
 ASR practice tunes: the server optimizer (FedAvgM, FedAdam, FedYogi: Reddi
 et al., ICLR 2021), the clients' learning rate and local work, the clients
 per round and the model's depth. The speaker partition stays non-IID.
@@ -27,7 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from speechbrain_omc.experiments import report
-from speechbrain_omc.experiments.grid import FLOAT32, Cell, GridSettings
+from speechbrain_omc.experiments.grid import FLOAT32, SGD_SETTING, Cell, GridSettings
 from speechbrain_omc.experiments.paper_table import Experiment
 from speechbrain_omc.experiments.paper_table import main as run
 
@@ -77,14 +78,6 @@ def baseline_cells() -> list[Cell]:
             clients_per_round=8,
         ),
         _cell(
-            "client_adam_8x1",
-            "combined",
-            "client Adam, 8 clients a round, 1 local epoch",
-            **ADAM,
-            clients_per_round=8,
-            local_epochs=1,
-        ),
-        _cell(
             "client_adam_layers_4",
             "combined",
             "client Adam, 4 encoder layers",
@@ -92,25 +85,10 @@ def baseline_cells() -> list[Cell]:
             num_encoder_layers=4,
         ),
         _cell(
-            "client_adam_layers_3",
-            "combined",
-            "client Adam, 3 encoder layers",
-            **ADAM,
-            num_encoder_layers=3,
-        ),
-        _cell(
             "adam_specaugment",
             "combined",
             "client Adam, SpecAugment",
             **ADAM_SPECAUGMENT,
-        ),
-        _cell(
-            "adam_specaugment_8x1",
-            "combined",
-            "client Adam, SpecAugment, 8 clients a round, 1 local epoch",
-            **ADAM_SPECAUGMENT,
-            clients_per_round=8,
-            local_epochs=1,
         ),
         _cell(
             "adam_specaugment_layers_4",
@@ -127,7 +105,7 @@ BASELINE = Experiment(
     "baseline",
     "Float32 baseline: which setting makes federated training learn",
     baseline_cells,
-    GridSettings(rounds=40, seeds=(1986,)),
+    GridSettings(rounds=40, seeds=(1986,), overrides=SGD_SETTING),
     plot=report.plot_differences,
 )
 

@@ -61,6 +61,11 @@ DEFAULT_OMC: dict[str, object] = {
     "omc_held_grad_format": "auto",
 }
 
+#: The main job's setting before client Adam and four layers (SGD with
+#: momentum, two encoder layers): the ablation ladder and the baseline
+#: screen were recorded with it, and pin it so that they resume as they began.
+SGD_SETTING = {"client_optimizer": "sgd", "lr": 0.05, "num_encoder_layers": 2}
+
 #: The fixed PPQ policy's float32 variables: the first and last layers (the
 #: input projection of the encoder and the CTC head, 7 % of the weight values).
 FIXED_PATTERNS = ["encoder.custom_src_module.*", "ctc_lin.*"]
