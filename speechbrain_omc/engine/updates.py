@@ -24,6 +24,7 @@ from speechbrain_omc.codec.formats import _finite_minmax
 from speechbrain_omc.codec.memory import Workspace
 from speechbrain_omc.engine.clipping import HeldGradients, clip_grad_norm_
 from speechbrain_omc.engine.config import OMCConfig
+from speechbrain_omc.engine.dense import DenseGradients
 from speechbrain_omc.engine.parameter import CompressedParameter, Slot
 from speechbrain_omc.engine.rules import AdamSettings, SGDSettings, fused_step_
 from speechbrain_omc.engine.selection import round_seed
@@ -94,6 +95,8 @@ class UpdatePolicy:
         self._previous_norm: float | None = None
         self._measuring = False
         self.held = HeldGradients(self._take)
+        # Fused mode: the float32 parameters' gradients (OMCHandle attaches).
+        self.dense = DenseGradients(workspace)
         self._coefs: dict[str, torch.Tensor] = {}  # deferred clipping's
         self._deferred: set[str] = set()  # DDP: awaiting step()
 
