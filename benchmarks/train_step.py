@@ -99,8 +99,7 @@ PATHS = {
     "(benchmark shortcut, no user path)",
     "loop": "README plain loop under OMC: compress_module; loss.backward(); "
     "handle.step(); optimizer.step() over model.parameters()",
-    "fp32-brain": "sb.Brain.fit_batch, float32 (SpeechBrain defaults, "
-    "max_grad_norm 5)",
+    "fp32-brain": "sb.Brain.fit_batch, float32 (SpeechBrain defaults, max_grad_norm 5)",
     "brain": "OMCBrain.fit_batch (SpeechBrain defaults: max_grad_norm 5, "
     "fused_clipping deferred)",
 }

@@ -175,6 +175,7 @@ class OMCHandle:
         return params
 
     def _decode(self, slot: Slot) -> torch.Tensor:
+        self.updates.release_pending_memory()  # once after each step
         codes = slot.codes
         buffer = self.workspace.take(codes.numel(), codes.device)
         out = codes.decompress(out=buffer)
