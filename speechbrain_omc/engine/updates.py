@@ -388,8 +388,13 @@ class UpdatePolicy:
         self._coefs.clear()
         self._held_since_trim = 0
         self.workspace.trim()
+        # Handing pages back costs a heap walk (milliseconds): worth it only
+        # where the step's buffers are large beside the model's activations.
+        large = sum(4 * p.numel() for p in params.values()) >= HELD_TRIM_BYTES
         on_cpu = any(p.device.type == "cpu" for p in params.values())
-        self._release_pending = self.release_memory and self.mode == "fused" and on_cpu
+        self._release_pending = (
+            self.release_memory and self.mode == "fused" and on_cpu and large
+        )
 
     def release_pending_memory(self) -> None:
         """After a step, before the next forward builds its activations (the
