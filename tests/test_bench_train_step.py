@@ -19,17 +19,48 @@ def bench():
     return module
 
 
-def test_sgd_configurations_are_unchanged(bench):
+def test_sgd_configurations(bench):
     runs = bench.configurations("large")
     assert [(r["mode"], r["bits"], r["ckpt"]) for r in runs] == [
         (mode, bits, ckpt)
         for ckpt in (False, True)
         for mode, bits in [("fp32", 32), ("fp32-hook", 32)]
         + [("fused", b) for b in (16, 11, 8)]
+        + [("loop", 11), ("fp32-brain", 32), ("brain", 11)]
     ]
     assert {r["optimizer"] for r in runs} == {"sgd"}
     assert all("fp32_fraction" not in r for r in runs)
-    assert len(bench.configurations("small")) == 5
+    assert len(bench.configurations("small")) == 8
+    assert {r["mode"] for r in runs} <= set(bench.PATHS)
+
+
+def test_user_paths_train_as_float32_does(bench, monkeypatch):
+    """The plain loop and the Brains run, record their path, and (OMC with
+    lossless codes) take float32's steps."""
+    monkeypatch.setitem(
+        bench.SETTINGS,
+        "tiny",
+        dict(d_model=32, nhead=2, layers=1, d_ffn=64, batch=1, seconds=0.3),
+    )
+    monkeypatch.setenv("OMC_BENCH_THREADS", str(torch.get_num_threads()))
+    monkeypatch.setitem(bench.FORMATS, 32, "fp32")
+    spec = dict(setting="tiny", optimizer="sgd", ckpt=False)
+    rows = {
+        mode: bench.run_one(dict(spec, mode=mode, bits=bits), steps=2)
+        for mode, bits in [
+            ("fp32", 32),
+            ("loop", 32),
+            ("fp32-brain", 32),
+            ("brain", 32),
+        ]
+    }
+    for mode, row in rows.items():
+        assert row["path"] == bench.PATHS[mode]
+        assert len(row["losses"]) == 3
+    assert rows["loop"]["losses"] == rows["fp32"]["losses"]
+    assert rows["brain"]["losses"] == rows["fp32-brain"]["losses"]
+    table = bench.table(list(rows.values()))
+    assert bench.PATHS["brain"] in table
 
 
 def test_adam_configurations(bench):

@@ -165,9 +165,17 @@ class OMCHandle:
             # A new parameter object (after a device move) has no mark yet.
             if updates.mode == "fused" and param.engine is not updates:
                 param.attach(updates)
+        if updates.mode == "fused" and not updates.dense.attached:
+            # The float32 parameters' gradients, kept until the optimizer's
+            # step, wait in mapped pages (engine/dense.py).
+            updates.dense.attach(
+                p for p in self.module.parameters()
+                if not isinstance(p, CompressedParameter)
+            )  # fmt: skip
         return params
 
     def _decode(self, slot: Slot) -> torch.Tensor:
+        self.updates.release_pending_memory()  # once after each step
         codes = slot.codes
         buffer = self.workspace.take(codes.numel(), codes.device)
         out = codes.decompress(out=buffer)
