@@ -304,7 +304,7 @@ def test_kill_and_resume_gives_the_same_final_model(tmp_path):
     assert other.returncode != 0
     log = (killed / "log.txt").read_text()  # SpeechBrain logs the exception
     assert "CheckpointMismatch" in log
-    assert "run.lr: checkpoint 0.05, this run 0.1" in log
+    assert "run.lr: checkpoint 0.001, this run 0.1" in log
 
 
 @pytest.mark.slow

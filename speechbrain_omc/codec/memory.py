@@ -193,3 +193,61 @@ def trim_heap() -> bool:
         return False
     func(0)
     return True
+
+
+class PageReturn:
+    """When a training loop on the CPU gives freed memory back to the system.
+
+    Backward frees activations while gradients pile up, and a step's
+    buffers sit idle through the next forward: unless their pages go back,
+    both add up in resident memory. Returning them costs a heap walk
+    (milliseconds), so only steps over ``every`` bytes of parameters do:
+    every ``every`` bytes of gradients consumed in backward
+    (:meth:`consumed`), and once before the next forward
+    (:meth:`before_forward`) of a step that asked for it (:meth:`after_step`).
+
+    Arguments
+    ---------
+    workspace : Workspace
+        Its idle buffers' pages go back before each forward.
+    every : int
+        Bytes between two returns in backward; smaller steps never return.
+
+    Example
+    -------
+    >>> pages = PageReturn(Workspace(), every=1 << 20)
+    >>> pages.consumed(1 << 19), pages.consumed(1 << 19)  # the second returns
+    (False, True)
+    >>> pages.after_step(param_bytes=1 << 10); pages.before_forward()
+    False
+    """
+
+    def __init__(self, workspace: Workspace, every: int = 16 << 20):
+        self.workspace = workspace
+        self.every = every
+        self.enabled = True
+        self._since = 0
+        self._pending = False
+
+    def consumed(self, nbytes: int) -> bool:
+        """Count ``nbytes`` of gradients; ``True`` when pages went back."""
+        if not self.enabled:
+            return False
+        self._since += nbytes
+        if self._since < self.every:
+            return False
+        self._since = 0
+        return trim_heap()
+
+    def after_step(self, param_bytes: int) -> None:
+        """A step of ``param_bytes`` of parameters ended."""
+        self._since = 0
+        self._pending = self.enabled and param_bytes >= self.every
+
+    def before_forward(self) -> bool:
+        """Give idle pages back once after a large step; ``True`` if it did."""
+        if not self._pending:
+            return False
+        self._pending = False
+        self.workspace.release()
+        return trim_heap()

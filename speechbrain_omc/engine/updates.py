@@ -21,7 +21,7 @@ import torch
 from speechbrain_omc.codec.blockwise import BlockwiseTensor
 from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.codec.formats import _finite_minmax
-from speechbrain_omc.codec.memory import Workspace, trim_heap
+from speechbrain_omc.codec.memory import PageReturn, Workspace
 from speechbrain_omc.engine.clipping import HeldGradients, clip_grad_norm_
 from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.engine.dense import DenseGradients
@@ -30,10 +30,6 @@ from speechbrain_omc.engine.rules import AdamSettings, SGDSettings, fused_step_
 from speechbrain_omc.engine.selection import round_seed
 
 __all__ = ["UpdatePolicy", "UpdateState"]
-
-#: Deferred clipping returns the heap's free pages each time this many bytes
-#: of gradients have been held since the last time (CPU).
-HELD_TRIM_BYTES = 16 << 20
 
 _RULES = {"SGDSettings": SGDSettings, "AdamSettings": AdamSettings}
 _BUFFERS = {
@@ -103,14 +99,10 @@ class UpdatePolicy:
         self.dense = DenseGradients(workspace)
         self._coefs: dict[str, torch.Tensor] = {}  # deferred clipping's
         self._deferred: set[str] = set()  # DDP: awaiting step()
-        self._held_since_trim = 0
-        self._release_pending = False
-        #: CPU, fused mode: return freed memory to the system before each
-        #: forward (:meth:`release_pending_memory`) and while deferred
-        #: clipping holds gradients (a few tens of milliseconds a step on a
-        #: large model; peak memory drops by the held gradients' size and
-        #: more).
-        self.release_memory = True
+        # CPU, fused mode: freed memory goes back to the system in backward
+        # and before each forward (a few tens of milliseconds a step on a
+        # large model; its peak drops by the held gradients' size and more).
+        self.pages = PageReturn(workspace)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -124,10 +116,10 @@ class UpdatePolicy:
         self.held = HeldGradients(self._take)
         self._deferred, self._coefs = set(), {}
         self._norm_sq, self.clip_coef = 0.0, None
-        self._held_since_trim, self._release_pending = 0, False
-        self.__dict__.setdefault("release_memory", True)  # older pickles
-        if "dense" not in state:
+        if "dense" not in state:  # older pickles
             self.dense = DenseGradients(self.workspace)
+        self.pages = PageReturn(self.workspace)
+        self.pages.enabled = state.get("pages", self.pages).enabled
 
     # ------------------------------------------------------------------ rule
     @property
@@ -255,21 +247,12 @@ class UpdatePolicy:
             itemsize = self.held_itemsize(slot.codes.format.lossless)
             dtype = torch.float32 if itemsize == 4 else torch.bfloat16
             self.held.hold(slot.name, grad.float(), dtype)
-            if self.release_memory and grad.device.type == "cpu":
-                self._trim_while_holding(grad.numel() * itemsize)
+            if grad.device.type == "cpu":
+                self.pages.consumed(grad.numel() * itemsize)
             return
-        if self.release_memory and param.grad.device.type == "cpu":
-            self._trim_while_holding(4 * param.grad.numel())
+        if param.grad.device.type == "cpu":
+            self.pages.consumed(4 * param.grad.numel())
         self._fused_update(param)
-
-    def _trim_while_holding(self, nbytes: int) -> None:
-        """Backward frees activations while held gradients pile up in mapped
-        pages: the heap's freed pages go back now and then, so that the two
-        do not add up in resident memory."""
-        self._held_since_trim += nbytes
-        if self._held_since_trim >= HELD_TRIM_BYTES:
-            self._held_since_trim = 0
-            trim_heap()
 
     def _fused_update(
         self, param: CompressedParameter, grad: torch.Tensor | None = None
@@ -386,27 +369,25 @@ class UpdatePolicy:
         self._previous_norm = self._norm_sq**0.5 if self._norm_sq else None
         self._norm_sq, self.clip_coef = 0.0, None
         self._coefs.clear()
-        self._held_since_trim = 0
         self.workspace.trim()
-        # Handing pages back costs a heap walk (milliseconds): worth it only
-        # where the step's buffers are large beside the model's activations.
-        large = sum(4 * p.numel() for p in params.values()) >= HELD_TRIM_BYTES
         on_cpu = any(p.device.type == "cpu" for p in params.values())
-        self._release_pending = (
-            self.release_memory and self.mode == "fused" and on_cpu and large
-        )
+        fused_bytes = sum(4 * p.numel() for p in params.values())
+        self.pages.after_step(fused_bytes if self.mode == "fused" and on_cpu else 0)
+
+    @property
+    def release_memory(self) -> bool:
+        """Whether freed memory goes back to the system (CPU, fused mode)."""
+        return self.pages.enabled
+
+    @release_memory.setter
+    def release_memory(self, value: bool) -> None:
+        self.pages.enabled = bool(value)
 
     def release_pending_memory(self) -> None:
-        """After a step, before the next forward builds its activations (the
-        handle calls it at its first decode): give idle workspace pages and
-        malloc's free pages back, so that the forward's peak holds only what
-        is in use (the optimizer's step and ``zero_grad`` have run by then,
-        so the float32 parameters' gradient buffer is idle too)."""
-        if not self._release_pending:
-            return
-        self._release_pending = False
-        self.workspace.release()
-        trim_heap()
+        """Before a forward (the handle's first decode after a step): the
+        idle buffers' and the heap's free pages go back, so that the
+        forward's peak holds only what is in use."""
+        self.pages.before_forward()
 
     def zero_grad(self) -> None:
         """Drop the gradients of the compressed parameters."""
