@@ -281,7 +281,8 @@ def _report_header(
 Written by `{experiment.prog}`. Runs finished:
 {finished} of {total}. Each run: the main job's federation (packaged
 `fed_omc.yaml` / `fed_fp32.yaml`: 8 clients of 3 training speakers, 4 per round,
-2 local epochs of SGD) for {settings.rounds} rounds, validation only after the
+2 local epochs, client optimizer and model as the packaged files say unless
+overridden below) for {settings.rounds} rounds, validation only after the
 last round, test on the held-out test speakers; seeds {list(settings.seeds)}
 (the same for every configuration). Further overrides for every run:
 `{json.dumps(dict(settings.overrides))}`.
