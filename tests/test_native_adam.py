@@ -271,3 +271,33 @@ def test_an_overflowing_update_leaves_the_range_unmeasured():
     )
     assert result.nonfinite_grad == 0 and result.minmax is None
     assert bool(torch.isinf(value).all())
+
+
+def test_codes_kept_float32_from_now_on_own_their_memory():
+    """A checkpoint's block-wise moments under float32 storage (another state
+    format): the torch path decodes them into memory of their own, so that a
+    later scratch buffer (the workspace reuses them) cannot overwrite state."""
+    settings = AdamSettings(lr=1e-2)
+    start = torch.randn(64, 96, generator=torch.Generator().manual_seed(3))
+    codes = CompressedTensor.compress(start, "e3m7")
+    grad = torch.randn(start.shape, generator=torch.Generator().manual_seed(4))
+    state = {
+        "exp_avg": BlockwiseTensor.compress(grad * 0.1, "e4m3", block=64),
+        "exp_avg_sq": BlockwiseTensor.compress(grad * grad, "e4m3", block=64),
+        "step": 1,
+    }
+    pool = torch.empty(start.shape)  # one scratch buffer, handed out again
+
+    def scratch():
+        return pool
+
+    with kernels.disabled():
+        fused_step_(
+            torch.empty(start.shape), codes, grad, state, settings,
+            StateStorage(), scratch, lambda name: 0,
+        )  # fmt: skip
+    kept = {name: state[name].clone() for name in ("exp_avg", "exp_avg_sq")}
+    pool.fill_(float("nan"))  # the next user of the scratch buffer
+    for name, value in kept.items():
+        assert state[name].data_ptr() != pool.data_ptr(), name
+        assert same_bits(state[name], value), name

@@ -433,7 +433,10 @@ def _torch_adam_step_(value, codes, grad, state, settings, storage, scratch, key
     moments = {}
     for name in ("exp_avg", "exp_avg_sq"):
         if name in state:
-            moments[name] = _load(state[name], scratch())
+            # Codes kept float32 from now on (a checkpoint of another state
+            # format) decode into memory of their own, never a scratch buffer.
+            out = scratch() if storage.compressed(name) else torch.empty_like(value)
+            moments[name] = _load(state[name], out)
         elif storage.compressed(name):  # decoded each step: a scratch buffer
             moments[name] = scratch().zero_()
         else:  # kept float32 between steps: its own memory
