@@ -137,3 +137,18 @@ def test_workspace_release_drops_idle_pages_only():
     assert torch.all(busy == 1.0)
     again = ws.take(1 << 17)
     assert again.data_ptr() == pointer and torch.all(again == 0.0)
+
+
+def test_restore_unhooks_the_float32_parameters():
+    """A federated client puts its modules under a new plan every round
+    (restore, then compress): the float32 parameters it keeps must carry one
+    gradient hook, not one more per round (each a copy and a buffer)."""
+    model = net()
+    for _ in range(3):
+        handle = compress_module(model, OMCConfig(format="fp32"))
+        handle.set_sgd(lr=0.1)
+        model(torch.ones(2, 16)).sum().backward()
+        handle.restore()
+        model.zero_grad(set_to_none=True)
+    for param in model.parameters():
+        assert not getattr(param, "_post_accumulate_grad_hooks", None), param.shape

@@ -376,6 +376,8 @@ class OMCHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        # The float32 parameters outlive the handle: a next one hooks them anew.
+        self.updates.dense.detach()
         for param in self.parameters().values():
             param.detach_engine()
         replaced: dict[int, torch.nn.Parameter] = {}
