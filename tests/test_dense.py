@@ -3,11 +3,19 @@ the same values, steps and accumulation as float32 training, off the heap."""
 
 import copy
 
+import pytest
 import torch
 
 from speechbrain_omc import OMCConfig, compress_module, handle_of
 from speechbrain_omc.codec.memory import Workspace
+from speechbrain_omc.engine import dense as dense_module
 from speechbrain_omc.engine.parameter import CompressedParameter
+
+
+@pytest.fixture(autouse=True)
+def small_models_too(monkeypatch):
+    # The models here are small enough to be left alone by default.
+    monkeypatch.setattr(dense_module, "MIN_BYTES", 0)
 
 
 def net():
@@ -152,3 +160,13 @@ def test_restore_unhooks_the_float32_parameters():
         model.zero_grad(set_to_none=True)
     for param in model.parameters():
         assert not getattr(param, "_post_accumulate_grad_hooks", None), param.shape
+
+
+def test_small_models_keep_their_gradients_where_they_are(monkeypatch):
+    monkeypatch.setattr(dense_module, "MIN_BYTES", 1 << 20)  # above net()'s
+    model = net()
+    handle = compress_module(model, OMCConfig(format="fp32"))
+    handle.set_sgd(lr=0.1)
+    model(torch.ones(2, 16)).sum().backward()
+    assert handle.updates.dense.nbytes == 0
+    assert all(p.grad is not None for p in dense(model))

@@ -16,7 +16,7 @@ Example
 -------
 >>> from speechbrain_omc.codec.memory import Workspace
 >>> lin = torch.nn.Linear(64, 256)
->>> dense = DenseGradients(Workspace())
+>>> dense = DenseGradients(Workspace(), min_bytes=0)
 >>> dense.attach(lin.parameters())
 >>> lin(torch.ones(2, 64)).sum().backward()
 >>> dense.nbytes, lin.bias.grad.tolist()[:3]  # 64 x 256 weights + 256 biases
@@ -29,9 +29,14 @@ from collections.abc import Iterable
 
 import torch
 
-from speechbrain_omc.codec.memory import MAPPED_MIN_BYTES, Workspace
+from speechbrain_omc.codec.memory import Workspace
 
-__all__ = ["DenseGradients"]
+__all__ = ["DenseGradients", "MIN_BYTES"]
+
+#: Below this many bytes of float32 gradients a model is left alone: its
+#: temporaries are small too, and the copies would be pure overhead (about
+#: 3 % of the main job's step).
+MIN_BYTES = 4 << 20
 
 
 class DenseGradients:
@@ -42,10 +47,14 @@ class DenseGradients:
     workspace : Workspace
         Gives the buffer (mapped pages; the same one every step once the
         previous step's gradients are gone).
+    min_bytes : int, optional
+        Fewer bytes of gradients are left where they are (default
+        :data:`MIN_BYTES`).
     """
 
-    def __init__(self, workspace: Workspace):
+    def __init__(self, workspace: Workspace, min_bytes: int | None = None):
         self.workspace = workspace
+        self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
         self.attached = False
         self._layout: dict[torch.nn.Parameter, tuple[int, int]] = {}
         self._numel = 0
@@ -55,7 +64,7 @@ class DenseGradients:
 
     def __reduce__(self):
         # Hooks are not copied with parameters: a copy attaches its own.
-        return (DenseGradients, (self.workspace,))
+        return (DenseGradients, (self.workspace, self.min_bytes))
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +73,7 @@ class DenseGradients:
 
     def attach(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Keep the gradients of ``params`` (CPU, float32, contiguous, trained;
-        others are left alone) in the buffer; below :data:`MAPPED_MIN_BYTES`
+        others are left alone) in the buffer; below ``min_bytes``
         altogether, nothing is attached (``malloc`` serves them well)."""
         self.detach()
         chosen = [
@@ -76,7 +85,7 @@ class DenseGradients:
             and p.is_contiguous()
         ]
         self.attached = True
-        if 4 * sum(p.numel() for p in chosen) < MAPPED_MIN_BYTES:
+        if 4 * sum(p.numel() for p in chosen) < self.min_bytes:
             return
         for param in chosen:
             self._layout[param] = (self._numel, param.numel())
