@@ -256,7 +256,8 @@ Written by `{command}` (the README's main job,
 `python -m speechbrain_omc.experiments.main_job`, plus this record). Both runs use the
 same seed ({omc["seed"]}), rounds ({omc["rounds"]}), clients ({omc["num_clients"]}
 speaker groups of the 24 training speakers, {omc["clients_per_round"]} sampled per
-round) and local training ({omc["local_epochs"]} local epochs of SGD); they differ only
+round) and local training ({omc["local_epochs"]} local epochs of the packaged client
+optimizer, Adam at lr 1e-3, on a four-layer Conformer); they differ only
 in the `omc:` entry of the hparams (the packaged `fed_omc.yaml` against
 `fed_fp32.yaml`, the same files as `recipes/SynthSpeech/federated/hparams/`). The
 two ran side by side, one torch thread each.
@@ -289,8 +290,9 @@ python -m speechbrain_omc.asr.federation fed_fp32.yaml \\
   points**, {verdict}.
 - One seed: these intervals hold the test set's sampling noise only, not the
   training noise (initialisation, client sampling, stochastic rounding). The
-  comparison over three seeds, with every factor of the paper, is
-  `benchmarks/results/paper_table.md`.
+  same two configurations and bf16 + stochastic rounding over eight seeds are
+  `benchmarks/results/parity/parity.md` (`python -m
+  speechbrain_omc.experiments.parity`, resumable; in progress).
 - Bytes communicated are the summed `len()` of every message, server to clients
   and back, over all rounds: OMC sends **{record["bytes_reduction"]:.1%} fewer**.
   The float32-equivalent bytes of the OMC run's own messages:

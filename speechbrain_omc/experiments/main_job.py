@@ -34,7 +34,7 @@ from speechbrain_omc.asr.stats import Interval
 RUNS = {"OMC": "fed_omc", "float32": "fed_fp32"}
 #: Where the multi-seed comparisons are recorded (in the source repository):
 #: this job's two configurations over seeds, and every factor of the paper.
-MULTI_SEED_RECORD = "benchmarks/results/ablation/ablation.md"
+MULTI_SEED_RECORD = "benchmarks/results/parity/parity.md"
 PAPER_TABLE_RECORD = "benchmarks/results/paper_table.md"
 
 
@@ -212,9 +212,9 @@ def reading(results: dict[str, dict], difference: Interval | None) -> str:
     lines.append(
         "One seed: training noise (initialisation, client sampling, stochastic "
         "rounding) is not in these intervals. These two configurations over "
-        "seeds (95 % CI over seeds, paired by seed) are in the ablation "
-        f"ladder, {MULTI_SEED_RECORD} in the repository (python -m "
-        "speechbrain_omc.experiments.ablation); every factor of the paper in "
+        "eight seeds (95 % CI over seeds, paired by seed) are in "
+        f"{MULTI_SEED_RECORD} in the repository (python -m "
+        "speechbrain_omc.experiments.parity); every factor of the paper in "
         f"{PAPER_TABLE_RECORD} (python -m speechbrain_omc.experiments.paper_table)."
     )
     lines.append(
