@@ -90,8 +90,11 @@ def empty_like_blocks(n: int, fmt: str, block: int, sqrt: bool):
 
 @native
 @pytest.mark.parametrize("decoupled,weight_decay", SETTINGS)
-def test_float32_state_equals_torch_adam_bit_for_bit(decoupled, weight_decay):
-    settings = AdamSettings(lr=1e-3, weight_decay=weight_decay, decoupled=decoupled)
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.3, 0.99)])  # both lerp branches
+def test_float32_state_equals_torch_adam_bit_for_bit(decoupled, weight_decay, betas):
+    settings = AdamSettings(
+        lr=1e-3, betas=betas, weight_decay=weight_decay, decoupled=decoupled
+    )
     start = torch.randn(N, generator=torch.Generator().manual_seed(1))
     param, exp_avg, exp_avg_sq = start.clone(), torch.zeros(N), torch.zeros(N)
     value, m, v = start.clone(), torch.zeros(N), torch.zeros(N)
@@ -301,3 +304,42 @@ def test_codes_kept_float32_from_now_on_own_their_memory():
     for name, value in kept.items():
         assert state[name].data_ptr() != pool.data_ptr(), name
         assert same_bits(state[name], value), name
+
+
+@native
+def test_the_kernel_refuses_moments_of_another_size():
+    """It indexes every buffer by the weight's size: a checkpoint's state of
+    another size is refused before any read."""
+    settings = AdamSettings(lr=1e-3)
+    value, grad = torch.zeros(1000), torch.ones(1000)
+    short = BlockwiseTensor.compress(torch.ones(900), "e4m3", block=64)
+    target, _ = empty_like_blocks(1000, "e4m3", 64, True)
+    with pytest.raises(ValueError, match="do not hold 1000 values"):
+        adam_kernel(
+            value,
+            grad,
+            (fields(short), target, None),
+            (None, torch.zeros(1000), None),
+            1,
+            settings,
+            block=64,
+        )
+    with pytest.raises(ValueError, match="n values"):
+        adam_kernel(
+            value,
+            grad,
+            (torch.zeros(999), torch.zeros(999), None),
+            (None, torch.zeros(1000), None),
+            1,
+            settings,
+        )
+    with pytest.raises(ValueError, match="power of two"):
+        adam_kernel(
+            value,
+            grad,
+            (None, torch.zeros(1000), None),
+            (None, torch.zeros(1000), None),
+            1,
+            settings,
+            block=100,
+        )

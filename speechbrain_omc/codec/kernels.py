@@ -604,6 +604,25 @@ def _moment(source, target, key: int | None) -> _Moment:
     return arg
 
 
+def _check_moment(side, n: int, block: int) -> None:
+    """A moment's source or target must cover exactly ``n`` values: the
+    kernel indexes them by ``n`` alone."""
+    if side is None:
+        return
+    if isinstance(side, torch.Tensor):
+        if side.dtype != torch.float32 or side.numel() != n or not native_for(side):
+            raise ValueError(
+                "float32 moments must be contiguous CPU tensors of n values"
+            )
+        return
+    packed, scales, fmt, _ = side
+    if packed.numel() != -(-n * fmt[1] // 8) or scales.numel() != -(-n // block):
+        raise ValueError(
+            f"block codes of {packed.numel()} bytes and {scales.numel()} scales "
+            f"do not hold {n} values of {fmt[1]} bits in blocks of {block}"
+        )
+
+
 def adam_step(
     value: torch.Tensor,
     grad: torch.Tensor,
@@ -637,8 +656,14 @@ def adam_step(
     """
     if grad.dtype != torch.float32 or value.dtype != torch.float32:
         raise TypeError("adam_step works on float32 values and gradients")
-    if grad.numel() != value.numel():
+    n = value.numel()
+    if grad.numel() != n:
         raise ValueError("grad and value differ in size")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two of at least 16, got {block}")
+    for moment in (exp_avg, exp_avg_sq):
+        for side in moment[:2]:
+            _check_moment(side, n, block)
     sqrt_fn, _ = torch_sqrt()
     beta1, beta2 = betas
     # torch's scalars: Python doubles (the step count a float, as

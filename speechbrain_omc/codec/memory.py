@@ -165,7 +165,10 @@ class Workspace:
             for pool in self._buffers.values():
                 for buffer in pool:
                     if self._idle(buffer):
-                        buffer.madvise(advice)
+                        try:
+                            buffer.madvise(advice)
+                        except OSError:  # a kernel or sandbox that refuses it
+                            return
 
 
 @functools.cache

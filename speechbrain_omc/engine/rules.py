@@ -393,7 +393,9 @@ def fused_step_(
         return _adam_step_(value, codes, grad, state, settings, storage, scratch, keys)
     momentum = state.get("momentum_buffer")
     if momentum is not None and not isinstance(momentum, torch.Tensor):
-        momentum = _load(momentum, scratch())
+        # Kept float32 from now on: memory of its own, not a scratch buffer.
+        compressed = storage.compressed("momentum_buffer")
+        momentum = _load(momentum, scratch() if compressed else torch.empty_like(value))
     result = sgd_step_(value, grad, momentum, settings, codes=codes)
     if result.nonfinite_grad:
         return StepResult(result.nonfinite_grad)
@@ -495,14 +497,18 @@ def _native_sources(value, codes, grad, state, storage) -> dict | None:
         old = state.get(name)
         if old is None:
             sources[name] = None
-        elif isinstance(old, BlockwiseTensor) and old.block == storage.block:
+        elif (
+            isinstance(old, BlockwiseTensor)
+            and old.block == storage.block
+            and old.shape.numel() == value.numel()
+        ):
             if not kernels.native_for(old.packed, old.scales):
                 return None
             sources[name] = (old.packed, old.scales, old.format.spec, old.sqrt)
         elif (
             isinstance(old, torch.Tensor)
             and old.dtype == torch.float32
-            and old.numel() == value.numel()
+            and old.shape.numel() == value.numel()
             and kernels.native_for(old)
         ):
             sources[name] = old

@@ -28,7 +28,12 @@ import sys
 from collections.abc import Sequence
 
 from speechbrain_omc.experiments import report
-from speechbrain_omc.experiments.grid import Cell, GridSettings, paper_grid
+from speechbrain_omc.experiments.grid import (
+    ADAM_SETTING,
+    Cell,
+    GridSettings,
+    paper_grid,
+)
 from speechbrain_omc.experiments.paper_table import Experiment
 from speechbrain_omc.experiments.paper_table import main as run
 
@@ -50,7 +55,7 @@ PARITY = Experiment(
     "parity",
     "Parity: OMC's default and bf16 + stochastic rounding against float32",
     parity_cells,
-    GridSettings(rounds=40, seeds=tuple(range(1986, 1994))),
+    GridSettings(rounds=40, seeds=tuple(range(1986, 1994)), overrides=ADAM_SETTING),
     plot=report.plot_differences,
 )
 
