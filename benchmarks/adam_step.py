@@ -29,11 +29,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
+from codec import cpu_name  # benchmarks/codec.py, beside this script
 
 from speechbrain_omc import CompressedTensor
 from speechbrain_omc.codec import kernels
@@ -73,17 +73,6 @@ class FusedCase:
         assert result.nonfinite_grad == 0
         if encode:
             self.codes.assign_(self.value, rounding="stochastic", generator=5)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn) -> tuple[float, float]:
