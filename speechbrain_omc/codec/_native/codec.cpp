@@ -534,6 +534,13 @@ struct MinMax {
     hi = std::max(hi, o.hi);
     bad += o.bad;
   }
+
+  // The step kernels' report: {min, max, non-finite count}.
+  void write(float* lo_hi) const {
+    lo_hi[0] = lo;
+    lo_hi[1] = hi;
+    lo_hi[2] = static_cast<float>(bad);
+  }
 };
 
 // Decodes values [start, end) (start a multiple of 16) into out.
@@ -688,9 +695,7 @@ int64_t omc_sgd_step(float* w, const float* g, float* buf, int64_t n,
 #pragma omp critical
     total.merge(part);
   }
-  lo_hi[0] = total.lo;
-  lo_hi[1] = total.hi;
-  lo_hi[2] = static_cast<float>(total.bad);
+  total.write(lo_hi);
   return bad_grad;
 }
 
@@ -1017,9 +1022,7 @@ int64_t omc_adam_step(float* w, const float* g, int64_t n, const AdamArgs* hp,
 #pragma omp critical
     total.merge(part);
   }
-  lo_hi[0] = total.lo;
-  lo_hi[1] = total.hi;
-  lo_hi[2] = static_cast<float>(total.bad);
+  total.write(lo_hi);
   return bad_grad;
 }
 
