@@ -132,6 +132,25 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _eager_only(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)`` without its wrapper's cost per call.
+
+    Where the installed torch lets us, dynamo is told to skip ``fn``'s code
+    and everything it calls, and to break graphs at it; elsewhere the
+    documented decorator does the same with a wrapper (a few microseconds a
+    call, on every operation that touches a compressed parameter).
+    """
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # another torch: the documented, slower way
+        return torch.compiler.disable(fn)
+    skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
+    set_code_exec_strategy(fn.__code__, skip)
+    fn._torchdynamo_disable = True  # tracing breaks the graph here
+    return fn
+
+
 class CompressedParameter(torch.Tensor):
     """A parameter held as codes; see the module documentation.
 
@@ -330,7 +349,7 @@ class CompressedParameter(torch.Tensor):
     # recompile for every weight until its recompile limit. Compiled graphs
     # break around them instead (our codes are read by eager kernels only).
     @classmethod
-    @torch.compiler.disable
+    @_eager_only
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is _LINEAR:
             out = _linear(*args, **(kwargs or {}))
@@ -340,7 +359,7 @@ class CompressedParameter(torch.Tensor):
             return func(*args, **(kwargs or {}))
 
     @classmethod
-    @torch.compiler.disable
+    @_eager_only
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return _dispatch(func, args, kwargs or {})
 
@@ -367,32 +386,56 @@ def _linear(input, weight, bias=None):
         or weight._slot.codes.device != input.device
         or torch.is_autocast_enabled(input.device.type)
         or torch.compiler.is_compiling()
-        or not _folds_like_torch(input, bias)
     ):
         return NotImplemented
-    if not torch.is_grad_enabled() or not (
+    grad = torch.is_grad_enabled() and (
         input.requires_grad
         or weight.requires_grad
         or (bias is not None and bias.requires_grad)
-    ):
+    )
+    bias_after = _bias_after_product(input, weight, bias)
+    if not grad and bias_after is None:
         with _NO_SUBCLASS_FUNCTION():
             return _LINEAR(input, weight.decoded(), bias)
-    # The function sees rows: its output must not be a view (autograd
-    # forbids in-place ops on a custom function's view outputs), so the
-    # batch dimensions are folded and unfolded outside it.
-    rows = _DecodedLinear.apply(input.reshape(-1, input.shape[-1]), weight, bias)
-    return rows.view(*input.shape[:-1], rows.shape[-1])
+    if bias_after is None:
+        return NotImplemented
+    rows = input.reshape(-1, input.shape[-1])
+    # The bias is added by autograd where ATen adds it after the product: its
+    # gradient then sums the output's gradient as ATen's does.
+    inner_bias = None if bias_after else bias
+    if grad:
+        # The function sees rows: its output must not be a view (autograd
+        # forbids in-place ops on a custom function's view outputs), so the
+        # batch dimensions are folded and unfolded outside it.
+        rows = _DecodedLinear.apply(rows, weight, inner_bias)
+    else:
+        with _NO_SUBCLASS_FUNCTION():
+            rows = _LINEAR(rows, weight.decoded(), inner_bias)
+    out = rows.view(*input.shape[:-1], rows.shape[-1])
+    return out + bias if bias_after else out
 
 
-def _folds_like_torch(input: torch.Tensor, bias) -> bool:
-    """Whether ``F.linear`` itself computes one matrix product of rows."""
-    # ATen folds batch dimensions into rows except for a vector input and,
-    # with a bias, an input that is not a contiguous 2-D or 3-D tensor; only
-    # folding cases are taken, so results are bit for bit F.linear's.
+def _bias_after_product(input: torch.Tensor, weight, bias) -> bool | None:
+    """How ``F.linear`` computes one product of rows: the bias in it
+    (``False``: one addmm, or no bias), with the bias added after it
+    (``True``), or not as one product of rows (``None``)."""
+    # Computed as ATen does, the result is bit for bit F.linear's (on the
+    # float32 model, whose weights are parameters that require gradients).
+    # A 2-D or contiguous 3-D input with a bias is one addmm. A strided
+    # batch goes through matmul, which folds it while the weight requires a
+    # gradient (with or without autograd: SpeechBrain's feed-forward layers
+    # see time-major views), and the bias is added after the product, which
+    # rounds differently. Contiguous 4-D inputs with a bias are left to
+    # ATen: torch versions differ in how they fold them.
     dim = input.dim()
     if dim < 2:
+        return None
+    strided = dim > 2 and not input.is_contiguous()
+    if strided and not weight.requires_grad:
+        return None  # matmul would compute a batched product instead
+    if bias is None or dim == 2 or (dim == 3 and not strided):
         return False
-    return bias is None or dim == 2 or (dim == 3 and input.is_contiguous())
+    return True if strided else None
 
 
 class _DecodedLinear(torch.autograd.Function):
