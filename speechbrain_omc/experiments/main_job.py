@@ -24,18 +24,23 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from speechbrain_omc.asr import hparams_file, paired_difference, read_test_errors
-from speechbrain_omc.asr.stats import Interval
+from speechbrain_omc.asr.stats import Interval, mean_ci
 
 RUNS = {"OMC": "fed_omc", "float32": "fed_fp32"}
 #: Where the multi-seed comparisons are recorded (in the source repository):
 #: this job's two configurations over seeds, and every factor of the paper.
 MULTI_SEED_RECORD = "benchmarks/results/parity/parity.md"
 PAPER_TABLE_RECORD = "benchmarks/results/paper_table.md"
+#: The multi-seed record's runs, one row per configuration and seed.
+MULTI_SEED_RUNS = "benchmarks/results/parity/runs.csv"
+#: The record's names of this job's two configurations.
+RECORD_CELLS = {"OMC": "default", "float32": "float32"}
 
 
 def _rounds_done(folder: Path) -> tuple[int, str]:
@@ -104,6 +109,92 @@ def wer_difference(folders: dict[str, Path]) -> Interval | None:
     return paired_difference(
         [f32[u][0] for u in ids], [omc[u][0] for u in ids], [omc[u][1] for u in ids]
     )
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """The multi-seed record of this job's two configurations: each one's
+    test WER over seeds and OMC minus float32 paired by seed (95 % Student-t
+    intervals over seeds)."""
+
+    float32: Interval
+    omc: Interval
+    difference: Interval
+
+    def verdict(self) -> str:
+        """What the paired interval says, in words."""
+        d = self.difference
+        if d.contains(0.0):
+            return "over seeds, OMC cannot be told from float32"
+        side = "above" if d.value > 0 else "below"
+        return f"over seeds, OMC ends {abs(d.value):.2f} points {side} float32"
+
+
+def read_seed_comparison(runs_csv: Path) -> SeedComparison | None:
+    """This job's two configurations in the multi-seed record (``runs.csv``).
+
+    Arguments
+    ---------
+    runs_csv : Path
+        The record's runs (``cell``, ``seed``, ``test_WER`` columns).
+
+    Returns
+    -------
+    SeedComparison or None
+        None without the file or without two seeds run by both.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "runs.csv"
+    >>> _ = path.write_text("cell,seed,test_WER\\nfloat32,1,10\\ndefault,1,10.5\\n"
+    ...                     "float32,2,11\\ndefault,2,11.5\\n")
+    >>> read_seed_comparison(path).difference.value
+    0.5
+    """
+    try:
+        with open(runs_csv, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return None
+    wer: dict[str, dict[str, float]] = {}
+    for row in rows:
+        try:
+            value = float(row["test_WER"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        wer.setdefault(row.get("cell", ""), {})[row.get("seed", "")] = value
+    f32 = wer.get(RECORD_CELLS["float32"], {})
+    omc = wer.get(RECORD_CELLS["OMC"], {})
+    seeds = sorted(set(f32) & set(omc))
+    if len(seeds) < 2:
+        return None
+    return SeedComparison(
+        mean_ci([f32[s] for s in seeds]),
+        mean_ci([omc[s] for s in seeds]),
+        mean_ci([omc[s] - f32[s] for s in seeds]),
+    )
+
+
+def _seed_lines(record: SeedComparison | None, difference: Interval | None) -> list:
+    if record is None:
+        return []
+    d = record.difference
+    lines = [
+        f"The record over {d.n} seeds ({MULTI_SEED_RECORD}), this job's setting: "
+        f"float32 {record.float32.value:.2f} % [{record.float32.low:.2f}, "
+        f"{record.float32.high:.2f}], OMC {record.omc.value:.2f} % "
+        f"[{record.omc.low:.2f}, {record.omc.high:.2f}]; OMC minus float32, "
+        f"paired by seed, {d.value:+.2f} points [{d.low:+.2f}, {d.high:+.2f}]: "
+        f"{record.verdict()}."
+    ]
+    if difference is not None:
+        agrees = d.low <= difference.value <= d.high or difference.contains(d.value)
+        lines.append(
+            f"This run's difference ({difference.value:+.2f}) "
+            + ("agrees with it." if agrees else "lies away from it: one seed's luck.")
+        )
+    return lines
 
 
 def _delta(results: dict[str, dict], difference: Interval | None) -> str:
@@ -183,7 +274,11 @@ def format_table(results: dict[str, dict], difference: Interval | None = None) -
     return "\n".join(lines)
 
 
-def reading(results: dict[str, dict], difference: Interval | None) -> str:
+def reading(
+    results: dict[str, dict],
+    difference: Interval | None,
+    record: SeedComparison | None = None,
+) -> str:
     """What the table can and cannot tell, in words.
 
     Example
@@ -209,6 +304,7 @@ def reading(results: dict[str, dict], difference: Interval | None) -> str:
                 f"The difference ({difference.value:+.2f} points) is beyond the test "
                 "set's noise for this seed."
             )
+    lines += _seed_lines(record, difference)
     lines.append(
         "One seed: training noise (initialisation, client sampling, stochastic "
         "rounding) is not in these intervals. These two configurations over "
@@ -283,12 +379,21 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(format_table(results, difference))
     print()
-    print(reading(results, difference))
+    print(reading(results, difference, _record_for(args, extra)))
     print(
         f"\nlogs and plots: {output}/<run>/{seed}/rounds.csv, rounds.png, "
         "test_errors.csv, summary.json"
     )
     return results
+
+
+def _record_for(args, extra: list[str]) -> SeedComparison | None:
+    """The multi-seed record, when this run is its setting (packaged files,
+    default rounds, no overrides) and the source repository is at hand."""
+    if extra or args.rounds not in (None, _default_rounds()):
+        return None
+    repository = Path(__file__).resolve().parents[2]
+    return read_seed_comparison(repository / MULTI_SEED_RUNS)
 
 
 def _default_rounds() -> int:
