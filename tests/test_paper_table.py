@@ -186,3 +186,35 @@ def test_the_ablation_ladder_reports_paired_differences(tmp_path):
     assert rows[1]["wer_delta_ci_low"] < 1.5 < rows[1]["wer_delta_ci_high"]
     report.plot_differences(rows, tmp_path / "ablation.png", "ladder")
     assert (tmp_path / "ablation.png").stat().st_size > 5_000
+
+
+def test_finished_runs_of_the_same_settings_are_adopted_not_rerun(tmp_path):
+    from speechbrain_omc.experiments.grid import GridSettings, quick_grid
+    from speechbrain_omc.experiments.runner import adopt_finished, plan_runs
+
+    cells = quick_grid()
+    other = plan_runs(cells, GridSettings(2, (1, 2, 3)), tmp_path / "other")
+    for run in other:
+        run.folder.mkdir(parents=True)
+        (run.folder / "run.json").write_text(json.dumps(run.spec))
+        if run.seed != 3:  # seed 3 is still running there
+            (run.folder / "summary.json").write_text(json.dumps({"seed": run.seed}))
+    (other[0].folder / "run.json").write_text(  # another lr: another run
+        json.dumps({**other[0].spec, "overrides": {"lr": 9}})
+    )
+    mine = plan_runs(cells, GridSettings(2, (1, 2, 3)), tmp_path / "mine")
+    busy = mine[-3]  # a seed-2 run of this grid under way: left alone
+    busy.folder.mkdir(parents=True)
+    (busy.folder / "run.json").write_text(json.dumps(busy.spec))
+    adopted = adopt_finished(mine, tmp_path / "other")
+    names = {(r.cell.name, r.seed) for r in adopted}
+    expected = {(r.cell.name, r.seed) for r in mine if r.seed != 3}
+    expected -= {(other[0].cell.name, 1), (busy.cell.name, busy.seed)}
+    assert names == expected and expected
+    for run in adopted:
+        assert run.done and run.summary() == {"seed": run.seed}
+        assert json.loads((run.folder / "run.json").read_text()) == run.spec
+        run.check_spec()
+    assert not busy.done and not mine[0].done
+    assert adopt_finished(mine, tmp_path / "other") == []  # nothing twice
+    assert adopt_finished(mine, tmp_path / "absent") == []

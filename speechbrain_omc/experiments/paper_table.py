@@ -39,7 +39,13 @@ from speechbrain_omc.experiments.grid import (
     paper_grid,
     quick_grid,
 )
-from speechbrain_omc.experiments.runner import GridMismatch, Run, plan_runs, run_grid
+from speechbrain_omc.experiments.runner import (
+    GridMismatch,
+    Run,
+    adopt_finished,
+    plan_runs,
+    run_grid,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +150,15 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = PAPER_TABLE.prog):
         "--report-only", action="store_true", help="rewrite the report, run nothing"
     )
     parser.add_argument("--noprogressbar", action="store_true")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="another grid's folder whose finished runs of the same settings "
+        "are taken instead of run again (e.g. benchmarks/results/parity)",
+    )
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     key = None
@@ -353,6 +368,8 @@ def main(
         write_report(output, runs, settings, state, experiment=experiment)
 
     outcome = {"failed": {}}
+    for other in args.reuse:
+        adopt_finished(runs, other)
     if not args.report_only:
         state.setdefault("invocations", []).append(invocation)
         start = time.perf_counter()

@@ -36,7 +36,14 @@ from speechbrain_omc.experiments.grid import Cell, GridSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GridMismatch", "Run", "command_line", "plan_runs", "run_grid"]
+__all__ = [
+    "GridMismatch",
+    "Run",
+    "adopt_finished",
+    "command_line",
+    "plan_runs",
+    "run_grid",
+]
 
 SUMMARY = "summary.json"
 SPEC = "run.json"
@@ -111,6 +118,46 @@ def plan_runs(cells: Sequence[Cell], settings: GridSettings, output: Path) -> li
         for seed in settings.seeds
         for cell in cells
     ]
+
+
+def adopt_finished(runs: Sequence[Run], other: Path) -> list[Run]:
+    """Take the finished runs of another grid's folder that are these runs.
+
+    A run of ``other`` (``<other>/runs/<cell>/<seed>/``) with the same
+    ``run.json`` (hparams file and every override, seed and rounds included)
+    is the same computation: its ``run.json`` and ``summary.json`` are
+    copied, so it is not run twice. Runs with other settings are left alone.
+
+    Arguments
+    ---------
+    runs : sequence of Run
+        This grid's runs; finished ones are not touched.
+    other : Path
+        The other grid's output folder.
+
+    Returns
+    -------
+    list of Run
+        The runs adopted.
+    """
+    adopted = []
+    for run in runs:
+        source = Path(other) / "runs" / run.cell.name / str(run.seed)
+        if run.done or not (source / SUMMARY).is_file():
+            continue
+        try:
+            spec = json.loads((source / SPEC).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if spec != run.spec or (run.folder / SPEC).is_file():
+            continue  # another run, or a run of this grid under way
+        run.folder.mkdir(parents=True, exist_ok=True)
+        summary = (source / SUMMARY).read_bytes()
+        (run.folder / SPEC).write_text(json.dumps(run.spec, indent=2) + "\n")
+        (run.folder / SUMMARY).write_bytes(summary)
+        logger.info("adopted from %s: %s", source, run.folder)
+        adopted.append(run)
+    return adopted
 
 
 def _cli_value(value: object) -> str:
