@@ -400,8 +400,9 @@ def _linear(input, weight, bias=None):
     if bias_after is None:
         return NotImplemented
     rows = input.reshape(-1, input.shape[-1])
-    # The bias is added by autograd where ATen adds it after the product: its
-    # gradient then sums the output's gradient as ATen's does.
+    # Where ATen adds the bias after the product, autograd adds it here, out
+    # of place: its gradient then sums the output's gradient as ATen's does
+    # (in place on the view, the sum would run over another layout).
     inner_bias = None if bias_after else bias
     if grad:
         # The function sees rows: its output must not be a view (autograd
