@@ -12,7 +12,9 @@ from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.engine import rules
 from speechbrain_omc.engine.rules import AdamSettings, StateStorage, fused_step_
 
-native_adam = kernels.available() and kernels.torch_sqrt()[1]
+native_adam = (
+    kernels.available() and kernels.torch_sqrt()[1] and rules.native_adam_is_torchs()
+)
 native = pytest.mark.skipif(
     not native_adam, reason="native kernels, or torch.sqrt's bits, unavailable here"
 )
@@ -343,3 +345,22 @@ def test_the_kernel_refuses_moments_of_another_size():
             settings,
             block=100,
         )
+
+
+@native
+def test_a_build_whose_adam_differs_falls_back_to_torchs(monkeypatch):
+    """Where the start-up probe finds other bits than torch's Adam, fused
+    Adam takes torch's path (still bit for bit the fallback's)."""
+    assert rules.native_adam_is_torchs()  # this build: the kernel is torch's
+    monkeypatch.setattr(rules, "native_adam_is_torchs", lambda: False)
+    start = torch.randn(64, 33, generator=torch.Generator().manual_seed(3))
+    codes = CompressedTensor.compress(start, "e3m7")
+    grad = torch.randn(64, 33, generator=torch.Generator().manual_seed(4))
+    value = torch.empty(start.shape)
+    assert rules._native_sources(value, codes, grad, {}, StateStorage()) is None
+    twin, state, twin_state = CompressedTensor.compress(start, "e3m7"), {}, {}
+    fused(codes, grad, state, AdamSettings(), StateStorage())
+    with kernels.disabled():
+        fused(twin, grad, twin_state, AdamSettings(), StateStorage())
+    assert codes.to_bytes() == twin.to_bytes()
+    assert state_bytes(state) == state_bytes(twin_state)

@@ -14,6 +14,8 @@ block-wise low-bit (:class:`StateStorage`).
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -26,12 +28,15 @@ from speechbrain_omc.codec.compressed import CompressedTensor
 from speechbrain_omc.codec.formats import _finite_minmax, get_format, rounding_key
 from speechbrain_omc.codec.packing import packed_nbytes
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "AdamSettings",
     "SGDSettings",
     "StateStorage",
     "StepResult",
     "fused_step_",
+    "native_adam_is_torchs",
     "settings_from_optimizer",
     "sgd_step_",
     "sgd_update_",
@@ -490,7 +495,7 @@ def _native_sources(value, codes, grad, state, storage) -> dict | None:
         return None
     if not kernels.native_for(value, grad, codes.packed):
         return None
-    if not kernels.torch_sqrt()[1]:
+    if not kernels.torch_sqrt()[1] or not native_adam_is_torchs():
         return None
     sources = {}
     for name in ("exp_avg", "exp_avg_sq"):
@@ -515,6 +520,60 @@ def _native_sources(value, codes, grad, state, storage) -> dict | None:
         else:  # e.g. a checkpoint's state in another block size: torch decodes it
             return None
     return sources
+
+
+@functools.cache
+def native_adam_is_torchs() -> bool:
+    """Whether the native Adam kernel gives this torch build's Adam bits.
+
+    The kernel repeats the operations of ``torch.optim``'s single-tensor
+    Adam (lerp, addcmul, addcdiv as ATen computes them on this CPU); another
+    build could compute one of them otherwise. Checked once, on three steps
+    of Adam, Adam with weight decay (and a first beta that takes lerp's other
+    formula) and AdamW; where the bits differ, fused Adam runs torch's own.
+
+    Example
+    -------
+    >>> isinstance(native_adam_is_torchs(), bool)
+    True
+    """
+    if not kernels.available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    n = 4099  # vectorised body and scalar tail
+    cases = (
+        ((0.9, 0.999), 0.0, False),
+        ((0.3, 0.99), 0.01, False),
+        ((0.9, 0.999), 0.01, True),
+    )
+    for betas, weight_decay, decoupled in cases:
+        start = torch.randn(n, generator=generator)
+        ours, theirs = start.clone(), start.clone()
+        m, v = torch.zeros(n), torch.zeros(n)
+        m_torch, v_torch = torch.zeros(n), torch.zeros(n)
+        for step in (1, 2, 3):
+            grad = torch.randn(n, generator=generator) * 10.0 ** (step - 3)
+            kernels.adam_step(
+                ours, grad, (m, m, None), (v, v, None), step, 1e-3, betas, 1e-8,
+                weight_decay, decoupled,
+            )  # fmt: skip
+            functional_adam(
+                [theirs], [grad], [m_torch], [v_torch], [],
+                [torch.tensor(float(step - 1))], foreach=False,
+                decoupled_weight_decay=decoupled, amsgrad=False, beta1=betas[0],
+                beta2=betas[1], lr=1e-3, weight_decay=weight_decay, eps=1e-8,
+                maximize=False,
+            )  # fmt: skip
+        pairs = ((ours, theirs), (m, m_torch), (v, v_torch))
+        if not all(
+            torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in pairs
+        ):
+            logger.warning(
+                "OMC: the native Adam kernel does not give this torch build's "
+                "Adam bits; fused Adam runs torch.optim's single-tensor Adam"
+            )
+            return False
+    return True
 
 
 def _native_adam_step_(value, codes, grad, state, settings, storage, keys, sources):
