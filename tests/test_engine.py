@@ -102,6 +102,9 @@ INPUTS = {
     "4-D": lambda: torch.randn(2, 3, 4, 16),
     "strided 4-D": lambda: torch.randn(3, 2, 4, 16).transpose(0, 1),
     "time-major": lambda: torch.randn(3, 7, 16).permute(1, 0, 2),
+    # SpeechBrain's Conv1d output at batch size 1: rows in column-major order
+    "column-major": lambda: torch.randn(1, 16, 7).transpose(1, 2),
+    "column-major rows": lambda: torch.randn(16, 7).t(),
     "vector": lambda: torch.randn(16),
 }
 
@@ -480,3 +483,35 @@ def test_module_casts_change_the_compute_dtype_not_the_codes():
     model.float()
     assert model.a.weight.dtype == torch.float32
     assert torch.equal(model(x0).detach(), reference)
+
+
+def _compressed_linear_and_twin():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    handle = compress_module(
+        layer, OMCConfig(format="e3m7", update_mode="simple", fp32_fraction=0.0)
+    )
+    return layer, float_twin(lambda: torch.nn.Linear(16, 8), handle)
+
+
+def test_double_backward_through_a_compressed_linear_is_refused():
+    """The decoded weight is not differentiable: a second derivative would
+    silently miss its terms, so it is refused."""
+    layer, _ = _compressed_linear_and_twin()
+    x = torch.randn(3, 7, 16).permute(1, 0, 2).requires_grad_()
+    (grad,) = torch.autograd.grad((layer(x) ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+
+
+def test_forward_mode_ad_takes_the_generic_path():
+    import torch.autograd.forward_ad as fwAD
+
+    layer, twin = _compressed_linear_and_twin()
+    x = torch.randn(3, 7, 16).permute(1, 0, 2)
+    tangent = torch.randn(7, 3, 16)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(layer(fwAD.make_dual(x, tangent)))
+        want = fwAD.unpack_dual(twin(fwAD.make_dual(x, tangent)))
+    assert torch.equal(out.primal, want.primal)
+    assert torch.equal(out.tangent, want.tangent)

@@ -39,6 +39,11 @@ def test_a_missing_short_or_malformed_record_gives_nothing(tmp_path):
     assert read_seed_comparison(one_seed) is None
     bad = _record(tmp_path, "float32,1,ten,9\ndefault,1,11,9\nfloat32,2,,9\n")
     assert read_seed_comparison(bad) is None
+    pairs = "float32,1,10,9\ndefault,1,11,9\nfloat32,2,10,9\ndefault,2,11,9\n"
+    assert read_seed_comparison(_record(tmp_path, pairs)) is not None
+    for contradiction in ("default,2,nan,9\n", "float32,1,12,9\n", "default, 2,9,9\n"):
+        record = _record(tmp_path, pairs + contradiction)
+        assert read_seed_comparison(record) is None, contradiction
 
 
 def test_the_reading_states_the_record_and_whether_this_run_agrees(tmp_path):
@@ -56,7 +61,7 @@ def test_the_reading_states_the_record_and_whether_this_run_agrees(tmp_path):
     assert "OMC ends 0.50 points above float32" in near
     assert "agrees with it" in near
     far = reading(results, Interval(-2.0, -2.9, -1.1, 0.5, 800), record)
-    assert "one seed's luck" in far
+    assert "lies outside the record's interval" in far
     assert "The record over" not in reading(results, None)
 
 

@@ -364,3 +364,39 @@ def test_a_build_whose_adam_differs_falls_back_to_torchs(monkeypatch):
         fused(twin, grad, twin_state, AdamSettings(), StateStorage())
     assert codes.to_bytes() == twin.to_bytes()
     assert state_bytes(state) == state_bytes(twin_state)
+
+
+@native
+def test_the_probe_finds_a_kernel_that_differs_by_one_bit(monkeypatch, caplog):
+    real = kernels.adam_step
+
+    def off_by_one_ulp(value, *args, **kwargs):
+        out = real(value, *args, **kwargs)
+        value.view(torch.int32)[7] += 1
+        return out
+
+    rules.native_adam_is_torchs.cache_clear()
+    try:
+        monkeypatch.setattr(kernels, "adam_step", off_by_one_ulp)
+        with caplog.at_level("WARNING"):
+            assert not rules.native_adam_is_torchs()
+        assert "native Adam kernel not used" in caplog.text
+        rules.native_adam_is_torchs.cache_clear()
+        monkeypatch.setattr(kernels, "adam_step", real)
+        assert rules.native_adam_is_torchs()
+    finally:
+        rules.native_adam_is_torchs.cache_clear()
+
+
+@native
+def test_the_probes_do_not_follow_the_default_dtype():
+    rules.native_adam_is_torchs.cache_clear()
+    kernels.torch_sqrt.cache_clear()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert kernels.torch_sqrt()[1] and rules.native_adam_is_torchs()
+    finally:
+        torch.set_default_dtype(default)
+        rules.native_adam_is_torchs.cache_clear()
+        kernels.torch_sqrt.cache_clear()

@@ -218,3 +218,7 @@ def test_finished_runs_of_the_same_settings_are_adopted_not_rerun(tmp_path):
     assert not busy.done and not mine[0].done
     assert adopt_finished(mine, tmp_path / "other") == []  # nothing twice
     assert adopt_finished(mine, tmp_path / "absent") == []
+    # A summary being written (truncated) is not a finished run.
+    (other[-1].folder / "summary.json").write_text('{"seed": 3')
+    assert adopt_finished(mine, tmp_path / "other") == []
+    assert not mine[-1].done

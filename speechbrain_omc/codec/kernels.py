@@ -536,10 +536,12 @@ _VML_MODE = 0x2 | 0x140000 | 0x100
 def _probe_values() -> torch.Tensor:
     """Float32 values over the whole range, subnormals and zero included."""
     gen = torch.Generator().manual_seed(0)
-    mantissa = torch.rand(1 << 14, generator=gen) + 1.0
+    # Dtypes explicit: the probe must not follow torch.set_default_dtype.
+    mantissa = torch.rand(1 << 14, generator=gen, dtype=torch.float64) + 1.0
     exponent = torch.randint(-149, 127, (1 << 14,), generator=gen)
-    x = torch.ldexp(mantissa.double(), exponent.double()).float()
-    return torch.cat([x, torch.tensor([0.0, 1.0, 2.0, 1e-45, 3.4e38])])
+    x = torch.ldexp(mantissa, exponent.double()).float()
+    edges = torch.tensor([0.0, 1.0, 2.0, 1e-45, 3.4e38], dtype=torch.float32)
+    return torch.cat([x, edges])
 
 
 def _mkl_sqrt():

@@ -27,11 +27,14 @@ Example
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map
 
@@ -145,8 +148,11 @@ def _eager_only(fn: Callable) -> Callable:
         from torch._dynamo.types import FrameAction, FrameExecStrategy
     except ImportError:  # another torch: the documented, slower way
         return torch.compiler.disable(fn)
-    skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
-    set_code_exec_strategy(fn.__code__, skip)
+    try:
+        skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
+        set_code_exec_strategy(fn.__code__, skip)
+    except Exception:  # an internal API that changed: the documented way
+        return torch.compiler.disable(fn)
     fn._torchdynamo_disable = True  # tracing breaks the graph here
     return fn
 
@@ -365,6 +371,8 @@ class CompressedParameter(torch.Tensor):
 
 
 _LINEAR = torch.nn.functional.linear
+# ATen's switch for strided 3-D inputs with a bias (read once, as ATen does).
+_ATEN_FLATTENS_3D = os.environ.get("TORCH_LINEAR_FLATTEN_3D", "0") not in ("", "0")
 _NO_SUBCLASS_FUNCTION = torch._C.DisableTorchFunctionSubclass
 # Devices whose autocast state can be asked (others take the generic path).
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -386,6 +394,7 @@ def _linear(input, weight, bias=None):
         or weight._slot.codes.device != input.device
         or torch.is_autocast_enabled(input.device.type)
         or torch.compiler.is_compiling()
+        or _forward_ad._current_level >= 0  # dual tensors: no jvp here
     ):
         return NotImplemented
     grad = torch.is_grad_enabled() and (
@@ -432,11 +441,18 @@ def _bias_after_product(input: torch.Tensor, weight, bias) -> bool | None:
     if dim < 2:
         return None
     strided = dim > 2 and not input.is_contiguous()
-    if strided and not weight.requires_grad:
-        return None  # matmul would compute a batched product instead
+    if strided and (_ATEN_FLATTENS_3D or not weight.requires_grad):
+        # ATen copies the batch into one addmm, or matmul computes a batched
+        # product instead.
+        return None
     if bias is None or dim == 2 or (dim == 3 and not strided):
         return False
     return True if strided else None
+
+
+def _column_major(rows: torch.Tensor) -> bool:
+    """ATen's test for a column-major matrix (``mm_mat1_backward``)."""
+    return rows.stride(0) == 1 and rows.stride(1) == rows.size(0)
 
 
 class _DecodedLinear(torch.autograd.Function):
@@ -450,11 +466,16 @@ class _DecodedLinear(torch.autograd.Function):
             return _LINEAR(rows, weight.decoded(), bias)
 
     @staticmethod
+    @once_differentiable  # the decoded weight is not: refuse double backward
     def backward(ctx, grad):
         rows, weight = ctx.saved_tensors
         grad_rows = grad_weight = grad_bias = None
         with _NO_SUBCLASS_FUNCTION():
-            if ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0] and _column_major(rows):
+                # As ATen's mm backward, which keeps a column-major input's
+                # layout (and so its rounding).
+                grad_rows = weight.decoded().t().mm(grad.t()).t()
+            elif ctx.needs_input_grad[0]:
                 grad_rows = grad.mm(weight.decoded())
             if ctx.needs_input_grad[1]:
                 grad_weight = grad.t().mm(rows)

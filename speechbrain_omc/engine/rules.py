@@ -539,20 +539,40 @@ def native_adam_is_torchs() -> bool:
     """
     if not kernels.available():
         return False
+    try:
+        same = _adam_probe()
+    except (RuntimeError, TypeError, ValueError) as error:
+        same, reason = False, f"the probe failed ({error})"
+    else:
+        reason = "it does not give this torch build's Adam bits"
+    if not same:
+        logger.warning(
+            "OMC: native Adam kernel not used: %s; fused Adam runs "
+            "torch.optim's single-tensor Adam",
+            reason,
+        )
+    return same
+
+
+def _adam_probe() -> bool:
+    """Three steps of each probed setting, kernel against torch."""
     generator = torch.Generator().manual_seed(0)
     n = 4099  # vectorised body and scalar tail
+
+    def floats(scale: float = 1.0) -> torch.Tensor:  # whatever the default dtype
+        return torch.randn(n, generator=generator, dtype=torch.float32) * scale
+
     cases = (
         ((0.9, 0.999), 0.0, False),
         ((0.3, 0.99), 0.01, False),
         ((0.9, 0.999), 0.01, True),
     )
     for betas, weight_decay, decoupled in cases:
-        start = torch.randn(n, generator=generator)
-        ours, theirs = start.clone(), start.clone()
-        m, v = torch.zeros(n), torch.zeros(n)
-        m_torch, v_torch = torch.zeros(n), torch.zeros(n)
+        ours = floats()
+        theirs = ours.clone()
+        m, v, m_torch, v_torch = (torch.zeros(n, dtype=torch.float32) for _ in "mvmv")
         for step in (1, 2, 3):
-            grad = torch.randn(n, generator=generator) * 10.0 ** (step - 3)
+            grad = floats(10.0 ** (step - 3))
             kernels.adam_step(
                 ours, grad, (m, m, None), (v, v, None), step, 1e-3, betas, 1e-8,
                 weight_decay, decoupled,
@@ -568,10 +588,6 @@ def native_adam_is_torchs() -> bool:
         if not all(
             torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in pairs
         ):
-            logger.warning(
-                "OMC: the native Adam kernel does not give this torch build's "
-                "Adam bits; fused Adam runs torch.optim's single-tensor Adam"
-            )
             return False
     return True
 

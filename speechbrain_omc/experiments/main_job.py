@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -157,13 +158,16 @@ def read_seed_comparison(runs_csv: Path) -> SeedComparison | None:
             rows = list(csv.DictReader(f))
     except OSError:
         return None
-    wer: dict[str, dict[str, float]] = {}
+    wer: dict[str, dict[int, float]] = {}
     for row in rows:
         try:
-            value = float(row["test_WER"])
+            seed, value = int(row["seed"]), float(row["test_WER"])
         except (KeyError, TypeError, ValueError):
-            continue
-        wer.setdefault(row.get("cell", ""), {})[row.get("seed", "")] = value
+            continue  # an unfinished or malformed row
+        runs = wer.setdefault(row.get("cell", ""), {})
+        if not math.isfinite(value) or seed in runs:
+            return None  # a record that contradicts itself says nothing
+        runs[seed] = value
     f32 = wer.get(RECORD_CELLS["float32"], {})
     omc = wer.get(RECORD_CELLS["OMC"], {})
     seeds = sorted(set(f32) & set(omc))
@@ -191,8 +195,14 @@ def _seed_lines(record: SeedComparison | None, difference: Interval | None) -> l
     if difference is not None:
         agrees = d.low <= difference.value <= d.high or difference.contains(d.value)
         lines.append(
-            f"This run's difference ({difference.value:+.2f}) "
-            + ("agrees with it." if agrees else "lies away from it: one seed's luck.")
+            f"This run's difference ({difference.value:+.2f}; its seed is one of "
+            "the record's) "
+            + (
+                "agrees with it."
+                if agrees
+                else "lies outside the record's interval and its own: another "
+                "machine or code than the record's, or an outlying seed."
+            )
         )
     return lines
 

@@ -147,14 +147,18 @@ def adopt_finished(runs: Sequence[Run], other: Path) -> list[Run]:
             continue
         try:
             spec = json.loads((source / SPEC).read_text(encoding="utf-8"))
+            summary = (source / SUMMARY).read_text(encoding="utf-8")
+            if not isinstance(json.loads(summary), dict):
+                continue
         except (OSError, ValueError):
-            continue
+            continue  # unreadable, or a summary being written
         if spec != run.spec or (run.folder / SPEC).is_file():
-            continue  # another run, or a run of this grid under way
+            continue  # another run, or a run of this grid started here
         run.folder.mkdir(parents=True, exist_ok=True)
-        summary = (source / SUMMARY).read_bytes()
         (run.folder / SPEC).write_text(json.dumps(run.spec, indent=2) + "\n")
-        (run.folder / SUMMARY).write_bytes(summary)
+        partial = run.folder / (SUMMARY + ".tmp")
+        partial.write_text(summary, encoding="utf-8")
+        os.replace(partial, run.folder / SUMMARY)  # done only when whole
         logger.info("adopted from %s: %s", source, run.folder)
         adopted.append(run)
     return adopted
