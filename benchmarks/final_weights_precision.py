@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         f"models of `{args.record}` (seeds {seeds}), scored on the held-out test "
         "speakers as the main job scores them. Weight matrices only (as OMC's "
         "default); biases and norms stay float32.",
+        f"Machine: {platform.machine()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, one torch thread (a scoring, not a timing).",
         "",
         "| weights | test WER % per seed | mean [95 % CI over seeds] "
         "| vs float32, paired |",
