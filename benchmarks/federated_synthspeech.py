@@ -292,7 +292,8 @@ python -m speechbrain_omc.asr.federation fed_fp32.yaml \\
   training noise (initialisation, client sampling, stochastic rounding). The
   same two configurations and bf16 + stochastic rounding over eight seeds are
   `benchmarks/results/parity/parity.md` (`python -m
-  speechbrain_omc.experiments.parity`, resumable; in progress).
+  speechbrain_omc.experiments.parity`); the job prints that record's
+  paired difference beside its own verdict.
 - Bytes communicated are the summed `len()` of every message, server to clients
   and back, over all rounds: OMC sends **{record["bytes_reduction"]:.1%} fewer**.
   The float32-equivalent bytes of the OMC run's own messages:
