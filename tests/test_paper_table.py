@@ -222,3 +222,24 @@ def test_finished_runs_of_the_same_settings_are_adopted_not_rerun(tmp_path):
     (other[-1].folder / "summary.json").write_text('{"seed": 3')
     assert adopt_finished(mine, tmp_path / "other") == []
     assert not mine[-1].done
+
+
+def test_a_report_only_adopts_nothing(tmp_path):
+    from speechbrain_omc.experiments.paper_table import (
+        grid_from_args,
+        main,
+        parse_args,
+    )
+    from speechbrain_omc.experiments.runner import adopt_finished, plan_runs
+
+    argv = ["--quick", "--seeds", "1986", "--output", str(tmp_path / "mine")]
+    cells, settings = grid_from_args(*parse_args(argv))
+    other = plan_runs(cells, settings, tmp_path / "other")[0]
+    other.folder.mkdir(parents=True)
+    (other.folder / "run.json").write_text(json.dumps(other.spec))
+    (other.folder / "summary.json").write_text("{}")
+    main([*argv, "--report-only", "--reuse", str(tmp_path / "other")])
+    assert not (tmp_path / "mine" / "runs").exists()
+    # The same run is adopted by a grid that runs (checked without running).
+    mine = plan_runs(cells, settings, tmp_path / "mine")
+    assert adopt_finished(mine, tmp_path / "other") == [mine[0]]

@@ -368,9 +368,9 @@ def main(
         write_report(output, runs, settings, state, experiment=experiment)
 
     outcome = {"failed": {}}
-    for other in args.reuse:
-        adopt_finished(runs, other)
-    if not args.report_only:
+    if not args.report_only:  # a report changes no run folder
+        for other in args.reuse:
+            adopt_finished(runs, other)
         state.setdefault("invocations", []).append(invocation)
         start = time.perf_counter()
         try:
