@@ -146,12 +146,10 @@ def _eager_only(fn: Callable) -> Callable:
     try:
         from torch._C._dynamo.eval_frame import set_code_exec_strategy
         from torch._dynamo.types import FrameAction, FrameExecStrategy
-    except ImportError:  # another torch: the documented, slower way
-        return torch.compiler.disable(fn)
-    try:
+
         skip = FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP)
         set_code_exec_strategy(fn.__code__, skip)
-    except Exception:  # an internal API that changed: the documented way
+    except Exception:  # another torch's internals: the documented, slower way
         return torch.compiler.disable(fn)
     fn._torchdynamo_disable = True  # tracing breaks the graph here
     return fn

@@ -450,8 +450,6 @@ def _torch_adam_step_(value, codes, grad, state, settings, storage, scratch, key
             moments[name] = torch.zeros_like(value)
     exp_avg, exp_avg_sq = moments["exp_avg"], moments["exp_avg_sq"]
     step = state.get("step", 0)
-    step_t = torch.tensor(float(step))
-    beta1, beta2 = settings.betas
     # torch.optim's own single-tensor Adam: the same operations, the same
     # bits. Its temporaries (the denominator) are as large as the slice it
     # steps: slices of ADAM_CHUNK values keep them small, so they do not
@@ -460,23 +458,7 @@ def _torch_adam_step_(value, codes, grad, state, settings, storage, scratch, key
     flat = [t.view(-1) for t in (value, grad, exp_avg, exp_avg_sq)]
     for start in range(0, value.numel(), ADAM_CHUNK):
         parts = [t[start : start + ADAM_CHUNK] for t in flat]
-        functional_adam(
-            [parts[0]],
-            [parts[1]],
-            [parts[2]],
-            [parts[3]],
-            [],
-            [step_t.clone()],
-            foreach=False,
-            decoupled_weight_decay=settings.decoupled,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=settings.lr,
-            weight_decay=settings.weight_decay,
-            eps=settings.eps,
-            maximize=False,
-        )
+        _torch_adam_(*parts, step, settings)
     state["exp_avg"] = storage.store("exp_avg", exp_avg, keys)
     state["exp_avg_sq"] = storage.store("exp_avg_sq", exp_avg_sq, keys)
     state["step"] = step + 1
@@ -484,6 +466,29 @@ def _torch_adam_step_(value, codes, grad, state, settings, storage, scratch, key
         return StepResult(0, _finite_minmax(value))
     except ValueError:
         return StepResult(0)  # an overflow: the caller's encoding says so
+
+
+def _torch_adam_(param, grad, exp_avg, exp_avg_sq, steps_done: int, settings):
+    """``torch.optim``'s own single-tensor Adam step on these tensors, in place
+    (``steps_done`` steps before this one)."""
+    beta1, beta2 = settings.betas
+    functional_adam(
+        [param],
+        [grad],
+        [exp_avg],
+        [exp_avg_sq],
+        [],
+        [torch.tensor(float(steps_done))],
+        foreach=False,
+        decoupled_weight_decay=settings.decoupled,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        eps=settings.eps,
+        maximize=False,
+    )
 
 
 def _native_sources(value, codes, grad, state, storage) -> dict | None:
@@ -562,28 +567,22 @@ def _adam_probe() -> bool:
     def floats(scale: float = 1.0) -> torch.Tensor:  # whatever the default dtype
         return torch.randn(n, generator=generator, dtype=torch.float32) * scale
 
-    cases = (
-        ((0.9, 0.999), 0.0, False),
-        ((0.3, 0.99), 0.01, False),
-        ((0.9, 0.999), 0.01, True),
+    cases = (  # lerp's two branches (first beta 0.9 and 0.3), Adam and AdamW
+        AdamSettings(),
+        AdamSettings(betas=(0.3, 0.99), weight_decay=0.01),
+        AdamSettings(weight_decay=0.01, decoupled=True),
     )
-    for betas, weight_decay, decoupled in cases:
+    for case in cases:
         ours = floats()
         theirs = ours.clone()
-        m, v, m_torch, v_torch = (torch.zeros(n, dtype=torch.float32) for _ in "mvmv")
+        m, v, m_torch, v_torch = torch.zeros(4, n, dtype=torch.float32).unbind()
         for step in (1, 2, 3):
             grad = floats(10.0 ** (step - 3))
             kernels.adam_step(
-                ours, grad, (m, m, None), (v, v, None), step, 1e-3, betas, 1e-8,
-                weight_decay, decoupled,
+                ours, grad, (m, m, None), (v, v, None), step, case.lr, case.betas,
+                case.eps, case.weight_decay, case.decoupled,
             )  # fmt: skip
-            functional_adam(
-                [theirs], [grad], [m_torch], [v_torch], [],
-                [torch.tensor(float(step - 1))], foreach=False,
-                decoupled_weight_decay=decoupled, amsgrad=False, beta1=betas[0],
-                beta2=betas[1], lr=1e-3, weight_decay=weight_decay, eps=1e-8,
-                maximize=False,
-            )  # fmt: skip
+            _torch_adam_(theirs, grad, m_torch, v_torch, step - 1, case)
         pairs = ((ours, theirs), (m, m_torch), (v, v_torch))
         if not all(
             torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in pairs

@@ -186,11 +186,9 @@ def _seed_lines(record: SeedComparison | None, difference: Interval | None) -> l
     d = record.difference
     lines = [
         f"The record over {d.n} seeds ({MULTI_SEED_RECORD}), this job's setting: "
-        f"float32 {record.float32.value:.2f} % [{record.float32.low:.2f}, "
-        f"{record.float32.high:.2f}], OMC {record.omc.value:.2f} % "
-        f"[{record.omc.low:.2f}, {record.omc.high:.2f}]; OMC minus float32, "
-        f"paired by seed, {d.value:+.2f} points [{d.low:+.2f}, {d.high:+.2f}]: "
-        f"{record.verdict()}."
+        f"float32 {record.float32.format()}, OMC {record.omc.format()}; OMC minus "
+        f"float32, paired by seed, {d.value:+.2f} points [{d.low:+.2f}, "
+        f"{d.high:+.2f}]: {record.verdict()}."
     ]
     if difference is not None:
         agrees = d.low <= difference.value <= d.high or difference.contains(d.value)

@@ -83,6 +83,11 @@ class Run:
         """The finished run's ``summary.json``."""
         return json.loads((self.folder / SUMMARY).read_text(encoding="utf-8"))
 
+    def write_spec(self) -> None:
+        """Record what the run is (``run.json``) in its folder."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / SPEC).write_text(json.dumps(self.spec, indent=2) + "\n")
+
     def check_spec(self) -> None:
         """Raise :class:`GridMismatch` if the folder holds a run with other settings."""
         path = self.folder / SPEC
@@ -154,8 +159,7 @@ def adopt_finished(runs: Sequence[Run], other: Path) -> list[Run]:
             continue  # unreadable, or a summary being written
         if spec != run.spec or (run.folder / SPEC).is_file():
             continue  # another run, or a run of this grid started here
-        run.folder.mkdir(parents=True, exist_ok=True)
-        (run.folder / SPEC).write_text(json.dumps(run.spec, indent=2) + "\n")
+        run.write_spec()
         partial = run.folder / (SUMMARY + ".tmp")
         partial.write_text(summary, encoding="utf-8")
         os.replace(partial, run.folder / SUMMARY)  # done only when whole
@@ -197,8 +201,7 @@ def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
 
 
 def _start(run: Run) -> subprocess.Popen:
-    run.folder.mkdir(parents=True, exist_ok=True)
-    (run.folder / SPEC).write_text(json.dumps(run.spec, indent=2) + "\n")
+    run.write_spec()
     log = open(run.folder / "stderr.txt", "ab")  # noqa: SIM115 (closed on exit)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
