@@ -155,6 +155,86 @@ def test_linear_is_bit_exact_and_decodes_once_each_way(kind, bias):
         assert torch.equal(layer(x), twin(x))
 
 
+CONVOLUTIONS = {
+    # SpeechBrain's CNN front end, Conformer's depthwise and pointwise ones
+    "conv2d strided": (lambda: torch.nn.Conv2d(3, 5, 3, stride=2), (2, 3, 9, 11)),
+    "depthwise": (lambda: torch.nn.Conv1d(4, 4, 5, padding=2, groups=4), (2, 4, 9)),
+    "pointwise": (lambda: torch.nn.Conv1d(4, 6, 1, bias=False), (3, 4, 9)),
+    "dilated": (lambda: torch.nn.Conv1d(4, 6, 3, dilation=2, padding=(2,)), (2, 4, 9)),
+    # the generic path: an unbatched input, a padding ATen computes itself,
+    # a grouped 2-D convolution
+    "grouped conv2d": (lambda: torch.nn.Conv2d(4, 4, 3, groups=2), (2, 4, 7, 7)),
+    "unbatched": (lambda: torch.nn.Conv1d(4, 6, 3), (4, 9)),
+    "same": (lambda: torch.nn.Conv1d(4, 6, 3, padding="same"), (2, 4, 9)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONVOLUTIONS))
+def test_convolution_is_bit_exact_and_decodes_once_each_way(kind):
+    """conv1d/conv2d with a compressed weight give float32's outputs and
+    gradients bit for bit, saving the compressed weight for backward; a
+    batched input with numeric padding skips per-op dispatch: one decode in
+    forward, one in backward."""
+    factory, shape = CONVOLUTIONS[kind]
+    torch.manual_seed(0)
+    conv = factory()
+    handle = compress_module(
+        conv, OMCConfig(format="e3m7", update_mode="simple", fp32_fraction=0.0)
+    )
+    twin = float_twin(factory, handle)
+    slot = handle.slots["weight"]
+    decode, calls = slot.decode, []
+    slot.decode = lambda s: calls.append(1) or decode(s)
+    x = torch.randn(shape, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t) or t, lambda t: t
+    ):
+        out = conv(x)
+    expected = twin(x_twin)
+    assert torch.equal(out, expected)
+    weights = torch.randn(out.shape)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.equal(x.grad, x_twin.grad)
+    assert torch.equal(conv.weight.grad, twin.weight.grad)
+    if conv.bias is not None:
+        assert torch.equal(conv.bias.grad, twin.bias.grad)
+    # The graph keeps the compressed weight, never a float32 copy of it.
+    assert any(t is conv.weight for t in saved)
+    assert not any(
+        type(t) is torch.Tensor and t.shape == conv.weight.shape for t in saved
+    )
+    if kind not in ("unbatched", "same", "grouped conv2d"):
+        assert len(calls) == 2
+    with torch.no_grad():
+        assert torch.equal(conv(x), twin(x))
+    as_keywords = torch.nn.functional.conv1d if x.dim() == 3 else None
+    if as_keywords is not None and conv.padding != "same":
+        keywords = dict(stride=conv.stride, padding=conv.padding, groups=conv.groups)
+        got = as_keywords(x, conv.weight, bias=conv.bias, **keywords)
+        assert torch.equal(got, as_keywords(x, twin.weight, bias=twin.bias, **keywords))
+    # A frozen weight: only the input's gradient, as float32's.
+    conv.weight.requires_grad_(False)
+    twin.weight.requires_grad_(False)
+    x.grad = x_twin.grad = None
+    (conv(x) * weights).sum().backward()
+    (twin(x_twin) * weights).sum().backward()
+    assert torch.equal(x.grad, x_twin.grad)
+
+
+def test_double_backward_through_a_compressed_convolution_is_refused():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(4, 6, 3)
+    config = OMCConfig(format="e3m7", update_mode="simple", fp32_fraction=0.0)
+    compress_module(conv, config)
+    x = torch.randn(2, 4, 9, requires_grad=True)
+    (grad,) = torch.autograd.grad((conv(x) ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+
+
 def test_fused_step_equals_decompress_sgd_compress():
     torch.manual_seed(0)
     model = TwoLayer()

@@ -359,6 +359,10 @@ class CompressedParameter(torch.Tensor):
             out = _linear(*args, **(kwargs or {}))
             if out is not NotImplemented:
                 return out
+        elif func in _CONVOLUTIONS:
+            out = _convolution(func, *args, **(kwargs or {}))
+            if out is not NotImplemented:
+                return out
         with _NO_SUBCLASS_FUNCTION():
             return func(*args, **(kwargs or {}))
 
@@ -377,13 +381,11 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 _PLAIN_BIAS = (type(None), torch.Tensor, torch.nn.Parameter)
 
 
-def _linear(input, weight, bias=None):
-    """``F.linear`` on a whole compressed weight, without per-op dispatch."""
-    # Dispatched op by op, a small layer's cost is Python's; here the weight
-    # is decoded once in forward and once in backward. NotImplemented leaves
-    # the rare cases (views, casts, compressed inputs, autocast, tracing) to
-    # the generic dispatch.
-    if (
+def _direct(input, weight, bias) -> bool:
+    """Whether an op of a whole compressed weight may skip per-op dispatch:
+    not the rare cases (views, casts, compressed inputs, autocast, tracing),
+    which the generic dispatch serves."""
+    return not (
         type(input) is not torch.Tensor
         or not isinstance(weight, CompressedParameter)
         or not weight._whole
@@ -393,13 +395,24 @@ def _linear(input, weight, bias=None):
         or torch.is_autocast_enabled(input.device.type)
         or torch.compiler.is_compiling()
         or _forward_ad._current_level >= 0  # dual tensors: no jvp here
-    ):
-        return NotImplemented
-    grad = torch.is_grad_enabled() and (
+    )
+
+
+def _needs_grad(input, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (
         input.requires_grad
         or weight.requires_grad
         or (bias is not None and bias.requires_grad)
     )
+
+
+def _linear(input, weight, bias=None):
+    """``F.linear`` on a whole compressed weight, without per-op dispatch."""
+    # Dispatched op by op, a small layer's cost is Python's; here the weight
+    # is decoded once in forward and once in backward.
+    if not _direct(input, weight, bias):
+        return NotImplemented
+    grad = _needs_grad(input, weight, bias)
     bias_after = _bias_after_product(input, weight, bias)
     if not grad and bias_after is None:
         with _NO_SUBCLASS_FUNCTION():
@@ -480,6 +493,67 @@ class _DecodedLinear(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = grad.sum(0)
         return grad_rows, grad_weight, grad_bias
+
+
+# F.conv1d and F.conv2d (SpeechBrain's CNN layers, Conformer's depthwise
+# convolution), by their number of spatial dimensions.
+_CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2}
+
+
+def _convolution(
+    func, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
+):
+    """``F.conv1d`` / ``F.conv2d`` on a whole compressed weight, without per-op
+    dispatch: decoded once in forward and once in backward."""
+    dims = _CONVOLUTIONS[func]
+    if (
+        not _direct(input, weight, bias)
+        or isinstance(padding, str)  # "same" pads the input itself
+        or input.dim() != dims + 2  # an unbatched input is batched first
+        # ATen computes some grouped 2-D convolutions (ARM's depthwise 3x3)
+        # otherwise when no backward follows: the generic path runs them
+        # inside autograd, as the float32 model does.
+        or (dims == 2 and groups != 1)
+    ):
+        return NotImplemented
+    args = (*(_expanded(p, dims) for p in (stride, padding, dilation)), groups)
+    if not _needs_grad(input, weight, bias):
+        with _NO_SUBCLASS_FUNCTION():
+            return func(input, weight.decoded(), bias, *args)
+    return _DecodedConvolution.apply(input, weight, bias, func, args)
+
+
+def _expanded(param, dims: int) -> list[int]:
+    """One value per spatial dimension, as ATen expands an int or a
+    one-element sequence."""
+    values = [param] if isinstance(param, int) else list(param)
+    return values * dims if len(values) == 1 else values
+
+
+class _DecodedConvolution(torch.autograd.Function):
+    """A convolution of a batch, saving the compressed weight for backward."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, func, args):
+        ctx.save_for_backward(input, weight)
+        ctx.args, ctx.bias_sizes = args, None if bias is None else list(bias.shape)
+        with _NO_SUBCLASS_FUNCTION():
+            return func(input, weight.decoded(), bias, *args)
+
+    @staticmethod
+    @once_differentiable  # the decoded weight is not: refuse double backward
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.args
+        mask = [*ctx.needs_input_grad[:2], ctx.bias_sizes is not None]
+        mask[2] = mask[2] and ctx.needs_input_grad[2]
+        with _NO_SUBCLASS_FUNCTION():
+            # What ATen's autograd runs for convolution (not transposed).
+            grads = aten.convolution_backward.default(
+                grad, input, weight.decoded(), ctx.bias_sizes, stride, padding,
+                dilation, False, [0] * len(stride), groups, mask,
+            )  # fmt: skip
+        return (*grads, None, None)
 
 
 def _dispatch(func, args, kwargs):
