@@ -174,8 +174,19 @@ class CompressedTensor:
         x32 = x32.to(self._packed.device)
         if minmax is None:
             minmax = _finite_minmax(x32)
-        else:
-            minmax = tuple(v + 0.0 for v in minmax)  # -0.0 as _finite_minmax
+        return self.refit_(x32, minmax, rounding, generator)
+
+    def refit_(
+        self,
+        x32: torch.Tensor,
+        minmax: tuple[float, float],
+        rounding: str,
+        generator: torch.Generator | int | None,
+    ) -> CompressedTensor:
+        """:meth:`assign_` of a value already checked: contiguous float32 of
+        this shape on the codes' device, finite, ``minmax`` its range (a
+        fused update's, at every step)."""
+        minmax = (minmax[0] + 0.0, minmax[1] + 0.0)  # -0.0 as _finite_minmax
         fitted = fit_transform(
             x32, self._format, self._transform.kind, self._clip, minmax=minmax
         )
@@ -215,13 +226,19 @@ class CompressedTensor:
                 f"out must be a contiguous float32 tensor of {n} values on "
                 f"{packed.device} (and dtype float32)"
             )
-        out = out.view(-1)
-        if kernels.native_for(packed, out):  # one pass, straight into out
+        out = self.decode_into(out.view(-1))
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def decode_into(self, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`decompress` into ``out``, unchecked: a contiguous 1-D float32
+        tensor of :meth:`numel` values on the codes' device (an engine's
+        workspace buffer, at every forward and backward). Returns ``out``
+        viewed in :attr:`shape`."""
+        if kernels.native_for(self._packed):  # one pass, straight into out
             kernels.decode_prepared(self._prepared_decode(), out)
         else:
-            _decode_reference(packed, self._format, self._transform, out)
-        out = out.view(self._shape)
-        return out if dtype == torch.float32 else out.to(dtype)
+            _decode_reference(self._packed, self._format, self._transform, out)
+        return out.view(self._shape)
 
     def _prepared_decode(self) -> kernels.DecodeCall:
         # Weights are decoded in every forward and backward and written once

@@ -297,7 +297,7 @@ def native_for(*tensors: torch.Tensor) -> bool:
     >>> native_for(torch.zeros(3, device="meta"))
     False
     """
-    if _suspended or not available():
+    if _suspended or _library() is None:
         return False
     for t in tensors:  # a plain loop: this runs for every decode and encode
         if not t.is_cpu or t.requires_grad or not t.is_contiguous():
@@ -588,14 +588,16 @@ def torch_sqrt() -> tuple[int | None, bool]:
 
 def _moment(source, target, key: int | None) -> _Moment:
     arg = _Moment()
-    if isinstance(source, torch.Tensor):
+    if source is None:
+        pass
+    elif type(source) is not tuple:  # float32 values
         arg.in_values = source.data_ptr()
-    elif source is not None:
+    else:
         packed, scales, fmt, sqrt = source
         arg.in_codes, arg.in_scales = packed.data_ptr(), scales.data_ptr()
         arg.in_nbytes, arg.in_sqrt = packed.numel(), int(sqrt)
         arg.in_format[:] = fmt
-    if isinstance(target, torch.Tensor):
+    if type(target) is not tuple:
         arg.out_values = target.data_ptr()
     else:
         packed, scales, fmt, sqrt = target
@@ -611,7 +613,7 @@ def _check_moment(side, n: int, block: int) -> None:
     kernel indexes them by ``n`` alone."""
     if side is None:
         return
-    if isinstance(side, torch.Tensor):
+    if type(side) is not tuple:  # float32 values
         if side.dtype != torch.float32 or side.numel() != n or not native_for(side):
             raise ValueError(
                 "float32 moments must be contiguous CPU tensors of n values"
@@ -623,19 +625,6 @@ def _check_moment(side, n: int, block: int) -> None:
             f"block codes of {packed.numel()} bytes and {scales.numel()} scales "
             f"do not hold {n} values of {fmt[1]} bits in blocks of {block}"
         )
-
-
-def _check_adam_buffers(value, grad, moments, block: int) -> None:
-    """Every buffer :func:`adam_step` touches covers exactly the weight's values."""
-    if grad.dtype != torch.float32 or value.dtype != torch.float32:
-        raise TypeError("adam_step works on float32 values and gradients")
-    n = value.numel()
-    if grad.numel() != n:
-        raise ValueError("grad and value differ in size")
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two of at least 16, got {block}")
-    for side in moments:
-        _check_moment(side, n, block)
 
 
 def adam_step(
@@ -669,8 +658,16 @@ def adam_step(
     non-finite values)``; for a non-finite gradient no float32 target was
     written and ``value`` and the codes written are garbage.
     """
-    _check_adam_buffers(value, grad, (*exp_avg[:2], *exp_avg_sq[:2]), block)
-    sqrt_fn, _ = torch_sqrt()
+    if grad.dtype != torch.float32 or value.dtype != torch.float32:
+        raise TypeError("adam_step works on float32 values and gradients")
+    n = value.numel()
+    if grad.numel() != n:
+        raise ValueError("grad and value differ in size")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two of at least 16, got {block}")
+    for side in (*exp_avg[:2], *exp_avg_sq[:2]):
+        _check_moment(side, n, block)
+    sqrt_fn = torch_sqrt()[0]
     beta1, beta2 = betas
     # torch's scalars: Python doubles (the step count a float, as
     # _get_value(step_t) gives it), each cast to float32 where ATen takes it.

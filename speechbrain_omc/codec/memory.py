@@ -93,7 +93,8 @@ class Workspace:
     ) -> torch.Tensor:
         """An uninitialised 1-D tensor of ``numel`` values on ``device``."""
         nbytes = numel * dtype.itemsize
-        if nbytes < MAPPED_MIN_BYTES or torch.device(device).type != "cpu":
+        on_cpu = device == "cpu" if type(device) is str else device.type == "cpu"
+        if nbytes < MAPPED_MIN_BYTES or not on_cpu:
             return torch.empty(numel, dtype=dtype, device=device)
         with self._lock:
             if self.exact:
@@ -103,9 +104,13 @@ class Workspace:
             return torch.frombuffer(buffer, dtype=dtype, count=numel)
 
     def _same_size(self, key: tuple[torch.dtype | None, int]) -> mmap.mmap:
-        pool = self._buffers.setdefault(key, [])
+        pool = self._buffers.get(key)
+        if pool is None:
+            pool = self._buffers[key] = []
         for buffer in pool:
-            if self._idle(buffer):
+            # Idle: held by the pool's list, this loop and getrefcount only
+            # (as _idle; inlined, this runs for every transient buffer).
+            if sys.getrefcount(buffer) <= 3:
                 return buffer
         buffer = mmap.mmap(-1, key[1])
         pool.append(buffer)

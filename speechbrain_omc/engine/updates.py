@@ -186,18 +186,23 @@ class UpdatePolicy:
                 "after the gradients are all-reduced); call handle.step() "
                 "before optimizer.step(), as OMCBrain does"
             )
+        codes = slot.codes
         if minmax is None:
             try:
                 minmax = _finite_minmax(value)
             except ValueError:  # an update that went non-finite
                 bad = int((~torch.isfinite(value)).sum())
                 return self._skip(slot.name, bad, "updated value")
-        slot.codes.assign_(
-            value,
-            rounding=self.config.update_rounding,
-            generator=self._rounding_key(slot.name),
-            minmax=minmax,
-        )
+        key = self._rounding_key(slot.name)
+        rounding = self.config.update_rounding
+        if (
+            value.dtype == torch.float32
+            and value.device == codes.device
+            and value.shape == codes.shape
+        ):  # a fused update's scratch value, or an in-place op's result
+            codes.refit_(value.detach().contiguous(), minmax, rounding, key)
+        else:
+            codes.assign_(value, rounding=rounding, generator=key, minmax=minmax)
         self.state[slot.name].steps += 1
 
     def _skip(self, name: str, bad: int, what: str = "gradient") -> None:
@@ -242,15 +247,16 @@ class UpdatePolicy:
             self._deferred.add(param.slot.name)
             return
         if self.holds_gradients:
-            slot = param.slot
-            grad, param.grad = param.grad, None
+            slot = param._slot
+            with _PLAIN_ATTRIBUTES():  # not through __torch_function__
+                grad, param.grad = param.grad, None
             itemsize = self.held_itemsize(slot.codes.format.lossless)
             dtype = torch.float32 if itemsize == 4 else torch.bfloat16
             self.held.hold(slot.name, grad.float(), dtype)
-            if grad.device.type == "cpu":
+            if grad.is_cpu:
                 self.pages.consumed(grad.numel() * itemsize)
             return
-        if param.grad.device.type == "cpu":
+        if param.grad.is_cpu:
             self.pages.consumed(4 * param.grad.numel())
         self._fused_update(param)
 
@@ -258,23 +264,27 @@ class UpdatePolicy:
         self, param: CompressedParameter, grad: torch.Tensor | None = None
     ) -> None:
         if grad is None:
-            grad, param.grad = param.grad, None
-        self._deferred.discard(param.slot.name)
+            with _PLAIN_ATTRIBUTES():
+                grad, param.grad = param.grad, None
+        slot = param._slot
+        self._deferred.discard(slot.name)
         if grad is None:
             return
-        slot = param.slot
         state = self.state[slot.name]
         codes = slot.codes
-        grad = self._clipped(grad.to(codes.device, torch.float32))
+        device = codes.device
+        if grad.device != device or grad.dtype != torch.float32:
+            grad = grad.to(device, torch.float32)
+        grad = self._clipped(grad)
 
         def scratch() -> torch.Tensor:
-            buffer = self.workspace.take(codes.numel(), codes.device)
-            return buffer.view(codes.shape)
+            return self.workspace.take(codes.numel(), device).view(codes.shape)
 
         def keys(buffer: str) -> int:
             return self._rounding_key(slot.name, "/" + buffer)
 
-        state.optimizer = _on_device(state.optimizer, codes.device)
+        if any(_elsewhere(v, device) for v in state.optimizer.values()):
+            state.optimizer = _on_device(state.optimizer, device)
         value = scratch()
         result = fused_step_(
             value, codes, grad, state.optimizer, self.rule, self.storage, scratch, keys
@@ -354,9 +364,10 @@ class UpdatePolicy:
         """
         params = self._bound()
         if self.mode == "fused":
-            for param in params.values():
-                if param.grad is not None:
-                    self._fused_update(param)
+            with _PLAIN_ATTRIBUTES():
+                ungathered = [p for p in params.values() if p.grad is not None]
+            for param in ungathered:
+                self._fused_update(param)
             if len(self.held):
                 if not self._coefs and self.holds_gradients:
                     # No clip_grad_norm_ call: the held ones are clipped alone.
@@ -449,17 +460,24 @@ class UpdatePolicy:
             }
 
 
+def _elsewhere(value, device: torch.device) -> bool:
+    return isinstance(value, torch.Tensor) and value.device != device
+
+
 def _on_device(state: dict, device: torch.device) -> dict:
-    return {
-        k: v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v
-        for k, v in state.items()
-    }
+    return {k: v.to(device) if _elsewhere(v, device) else v for k, v in state.items()}
 
 
 def _distributed() -> bool:
     """Whether gradients are all-reduced after backward (DDP)."""
     return (
-        torch.distributed.is_available()
+        _DISTRIBUTED_BUILD
         and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
     )
+
+
+_DISTRIBUTED_BUILD = torch.distributed.is_available()
+# Attributes of a compressed parameter (.grad) read and set as a plain
+# tensor's, without a __torch_function__ call each.
+_PLAIN_ATTRIBUTES = torch._C.DisableTorchFunctionSubclass
