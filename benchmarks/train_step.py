@@ -39,11 +39,18 @@ default), the Adam configurations (lr 1e-3, default betas, no weight decay):
 * ``torchao``: torchao's ``AdamW8bit`` (weight decay 0, i.e. Adam) on the
   float32 weights, step after backward; it runs under ``--torchao-python``
   (an interpreter where torchao imports; the row records why when it fails);
-* ``fused:11``: OMC fused Adam, e3m7 weights, e4m3 block-wise moments (256
-  values per scale, second moment as its square root: the recipe's
-  settings), as ``OMCBrain`` runs it: the compressed parameters updated in
-  backward, the float32 ones by ``torch.optim.Adam`` after it. Two rows: the
-  recipe's 10 % of values float32 and none.
+* ``fp32-fused``: ``torch.optim.Adam(fused=True)``, torch's fastest CPU
+  Adam (one kernel per parameter), step after backward;
+* ``fused:11``: the README's plain loop under OMC with fused Adam, e3m7
+  weights, e4m3 block-wise moments (256 values per scale, second moment as
+  its square root: the recipe's settings): ``compress_module``,
+  ``torch.optim.Adam(model.parameters())``, ``handle.follow(optimizer)``;
+  the compressed parameters updated in backward, the float32 ones by the
+  optimizer after it. Two rows: the recipe's 10 % of values float32 and
+  none;
+* ``brain:11``: ``OMCBrain.fit_batch`` with Adam and SpeechBrain's defaults
+  (``max_grad_norm`` 5, deferred clipping), the same OMC settings (10 %
+  float32); ``fp32-brain``: float32 ``sb.Brain.fit_batch`` with Adam.
 
 Every Adam row also reports its persistent training state, measured from
 its tensors: weights, the gradients alive when the optimizer steps, and the
@@ -104,6 +111,16 @@ PATHS = {
     "fused_clipping deferred)",
 }
 USER_PATH_BITS = 11  # the user-path rows run the recipe's e3m7
+# Which code path each Adam row measures, in words.
+ADAM_PATHS = {
+    "fp32": "torch Adam, plain loop",
+    "fp32-fused": "torch Adam(fused=True), plain loop",
+    "fp32-hook": "torch Adam in backward",
+    "torchao": "torchao AdamW8bit, plain loop",
+    "fused": "OMC fused Adam, README plain loop (handle.follow)",
+    "fp32-brain": "torch Adam, sb.Brain.fit_batch",
+    "brain": "OMC fused Adam, OMCBrain.fit_batch",
+}
 
 
 # OMC fused Adam: the SynthSpeech recipe's settings (conformer_ctc_omc.yaml).
@@ -133,9 +150,12 @@ def configurations(setting: str, optimizer: str = "sgd") -> list[dict]:
             runs.append(dict(base, mode="fp32-brain", bits=32))
             runs.append(dict(base, mode="brain", bits=USER_PATH_BITS))
         elif optimizer == "adam":
+            runs.append(dict(base, mode="fp32-fused", bits=32))
             runs.append(dict(base, mode="torchao", bits=32))
             for fraction in ADAM_FP32_FRACTIONS:
                 runs.append(dict(base, mode="fused", bits=11, fp32_fraction=fraction))
+            runs.append(dict(base, mode="fp32-brain", bits=32))
+            runs.append(dict(base, mode="brain", bits=11, fp32_fraction=0.1))
         else:
             raise ValueError(f"unknown optimizer {optimizer!r}")
     return runs
@@ -330,9 +350,16 @@ def run_one(spec: dict, steps: int) -> dict:
     }
 
 
-def _brain(model: torch.nn.ModuleDict, shape: dict, lr: float, config=None):
-    """A Brain training ``model`` on ``_loss`` with SGD and SpeechBrain's
-    defaults: ``OMCBrain`` with ``config``, ``sb.Brain`` without."""
+def _brain(
+    model: torch.nn.ModuleDict,
+    shape: dict,
+    lr: float,
+    config=None,
+    optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+):
+    """A Brain training ``model`` on ``_loss`` with ``optimizer`` and
+    SpeechBrain's defaults: ``OMCBrain`` with ``config``, ``sb.Brain``
+    without."""
     import speechbrain as sb
 
     from speechbrain_omc import OMCBrain
@@ -346,7 +373,7 @@ def _brain(model: torch.nn.ModuleDict, shape: dict, lr: float, config=None):
 
     return Bench(
         modules=dict(model.items()),
-        opt_class=lambda params: torch.optim.SGD(params, lr=lr),
+        opt_class=lambda params: optimizer(params, lr=lr),
         hparams={"omc": config} if config is not None else None,
     )
 
@@ -413,40 +440,57 @@ def run_one_adam(spec: dict, steps: int) -> dict:
     """The Adam configurations (see the module docstring); in the subprocess."""
     from speechbrain_omc import OMCConfig, compress_module, parameter_bytes
     from speechbrain_omc.codec import kernels
-    from speechbrain_omc.engine.rules import settings_from_optimizer
 
     shape = SETTINGS[spec["setting"]]
     model = _seeded_model(spec)
     numel = sum(p.numel() for p in model.parameters())
     lr = 1e-3
-    handle = optimizer = None
+    mode = spec["mode"]
+    handle = optimizer = config = None
     hooked: dict = {}
     extra: dict = {}
-    if spec["mode"] == "fused":
-        config = OMCConfig(fp32_fraction=spec["fp32_fraction"], **ADAM_OMC)
-        handle = compress_module(model, config)
-    if spec["mode"] == "fp32-hook":
-        hooked = adam_in_backward(list(model.parameters()), lr)
-    elif spec["mode"] == "torchao":
-        optimizer, extra["torchao"] = _torchao_adam(model.parameters(), lr)
-    else:  # fp32; OMC as OMCBrain: the Brain's Adam over every parameter
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    if handle is not None:
-        handle.set_rule(settings_from_optimizer(optimizer))
-    stored = parameter_bytes(model)
     feats, lens, tokens = _batch(shape)
     grad_bytes = []  # gradients alive when the optimizer steps
+    if mode in ("fused", "brain"):
+        config = OMCConfig(fp32_fraction=spec["fp32_fraction"], **ADAM_OMC)
+    if mode in ("brain", "fp32-brain"):
+        brain = _brain(model, shape, lr, config, torch.optim.Adam)
+        brain.on_fit_start()  # compresses (OMC) and builds the optimizer
+        handle, optimizer = getattr(brain, "omc", None), brain.optimizer
+        optimizer.register_step_pre_hook(
+            lambda *_: grad_bytes.append(
+                tensor_bytes([p.grad for p in model.parameters()])
+            )
+        )
 
-    def step():
-        loss = _loss(model, shape, feats, lens, tokens)
-        loss.backward()
+        def step():
+            return float(brain.fit_batch((feats, lens, tokens)))
+
+    else:
+        if mode == "fused":
+            handle = compress_module(model, config)
+        if mode == "fp32-hook":
+            hooked = adam_in_backward(list(model.parameters()), lr)
+        elif mode == "torchao":
+            optimizer, extra["torchao"] = _torchao_adam(model.parameters(), lr)
+        else:  # fp32, fp32-fused; OMC: its float32 parameters
+            fused = mode == "fp32-fused"
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
         if handle is not None:
-            handle.step()  # before the optimizer's, as OMCBrain does
-        grad_bytes.append(tensor_bytes([p.grad for p in model.parameters()]))
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+            handle.follow(optimizer)
+
+        def step():
+            loss = _loss(model, shape, feats, lens, tokens)
+            loss.backward()
+            if handle is not None:
+                handle.step()  # before the optimizer's, as the README says
+            grad_bytes.append(tensor_bytes([p.grad for p in model.parameters()]))
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+    stored = parameter_bytes(model)
 
     measured = _timed_steps(step, steps)
     state = tensor_bytes(
@@ -459,6 +503,7 @@ def run_one_adam(spec: dict, steps: int) -> dict:
         "numel": numel,
         "param_bytes": stored,
         "float32_param_bytes": 4 * numel,
+        "path": ADAM_PATHS[mode],
         "grad_bytes": max(grad_bytes),
         "state_bytes": state,
         "training_state_bytes": stored + max(grad_bytes) + state,
@@ -598,13 +643,12 @@ def _measured_cells(r: dict) -> tuple[str, str, str]:
 
 def _adam_label(r: dict) -> tuple[str, str, str]:
     """(configuration, weights, moments) of an Adam row, in words."""
-    if r["mode"] == "fused":
+    if r["mode"] in ("fused", "brain"):
         share = f"{r['fp32_fraction']:.0%} float32"
-        return "OMC fused Adam", f"e3m7 ({share})", "e4m3 block 256, sqrt v"
+        return ADAM_PATHS[r["mode"]], f"e3m7 ({share})", "e4m3 block 256, sqrt v"
     if r["mode"] == "torchao":
-        return "torchao AdamW8bit", "float32", "8-bit block 256"
-    name = "torch Adam" + (" in backward" if r["mode"] == "fp32-hook" else "")
-    return name, "float32", "float32"
+        return ADAM_PATHS["torchao"], "float32", "8-bit block 256"
+    return ADAM_PATHS[r["mode"]], "float32", "float32"
 
 
 def adam_table(results: list[dict]) -> str:
@@ -621,10 +665,12 @@ def adam_table(results: list[dict]) -> str:
         "| setting | ckpt | configuration | weights | moments | state B/param "
         "| % of 16 B | peak RSS MB (range) | vs fp32 Adam "
         "| RSS saving / state saving | timed-steps peak MB | s/step (range) "
-        "| vs fp32 Adam | vs in-backward | first/last loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs fp32 Adam | vs in-backward | vs fused=True | first/last loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fastest = {(r["setting"], r["ckpt"]): r for r in rows if r["mode"] == "fp32-fused"}
     for r, fp32, hook in _with_baselines(rows):
+        quickest = fastest.get((r["setting"], r["ckpt"]), r)
         name, weights, moments = _adam_label(r)
         per_param = r["training_state_bytes"] / r["numel"]
         state_saving = FLOAT32_ADAM_BYTES * r["numel"] - r["training_state_bytes"]
@@ -638,7 +684,8 @@ def adam_table(results: list[dict]) -> str:
             f"| {r['peak_rss'] / fp32['peak_rss']:.3f} | {share} "
             f"| {r['steady_peak_rss'] / 1e6:.0f} | {seconds} "
             f"| {r['sec_per_step'] / fp32['sec_per_step']:.2f} "
-            f"| {r['sec_per_step'] / hook['sec_per_step']:.2f} | {losses} |"
+            f"| {r['sec_per_step'] / hook['sec_per_step']:.2f} "
+            f"| {r['sec_per_step'] / quickest['sec_per_step']:.2f} | {losses} |"
         )
     failed = {}
     for r in results:
@@ -649,7 +696,7 @@ def adam_table(results: list[dict]) -> str:
         lines.append(
             f"| {r['setting']} | {'yes' if r['ckpt'] else 'no'} | {name} "
             f"| {weights} | {moments} | not run: `{r['error']}` "
-            "| | | | | | | | | |"
+            "| | | | | | | | | | |"
         )
     return "\n".join(lines)
 

@@ -69,10 +69,14 @@ def test_adam_configurations(bench):
     assert [(r["mode"], r["bits"], r.get("fp32_fraction")) for r in plain] == [
         ("fp32", 32, None),
         ("fp32-hook", 32, None),
+        ("fp32-fused", 32, None),
         ("torchao", 32, None),
         ("fused", 11, 0.1),
         ("fused", 11, 0.0),
+        ("fp32-brain", 32, None),
+        ("brain", 11, 0.1),
     ]
+    assert all(bench.ADAM_PATHS.get(r["mode"]) for r in runs)
     with pytest.raises(ValueError, match="unknown optimizer"):
         bench.configurations("large", "lamb")
 

@@ -224,15 +224,48 @@ def test_convolution_is_bit_exact_and_decodes_once_each_way(kind):
     assert torch.equal(x.grad, x_twin.grad)
 
 
-def test_double_backward_through_a_compressed_convolution_is_refused():
+def test_a_second_derivative_through_a_compressed_convolution_is_float32s():
+    """A gradient penalty differentiates the convolution's backward: it goes
+    through the generic dispatch, and gives float32's values bit for bit."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv1d(4, 6, 3)
+    factory = lambda: torch.nn.Conv1d(4, 6, 3)  # noqa: E731
+    conv = factory()
     config = OMCConfig(format="e3m7", update_mode="simple", fp32_fraction=0.0)
-    compress_module(conv, config)
+    twin = float_twin(factory, compress_module(conv, config))
     x = torch.randn(2, 4, 9, requires_grad=True)
-    (grad,) = torch.autograd.grad((conv(x) ** 2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad.sum().backward()
+    x_twin = x.detach().clone().requires_grad_()
+    for net, inp in ((conv, x), (twin, x_twin)):
+        (grad,) = torch.autograd.grad((net(inp) ** 2).sum(), inp, create_graph=True)
+        (grad**2).sum().backward()
+    assert torch.equal(x.grad, x_twin.grad)
+    assert torch.equal(conv.weight.grad, twin.weight.grad)
+    assert torch.equal(conv.bias.grad, twin.bias.grad)
+
+
+def test_vmap_over_compressed_layers_takes_the_generic_path():
+    torch.manual_seed(0)
+    conv, linear = torch.nn.Conv1d(2, 4, 3), torch.nn.Linear(9 - 2, 5)
+    config = OMCConfig(format="e3m7", update_mode="simple", fp32_fraction=0.0)
+    compress_module(conv, config), compress_module(linear, config)
+    x = torch.randn(3, 2, 2, 9)  # vmapped over 3 batches of 2
+    got = torch.func.vmap(lambda b: linear(conv(b)))(x)
+    assert torch.equal(got, torch.stack([linear(conv(b)) for b in x]))
+
+
+def test_integer_like_convolution_arguments_are_taken_as_aten_takes_them():
+    import numpy as np
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(2, 4, 3)
+    config = OMCConfig(format="e3m7", update_mode="simple", fp32_fraction=0.0)
+    twin = float_twin(lambda: torch.nn.Conv1d(2, 4, 3), compress_module(conv, config))
+    x = torch.randn(2, 2, 9)
+    for stride in (np.int64(2), torch.tensor(2), [2], (2,)):
+        got = torch.nn.functional.conv1d(x, conv.weight, conv.bias, stride=stride)
+        want = torch.nn.functional.conv1d(x, twin.weight, twin.bias, stride=2)
+        assert torch.equal(got, want)
+    with pytest.raises(TypeError):
+        torch.nn.functional.conv1d(x, conv.weight, conv.bias, stride=1.5)
 
 
 def test_fused_step_equals_decompress_sgd_compress():

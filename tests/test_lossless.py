@@ -19,6 +19,7 @@ from test_checkpoints_export import Regressor, batches, decoded_state, network
 from test_federated_server import honest_reply
 from test_speechbrain_models import FEATS, MODELS, VOCAB
 
+import speechbrain_omc
 from speechbrain_omc import CompressedTensor, OMCConfig, compress_module
 from speechbrain_omc.codec import kernels
 from speechbrain_omc.codec.blockwise import BlockwiseTensor
@@ -334,6 +335,54 @@ def test_fused_steps_equal_torch_optim_in_float32(name, step, state_format):
     for pname, param in model.named_parameters():
         if pname not in handle.slots:  # the float32 ones: the optimizer's own
             assert_same_bits(param, params[pname], pname)
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "AdamW"])
+def test_a_followed_optimizer_and_its_schedule_equal_float32_training(opt_name):
+    """A plain loop that calls handle.follow(optimizer) once trains as the
+    float32 twin does under the same learning-rate schedule, bit for bit."""
+    config = OMCConfig(format="fp32", fp32_fraction=0.1)
+    model, handle, twin, batch = model_and_twin("conformer_RelPosMHAXL", config)
+    kwargs = dict(lr=1e-2, weight_decay=0.01)
+    optimizer = getattr(torch.optim, opt_name)(model.parameters(), **kwargs)
+    twin_opt = getattr(torch.optim, opt_name)(twin.parameters(), **kwargs)
+    handle.follow(optimizer)
+    schedules = [
+        torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for opt in (optimizer, twin_opt)
+    ]
+    for _ in range(3):
+        for net, opt, schedule in zip((model, twin), (optimizer, twin_opt), schedules):
+            net.loss(*batch).backward()
+            if net is model:
+                handle.step()
+            opt.step()
+            opt.zero_grad()
+            schedule.step()
+    assert handle.updates.rule.lr == kwargs["lr"] * 0.25  # the third step's
+    params = dict(twin.named_parameters())
+    for pname, param in model.named_parameters():
+        assert_same_bits(param.detach(), params[pname], pname)
+
+
+def test_follow_refuses_what_fused_mode_cannot_run_and_a_lost_optimizer():
+    model = torch.nn.Linear(4, 2)
+    handle = compress_module(model, OMCConfig(format="e3m7", fp32_fraction=0.0))
+    with pytest.raises(ValueError, match="update_mode='simple'"):
+        handle.follow(torch.optim.RMSprop(model.parameters()))
+    handle.follow(torch.optim.SGD(model.parameters(), lr=0.1))  # then dropped
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        model(torch.ones(1, 4)).sum().backward()  # the update runs in backward
+    # A copy follows nothing: it takes the settings it was copied with.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle.zero_grad()
+    handle.follow(optimizer)
+    twin = copy.deepcopy(model)
+    optimizer.param_groups[0]["lr"] = 0.5
+    twin(torch.ones(1, 4)).sum().backward()
+    twin_handle = speechbrain_omc.handle_of(twin)
+    twin_handle.step()
+    assert twin_handle.updates.rule.lr == 0.1
 
 
 # ---------------------------------------------------------- wire, server

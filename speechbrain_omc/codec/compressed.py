@@ -183,9 +183,32 @@ class CompressedTensor:
         rounding: str,
         generator: torch.Generator | int | None,
     ) -> CompressedTensor:
-        """:meth:`assign_` of a value already checked: contiguous float32 of
-        this shape on the codes' device, finite, ``minmax`` its range (a
-        fused update's, at every step)."""
+        """:meth:`assign_` of a value already checked (a fused update's, at
+        every step).
+
+        Arguments
+        ---------
+        x32 : torch.Tensor
+            Contiguous float32 of :attr:`shape` on the codes' device, finite.
+        minmax : tuple of float
+            ``(min, max)`` of ``x32``.
+        rounding : str
+            ``"nearest"`` or ``"stochastic"``.
+        generator : torch.Generator or int, optional
+            Keys stochastic rounding.
+
+        Returns
+        -------
+        CompressedTensor
+            ``self``.
+
+        Example
+        -------
+        >>> ct = CompressedTensor.compress(torch.zeros(2), "e4m3", "none")
+        >>> x = torch.tensor([1.0, 2.0])
+        >>> ct.refit_(x, (1.0, 2.0), "nearest", None).decompress()
+        tensor([1., 2.])
+        """
         minmax = (minmax[0] + 0.0, minmax[1] + 0.0)  # -0.0 as _finite_minmax
         fitted = fit_transform(
             x32, self._format, self._transform.kind, self._clip, minmax=minmax
@@ -230,10 +253,25 @@ class CompressedTensor:
         return out if dtype == torch.float32 else out.to(dtype)
 
     def decode_into(self, out: torch.Tensor) -> torch.Tensor:
-        """:meth:`decompress` into ``out``, unchecked: a contiguous 1-D float32
-        tensor of :meth:`numel` values on the codes' device (an engine's
-        workspace buffer, at every forward and backward). Returns ``out``
-        viewed in :attr:`shape`."""
+        """:meth:`decompress` into ``out``, unchecked (an engine's workspace
+        buffer, at every forward and backward).
+
+        Arguments
+        ---------
+        out : torch.Tensor
+            Contiguous 1-D float32, :meth:`numel` values on the codes' device.
+
+        Returns
+        -------
+        torch.Tensor
+            ``out`` viewed in :attr:`shape`.
+
+        Example
+        -------
+        >>> ct = CompressedTensor.compress(torch.tensor([[3.0, -1.5]]), "e5m2")
+        >>> ct.decode_into(torch.empty(2))
+        tensor([[ 3.0000, -1.5000]])
+        """
         if kernels.native_for(self._packed):  # one pass, straight into out
             kernels.decode_prepared(self._prepared_decode(), out)
         else:

@@ -588,16 +588,14 @@ def torch_sqrt() -> tuple[int | None, bool]:
 
 def _moment(source, target, key: int | None) -> _Moment:
     arg = _Moment()
-    if source is None:
-        pass
-    elif type(source) is not tuple:  # float32 values
+    if isinstance(source, torch.Tensor):
         arg.in_values = source.data_ptr()
-    else:
+    elif source is not None:
         packed, scales, fmt, sqrt = source
         arg.in_codes, arg.in_scales = packed.data_ptr(), scales.data_ptr()
         arg.in_nbytes, arg.in_sqrt = packed.numel(), int(sqrt)
         arg.in_format[:] = fmt
-    if type(target) is not tuple:
+    if isinstance(target, torch.Tensor):
         arg.out_values = target.data_ptr()
     else:
         packed, scales, fmt, sqrt = target
@@ -613,7 +611,7 @@ def _check_moment(side, n: int, block: int) -> None:
     kernel indexes them by ``n`` alone."""
     if side is None:
         return
-    if type(side) is not tuple:  # float32 values
+    if isinstance(side, torch.Tensor):  # float32 values
         if side.dtype != torch.float32 or side.numel() != n or not native_for(side):
             raise ValueError(
                 "float32 moments must be contiguous CPU tensors of n values"

@@ -80,7 +80,7 @@ class Workspace:
         return (Workspace, (self.idle_bytes, self.exact))
 
     @staticmethod
-    def _idle(buffer: mmap.mmap) -> bool:
+    def _idle(buffer: mmap.mmap) -> bool:  # inlined in _same_size
         # References: the pool's list, the caller's loop variable, this
         # parameter and getrefcount's argument; a live tensor adds one.
         return sys.getrefcount(buffer) <= 4
@@ -93,7 +93,10 @@ class Workspace:
     ) -> torch.Tensor:
         """An uninitialised 1-D tensor of ``numel`` values on ``device``."""
         nbytes = numel * dtype.itemsize
-        on_cpu = device == "cpu" if type(device) is str else device.type == "cpu"
+        if type(device) is str:  # "cpu" at every step; "cpu:0" and others too
+            on_cpu = device == "cpu" or torch.device(device).type == "cpu"
+        else:
+            on_cpu = device.type == "cpu"
         if nbytes < MAPPED_MIN_BYTES or not on_cpu:
             return torch.empty(numel, dtype=dtype, device=device)
         with self._lock:
@@ -108,8 +111,8 @@ class Workspace:
         if pool is None:
             pool = self._buffers[key] = []
         for buffer in pool:
-            # Idle: held by the pool's list, this loop and getrefcount only
-            # (as _idle; inlined, this runs for every transient buffer).
+            # _idle inlined (this runs for every transient buffer): held by
+            # the pool's list, this loop and getrefcount only.
             if sys.getrefcount(buffer) <= 3:
                 return buffer
         buffer = mmap.mmap(-1, key[1])

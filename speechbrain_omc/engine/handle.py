@@ -73,6 +73,10 @@ class OMCHandle:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "live_bytes": 0, "peak_live_bytes": 0, "_live": {}}
 
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_live", {})  # whole models saved by older versions
+        self.__dict__.update(state)
+
     # ------------------------------------------- the update policy's surface
     @property
     def config(self) -> OMCConfig:
@@ -110,6 +114,11 @@ class OMCHandle:
     def set_rule(self, settings: SGDSettings | AdamSettings) -> None:
         """Use this fused rule (:meth:`UpdatePolicy.set_rule`)."""
         self.updates.set_rule(settings)
+
+    def follow(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take the fused rule from ``optimizer`` at every step, its schedule
+        included (:meth:`UpdatePolicy.follow`)."""
+        self.updates.follow(optimizer)
 
     def clip_grad_norm_(
         self, parameters: Iterable[torch.nn.Parameter], max_norm: float

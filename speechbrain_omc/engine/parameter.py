@@ -6,8 +6,9 @@ packed codes of its :class:`Slot`; it sits in ``parameters()`` and
 (``__torch_dispatch__``): view ops return another ``CompressedParameter`` on
 the same codes (so autograd saves the compressed tensor), in-place ops
 decode, apply and encode, casts decode to their dtype, other ops return
-plain tensors. ``F.linear`` of a whole weight skips per-op dispatch: one
-autograd function decodes it once in forward and once in backward. The
+plain tensors. ``F.linear``, ``F.conv1d`` and ``F.conv2d`` of a whole weight
+skip per-op dispatch: one autograd function decodes it once in forward and
+once in backward. The
 engine (:mod:`speechbrain_omc.engine.handle`) consumes the gradients.
 
 Example
@@ -27,6 +28,7 @@ Example
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import threading
 from collections.abc import Callable
@@ -379,6 +381,7 @@ _NO_SUBCLASS_FUNCTION = torch._C.DisableTorchFunctionSubclass
 # Devices whose autocast state can be asked (others take the generic path).
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 _PLAIN_BIAS = (type(None), torch.Tensor, torch.nn.Parameter)
+_FUNCTORCH_ACTIVE = torch._C._are_functorch_transforms_active
 
 
 def _direct(input, weight, bias) -> bool:
@@ -395,10 +398,12 @@ def _direct(input, weight, bias) -> bool:
         or torch.is_autocast_enabled(input.device.type)
         or torch.compiler.is_compiling()
         or _forward_ad._current_level >= 0  # dual tensors: no jvp here
+        or _FUNCTORCH_ACTIVE()  # vmap, torch.func.grad: no batching rule here
     )
 
 
 def _needs_grad(input, weight, bias) -> bool:
+    """Whether autograd records the op (as it would for float32 weights)."""
     return torch.is_grad_enabled() and (
         input.requires_grad
         or weight.requires_grad
@@ -516,7 +521,10 @@ def _convolution(
         or (dims == 2 and groups != 1)
     ):
         return NotImplemented
-    args = (*(_expanded(p, dims) for p in (stride, padding, dilation)), groups)
+    try:
+        args = (*(_expanded(p, dims) for p in (stride, padding, dilation)), groups)
+    except TypeError:  # not integers: ATen says what is wrong
+        return NotImplemented
     if not _needs_grad(input, weight, bias):
         with _NO_SUBCLASS_FUNCTION():
             return func(input, weight.decoded(), bias, *args)
@@ -524,9 +532,12 @@ def _convolution(
 
 
 def _expanded(param, dims: int) -> list[int]:
-    """One value per spatial dimension, as ATen expands an int or a
-    one-element sequence."""
-    values = [param] if isinstance(param, int) else list(param)
+    """One value per spatial dimension, as ATen expands an integer (NumPy's
+    and 0-d tensors included) or a one-element sequence."""
+    if isinstance(param, (tuple, list)):
+        values = [operator.index(v) for v in param]
+    else:
+        values = [operator.index(param)]
     return values * dims if len(values) == 1 else values
 
 
@@ -541,16 +552,19 @@ class _DecodedConvolution(torch.autograd.Function):
             return func(input, weight.decoded(), bias, *args)
 
     @staticmethod
-    @once_differentiable  # the decoded weight is not: refuse double backward
     def backward(ctx, grad):
         input, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.args
-        mask = [*ctx.needs_input_grad[:2], ctx.bias_sizes is not None]
-        mask[2] = mask[2] and ctx.needs_input_grad[2]
+        has_bias = ctx.bias_sizes is not None
+        mask = [*ctx.needs_input_grad[:2], has_bias and ctx.needs_input_grad[2]]
+        # What ATen's autograd runs for convolution (not transposed). With
+        # create_graph, on the compressed weight itself, so that a second
+        # derivative (a gradient penalty) goes through the generic dispatch.
+        if not torch.is_grad_enabled():
+            weight = weight.decoded()
         with _NO_SUBCLASS_FUNCTION():
-            # What ATen's autograd runs for convolution (not transposed).
             grads = aten.convolution_backward.default(
-                grad, input, weight.decoded(), ctx.bias_sizes, stride, padding,
+                grad, input, weight, ctx.bias_sizes, stride, padding,
                 dilation, False, [0] * len(stride), groups, mask,
             )  # fmt: skip
         return (*grads, None, None)

@@ -107,7 +107,8 @@ def sgd_update_(
     if settings.lr is None:
         raise RuntimeError(
             "fused OMC update without a learning rate: call "
-            "handle.set_sgd(lr=...) (OMCBrain does this from its optimizer)"
+            "handle.follow(optimizer) or handle.set_sgd(lr=...) (OMCBrain "
+            "does this from its optimizer)"
         )
     d_p = grad
     if settings.weight_decay != 0:
@@ -175,7 +176,8 @@ def sgd_step_(
     if settings.lr is None:
         raise RuntimeError(
             "fused OMC update without a learning rate: call "
-            "handle.set_sgd(lr=...) (OMCBrain does this from its optimizer)"
+            "handle.follow(optimizer) or handle.set_sgd(lr=...) (OMCBrain "
+            "does this from its optimizer)"
         )
     grad = grad.reshape(param.shape)
     use_momentum = settings.momentum != 0

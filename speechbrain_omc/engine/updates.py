@@ -12,6 +12,7 @@ How fused mode honours ``max_grad_norm`` is ``OMCConfig.fused_clipping``
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -26,12 +27,21 @@ from speechbrain_omc.engine.clipping import HeldGradients, clip_grad_norm_
 from speechbrain_omc.engine.config import OMCConfig
 from speechbrain_omc.engine.dense import DenseGradients
 from speechbrain_omc.engine.parameter import CompressedParameter, Slot
-from speechbrain_omc.engine.rules import AdamSettings, SGDSettings, fused_step_
+from speechbrain_omc.engine.rules import (
+    AdamSettings,
+    SGDSettings,
+    fused_step_,
+    settings_from_optimizer,
+)
 from speechbrain_omc.engine.selection import round_seed
 
 __all__ = ["UpdatePolicy", "UpdateState"]
 
 _RULES = {"SGDSettings": SGDSettings, "AdamSettings": AdamSettings}
+_DISTRIBUTED_BUILD = torch.distributed.is_available()
+# Attributes of a compressed parameter (.grad) read and set as a plain
+# tensor's, without a __torch_function__ call each.
+_PLAIN_ATTRIBUTES = torch._C.DisableTorchFunctionSubclass
 _BUFFERS = {
     "BlockwiseTensor": BlockwiseTensor.from_bytes,
     "CompressedTensor": CompressedTensor.from_bytes,
@@ -103,12 +113,17 @@ class UpdatePolicy:
         # and before each forward (a few tens of milliseconds a step on a
         # large model; its peak drops by the held gradients' size and more).
         self.pages = PageReturn(workspace)
+        # follow(): the optimizer whose settings each step takes (weakly).
+        self._followed: Callable[[], torch.optim.Optimizer | None] | None = None
+        self._rule_read = False  # this step's settings were read
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in self._STEP_IN_PROGRESS:
             del state[key]
         state["_measuring"] = False
+        # A copy follows no optimizer (the copy's own is not known here).
+        state["_followed"], state["_rule_read"] = None, False
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -155,6 +170,38 @@ class UpdatePolicy:
                 "reset_state() first"
             )
         self.rule = settings
+
+    def follow(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take the fused rule from ``optimizer`` (SGD, Adam or AdamW) at every
+        step, so that its learning-rate schedule applies: in a plain PyTorch
+        loop, what :class:`~speechbrain_omc.OMCBrain` does with its optimizer.
+
+        Example
+        -------
+        >>> from speechbrain_omc import OMCConfig, compress_module
+        >>> model = torch.nn.Linear(4, 2)
+        >>> updates = compress_module(model, OMCConfig(format="e3m7")).updates
+        >>> optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        >>> updates.follow(optimizer)
+        >>> optimizer.param_groups[0]["lr"] = 0.005  # a scheduler's step
+        >>> model(torch.ones(1, 4)).sum().backward()
+        >>> updates.step(); updates.rule.lr
+        0.005
+        """
+        self.set_rule(settings_from_optimizer(optimizer))  # refused now if unfit
+        self._followed, self._rule_read = weakref.ref(optimizer), False
+
+    def _read_followed(self) -> None:
+        """Once a step, before its first fused update: the followed
+        optimizer's current settings."""
+        self._rule_read = True
+        optimizer = self._followed()
+        if optimizer is None:
+            raise RuntimeError(
+                "OMC: the optimizer given to follow() no longer exists; "
+                "call follow() with the one that trains the model"
+            )
+        self.set_rule(settings_from_optimizer(optimizer))
 
     def rule_name(self) -> str:
         """``"sgd"``, ``"sgd_momentum"`` or ``"adam"`` (for accounting)."""
@@ -270,6 +317,8 @@ class UpdatePolicy:
         self._deferred.discard(slot.name)
         if grad is None:
             return
+        if self._followed is not None and not self._rule_read:
+            self._read_followed()
         state = self.state[slot.name]
         codes = slot.codes
         device = codes.device
@@ -376,6 +425,7 @@ class UpdatePolicy:
                     if name in self.held:
                         grad = self.held.release(name, self._coefs.get(name))
                         self._fused_update(param, grad)
+        self._rule_read = False  # the next step reads the followed optimizer
         # previous_norm clipping: this step's norm scales the next step.
         self._previous_norm = self._norm_sq**0.5 if self._norm_sq else None
         self._norm_sq, self.clip_coef = 0.0, None
@@ -475,9 +525,3 @@ def _distributed() -> bool:
         and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
     )
-
-
-_DISTRIBUTED_BUILD = torch.distributed.is_available()
-# Attributes of a compressed parameter (.grad) read and set as a plain
-# tensor's, without a __torch_function__ call each.
-_PLAIN_ATTRIBUTES = torch._C.DisableTorchFunctionSubclass
