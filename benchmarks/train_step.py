@@ -675,7 +675,8 @@ def adam_table(results: list[dict]) -> str:
         per_param = r["training_state_bytes"] / r["numel"]
         state_saving = FLOAT32_ADAM_BYTES * r["numel"] - r["training_state_bytes"]
         rss_saving = fp32["peak_rss"] - r["peak_rss"]
-        share = f"{rss_saving / state_saving:.0%}" if r is not fp32 else "-"
+        keeps_less = r is not fp32 and state_saving > 0  # float32 rows: none
+        share = f"{rss_saving / state_saving:.0%}" if keeps_less else "-"
         rss, seconds, losses = _measured_cells(r)
         lines.append(
             f"| {r['setting']} | {'yes' if r['ckpt'] else 'no'} | {name} "
