@@ -625,6 +625,19 @@ def _check_moment(side, n: int, block: int) -> None:
         )
 
 
+def _check_adam_buffers(value, grad, moments, block: int) -> None:
+    """Every buffer :func:`adam_step` touches covers exactly the weight's values."""
+    if grad.dtype != torch.float32 or value.dtype != torch.float32:
+        raise TypeError("adam_step works on float32 values and gradients")
+    n = value.numel()
+    if grad.numel() != n:
+        raise ValueError("grad and value differ in size")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two of at least 16, got {block}")
+    for side in moments:
+        _check_moment(side, n, block)
+
+
 def adam_step(
     value: torch.Tensor,
     grad: torch.Tensor,
@@ -656,15 +669,7 @@ def adam_step(
     non-finite values)``; for a non-finite gradient no float32 target was
     written and ``value`` and the codes written are garbage.
     """
-    if grad.dtype != torch.float32 or value.dtype != torch.float32:
-        raise TypeError("adam_step works on float32 values and gradients")
-    n = value.numel()
-    if grad.numel() != n:
-        raise ValueError("grad and value differ in size")
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two of at least 16, got {block}")
-    for side in (*exp_avg[:2], *exp_avg_sq[:2]):
-        _check_moment(side, n, block)
+    _check_adam_buffers(value, grad, (*exp_avg[:2], *exp_avg_sq[:2]), block)
     sqrt_fn = torch_sqrt()[0]
     beta1, beta2 = betas
     # torch's scalars: Python doubles (the step count a float, as

@@ -116,8 +116,22 @@ class OMCHandle:
         self.updates.set_rule(settings)
 
     def follow(self, optimizer: torch.optim.Optimizer) -> None:
-        """Take the fused rule from ``optimizer`` at every step, its schedule
-        included (:meth:`UpdatePolicy.follow`)."""
+        """Take the fused rule from ``optimizer`` (SGD, Adam or AdamW) at every
+        step, so that its learning-rate schedule applies: in a plain PyTorch
+        loop, what :class:`~speechbrain_omc.OMCBrain` does with its optimizer.
+
+        Example
+        -------
+        >>> from speechbrain_omc import OMCConfig, compress_module
+        >>> model = torch.nn.Linear(4, 2)
+        >>> handle = compress_module(model, OMCConfig(format="e3m7"))
+        >>> optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        >>> handle.follow(optimizer)
+        >>> optimizer.param_groups[0]["lr"] = 0.005  # a scheduler's step
+        >>> model(torch.ones(1, 4)).sum().backward()
+        >>> handle.step(); handle.updates.rule.lr
+        0.005
+        """
         self.updates.follow(optimizer)
 
     def clip_grad_norm_(

@@ -113,17 +113,15 @@ class UpdatePolicy:
         # and before each forward (a few tens of milliseconds a step on a
         # large model; its peak drops by the held gradients' size and more).
         self.pages = PageReturn(workspace)
-        # follow(): the optimizer whose settings each step takes (weakly).
-        self._followed: Callable[[], torch.optim.Optimizer | None] | None = None
-        self._rule_read = False  # this step's settings were read
+        self._followed: _Followed | None = None  # follow()'s optimizer
+        self._rule_read = False  # this step read its settings
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in self._STEP_IN_PROGRESS:
             del state[key]
         state["_measuring"] = False
-        # A copy follows no optimizer (the copy's own is not known here).
-        state["_followed"], state["_rule_read"] = None, False
+        del state["_followed"]  # a copy follows nothing: its optimizer is unknown
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -131,6 +129,7 @@ class UpdatePolicy:
         self.held = HeldGradients(self._take)
         self._deferred, self._coefs = set(), {}
         self._norm_sq, self.clip_coef = 0.0, None
+        self._followed, self._rule_read = None, False  # a copy follows nothing
         if "dense" not in state:  # older pickles
             self.dense = DenseGradients(self.workspace)
         self.pages = PageReturn(self.workspace)
@@ -173,35 +172,9 @@ class UpdatePolicy:
 
     def follow(self, optimizer: torch.optim.Optimizer) -> None:
         """Take the fused rule from ``optimizer`` (SGD, Adam or AdamW) at every
-        step, so that its learning-rate schedule applies: in a plain PyTorch
-        loop, what :class:`~speechbrain_omc.OMCBrain` does with its optimizer.
-
-        Example
-        -------
-        >>> from speechbrain_omc import OMCConfig, compress_module
-        >>> model = torch.nn.Linear(4, 2)
-        >>> updates = compress_module(model, OMCConfig(format="e3m7")).updates
-        >>> optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        >>> updates.follow(optimizer)
-        >>> optimizer.param_groups[0]["lr"] = 0.005  # a scheduler's step
-        >>> model(torch.ones(1, 4)).sum().backward()
-        >>> updates.step(); updates.rule.lr
-        0.005
-        """
+        step, its learning-rate schedule included (see ``OMCHandle.follow``)."""
         self.set_rule(settings_from_optimizer(optimizer))  # refused now if unfit
-        self._followed, self._rule_read = weakref.ref(optimizer), False
-
-    def _read_followed(self) -> None:
-        """Once a step, before its first fused update: the followed
-        optimizer's current settings."""
-        self._rule_read = True
-        optimizer = self._followed()
-        if optimizer is None:
-            raise RuntimeError(
-                "OMC: the optimizer given to follow() no longer exists; "
-                "call follow() with the one that trains the model"
-            )
-        self.set_rule(settings_from_optimizer(optimizer))
+        self._followed, self._rule_read = _Followed(optimizer), False
 
     def rule_name(self) -> str:
         """``"sgd"``, ``"sgd_momentum"`` or ``"adam"`` (for accounting)."""
@@ -318,7 +291,8 @@ class UpdatePolicy:
         if grad is None:
             return
         if self._followed is not None and not self._rule_read:
-            self._read_followed()
+            self._rule_read = True  # once a step, before its first update
+            self.set_rule(self._followed.settings())
         state = self.state[slot.name]
         codes = slot.codes
         device = codes.device
@@ -473,41 +447,68 @@ class UpdatePolicy:
     def state_dict(self) -> dict:
         """The rule, write counts and optimizer state (compressed buffers as
         their ``to_bytes()`` payload)."""
-        slots = {}
-        for name, state in self.state.items():
-            kinds = {
-                key: type(value).__name__
-                for key, value in state.optimizer.items()
-                if isinstance(value, (BlockwiseTensor, CompressedTensor))
-            }
-            buffers = {
-                key: torch.frombuffer(bytearray(value.to_bytes()), dtype=torch.uint8)
-                if key in kinds
-                else value
-                for key, value in state.optimizer.items()
-            }
-            slots[name] = {"steps": state.steps, "state": buffers, "kinds": kinds}
+        slots = {name: _slot_state(state) for name, state in self.state.items()}
         rule = {"kind": type(self.rule).__name__, **vars(self.rule)}
         return {"rule": rule, "slots": slots, "previous_norm": self._previous_norm}
 
     def load_state_dict(self, state: dict) -> None:
         """Inverse of :meth:`state_dict`."""
-        rule = dict(state["rule"])
-        settings = _RULES[rule.pop("kind")]
-        if "betas" in rule:
-            rule["betas"] = tuple(rule["betas"])
-        self.rule = settings(**rule)
+        self.rule = _rule_from(state["rule"])
         self._previous_norm = state.get("previous_norm")
         for name, entry in state["slots"].items():
-            target = self.state[name]
-            target.steps = int(entry["steps"])
-            kinds = entry.get("kinds", {})
-            target.optimizer = {
-                key: _BUFFERS[kinds[key]](value.numpy().tobytes())
-                if key in kinds
-                else value
-                for key, value in entry["state"].items()
-            }
+            _load_slot_state(self.state[name], entry)
+
+
+def _slot_state(state: UpdateState) -> dict:
+    """One parameter's :class:`UpdateState` as a state-dict entry."""
+    kinds = {
+        key: type(value).__name__
+        for key, value in state.optimizer.items()
+        if isinstance(value, (BlockwiseTensor, CompressedTensor))
+    }
+    buffers = {
+        key: torch.frombuffer(bytearray(value.to_bytes()), dtype=torch.uint8)
+        if key in kinds
+        else value
+        for key, value in state.optimizer.items()
+    }
+    return {"steps": state.steps, "state": buffers, "kinds": kinds}
+
+
+def _load_slot_state(target: UpdateState, entry: dict) -> None:
+    """Inverse of :func:`_slot_state`, into ``target``."""
+    target.steps = int(entry["steps"])
+    kinds = entry.get("kinds", {})
+    target.optimizer = {
+        key: _BUFFERS[kinds[key]](value.numpy().tobytes()) if key in kinds else value
+        for key, value in entry["state"].items()
+    }
+
+
+def _rule_from(entry: dict) -> SGDSettings | AdamSettings:
+    """The fused rule of a state dict's ``"rule"`` entry."""
+    rule = dict(entry)
+    settings = _RULES[rule.pop("kind")]
+    if "betas" in rule:
+        rule["betas"] = tuple(rule["betas"])
+    return settings(**rule)
+
+
+class _Followed:
+    """The optimizer whose settings a plain loop's fused updates take at every
+    step (:meth:`UpdatePolicy.follow`), held weakly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self._optimizer = weakref.ref(optimizer)
+
+    def settings(self) -> SGDSettings | AdamSettings:
+        optimizer = self._optimizer()
+        if optimizer is None:
+            raise RuntimeError(
+                "OMC: the optimizer given to follow() no longer exists; "
+                "call follow() with the one that trains the model"
+            )
+        return settings_from_optimizer(optimizer)
 
 
 def _elsewhere(value, device: torch.device) -> bool:
