@@ -217,24 +217,6 @@ def test_a_whole_model_saved_to_a_file_loads_under_omc(tmp_path):
     assert isinstance(trainer.model.a.weight, CompressedParameter)
 
 
-def test_a_whole_model_saved_before_decoded_values_were_tracked_by_reference(
-    tmp_path,
-):
-    """Whole models pickled by a version whose handle had no ``_live``
-    record still load and run."""
-    trainer = trained("fused")
-    handle = handle_of(trainer.model)
-    handle.__getstate__ = lambda: {
-        k: v for k, v in vars(handle).items() if k not in ("_live", "__getstate__")
-    }
-    path = tmp_path / "old.pt"
-    torch.save(trainer.model, path)
-    loaded = torch.load(path, weights_only=False)
-    x = torch.randn(5, 16)
-    assert torch.equal(loaded(x), trainer.model(x))
-    assert handle_of(loaded).live_bytes == 0  # every decoded value released
-
-
 @pytest.mark.parametrize("mode", ["fused", "simple"])
 def test_a_copy_made_inside_a_step_has_no_gradients(mode):
     # As torch's copy of a parameter: gradients and what the engine holds

@@ -174,42 +174,8 @@ class CompressedTensor:
         x32 = x32.to(self._packed.device)
         if minmax is None:
             minmax = _finite_minmax(x32)
-        return self.refit_(x32, minmax, rounding, generator)
-
-    def refit_(
-        self,
-        x32: torch.Tensor,
-        minmax: tuple[float, float],
-        rounding: str,
-        generator: torch.Generator | int | None,
-    ) -> CompressedTensor:
-        """:meth:`assign_` of a value already checked (a fused update's, at
-        every step).
-
-        Arguments
-        ---------
-        x32 : torch.Tensor
-            Contiguous float32 of :attr:`shape` on the codes' device, finite.
-        minmax : tuple of float
-            ``(min, max)`` of ``x32``.
-        rounding : str
-            ``"nearest"`` or ``"stochastic"``.
-        generator : torch.Generator or int, optional
-            Keys stochastic rounding.
-
-        Returns
-        -------
-        CompressedTensor
-            ``self``.
-
-        Example
-        -------
-        >>> ct = CompressedTensor.compress(torch.zeros(2), "e4m3", "none")
-        >>> x = torch.tensor([1.0, 2.0])
-        >>> ct.refit_(x, (1.0, 2.0), "nearest", None).decompress()
-        tensor([1., 2.])
-        """
-        minmax = (minmax[0] + 0.0, minmax[1] + 0.0)  # -0.0 as _finite_minmax
+        else:
+            minmax = tuple(v + 0.0 for v in minmax)  # -0.0 as _finite_minmax
         fitted = fit_transform(
             x32, self._format, self._transform.kind, self._clip, minmax=minmax
         )

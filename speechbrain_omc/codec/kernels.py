@@ -297,7 +297,7 @@ def native_for(*tensors: torch.Tensor) -> bool:
     >>> native_for(torch.zeros(3, device="meta"))
     False
     """
-    if _suspended or _library() is None:
+    if _suspended or not available():
         return False
     for t in tensors:  # a plain loop: this runs for every decode and encode
         if not t.is_cpu or t.requires_grad or not t.is_contiguous():
@@ -670,7 +670,7 @@ def adam_step(
     written and ``value`` and the codes written are garbage.
     """
     _check_adam_buffers(value, grad, (*exp_avg[:2], *exp_avg_sq[:2]), block)
-    sqrt_fn = torch_sqrt()[0]
+    sqrt_fn, _ = torch_sqrt()
     beta1, beta2 = betas
     # torch's scalars: Python doubles (the step count a float, as
     # _get_value(step_t) gives it), each cast to float32 where ATen takes it.

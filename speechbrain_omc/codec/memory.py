@@ -80,7 +80,7 @@ class Workspace:
         return (Workspace, (self.idle_bytes, self.exact))
 
     @staticmethod
-    def _idle(buffer: mmap.mmap) -> bool:  # inlined in _same_size
+    def _idle(buffer: mmap.mmap) -> bool:
         # References: the pool's list, the caller's loop variable, this
         # parameter and getrefcount's argument; a live tensor adds one.
         return sys.getrefcount(buffer) <= 4
@@ -93,11 +93,7 @@ class Workspace:
     ) -> torch.Tensor:
         """An uninitialised 1-D tensor of ``numel`` values on ``device``."""
         nbytes = numel * dtype.itemsize
-        if type(device) is str:  # "cpu" at every step; "cpu:0" and others too
-            on_cpu = device == "cpu" or torch.device(device).type == "cpu"
-        else:
-            on_cpu = device.type == "cpu"
-        if nbytes < MAPPED_MIN_BYTES or not on_cpu:
+        if nbytes < MAPPED_MIN_BYTES or torch.device(device).type != "cpu":
             return torch.empty(numel, dtype=dtype, device=device)
         with self._lock:
             if self.exact:
@@ -107,13 +103,9 @@ class Workspace:
             return torch.frombuffer(buffer, dtype=dtype, count=numel)
 
     def _same_size(self, key: tuple[torch.dtype | None, int]) -> mmap.mmap:
-        pool = self._buffers.get(key)
-        if pool is None:
-            pool = self._buffers[key] = []
+        pool = self._buffers.setdefault(key, [])
         for buffer in pool:
-            # _idle inlined (this runs for every transient buffer): held by
-            # the pool's list, this loop and getrefcount only.
-            if sys.getrefcount(buffer) <= 3:
+            if self._idle(buffer):
                 return buffer
         buffer = mmap.mmap(-1, key[1])
         pool.append(buffer)

@@ -57,7 +57,6 @@ class OMCHandle:
         self._holders: dict[str, tuple[torch.nn.Module, str]] = {}
         self.live_bytes = 0
         self.peak_live_bytes = 0
-        self._live: dict[int, tuple] = {}  # decoded values alive, and bytes
         # Transient decompressed copies reuse mapped buffers: no heap churn.
         self.workspace = Workspace()
         self.updates = UpdatePolicy(
@@ -71,11 +70,7 @@ class OMCHandle:
     # its handle with it: hooks and slots reach it, and copy or pickle map
     # them to the copy's. The workspace is fresh (Workspace.__reduce__).
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "live_bytes": 0, "peak_live_bytes": 0, "_live": {}}
-
-    def __setstate__(self, state: dict) -> None:
-        state.setdefault("_live", {})  # whole models saved by older versions
-        self.__dict__.update(state)
+        return {**self.__dict__, "live_bytes": 0, "peak_live_bytes": 0}
 
     # ------------------------------------------- the update policy's surface
     @property
@@ -205,12 +200,11 @@ class OMCHandle:
         nbytes = 4 * out.numel()
         self.live_bytes += nbytes
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
-        ref = weakref.ref(out, self._untrack)
-        self._live[id(ref)] = ref, nbytes  # by id: a tensor's hash is Python's
+        weakref.finalize(out, self._untrack, nbytes)
         return out
 
-    def _untrack(self, ref: weakref.ref) -> None:
-        self.live_bytes -= self._live.pop(id(ref))[1]
+    def _untrack(self, nbytes: int) -> None:
+        self.live_bytes -= nbytes
 
     def reset_peak(self) -> None:
         """Restart the peak probe of live decompressed bytes."""

@@ -8,8 +8,8 @@ the same codes (so autograd saves the compressed tensor), in-place ops
 decode, apply and encode, casts decode to their dtype, other ops return
 plain tensors. ``F.linear``, ``F.conv1d`` and ``F.conv2d`` of a whole weight
 skip per-op dispatch: one autograd function decodes it once in forward and
-once in backward. The
-engine (:mod:`speechbrain_omc.engine.handle`) consumes the gradients.
+once in backward. The engine (:mod:`speechbrain_omc.engine.handle`) consumes
+the gradients.
 
 Example
 -------

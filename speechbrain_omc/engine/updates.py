@@ -206,23 +206,18 @@ class UpdatePolicy:
                 "after the gradients are all-reduced); call handle.step() "
                 "before optimizer.step(), as OMCBrain does"
             )
-        codes = slot.codes
         if minmax is None:
             try:
                 minmax = _finite_minmax(value)
             except ValueError:  # an update that went non-finite
                 bad = int((~torch.isfinite(value)).sum())
                 return self._skip(slot.name, bad, "updated value")
-        key = self._rounding_key(slot.name)
-        rounding = self.config.update_rounding
-        if (
-            value.dtype == torch.float32
-            and value.device == codes.device
-            and value.shape == codes.shape
-        ):  # a fused update's scratch value, or an in-place op's result
-            codes.refit_(value.detach().contiguous(), minmax, rounding, key)
-        else:
-            codes.assign_(value, rounding=rounding, generator=key, minmax=minmax)
+        slot.codes.assign_(
+            value,
+            rounding=self.config.update_rounding,
+            generator=self._rounding_key(slot.name),
+            minmax=minmax,
+        )
         self.state[slot.name].steps += 1
 
     def _skip(self, name: str, bad: int, what: str = "gradient") -> None:
@@ -296,9 +291,7 @@ class UpdatePolicy:
         state = self.state[slot.name]
         codes = slot.codes
         device = codes.device
-        if grad.device != device or grad.dtype != torch.float32:
-            grad = grad.to(device, torch.float32)
-        grad = self._clipped(grad)
+        grad = self._clipped(grad.to(device, torch.float32))
 
         def scratch() -> torch.Tensor:
             return self.workspace.take(codes.numel(), device).view(codes.shape)
@@ -306,8 +299,7 @@ class UpdatePolicy:
         def keys(buffer: str) -> int:
             return self._rounding_key(slot.name, "/" + buffer)
 
-        if any(_elsewhere(v, device) for v in state.optimizer.values()):
-            state.optimizer = _on_device(state.optimizer, device)
+        state.optimizer = _on_device(state.optimizer, device)
         value = scratch()
         result = fused_step_(
             value, codes, grad, state.optimizer, self.rule, self.storage, scratch, keys
@@ -511,12 +503,11 @@ class _Followed:
         return settings_from_optimizer(optimizer)
 
 
-def _elsewhere(value, device: torch.device) -> bool:
-    return isinstance(value, torch.Tensor) and value.device != device
-
-
 def _on_device(state: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if _elsewhere(v, device) else v for k, v in state.items()}
+    return {
+        k: v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v
+        for k, v in state.items()
+    }
 
 
 def _distributed() -> bool:
