@@ -308,13 +308,8 @@ def run_one(spec: dict, steps: int) -> dict:
         config = OMCConfig(format=FORMATS[spec["bits"]], fp32_fraction=0.1)
     handle = None
     if mode in ("brain", "fp32-brain"):
-        brain = _brain(model, shape, lr, config)
-        brain.on_fit_start()  # compresses (OMC) and builds the optimizer
+        brain, step = _brain(model, shape, lr, (feats, lens, tokens), config)
         handle = getattr(brain, "omc", None)
-
-        def step():
-            return float(brain.fit_batch((feats, lens, tokens)))
-
     else:
         optimizer = None
         if config is not None:
@@ -354,12 +349,13 @@ def _brain(
     model: torch.nn.ModuleDict,
     shape: dict,
     lr: float,
+    batch: tuple,
     config=None,
     optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
 ):
     """A Brain training ``model`` on ``_loss`` with ``optimizer`` and
-    SpeechBrain's defaults: ``OMCBrain`` with ``config``, ``sb.Brain``
-    without."""
+    SpeechBrain's defaults (``OMCBrain`` with ``config``, ``sb.Brain``
+    without), its fit started, and a step: one ``fit_batch`` of ``batch``."""
     import speechbrain as sb
 
     from speechbrain_omc import OMCBrain
@@ -371,11 +367,13 @@ def _brain(
         def compute_objectives(self, predictions, batch, stage):
             return predictions
 
-    return Bench(
+    brain = Bench(
         modules=dict(model.items()),
         opt_class=lambda params: optimizer(params, lr=lr),
         hparams={"omc": config} if config is not None else None,
     )
+    brain.on_fit_start()  # compresses (OMC) and builds the optimizer
+    return brain, lambda: float(brain.fit_batch(batch))
 
 
 def _batch(shape: dict):
@@ -454,18 +452,14 @@ def run_one_adam(spec: dict, steps: int) -> dict:
     if mode in ("fused", "brain"):
         config = OMCConfig(fp32_fraction=spec["fp32_fraction"], **ADAM_OMC)
     if mode in ("brain", "fp32-brain"):
-        brain = _brain(model, shape, lr, config, torch.optim.Adam)
-        brain.on_fit_start()  # compresses (OMC) and builds the optimizer
+        batch = (feats, lens, tokens)
+        brain, step = _brain(model, shape, lr, batch, config, torch.optim.Adam)
         handle, optimizer = getattr(brain, "omc", None), brain.optimizer
         optimizer.register_step_pre_hook(
             lambda *_: grad_bytes.append(
                 tensor_bytes([p.grad for p in model.parameters()])
             )
         )
-
-        def step():
-            return float(brain.fit_batch((feats, lens, tokens)))
-
     else:
         if mode == "fused":
             handle = compress_module(model, config)
