@@ -786,9 +786,10 @@ def main() -> None:
                 "OMC fused Adam with the SynthSpeech recipe's state settings "
                 "(e4m3 moments, 256 values per scale, second moment as its "
                 "square root), float32 parameters stepped by torch.optim.Adam "
-                "after backward as in OMCBrain; the torchao row under "
-                f"`{args.torchao_python or sys.executable}` (same torch)."
+                "after backward as in OMCBrain."
             )
+            if args.torchao_python:  # a path of this machine: named only if asked
+                runs.append(f"The torchao row under `{args.torchao_python}`.")
         if not args.append:
             title = "# Training-step benchmark"
         elif args.optimizer == ["adam"]:
