@@ -41,6 +41,10 @@ default), the Adam configurations (lr 1e-3, default betas, no weight decay):
   (an interpreter where torchao imports; the row records why when it fails);
 * ``fp32-fused``: ``torch.optim.Adam(fused=True)``, torch's fastest CPU
   Adam (one kernel per parameter), step after backward;
+* ``bnb`` / ``bnb-hook``: bitsandbytes' ``AdamW8bit`` (weight decay 0) on
+  the float32 weights, stepped after backward / one optimizer per parameter
+  inside backward (the strongest peer); they need ``pip install
+  bitsandbytes`` (a row that cannot import it records why);
 * ``fused:11``: the README's plain loop under OMC with fused Adam, e3m7
   weights, e4m3 block-wise moments (256 values per scale, second moment as
   its square root: the recipe's settings): ``compress_module``,
@@ -117,6 +121,8 @@ ADAM_PATHS = {
     "fp32-fused": "torch Adam(fused=True), plain loop",
     "fp32-hook": "torch Adam in backward",
     "torchao": "torchao AdamW8bit, plain loop",
+    "bnb": "bitsandbytes AdamW8bit, plain loop",
+    "bnb-hook": "bitsandbytes AdamW8bit in backward",
     "fused": "OMC fused Adam, README plain loop (handle.follow)",
     "fp32-brain": "torch Adam, sb.Brain.fit_batch",
     "brain": "OMC fused Adam, OMCBrain.fit_batch",
@@ -126,6 +132,7 @@ ADAM_PATHS = {
 # OMC fused Adam: the SynthSpeech recipe's settings (conformer_ctc_omc.yaml).
 ADAM_OMC = dict(format="e3m7", state_format="e4m3", state_block=256, state_sqrt=True)
 ADAM_FP32_FRACTIONS = (0.1, 0.0)  # the recipe's, and every weight matrix compressed
+PEERS = ("torchao", "bnb", "bnb-hook")  # low-bit optimizers of other projects
 FLOAT32_ADAM_BYTES = 16  # weights, gradients, two moments: 4 bytes each
 
 
@@ -152,6 +159,8 @@ def configurations(setting: str, optimizer: str = "sgd") -> list[dict]:
         elif optimizer == "adam":
             runs.append(dict(base, mode="fp32-fused", bits=32))
             runs.append(dict(base, mode="torchao", bits=32))
+            runs.append(dict(base, mode="bnb", bits=32))
+            runs.append(dict(base, mode="bnb-hook", bits=32))
             for fraction in ADAM_FP32_FRACTIONS:
                 runs.append(dict(base, mode="fused", bits=11, fp32_fraction=fraction))
             runs.append(dict(base, mode="fp32-brain", bits=32))
@@ -232,9 +241,10 @@ def sgd_in_backward(params, lr: float) -> None:
         param.register_post_accumulate_grad_hook(step)
 
 
-def adam_in_backward(params, lr: float) -> dict:
-    """The same pattern with ``torch.optim.Adam``; returns the optimizers."""
-    optimizers = {p: torch.optim.Adam([p], lr=lr) for p in params}
+def adam_in_backward(params, lr: float, adam=torch.optim.Adam) -> dict:
+    """The same pattern with ``adam`` (a class called as ``adam([p], lr=lr)``,
+    ``torch.optim.Adam`` by default); returns the optimizers."""
+    optimizers = {p: adam([p], lr=lr) for p in params}
 
     def step(param):
         optimizers[param].step()
@@ -288,6 +298,17 @@ def _torchao_adam(params, lr: float):
     from torchao.optim import AdamW8bit
 
     return AdamW8bit(params, lr=lr, weight_decay=0.0), torchao.__version__
+
+
+def _bnb_adam():
+    """bitsandbytes' 8-bit AdamW with weight decay 0 (that is, Adam), and
+    its version."""
+    import bitsandbytes
+
+    def adam(params, lr: float):
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+
+    return adam, bitsandbytes.__version__
 
 
 def run_one(spec: dict, steps: int) -> dict:
@@ -465,6 +486,12 @@ def run_one_adam(spec: dict, steps: int) -> dict:
             handle = compress_module(model, config)
         if mode == "fp32-hook":
             hooked = adam_in_backward(list(model.parameters()), lr)
+        elif mode == "bnb-hook":
+            adam, extra["bitsandbytes"] = _bnb_adam()
+            hooked = adam_in_backward(list(model.parameters()), lr, adam)
+        elif mode == "bnb":
+            adam, extra["bitsandbytes"] = _bnb_adam()
+            optimizer = adam(model.parameters(), lr)
         elif mode == "torchao":
             optimizer, extra["torchao"] = _torchao_adam(model.parameters(), lr)
         else:  # fp32, fp32-fused; OMC: its float32 parameters
@@ -515,15 +542,16 @@ def run_one_adam(spec: dict, steps: int) -> dict:
 def spawn(spec: dict, steps: int, python: str | None = None) -> dict:
     """Run one configuration in a fresh interpreter and parse its JSON.
 
-    A torchao row that fails (torchao missing or not importable with this
-    torch) comes back as ``{**spec, "error": ...}``; any other failure raises.
+    A peer's row that fails (torchao or bitsandbytes missing or not
+    importable with this torch) comes back as ``{**spec, "error": ...}``; any
+    other failure raises.
     """
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     cmd = [python or sys.executable, __file__, "--one", json.dumps(spec)]
     cmd += ["--steps", str(steps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        if spec["mode"] == "torchao":
+        if spec["mode"] in PEERS:
             return {**spec, "python": cmd[0], "error": _last_error(out.stderr)}
         raise RuntimeError(f"{spec} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -640,8 +668,9 @@ def _adam_label(r: dict) -> tuple[str, str, str]:
     if r["mode"] in ("fused", "brain"):
         share = f"{r['fp32_fraction']:.0%} float32"
         return ADAM_PATHS[r["mode"]], f"e3m7 ({share})", "e4m3 block 256, sqrt v"
-    if r["mode"] == "torchao":
-        return ADAM_PATHS["torchao"], "float32", "8-bit block 256"
+    if r["mode"] in PEERS:
+        small = "" if r["mode"] == "torchao" else " (under 4096 values: float32)"
+        return ADAM_PATHS[r["mode"]], "float32", f"8-bit block 256{small}"
     return ADAM_PATHS[r["mode"]], "float32", "float32"
 
 
