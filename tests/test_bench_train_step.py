@@ -71,6 +71,8 @@ def test_adam_configurations(bench):
         ("fp32-hook", 32, None),
         ("fp32-fused", 32, None),
         ("torchao", 32, None),
+        ("bnb", 32, None),
+        ("bnb-hook", 32, None),
         ("fused", 11, 0.1),
         ("fused", 11, 0.0),
         ("fp32-brain", 32, None),
@@ -217,3 +219,29 @@ def test_run_one_adam_accounts_the_training_state(bench, monkeypatch):
     assert fused["training_state_bytes"] == report["total"] + extra
     assert fused["training_state_bytes"] < 0.4 * fp32["training_state_bytes"]
     assert len(fused["step_times"]) == 1 and len(fused["losses"]) == 2
+
+
+def test_bitsandbytes_rows_account_8bit_state(bench, monkeypatch):
+    """AdamW8bit stepped inside backward takes the same steps as after it,
+    without gradients alive at the step; its 8-bit state is counted."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setitem(
+        bench.SETTINGS,
+        "tiny",
+        dict(d_model=64, nhead=2, layers=1, d_ffn=128, batch=1, seconds=0.3),
+    )
+    monkeypatch.setenv("OMC_BENCH_THREADS", str(torch.get_num_threads()))
+    spec = dict(setting="tiny", optimizer="adam", ckpt=False, bits=32)
+    after = bench.run_one(dict(spec, mode="bnb"), steps=1)
+    inside = bench.run_one(dict(spec, mode="bnb-hook"), steps=1)
+    assert inside["losses"] == after["losses"]
+    assert after["grad_bytes"] == 4 * after["numel"] and inside["grad_bytes"] == 0
+    # The 8-bit moments of the tensors of 4096 values or more, float32
+    # ones below: between 2 and 8 bytes per parameter of state.
+    assert 2 * after["numel"] < after["state_bytes"] < 8 * after["numel"]
+    # Each optimizer of the in-backward pattern keeps its own two 256-entry
+    # quantization maps (float32).
+    extra = inside["state_bytes"] - after["state_bytes"]
+    assert extra > 0 and extra % (2 * 256 * 4) == 0
+    assert after["path"] == bench.ADAM_PATHS["bnb"]
+    assert inside["bitsandbytes"] == after["bitsandbytes"]
