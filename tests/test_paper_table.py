@@ -243,3 +243,44 @@ def test_a_report_only_adopts_nothing(tmp_path):
     # The same run is adopted by a grid that runs (checked without running).
     mine = plan_runs(cells, settings, tmp_path / "mine")
     assert adopt_finished(mine, tmp_path / "other") == [mine[0]]
+
+
+def test_cells_with_more_seeds_run_them_and_pair_over_shared_seeds(tmp_path):
+    from speechbrain_omc.experiments import report
+    from speechbrain_omc.experiments.grid import (
+        FULL_SETTINGS,
+        PARITY_SEEDS,
+        GridSettings,
+        paper_grid,
+        quick_grid,
+    )
+    from speechbrain_omc.experiments.paper_table import grid_from_args, parse_args
+    from speechbrain_omc.experiments.runner import plan_runs
+
+    settings = GridSettings(2, (1, 2), more_seeds={"float32": (2, 3, 4)})
+    runs = plan_runs(quick_grid(), settings, tmp_path)
+    assert [(r.cell.name, r.seed) for r in runs] == [
+        ("float32", 1), ("default", 1), ("float32", 2), ("default", 2),
+        ("float32", 3), ("float32", 4),
+    ]  # fmt: skip
+    # float32 over four seeds, the default over two: paired over 1 and 2.
+    cells = {c.name: c for c in quick_grid()}
+    results = {
+        cells["float32"]: {s: _summary(20.0 + s, 100) for s in (1, 2, 3, 4)},
+        cells["default"]: {1: _summary(22.0, 40), 2: _summary(24.0, 40)},
+    }
+    rows = report.cell_rows(results)
+    assert rows[0]["seeds"] == 4 and rows[1]["seeds"] == 2
+    assert rows[1]["wer_delta"] == 1.5  # (22 - 21 + 24 - 22) / 2
+    # The recorded grid: three seeds a cell, the parity record's cells eight.
+    full = plan_runs(paper_grid(), FULL_SETTINGS, tmp_path)
+    per_cell: dict[str, list[int]] = {}
+    for run in full:
+        per_cell.setdefault(run.cell.name, []).append(run.seed)
+    assert {n: s for n, s in per_cell.items() if len(s) == 8} == {
+        n: list(PARITY_SEEDS) for n in ("float32", "default", "bf16_sr")
+    }
+    assert len(full) == 13 * 3 + 3 * 8
+    # Seeds given on the command line are every cell's, no more.
+    _, chosen = grid_from_args(*parse_args(["--seeds", "7"]))
+    assert len(plan_runs(paper_grid(), chosen, tmp_path)) == 16

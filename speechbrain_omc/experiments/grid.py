@@ -42,6 +42,7 @@ __all__ = [
     "FIXED_PATTERNS",
     "Cell",
     "GridSettings",
+    "PARITY_SEEDS",
     "paper_grid",
     "quick_grid",
 ]
@@ -189,11 +190,33 @@ class GridSettings:
         The same for every cell, so differences pair by seed.
     overrides : dict
         Further overrides for every run (validation only after the last round).
+    more_seeds : dict
+        Cell name -> further seeds of that cell (differences pair over the
+        seeds two cells share).
     """
 
     rounds: int
     seeds: tuple[int, ...]
     overrides: Mapping[str, object] = field(default_factory=dict)
+    more_seeds: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def seeds_of(self, name: str) -> tuple[int, ...]:
+        """The seeds cell ``name`` runs on: the grid's, then its further ones.
+
+        Example
+        -------
+        >>> s = GridSettings(rounds=2, seeds=(1, 2), more_seeds={"float32": (3,)})
+        >>> [s.seeds_of(c.name) for c in quick_grid()]
+        [(1, 2, 3), (1, 2)]
+        """
+        more = self.more_seeds.get(name, ())
+        return self.seeds + tuple(s for s in more if s not in self.seeds)
+
+    @property
+    def all_seeds(self) -> tuple[int, ...]:
+        """Every seed some cell runs on, the grid's first."""
+        more = sorted({s for seeds in self.more_seeds.values() for s in seeds})
+        return self.seeds + tuple(s for s in more if s not in self.seeds)
 
     def run_overrides(self, cell: Cell, seed: int) -> dict[str, object]:
         """All overrides of one run.
@@ -213,10 +236,16 @@ class GridSettings:
         }
 
 
-#: The recorded grid: the main job's 40 rounds, so that the parity record's
-#: runs of its three cells are this grid's (``--reuse benchmarks/results/parity``).
+#: The parity record's eight seeds (``experiments/parity.py``).
+PARITY_SEEDS = tuple(range(1986, 1994))
+#: The recorded grid: the main job's 40 rounds, three seeds a cell, and the
+#: parity record's three cells over its eight seeds; those runs are the
+#: parity record's (``--reuse benchmarks/results/parity``).
 FULL_SETTINGS = GridSettings(
-    rounds=40, seeds=(1986, 1987, 1988), overrides=ADAM_SETTING
+    rounds=40,
+    seeds=PARITY_SEEDS[:3],
+    overrides=ADAM_SETTING,
+    more_seeds={name: PARITY_SEEDS[3:] for name in ("float32", "default", "bf16_sr")},
 )
 #: ``--quick``: 2 rounds of 2 clients, 2 seeds, for CI.
 QUICK_SETTINGS = GridSettings(

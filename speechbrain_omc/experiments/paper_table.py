@@ -195,8 +195,8 @@ def grid_from_args(
             cells.insert(0, known["float32"])  # ratios need the reference
     if args.rounds:
         settings = replace(settings, rounds=args.rounds)
-    if args.seeds:
-        settings = replace(settings, seeds=tuple(args.seeds))
+    if args.seeds:  # every cell on these seeds, no more
+        settings = replace(settings, seeds=tuple(args.seeds), more_seeds={})
     if overrides:
         settings = replace(settings, overrides={**settings.overrides, **overrides})
     return cells, settings
@@ -259,7 +259,7 @@ def write_report(
             rows,
             output / f"{name}.png",
             f"SynthSpeech federated, {settings.rounds} rounds, "
-            f"{len(settings.seeds)} seeds",
+            f"{_seed_count(settings)} seeds",
         )
     header = _report_header(experiment, settings, state, finished, len(runs))
     reading = output / READING
@@ -274,6 +274,27 @@ def write_report(
     ]
     report.write_markdown(output / f"{name}.md", sections)
     return rows
+
+
+def _seed_count(settings: GridSettings) -> str:
+    """How many seeds a cell has, in words (``3``, ``3-8``)."""
+    counts = [len(settings.seeds_of(name)) for name in settings.more_seeds]
+    low, high = len(settings.seeds), max(counts, default=len(settings.seeds))
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _seed_text(settings: GridSettings) -> str:
+    """The grid's seeds, in words, for the report's header."""
+    text = f"{list(settings.seeds)} for every configuration"
+    further: dict[tuple[int, ...], list[str]] = {}
+    for name in settings.more_seeds:
+        seeds = settings.seeds_of(name)[len(settings.seeds) :]
+        further.setdefault(seeds, []).append(name)
+    for seeds, names in further.items():
+        text += f", and {list(seeds)} too for {', '.join(names)}"
+    if further:
+        text += " (differences to float32 pair over the seeds both have)"
+    return text
 
 
 def _report_header(
@@ -298,8 +319,8 @@ Written by `{experiment.prog}`. Runs finished:
 `fed_omc.yaml` / `fed_fp32.yaml`: 8 clients of 3 training speakers, 4 per round,
 2 local epochs, client optimizer and model as the packaged files say unless
 overridden below) for {settings.rounds} rounds, validation only after the
-last round, test on the held-out test speakers; seeds {list(settings.seeds)}
-(the same for every configuration). Further overrides for every run:
+last round, test on the held-out test speakers; seeds {_seed_text(settings)}.
+Further overrides for every run:
 `{json.dumps(dict(settings.overrides))}`.
 
 Commands: {"; ".join(f"`{c}`" for c in commands) or "-"}

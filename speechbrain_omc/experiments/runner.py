@@ -120,8 +120,9 @@ def plan_runs(cells: Sequence[Cell], settings: GridSettings, output: Path) -> li
             Path(output) / "runs" / cell.name / str(seed),
             settings.run_overrides(cell, seed),
         )
-        for seed in settings.seeds
+        for seed in settings.all_seeds
         for cell in cells
+        if seed in settings.seeds_of(cell.name)
     ]
 
 
