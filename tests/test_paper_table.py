@@ -105,6 +105,11 @@ def test_quick_grid_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path)
         time.sleep(0.2)
     stamp = (first / "summary.json").stat().st_mtime_ns
     done = _round_of(second)
+    # The killed invocation stays in the record, timed to its finished run.
+    from speechbrain_omc.experiments.paper_table import STOPPED
+
+    (killed,) = json.loads((out / "grid_state.json").read_text())["invocations"]
+    assert killed["load_after"] == STOPPED and killed["seconds"] > 0
 
     again = subprocess.run(
         _command(out), capture_output=True, text=True, env=env, timeout=600
@@ -113,6 +118,9 @@ def test_quick_grid_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path)
     log = again.stdout + again.stderr
     assert f"finished already, skipped: {first}" in log
     assert "1 runs skipped (finished before), 3 run now, 0 failed" in log
+    invocations = json.loads((out / "grid_state.json").read_text())["invocations"]
+    assert invocations[0] == killed and len(invocations) == 2
+    assert invocations[1]["load_after"] != STOPPED
     assert (first / "summary.json").stat().st_mtime_ns == stamp
     # The interrupted run went on from its checkpoint, not from round 0.
     assert f"after round {done}" in (second / "log.txt").read_text()

@@ -50,6 +50,8 @@ from speechbrain_omc.experiments.runner import (
 logger = logging.getLogger(__name__)
 
 STATE = "grid_state.json"
+#: An invocation's end until it ends (what a stopped one keeps).
+STOPPED = "not recorded (stopped before its end; seconds to its last finished run)"
 #: A reading kept beside the runs, rendered into the report when present.
 READING = "reading.md"
 
@@ -385,15 +387,22 @@ def main(
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, state_path)
 
+    start = time.perf_counter()
+
     def refresh(_run=None):
+        # Kept current after every finished run: a grid stopped by a signal
+        # (SIGTERM, SIGKILL) leaves its invocation in the record.
+        invocation["seconds"] = round(time.perf_counter() - start, 1)
+        save_state()
         write_report(output, runs, settings, state, experiment=experiment)
 
     outcome = {"failed": {}}
     if not args.report_only:  # a report changes no run folder
         for other in args.reuse:
             adopt_finished(runs, other)
+        invocation["load_after"] = STOPPED
         state.setdefault("invocations", []).append(invocation)
-        start = time.perf_counter()
+        save_state()
         try:
             outcome = run_grid(
                 runs,
