@@ -1,5 +1,6 @@
 """Test-session setup shared by every test module."""
 
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +36,19 @@ def pytest_collection_modifyitems(items):
                 getattr(module, "__file__", None)
         except ImportError:
             del sys.modules[name]
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", BENCHMARKS / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -1,19 +1,12 @@
 """benchmarks/main_job_profile.py: samples charged to the parts of a step."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "main_job_profile.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_main_job_profile", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("main_job_profile")
 
 
 def test_each_sample_goes_to_the_first_part_on_its_stack(bench):

@@ -1,22 +1,30 @@
 """Helpers of benchmarks/train_step.py: the Adam rows and their accounting."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_benchmark
 
 from speechbrain_omc.codec.blockwise import BlockwiseTensor
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_step")
+
+
+TINY = dict(d_model=32, nhead=2, layers=1, d_ffn=64, batch=1, seconds=0.3)
+
+
+@pytest.fixture
+def tiny(bench, monkeypatch):
+    """A tiny setting of the benchmark's model, on this process's threads."""
+
+    def setting(**changes) -> str:
+        monkeypatch.setitem(bench.SETTINGS, "tiny", {**TINY, **changes})
+        monkeypatch.setenv("OMC_BENCH_THREADS", str(torch.get_num_threads()))
+        return "tiny"
+
+    return setting
 
 
 def test_sgd_configurations(bench):
@@ -34,15 +42,10 @@ def test_sgd_configurations(bench):
     assert {r["mode"] for r in runs} <= set(bench.PATHS)
 
 
-def test_user_paths_train_as_float32_does(bench, monkeypatch):
+def test_user_paths_train_as_float32_does(bench, tiny, monkeypatch):
     """The plain loop and the Brains run, record their path, and (OMC with
     lossless codes) take float32's steps."""
-    monkeypatch.setitem(
-        bench.SETTINGS,
-        "tiny",
-        dict(d_model=32, nhead=2, layers=1, d_ffn=64, batch=1, seconds=0.3),
-    )
-    monkeypatch.setenv("OMC_BENCH_THREADS", str(torch.get_num_threads()))
+    tiny()
     monkeypatch.setitem(bench.FORMATS, 32, "fp32")
     spec = dict(setting="tiny", optimizer="sgd", ckpt=False)
     rows = {
@@ -192,13 +195,8 @@ def test_adam_table_reports_shares_and_failures(bench):
     assert "not run: `ModuleNotFoundError: No module named 'torchao'`" in torchao
 
 
-def test_run_one_adam_accounts_the_training_state(bench, monkeypatch):
-    monkeypatch.setitem(
-        bench.SETTINGS,
-        "tiny",
-        dict(d_model=32, nhead=2, layers=1, d_ffn=64, batch=1, seconds=0.3),
-    )
-    monkeypatch.setenv("OMC_BENCH_THREADS", str(torch.get_num_threads()))
+def test_run_one_adam_accounts_the_training_state(bench, tiny):
+    tiny()
     spec = dict(setting="tiny", optimizer="adam", ckpt=False, bits=32)
     fp32 = bench.run_one(dict(spec, mode="fp32"), steps=1)
     n = fp32["numel"]
@@ -221,16 +219,11 @@ def test_run_one_adam_accounts_the_training_state(bench, monkeypatch):
     assert len(fused["step_times"]) == 1 and len(fused["losses"]) == 2
 
 
-def test_bitsandbytes_rows_account_8bit_state(bench, monkeypatch):
+def test_bitsandbytes_rows_account_8bit_state(bench, tiny):
     """AdamW8bit stepped inside backward takes the same steps as after it,
     without gradients alive at the step; its 8-bit state is counted."""
     pytest.importorskip("bitsandbytes")
-    monkeypatch.setitem(
-        bench.SETTINGS,
-        "tiny",
-        dict(d_model=64, nhead=2, layers=1, d_ffn=128, batch=1, seconds=0.3),
-    )
-    monkeypatch.setenv("OMC_BENCH_THREADS", str(torch.get_num_threads()))
+    tiny(d_model=64, d_ffn=128)
     spec = dict(setting="tiny", optimizer="adam", ckpt=False, bits=32)
     after = bench.run_one(dict(spec, mode="bnb"), steps=1)
     inside = bench.run_one(dict(spec, mode="bnb-hook"), steps=1)
