@@ -341,6 +341,22 @@ training); bytes are `len()` of the messages.
     return header
 
 
+def _invocation(experiment: Experiment, argv: Sequence[str]) -> dict:
+    """This invocation's entry in the grid's state: command, start, load."""
+    return {
+        "command": shlex.join(experiment.prog.split() + list(argv)),
+        "started": time.strftime("%Y-%m-%d %H:%M"),
+        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load_after": STOPPED,
+    }
+
+
+def _atomic_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def main(
     argv: Sequence[str] | None = None, experiment: Experiment = PAPER_TABLE
 ) -> int:
@@ -374,18 +390,10 @@ def main(
     state_path = output / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     state["machine"] = _machine()
-    invocation = {
-        "command": shlex.join(
-            experiment.prog.split() + list(sys.argv[1:] if argv is None else argv)
-        ),
-        "started": time.strftime("%Y-%m-%d %H:%M"),
-        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
+    invocation = _invocation(experiment, sys.argv[1:] if argv is None else argv)
 
     def save_state():
-        tmp = state_path.with_name(STATE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, state_path)
+        _atomic_json(state_path, state)
 
     start = time.perf_counter()
 
@@ -400,7 +408,6 @@ def main(
     if not args.report_only:  # a report changes no run folder
         for other in args.reuse:
             adopt_finished(runs, other)
-        invocation["load_after"] = STOPPED
         state.setdefault("invocations", []).append(invocation)
         save_state()
         try:
