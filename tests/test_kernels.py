@@ -141,6 +141,21 @@ def test_stochastic_codes_do_not_depend_on_threads(name):
     assert all(torch.equal(r.packed, results[0].packed) for r in results)
 
 
+@pytest.mark.parametrize("name", ["e4m3", "e3m7", "int5"])
+@pytest.mark.parametrize("offset", [0, 2**32 - 37, 2**33 - 1])
+def test_stochastic_codes_follow_indices_into_their_high_word(name, offset):
+    """Indices whose low 32 bits wrap inside one call (the kernel splits its
+    loops there) draw the reference's random bits."""
+    fmt = get_format(name)
+    x = hard_values(fmt, 300, torch.Generator().manual_seed(1))
+    x = x.clamp(-fmt.max_value, fmt.max_value)
+    codes = torch.empty(300, dtype=torch.int32)
+    kernels.encode(
+        x, codes, fmt.spec, stochastic_key=99, index_offset=offset, packed=False
+    )
+    assert torch.equal(codes, fmt._quantize(x, "stochastic", 99, offset))
+
+
 @pytest.mark.parametrize("name", ["e3m7", "e2m5", "int4"])
 def test_kernel_stochastic_rounding_is_unbiased(name):
     fmt = get_format(name)

@@ -181,6 +181,72 @@ def test_results_do_not_depend_on_the_thread_count():
         assert codes == results[0][2]
 
 
+@native
+@pytest.mark.parametrize("fmt", ["e2m1", "e3m2", "e5m10"])  # packed, not bytes
+def test_codes_of_any_width_do_not_depend_on_the_thread_count(fmt):
+    """Threads write their own bytes only, whatever the codes' width."""
+    settings = AdamSettings(lr=1e-2, weight_decay=0.01, decoupled=True)
+    n = 300_001
+    grad = gradients(n, 1, seed=5)[0]
+    start = torch.randn(n, generator=torch.Generator().manual_seed(6))
+    old = {
+        "m": BlockwiseTensor.compress(grad, fmt, block=64),
+        "v": BlockwiseTensor.compress(grad * grad, fmt, block=64, sqrt=True),
+    }
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            value, args, new = start.clone(), {}, {}
+            for k, held in old.items():
+                target, new[k] = empty_like_blocks(n, fmt, 64, held.sqrt)
+                args[k] = (fields(held), target, 7 + len(k))
+            adam_kernel(value, grad, args["m"], args["v"], 3, settings, block=64)
+            results.append((value, new["m"].to_bytes(), new["v"].to_bytes()))
+    finally:
+        torch.set_num_threads(threads)
+    for value, m, v in results[1:]:
+        assert same_bits(value, results[0][0])
+        assert (m, v) == results[0][1:]
+
+
+BLOCK_FORMATS = ["e4m3", "e5m2", "int8", "e2m1", "e3m2", "int5", "e5m10", "fp32"]
+
+
+@native
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_block_codes_equal_the_reference(fmt, rounding):
+    """BlockwiseTensor's kernels against its torch reference: blocks of 16 to
+    16384 values, tensors of ragged length across the 8192-value tiles, an
+    all-zero block (unit scale) and one whose scale clamps to float32's
+    smallest normal, square roots or not."""
+    gen = torch.Generator().manual_seed(11)
+    for block, n in [(16, 9_001), (256, 20_011), (16_384, 50_011)]:
+        x = torch.randn(n, generator=gen) * 10 ** torch.empty(n).uniform_(
+            -6, 1, generator=gen
+        )
+        x[block : 2 * block] = 0.0
+        x[2 * block : 3 * block] *= 1e-40
+        for sqrt in (False, True):
+            values = x * x if sqrt else x
+
+            def make(values=values, sqrt=sqrt, block=block):
+                bt = BlockwiseTensor.compress(
+                    values, fmt, block, sqrt, rounding, generator=77
+                )
+                return bt.to_bytes(), bt.decompress()
+
+            fast, fast_values = make()
+            with kernels.disabled():
+                slow, slow_values = make()
+                decoded = BlockwiseTensor.from_bytes(fast).decompress()
+            assert fast == slow, (block, sqrt)
+            assert same_bits(fast_values, slow_values), (block, sqrt)
+            assert same_bits(fast_values, decoded), (block, sqrt)
+
+
 # ------------------------------------------------------------- fused mode
 def fused(codes, grad, state, settings, storage):
     """One fused Adam step as the engine takes it; returns the StepResult."""
@@ -241,6 +307,47 @@ def test_fused_steps_equal_the_torch_path(storage):
         assert fast.to_bytes() == slow.to_bytes()
         assert state_bytes(fast_state) == state_bytes(slow_state)
     assert fast_state["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "formats,block,rounding,sqrt",
+    [
+        (("e4m3", "e4m3"), 16, "stochastic", True),
+        (("e4m3", "e4m3"), 16_384, "nearest", True),
+        (("e5m2", "e5m2"), 256, "stochastic", False),
+        (("e2m1", "e2m1"), 64, "nearest", True),
+        (("e2m1", "e3m2"), 256, "stochastic", True),
+        (("int4", "int5"), 32, "stochastic", True),
+        (("int5", "e3m2"), 128, "nearest", False),
+        (("e5m10", "int8"), 1024, "stochastic", True),
+        (("fp32", "e4m3"), 256, "stochastic", True),
+    ],
+)
+def test_block_wise_state_of_any_format_equals_the_torch_path(
+    formats, block, rounding, sqrt
+):
+    """Fused Adam with block-wise moments of other widths, block sizes and
+    rounding, native and on the torch path, step after step (a 37 x 541
+    weight: ragged blocks and tiles)."""
+    storage = StateStorage(
+        dict(zip(("exp_avg", "exp_avg_sq"), formats)),
+        block=block,
+        sqrt_second_moment=sqrt,
+        rounding=rounding,
+    )
+    settings = AdamSettings(lr=1e-2, weight_decay=0.01, decoupled=True)
+    start = torch.randn(37, 541, generator=torch.Generator().manual_seed(12))
+    fast = CompressedTensor.compress(start, "e3m7")
+    slow = CompressedTensor.compress(start, "e3m7")
+    fast_state, slow_state = {}, {}
+    for grad in gradients(start.numel(), 3, seed=13):
+        grad = grad.view(start.shape)
+        got = fused(fast, grad, fast_state, settings, storage)
+        with kernels.disabled():
+            want = fused(slow, grad, slow_state, settings, storage)
+        assert got == want
+        assert fast.to_bytes() == slow.to_bytes()
+        assert state_bytes(fast_state) == state_bytes(slow_state)
 
 
 @pytest.mark.parametrize("storage", ["float32", "e4m3"])

@@ -25,7 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 #include <immintrin.h>
@@ -197,14 +197,33 @@ struct Quantizer {
     }
   }
 
+  // The first j in [0, count) whose index first + j carries into the high
+  // 32 bits, or count: the stochastic loops run in (at most) two parts, the
+  // high word constant in each, which spares them a carry per value.
+  static int carry_at(uint64_t first, int count) {
+    const uint32_t left = 0u - static_cast<uint32_t>(first);  // 0: 2**32
+    return left != 0 && left < static_cast<uint32_t>(count) ? static_cast<int>(left)
+                                                             : count;
+  }
+
   // Codes of tile values y[0..count), element indices first..first+count.
   void operator()(const float* y, int count, uint64_t first,
                   uint32_t* codes) const {
-    // 32-bit words of the index (the carry keeps the loops in 32-bit lanes).
+    run([y](int j) { return y[j]; }, count, first, codes);
+  }
+
+  // Codes of the values load(0), ..., load(count - 1), element indices
+  // first..first+count, stored as Code: computing each value inside the loop
+  // fuses a caller's transform into it, and 8- and 16-bit codes stored as
+  // such are their packed bytes.
+  template <class Load, class Code>
+  void run(Load load, int count, uint64_t first, Code* codes) const {
+    // 32-bit words of the index (the loops stay in 32-bit lanes): the low
+    // one counts from lo0, the high one from hi0 (see carry_at).
     const uint32_t lo0 = static_cast<uint32_t>(first);
     const uint32_t hi0 = static_cast<uint32_t>(first >> 32);
     if (f.kind == 2) {  // every float32 is a code: nothing rounds
-      std::memcpy(codes, y, sizeof(float) * count);
+      for (int j = 0; j < count; ++j) codes[j] = static_cast<Code>(as_bits(load(j)));
       return;
     }
     if (f.kind == 0) {
@@ -218,19 +237,21 @@ struct Quantizer {
         const float mn = min_normal, mx = max_value, mul1 = sub_mul1,
                     mul2 = sub_mul2;
         const uint32_t k0_ = k0, k1_ = k1;
-        for (int j = 0; j < count; ++j) {
-          const float x = y[j];
-          float ax = std::fabs(x);
-          float small = std::min(ax, mn);
-          ax = std::min(std::max(ax, mn), mx);
-          const uint32_t rnd = random31(lo0 + j, hi0 + (lo0 + j < lo0), k0_, k1_);
-          int32_t mag = static_cast<int32_t>(((rnd & drop_mask) + as_bits(ax)) >> drop_);
-          small = small * mul1 * mul2;  // mul2 is 1 unless two steps are needed
-          int32_t sub = static_cast<int32_t>(small);
-          sub = static_cast<int32_t>((static_cast<uint32_t>(sub) + (rnd & frac_mask)) >> frac_);
-          mag += sub - off;
-          codes[j] = static_cast<uint32_t>(mag) | ((as_bits(x) >> 31) ? sign_bit : 0u);
-        }
+        uint32_t hi = hi0;
+        for (int j0 = 0, j1 = carry_at(first, count); j0 < count; j0 = j1, j1 = count, ++hi)
+          for (int j = j0; j < j1; ++j) {
+            const float x = load(j);
+            float ax = std::fabs(x);
+            float small = std::min(ax, mn);
+            ax = std::min(std::max(ax, mn), mx);
+            const uint32_t rnd = random31(lo0 + j, hi, k0_, k1_);
+            int32_t mag = static_cast<int32_t>(((rnd & drop_mask) + as_bits(ax)) >> drop_);
+            small = small * mul1 * mul2;  // mul2 is 1 unless two steps are needed
+            int32_t sub = static_cast<int32_t>(small);
+            sub = static_cast<int32_t>((static_cast<uint32_t>(sub) + (rnd & frac_mask)) >> frac_);
+            mag += sub - off;
+            codes[j] = static_cast<Code>(static_cast<uint32_t>(mag) | ((as_bits(x) >> 31) ? sign_bit : 0u));
+          }
       } else {
         const uint32_t half = (1u << (drop - 1)) - 1u;
         const int32_t off = rebias + ((127 + dexp) << 23) + (1 << m);
@@ -239,7 +260,7 @@ struct Quantizer {
         const int drop_ = drop;
         const float mn = min_normal, mx = max_value, add = d_add;
         for (int j = 0; j < count; ++j) {
-          const float x = y[j];
+          const float x = load(j);
           float ax = std::fabs(x);
           float small = std::min(ax, mn);
           ax = std::min(std::max(ax, mn), mx);
@@ -247,27 +268,33 @@ struct Quantizer {
           int32_t mag = static_cast<int32_t>((((a >> drop_) & 1u) + a + half) >> drop_);
           small = small + add;
           mag += static_cast<int32_t>(as_bits(small)) - off;
-          codes[j] = static_cast<uint32_t>(mag) | ((as_bits(x) >> 31) ? sign_bit : 0u);
+          codes[j] = static_cast<Code>(static_cast<uint32_t>(mag) | ((as_bits(x) >> 31) ? sign_bit : 0u));
         }
       }
     } else {
       const int32_t zero = 1 << (f.bits - 1);
+      const float top_ = top;  // locals, as above
       if (stochastic) {
         const uint32_t frac_mask = (1u << frac) - 1u;
-        for (int j = 0; j < count; ++j) {
-          const float x = y[j];
-          const float ay = std::min(std::fabs(x), top) * int_mul;
-          const uint32_t rnd = random31(lo0 + j, hi0 + (lo0 + j < lo0), k0, k1);
-          int32_t c = static_cast<int32_t>(
-              (static_cast<uint32_t>(static_cast<int32_t>(ay)) + (rnd & frac_mask)) >> frac);
-          const int32_t s = static_cast<int32_t>(as_bits(x)) >> 31;  // 0 or -1
-          c = (c ^ s) - s;
-          codes[j] = static_cast<uint32_t>(c + zero);
-        }
+        const int frac_ = frac;
+        const float mul = int_mul;
+        const uint32_t k0_ = k0, k1_ = k1;
+        uint32_t hi = hi0;
+        for (int j0 = 0, j1 = carry_at(first, count); j0 < count; j0 = j1, j1 = count, ++hi)
+          for (int j = j0; j < j1; ++j) {
+            const float x = load(j);
+            const float ay = std::min(std::fabs(x), top_) * mul;
+            const uint32_t rnd = random31(lo0 + j, hi, k0_, k1_);
+            int32_t c = static_cast<int32_t>(
+                (static_cast<uint32_t>(static_cast<int32_t>(ay)) + (rnd & frac_mask)) >> frac_);
+            const int32_t s = static_cast<int32_t>(as_bits(x)) >> 31;  // 0 or -1
+            c = (c ^ s) - s;
+            codes[j] = static_cast<Code>(c + zero);
+          }
       } else {
         for (int j = 0; j < count; ++j) {
-          const float v = std::nearbyint(std::min(std::max(y[j], -top), top));
-          codes[j] = static_cast<uint32_t>(static_cast<int32_t>(v) + zero);
+          const float v = std::nearbyint(std::min(std::max(load(j), -top_), top_));
+          codes[j] = static_cast<Code>(static_cast<int32_t>(v) + zero);
         }
       }
     }
@@ -724,43 +751,148 @@ inline double format_max(const Format& f) {
   return std::ldexp(2.0 - std::ldexp(1.0, -f.mbits), top - bias);
 }
 
-// Encodes one block, the values x[0, count) of indices start.., into dst,
-// its scale into *scale.
-void encode_block(const float* x, int64_t start, int count, bool sqrt_values,
-                  const Quantizer& quant, const Format& f, uint8_t* dst,
-                  int64_t nbytes, float* scale, float* tmp, uint32_t* codes) {
-  if (sqrt_values) {
-    for (int j = 0; j < count; ++j) tmp[j] = std::sqrt(x[j]);
-  } else {
-    std::memcpy(tmp, x, sizeof(float) * count);
-  }
-  // The largest magnitude, in sixteen lanes (vectorised; the maximum of
-  // finite values does not depend on the order it is taken in).
-  float lanes[16] = {};
+// The largest magnitude of x[0, count), in sixteen lanes (the maximum does
+// not depend on the order it is taken in; NaN is passed over throughout).
+template <bool kSqrt>
+inline float abs_max(const float* x, int count, float* roots) {
+  typedef float v16 __attribute__((vector_size(64)));
+  typedef uint32_t u16 __attribute__((vector_size(64)));
+  v16 lanes = {};
   int j = 0;
-  for (; j + 16 <= count; j += 16)
-    for (int k = 0; k < 16; ++k) lanes[k] = std::max(lanes[k], std::fabs(tmp[j + k]));
-  float absmax = 0.0f;
-  for (int k = 0; k < 16; ++k) absmax = std::max(absmax, lanes[k]);
-  for (; j < count; ++j) absmax = std::max(absmax, std::fabs(tmp[j]));
-  // A lossless format keeps the values: dividing by 1 is exact.
-  const float s = f.kind == 2 ? 1.0f : block_scale(absmax, format_max(f));
-  *scale = s;
-  for (int j = 0; j < count; ++j) tmp[j] = tmp[j] / s;
-  quant(tmp, count, static_cast<uint64_t>(start), codes);
-  write_codes(dst, nbytes, 1, f.bits, start, count, codes);
+  for (; j + 16 <= count; j += 16) {
+    v16 v;
+    std::memcpy(&v, x + j, sizeof v);
+    if (kSqrt) {
+      for (int k = 0; k < 16; ++k) v[k] = std::sqrt(v[k]);
+      std::memcpy(roots + j, &v, sizeof v);
+    }
+    v = reinterpret_cast<v16>(reinterpret_cast<u16>(v) & 0x7fffffffu);  // fabs
+    lanes = v > lanes ? v : lanes;
+  }
+  // Halving, not a chain of sixteen: the block's scale waits on this.
+  for (int w = 8; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) lanes[k] = std::max(lanes[k], lanes[k + w]);
+  float absmax = lanes[0];
+  for (; j < count; ++j) {
+    const float v = kSqrt ? (roots[j] = std::sqrt(x[j])) : x[j];
+    absmax = std::max(absmax, std::fabs(v));
+  }
+  return absmax;
 }
 
-// Decodes one block into out[0, count).
-void decode_block(const uint8_t* src, int64_t nbytes, int64_t start, int count,
-                  bool sqrt_values, float scale, const Format& f, float* out,
-                  uint32_t* codes) {
-  read_codes(src, nbytes, 1, f.bits, start, count, codes);
-  const Decoder dec(f, scale, 1.0f, 0.0f, 1);
-  dec(codes, count, out);
-  if (sqrt_values)
-    for (int j = 0; j < count; ++j) out[j] = out[j] * out[j];
-}
+// One format's block codec, set up once per call rather than per block.
+// Each block takes one fused pass per direction where its codes are whole
+// bytes: decoding reads the codes and writes the scaled (and squared)
+// values; encoding, after the pass that takes the square roots and absmax,
+// divides, quantizes and stores the codes in one loop.
+struct BlockCodec {
+  Format f;
+  bool sqrt_values;
+  double max_value;  // format_max(f)
+  Decoder dec;       // the codes' values, before the block's scale
+  Quantizer quant;
+#ifdef OMC_AVX512
+  Group16 group;
+#endif
+
+  BlockCodec(Format fmt, bool sq, int stochastic, uint64_t key)
+      : f(fmt), sqrt_values(sq), max_value(fmt.kind == 2 ? 1.0 : format_max(fmt)),
+        dec(fmt, 1.0f, 1.0f, 0.0f, 0), quant(fmt, stochastic, key)
+#ifdef OMC_AVX512
+        , group(fmt.bits)
+#endif
+  {}
+
+  // out[j] = value(j) * scale, squared with sqrt_values: the Decoder's
+  // multiplier, then the square, as decoding and squaring in turn.
+  template <class Value>
+  void scaled(int count, float scale, float* out, Value value) const {
+    if (sqrt_values) {
+      for (int j = 0; j < count; ++j) {
+        const float v = value(j) * scale;
+        out[j] = v * v;
+      }
+    } else {
+      for (int j = 0; j < count; ++j) out[j] = value(j) * scale;
+    }
+  }
+
+  // The values of codes c[0, count), times scale (squared with sqrt_values).
+  template <class Code>
+  void values(const Code* c, int count, float scale, float* out) const {
+    if (f.kind == 0) {
+      const Decoder d = dec;  // a copy: stores to out cannot alias it
+      scaled(count, scale, out, [d, c](int j) { return d.value(c[j]); });
+    } else if (f.kind == 1) {
+      const int32_t zero = 1 << (f.bits - 1);
+      scaled(count, scale, out, [zero, c](int j) {
+        return static_cast<float>(static_cast<int32_t>(c[j]) - zero);
+      });
+    } else {  // float32 itself: 32-bit codes
+      scaled(count, scale, out, [c](int j) { return as_float(c[j]); });
+    }
+  }
+
+  // Decodes one block, the count values from index start on, into out;
+  // codes is scratch for codes of other widths than 8, 16 and 32 bits.
+  void decode(const uint8_t* src, int64_t nbytes, int64_t start, int count,
+              float scale, float* out, uint32_t* codes) const {
+    if (f.bits == 8) {
+      values(src + start, count, scale, out);
+    } else if (f.bits == 16) {
+      values(reinterpret_cast<const uint16_t*>(src) + start, count, scale, out);
+    } else if (f.bits == 32) {
+      values(reinterpret_cast<const uint32_t*>(src) + start, count, scale, out);
+    } else {
+      read_codes(src, nbytes, 1, f.bits, start, count, codes);
+      values(codes, count, scale, out);
+    }
+  }
+
+  // Encodes the blocks of x[0, count), indices start.. (whole blocks of
+  // `block` values, but for the tensor's last), into dst and their scales
+  // into scales[0..]; tmp (count values) and codes (a block) are scratch.
+  // Every scale is found first, so that no block's quantization waits on
+  // the reduction and division that make its scale.
+  void encode(const float* x, int64_t start, int count, int block, uint8_t* dst,
+              int64_t nbytes, float* scales, float* tmp, uint32_t* codes) const {
+    const float* y = sqrt_values ? tmp : x;
+    for (int b = 0; b < count; b += block) {
+      const int c = std::min(block, count - b);
+      const float absmax = sqrt_values ? abs_max<true>(x + b, c, tmp + b)
+                                       : abs_max<false>(x + b, c, nullptr);
+      // A lossless format keeps the values: dividing by 1 is exact.
+      scales[b / block] = f.kind == 2 ? 1.0f : block_scale(absmax, max_value);
+    }
+    for (int b = 0; b < count; b += block)
+      quantize(y + b, start + b, std::min(block, count - b), scales[b / block], dst,
+               nbytes, codes);
+  }
+
+  // Codes of the block y[0, count) / s, indices start.., into dst.
+  void quantize(const float* y, int64_t start, int count, float s, uint8_t* dst,
+                int64_t nbytes, uint32_t* codes) const {
+    const auto load = [y, s](int j) { return y[j] / s; };
+    const uint64_t first = static_cast<uint64_t>(start);
+    if (f.bits == 8) {
+      quant.run(load, count, first, dst + start);
+    } else if (f.bits == 16) {
+      quant.run(load, count, first, reinterpret_cast<uint16_t*>(dst) + start);
+    } else if (f.bits == 32) {
+      quant.run(load, count, first, reinterpret_cast<uint32_t*>(dst) + start);
+    } else {
+      quant.run(load, count, first, codes);
+#ifdef OMC_AVX512
+      // Only the block's own bytes are written (codes read and written in
+      // place stay intact), the last partial octet of the tensor whole.
+      const int64_t limit = std::min(nbytes, (start + count + 7) / 8 * f.bits);
+      pack_avx512(group, codes, count, dst, limit, start);
+#else
+      write_codes(dst, nbytes, 1, f.bits, start, count, codes);
+#endif
+    }
+  }
+};
 
 inline int64_t block_chunk(int64_t block) { return std::max<int64_t>(block, kChunk); }
 
@@ -773,21 +905,23 @@ void omc_encode_blocks(const float* x, int64_t n, int64_t block, int sqrt_values
                        uint8_t* dst, int64_t nbytes, float* scales, int kind,
                        int bits, int ebits, int mbits, int stochastic,
                        uint64_t key, int nthreads) {
-  const Format f{kind, bits, ebits, mbits};
-  const Quantizer quant(f, stochastic, key);
+  const BlockCodec codec({kind, bits, ebits, mbits}, sqrt_values != 0, stochastic, key);
   const int64_t step = block_chunk(block);
   const int64_t chunks = (n + step - 1) / step;
+  // Tiles of whole blocks, as Adam's: BlockCodec::encode finds a tile's
+  // scales before it quantizes.
+  const int tile = static_cast<int>(std::max<int64_t>(block, kAdamTile));
 #pragma omp parallel num_threads(threads_for(n, nthreads))
   {
-    std::vector<float> tmp(block);
-    std::vector<uint32_t> codes(block);
+    std::unique_ptr<float[]> tmp(new float[tile]);  // uninitialised scratch
+    std::unique_ptr<uint32_t[]> codes(new uint32_t[block]);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t end = std::min(n, (c + 1) * step);
-      for (int64_t s = c * step; s < end; s += block) {
-        const int count = static_cast<int>(std::min<int64_t>(block, end - s));
-        encode_block(x + s, s, count, sqrt_values, quant, f, dst, nbytes,
-                     scales + s / block, tmp.data(), codes.data());
+      for (int64_t s = c * step; s < end; s += tile) {
+        const int count = static_cast<int>(std::min<int64_t>(tile, end - s));
+        codec.encode(x + s, s, count, static_cast<int>(block), dst, nbytes,
+                     scales + s / block, tmp.get(), codes.get());
       }
     }
   }
@@ -797,19 +931,18 @@ void omc_decode_blocks(const uint8_t* src, int64_t nbytes, int64_t n,
                        int64_t block, int sqrt_values, const float* scales,
                        float* out, int kind, int bits, int ebits, int mbits,
                        int nthreads) {
-  const Format f{kind, bits, ebits, mbits};
+  const BlockCodec codec({kind, bits, ebits, mbits}, sqrt_values != 0, 0, 0);
   const int64_t step = block_chunk(block);
   const int64_t chunks = (n + step - 1) / step;
 #pragma omp parallel num_threads(threads_for(n, nthreads))
   {
-    std::vector<uint32_t> codes(block);
+    std::unique_ptr<uint32_t[]> codes(new uint32_t[block]);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t end = std::min(n, (c + 1) * step);
       for (int64_t s = c * step; s < end; s += block) {
         const int count = static_cast<int>(std::min<int64_t>(block, end - s));
-        decode_block(src, nbytes, s, count, sqrt_values, scales[s / block], f,
-                     out + s, codes.data());
+        codec.decode(src, nbytes, s, count, scales[s / block], out + s, codes.get());
       }
     }
   }
@@ -869,19 +1002,32 @@ struct AdamArgs {
 // correctly rounded; nullptr: std::sqrt, correctly rounded.
 typedef void (*SqrtFn)(int32_t, const float*, float*, int64_t);
 
+// A moment's codecs, to read (in) and write (out) its codes; float32 itself
+// stands in for a side that holds no codes.
+struct MomentCodecs {
+  BlockCodec in, out;
+
+  static Format format(const int32_t* f, const void* codes) {
+    return codes != nullptr ? Format{f[0], f[1], f[2], f[3]} : Format{2, 32, 8, 23};
+  }
+
+  explicit MomentCodecs(const MomentArgs& a)
+      : in(format(a.in_format, a.in_codes), a.in_sqrt != 0, 0, 0),
+        out(format(a.out_format, a.out_codes), a.out_sqrt != 0, a.stochastic, a.key) {}
+};
+
 // The count values of a moment from index start on, to update in place:
 // float32 state updated in place is its own tile; otherwise the source is
 // read into buf.
-float* load_moment(const MomentArgs& a, int64_t block, int64_t start, int count,
-                   float* buf, uint32_t* codes) {
+float* load_moment(const MomentArgs& a, const BlockCodec& codec, int64_t block,
+                   int64_t start, int count, float* buf, uint32_t* codes) {
   if (a.in_values != nullptr && a.in_values == a.out_values)
     return a.out_values + start;
   if (a.in_codes != nullptr) {
-    const Format f{a.in_format[0], a.in_format[1], a.in_format[2], a.in_format[3]};
     for (int b = 0; b < count; b += static_cast<int>(block)) {
       const int c = static_cast<int>(std::min<int64_t>(block, count - b));
-      decode_block(a.in_codes, a.in_nbytes, start + b, c, a.in_sqrt != 0,
-                   a.in_scales[(start + b) / block], f, buf + b, codes);
+      codec.decode(a.in_codes, a.in_nbytes, start + b, c,
+                   a.in_scales[(start + b) / block], buf + b, codes);
     }
   } else if (a.in_values != nullptr) {
     std::memcpy(buf, a.in_values + start, sizeof(float) * count);
@@ -893,24 +1039,15 @@ float* load_moment(const MomentArgs& a, int64_t block, int64_t start, int count,
 
 // Writes the updated tile x of a moment (count values from index start on)
 // to its target, unless it is the target itself.
-void store_moment(const MomentArgs& a, const Quantizer& quant, int64_t block,
+void store_moment(const MomentArgs& a, const BlockCodec& codec, int64_t block,
                   int64_t start, int count, const float* x, float* tmp,
                   uint32_t* codes) {
   if (a.out_codes != nullptr) {
-    const Format f{a.out_format[0], a.out_format[1], a.out_format[2], a.out_format[3]};
-    for (int b = 0; b < count; b += static_cast<int>(block)) {
-      const int c = static_cast<int>(std::min<int64_t>(block, count - b));
-      encode_block(x + b, start + b, c, a.out_sqrt != 0, quant, f, a.out_codes,
-                   a.out_nbytes, a.out_scales + (start + b) / block, tmp, codes);
-    }
+    codec.encode(x, start, count, static_cast<int>(block), a.out_codes, a.out_nbytes,
+                 a.out_scales + start / block, tmp, codes);
   } else if (x != a.out_values + start) {
     std::memcpy(a.out_values + start, x, sizeof(float) * count);
   }
-}
-
-Quantizer moment_quantizer(const MomentArgs& a) {
-  const Format f{a.out_format[0], a.out_format[1], a.out_format[2], a.out_format[3]};
-  return Quantizer(f, a.stochastic, a.key);
 }
 
 // The first part of the update of count values, in one loop: the weight
@@ -988,7 +1125,7 @@ int64_t omc_adam_step(float* w, const float* g, int64_t n, const AdamArgs* hp,
     if (bad) return bad;
   }
   const Decoder dec({kind, bits, ebits, mbits}, mul1, mul2, shift, flags);
-  const Quantizer q1 = moment_quantizer(*exp_avg), q2 = moment_quantizer(*exp_avg_sq);
+  const MomentCodecs c1(*exp_avg), c2(*exp_avg_sq);
   const AdamArgs p = *hp;
   const int64_t step = block_chunk(block);
   const int tile = static_cast<int>(std::max<int64_t>(block, kAdamTile));  // whole blocks
@@ -997,8 +1134,10 @@ int64_t omc_adam_step(float* w, const float* g, int64_t n, const AdamArgs* hp,
   int64_t bad_grad = 0;
 #pragma omp parallel num_threads(threads_for(n, nthreads)) reduction(+ : bad_grad)
   {
-    std::vector<float> m(tile), v(tile), den(tile), tmp(block);
-    std::vector<uint32_t> code_tmp(block);
+    // Uninitialised scratch (a vector's zeros cost a pass for small tensors).
+    std::unique_ptr<float[]> m(new float[tile]), v(new float[tile]),
+        den(new float[tile]), tmp(new float[tile]);
+    std::unique_ptr<uint32_t[]> code_tmp(new uint32_t[block]);
     MinMax part;
 #pragma omp for schedule(static) nowait
     for (int64_t c = 0; c < chunks; ++c) {
@@ -1011,11 +1150,11 @@ int64_t omc_adam_step(float* w, const float* g, int64_t n, const AdamArgs* hp,
           gm.add(g + s, count);
           bad_grad += gm.bad;
         }
-        float* mt = load_moment(*exp_avg, block, s, count, m.data(), code_tmp.data());
-        float* vt = load_moment(*exp_avg_sq, block, s, count, v.data(), code_tmp.data());
-        adam_update(p, vsqrt, sqrt_mode, count, w + s, g + s, mt, vt, den.data());
-        store_moment(*exp_avg, q1, block, s, count, mt, tmp.data(), code_tmp.data());
-        store_moment(*exp_avg_sq, q2, block, s, count, vt, tmp.data(), code_tmp.data());
+        float* mt = load_moment(*exp_avg, c1.in, block, s, count, m.get(), code_tmp.get());
+        float* vt = load_moment(*exp_avg_sq, c2.in, block, s, count, v.get(), code_tmp.get());
+        adam_update(p, vsqrt, sqrt_mode, count, w + s, g + s, mt, vt, den.get());
+        store_moment(*exp_avg, c1.out, block, s, count, mt, tmp.get(), code_tmp.get());
+        store_moment(*exp_avg_sq, c2.out, block, s, count, vt, tmp.get(), code_tmp.get());
       }
       part.add(w + start, end - start);
     }
