@@ -339,7 +339,7 @@ def test_main_job_runs_both_federations_and_prints_the_table(tmp_path):
     assert f"{omc['test_WER']:.2f} % [{low:.2f}, {high:.2f}]" in out
     assert "within noise" in out or "beyond the test noise" in out
     assert "benchmarks/results/parity/parity.md" in out
-    assert "benchmarks/results/paper_table.md" in out
+    assert "benchmarks/results/paper_table/paper_table.md" in out
     assert "another machine" in out
 
 

@@ -37,7 +37,7 @@ RUNS = {"OMC": "fed_omc", "float32": "fed_fp32"}
 #: Where the multi-seed comparisons are recorded (in the source repository):
 #: this job's two configurations over seeds, and every factor of the paper.
 MULTI_SEED_RECORD = "benchmarks/results/parity/parity.md"
-PAPER_TABLE_RECORD = "benchmarks/results/paper_table.md"
+PAPER_TABLE_RECORD = "benchmarks/results/paper_table/paper_table.md"
 #: The multi-seed record's runs, one row per configuration and seed.
 MULTI_SEED_RUNS = "benchmarks/results/parity/runs.csv"
 #: The record's names of this job's two configurations.
