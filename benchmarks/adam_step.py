@@ -21,16 +21,25 @@ machine hits all alike; each reports the median and minimum over repeats of
 the thread's CPU time (one thread does all the work, so time spent waiting
 for a core on a loaded machine does not count), and the minimum wall time.
 
+With ``--against REV`` the native cases also run with the kernels of git
+revision ``REV`` (its ``codec.cpp``, built into a library of its own and
+called in turn with this checkout's): a kernel change timed against its
+predecessor in one process.
+
 Usage::
 
-    python benchmarks/adam_step.py [--repeats 15] [--numel 2400000]
+    python benchmarks/adam_step.py [--repeats 15] [--numel 2400000] [--against REV]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from codec import cpu_name  # benchmarks/codec.py, beside this script
@@ -75,6 +84,32 @@ class FusedCase:
             self.codes.assign_(self.value, rounding="stochastic", generator=5)
 
 
+def library_of(revision: str):
+    """The kernel library built from ``codec.cpp`` at git ``revision``."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{revision}:speechbrain_omc/codec/_native/codec.cpp"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp(prefix="omc-codec-")) / "codec.cpp"
+    path.write_text(source)
+    return kernels._build(path)
+
+
+@contextmanager
+def kernels_of(library):
+    """Inside the block, the codec calls ``library`` (another revision's)."""
+    own = kernels._library
+    kernels._library = lambda: library
+    try:
+        yield
+    finally:
+        kernels._library = own
+
+
 def timed(fn) -> tuple[float, float]:
     """``(thread CPU time, wall time)`` of ``fn()``, in seconds."""
     cpu, wall = time.thread_time(), time.perf_counter()
@@ -96,6 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--numel", type=int, default=2_400_000)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--against", metavar="REV", help="git revision's kernels")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not (kernels.available() and kernels.torch_sqrt()[1]):
@@ -114,6 +150,19 @@ def main() -> None:
             cases[f"{name}, {label}"] = (
                 lambda c=case: c.run(encode=False),
                 lambda c=case: c.run(encode=True),
+            )
+        if args.against:
+            old = library_of(args.against)
+            with kernels_of(old):
+                case = FusedCase(rules._adam_step_, storage, start, grad)
+
+            def run(case=case, old=old, encode=False):
+                with kernels_of(old):
+                    case.run(encode=encode)
+
+            cases[f"native at {args.against}, {label}"] = (
+                run,
+                lambda run=run: run(encode=True),
             )
     for flag in ("foreach", "fused"):
         param = torch.nn.Parameter(start.clone())

@@ -172,14 +172,14 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
-def _compile(compiler: str, target: Path) -> None:
-    """Compile the library to ``target`` atomically (safe for parallel workers)."""
+def _compile(compiler: str, target: Path, source: Path = _SOURCE) -> None:
+    """Compile ``source`` to ``target`` atomically (safe for parallel workers)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         for march in (["-march=native"], []):  # some compilers lack the flag
-            cmd = [compiler, *_FLAGS, *march, str(_SOURCE), "-o", tmp]
+            cmd = [compiler, *_FLAGS, *march, str(source), "-o", tmp]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode == 0:
                 os.replace(tmp, target)
@@ -190,7 +190,9 @@ def _compile(compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
-def _build() -> ctypes.CDLL:
+def _build(source: Path = _SOURCE) -> ctypes.CDLL:
+    """The library of ``source`` (this package's by default; a benchmark may
+    build another revision's), compiled once into the cache."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
@@ -201,7 +203,7 @@ def _build() -> ctypes.CDLL:
         b"\0".join(
             s.encode()
             for s in (
-                _SOURCE.read_text(),
+                source.read_text(),
                 version,
                 " ".join(_FLAGS),
                 platform.machine(),
@@ -212,7 +214,7 @@ def _build() -> ctypes.CDLL:
     target = _cache_dir() / f"codec-{key}.so"
     if not target.exists():
         logger.info("compiling the OMC codec kernels into %s", target)
-        _compile(compiler, target)
+        _compile(compiler, target, source)
     # torch is loaded, so the library's libgomp.so.1 resolves to torch's own
     # OpenMP runtime: one thread pool for both.
     lib = ctypes.CDLL(str(target))
