@@ -90,6 +90,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -133,6 +134,8 @@ ADAM_PATHS = {
 ADAM_OMC = dict(format="e3m7", state_format="e4m3", state_block=256, state_sqrt=True)
 ADAM_FP32_FRACTIONS = (0.1, 0.0)  # the recipe's, and every weight matrix compressed
 PEERS = ("torchao", "bnb", "bnb-hook")  # low-bit optimizers of other projects
+# A peer's failures that mean "not installed here", not "broken".
+_IMPORT_ERRORS = ("ImportError", "ModuleNotFoundError")
 FLOAT32_ADAM_BYTES = 16  # weights, gradients, two moments: 4 bytes each
 
 
@@ -300,7 +303,7 @@ def _torchao_adam(params, lr: float):
     return AdamW8bit(params, lr=lr, weight_decay=0.0), torchao.__version__
 
 
-def _bnb_adam():
+def _bnb_adam() -> tuple[Callable[..., torch.optim.Optimizer], str]:
     """bitsandbytes' 8-bit AdamW with weight decay 0 (that is, Adam), and
     its version."""
     import bitsandbytes
@@ -542,17 +545,20 @@ def run_one_adam(spec: dict, steps: int) -> dict:
 def spawn(spec: dict, steps: int, python: str | None = None) -> dict:
     """Run one configuration in a fresh interpreter and parse its JSON.
 
-    A peer's row that fails (torchao or bitsandbytes missing or not
-    importable with this torch) comes back as ``{**spec, "error": ...}``; any
-    other failure raises.
+    A peer's row that cannot import its library (torchao or bitsandbytes
+    missing, or not importable with this torch) comes back as ``{**spec,
+    "error": ...}``; any other failure raises, so that a broken peer row is
+    not mistaken for an absent one.
     """
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     cmd = [python or sys.executable, __file__, "--one", json.dumps(spec)]
     cmd += ["--steps", str(steps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        if spec["mode"] in PEERS:
-            return {**spec, "python": cmd[0], "error": _last_error(out.stderr)}
+        error = _last_error(out.stderr)
+        if spec["mode"] in PEERS and error.startswith(_IMPORT_ERRORS):
+            where = {"python": python} if python else {}  # named only if given
+            return {**spec, **where, "error": error}
         raise RuntimeError(f"{spec} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if python:

@@ -4,6 +4,7 @@ import importlib.util
 import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -41,8 +42,10 @@ def pytest_collection_modifyitems(items):
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_benchmark(name: str):
+def load_benchmark(name: str) -> ModuleType:
     """A script of ``benchmarks/`` as a module (they are not a package)."""
+    if not (BENCHMARKS / f"{name}.py").is_file():
+        raise FileNotFoundError(f"no benchmark script {name}.py in {BENCHMARKS}")
     spec = importlib.util.spec_from_file_location(
         f"bench_{name}", BENCHMARKS / f"{name}.py"
     )

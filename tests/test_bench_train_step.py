@@ -1,5 +1,7 @@
 """Helpers of benchmarks/train_step.py: the Adam rows and their accounting."""
 
+import os
+
 import pytest
 import torch
 from conftest import load_benchmark
@@ -238,3 +240,29 @@ def test_bitsandbytes_rows_account_8bit_state(bench, tiny):
     assert extra > 0 and extra % (2 * 256 * 4) == 0
     assert after["path"] == bench.ADAM_PATHS["bnb"]
     assert inside["bitsandbytes"] == after["bitsandbytes"]
+
+
+@pytest.mark.parametrize(
+    "stub, absent",
+    [
+        ("raise ImportError('bitsandbytes: no CPU backend here')", True),
+        ("import sys\noptim = sys  # AdamW8bit is missing: a broken peer", False),
+    ],
+)
+def test_a_peer_that_cannot_import_is_a_row_a_broken_one_raises(
+    bench, tmp_path, monkeypatch, stub, absent
+):
+    (tmp_path / "bitsandbytes.py").write_text(stub + "\n__version__ = '0'\n")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    )
+    spec = dict(setting="small", optimizer="adam", ckpt=False, mode="bnb", bits=32)
+    if absent:
+        row = bench.spawn(spec, steps=1)
+        assert row["error"].startswith("ImportError: bitsandbytes: no CPU backend")
+        assert "python" not in row  # no interpreter path in records
+        table = bench.adam_table([row])
+        assert "not run: `ImportError" in table
+    else:
+        with pytest.raises(RuntimeError, match="AttributeError"):
+            bench.spawn(spec, steps=1)

@@ -87,6 +87,17 @@ def test_quick_grid_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path)
     )
     deadline = time.monotonic() + 300
     children = []
+    # The invocation is in the record from its start, before any run ends.
+    from speechbrain_omc.experiments.paper_table import STOPPED
+
+    state = out / "grid_state.json"
+    while not state.is_file():
+        assert grid.poll() is None, grid.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no grid_state.json at the start"
+        time.sleep(0.05)
+    (started,) = json.loads(state.read_text())["invocations"]
+    assert started["load_after"] == STOPPED and "seconds" not in started
+    assert not (first / "summary.json").is_file()
     # Killed while the second run (OMC, seed 1986) is between rounds 1 and 2.
     while _round_of(second) < 1:
         assert grid.poll() is None, grid.stdout.read().decode()[-3000:]
@@ -106,8 +117,6 @@ def test_quick_grid_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path)
     stamp = (first / "summary.json").stat().st_mtime_ns
     done = _round_of(second)
     # The killed invocation stays in the record, timed to its finished run.
-    from speechbrain_omc.experiments.paper_table import STOPPED
-
     (killed,) = json.loads((out / "grid_state.json").read_text())["invocations"]
     assert killed["load_after"] == STOPPED and killed["seconds"] > 0
 
@@ -292,3 +301,11 @@ def test_cells_with_more_seeds_run_them_and_pair_over_shared_seeds(tmp_path):
     # Seeds given on the command line are every cell's, no more.
     _, chosen = grid_from_args(*parse_args(["--seeds", "7"]))
     assert len(plan_runs(paper_grid(), chosen, tmp_path)) == 16
+    # A subset of cells keeps the further seeds of its own cells, and none
+    # for float32 alone (they would pair with nothing).
+    cells, subset = grid_from_args(*parse_args(["--cells", "pvt_none"]))
+    assert [c.name for c in cells] == ["float32", "pvt_none"]
+    assert subset.more_seeds == {} and len(plan_runs(cells, subset, tmp_path)) == 6
+    cells, subset = grid_from_args(*parse_args(["--cells", "default", "pvt_none"]))
+    assert set(subset.more_seeds) == {"float32", "default"}
+    assert len(plan_runs(cells, subset, tmp_path)) == 8 + 8 + 3

@@ -51,7 +51,10 @@ logger = logging.getLogger(__name__)
 
 STATE = "grid_state.json"
 #: An invocation's end until it ends (what a stopped one keeps).
-STOPPED = "not recorded (stopped before its end; seconds to its last finished run)"
+STOPPED = (
+    "not recorded (running, or stopped before its end; seconds to its last "
+    "finished run)"
+)
 #: A reading kept beside the runs, rendered into the report when present.
 READING = "reading.md"
 
@@ -195,6 +198,14 @@ def grid_from_args(
         cells = [known[n] for n in args.cells]
         if not any(c.is_reference for c in cells):
             cells.insert(0, known["float32"])  # ratios need the reference
+    # Further seeds only for the cells that run and have something to pair
+    # with (the reference's alone would pair with nothing).
+    names = {c.name for c in cells}
+    more = {n: s for n, s in settings.more_seeds.items() if n in names}
+    if set(more) - {c.name for c in cells if c.is_reference}:
+        settings = replace(settings, more_seeds=more)
+    else:
+        settings = replace(settings, more_seeds={})
     if args.rounds:
         settings = replace(settings, rounds=args.rounds)
     if args.seeds:  # every cell on these seeds, no more
@@ -286,16 +297,27 @@ def _seed_count(settings: GridSettings) -> str:
 
 
 def _seed_text(settings: GridSettings) -> str:
-    """The grid's seeds, in words, for the report's header."""
+    """The grid's seeds, in words, for the report's header.
+
+    Example
+    -------
+    >>> more = {"float32": (3, 4), "default": (3, 4), "x": (2,)}
+    >>> _seed_text(GridSettings(rounds=2, seeds=(1, 2), more_seeds=more))[:67]
+    '[1, 2] for every configuration, and [3, 4] too for float32, default'
+    """
     text = f"{list(settings.seeds)} for every configuration"
     further: dict[tuple[int, ...], list[str]] = {}
     for name in settings.more_seeds:
         seeds = settings.seeds_of(name)[len(settings.seeds) :]
-        further.setdefault(seeds, []).append(name)
+        if seeds:
+            further.setdefault(seeds, []).append(name)
     for seeds, names in further.items():
         text += f", and {list(seeds)} too for {', '.join(names)}"
     if further:
-        text += " (differences to float32 pair over the seeds both have)"
+        text += (
+            " (differences to float32 pair over the seeds both have; every other "
+            "column is a mean over the cell's own seeds)"
+        )
     return text
 
 
@@ -351,12 +373,6 @@ def _invocation(experiment: Experiment, argv: Sequence[str]) -> dict:
     }
 
 
-def _atomic_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(
     argv: Sequence[str] | None = None, experiment: Experiment = PAPER_TABLE
 ) -> int:
@@ -393,7 +409,7 @@ def main(
     invocation = _invocation(experiment, sys.argv[1:] if argv is None else argv)
 
     def save_state():
-        _atomic_json(state_path, state)
+        report.write_text(state_path, json.dumps(state, indent=2) + "\n")
 
     start = time.perf_counter()
 

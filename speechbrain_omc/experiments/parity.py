@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from speechbrain_omc.experiments import report
 from speechbrain_omc.experiments.grid import (
     ADAM_SETTING,
+    PARITY_SEEDS,
     Cell,
     GridSettings,
     paper_grid,
@@ -55,7 +56,7 @@ PARITY = Experiment(
     "parity",
     "Parity: OMC's default and bf16 + stochastic rounding against float32",
     parity_cells,
-    GridSettings(rounds=40, seeds=tuple(range(1986, 1994)), overrides=ADAM_SETTING),
+    GridSettings(rounds=40, seeds=PARITY_SEEDS, overrides=ADAM_SETTING),
     plot=report.plot_differences,
 )
 

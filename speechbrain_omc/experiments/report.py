@@ -41,6 +41,7 @@ __all__ = [
     "run_rows",
     "write_csv",
     "write_markdown",
+    "write_text",
 ]
 
 CSV_FIELDS = [
@@ -213,7 +214,8 @@ def run_rows(results: Mapping[Cell, Mapping[int, dict]]) -> list[dict]:
     return rows
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a reader sees the old or the new)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -307,7 +309,7 @@ def format_runs(rows: Sequence[dict]) -> str:
 
 def write_markdown(path: Path, sections: Sequence[str]) -> None:
     """Write ``sections``, joined by blank lines, atomically."""
-    _atomic_text(path, "\n\n".join(s.strip() for s in sections) + "\n")
+    write_text(path, "\n\n".join(s.strip() for s in sections) + "\n")
 
 
 def _pyplot():
