@@ -265,6 +265,7 @@ def test_a_report_only_adopts_nothing(tmp_path):
 def test_cells_with_more_seeds_run_them_and_pair_over_shared_seeds(tmp_path):
     from speechbrain_omc.experiments import report
     from speechbrain_omc.experiments.grid import (
+        EIGHT_SEED_CELLS,
         FULL_SETTINGS,
         PARITY_SEEDS,
         GridSettings,
@@ -295,9 +296,10 @@ def test_cells_with_more_seeds_run_them_and_pair_over_shared_seeds(tmp_path):
     for run in full:
         per_cell.setdefault(run.cell.name, []).append(run.seed)
     assert {n: s for n, s in per_cell.items() if len(s) == 8} == {
-        n: list(PARITY_SEEDS) for n in ("float32", "default", "bf16_sr")
+        n: list(PARITY_SEEDS) for n in EIGHT_SEED_CELLS
     }
-    assert len(full) == 13 * 3 + 3 * 8
+    assert {"float32", "default", "bf16_sr"} < set(EIGHT_SEED_CELLS)
+    assert len(full) == 16 * 3 + len(EIGHT_SEED_CELLS) * 5
     # Seeds given on the command line are every cell's, no more.
     _, chosen = grid_from_args(*parse_args(["--seeds", "7"]))
     assert len(plan_runs(paper_grid(), chosen, tmp_path)) == 16

@@ -42,6 +42,7 @@ __all__ = [
     "FIXED_PATTERNS",
     "Cell",
     "GridSettings",
+    "EIGHT_SEED_CELLS",
     "PARITY_SEEDS",
     "paper_grid",
     "quick_grid",
@@ -238,14 +239,18 @@ class GridSettings:
 
 #: The parity record's eight seeds (``experiments/parity.py``).
 PARITY_SEEDS = tuple(range(1986, 1994))
-#: The recorded grid: the main job's 40 rounds, three seeds a cell, and the
-#: parity record's three cells over its eight seeds; those runs are the
-#: parity record's (``--reuse benchmarks/results/parity``).
+#: The cells of the recorded grid that run eight seeds: the parity record's
+#: three (their runs are that record's: ``--reuse benchmarks/results/parity``)
+#: and the two that ended below the default on each of their first three
+#: seeds, int8 weights (fewer bytes) and nearest re-compression.
+EIGHT_SEED_CELLS = ("float32", "default", "bf16_sr", "format_int8", "rounding_nearest")
+#: The recorded grid: the main job's 40 rounds, three seeds a cell, eight
+#: for :data:`EIGHT_SEED_CELLS`.
 FULL_SETTINGS = GridSettings(
     rounds=40,
     seeds=PARITY_SEEDS[:3],
     overrides=ADAM_SETTING,
-    more_seeds={name: PARITY_SEEDS[3:] for name in ("float32", "default", "bf16_sr")},
+    more_seeds={name: PARITY_SEEDS[3:] for name in EIGHT_SEED_CELLS},
 )
 #: ``--quick``: 2 rounds of 2 clients, 2 seeds, for CI.
 QUICK_SETTINGS = GridSettings(
