@@ -289,13 +289,20 @@ def test_fused_steps_equal_the_torch_path(storage):
     """The engine's fused step, native and with the kernels disabled (the
     torch path, the fallback of SPEECHBRAIN_OMC_KERNELS=0): the same codes,
     the same state, step after step (AdamW, a 300 x 513 weight)."""
-    storage = STORAGES[storage]
-    settings = AdamSettings(lr=1e-2, weight_decay=0.01, decoupled=True)
     start = torch.randn(300, 513, generator=torch.Generator().manual_seed(8))
+    state = _native_steps_equal_torch_steps(start, STORAGES[storage], seed=9)
+    assert state["step"] == 3
+
+
+def _native_steps_equal_torch_steps(start, storage: StateStorage, seed: int) -> dict:
+    """Three AdamW steps of ``start`` (e3m7) native and on the torch path
+    (kernels disabled): the same results, codes and state after each; the
+    native state is returned."""
+    settings = AdamSettings(lr=1e-2, weight_decay=0.01, decoupled=True)
     fast = CompressedTensor.compress(start, "e3m7")
     slow = CompressedTensor.compress(start, "e3m7")
     fast_state, slow_state = {}, {}
-    for grad in gradients(start.numel(), 3, seed=9):
+    for grad in gradients(start.numel(), 3, seed=seed):
         grad = grad.view(start.shape)
         value = torch.empty(start.shape)
         sources = rules._native_sources(value, fast, grad, fast_state, storage)
@@ -306,7 +313,7 @@ def test_fused_steps_equal_the_torch_path(storage):
         assert got == want
         assert fast.to_bytes() == slow.to_bytes()
         assert state_bytes(fast_state) == state_bytes(slow_state)
-    assert fast_state["step"] == 3
+    return fast_state
 
 
 @pytest.mark.parametrize(
@@ -335,19 +342,8 @@ def test_block_wise_state_of_any_format_equals_the_torch_path(
         sqrt_second_moment=sqrt,
         rounding=rounding,
     )
-    settings = AdamSettings(lr=1e-2, weight_decay=0.01, decoupled=True)
     start = torch.randn(37, 541, generator=torch.Generator().manual_seed(12))
-    fast = CompressedTensor.compress(start, "e3m7")
-    slow = CompressedTensor.compress(start, "e3m7")
-    fast_state, slow_state = {}, {}
-    for grad in gradients(start.numel(), 3, seed=13):
-        grad = grad.view(start.shape)
-        got = fused(fast, grad, fast_state, settings, storage)
-        with kernels.disabled():
-            want = fused(slow, grad, slow_state, settings, storage)
-        assert got == want
-        assert fast.to_bytes() == slow.to_bytes()
-        assert state_bytes(fast_state) == state_bytes(slow_state)
+    _native_steps_equal_torch_steps(start, storage, seed=13)
 
 
 @pytest.mark.parametrize("storage", ["float32", "e4m3"])
