@@ -94,9 +94,10 @@ def library_of(revision: str):
         text=True,
         check=True,
     ).stdout
-    path = Path(tempfile.mkdtemp(prefix="omc-codec-")) / "codec.cpp"
-    path.write_text(source)
-    return kernels._build(path)
+    with tempfile.TemporaryDirectory(prefix="omc-codec-") as folder:
+        path = Path(folder) / "codec.cpp"  # compiled into the kernels' cache
+        path.write_text(source)
+        return kernels._build(path)
 
 
 @contextmanager

@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 __all__ = [
     "DEFAULT_OMC",
     "FIXED_PATTERNS",
-    "Cell",
-    "GridSettings",
     "EIGHT_SEED_CELLS",
     "PARITY_SEEDS",
+    "Cell",
+    "GridSettings",
     "paper_grid",
     "quick_grid",
 ]

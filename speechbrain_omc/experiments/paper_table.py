@@ -198,14 +198,12 @@ def grid_from_args(
         cells = [known[n] for n in args.cells]
         if not any(c.is_reference for c in cells):
             cells.insert(0, known["float32"])  # ratios need the reference
-    # Further seeds only for the cells that run and have something to pair
-    # with (the reference's alone would pair with nothing).
+    # Further seeds only for the cells that run, and none when only the
+    # reference has them (its alone would pair with nothing).
     names = {c.name for c in cells}
     more = {n: s for n, s in settings.more_seeds.items() if n in names}
-    if set(more) - {c.name for c in cells if c.is_reference}:
-        settings = replace(settings, more_seeds=more)
-    else:
-        settings = replace(settings, more_seeds={})
+    paired = any(not c.is_reference and c.name in more for c in cells)
+    settings = replace(settings, more_seeds=more if paired else {})
     if args.rounds:
         settings = replace(settings, rounds=args.rounds)
     if args.seeds:  # every cell on these seeds, no more
